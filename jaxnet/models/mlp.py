@@ -1,0 +1,80 @@
+"""Multi-layer perceptrons: the seed's ``SimpleNet`` and a general ``MLP``.
+
+Both are Flax Linen modules used as pure functions::
+
+    variables = model.init(jax.random.key(0), x)          # {"params": {...}}
+    y = model.apply(variables, x, train=True, rngs={"dropout": key})
+
+``apply`` has no side effects; dropout draws only from the key it is given.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxnet.nn import FusedDense
+
+
+class SimpleNet(nn.Module):
+    """The seed's net: ``fc1`` Linear(10, 5), ReLU, ``fc2`` Linear(5, 1).
+
+    ``x: [batch, 10] float`` -> ``[batch, 1]``. Initialised like ``torch.nn.Linear``
+    (``U(±1/sqrt(fan_in))`` for weights and biases), reproducibly from the init key.
+    """
+
+    backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train  # no dropout in the seed's net; the argument keeps one calling convention
+        # ReLU is fused into fc1, which is exactly Linear followed by ReLU.
+        h = FusedDense(5, activation="relu", in_features=10, backend=self.backend, name="fc1")(x)
+        return FusedDense(1, activation="identity", in_features=5, backend=self.backend, name="fc2")(h)
+
+
+class MLP(nn.Module):
+    """A stack of dense layers: ``act`` after every layer but the last, dropout after each ``act``.
+
+    Attributes:
+      features: widths of every layer, the last one being the output width, e.g. ``(64, 64, 10)``.
+      activation: hidden activation (a name of the fused-dense contract).
+      dropout_rate: probability of zeroing a hidden unit when ``train=True``.
+      use_bias: whether the dense layers have biases.
+      in_features: fixed input width K, checked on every call, or None to take it from the input.
+      init_scheme: "torch" or "lecun" (see ``jaxnet.nn.FusedDense``).
+      backend: kernel backend for every dense layer.
+
+    Shapes: ``x: [..., K]`` -> ``[..., features[-1]]``. Layers are named ``layers_0``,
+    ``layers_1``, ... (the names ``jaxnet.interop`` uses).
+    """
+
+    features: Sequence[int]
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    in_features: int | None = None
+    init_scheme: str = "torch"
+    backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if not self.features:
+            raise ValueError("MLP needs at least one layer in `features`")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        for i, width in enumerate(self.features):
+            last = i == len(self.features) - 1
+            x = FusedDense(
+                width,
+                activation="identity" if last else self.activation,
+                use_bias=self.use_bias,
+                in_features=self.in_features if i == 0 else None,
+                init_scheme=self.init_scheme,
+                backend=self.backend,
+                name=f"layers_{i}",
+            )(x)
+            if not last and self.dropout_rate > 0.0:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return x

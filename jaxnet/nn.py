@@ -1,0 +1,69 @@
+"""Layers that route their arithmetic through ``kernels`` (so any backend can run a whole model)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import kernels
+
+
+def fan_in_uniform(fan_in: int) -> Callable:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: PyTorch's ``nn.Linear`` rule for weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class FusedDense(nn.Module):
+    """``y = act(x @ kernel + bias)`` through ``kernels.fused_dense``.
+
+    Attributes:
+      features: N, the number of outputs.
+      activation: an activation name of the fused-dense contract ("identity" for a plain Linear).
+      use_bias: whether to add a bias.
+      backend: "xla", "numba", "pallas" or "auto".
+      in_features: K when the layer has a fixed input width (checked at init and apply), else
+        taken from the first input.
+      init_scheme: "torch" (``U(±1/sqrt(K))`` for kernel and bias, as ``torch.nn.Linear``) or "lecun"
+        (LeCun normal kernel, zero bias, Flax's default).
+      param_dtype: dtype of the parameters.
+
+    Shapes: ``x: [..., K]`` -> ``[..., N]`` in x's dtype. Parameters: ``kernel: [K, N]``,
+    ``bias: [N]`` — the transpose of PyTorch's ``Linear.weight: [N, K]``.
+    """
+
+    features: int
+    activation: str = "identity"
+    use_bias: bool = True
+    backend: str = "xla"
+    in_features: int | None = None
+    init_scheme: str = "torch"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = x.shape[-1]
+        if self.in_features is not None and k != self.in_features:
+            raise ValueError(
+                f"{self.name or type(self).__name__}: expected inputs with {self.in_features} features "
+                f"[..., {self.in_features}], got shape {tuple(x.shape)}"
+            )
+        if self.init_scheme == "torch":
+            kernel_init = bias_init = fan_in_uniform(k)
+        elif self.init_scheme == "lecun":
+            kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros
+        else:
+            raise ValueError(f"unknown init_scheme {self.init_scheme!r}; choose 'torch' or 'lecun'")
+        kernel = self.param("kernel", kernel_init, (k, self.features), self.param_dtype)
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        # Parameters follow the input's dtype so bf16 activations stay bf16 end to end.
+        kernel = kernel.astype(x.dtype)
+        bias = None if bias is None else bias.astype(x.dtype)
+        return kernels.fused_dense(x, kernel, bias, activation=self.activation, backend=self.backend)

@@ -1,0 +1,10 @@
+"""Fused dense kernels, ``y = act(x @ w + b)``, each backend beside the reference it is checked against.
+
+Public names: ``fused_dense``, ``available_backends``, ``reference.fused_dense``.
+"""
+from kernels import activations, reference
+from kernels.dispatch import available_backends, fused_dense, register_backend
+
+# Backend modules register themselves with kernels.dispatch when imported (add them below).
+
+__all__ = ["activations", "available_backends", "fused_dense", "reference", "register_backend"]

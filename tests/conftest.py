@@ -1,0 +1,35 @@
+"""Test-wide settings.
+
+- Hypothesis profiles: "ci" (derandomized, few examples; the default) and "thorough" (many
+  examples, random), chosen with JAXNET_HYPOTHESIS_PROFILE=ci|thorough.
+- Tests marked ``slow`` run only with JAXNET_SLOW=1 (or ``-m slow``); the default run stays under
+  its 10-minute budget on 2 cores.
+- Four fake CPU devices so sharding tests have a mesh to work with (set before jax starts).
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=20, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=400, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("JAXNET_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("JAXNET_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: opt in with JAXNET_SLOW=1 or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
