@@ -1,0 +1,332 @@
+"""``fit``: epochs of jitted train steps, validation, early stopping, logs, and a loss curve.
+
+Two modes, chosen by ``batch_size``:
+
+- **minibatch** (``batch_size < n``): every epoch visits the data in a seeded order
+  (``fold_in(data_key, epoch)``) one jitted, state-donating step per batch. The batch is gathered
+  on the device from the device-resident data, so nothing crosses to the host inside an epoch.
+  A last, partial batch is padded and masked (no example is dropped or counted twice).
+- **full batch** (``batch_size=None`` or ``>= n``): many epochs run inside one jitted
+  ``lax.scan`` (``epochs_per_call`` of them per call), which is what makes small models fast.
+
+The state carries the data position (``epoch``, ``batch_in_epoch``), so ``fit`` called again on
+a state it returned (or a restored one) continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxnet.data.checks import check_supervised
+from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What ``fit`` returns.
+
+    Attributes:
+      state: the final state (the best one's parameters when early stopping restored them).
+      history: one dict per epoch: ``epoch``, ``step``, ``loss``, ``penalty``, ``grad_norm``,
+        ``update_norm``, ``time_s`` and, on evaluation epochs, ``val_loss`` and ``val_<metric>``.
+      best_epoch: the epoch with the lowest validation loss (None without validation data).
+      stopped_early: whether early stopping ended the run.
+      wall_s: wall time of the whole call, compilation included.
+      files: paths written (``metrics`` JSONL, ``loss_curve`` PNG).
+    """
+
+    state: TrainState
+    history: list[dict]
+    best_epoch: int | None
+    stopped_early: bool
+    wall_s: float
+    files: dict[str, str]
+
+    def column(self, name: str) -> list:
+        """The values of one metric over the epochs that have it."""
+        return [r[name] for r in self.history if name in r]
+
+
+def _as_xy(data, name: str, target_kind: str):
+    if isinstance(data, dict):
+        x, y = data["x"], data["y"]
+    else:
+        x, y = data
+    if target_kind not in ("float", "labels"):
+        raise ValueError(f"target_kind must be 'float' or 'labels', got {target_kind!r}")
+    x, y = check_supervised(x, y, x_name=f"{name} inputs", y_name=f"{name} targets",
+                            y_float=target_kind == "float")
+    return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+
+
+@functools.lru_cache(maxsize=64)
+def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle):
+    """Jitted pieces for one configuration, cached so repeated ``fit`` calls reuse compilations."""
+    train_step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter)
+    eval_step = jax.jit(make_eval_step(loss_fn, dict(metrics_items)))
+    num_batches = -(-n // batch_size)
+    padded = num_batches * batch_size
+
+    @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
+    def run_epochs(state, data, length):
+        """``length`` full-batch epochs in one ``lax.scan``; metrics stacked ``[length]``."""
+        dropout_key, _ = split_keys(state.rng)
+
+        def body(s, _):
+            s, m = train_step(s, data, dropout_key)
+            return s.replace(epoch=s.epoch + 1), m
+
+        return jax.lax.scan(body, state, None, length=length)
+
+    @jax.jit
+    def epoch_order(rng, epoch):
+        """``[num_batches * batch_size]`` example indices of one epoch, padded with -1."""
+        _, data_key = split_keys(rng)
+        perm = (jax.random.permutation(jax.random.fold_in(data_key, epoch), n) if shuffle
+                else jnp.arange(n))
+        return jnp.pad(perm, (0, padded - n), constant_values=-1)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def minibatch_step(state, data, order):
+        idx = jax.lax.dynamic_slice_in_dim(order, state.batch_in_epoch * batch_size, batch_size)
+        mask = idx >= 0
+        batch = {k: jnp.take(v, jnp.where(mask, idx, 0), axis=0) for k, v in data.items()}
+        if padded != n:
+            batch["mask"] = mask
+        dropout_key, _ = split_keys(state.rng)
+        state, m = train_step(state, batch, dropout_key)
+        last = state.batch_in_epoch + 1 >= num_batches
+        state = state.replace(batch_in_epoch=jnp.where(last, 0, state.batch_in_epoch + 1),
+                              epoch=state.epoch + last.astype(jnp.int32))
+        return state, m
+
+    return run_epochs, epoch_order, minibatch_step, eval_step, num_batches
+
+
+def evaluate(state: TrainState, data: dict, eval_step: Callable, batch_size: int | None = None) -> dict:
+    """Dataset means of the eval step's sums: ``{"loss": ..., <metric>: ...}``."""
+    n = data["x"].shape[0]
+    size = n if batch_size is None else min(batch_size, n)
+    totals = None
+    for start in range(0, n, size):
+        batch = {k: v[start:start + size] for k, v in data.items()}
+        sums = eval_step(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals.pop("n"))
+    return {k: float(v) / count for k, v in totals.items()}
+
+
+def _check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int]) -> None:
+    """Raises ``FloatingPointError`` at the first non-finite loss or gradient norm.
+
+    ``metrics[name]: [steps]`` from updates ``first_step + 1, ...``; ``epoch_of_step`` maps an
+    update number to the (1-based) epoch it belongs to.
+    """
+    for name in ("loss", "grad_norm"):
+        values = np.asarray(metrics[name])
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            step = first_step + i + 1  # 1-based number of the update that produced it
+            last = values[:i][np.isfinite(values[:i])]
+            last_txt = f"; the last finite loss before it was {float(last[-1]):.6g}" if name == "loss" and last.size else ""
+            raise FloatingPointError(
+                f"training diverged: {name} became {values[i]} at step {step} (epoch {epoch_of_step(step)})"
+                f"{last_txt}. Lower the learning rate, clip gradients, or check the data."
+            )
+
+
+def _write_plot(history: list[dict], path: pathlib.Path, title: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("jaxnet.fit: matplotlib is not installed (pip install 'jaxnet[plots]'); no loss-curve PNG",
+              file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], label="train loss")
+    val = [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    if all(r["loss"] > 0 for r in history):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def fit(
+    state: TrainState,
+    train_data,
+    *,
+    loss_fn: Callable,
+    epochs: int,
+    batch_size: int | None = None,
+    val_data=None,
+    target_kind: str = "float",
+    l1: float = 0.0,
+    l2: float = 0.0,
+    reg_filter: Callable | None = None,
+    metrics: dict[str, Callable] | None = None,
+    shuffle: bool = True,
+    eval_every: int = 1,
+    patience: int | None = None,
+    restore_best: bool = True,
+    epochs_per_call: int | None = None,
+    log_every: int | None = None,
+    progress: bool = True,
+    workdir: str | pathlib.Path | None = None,
+    plot: bool | None = None,
+    title: str = "training",
+) -> FitResult:
+    """Trains ``state`` until it has completed ``epochs`` epochs.
+
+    Args:
+      state: from ``TrainState.create`` (or a previous ``fit``); it is donated: use the returned one.
+      train_data: ``(x, y)`` or ``{"x": x, "y": y}``; ``x: [n, ...]`` float, ``y: [n, ...]`` float
+        (``target_kind="float"``) or integer labels ``[n]`` (``target_kind="labels"``).
+      loss_fn: ``loss_fn(pred, y, reduction=..., mask=...)`` from ``jaxnet.losses``.
+      epochs: total epochs; a resumed state continues from its own ``epoch``.
+      batch_size: examples per step; None (or >= n) trains full-batch with epochs in ``lax.scan``.
+      val_data: like ``train_data``; evaluated every ``eval_every`` epochs (in full-batch mode at the
+        end of each call of ``epochs_per_call`` epochs).
+      l1, l2, reg_filter: penalties from ``jaxnet.regularizers`` added to the loss.
+      metrics: extra validation metrics, ``name -> fn(pred, y) -> [B]``.
+      patience: stop after this many evaluations without a lower validation loss.
+      restore_best: with ``patience``, return the parameters of the best evaluation.
+      epochs_per_call: full-batch mode only: epochs per jitted scan (default: ``eval_every`` with
+        validation data, else ``log_every``, else all of them).
+      log_every: print a line of metrics every this many epochs.
+      progress: show a tqdm progress bar (stderr).
+      workdir: where ``metrics.jsonl`` and ``loss_curve.png`` go (nothing is written when None).
+      plot: write the PNG (None: when matplotlib is installed and ``workdir`` is set).
+
+    Raises:
+      TypeError, ValueError: bad data (dtype, NaN/Inf, lengths), naming the array and shapes.
+      FloatingPointError: the loss or gradient turned NaN/Inf, naming the step and epoch.
+    """
+    if epochs < 0 or eval_every < 1:
+        raise ValueError(f"need epochs >= 0 and eval_every >= 1, got epochs={epochs}, eval_every={eval_every}")
+    t_start = time.perf_counter()
+    data = _as_xy(train_data, "train", target_kind)
+    val = None if val_data is None else _as_xy(val_data, "validation", target_kind)
+    n = int(data["x"].shape[0])
+    if n == 0:
+        raise ValueError("train_data has no examples")
+    full_batch = batch_size is None or batch_size >= n
+    bs = n if full_batch else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
+        loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle)
+
+    files: dict[str, str] = {}
+    log_file = None
+    if workdir is not None:
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        files["metrics"] = str(workdir / "metrics.jsonl")
+        resuming = int(state.step) > 0
+        log_file = open(files["metrics"], "a" if resuming else "w")
+
+    history: list[dict] = []
+    best = {"loss": math.inf, "epoch": None, "params": None, "since": 0}
+    stopped_early = False
+    epoch = int(state.epoch)
+    bar = tqdm(total=epochs, initial=min(epoch, epochs), disable=not progress, unit="epoch",
+               desc=title, file=sys.stderr, dynamic_ncols=True)
+
+    def record(rec: dict, evaluate_now: bool) -> None:
+        if evaluate_now and val is not None:
+            for k, v in evaluate(state, val, eval_step, None if full_batch else bs).items():
+                rec[f"val_{k}"] = v
+            if rec["val_loss"] < best["loss"]:
+                best.update(loss=rec["val_loss"], epoch=rec["epoch"], since=0,
+                            params=jax.tree.map(jnp.copy, state.params) if patience is not None else None)
+            else:
+                best["since"] += 1
+        rec["time_s"] = round(time.perf_counter() - t_start, 4)
+        history.append(rec)
+        if log_file is not None:
+            log_file.write(json.dumps(rec) + "\n")
+        if log_every and rec["epoch"] % log_every == 0:
+            bar.write("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in rec.items() if k != "time_s"))
+
+    try:
+        if full_batch:
+            per_call = epochs_per_call or (eval_every if val is not None else (log_every or max(epochs, 1)))
+            while epoch < epochs and not stopped_early:
+                length = min(per_call, epochs - epoch)
+                first_step = int(state.step)
+                state, m = run_epochs(state, data, length)
+                m = jax.device_get(m)
+                _check_finite(m, first_step, lambda s, e0=epoch, s0=first_step: e0 + (s - s0))
+                for i in range(length):
+                    rec = {"epoch": epoch + i + 1, "step": first_step + i + 1,
+                           **{k: float(v[i]) for k, v in m.items()}}
+                    record(rec, evaluate_now=i == length - 1)
+                epoch += length
+                bar.update(length)
+                stopped_early = patience is not None and best["since"] >= patience
+        else:
+            while epoch < epochs and not stopped_early:
+                order = epoch_order(state.rng, state.epoch)
+                start_batch = int(state.batch_in_epoch)
+                first_step = int(state.step)
+                per_step = []
+                for _ in range(start_batch, num_batches):
+                    state, m = minibatch_step(state, data, order)
+                    per_step.append(m)
+                m = jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step))
+                _check_finite(m, first_step, lambda s, e=epoch: e + 1)
+                # Each batch's mean loss weighs by its number of real examples.
+                sizes = np.array([min(bs, n - b * bs) for b in range(start_batch, num_batches)], np.float64)
+                rec = {"epoch": epoch + 1, "step": first_step + len(per_step)}
+                rec.update({k: float(np.sum(np.asarray(v, np.float64) * sizes) / sizes.sum()) for k, v in m.items()})
+                epoch += 1
+                record(rec, evaluate_now=epoch % eval_every == 0 or epoch == epochs)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}")
+                stopped_early = patience is not None and best["since"] >= patience
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+
+    if patience is not None and restore_best and best["params"] is not None:
+        state = state.replace(params=best["params"])
+    if workdir is not None and history and (plot or (plot is None and _has_matplotlib())):
+        path = workdir / "loss_curve.png"
+        if _write_plot(history, path, title):
+            files["loss_curve"] = str(path)
+    return FitResult(state, history, best["epoch"], stopped_early, time.perf_counter() - t_start, files)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

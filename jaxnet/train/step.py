@@ -1,0 +1,149 @@
+"""The training state and the pure train/eval steps.
+
+Everything a run needs to continue — parameters, optimiser state, the run's RNG key, the position
+in the data order (epoch and batch within it) and the step count — lives in one ``TrainState``
+pytree, so a checkpoint of that pytree is a complete, exactly resumable snapshot.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxnet import regularizers
+
+Batch = dict  # {"x": [B, ...], "y": [B, ...], optional "mask": [B] bool}
+LossFn = Callable[..., jax.Array]  # loss_fn(pred, target, *, reduction=..., mask=...) -> scalar or [B]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """One pytree holding a run.
+
+    Attributes:
+      step: int32 scalar, optimiser updates applied so far.
+      epoch: int32 scalar, epochs completed.
+      batch_in_epoch: int32 scalar, batches of the current epoch already consumed (data order
+        position; the order itself is derived from ``rng`` and ``epoch``).
+      params: the model's parameters (``variables["params"]``).
+      model_state: the model's other variable collections (e.g. ``batch_stats``); ``{}`` if none.
+      opt_state: the optimiser's state.
+      rng: the run's key; step ``s`` uses ``fold_in(dropout_key, s)``, epoch ``e``'s data order
+        uses ``fold_in(data_key, e)`` (see ``split_keys``).
+      apply_fn, tx: the model's ``apply`` and the Optax transformation (static, not data).
+    """
+
+    step: jax.Array
+    epoch: jax.Array
+    batch_in_epoch: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    rng: jax.Array
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, *, model, tx: optax.GradientTransformation, sample_x, seed: int = 0,
+               params=None) -> "TrainState":
+        """Initialises a model from ``seed`` (or takes ``params``) and wraps it with ``tx``.
+
+        ``sample_x: [B, ...]`` shows the model its input shape; its values are not used.
+        """
+        init_key, run_key = jax.random.split(jax.random.key(seed))
+        variables = dict(model.init(init_key, jnp.asarray(sample_x), train=False))
+        init_params = variables.pop("params")
+        params = init_params if params is None else params
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            epoch=jnp.zeros((), jnp.int32),
+            batch_in_epoch=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=variables,
+            opt_state=tx.init(params),
+            rng=run_key,
+            apply_fn=model.apply,
+            tx=tx,
+        )
+
+    @property
+    def variables(self) -> dict:
+        """``{"params": ..., **model_state}``, what ``model.apply`` takes."""
+        return {"params": self.params, **self.model_state}
+
+
+def split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(dropout_key, data_key)``: independent streams derived from the run's key."""
+    dropout_key, data_key = jax.random.split(rng)
+    return dropout_key, data_key
+
+
+def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
+                    reg_filter: Callable | None = None) -> Callable:
+    """Builds ``train_step(state, batch, rng) -> (state, metrics)``, a pure function.
+
+    Args:
+      loss_fn: ``loss_fn(pred, target, reduction="mean", mask=mask)``, e.g. ``jaxnet.losses.mse``.
+      l1, l2: coefficients of ``jaxnet.regularizers`` penalties added to the data loss.
+      reg_filter: which parameters the penalties see (default: weights, not biases).
+
+    The returned step uses ``fold_in(rng, state.step)`` as this step's dropout key, so the same
+    ``rng`` gives a different, reproducible key at every step. Metrics: ``loss`` (data loss),
+    ``penalty``, ``grad_norm`` and ``update_norm`` (global L2 norms), all float32 scalars.
+    """
+
+    def objective(params, state: TrainState, batch: Batch, key):
+        variables = {"params": params, **state.model_state}
+        rngs = {"dropout": key}
+        if state.model_state:  # e.g. batch statistics, updated by the forward pass
+            pred, new_model_state = state.apply_fn(variables, batch["x"], train=True, rngs=rngs,
+                                                   mutable=list(state.model_state))
+        else:
+            pred, new_model_state = state.apply_fn(variables, batch["x"], train=True, rngs=rngs), {}
+        data_loss = loss_fn(pred, batch["y"], reduction="mean", mask=batch.get("mask"))
+        penalty = regularizers.penalty(params, l1=l1, l2=l2, filter=reg_filter or regularizers.is_weight)
+        return data_loss + penalty, (data_loss, penalty, dict(new_model_state))
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+        key = jax.random.fold_in(rng, state.step)
+        grads, (data_loss, penalty, model_state) = jax.grad(objective, has_aux=True)(
+            state.params, state, batch, key)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": data_loss.astype(jnp.float32),
+            "penalty": jnp.asarray(penalty, jnp.float32),
+            "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+            "update_norm": optax.tree.norm(updates).astype(jnp.float32),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  model_state=model_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: LossFn, metrics: dict[str, Callable] | None = None) -> Callable:
+    """Builds ``eval_step(state, batch) -> sums``, a pure function.
+
+    ``metrics`` maps names to ``fn(pred, target) -> [B]`` per-example values (e.g. accuracy).
+    The step returns sums over the unmasked examples and their count ``n``, so batches of any
+    size combine exactly: the dataset mean is ``sum / n``.
+    """
+    metrics = dict(metrics or {})
+
+    def eval_step(state: TrainState, batch: Batch):
+        pred = state.apply_fn(state.variables, batch["x"], train=False)
+        y = batch["y"]
+        weight = jnp.ones(pred.shape[:1], jnp.float32)
+        if batch.get("mask") is not None:
+            weight = weight * batch["mask"].astype(jnp.float32)
+        out = {"loss": jnp.sum(loss_fn(pred, y, reduction="none") * weight), "n": jnp.sum(weight)}
+        for name, fn in metrics.items():
+            out[name] = jnp.sum(fn(pred, y).astype(jnp.float32) * weight)
+        return out
+
+    return eval_step
