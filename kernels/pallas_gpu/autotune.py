@@ -1,0 +1,96 @@
+"""Block-size choice per problem shape: measured on a GPU, the default elsewhere.
+
+``autotune`` times each candidate ``BlockConfig`` on the real kernels (forward, or forward +
+backward) and caches the fastest per (M, N, K, dtype, activation) for the life of the process;
+``fused_dense(config=None)`` then picks the cached choice up at trace time. On CPU (interpret
+mode) timing says nothing about a GPU, so ``autotune`` returns the interpret default untimed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from kernels.pallas_gpu.fused_dense import BlockConfig, default_config, fused_dense, resolve_lowering
+
+# Candidates for bf16/f16 on Hopper-class GPUs (tile, warps, pipeline depth), best-known first.
+GPU_CANDIDATES = (
+    BlockConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3),
+    BlockConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    BlockConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    BlockConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+    BlockConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+    BlockConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4),
+)
+
+_CACHE: dict[tuple, BlockConfig] = {}
+
+
+def _key(m, n, k, dtype, activation):
+    return (int(m), int(n), int(k), jnp.dtype(dtype).name, activation)
+
+
+def cached_config(m, n, k, dtype, activation, lowering) -> BlockConfig:
+    """The autotuned config for this problem if one is cached, else the lowering's default."""
+    if lowering == "interpret":
+        return default_config(lowering)
+    return _CACHE.get(_key(m, n, k, dtype, activation), default_config(lowering))
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu", *,
+             candidates=GPU_CANDIDATES, backward: bool = True, repeats: int = 5,
+             lowering: str = "auto") -> BlockConfig:
+    """Returns (and caches) the fastest candidate for ``x: [m, k] @ w: [k, n]``.
+
+    Off-GPU it returns the interpret default without timing anything. Candidates that fail to
+    compile (e.g. too much shared memory for their stage count) are skipped; if all fail, the
+    last error is raised.
+    """
+    lowering = resolve_lowering(lowering)
+    if lowering == "interpret":
+        return default_config(lowering)
+    key = _key(m, n, k, dtype, activation)
+    if key in _CACHE:
+        return _CACHE[key]
+    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (m, k), dtype)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) / jnp.sqrt(k)).astype(dtype)
+    b = jax.random.normal(kb, (n,), dtype)
+    best, best_t, last_err = None, float("inf"), None
+    for cfg in candidates:
+        def fwd(x, w, b, cfg=cfg):
+            return fused_dense(x, w, b, activation=activation, config=cfg, lowering=lowering)
+
+        if backward:
+            def step(x, w, b, fwd=fwd):
+                y, vjp = jax.vjp(fwd, x, w, b)
+                return vjp(y)
+        else:
+            step = fwd
+        try:
+            t = _median_seconds(jax.jit(step), (x, w, b), repeats)
+        except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
+            last_err = err
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError(f"autotune: no candidate compiled for {key}") from last_err
+    _CACHE[key] = best
+    return best
+
+
+def clear_cache() -> None:
+    _CACHE.clear()

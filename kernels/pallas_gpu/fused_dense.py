@@ -1,0 +1,297 @@
+"""``fused_dense`` as Pallas kernels: ``y = act(x @ w + b)`` forward, dx and dW(+db) backward.
+
+One kernel source, two places to run it:
+
+- on a GPU it lowers through Pallas' **Triton** lowering (``jax.experimental.pallas.triton``
+  compiler params, chosen explicitly: since JAX 0.10 a bare ``pallas_call`` on GPU goes to Mosaic
+  GPU, and JAX 0.11 deprecates the Triton lowering). There is no Mosaic GPU version of these
+  kernels yet; asking for one, or running on a JAX without the Triton lowering, raises a
+  ``NotImplementedError`` that says so instead of quietly running something else.
+- anywhere else it runs the same kernels with ``interpret=True`` (chosen automatically), which
+  is how the CPU CI checks the kernel logic.
+
+Shapes that are not multiples of the blocks are zero-padded up to whole blocks before launch and
+the result sliced back, so no load is ever out of bounds: zero rows/columns add nothing to the
+matmuls, and the padded part of dy is zero, so it adds nothing to dw, db or dx either.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels import reference
+from kernels.checks import check_fused_dense_args
+from kernels.pallas_gpu import _kernels
+
+LOWERINGS = ("auto", "triton", "mosaic_gpu", "interpret")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch parameters, shared by the forward, dx and dW kernels.
+
+    The forward tile is (block_m, block_n) walking K by block_k; dx's tile is (block_m, block_k)
+    walking N by block_n; dW's is (block_k, block_n) walking M by block_m. On a GPU the blocks
+    must be powers of two of at least 16 (``tl.dot``); they are shrunk to fit small dimensions.
+    """
+
+    block_m: int = 128  # rows of x per tile
+    block_n: int = 128  # columns of w per tile
+    block_k: int = 64  # reduction step of the forward (and tile width of dx / dW)
+    group_m: int = 8  # row tiles per launch group (L2 reuse of w panels; Triton tutorial 03)
+    num_warps: int = 4  # Triton only
+    num_stages: int = 3  # Triton only: software-pipelining depth of the reduction loop
+
+    def replace(self, **kw) -> "BlockConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# Interpret mode pays per grid step, not per flop: large tiles, few steps.
+INTERPRET_DEFAULT = BlockConfig(block_m=128, block_n=128, block_k=128, group_m=1)
+GPU_DEFAULT = BlockConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one launch (hashable: it is a jit static / nondiff argument)."""
+
+    config: BlockConfig
+    lowering: str  # "triton" or "interpret"
+
+
+def _has_triton_lowering() -> bool:
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_lowering(lowering: str = "auto") -> str:
+    """The lowering a call will use: "interpret" off-GPU, "triton" on a GPU.
+
+    Raises:
+      ValueError: for an unknown name.
+      NotImplementedError: for "mosaic_gpu" (not written yet), or "triton" on a JAX without it.
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown Pallas lowering {lowering!r}; choose one of {LOWERINGS}")
+    if lowering == "auto":
+        lowering = "triton" if jax.default_backend() == "gpu" else "interpret"
+    if lowering == "mosaic_gpu":
+        raise NotImplementedError(
+            "kernels.pallas_gpu has no Mosaic GPU lowering yet: its kernels are written for the Pallas "
+            "Triton lowering (deprecated in JAX 0.11). Use lowering='triton' while this JAX has it, or "
+            "backend='xla'."
+        )
+    if lowering == "triton":
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError(
+                f"the Pallas Triton lowering needs a GPU; this process runs on {jax.default_backend()!r} "
+                "(use lowering='interpret' or 'auto')"
+            )
+        if not _has_triton_lowering():
+            raise NotImplementedError(
+                f"JAX {jax.__version__} has no Pallas Triton lowering (jax.experimental.pallas.triton) and "
+                "kernels.pallas_gpu has no Mosaic GPU version yet; use backend='xla' on this JAX"
+            )
+    return lowering
+
+
+def _fit(block: int, dim: int, floor: int) -> int:
+    """Shrinks a block to the smallest power of two covering ``dim`` (not below ``floor``)."""
+    return max(floor, min(block, 1 << max(0, (max(dim, 1) - 1).bit_length())))
+
+
+def fit_config(config: BlockConfig, m: int, n: int, k: int, lowering: str) -> BlockConfig:
+    """Adapts ``config`` to an (m, n, k) problem: blocks no larger than needed; on a GPU, powers
+    of two >= 16 (``tl.dot``'s minimum)."""
+    floor = 1 if lowering == "interpret" else 16
+    if lowering != "interpret":
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(config, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v}: GPU blocks must be powers of two >= 16")
+    return config.replace(block_m=_fit(config.block_m, m, floor), block_n=_fit(config.block_n, n, floor),
+                          block_k=_fit(config.block_k, k, floor))
+
+
+def _round_up(v: int, multiple: int) -> int:
+    return -(-v // multiple) * multiple
+
+
+def _acc_dtype(dtype):
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _compiler_params(plan: _Plan):
+    if plan.lowering == "interpret":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=plan.config.num_warps, num_stages=plan.config.num_stages)
+
+
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, plan: _Plan, name: str):
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=plan.lowering == "interpret", compiler_params=_compiler_params(plan), name=name,
+    )
+
+
+TRACE_COUNT = {"forward": 0}  # incremented at trace time; tests assert no retrace per call
+
+
+def _forward(x, w, b, activation: str, plan: _Plan, save_residual: bool):
+    """x: [Mp, Kp], w: [Kp, Np], b: [Np] (padded) -> (y [Mp, Np], residual or None)."""
+    TRACE_COUNT["forward"] += 1
+    cfg = plan.config
+    (mp, kp), np_ = x.shape, w.shape[1]
+    nm, nn = mp // cfg.block_m, np_ // cfg.block_n
+    tile = functools.partial(_kernels.grouped_tile, n_rows=nm, n_cols=nn, group=cfg.group_m)
+    save_z = save_residual and activation not in _kernels.RESIDUAL_IS_OUTPUT
+    out_block = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda p: tile(p))
+    out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)] * (2 if save_z else 1)
+    kernel = functools.partial(_kernels.forward_kernel, activation_name=activation, block_k=cfg.block_k,
+                               acc_dtype=_acc_dtype(x.dtype), save_z=save_z)
+    outs = _call(
+        kernel, grid=(nm * nn,),
+        in_specs=[pl.BlockSpec((cfg.block_m, kp), lambda p: (tile(p)[0], 0)),
+                  pl.BlockSpec((kp, cfg.block_n), lambda p: (0, tile(p)[1])),
+                  pl.BlockSpec((cfg.block_n,), lambda p: (tile(p)[1],))],
+        out_specs=[out_block] * len(out_shape), out_shape=out_shape, plan=plan, name="fused_dense_fwd",
+    )(x, w, b)
+    y = outs[0]
+    if not save_residual:
+        return y, None
+    if activation == "identity":
+        return y, None
+    return y, (outs[1] if save_z else y)
+
+
+def _backward_dx(dy, r, w, activation: str, plan: _Plan):
+    """dy, r: [Mp, Np], w: [Kp, Np] -> dx [Mp, Kp]."""
+    cfg = plan.config
+    mp, np_ = dy.shape
+    kp = w.shape[0]
+    nm, nk = mp // cfg.block_m, kp // cfg.block_k
+    tile = functools.partial(_kernels.grouped_tile, n_rows=nm, n_cols=nk, group=cfg.group_m)
+    row_panel = pl.BlockSpec((cfg.block_m, np_), lambda p: (tile(p)[0], 0))
+    kernel = functools.partial(_kernels.dx_kernel, activation_name=activation, block_n=cfg.block_n,
+                               acc_dtype=_acc_dtype(w.dtype))
+    if r is None:
+        args, in_specs = (dy, w), [row_panel]
+        body = lambda dy_ref, w_ref, dx_ref: kernel(dy_ref, None, w_ref, dx_ref)  # noqa: E731
+    else:
+        args, in_specs, body = (dy, r, w), [row_panel, row_panel], kernel
+    return _call(
+        body, grid=(nm * nk,),
+        in_specs=in_specs + [pl.BlockSpec((cfg.block_k, np_), lambda p: (tile(p)[1], 0))],
+        out_specs=pl.BlockSpec((cfg.block_m, cfg.block_k), lambda p: tile(p)),
+        out_shape=jax.ShapeDtypeStruct((mp, kp), w.dtype), plan=plan, name="fused_dense_dx",
+    )(*args)
+
+
+def _backward_dw(x, dy, r, activation: str, plan: _Plan):
+    """x: [Mp, Kp], dy, r: [Mp, Np] -> (dw [Kp, Np], db [Np])."""
+    cfg = plan.config
+    mp, kp = x.shape
+    np_ = dy.shape[1]
+    nk, nn = kp // cfg.block_k, np_ // cfg.block_n
+    tile = functools.partial(_kernels.grouped_tile, n_rows=nk, n_cols=nn, group=cfg.group_m)
+    col_panel = pl.BlockSpec((mp, cfg.block_n), lambda p: (0, tile(p)[1]))
+    kernel = functools.partial(_kernels.dw_kernel, activation_name=activation, block_m=cfg.block_m,
+                               acc_dtype=_acc_dtype(x.dtype))
+    if r is None:
+        args, in_specs = (x, dy), [col_panel]
+        body = lambda x_ref, dy_ref, dw_ref, db_ref: kernel(x_ref, dy_ref, None, dw_ref, db_ref)  # noqa: E731
+    else:
+        args, in_specs, body = (x, dy, r), [col_panel, col_panel], kernel
+    dw, db_rows = _call(
+        body, grid=(nk * nn,),
+        in_specs=[pl.BlockSpec((mp, cfg.block_k), lambda p: (0, tile(p)[0]))] + in_specs,
+        out_specs=[pl.BlockSpec((cfg.block_k, cfg.block_n), lambda p: tile(p)),
+                   # one row of db partials per K-tile; all rows are equal (see dw_kernel)
+                   pl.BlockSpec((None, cfg.block_n), lambda p: tile(p))],
+        out_shape=[jax.ShapeDtypeStruct((kp, np_), x.dtype), jax.ShapeDtypeStruct((nk, np_), x.dtype)],
+        plan=plan, name="fused_dense_dw",
+    )(*args)
+    return dw, db_rows[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_padded(x, w, b, activation, plan):
+    return _forward(x, w, b, activation, plan, save_residual=False)[0]
+
+
+def _fused_padded_fwd(x, w, b, activation, plan):
+    y, r = _forward(x, w, b, activation, plan, save_residual=True)
+    return y, (x, w, r)
+
+
+def _fused_padded_bwd(activation, plan, res, dy):
+    x, w, r = res
+    dx = _backward_dx(dy, r, w, activation, plan)
+    dw, db = _backward_dw(x, dy, r, activation, plan)
+    return dx, dw, db
+
+
+_fused_padded.defvjp(_fused_padded_fwd, _fused_padded_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "plan"))
+def _fused_nd(x, w, b, *, activation: str, plan: _Plan):
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[1]
+    m = math.prod(lead)
+    if m == 0 or n == 0 or k == 0:
+        # Nothing to launch (an empty grid or an empty reduction): the reference is exact here.
+        return reference.fused_dense(x, w, b, activation=activation)
+    cdt = jnp.result_type(x.dtype, w.dtype, *(() if b is None else (b.dtype,)))
+    cfg = plan.config
+    mp, np_, kp = _round_up(m, cfg.block_m), _round_up(n, cfg.block_n), _round_up(k, cfg.block_k)
+    x2 = jnp.pad(x.reshape(m, k).astype(cdt), ((0, mp - m), (0, kp - k)))
+    w2 = jnp.pad(w.astype(cdt), ((0, kp - k), (0, np_ - n)))
+    b2 = jnp.zeros((np_,), cdt) if b is None else jnp.pad(b.astype(cdt), (0, np_ - n))
+    y = _fused_padded(x2, w2, b2, activation, plan)[:m, :n]
+    return y.reshape(*lead, n).astype(x.dtype)
+
+
+def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig | None = None,
+                lowering: str = "auto"):
+    """``y = act(x @ w + b)`` with the Pallas kernels; differentiable in x, w, b (custom_vjp).
+
+    Args:
+      x: ``[..., K]`` float16/bfloat16/float32 (float64 in interpret mode only).
+      w: ``[K, N]``; b: ``[N]`` or None. Mixed dtypes compute in their promoted dtype.
+      activation: a name from ``kernels.activations.ACTIVATIONS``.
+      config: tile sizes; None takes the autotuned choice for this shape if one is cached (see
+        ``kernels.pallas_gpu.autotune``), else the default for the lowering.
+      lowering: "auto" (Triton on GPU, interpret elsewhere), "triton", "interpret" or
+        "mosaic_gpu" (not implemented: raises).
+
+    Returns:
+      ``[..., N]`` in x's dtype; the matmuls accumulate in float32 (float64 for float64).
+    """
+    check_fused_dense_args(x, w, b, activation)
+    lowering = resolve_lowering(lowering)
+    if lowering != "interpret" and any(a is not None and jnp.dtype(a.dtype) == jnp.float64 for a in (x, w, b)):
+        raise TypeError("fused_dense(backend='pallas'): float64 runs only in interpret mode "
+                        "(lowering='interpret'); the GPU kernels take float16, bfloat16 and float32")
+    m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[1]
+    if config is None:
+        from kernels.pallas_gpu import autotune as _autotune
+
+        cdt = jnp.result_type(x.dtype, w.dtype, *(() if b is None else (b.dtype,)))
+        config = _autotune.cached_config(m, n, k, cdt, activation, lowering)
+    plan = _Plan(fit_config(config, m, n, k, lowering), lowering)
+    return _fused_nd(x, w, b, activation=activation, plan=plan)
+
+
+def default_config(lowering: str) -> BlockConfig:
+    return INTERPRET_DEFAULT if lowering == "interpret" else GPU_DEFAULT
