@@ -3,7 +3,7 @@ mode elsewhere. Importing this package registers the backend with ``kernels.disp
 picks it only on a GPU (on CPU it is correct but slow, which is what interpret mode is for).
 """
 from kernels.dispatch import register_backend
-from kernels.pallas_gpu.autotune import GPU_CANDIDATES, autotune
+from kernels.pallas_gpu.tuning import GPU_CANDIDATES, autotune
 from kernels.pallas_gpu.fused_dense import (
     GPU_DEFAULT, INTERPRET_DEFAULT, LOWERINGS, BlockConfig, fused_dense, resolve_lowering,
 )

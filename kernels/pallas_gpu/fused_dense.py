@@ -285,10 +285,10 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig |
                         "(lowering='interpret'); the GPU kernels take float16, bfloat16 and float32")
     m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[1]
     if config is None:
-        from kernels.pallas_gpu import autotune as _autotune
+        from kernels.pallas_gpu import tuning
 
         cdt = jnp.result_type(x.dtype, w.dtype, *(() if b is None else (b.dtype,)))
-        config = _autotune.cached_config(m, n, k, cdt, activation, lowering)
+        config = tuning.cached_config(m, n, k, cdt, activation, lowering)
     plan = _Plan(fit_config(config, m, n, k, lowering), lowering)
     return _fused_nd(x, w, b, activation=activation, plan=plan)
 
