@@ -1,0 +1,230 @@
+"""A minimal bridge from Numba ``cfunc`` handlers to XLA's typed FFI (api_version 1).
+
+A handler is a C function ``XLA_FFI_Error* handler(XLA_FFI_CallFrame* frame)``. Numba cannot
+see C structs, so the handler reads the call frame through raw loads at the byte offsets of
+``xla/ffi/api/c_api.h`` (64-bit layout, checked against the header that ships with jaxlib):
+
+  XLA_FFI_CallFrame: struct_size @0, extension_start @8, api @16, ctx @24, stage @32,
+                     args {size @56, types @64, args @72}, rets {size @96, types @104, rets @112},
+                     attrs {size @136, types @144, names @152, attrs @160}
+  XLA_FFI_Buffer:    dtype @16 (int32), data @24, rank @32, dims @40 (int64*)
+  XLA_FFI_Scalar:    dtype @0 (int32), value @8 (void*)
+  XLA_FFI_Extension_Base: struct_size @0, type @8 (int32), next @16; the metadata extension
+                     (type 1) adds ``XLA_FFI_Metadata* metadata`` @24
+  XLA_FFI_Metadata:  struct_size @0, api_version {struct_size @8, extension_start @16,
+                     major @24, minor @28}, traits @32 (uint32)
+  XLA_FFI_Api:       XLA_FFI_Error_Create @48; its args: struct_size @0, extension_start @8,
+                     message @16, errc @24 (int32), 28 bytes in all
+
+Handlers are compiled once per dtype and kernel and serve every shape: shapes come from the
+buffers' ``rank``/``dims`` at each call. Everything here is plain loads and stores, so handlers
+are re-entrant (no globals, no GIL, no Python on the call path).
+"""
+from __future__ import annotations
+
+import jax
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+# XLA_FFI_CallFrame
+FRAME_EXTENSION_START = 8
+FRAME_API = 16
+FRAME_ARGS_SIZE = 56
+FRAME_ARGS = 72
+FRAME_RETS_SIZE = 96
+FRAME_RETS = 112
+FRAME_ATTRS_SIZE = 136
+FRAME_ATTRS_TYPES = 144
+FRAME_ATTRS = 160
+# XLA_FFI_Buffer
+BUFFER_DTYPE = 16
+BUFFER_DATA = 24
+BUFFER_RANK = 32
+BUFFER_DIMS = 40
+# XLA_FFI_Scalar
+SCALAR_DTYPE = 0
+SCALAR_VALUE = 8
+# Extensions and metadata
+EXTENSION_TYPE = 8
+EXTENSION_METADATA_TYPE = 1
+METADATA_EXTENSION_METADATA = 24
+METADATA_API_VERSION = 8
+API_VERSION_STRUCT_SIZE = 24
+API_MAJOR = 0
+# The FFI minor version of the header this bridge was written against (jaxlib 0.10: 3).
+API_MINOR = 3
+METADATA_TRAITS = 32
+# XLA_FFI_Api and XLA_FFI_Error_Create_Args
+API_ERROR_CREATE = 48
+ERROR_CREATE_ARGS_SIZE = 28
+ERROR_INVALID_ARGUMENT = 3
+# Enumerations
+ATTR_SCALAR = 3
+DTYPE_S64 = 5
+DTYPE_F32 = 11
+DTYPE_F64 = 12
+
+
+@intrinsic
+def load_i64(typingctx, addr):
+    """``*(int64_t*)addr``."""
+    def codegen(context, builder, sig, args):
+        return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()))
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def load_i32(typingctx, addr):
+    """``*(int32_t*)addr``, sign-extended to int64."""
+    def codegen(context, builder, sig, args):
+        v = builder.load(builder.inttoptr(args[0], ir.IntType(32).as_pointer()))
+        return builder.sext(v, ir.IntType(64))
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def store_i32(typingctx, addr, value):
+    """``*(int32_t*)addr = value``."""
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        builder.store(builder.trunc(args[1], ir.IntType(32)), ptr)
+        return context.get_dummy_value()
+    return types.none(types.int64, types.int64), codegen
+
+
+@intrinsic
+def store_i64(typingctx, addr, value):
+    """``*(int64_t*)addr = value``."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], builder.inttoptr(args[0], ir.IntType(64).as_pointer()))
+        return context.get_dummy_value()
+    return types.none(types.int64, types.int64), codegen
+
+
+@intrinsic
+def as_pointer(typingctx, addr, dtype):
+    """The address ``addr`` as a typed pointer ``dtype*`` (``dtype`` a Numba number class)."""
+    elem = dtype.instance_type
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(elem).as_pointer())
+    return types.CPointer(elem)(types.int64, dtype), codegen
+
+
+@intrinsic(prefer_literal=True)
+def make_error(typingctx, frame, message):
+    """Calls ``frame->api->XLA_FFI_Error_Create`` with a constant message (INVALID_ARGUMENT).
+
+    Returns the ``XLA_FFI_Error*`` as an int64, for the handler to return to XLA.
+    """
+    if not isinstance(message, types.StringLiteral):
+        return None
+    text = message.literal_value
+
+    def codegen(context, builder, sig, args):
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        api = builder.load(builder.inttoptr(builder.add(args[0], i64(FRAME_API)), i64.as_pointer()))
+        fn_addr = builder.load(builder.inttoptr(builder.add(api, i64(API_ERROR_CREATE)), i64.as_pointer()))
+        # XLA_FFI_Error_Create_Args on the stack: {size_t, void*, const char*, int32}.
+        args_ty = ir.LiteralStructType([i64, i64, i64, i32])
+        slot = builder.alloca(args_ty)
+        builder.store(i64(ERROR_CREATE_ARGS_SIZE), builder.gep(slot, [i32(0), i32(0)]))
+        builder.store(i64(0), builder.gep(slot, [i32(0), i32(1)]))
+        msg = context.insert_const_string(builder.module, "numba fused_dense: " + text)
+        builder.store(builder.ptrtoint(msg, i64), builder.gep(slot, [i32(0), i32(2)]))
+        builder.store(i32(ERROR_INVALID_ARGUMENT), builder.gep(slot, [i32(0), i32(3)]))
+        fnty = ir.FunctionType(i8.as_pointer(), [args_ty.as_pointer()])
+        err = builder.call(builder.inttoptr(fn_addr, fnty.as_pointer()), [slot])
+        return builder.ptrtoint(err, i64)
+    return types.int64(types.int64, message), codegen
+
+
+def register(name: str, handler) -> None:
+    """Registers a Numba ``cfunc`` handler as the CPU FFI target ``name`` (api_version 1).
+
+    The caller keeps ``handler`` referenced for the life of the process: XLA holds only its
+    address.
+    """
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu", api_version=1)
+
+
+@njit(inline="always")
+def answer_metadata(frame):
+    """Answers XLA's registration-time query, if ``frame`` carries one.
+
+    Returns -1 for an ordinary call (the handler goes on to compute), else the value the handler
+    must return: 0 (NULL, success) after filling in the FFI API version and traits, or an error.
+    """
+    ext = load_i64(frame + FRAME_EXTENSION_START)
+    if ext == 0 or load_i32(ext + EXTENSION_TYPE) != EXTENSION_METADATA_TYPE:
+        return -1
+    if load_i64(ext) < METADATA_EXTENSION_METADATA + 8:
+        return make_error(frame, "metadata extension struct is too small")
+    md = load_i64(ext + METADATA_EXTENSION_METADATA)
+    if load_i64(md) < METADATA_TRAITS + 4:
+        return make_error(frame, "metadata struct is too small")
+    store_i64(md + METADATA_API_VERSION, API_VERSION_STRUCT_SIZE)
+    store_i64(md + METADATA_API_VERSION + 8, 0)  # extension_start
+    store_i32(md + METADATA_API_VERSION + 16, API_MAJOR)
+    store_i32(md + METADATA_API_VERSION + 20, API_MINOR)
+    store_i32(md + METADATA_TRAITS, 0)
+    return 0
+
+
+@njit(inline="always")
+def arg(frame, i):
+    """Address of the ``XLA_FFI_Buffer`` of argument ``i``."""
+    return load_i64(load_i64(frame + FRAME_ARGS) + 8 * i)
+
+
+@njit(inline="always")
+def ret(frame, i):
+    """Address of the ``XLA_FFI_Buffer`` of result ``i``."""
+    return load_i64(load_i64(frame + FRAME_RETS) + 8 * i)
+
+
+@njit(inline="always")
+def dim(buf, d):
+    """``buf->dims[d]``."""
+    return load_i64(load_i64(buf + BUFFER_DIMS) + 8 * d)
+
+
+@njit(inline="always")
+def rank(buf):
+    return load_i64(buf + BUFFER_RANK)
+
+
+@njit(inline="always")
+def dtype(buf):
+    return load_i32(buf + BUFFER_DTYPE)
+
+
+@njit(inline="always")
+def data(buf):
+    return load_i64(buf + BUFFER_DATA)
+
+
+@njit(inline="always")
+def leading(buf, trailing):
+    """Product of all but the last ``trailing`` dims (the batch that vmap puts in front), or -1
+    when the buffer has fewer than ``trailing`` dims."""
+    r = rank(buf)
+    if r < trailing:
+        return -1
+    n = 1
+    for d in range(r - trailing):
+        n *= dim(buf, d)
+    return n
+
+
+@njit(inline="always")
+def scalar_attr_i64(frame, i):
+    """The int64 scalar attribute ``i`` (attributes are sorted by name), or -1 if it is not one."""
+    if i >= load_i64(frame + FRAME_ATTRS_SIZE):
+        return -1
+    if load_i32(load_i64(frame + FRAME_ATTRS_TYPES) + 4 * i) != ATTR_SCALAR:
+        return -1
+    scalar = load_i64(load_i64(frame + FRAME_ATTRS) + 8 * i)
+    if load_i32(scalar + SCALAR_DTYPE) != DTYPE_S64:
+        return -1
+    return load_i64(load_i64(scalar + SCALAR_VALUE))

@@ -1,0 +1,154 @@
+"""The XLA FFI handlers: one Numba ``cfunc`` per dtype and kernel, serving every shape.
+
+Importing this module compiles (or loads from Numba's on-disk cache) the four handlers.
+
+Calling conventions (all buffers row-major; a leading batch, from ``vmap_method="broadcast_all"``,
+may precede the matrix dims and must have the same size on every operand):
+
+  forward:  args (x [..., M, K], w [..., K, N], b [..., N]?)  rets (y [..., M, N], z [..., M, N]?)
+  backward: args (dy [..., M, N], x [..., M, K], w [..., K, N], r [..., M, N])
+            rets (dx [..., M, K], dw [..., K, N], db [..., N]?)
+  attribute ``act`` (int64): the activation code of ``_kernels.ACT_CODES``.
+
+A shape or dtype that does not fit these conventions returns an XLA error (never a crash).
+"""
+from __future__ import annotations
+
+from numba import carray, cfunc, float32, float64, njit, types
+
+from kernels.numba_cpu import _ffi
+from kernels.numba_cpu._ffi import arg, as_pointer, data, dim, dtype, leading, make_error, rank, ret
+from kernels.numba_cpu._kernels import backward, forward
+
+_N_ACTS = 7
+
+
+@njit(inline="always")
+def _view(buf, nbtype, shape):
+    """The buffer's data as a C-contiguous array of ``shape`` (no copy)."""
+    return carray(as_pointer(data(buf), nbtype), shape)
+
+
+@njit(cache=True, nogil=True)
+def _forward_call(frame, nbtype, code):
+    q = _ffi.answer_metadata(frame)
+    if q >= 0:
+        return q
+    nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
+    nrets = _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
+    if nargs < 2 or nargs > 3 or nrets < 1 or nrets > 2:
+        return make_error(frame, "forward takes (x, w[, b]) and returns (y[, z])")
+    act = _ffi.scalar_attr_i64(frame, 0)
+    if act < 0 or act >= _N_ACTS:
+        return make_error(frame, "missing or unknown int64 attribute 'act'")
+    xb, wb, yb = arg(frame, 0), arg(frame, 1), ret(frame, 0)
+    has_bias = nargs == 3
+    save_z = nrets == 2
+    bb = arg(frame, 2) if has_bias else yb
+    zb = ret(frame, 1) if save_z else yb
+    if dtype(xb) != code or dtype(wb) != code or dtype(yb) != code or dtype(bb) != code or dtype(zb) != code:
+        return make_error(frame, "forward: operand dtypes differ from the handler's")
+    nb = leading(xb, 2)
+    if nb < 0 or leading(wb, 2) != nb or leading(yb, 2) != nb or leading(zb, 2) != nb:
+        return make_error(frame, "forward: operand ranks or batch sizes differ")
+    m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
+    n = dim(wb, rank(wb) - 1)
+    if dim(wb, rank(wb) - 2) != k or dim(yb, rank(yb) - 2) != m or dim(yb, rank(yb) - 1) != n:
+        return make_error(frame, "forward: x [M, K], w [K, N] and y [M, N] do not agree")
+    if dim(zb, rank(zb) - 2) != m or dim(zb, rank(zb) - 1) != n:
+        return make_error(frame, "forward: z must be [M, N]")
+    if has_bias and (leading(bb, 1) != nb or dim(bb, rank(bb) - 1) != n):
+        return make_error(frame, "forward: b must be [N]")
+    xs = _view(xb, nbtype, (nb, m, k))
+    ws = _view(wb, nbtype, (nb, k, n))
+    ys = _view(yb, nbtype, (nb, m, n))
+    zs = _view(zb, nbtype, (nb, m, n))
+    # Without a bias the view aliases y and is never read.
+    bs = _view(bb, nbtype, (nb, n))
+    for i in range(nb):
+        forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act)
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _backward_call(frame, nbtype, code):
+    q = _ffi.answer_metadata(frame)
+    if q >= 0:
+        return q
+    nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
+    nrets = _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
+    if nargs != 4 or nrets < 2 or nrets > 3:
+        return make_error(frame, "backward takes (dy, x, w, r) and returns (dx, dw[, db])")
+    act = _ffi.scalar_attr_i64(frame, 0)
+    if act < 0 or act >= _N_ACTS:
+        return make_error(frame, "missing or unknown int64 attribute 'act'")
+    dyb, xb, wb, rb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3)
+    dxb, dwb = ret(frame, 0), ret(frame, 1)
+    has_bias = nrets == 3
+    dbb = ret(frame, 2) if has_bias else dwb
+    for buf in (dyb, xb, wb, rb, dxb, dwb, dbb):
+        if dtype(buf) != code:
+            return make_error(frame, "backward: operand dtypes differ from the handler's")
+    nb = leading(xb, 2)
+    for buf in (dyb, wb, rb, dxb, dwb):
+        if leading(buf, 2) != nb:
+            return make_error(frame, "backward: operand ranks or batch sizes differ")
+    if nb < 0:
+        return make_error(frame, "backward: operands must have rank >= 2")
+    m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
+    n = dim(wb, rank(wb) - 1)
+    if dim(wb, rank(wb) - 2) != k:
+        return make_error(frame, "backward: x [M, K] and w [K, N] do not agree")
+    for buf in (dyb, rb):
+        if dim(buf, rank(buf) - 2) != m or dim(buf, rank(buf) - 1) != n:
+            return make_error(frame, "backward: dy and r must be [M, N]")
+    if dim(dxb, rank(dxb) - 2) != m or dim(dxb, rank(dxb) - 1) != k:
+        return make_error(frame, "backward: dx must be [M, K]")
+    if dim(dwb, rank(dwb) - 2) != k or dim(dwb, rank(dwb) - 1) != n:
+        return make_error(frame, "backward: dw must be [K, N]")
+    if has_bias and (leading(dbb, 1) != nb or dim(dbb, rank(dbb) - 1) != n):
+        return make_error(frame, "backward: db must be [N]")
+    dys = _view(dyb, nbtype, (nb, m, n))
+    xs = _view(xb, nbtype, (nb, m, k))
+    ws = _view(wb, nbtype, (nb, k, n))
+    rs = _view(rb, nbtype, (nb, m, n))
+    dxs = _view(dxb, nbtype, (nb, m, k))
+    dws = _view(dwb, nbtype, (nb, k, n))
+    # Without a bias the view aliases dw and is never written.
+    dbs = _view(dbb, nbtype, (nb, n))
+    for i in range(nb):
+        backward(dys[i], xs[i], ws[i], rs[i], act, dxs[i], dws[i], dbs[i], has_bias)
+    return 0
+
+
+# The handlers' C signature is XLA_FFI_Error* (*)(XLA_FFI_CallFrame*); both pointers travel as
+# int64 (same registers in the x86-64 and AArch64 C ABIs).
+_SIG = types.int64(types.int64)
+
+
+@cfunc(_SIG, cache=True)
+def forward_f32(frame):
+    return _forward_call(frame, float32, _ffi.DTYPE_F32)
+
+
+@cfunc(_SIG, cache=True)
+def forward_f64(frame):
+    return _forward_call(frame, float64, _ffi.DTYPE_F64)
+
+
+@cfunc(_SIG, cache=True)
+def backward_f32(frame):
+    return _backward_call(frame, float32, _ffi.DTYPE_F32)
+
+
+@cfunc(_SIG, cache=True)
+def backward_f64(frame):
+    return _backward_call(frame, float64, _ffi.DTYPE_F64)
+
+
+HANDLERS = {
+    ("forward", "float32"): forward_f32,
+    ("forward", "float64"): forward_f64,
+    ("backward", "float32"): backward_f32,
+    ("backward", "float64"): backward_f64,
+}

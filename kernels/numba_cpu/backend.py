@@ -1,0 +1,144 @@
+"""The "numba" backend of ``kernels.fused_dense``: Numba kernels called from XLA through its FFI.
+
+``fused_dense(x, w, b, activation)`` flattens x to ``[M, K]``, calls the forward handler with
+``jax.ffi.ffi_call`` and wires gradients with ``jax.custom_vjp`` to the fused backward handler.
+
+dtypes: float32 and float64 run natively. bfloat16/float16 operands are upcast to float32
+outside the kernel (the kernel accumulates in float32) and the result is cast back to x's dtype,
+as the reference does. Mixed dtypes compute in the widest of them (at least float32).
+
+vmap: the FFI calls use ``vmap_method="broadcast_all"``: every operand gets the batch in front
+(broadcast where it was unbatched) and the handlers loop over it.
+
+The handlers are compiled (or loaded from Numba's cache) and registered with XLA on first use,
+not on ``import kernels``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.numba_cpu._kernels import ACT_CODES, RESIDUAL
+
+_PREFIX = "jaxnet_numba_fused_dense"
+_lock = threading.Lock()
+# Registered cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
+_REGISTERED: dict[tuple[str, str], object] = {}
+
+
+def is_available() -> bool:
+    """True when Numba imports and JAX has a CPU backend."""
+    try:
+        import numba  # noqa: F401
+        jax.devices("cpu")
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+    return True
+
+
+def _target(kind: str, dtype: str) -> str:
+    """The FFI target name for ``kind`` ("forward"/"backward") and ``dtype``, registering all
+    handlers on first use."""
+    if not _REGISTERED:
+        with _lock:
+            if not _REGISTERED:
+                from kernels.numba_cpu import _ffi, _handlers
+
+                for (k, d), handler in _handlers.HANDLERS.items():
+                    _ffi.register(f"{_PREFIX}_{k}_{d}", handler)
+                _REGISTERED.update(_handlers.HANDLERS)
+    return f"{_PREFIX}_{kind}_{dtype}"
+
+
+def _varying(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside ``jax.shard_map`` (empty elsewhere)."""
+    mat = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset() if mat is None else mat.varying
+
+
+def _match_varying(*arrays):
+    """Marks every array as varying over the union of the arrays' varying mesh axes.
+
+    Inside ``shard_map`` the FFI call needs operands of one manual-axis type, and the backward
+    pass then produces cotangents of that type; doing the cast here, outside ``custom_vjp``,
+    lets JAX transpose it (a psum for an invariant ``w``).
+    """
+    vma = frozenset().union(*(_varying(a) for a in arrays if a is not None))
+    if not vma:
+        return arrays
+    return tuple(a if a is None or _varying(a) == vma else
+                 jax.lax.pcast(a, tuple(sorted(vma - _varying(a))), to="varying") for a in arrays)
+
+
+def _result(shape, like):
+    """Result type of an FFI call: ``shape`` in ``like``'s dtype and manual-axis type."""
+    if not _varying(like):
+        return jax.ShapeDtypeStruct(shape, like.dtype)
+    # Inside shard_map: like's type (manual mesh, varying axes) with no sharded dims of its own.
+    aval = jax.typeof(like)
+    return aval.update(shape=shape, sharding=aval.sharding.update(spec=jax.P(*([None] * len(shape)))))
+
+
+def _forward(x2, w, b, activation, save):
+    """FFI forward on ``x2: [M, K]``; returns ``(y, z)`` with ``z`` None unless ``save``."""
+    m, n = x2.shape[0], w.shape[1]
+    out = _result((m, n), x2)
+    call = jax.ffi.ffi_call(_target("forward", x2.dtype.name), (out, out) if save else (out,),
+                            vmap_method="broadcast_all")
+    operands = (x2, w) if b is None else (x2, w, b)
+    res = call(*operands, act=np.int64(ACT_CODES[activation]))
+    return res[0], (res[1] if save else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense(x2, w, b, activation):
+    return _forward(x2, w, b, activation, save=False)[0]
+
+
+def _dense_fwd(x2, w, b, activation):
+    kind = RESIDUAL[activation]
+    y, z = _forward(x2, w, b, activation, save=kind == "z")
+    r = {"z": z, "y": y, "none": None}[kind]
+    return y, (x2, w, r, b)  # b only to know whether there is one (None: no leaves)
+
+
+def _dense_bwd(activation, res, dy):
+    x2, w, r, b = res
+    has_bias = b is not None
+    m, k, n = x2.shape[0], x2.shape[1], w.shape[1]
+    outs = [_result((m, k), x2), _result((k, n), x2)]
+    if has_bias:
+        outs.append(_result((n,), x2))
+    call = jax.ffi.ffi_call(_target("backward", x2.dtype.name), tuple(outs), vmap_method="broadcast_all")
+    # Identity needs no residual; dy stands in (the kernel does not read it as one).
+    grads = call(dy, x2, w, dy if r is None else r, act=np.int64(ACT_CODES[activation]))
+    return grads[0], grads[1], (grads[2] if has_bias else None)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def fused_dense(x, w, b, activation):
+    """``act(x @ w + b)`` on the Numba kernels; arguments already checked by ``kernels.dispatch``.
+
+    Args:
+      x: ``[..., K]`` float array.
+      w: ``[K, N]``.
+      b: ``[N]`` or None.
+      activation: a name from ``ACT_CODES``.
+
+    Returns:
+      ``[..., N]`` in x's dtype.
+    """
+    dtypes = [x.dtype, w.dtype] + ([] if b is None else [b.dtype])
+    compute = jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
+    x2 = jnp.reshape(x, (math.prod(lead), k)).astype(compute)  # (M, K)
+    x2, w, b = _match_varying(x2, w.astype(compute), None if b is None else b.astype(compute))
+    y = _dense(x2, w, b, activation)
+    return jnp.reshape(y, (*lead, n)).astype(x.dtype)
