@@ -138,7 +138,8 @@ def mae(predictions, targets, *, reduction: str = "mean", weights=None, mask=Non
     Same arguments and shapes as ``mse``. The gradient at exact equality is 0 (``sign(0)``).
     """
     d = _difference("mae", predictions, targets)
-    return _reduce("mae", _mean_over_features(jnp.abs(d)), reduction, weights, mask)
+    # d·sign(d) is |d| exactly, with gradient sign(d) and 0 at d = 0, where jnp.abs's would be 1.
+    return _reduce("mae", _mean_over_features(d * jnp.sign(d)), reduction, weights, mask)
 
 
 def _difference(fn: str, predictions, targets) -> jax.Array:

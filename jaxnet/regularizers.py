@@ -75,7 +75,9 @@ def l1(params, filter: Filter = is_weight) -> jax.Array:
 
     Args and returns as ``l2``.
     """
-    return _total([jnp.sum(jnp.abs(_upcast(w))) for w in _selected(params, filter)])
+    # w·sign(w) is |w| exactly, and its gradient is sign(w) with 0 at w = 0 (the smallest
+    # subgradient), where jnp.abs's would be 1.
+    return _total([jnp.sum(_upcast(w) * jnp.sign(_upcast(w))) for w in _selected(params, filter)])
 
 
 def penalty(params, l1: float = 0.0, l2: float = 0.0, filter: Filter = is_weight) -> jax.Array:

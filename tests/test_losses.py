@@ -139,6 +139,12 @@ def test_mse_is_nonnegative_and_zero_only_at_equality(data):
     np.testing.assert_array_equal(per_example == 0, rows_equal)
 
 
+def test_mae_gradient_is_sign_and_zero_at_equality():
+    predictions, targets = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[0.0, 2.0, 5.0]])
+    grad = jax.grad(losses.mae)(predictions, targets)
+    np.testing.assert_allclose(grad, [[1 / 3, 0.0, -1 / 3]], rtol=EPS, atol=0)  # 1/3 rounded to float32
+
+
 @pytest.mark.parametrize("x", [1e4, -1e4, 1e3, -1e3, 88.0, -104.0, 0.0])
 @pytest.mark.parametrize("y", [0.0, 1.0, 0.5])
 def test_bce_is_finite_and_exact_at_extreme_logits(x, y):
