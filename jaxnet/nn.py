@@ -55,6 +55,13 @@ class FusedDense(nn.Module):
                 f"{self.name or type(self).__name__}: expected inputs with {self.in_features} features "
                 f"[..., {self.in_features}], got shape {tuple(x.shape)}"
             )
+        if self.has_variable("params", "kernel"):  # applying: the kernel fixes K
+            expected = self.get_variable("params", "kernel").shape
+            if k != expected[0]:
+                raise ValueError(
+                    f"{self.name or type(self).__name__}: inputs have K={k} features (x.shape={tuple(x.shape)}) "
+                    f"but the layer's kernel expects K={expected[0]} (kernel.shape={tuple(expected)})"
+                )
         if self.init_scheme == "torch":
             kernel_init = bias_init = fan_in_uniform(k)
         elif self.init_scheme == "lecun":

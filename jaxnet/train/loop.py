@@ -271,8 +271,8 @@ def fit(
         if log_file is not None:
             log_file.write(json.dumps(rec) + "\n")
         if log_every and rec["epoch"] % log_every == 0:
-            bar.write("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in rec.items() if k != "time_s"))
+            shown = ["loss"] + [k for k in rec if k.startswith("val_")] + ["grad_norm"]
+            bar.write(f"epoch {rec['epoch']:>5}  " + "  ".join(f"{k} {rec[k]:.6g}" for k in shown))
 
     try:
         if full_batch:

@@ -33,7 +33,8 @@ class TrainState:
       opt_state: the optimiser's state.
       rng: the run's key; step ``s`` uses ``fold_in(dropout_key, s)``, epoch ``e``'s data order
         uses ``fold_in(data_key, e)`` (see ``split_keys``).
-      apply_fn, tx: the model's ``apply`` and the Optax transformation (static, not data).
+      model, tx: the Flax module and the Optax transformation (static, not data; the module
+        rather than its bound ``apply`` so that equal models share compiled programs).
     """
 
     step: jax.Array
@@ -43,7 +44,7 @@ class TrainState:
     model_state: Any
     opt_state: Any
     rng: jax.Array
-    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    model: Any = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
@@ -65,9 +66,14 @@ class TrainState:
             model_state=variables,
             opt_state=tx.init(params),
             rng=run_key,
-            apply_fn=model.apply,
+            model=model,
             tx=tx,
         )
+
+    @property
+    def apply_fn(self) -> Callable:
+        """``model.apply``."""
+        return self.model.apply
 
     @property
     def variables(self) -> dict:

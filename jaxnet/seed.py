@@ -1,0 +1,125 @@
+"""The seed example: a 10 -> 5 -> 1 net trained with MSE and SGD (lr 0.01) for 1000 epochs.
+
+Here as library code so the experiment, the benchmark and the tests run the same thing: the
+jaxnet version (``train_jaxnet``) and the seed's own PyTorch loop (``train_torch``) from the same
+initial weights and data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from jaxnet import losses, optim
+from jaxnet.data import RegressionData, make_regression
+from jaxnet.interop import export_torch_state_dict
+from jaxnet.models import SimpleNet
+from jaxnet.train import FitResult, TrainState, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedConfig:
+    # Rows of the synthetic regression set (10 features, see jaxnet.data.make_regression).
+    n_samples: int = 256
+    # Standard deviation of the target noise; noise_std**2 is the MSE floor on fresh data.
+    noise_std: float = 0.1
+    # The seed's optimiser: plain SGD, full batch, this learning rate, this many epochs.
+    learning_rate: float = 0.01
+    epochs: int = 1000
+    # Seeds the data and the initial weights.
+    seed: int = 0
+    # Kernel backend of the dense layers ("xla", or any of kernels.available_backends()).
+    backend: str = "xla"
+
+    def replace(self, **changes) -> "SeedConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def make_data(config: SeedConfig) -> RegressionData:
+    """``x: [n_samples, 10]``, ``y: [n_samples, 1]`` float32 from ``config.seed``."""
+    return make_regression(config.n_samples, 10, noise_std=config.noise_std, seed=config.seed)
+
+
+def make_state(config: SeedConfig, data: RegressionData) -> TrainState:
+    """SimpleNet initialised from ``config.seed`` with the seed's SGD."""
+    tx = optim.make_optimizer(optim.OptimizerConfig(name="sgd", learning_rate=config.learning_rate))
+    return TrainState.create(model=SimpleNet(backend=config.backend), tx=tx, sample_x=data.x[:1],
+                             seed=config.seed)
+
+
+def train_jaxnet(config: SeedConfig, data: RegressionData, state: TrainState | None = None, *,
+                 log_every: int | None = None, progress: bool = False, workdir=None,
+                 epochs_per_call: int | None = None) -> FitResult:
+    """Full-batch SGD on MSE for ``config.epochs`` epochs, inside jitted ``lax.scan`` calls."""
+    state = make_state(config, data) if state is None else state
+    return fit(state, (data.x, data.y), loss_fn=losses.mse, epochs=config.epochs, log_every=log_every,
+               progress=progress, workdir=workdir, epochs_per_call=epochs_per_call,
+               title="seed SimpleNet, MSE, SGD")
+
+
+def torch_simple_net():
+    """The seed's PyTorch model: fc1 Linear(10, 5), ReLU, fc2 Linear(5, 1)."""
+    import torch.nn as nn
+
+    class SimpleNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(10, 5)
+            self.relu = nn.ReLU()
+            self.fc2 = nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.fc2(self.relu(self.fc1(x)))
+
+    return SimpleNet()
+
+
+def train_torch(config: SeedConfig, data: RegressionData, params, *, log_every: int | None = None):
+    """The seed's own PyTorch loop from jaxnet's initial ``params``.
+
+    Returns ``(losses, wall_s)``: the loss of every epoch (before that epoch's update, as the
+    seed prints it) and the loop's wall time. Losses are kept as tensors and read once at the
+    end so that recording them costs the loop nothing the seed's loop does not pay.
+    """
+    import torch
+
+    model = torch_simple_net()
+    model.load_state_dict(export_torch_state_dict({"params": params}))
+    criterion = torch.nn.MSELoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    history = []
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.detach())
+        if log_every and (epoch + 1) % log_every == 0:
+            print(f"torch epoch {epoch + 1}  loss {loss.item():.6g}")
+    wall = time.perf_counter() - start
+    return np.array([h.item() for h in history], np.float64), wall
+
+
+def curve_gap(a, b) -> dict:
+    """Largest absolute and relative gaps between two loss curves of equal length."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"loss curves differ in length: {a.shape} vs {b.shape}")
+    gap = np.abs(a - b)
+    return {"max_abs_gap": float(gap.max()), "max_rel_gap": float((gap / np.abs(b)).max())}
+
+
+def float32_curve_tolerance(epochs: int) -> float:
+    """Relative gap two float32 implementations of the same loop may show after ``epochs`` steps.
+
+    Both sides round every product and sum to float32 (unit roundoff u = 2**-24 ≈ 6e-8) but in
+    different orders (Eigen vs oneDNN/MKL), so each step adds a few u of independent rounding
+    difference to the parameters; SGD at a small rate neither amplifies nor cancels them, so they
+    add up like a random walk, ~sqrt(epochs) steps of ~8u (1.5e-5 relative after 1000 epochs).
+    Any algorithmic difference (another lr, a missed bias, a loss scaled by 2) is percent-level.
+    """
+    return math.sqrt(epochs) * 8 * 2.0**-24
