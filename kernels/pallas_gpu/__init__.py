@@ -4,7 +4,7 @@ picks it only on a GPU (on CPU it is correct but slow, which is what interpret m
 """
 from kernels.dispatch import register_backend
 from kernels.pallas_gpu.tuning import GPU_CANDIDATES, autotune
-from kernels.pallas_gpu.fused_dense import (
+from kernels.pallas_gpu.ops import (
     GPU_DEFAULT, INTERPRET_DEFAULT, LOWERINGS, BlockConfig, fused_dense, resolve_lowering,
 )
 

@@ -31,14 +31,11 @@ _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
           -7.37332916720468e-03, -1.42647390514189e-02)
 
-# Activations whose derivative is a function of the output y = act(z) that is exact whatever
-# y's dtype (relu: y > 0; identity: 1), so the backward pass needs no separate residual for them.
-RESIDUAL_IS_OUTPUT = frozenset({"identity", "relu"})
 
 
 def _erf(z):
     if z.dtype == jnp.float64:
-        # float64 runs only in interpret mode (see fused_dense.py), where lax.erf is available.
+        # float64 runs only in interpret mode (see ops.py), where lax.erf is available.
         return lax.erf(z)
     z = jnp.clip(z, -4.0, 4.0)
     z2 = z * z
@@ -74,13 +71,13 @@ def activation(name: str, z):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def activation_grad(name: str, r):
-    """``act'(z)``; ``r`` is the residual: ``y`` for RESIDUAL_IS_OUTPUT activations, else ``z``."""
+def activation_grad(name: str, z):
+    """``act'(z)`` for ``z`` in the accumulator dtype; at relu's kink it is 1/2, as autodiff of
+    ``jnp.maximum(z, 0)`` gives (the reference's convention)."""
     if name == "identity":
-        return jnp.ones_like(r)
-    if name == "relu":  # r = y = max(z, 0): y > 0 exactly where z > 0 (autodiff's choice at 0).
-        return jnp.where(r > 0, 1.0, 0.0).astype(r.dtype)
-    z = r
+        return jnp.ones_like(z)
+    if name == "relu":
+        return jnp.where(z > 0, 1.0, jnp.where(z == 0, 0.5, 0.0)).astype(z.dtype)
     if name == "gelu":
         return 0.5 * (1.0 + _erf(z * _INV_SQRT_2)) + z * _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
     if name == "gelu_tanh":
@@ -109,7 +106,9 @@ def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc
     """One (block_m, block_n) tile of ``y = act(x @ w + b)``.
 
     x_ref: [block_m, K] (K a multiple of block_k); w_ref: [K, block_n]; b_ref: [block_n];
-    out_refs: y_ref [block_m, block_n] and, when ``save_z``, z_ref [block_m, block_n].
+    out_refs: y_ref [block_m, block_n] and, when ``save_z``, z_ref [block_m, block_n] in the
+    accumulator dtype (the backward residual: act'(z) from a float32 z, not from z rounded to
+    bf16/f16, whose error would dominate the gradient for smooth activations).
     """
     n_k = x_ref.shape[1] // block_k
     bm, bn = x_ref.shape[0], w_ref.shape[1]
@@ -126,18 +125,18 @@ def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc
         out_refs[1][...] = z.astype(out_refs[1].dtype)
 
 
-def _dz(dy, r, activation_name, acc_dtype):
+def _dz(dy, z, activation_name, acc_dtype):
     """The activation derivative fused into the load of dy: ``dz = dy * act'(z)`` in acc_dtype."""
     dy = dy.astype(acc_dtype)
     if activation_name == "identity":
         return dy
-    return dy * activation_grad(activation_name, r.astype(acc_dtype))
+    return dy * activation_grad(activation_name, z)
 
 
-def dx_kernel(dy_ref, r_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dtype):
+def dx_kernel(dy_ref, z_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dtype):
     """One (block_m, block_k) tile of ``dx = (dy * act'(z)) @ w.T``.
 
-    dy_ref, r_ref: [block_m, N] (N a multiple of block_n; r_ref is None for identity);
+    dy_ref, z_ref: [block_m, N] (N a multiple of block_n; z_ref is None for identity);
     w_ref: [block_k, N]; dx_ref: [block_m, block_k].
     """
     n_n = dy_ref.shape[1] // block_n
@@ -145,8 +144,8 @@ def dx_kernel(dy_ref, r_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dty
 
     def body(nn, acc):
         ns = pl.ds(pl.multiple_of(nn * block_n, block_n), block_n)
-        r = None if r_ref is None else r_ref[:, ns]
-        dz = _dz(dy_ref[:, ns], r, activation_name, acc_dtype)  # (bm, bn)
+        z = None if z_ref is None else z_ref[:, ns]
+        dz = _dz(dy_ref[:, ns], z, activation_name, acc_dtype)  # (bm, bn)
         w = w_ref[:, ns]  # (bk, bn)
         # dz goes into the MMA in the input dtype (bf16/f16 tensor cores), accumulating in acc_dtype.
         return acc + _dot(dz.astype(w.dtype), w, (1, 1), acc_dtype)  # (bm, bk)
@@ -155,10 +154,10 @@ def dx_kernel(dy_ref, r_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dty
     dx_ref[...] = acc.astype(dx_ref.dtype)
 
 
-def dw_kernel(x_ref, dy_ref, r_ref, dw_ref, db_ref, *, activation_name, block_m, acc_dtype):
+def dw_kernel(x_ref, dy_ref, z_ref, dw_ref, db_ref, *, activation_name, block_m, acc_dtype):
     """One (block_k, block_n) tile of ``dw = x.T @ (dy * act'(z))``, and ``db = sum_m dz`` fused.
 
-    x_ref: [M, block_k] (M a multiple of block_m); dy_ref, r_ref: [M, block_n] (r_ref None for
+    x_ref: [M, block_k] (M a multiple of block_m); dy_ref, z_ref: [M, block_n] (z_ref None for
     identity); dw_ref: [block_k, block_n]; db_ref: [block_n], this tile's row of the db partials.
 
     db rides along because this kernel already walks all of M for its column block and has dz in
@@ -171,8 +170,8 @@ def dw_kernel(x_ref, dy_ref, r_ref, dw_ref, db_ref, *, activation_name, block_m,
     def body(mm, carry):
         acc, db = carry
         ms = pl.ds(pl.multiple_of(mm * block_m, block_m), block_m)
-        r = None if r_ref is None else r_ref[ms, :]
-        dz = _dz(dy_ref[ms, :], r, activation_name, acc_dtype)  # (bm, bn)
+        z = None if z_ref is None else z_ref[ms, :]
+        dz = _dz(dy_ref[ms, :], z, activation_name, acc_dtype)  # (bm, bn)
         x = x_ref[ms, :]  # (bm, bk)
         acc = acc + _dot(x, dz.astype(x.dtype), (0, 0), acc_dtype)  # (bk, bn)
         return acc, db + jnp.sum(dz, axis=0)

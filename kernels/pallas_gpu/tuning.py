@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.pallas_gpu.fused_dense import BlockConfig, default_config, fused_dense, resolve_lowering
+from kernels.pallas_gpu.ops import BlockConfig, default_config, fused_dense, resolve_lowering
 
 # Candidates for bf16/f16 on Hopper-class GPUs (tile, warps, pipeline depth), best-known first.
 GPU_CANDIDATES = (

@@ -148,17 +148,20 @@ TRACE_COUNT = {"forward": 0}  # incremented at trace time; tests assert no retra
 
 
 def _forward(x, w, b, activation: str, plan: _Plan, save_residual: bool):
-    """x: [Mp, Kp], w: [Kp, Np], b: [Np] (padded) -> (y [Mp, Np], residual or None)."""
+    """x: [Mp, Kp], w: [Kp, Np], b: [Np] (padded) -> (y [Mp, Np], z [Mp, Np] float32 or None)."""
     TRACE_COUNT["forward"] += 1
     cfg = plan.config
     (mp, kp), np_ = x.shape, w.shape[1]
     nm, nn = mp // cfg.block_m, np_ // cfg.block_n
     tile = functools.partial(_kernels.grouped_tile, n_rows=nm, n_cols=nn, group=cfg.group_m)
-    save_z = save_residual and activation not in _kernels.RESIDUAL_IS_OUTPUT
+    save_z = save_residual and activation != "identity"  # identity's derivative needs no z
+    acc_dtype = _acc_dtype(x.dtype)
     out_block = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda p: tile(p))
-    out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)] * (2 if save_z else 1)
+    out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
+    if save_z:
+        out_shape.append(jax.ShapeDtypeStruct((mp, np_), acc_dtype))
     kernel = functools.partial(_kernels.forward_kernel, activation_name=activation, block_k=cfg.block_k,
-                               acc_dtype=_acc_dtype(x.dtype), save_z=save_z)
+                               acc_dtype=acc_dtype, save_z=save_z)
     outs = _call(
         kernel, grid=(nm * nn,),
         in_specs=[pl.BlockSpec((cfg.block_m, kp), lambda p: (tile(p)[0], 0)),
@@ -166,16 +169,11 @@ def _forward(x, w, b, activation: str, plan: _Plan, save_residual: bool):
                   pl.BlockSpec((cfg.block_n,), lambda p: (tile(p)[1],))],
         out_specs=[out_block] * len(out_shape), out_shape=out_shape, plan=plan, name="fused_dense_fwd",
     )(x, w, b)
-    y = outs[0]
-    if not save_residual:
-        return y, None
-    if activation == "identity":
-        return y, None
-    return y, (outs[1] if save_z else y)
+    return outs[0], (outs[1] if save_z else None)
 
 
-def _backward_dx(dy, r, w, activation: str, plan: _Plan):
-    """dy, r: [Mp, Np], w: [Kp, Np] -> dx [Mp, Kp]."""
+def _backward_dx(dy, z, w, activation: str, plan: _Plan):
+    """dy, z: [Mp, Np] (z None for identity), w: [Kp, Np] -> dx [Mp, Kp]."""
     cfg = plan.config
     mp, np_ = dy.shape
     kp = w.shape[0]
@@ -184,11 +182,11 @@ def _backward_dx(dy, r, w, activation: str, plan: _Plan):
     row_panel = pl.BlockSpec((cfg.block_m, np_), lambda p: (tile(p)[0], 0))
     kernel = functools.partial(_kernels.dx_kernel, activation_name=activation, block_n=cfg.block_n,
                                acc_dtype=_acc_dtype(w.dtype))
-    if r is None:
+    if z is None:
         args, in_specs = (dy, w), [row_panel]
         body = lambda dy_ref, w_ref, dx_ref: kernel(dy_ref, None, w_ref, dx_ref)  # noqa: E731
     else:
-        args, in_specs, body = (dy, r, w), [row_panel, row_panel], kernel
+        args, in_specs, body = (dy, z, w), [row_panel, row_panel], kernel
     return _call(
         body, grid=(nm * nk,),
         in_specs=in_specs + [pl.BlockSpec((cfg.block_k, np_), lambda p: (tile(p)[1], 0))],
@@ -197,8 +195,8 @@ def _backward_dx(dy, r, w, activation: str, plan: _Plan):
     )(*args)
 
 
-def _backward_dw(x, dy, r, activation: str, plan: _Plan):
-    """x: [Mp, Kp], dy, r: [Mp, Np] -> (dw [Kp, Np], db [Np])."""
+def _backward_dw(x, dy, z, activation: str, plan: _Plan):
+    """x: [Mp, Kp], dy, z: [Mp, Np] (z None for identity) -> (dw [Kp, Np], db [Np])."""
     cfg = plan.config
     mp, kp = x.shape
     np_ = dy.shape[1]
@@ -207,11 +205,11 @@ def _backward_dw(x, dy, r, activation: str, plan: _Plan):
     col_panel = pl.BlockSpec((mp, cfg.block_n), lambda p: (0, tile(p)[1]))
     kernel = functools.partial(_kernels.dw_kernel, activation_name=activation, block_m=cfg.block_m,
                                acc_dtype=_acc_dtype(x.dtype))
-    if r is None:
+    if z is None:
         args, in_specs = (x, dy), [col_panel]
         body = lambda x_ref, dy_ref, dw_ref, db_ref: kernel(x_ref, dy_ref, None, dw_ref, db_ref)  # noqa: E731
     else:
-        args, in_specs, body = (x, dy, r), [col_panel, col_panel], kernel
+        args, in_specs, body = (x, dy, z), [col_panel, col_panel], kernel
     dw, db_rows = _call(
         body, grid=(nk * nn,),
         in_specs=[pl.BlockSpec((mp, cfg.block_k), lambda p: (0, tile(p)[0]))] + in_specs,
@@ -230,14 +228,14 @@ def _fused_padded(x, w, b, activation, plan):
 
 
 def _fused_padded_fwd(x, w, b, activation, plan):
-    y, r = _forward(x, w, b, activation, plan, save_residual=True)
-    return y, (x, w, r)
+    y, z = _forward(x, w, b, activation, plan, save_residual=True)
+    return y, (x, w, z)
 
 
 def _fused_padded_bwd(activation, plan, res, dy):
-    x, w, r = res
-    dx = _backward_dx(dy, r, w, activation, plan)
-    dw, db = _backward_dw(x, dy, r, activation, plan)
+    x, w, z = res
+    dx = _backward_dx(dy, z, w, activation, plan)
+    dw, db = _backward_dw(x, dy, z, activation, plan)
     return dx, dw, db
 
 

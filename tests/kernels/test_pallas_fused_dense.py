@@ -1,0 +1,254 @@
+"""Property tests of ``fused_dense(backend="pallas")``: values and the gradients in x, w and b.
+
+Every property runs twice: in interpret mode on CPU (small shapes, small blocks so that the
+padding to whole blocks is exercised on every axis) and, marked ``gpu``, lowered for real on a
+GPU with GPU-sized blocks. Each example is checked against the jax reference
+(``kernels.reference.fused_dense``) and against float64 NumPy (``fused_dense_numpy`` plus the
+analytic derivatives below).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import dispatch, reference
+from kernels.pallas_gpu import BlockConfig, autotune, fused_dense, resolve_lowering
+from kernels.pallas_gpu import ops as fd_module
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason=f"needs a GPU; jax.default_backend() is {jax.default_backend()!r}")
+
+# The one tolerance table of this file. A result r checked against a reference v passes when
+#   |r - v| <= RTOL * |v| + ATOL * sqrt(L) * S,
+# L the accumulation length (K + 1 for y, N for dx, rows of x for dw and db) and S = 1.5 a bound
+# on one accumulated term (inputs and cotangents are uniform in [-1, 1]; sup|act'| = 1.13 for gelu).
+#   RTOL: the store rounds to the output dtype, and two float32 values a hair apart may round one
+#     ulp (<= eps * |v|) apart: 2 eps. float32 gets 16 eps: the kernel's own erf (abs error 4e-7,
+#     ~4 eps) and exp/tanh against XLA's, a few ulps each.
+#   ATOL: float32 accumulation in another order, ~sqrt(L) eps S. For bf16/f16 the backward
+#     kernels feed dz = dy * act'(z) to the matmul rounded to the input dtype (tensor cores), a
+#     relative eps/2 per term with random signs: ~eps/2 * sqrt(L/3) * S; 4 eps is > 10 sigma.
+#     float32 gets 8 eps for the erf error, which is systematic across terms rather than random.
+EPS = {name: float(jnp.finfo(name).eps) for name in ("float32", "bfloat16", "float16", "float64")}
+TOL = {  # dtype: (RTOL, ATOL)
+    "float32": (16 * EPS["float32"], 8 * EPS["float32"]),
+    "bfloat16": (2 * EPS["bfloat16"], 4 * EPS["bfloat16"]),
+    "float16": (2 * EPS["float16"], 4 * EPS["float16"]),
+    "float64": (16 * EPS["float64"], 8 * EPS["float64"]),
+}
+TERM_BOUND = 1.5
+
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+
+# Analytic float64 derivatives, written independently of the kernel's epilogue (relu' = 1/2 at 0,
+# as autodiff of jnp.maximum gives; the draws below almost never land exactly on 0).
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _np_act_grad(name, z):
+    if name == "identity":
+        return np.ones_like(z)
+    if name == "relu":
+        return np.where(z > 0, 1.0, np.where(z == 0, 0.5, 0.0))
+    if name == "gelu":
+        return 0.5 * (1 + _ERF(z / math.sqrt(2))) + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    if name == "gelu_tanh":
+        c = math.sqrt(2 / math.pi)
+        t = np.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    s = 1 / (1 + np.exp(-z))
+    return {"silu": s * (1 + z * (1 - s)), "tanh": 1 - np.tanh(z) ** 2, "sigmoid": s * (1 - s)}[name]
+
+
+def _numpy_value_and_grads(x, w, b, dy, activation):
+    """float64 y and (dx, dw, db) from the float64 reference and the analytic derivative."""
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
+    y = reference.fused_dense_numpy(x64, w64, None if b is None else np.asarray(b, np.float64),
+                                    activation=activation)
+    z = x64 @ w64 + (0 if b is None else np.asarray(b, np.float64))
+    dz = (dy64 * _np_act_grad(activation, z)).reshape(-1, w64.shape[1])
+    x2 = x64.reshape(-1, w64.shape[0])
+    return y, ((dz @ w64.T).reshape(x64.shape), x2.T @ dz, dz.sum(axis=0))
+
+
+def _assert_close(got, want, dtype, length, what):
+    rtol, atol = TOL[dtype]
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)  # bf16 upcast first
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    bound = rtol * np.abs(want) + atol * math.sqrt(max(length, 1)) * TERM_BOUND
+    err = np.abs(got - want)
+    bad = ~(err <= bound)  # also catches NaN
+    assert not bad.any(), (
+        f"{what} ({dtype}, L={length}): {bad.sum()} of {bad.size} elements off; worst |err|="
+        f"{np.nanmax(np.where(np.isnan(err), np.inf, err)):.3g} vs bound {bound.ravel()[np.argmax(bad)]:.3g}"
+    )
+
+
+def _value_and_grads(fn, x, w, b, dy, activation):
+    """(y, dx, dw, db) of ``fn`` under one jit; db is None without a bias."""
+    def f(x, w, b, dy):
+        y, vjp = jax.vjp(lambda x, w, b: fn(x, w, b, activation=activation), x, w, b)
+        return (y, *vjp(dy))
+
+    return jax.jit(f)(x, w, b, dy)
+
+
+def _check_problem(p, fn):
+    """The property: fn's value and three gradients match the jax and the float64 references."""
+    lead, k, n, dtype, activation, has_bias, seed = p
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.uniform(-1, 1, (*lead, k)), dtype)
+    w = jnp.asarray(rng.uniform(-1, 1, (k, n)), dtype)
+    b = jnp.asarray(rng.uniform(-1, 1, (n,)), dtype) if has_bias else None
+    dy = jnp.asarray(rng.uniform(-1, 1, (*lead, n)), dtype)
+    got = _value_and_grads(fn, x, w, b, dy, activation)
+    ref = _value_and_grads(reference.fused_dense, x, w, b, dy, activation)
+    exact_y, exact_grads = _numpy_value_and_grads(x, w, b, dy, activation)
+    rows = math.prod(lead)
+    lengths = (k + 1, n, rows, rows)
+    for name, g, r, e, length in zip(("y", "dx", "dw", "db"), got, ref, (exact_y, *exact_grads), lengths):
+        if name == "db" and b is None:
+            continue
+        assert g.dtype == r.dtype, f"{name}: dtype {g.dtype} != reference {r.dtype}"
+        _assert_close(g, r, dtype, length, f"{name} vs jax reference")
+        _assert_close(g, e, dtype, length, f"{name} vs float64 numpy")
+
+
+@st.composite
+def problems(draw, dims, leads, dtypes=("float32", "bfloat16", "float16")):
+    """(lead, K, N, dtype, activation, has_bias, seed) of one fused_dense call."""
+    n_lead = draw(st.integers(0, 2), label="n_lead")
+    lead = tuple(draw(st.sampled_from(leads), label=f"lead[{i}]") for i in range(n_lead))
+    k = draw(st.sampled_from(dims), label="K")
+    n = draw(st.sampled_from(dims), label="N")
+    dtype = draw(st.sampled_from(dtypes), label="dtype")
+    activation = draw(st.sampled_from(ACTIVATIONS), label="activation")
+    has_bias = draw(st.booleans(), label="has_bias")
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    return lead, k, n, dtype, activation, has_bias, seed
+
+
+# Small blocks, so that 1s, primes and sizes past a block all leave a partial block to pad.
+_SMALL_BLOCKS = (BlockConfig(4, 4, 4, group_m=1), BlockConfig(8, 8, 8, group_m=2),
+                 BlockConfig(8, 4, 16, group_m=8), BlockConfig(16, 8, 4, group_m=3))
+
+
+@given(p=problems(dims=(1, 2, 3, 5, 8, 13, 17), leads=(1, 2, 3, 5, 7, 13, 0)),
+       config=st.sampled_from(_SMALL_BLOCKS))
+def test_interpret_values_and_grads_match_references(p, config):
+    def fn(x, w, b, activation):
+        return fused_dense(x, w, b, activation=activation, config=config, lowering="interpret")
+
+    _check_problem(p, fn)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.filterwarnings("ignore:.*[Tt]riton.*:DeprecationWarning")  # JAX 0.11 deprecates the lowering
+@settings(max_examples=max(10, settings.default.max_examples))
+@given(p=problems(dims=(1, 16, 17, 64, 127, 129, 300), leads=(1, 3, 31, 128, 257, 0)),
+       config=st.sampled_from((BlockConfig(16, 16, 16, num_warps=4, num_stages=2),
+                               BlockConfig(64, 32, 32), BlockConfig())))
+def test_gpu_values_and_grads_match_references(p, config):
+    assume(math.prod(p[0]) * max(p[1], p[2]) <= 1 << 20)
+
+    def fn(x, w, b, activation):
+        return fused_dense(x, w, b, activation=activation, config=config, lowering="triton")
+
+    _check_problem(p, fn)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.filterwarnings("ignore:.*[Tt]riton.*:DeprecationWarning")
+def test_gpu_dispatch_auto_picks_pallas_and_autotune_caches():
+    assert dispatch.resolve("auto").name == "pallas"
+    assert resolve_lowering() == "triton"
+    cfg = autotune(256, 256, 256, jnp.bfloat16, "gelu", candidates=(BlockConfig(), BlockConfig(64, 64, 32)),
+                   repeats=2)
+    assert autotune(256, 256, 256, jnp.bfloat16, "gelu") is cfg
+
+
+def test_via_dispatch_jit_and_eager_agree():
+    """The public entry point, eager and under jit(grad), on a shape past the default block."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (3, 130, 7)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1, 1, (7, 5)), jnp.float32)
+    b = jnp.asarray(rng.uniform(-1, 1, (5,)), jnp.float32)
+
+    def loss(backend):
+        return lambda x, w, b: jnp.sum(jnp.sin(kernels.fused_dense(x, w, b, activation="gelu", backend=backend)))
+
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(x, w, b)
+    for got in (jax.grad(loss("pallas"), argnums=(0, 1, 2))(x, w, b),
+                jax.jit(jax.grad(loss("pallas"), argnums=(0, 1, 2)))(x, w, b)):
+        for g, r, length in zip(got, want, (5, 390, 390)):
+            _assert_close(g, r, "float32", length, "grad")
+
+
+def test_vmap_over_x_and_over_w():
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.uniform(-1, 1, (3, 6, 5)), jnp.bfloat16)
+    ws = jnp.asarray(rng.uniform(-1, 1, (3, 5, 9)), jnp.bfloat16)
+    b = jnp.asarray(rng.uniform(-1, 1, (9,)), jnp.bfloat16)
+    cfg = BlockConfig(4, 8, 4)
+    pallas = lambda x, w: fused_dense(x, w, b, activation="silu", config=cfg)  # noqa: E731
+    ref = lambda x, w: reference.fused_dense(x, w, b, activation="silu")  # noqa: E731
+    for in_axes in ((0, None), (0, 0)):
+        w_arg = ws[0] if in_axes[1] is None else ws
+        _assert_close(jax.vmap(pallas, in_axes)(xs, w_arg), jax.vmap(ref, in_axes)(xs, w_arg), "bfloat16", 6, "vmap y")
+    per_example = jax.vmap(jax.grad(lambda x, w: pallas(x, w).astype(jnp.float32).sum(), argnums=1))(xs, ws)
+    want = jax.vmap(jax.grad(lambda x, w: ref(x, w).astype(jnp.float32).sum(), argnums=1))(xs, ws)
+    _assert_close(per_example, want, "bfloat16", 6, "vmap grad w")
+
+
+def test_float64_in_interpret_mode():
+    with jax.enable_x64(True):
+        _check_problem(((7,), 13, 5, "float64", "gelu", True, 3),
+                       lambda x, w, b, activation: fused_dense(x, w, b, activation=activation,
+                                                               config=BlockConfig(4, 4, 8)))
+
+
+def test_no_retrace_for_repeated_calls_of_one_shape():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.uniform(-1, 1, (19, 11)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1, 1, (11, 23)), jnp.float32)
+    before = fd_module.TRACE_COUNT["forward"]
+    for _ in range(3):
+        kernels.fused_dense(x, w, activation="sigmoid", backend="pallas").block_until_ready()
+    assert fd_module.TRACE_COUNT["forward"] - before == 1
+    grad = jax.jit(jax.grad(lambda x: kernels.fused_dense(x, w, activation="sigmoid", backend="pallas").sum()))
+    before = fd_module.TRACE_COUNT["forward"]
+    for _ in range(3):
+        grad(x).block_until_ready()
+    assert fd_module.TRACE_COUNT["forward"] - before == 1
+
+
+def test_registration_and_auto_choice():
+    assert "pallas" in kernels.available_backends()
+    if not ON_GPU:
+        assert dispatch.resolve("auto").name != "pallas"  # interpret mode is for checking, not speed
+        assert resolve_lowering() == "interpret"
+        assert autotune(64, 64, 64) == fd_module.INTERPRET_DEFAULT
+
+
+def test_missing_lowerings_fail_clearly():
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+    with pytest.raises(NotImplementedError, match="no Mosaic GPU lowering"):
+        fused_dense(x, w, lowering="mosaic_gpu")
+    with pytest.raises(ValueError, match="unknown Pallas lowering"):
+        fused_dense(x, w, lowering="cuda")
+    if not ON_GPU:
+        with pytest.raises(NotImplementedError, match="needs a GPU"):
+            fused_dense(x, w, lowering="triton")
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        fd_module.fit_config(BlockConfig(block_m=8), 64, 64, 64, "triton")
+    with pytest.raises(ValueError, match="K=3 features"):
+        kernels.fused_dense(x, jnp.ones((4, 4)), backend="pallas")
