@@ -360,12 +360,13 @@ def _gradient_cases():
 @pytest.mark.parametrize("case", list(_gradient_cases()))
 def test_gradients_match_finite_differences(case):
     fn, x, y, kw = _gradient_cases()[case]
-    # float64 so that finite differences resolve the second order too.
+    # float64 so that finite differences resolve the second order too. Reverse mode (what
+    # training uses) to second order; forward mode would double the compile time of this test.
     with jax.enable_x64(True):
         x64 = jnp.asarray(x, jnp.float64)
         y64 = jnp.asarray(y)
         kw64 = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-        check_grads(jax.jit(lambda p: fn(p, y64, **kw64)), (x64,), order=2, modes=["fwd", "rev"])
+        check_grads(jax.jit(lambda p: fn(p, y64, **kw64)), (x64,), order=2, modes=["rev"])
 
 
 # --- bad input ----------------------------------------------------------------------------------
