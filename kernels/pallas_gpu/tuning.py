@@ -39,8 +39,10 @@ def cached_config(m, n, k, dtype, activation, lowering) -> BlockConfig:
     return _CACHE.get(_key(m, n, k, dtype, activation), default_config(lowering))
 
 
-def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
+def median_seconds(fn, args, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` runs after ``warmup`` (compile) runs."""
+    for _ in range(max(1, warmup)):
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
         else:
             step = fwd
         try:
-            t = _median_seconds(jax.jit(step), (x, w, b), repeats)
+            t = median_seconds(jax.jit(step), (x, w, b), repeats)
         except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
             last_err = err
             continue

@@ -8,6 +8,7 @@ analytic derivatives below).
 """
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -152,7 +153,7 @@ def test_interpret_values_and_grads_match_references(p, config):
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.filterwarnings("ignore:.*[Tt]riton.*:DeprecationWarning")  # JAX 0.11 deprecates the lowering
-@settings(max_examples=max(10, settings.default.max_examples))
+@settings(max_examples=max(5, settings.default.max_examples // 2))  # Triton compiles take seconds
 @given(p=problems(dims=(1, 16, 17, 64, 127, 129, 300), leads=(1, 3, 31, 128, 257, 0)),
        config=st.sampled_from((BlockConfig(16, 16, 16, num_warps=4, num_stages=2),
                                BlockConfig(64, 32, 32), BlockConfig())))
@@ -252,3 +253,14 @@ def test_missing_lowerings_fail_clearly():
         fd_module.fit_config(BlockConfig(block_m=8), 64, 64, 64, "triton")
     with pytest.raises(ValueError, match="K=3 features"):
         kernels.fused_dense(x, jnp.ones((4, 4)), backend="pallas")
+
+
+def test_gpu_check_script_runs_end_to_end_in_interpret_mode(tmp_path):
+    from experiments import gpu_check
+
+    result = gpu_check.main(["--interpret", "--quick", "--workdir", str(tmp_path)])
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert result["lowering"] == "interpret" and result["targets_met"] is False
+    assert result["tests_failed"] == 0 and result["tests_passed"] + result["tests_skipped"] >= 2
+    report = (tmp_path / "report.md").read_text()
+    assert "dry run" in report and "| quick square: 64 x 64 x 64 | relu |" in report
