@@ -1,0 +1,459 @@
+"""Property tests of ``kernels.fused_dense(..., backend="numba")``: values and all three gradients
+against the jax.numpy reference and an independent float64 NumPy reference, over shapes, dtypes,
+activations and value ranges; transforms (jit, vmap, checkpoint, shard_map); trace counts; bad
+inputs (in a subprocess); and a model trained on the kernel against the same model on XLA.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import kernels
+from kernels import reference
+from kernels.activations import ACTIVATIONS
+
+ACTS = sorted(ACTIVATIONS)
+
+# --- Tolerances -----------------------------------------------------------------------------
+# One table, keyed by dtype. u is the unit roundoff of the accumulation dtype (bfloat16/float16
+# accumulate in float32). A length-L dot product summed in ANY order is within gamma_L ~ L*u of
+# the exact value relative to sum|a||b| (Higham, Accuracy and Stability, 3.1); both the kernel
+# and the reference are such sums, so the comparison allows `dot` = 2 of them, on L + 2 terms
+# (the bias add and the cast). This worst-case bound grows with L, not sqrt(L): correlated
+# rounding (e.g. integer-valued or constant data) does reach it, random data stays ~sqrt(L).
+# `act_ulps` covers the activation's own rounding: libm in Numba versus XLA's float32 polynomial
+# approximations of erf/tanh/exp, a few ulps each and compounded in gelu/silu (measured <= 8;
+# 32 leaves room). `store` is the final cast to the input dtype: one ulp, as both sides round
+# (the comparison with the float64 reference takes half of every bound: one side, ulp/2).
+TOL = {
+    "float64": dict(u=2.0**-53, dot=2.0, act_ulps=32, store=0.0),
+    "float32": dict(u=2.0**-24, dot=2.0, act_ulps=32, store=0.0),
+    "bfloat16": dict(u=2.0**-24, dot=2.0, act_ulps=32, store=2.0**-7),
+    "float16": dict(u=2.0**-24, dot=2.0, act_ulps=32, store=2.0**-10),
+}
+# Bounds on |act'| (Lipschitz constant) and |act''| over the reals: errors in z reach y through
+# the first and the gradient's act'(z) through the second. relu's act'' is a jump at 0; its tests
+# keep |z| away from 0 (below) instead.
+LIPSCHITZ = {"identity": 1.0, "relu": 1.0, "gelu": 1.13, "gelu_tanh": 1.13, "silu": 1.1, "tanh": 1.0,
+             "sigmoid": 0.25}
+CURVATURE = {"identity": 0.0, "relu": 0.0, "gelu": 0.8, "gelu_tanh": 0.8, "silu": 0.5, "tanh": 0.77,
+             "sigmoid": 0.1}
+
+
+def _np_act_grad(act, z):
+    """d act / dz in float64 NumPy, written independently of the kernels (relu: 1/2 at 0, as
+    jnp.maximum's autodiff gives)."""
+    if act == "identity":
+        return np.ones_like(z)
+    if act == "relu":
+        return np.where(z > 0, 1.0, np.where(z == 0, 0.5, 0.0))
+    if act == "gelu":
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return 0.5 * (1 + erf(z / math.sqrt(2))) + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    if act == "gelu_tanh":
+        c = math.sqrt(2 / math.pi)
+        t = np.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    with np.errstate(over="ignore"):  # exp(-z) = inf gives s = 0, as it should
+        s = 1 / (1 + np.exp(-z))
+    if act == "silu":
+        return s * (1 + z * (1 - s))
+    if act == "tanh":
+        return 1 - np.tanh(z) ** 2
+    return s * (1 - s)  # sigmoid
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a).astype(np.float64)
+
+
+def _bounds(x, w, b, dy, act, dtype):
+    """Float64 references and per-element error bounds for y, dx, dw and db.
+
+    x: [M, K], w: [K, N], b: [N] or None, dy: [M, N] (as float64 NumPy).
+    """
+    t = TOL[dtype]
+    u, K, M = t["u"], x.shape[1], x.shape[0]
+    z = x @ w + (0 if b is None else b)
+    y = reference.fused_dense_numpy(x, w, b, activation=act)
+    zs = np.abs(x) @ np.abs(w) + (0 if b is None else np.abs(b))  # scale of z's rounding
+    dz = t["dot"] * u * (K + 2) * zs
+    tiny = np.finfo(np.float32 if dtype != "float64" else np.float64).tiny
+    y_tol = LIPSCHITZ[act] * dz + t["act_ulps"] * u * (np.abs(y) + np.abs(z)) + t["store"] * np.abs(y) + tiny
+    d1 = _np_act_grad(act, z)
+    g = dy * d1
+    dg = np.abs(dy) * (CURVATURE[act] * dz + t["act_ulps"] * u * (np.abs(d1) + 1))
+    ag = np.abs(g)
+    n = w.shape[1]
+    grads = (g @ w.T, x.T @ g, g.sum(0))
+    tols = (t["dot"] * u * (n + 2) * (ag @ np.abs(w.T)) + dg @ np.abs(w.T),
+            t["dot"] * u * (M + 2) * (np.abs(x.T) @ ag) + np.abs(x.T) @ dg,
+            t["dot"] * u * (M + 2) * ag.sum(0) + dg.sum(0))
+    # Low-precision gradients are cast back to the input dtype too.
+    tols = tuple(tl + t["store"] * np.abs(gr) + tiny for tl, gr in zip(tols, grads))
+    return z, dz, (y, *grads), (y_tol, *tols)
+
+
+def _assert_close(name, got, want, tol):
+    got = _f64(got)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    err = np.abs(got - want)
+    bad = ~(err <= tol)  # also catches nan where the reference is finite
+    bad &= ~(np.isnan(want) & np.isnan(got))
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{name}: {bad.sum()} of {bad.size} elements off, e.g. at {i}: got {got[i]!r}, "
+                             f"want {want[i]!r}, |err| {err[i]:.3g} > tol {tol[i]:.3g}")
+
+
+# --- Strategies -----------------------------------------------------------------------------
+# Sizes: 1s, primes, powers of two and their neighbours; K also in the thousands.
+SIZES = [1, 2, 3, 7, 13, 16, 31, 64, 97, 128]
+KS = SIZES + [257, 1024, 2053, 4099]
+
+
+@st.composite
+def problems(draw, dtypes=("float32", "float64")):
+    """A fused-dense problem: leading dims of x, K, N, dtype, activation, bias or not, value range."""
+    k = draw(st.sampled_from(KS), label="K")
+    n = draw(st.sampled_from(SIZES), label="N")
+    lead = draw(st.sampled_from([(), (0,), (1,), (5,), (31,), (64,), (2, 3), (3, 0, 2), (129,)]), label="lead")
+    # Bound the work per example so the suite stays in budget (K in the thousands: small M, N).
+    assume(math.prod(lead) * k * n <= 600_000)
+    return dict(
+        lead=lead, k=k, n=n,
+        dtype=draw(st.sampled_from(dtypes), label="dtype"),
+        act=draw(st.sampled_from(ACTS), label="activation"),
+        bias=draw(st.booleans(), label="bias"),
+        values=draw(st.sampled_from(["normal", "tiny", "large", "integers", "sparse"]), label="values"),
+        seed=draw(st.integers(0, 2**31 - 1), label="seed"),
+    )
+
+
+def _arrays(p):
+    """x: [*lead, K], w: [K, N], b: [N] or None, dy: [*lead, N] as float64 NumPy."""
+    rng = np.random.default_rng(p["seed"])
+    shapes = [(*p["lead"], p["k"]), (p["k"], p["n"]), (p["n"],), (*p["lead"], p["n"])]
+    scale = 1 / math.sqrt(p["k"])
+
+    def draw(shape, s):
+        if p["values"] == "integers":  # exact in every dtype: ties (z == 0) happen
+            return rng.integers(-2, 3, shape).astype(np.float64)
+        v = rng.standard_normal(shape) * s
+        if p["values"] == "tiny":
+            v *= 1e-3
+        elif p["values"] == "large":
+            v *= 30.0  # saturates tanh/sigmoid/gelu tails
+        elif p["values"] == "sparse":
+            v *= rng.random(shape) < 0.2
+        return v
+
+    x, w, b, dy = draw(shapes[0], 1.0), draw(shapes[1], scale), draw(shapes[2], 1.0), draw(shapes[3], 1.0)
+    return x, w, (b if p["bias"] else None), dy
+
+
+def _as(a, dtype):
+    return None if a is None else jnp.asarray(a, dtype)
+
+
+def _fwd_and_vjp(backend, act):
+    def run(x, w, b, dy):
+        y, vjp = jax.vjp(lambda x, w, b: kernels.fused_dense(x, w, b, activation=act, backend=backend), x, w, b)
+        return y, vjp(dy)
+    return jax.jit(run)
+
+
+def _check_problem(p):
+    dtype = jnp.dtype(p["dtype"])
+    # Round the inputs to the dtype first: the float64 references see exactly what the kernels see.
+    x, w, b, dy = (_f64(_as(a, dtype)) for a in _arrays(p))
+    lead, k, n = p["lead"], p["k"], p["n"]
+    m = math.prod(lead)
+    z, dz, want, tols = _bounds(x.reshape(m, k), w, b, dy.reshape(m, n), p["act"], p["dtype"])
+    if p["act"] == "relu" and p["values"] != "integers":
+        # relu' jumps at 0: where rounding can flip the sign of z the two implementations may
+        # legitimately disagree; such draws are vanishingly rare with continuous values.
+        assume(not np.any((np.abs(z) <= dz) & (z != 0)))
+    args = (_as(x, dtype), _as(w, dtype), _as(b, dtype), _as(dy, dtype))
+    y, (gx, gw, gb) = _fwd_and_vjp("numba", p["act"])(*args)
+    yr, (gxr, gwr, gbr) = _fwd_and_vjp("xla", p["act"])(*args)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert gx.dtype == dtype and gw.dtype == dtype and (gb is None) == (b is None)
+    # Against the float64 NumPy reference: within one implementation's error bound (dot=1 of 2).
+    names = ("y", "dx", "dw", "db")
+    gots = (y.reshape(m, n), gx.reshape(m, k), gw, gb)
+    refs = (yr.reshape(m, n), gxr.reshape(m, k), gwr, gbr)
+    for name, got, ref, want_, tol in zip(names, gots, refs, want, tols):
+        if got is None:
+            continue
+        _assert_close(f"{name} vs float64 numpy", got, want_, tol / 2)
+        # Against the jax reference: both sides' errors (the full bound).
+        _assert_close(f"{name} vs jax reference", got, _f64(ref), tol)
+
+
+@given(problems())
+def test_values_and_gradients_match_references(problem):
+    with jax.enable_x64(True):
+        _check_problem(problem)
+
+
+@settings(max_examples=8)
+@given(problems(dtypes=("bfloat16", "float16")))
+def test_low_precision_inputs_accumulate_in_float32(problem):
+    # Outputs and gradients come back in the input dtype; references computed from the same
+    # (already rounded) inputs, so only the float32 accumulation and the final cast differ.
+    _check_problem(problem)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_check_grads_float64(act):
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x, w, b = (jnp.asarray(rng.standard_normal(s)) for s in [(5, 7), (7, 3), (3,)])
+        if act == "relu":  # keep |z| away from relu's kink, where finite differences are meaningless
+            w, b = 0.05 * w, b + 3.0 * jnp.sign(b)
+        f = lambda x, w, b: kernels.fused_dense(x, w, b, activation=act, backend="numba")  # noqa: E731
+        # Reverse mode only: custom_vjp defines no JVP (forward mode is not supported).
+        check_grads(f, (x, w, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+        check_grads(jax.jit(f), (x, w, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+# --- Transforms -----------------------------------------------------------------------------
+def _data(shape_x=(6, 4, 33), n=17, seed=0):
+    k = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(k[0], shape_x), jax.random.normal(k[1], (shape_x[-1], n)) / 6,
+            jax.random.normal(k[2], (n,)))
+
+
+def _f(backend, act="gelu"):
+    return lambda x, w, b: kernels.fused_dense(x, w, b, activation=act, backend=backend)
+
+
+def _loss(fn):
+    return lambda x, w, b: jnp.sum(jnp.sin(fn(x, w, b)))
+
+
+def _close(a, b, tol=2e-5):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_jit_and_eager_grad(jit):
+    x, w, b = _data()
+    g = jax.grad(_loss(_f("numba")), (0, 1, 2))
+    g = jax.jit(g) if jit else g
+    _close(g(x, w, b), jax.grad(_loss(_f("xla")), (0, 1, 2))(x, w, b))
+
+
+@pytest.mark.parametrize("in_axes", [(0, None, None), (None, 0, None), (0, 0, 0), (1, None, None)])
+def test_vmap_values_and_grads(in_axes):
+    x, w, b = _data()
+    ws, bs = jnp.stack([w * (i + 1) for i in range(6)]), jnp.stack([b - i for i in range(6)])
+    xs = x if in_axes[0] != 1 else jnp.swapaxes(x, 0, 1)
+    args = (xs, ws if in_axes[1] == 0 else w, bs if in_axes[2] == 0 else b)
+    for fn in (lambda f: f, lambda f: jax.grad(_loss(f), (0, 1, 2))):
+        got = jax.jit(jax.vmap(fn(_f("numba")), in_axes))(*args)
+        _close(got, jax.vmap(fn(_f("xla")), in_axes)(*args))
+
+
+def test_nested_vmap_and_checkpoint():
+    x, w, b = _data((3, 5, 2, 33))
+    f2 = lambda f: jax.vmap(jax.vmap(jax.checkpoint(f), (0, None, None)), (0, None, None))  # noqa: E731
+    got = jax.jit(jax.grad(_loss(f2(_f("numba"))), (0, 1, 2)))(x, w, b)
+    _close(got, jax.grad(_loss(f2(_f("xla"))), (0, 1, 2))(x, w, b))
+
+
+def test_shard_map_on_four_cpu_devices():
+    assert len(jax.devices("cpu")) >= 4, "tests/conftest.py asks for 4 fake CPU devices"
+    mesh = jax.make_mesh((4,), ("d",))
+    x, w, b = _data((4 * 40, 33))
+    xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+
+    def per_shard(f):
+        return jax.jit(jax.shard_map(lambda x, w, b: (f(x, w, b), jax.grad(_loss(f), (0, 1, 2))(x, w, b)),
+                                     mesh=mesh, in_specs=(P("d"), P(), P()),
+                                     out_specs=(P("d"), (P("d"), P(), P()))))
+    got = per_shard(_f("numba"))(xs, w, b)
+    want = (_f("xla")(x, w, b), jax.grad(_loss(_f("xla")), (0, 1, 2))(x, w, b))
+    _close(jax.device_get(got), want, 1e-4)
+
+
+def test_concurrent_calls_from_threads():
+    # The handlers hold no global state and no lock: many host threads may run them at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, w, b = _data((256, 64), n=48)
+    f = jax.jit(_f("numba", "tanh"))
+    want = np.asarray(_f("xla", "tanh")(x, w, b))
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: np.asarray(f(x * 1.0, w, b)), range(32)))
+    for o in outs:
+        np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["x.T", "w.T", "strided", "broadcast"])
+def test_non_row_major_operands(layout):
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((33, 24)), jnp.float32)
+    wt = jnp.asarray(rng.standard_normal((17, 33)) / 6, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(34), jnp.float32)
+    make = {  # each builds (x, w, b) from views XLA must lay out before the FFI call
+        "x.T": lambda a, wt, b: (a.T, wt.T, b[:17]),
+        "w.T": lambda a, wt, b: (a[:, :24].T, wt.T, b[17:]),
+        "strided": lambda a, wt, b: (a[::-1, ::2].T, wt[::-1, ::-1].T, b[::2]),
+        "broadcast": lambda a, wt, b: (jnp.broadcast_to(a[:, :1], (33, 5)).T, wt.T, b[:17]),
+    }[layout]
+    for backend_fn in (lambda be: jax.jit(lambda a, wt, b: _f(be)(*make(a, wt, b))),
+                       lambda be: jax.jit(jax.grad(lambda a, wt, b: _loss(_f(be))(*make(a, wt, b)), (0, 1)))):
+        _close(backend_fn("numba")(a, wt, b), backend_fn("xla")(a, wt, b))
+    # Eager transposes too (jax arrays are row-major; the transpose is an XLA op).
+    x, w, bb = make(a, wt, b)
+    _close(kernels.fused_dense(x, w, bb, backend="numba"), reference.fused_dense(x, w, bb))
+
+
+def test_zero_size_batch_and_outputs():
+    w, b = jnp.ones((7, 3)), jnp.ones(3)
+    for x in (jnp.zeros((0, 7)), jnp.zeros((4, 0, 7))):
+        y = kernels.fused_dense(x, w, b, backend="numba")
+        assert y.shape == (*x.shape[:-1], 3)
+        gw, gb = jax.grad(lambda w, b: jnp.sum(kernels.fused_dense(x, w, b, backend="numba")), (0, 1))(w, b)
+        assert not gw.any() and not gb.any()
+    # N = 0 and K = 0.
+    assert kernels.fused_dense(jnp.ones((4, 7)), jnp.ones((7, 0)), backend="numba").shape == (4, 0)
+    y = kernels.fused_dense(jnp.ones((4, 0)), jnp.ones((0, 3)), jnp.arange(3.0), activation="identity",
+                            backend="numba")
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(3.0), (4, 3)))
+
+
+def test_no_retrace_or_recompile_per_call():
+    traces = []
+
+    @jax.jit
+    def step(x, w, b):
+        traces.append(1)  # runs only when jax traces
+        return jax.grad(_loss(_f("numba")), (0, 1, 2))(x, w, b)
+
+    x, w, b = _data((16, 33))
+    for i in range(5):
+        jax.block_until_ready(step(x + i, w, b))
+    assert len(traces) == 1
+    step(jnp.ones((8, 33)), w, b)  # a new shape traces once more: one handler serves every shape
+    assert len(traces) == 2
+
+
+def test_backend_is_registered_and_auto_on_cpu():
+    assert "numba" in kernels.available_backends()
+    x, w, b = _data((8, 33))
+    _close(kernels.fused_dense(x, w, b, backend="auto"), reference.fused_dense(x, w, b))
+
+
+# --- Bad inputs, each in a fresh process: a crash fails the test instead of the run ------------
+BAD_INPUTS = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    import kernels
+    from kernels.numba_cpu import backend as nb
+
+    f = lambda *a, **k: kernels.fused_dense(*a, backend="numba", **k)
+    cases = {
+        "K mismatch": lambda: f(jnp.ones((3, 4)), jnp.ones((5, 2))),
+        "w rank": lambda: f(jnp.ones((3, 4)), jnp.ones((4, 2, 1))),
+        "x scalar": lambda: f(jnp.ones(()), jnp.ones((1, 2))),
+        "b shape": lambda: f(jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones(3)),
+        "b rank": lambda: f(jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((1, 2))),
+        "int dtype": lambda: f(jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2))),
+        "complex dtype": lambda: f(jnp.ones((3, 4), jnp.complex64), jnp.ones((4, 2))),
+        "list": lambda: f([[1.0]], jnp.ones((1, 2))),
+        "activation": lambda: f(jnp.ones((3, 4)), jnp.ones((4, 2)), activation="swish"),
+        "backend": lambda: kernels.fused_dense(jnp.ones((3, 4)), jnp.ones((4, 2)), backend="numbaa"),
+        "under jit": lambda: jax.jit(f)(jnp.ones((3, 4)), jnp.ones((5, 2))),
+    }
+    for name, case in cases.items():
+        try:
+            case()
+        except (TypeError, ValueError) as e:
+            print("OK", name, type(e).__name__, str(e).splitlines()[0][:120])
+        else:
+            print("NO ERROR", name)
+
+    # The raw FFI targets, called past the checks with operands that do not fit: XLA errors,
+    # never a crash.
+    f32 = jax.ShapeDtypeStruct
+    raw = {
+        "shapes": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+            jnp.ones((3, 4)), jnp.ones((5, 2)), act=np.int64(1)),
+        "dtype": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+            jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)), act=np.int64(1)),
+        "attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(99)),
+        "arity": lambda: jax.ffi.ffi_call(nb._target("backward", "float32"), f32((3, 2), jnp.float32))(
+            jnp.ones((3, 4)), act=np.int64(1)),
+        "rank": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+            jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1)),
+    }
+    for name, case in raw.items():
+        try:
+            jax.block_until_ready(case())
+        except Exception as e:
+            print("OK raw", name, type(e).__name__, str(e).splitlines()[0][:120])
+        else:
+            print("NO ERROR raw", name)
+    print("DONE")
+""")
+
+
+def test_bad_inputs_raise_at_trace_time_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-c", BAD_INPUTS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"subprocess died ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "DONE", proc.stdout
+    assert not [ln for ln in lines if ln.startswith("NO ERROR")], proc.stdout
+    # The shape errors name the shapes.
+    assert any("K mismatch" in ln and "(3, 4)" in ln and "(5, 2)" in ln for ln in lines), proc.stdout
+    assert any(ln.startswith("OK raw shapes") and "do not agree" in ln for ln in lines), proc.stdout
+
+
+# --- A model trained on the kernel --------------------------------------------------------------
+def test_mlp_trained_with_numba_matches_xla():
+    from jaxnet.models.mlp import MLP
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 12)), jnp.float32)
+    y = jnp.asarray(np.sin(np.asarray(x) @ rng.standard_normal((12, 3))), jnp.float32)
+    opt = optax.adam(1e-2)
+
+    def train(backend):
+        model = MLP(features=(32, 32, 3), activation="gelu", backend=backend)
+        params = model.init(jax.random.key(0), x)
+        state = opt.init(params)
+
+        @jax.jit
+        def step(params, state):
+            loss, g = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+            upd, state = opt.update(g, state, params)
+            return optax.apply_updates(params, upd), state, loss
+
+        losses = []
+        for _ in range(30):
+            params, state, loss = step(params, state)
+            losses.append(float(loss))
+        return params, losses
+
+    p_nb, l_nb = train("numba")
+    p_xla, l_xla = train("xla")
+    assert l_nb[-1] < 0.5 * l_nb[0]
+    np.testing.assert_allclose(l_nb, l_xla, rtol=1e-4, atol=1e-6)
+    _close(p_nb, p_xla, 1e-4)
