@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import typing
 
@@ -57,3 +58,21 @@ def finish(result: dict, workdir: pathlib.Path) -> dict:
     (workdir / "result.json").write_text(line + "\n")
     print(line, flush=True)
     return result
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache so reruns skip XLA compilation.
+
+    Default location ``$JAXNET_CACHE_DIR`` or ``~/.cache/jaxnet/xla``; ``JAXNET_CACHE_DIR=off``
+    disables it. Returns the directory used, or None.
+    """
+    import jax
+
+    path = path or os.environ.get("JAXNET_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxnet" / "xla"
+    if str(path) == "off":
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every program, however quick to compile: small models are exactly where it pays.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)

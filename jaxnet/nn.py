@@ -55,21 +55,26 @@ class FusedDense(nn.Module):
                 f"{self.name or type(self).__name__}: expected inputs with {self.in_features} features "
                 f"[..., {self.in_features}], got shape {tuple(x.shape)}"
             )
-        if self.has_variable("params", "kernel"):  # applying: the kernel fixes K
-            expected = self.get_variable("params", "kernel").shape
-            if k != expected[0]:
+        if self.has_variable("params", "kernel"):
+            # Applying: read the parameters directly. (``self.param`` would re-trace the
+            # initialiser under eval_shape on every trace just to compare shapes; we compare here.)
+            kernel = self.get_variable("params", "kernel")
+            bias = self.get_variable("params", "bias") if self.use_bias else None
+            if kernel.shape != (k, self.features):
                 raise ValueError(
                     f"{self.name or type(self).__name__}: inputs have K={k} features (x.shape={tuple(x.shape)}) "
-                    f"but the layer's kernel expects K={expected[0]} (kernel.shape={tuple(expected)})"
+                    f"and the layer has N={self.features} outputs, but its kernel has shape {tuple(kernel.shape)} "
+                    f"(expected K={kernel.shape[0]})"
                 )
-        if self.init_scheme == "torch":
-            kernel_init = bias_init = fan_in_uniform(k)
-        elif self.init_scheme == "lecun":
-            kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros
         else:
-            raise ValueError(f"unknown init_scheme {self.init_scheme!r}; choose 'torch' or 'lecun'")
-        kernel = self.param("kernel", kernel_init, (k, self.features), self.param_dtype)
-        bias = self.param("bias", bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+            if self.init_scheme == "torch":
+                kernel_init = bias_init = fan_in_uniform(k)
+            elif self.init_scheme == "lecun":
+                kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros
+            else:
+                raise ValueError(f"unknown init_scheme {self.init_scheme!r}; choose 'torch' or 'lecun'")
+            kernel = self.param("kernel", kernel_init, (k, self.features), self.param_dtype)
+            bias = self.param("bias", bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         # Parameters follow the input's dtype so bf16 activations stay bf16 end to end.
         kernel = kernel.astype(x.dtype)
         bias = None if bias is None else bias.astype(x.dtype)

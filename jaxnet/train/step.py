@@ -6,6 +6,7 @@ pytree, so a checkpoint of that pytree is a complete, exactly resumable snapshot
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -54,17 +55,16 @@ class TrainState:
 
         ``sample_x: [B, ...]`` shows the model its input shape; its values are not used.
         """
-        init_key, run_key = jax.random.split(jax.random.key(seed))
-        variables = dict(model.init(init_key, jnp.asarray(sample_x), train=False))
-        init_params = variables.pop("params")
-        params = init_params if params is None else params
+        init_params, model_state, opt_state, run_key = _init(model, tx, jnp.asarray(sample_x), seed)
+        if params is not None:
+            init_params, opt_state = params, tx.init(params)
         return cls(
             step=jnp.zeros((), jnp.int32),
             epoch=jnp.zeros((), jnp.int32),
             batch_in_epoch=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state=variables,
-            opt_state=tx.init(params),
+            params=init_params,
+            model_state=model_state,
+            opt_state=opt_state,
             rng=run_key,
             model=model,
             tx=tx,
@@ -79,6 +79,16 @@ class TrainState:
     def variables(self) -> dict:
         """``{"params": ..., **model_state}``, what ``model.apply`` takes."""
         return {"params": self.params, **self.model_state}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(model, tx, sample_x, seed):
+    """Parameters, other variables, optimiser state and run key, as one compiled program (eager
+    initialisation would dispatch, and compile, every small op on its own)."""
+    init_key, run_key = jax.random.split(jax.random.key(seed))
+    variables = dict(model.init(init_key, sample_x, train=False))
+    params = variables.pop("params")
+    return params, variables, tx.init(params), run_key
 
 
 def split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,136 @@
+"""Benchmark: the seed's 1000-epoch loop in jaxnet against the seed's PyTorch loop, same run.
+
+    python -m experiments.bench_seed            # ~1 minute on 2 cores
+
+Two figures, each with its ratio (PyTorch time / jaxnet time, so > 1 means jaxnet is faster):
+
+- **steady state**: the compiled loop alone — ``lax.scan`` over 1000 jitted SGD steps on
+  SimpleNet against the seed's eager loop — median of ``--repeats`` after a warm-up, with
+  ``block_until_ready``.
+- **end to end**: a fresh Python process builds the model and data and trains 1000 epochs with
+  ``jaxnet.seed.train_jaxnet`` (``fit``), compilation included, against a fresh process running
+  the PyTorch loop; imports are excluded on both sides. JAX's persistent compilation cache is
+  warmed by one untimed run first (the cold figure is reported too).
+
+Both sides run on the same data and initial weights. Results in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from experiments.common import enable_compilation_cache, finish, parse_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Rows of the seed's synthetic data set and epochs of its loop.
+    n_samples: int = 256
+    epochs: int = 1000
+    # Timed repeats (medians are reported) of the steady-state loops and of each fresh process.
+    repeats: int = 7
+    process_repeats: int = 5
+
+
+def _steady_state(config: Config) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxnet import losses, seed
+    from jaxnet.train import make_train_step
+
+    sc = seed.SeedConfig(n_samples=config.n_samples, epochs=config.epochs)
+    data = seed.make_data(sc)
+    batch = {"x": jnp.asarray(data.x), "y": jnp.asarray(data.y)}
+    state0 = seed.make_state(sc, data)
+    init = jax.tree.map(jnp.copy, state0.params)
+    train_step = make_train_step(losses.mse)
+
+    @jax.jit
+    def loop(state):
+        def body(s, _):
+            s, m = train_step(s, batch, s.rng)
+            return s, m["loss"]
+        return jax.lax.scan(body, state, None, length=config.epochs)
+
+    jax.block_until_ready(loop(state0))  # compile
+    jax_times = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(loop(state0))
+        jax_times.append(time.perf_counter() - start)
+
+    seed.train_torch(sc, data, init)  # warm-up: allocator, thread pool
+    torch_times = [seed.train_torch(sc, data, init)[1] for _ in range(config.repeats)]
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    return {"steady_jaxnet_ms": round(jax_s * 1e3, 3), "steady_torch_ms": round(torch_s * 1e3, 3),
+            "steady_speedup": round(torch_s / jax_s, 2)}
+
+
+def _child(kind: str, n_samples: int, epochs: int) -> None:
+    """One end-to-end run in this (fresh) process; prints its seconds as JSON."""
+    if kind == "jax":
+        from jaxnet import seed
+
+        sc = seed.SeedConfig(n_samples=n_samples, epochs=epochs)
+        start = time.perf_counter()
+        data = seed.make_data(sc)
+        final = seed.train_jaxnet(sc, data).history[-1]["loss"]
+    else:
+        import torch  # noqa: F401  (import excluded, as on the JAX side)
+
+        from jaxnet import seed
+
+        sc = seed.SeedConfig(n_samples=n_samples, epochs=epochs)
+        data = seed.make_data(sc)
+        params = seed.make_state(sc, data).params  # the same start; not timed, PyTorch inits its own
+        start = time.perf_counter()
+        curve, _ = seed.train_torch(sc, data, params)
+        final = float(curve[-1])
+    print(json.dumps({"seconds": time.perf_counter() - start, "final_loss": final}))
+
+
+def _run_child(kind: str, config: Config, cache_dir: str) -> float:
+    env = dict(os.environ, JAXNET_CACHE_DIR=cache_dir)
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_seed", "--child", kind,
+                          str(config.n_samples), str(config.epochs)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def _end_to_end(config: Config) -> dict:
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold = _run_child("jax", config, cache_dir)
+        jax_s = statistics.median(_run_child("jax", config, cache_dir) for _ in range(config.process_repeats))
+        torch_s = statistics.median(_run_child("torch", config, cache_dir) for _ in range(config.process_repeats))
+    return {"e2e_jaxnet_cold_ms": round(cold * 1e3, 1), "e2e_jaxnet_warm_ms": round(jax_s * 1e3, 1),
+            "e2e_torch_ms": round(torch_s * 1e3, 1), "e2e_speedup": round(torch_s / jax_s, 2)}
+
+
+def main(argv=None) -> dict:
+    config, workdir = parse_config(Config, argv, name="bench_seed", description=__doc__.splitlines()[0])
+    import torch
+
+    result = {"benchmark": "bench_seed", "n_samples": config.n_samples, "epochs": config.epochs,
+              "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    result.update(_steady_state(config))
+    print(f"steady state: jaxnet {result['steady_jaxnet_ms']} ms, PyTorch {result['steady_torch_ms']} ms "
+          f"-> {result['steady_speedup']}x", flush=True)
+    result.update(_end_to_end(config))
+    print(f"end to end:   jaxnet {result['e2e_jaxnet_warm_ms']} ms (cold cache {result['e2e_jaxnet_cold_ms']} ms), "
+          f"PyTorch {result['e2e_torch_ms']} ms -> {result['e2e_speedup']}x", flush=True)
+    return finish(result, workdir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        enable_compilation_cache()
+        _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
