@@ -293,3 +293,29 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig |
 
 def default_config(lowering: str) -> BlockConfig:
     return INTERPRET_DEFAULT if lowering == "interpret" else GPU_DEFAULT
+
+
+def lower_for_gpu(x, w, b=None, *, activation: str = "relu", config: BlockConfig | None = None,
+                  grad: bool = True):
+    """Lowers the forward (and, with ``grad``, the backward) for CUDA through the Triton lowering,
+    on any machine: the check, without a GPU, that every primitive in the kernels has a Pallas
+    Triton lowering rule and the block specs are accepted. Compiling the Triton IR to PTX happens
+    only on a GPU.
+
+    Args:
+      x, w, b: arrays or ``jax.ShapeDtypeStruct``s (b may be None).
+
+    Returns:
+      The ``jax.stages.Lowered`` program; its text holds one ``__gpu$xla.gpu.triton`` custom call
+      per kernel launch.
+    """
+    m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[1]
+    plan = _Plan(fit_config(config or GPU_DEFAULT, m, n, k, "triton"), "triton")
+
+    def f(x, w, b):
+        if not grad:
+            return _fused_nd(x, w, b, activation=activation, plan=plan)
+        y, vjp = jax.vjp(lambda x, w, b: _fused_nd(x, w, b, activation=activation, plan=plan), x, w, b)
+        return y, vjp(y)
+
+    return jax.jit(f).trace(x, w, b).lower(lowering_platforms=("cuda",))
