@@ -55,13 +55,13 @@ class TrainState:
 
         ``sample_x: [B, ...]`` shows the model its input shape; its values are not used.
         """
-        init_params, model_state, opt_state, run_key = _init(model, tx, jnp.asarray(sample_x), seed)
+        init_params, model_state, opt_state, run_key, (step, epoch, batch) = _init(model, tx, jnp.asarray(sample_x), seed)
         if params is not None:
             init_params, opt_state = params, tx.init(params)
         return cls(
-            step=jnp.zeros((), jnp.int32),
-            epoch=jnp.zeros((), jnp.int32),
-            batch_in_epoch=jnp.zeros((), jnp.int32),
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch,
             params=init_params,
             model_state=model_state,
             opt_state=opt_state,
@@ -88,7 +88,10 @@ def _init(model, tx, sample_x, seed):
     init_key, run_key = jax.random.split(jax.random.key(seed))
     variables = dict(model.init(init_key, sample_x, train=False))
     params = variables.pop("params")
-    return params, variables, tx.init(params), run_key
+    # Three distinct zero counters (step, epoch, batch_in_epoch): one shared buffer could not be
+    # donated three times.
+    counters = tuple(jnp.zeros((), jnp.int32) + i * 0 for i in range(3))
+    return params, variables, tx.init(params), run_key, counters
 
 
 def split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
