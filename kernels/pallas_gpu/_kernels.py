@@ -102,13 +102,18 @@ def _dot(a, b, contract, acc_dtype):
                            preferred_element_type=acc_dtype)
 
 
-def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc_dtype, save_z):
+def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc_dtype, save_grad):
     """One (block_m, block_n) tile of ``y = act(x @ w + b)``.
 
     x_ref: [block_m, K] (K a multiple of block_k); w_ref: [K, block_n]; b_ref: [block_n];
-    out_refs: y_ref [block_m, block_n] and, when ``save_z``, z_ref [block_m, block_n] in the
-    accumulator dtype (the backward residual: act'(z) from a float32 z, not from z rounded to
-    bf16/f16, whose error would dominate the gradient for smooth activations).
+    out_refs: y_ref [block_m, block_n] and, when ``save_grad``, d_ref [block_m, block_n] in the
+    accumulator dtype: ``act'(z)``, the backward residual.
+
+    Why act'(z) and not z: the backward kernels re-load each dz tile once per output tile (K/block
+    times), so the derivative would be re-evaluated that often -- an exp or an erf polynomial per
+    element on CUDA cores against a handful of tensor-core MACs. Here it is evaluated once, from the
+    float32 z in registers, and the backward's fused load of dy is a single multiply. It is stored
+    in float32 because act' of a z rounded to bf16 would be the largest error in the gradient.
     """
     n_k = x_ref.shape[1] // block_k
     bm, bn = x_ref.shape[0], w_ref.shape[1]
@@ -121,22 +126,21 @@ def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc
     z = z + b_ref[...].astype(acc_dtype)[None, :]  # epilogue: bias ...
     y_ref = out_refs[0]
     y_ref[...] = activation(activation_name, z).astype(y_ref.dtype)  # ... and activation
-    if save_z:
-        out_refs[1][...] = z.astype(out_refs[1].dtype)
+    if save_grad:
+        out_refs[1][...] = activation_grad(activation_name, z).astype(out_refs[1].dtype)
 
 
-def _dz(dy, z, activation_name, acc_dtype):
-    """The activation derivative fused into the load of dy: ``dz = dy * act'(z)`` in acc_dtype."""
+def _dz(dy, d, acc_dtype):
+    """The activation derivative fused into the load of dy: ``dz = dy * act'(z)`` in acc_dtype
+    (``d`` is act'(z) from the forward, None for identity)."""
     dy = dy.astype(acc_dtype)
-    if activation_name == "identity":
-        return dy
-    return dy * activation_grad(activation_name, z)
+    return dy if d is None else dy * d
 
 
-def dx_kernel(dy_ref, z_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dtype):
+def dx_kernel(dy_ref, d_ref, w_ref, dx_ref, *, block_n, acc_dtype):
     """One (block_m, block_k) tile of ``dx = (dy * act'(z)) @ w.T``.
 
-    dy_ref, z_ref: [block_m, N] (N a multiple of block_n; z_ref is None for identity);
+    dy_ref, d_ref: [block_m, N] (N a multiple of block_n; d_ref, act'(z), is None for identity);
     w_ref: [block_k, N]; dx_ref: [block_m, block_k].
     """
     n_n = dy_ref.shape[1] // block_n
@@ -144,8 +148,7 @@ def dx_kernel(dy_ref, z_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dty
 
     def body(nn, acc):
         ns = pl.ds(pl.multiple_of(nn * block_n, block_n), block_n)
-        z = None if z_ref is None else z_ref[:, ns]
-        dz = _dz(dy_ref[:, ns], z, activation_name, acc_dtype)  # (bm, bn)
+        dz = _dz(dy_ref[:, ns], None if d_ref is None else d_ref[:, ns], acc_dtype)  # (bm, bn)
         w = w_ref[:, ns]  # (bk, bn)
         # dz goes into the MMA in the input dtype (bf16/f16 tensor cores), accumulating in acc_dtype.
         return acc + _dot(dz.astype(w.dtype), w, (1, 1), acc_dtype)  # (bm, bk)
@@ -154,10 +157,10 @@ def dx_kernel(dy_ref, z_ref, w_ref, dx_ref, *, activation_name, block_n, acc_dty
     dx_ref[...] = acc.astype(dx_ref.dtype)
 
 
-def dw_kernel(x_ref, dy_ref, z_ref, dw_ref, db_ref, *, activation_name, block_m, acc_dtype):
+def dw_kernel(x_ref, dy_ref, d_ref, dw_ref, db_ref, *, block_m, acc_dtype):
     """One (block_k, block_n) tile of ``dw = x.T @ (dy * act'(z))``, and ``db = sum_m dz`` fused.
 
-    x_ref: [M, block_k] (M a multiple of block_m); dy_ref, z_ref: [M, block_n] (z_ref None for
+    x_ref: [M, block_k] (M a multiple of block_m); dy_ref, d_ref: [M, block_n] (d_ref None for
     identity); dw_ref: [block_k, block_n]; db_ref: [block_n], this tile's row of the db partials.
 
     db rides along because this kernel already walks all of M for its column block and has dz in
@@ -170,8 +173,7 @@ def dw_kernel(x_ref, dy_ref, z_ref, dw_ref, db_ref, *, activation_name, block_m,
     def body(mm, carry):
         acc, db = carry
         ms = pl.ds(pl.multiple_of(mm * block_m, block_m), block_m)
-        z = None if z_ref is None else z_ref[ms, :]
-        dz = _dz(dy_ref[ms, :], z, activation_name, acc_dtype)  # (bm, bn)
+        dz = _dz(dy_ref[ms, :], None if d_ref is None else d_ref[ms, :], acc_dtype)  # (bm, bn)
         x = x_ref[ms, :]  # (bm, bk)
         acc = acc + _dot(x, dz.astype(x.dtype), (0, 0), acc_dtype)  # (bk, bn)
         return acc, db + jnp.sum(dz, axis=0)

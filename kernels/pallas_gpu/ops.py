@@ -148,20 +148,20 @@ TRACE_COUNT = {"forward": 0}  # incremented at trace time; tests assert no retra
 
 
 def _forward(x, w, b, activation: str, plan: _Plan, save_residual: bool):
-    """x: [Mp, Kp], w: [Kp, Np], b: [Np] (padded) -> (y [Mp, Np], z [Mp, Np] float32 or None)."""
+    """x: [Mp, Kp], w: [Kp, Np], b: [Np] (padded) -> (y [Mp, Np], act'(z) [Mp, Np] float32 or None)."""
     TRACE_COUNT["forward"] += 1
     cfg = plan.config
     (mp, kp), np_ = x.shape, w.shape[1]
     nm, nn = mp // cfg.block_m, np_ // cfg.block_n
     tile = functools.partial(_kernels.grouped_tile, n_rows=nm, n_cols=nn, group=cfg.group_m)
-    save_z = save_residual and activation != "identity"  # identity's derivative needs no z
+    save_grad = save_residual and activation != "identity"  # identity's derivative is 1
     acc_dtype = _acc_dtype(x.dtype)
     out_block = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda p: tile(p))
     out_shape = [jax.ShapeDtypeStruct((mp, np_), x.dtype)]
-    if save_z:
+    if save_grad:
         out_shape.append(jax.ShapeDtypeStruct((mp, np_), acc_dtype))
     kernel = functools.partial(_kernels.forward_kernel, activation_name=activation, block_k=cfg.block_k,
-                               acc_dtype=acc_dtype, save_z=save_z)
+                               acc_dtype=acc_dtype, save_grad=save_grad)
     outs = _call(
         kernel, grid=(nm * nn,),
         in_specs=[pl.BlockSpec((cfg.block_m, kp), lambda p: (tile(p)[0], 0)),
@@ -169,24 +169,23 @@ def _forward(x, w, b, activation: str, plan: _Plan, save_residual: bool):
                   pl.BlockSpec((cfg.block_n,), lambda p: (tile(p)[1],))],
         out_specs=[out_block] * len(out_shape), out_shape=out_shape, plan=plan, name="fused_dense_fwd",
     )(x, w, b)
-    return outs[0], (outs[1] if save_z else None)
+    return outs[0], (outs[1] if save_grad else None)
 
 
-def _backward_dx(dy, z, w, activation: str, plan: _Plan):
-    """dy, z: [Mp, Np] (z None for identity), w: [Kp, Np] -> dx [Mp, Kp]."""
+def _backward_dx(dy, d, w, plan: _Plan):
+    """dy, d = act'(z): [Mp, Np] (d None for identity), w: [Kp, Np] -> dx [Mp, Kp]."""
     cfg = plan.config
     mp, np_ = dy.shape
     kp = w.shape[0]
     nm, nk = mp // cfg.block_m, kp // cfg.block_k
     tile = functools.partial(_kernels.grouped_tile, n_rows=nm, n_cols=nk, group=cfg.group_m)
     row_panel = pl.BlockSpec((cfg.block_m, np_), lambda p: (tile(p)[0], 0))
-    kernel = functools.partial(_kernels.dx_kernel, activation_name=activation, block_n=cfg.block_n,
-                               acc_dtype=_acc_dtype(w.dtype))
-    if z is None:
+    kernel = functools.partial(_kernels.dx_kernel, block_n=cfg.block_n, acc_dtype=_acc_dtype(w.dtype))
+    if d is None:
         args, in_specs = (dy, w), [row_panel]
         body = lambda dy_ref, w_ref, dx_ref: kernel(dy_ref, None, w_ref, dx_ref)  # noqa: E731
     else:
-        args, in_specs, body = (dy, z, w), [row_panel, row_panel], kernel
+        args, in_specs, body = (dy, d, w), [row_panel, row_panel], kernel
     return _call(
         body, grid=(nm * nk,),
         in_specs=in_specs + [pl.BlockSpec((cfg.block_k, np_), lambda p: (tile(p)[1], 0))],
@@ -195,21 +194,20 @@ def _backward_dx(dy, z, w, activation: str, plan: _Plan):
     )(*args)
 
 
-def _backward_dw(x, dy, z, activation: str, plan: _Plan):
-    """x: [Mp, Kp], dy, z: [Mp, Np] (z None for identity) -> (dw [Kp, Np], db [Np])."""
+def _backward_dw(x, dy, d, plan: _Plan):
+    """x: [Mp, Kp], dy, d = act'(z): [Mp, Np] (d None for identity) -> (dw [Kp, Np], db [Np])."""
     cfg = plan.config
     mp, kp = x.shape
     np_ = dy.shape[1]
     nk, nn = kp // cfg.block_k, np_ // cfg.block_n
     tile = functools.partial(_kernels.grouped_tile, n_rows=nk, n_cols=nn, group=cfg.group_m)
     col_panel = pl.BlockSpec((mp, cfg.block_n), lambda p: (0, tile(p)[1]))
-    kernel = functools.partial(_kernels.dw_kernel, activation_name=activation, block_m=cfg.block_m,
-                               acc_dtype=_acc_dtype(x.dtype))
-    if z is None:
+    kernel = functools.partial(_kernels.dw_kernel, block_m=cfg.block_m, acc_dtype=_acc_dtype(x.dtype))
+    if d is None:
         args, in_specs = (x, dy), [col_panel]
         body = lambda x_ref, dy_ref, dw_ref, db_ref: kernel(x_ref, dy_ref, None, dw_ref, db_ref)  # noqa: E731
     else:
-        args, in_specs, body = (x, dy, z), [col_panel, col_panel], kernel
+        args, in_specs, body = (x, dy, d), [col_panel, col_panel], kernel
     dw, db_rows = _call(
         body, grid=(nk * nn,),
         in_specs=[pl.BlockSpec((mp, cfg.block_k), lambda p: (0, tile(p)[0]))] + in_specs,
@@ -228,14 +226,15 @@ def _fused_padded(x, w, b, activation, plan):
 
 
 def _fused_padded_fwd(x, w, b, activation, plan):
-    y, z = _forward(x, w, b, activation, plan, save_residual=True)
-    return y, (x, w, z)
+    y, d = _forward(x, w, b, activation, plan, save_residual=True)
+    return y, (x, w, d)
 
 
 def _fused_padded_bwd(activation, plan, res, dy):
-    x, w, z = res
-    dx = _backward_dx(dy, z, w, activation, plan)
-    dw, db = _backward_dw(x, dy, z, activation, plan)
+    del activation  # already applied: the residual is act'(z)
+    x, w, d = res
+    dx = _backward_dx(dy, d, w, plan)
+    dw, db = _backward_dw(x, dy, d, plan)
     return dx, dw, db
 
 
