@@ -72,6 +72,17 @@ def test_train_step_is_pure(data):
                      jax.tree.map(lambda u, v: u - v, a.params, state.params))
 
 
+def test_train_step_eager_equals_jitted(data):
+    x, y = data
+    state = TrainState.create(model=MLP((16, 1), dropout_rate=0.2), tx=_adam(), sample_x=x[:1])
+    step = make_train_step(losses.mse, l1=1e-4)
+    batch = {"x": x, "y": y}
+    (eager, m_eager), (jitted, m_jit) = step(state, batch, state.rng), jax.jit(step)(state, batch, state.rng)
+    # Same arithmetic, possibly fused differently by XLA: float32 rounding only.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), eager.params, jitted.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), m_eager, m_jit)
+
+
 @pytest.mark.parametrize("batch_size", [None, 16, 25])
 def test_fit_lowers_the_loss(data, batch_size):
     x, y = data
