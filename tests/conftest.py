@@ -13,17 +13,10 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 
 import pytest
-from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci", max_examples=20, derandomize=True, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "thorough", max_examples=400, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.load_profile(os.environ.get("JAXNET_HYPOTHESIS_PROFILE", "ci"))
+from jaxnet.testing import profiles
+
+profiles.load_profile()  # "ci" or "thorough" from JAXNET_HYPOTHESIS_PROFILE (jaxnet/testing/profiles.py)
 
 
 def pytest_collection_modifyitems(config, items):

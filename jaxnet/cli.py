@@ -1,0 +1,105 @@
+"""The ``jaxnet`` command: ``jaxnet <subcommand> [flags]``.
+
+Each subcommand is a pair of functions, ``_add_<name>(subparsers)`` to declare its flags and
+``_run_<name>(args) -> exit status``, listed in ``SUBCOMMANDS``. Heavy imports (jax, hypothesis)
+happen inside the ``_run_`` functions, so ``jaxnet --help`` is instant and one subcommand's
+dependencies do not burden another.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify", help="property-test every kernel backend against the reference",
+        description="Runs jaxnet.testing's harness (forward, jit, vmap, gradients, malformed calls) on "
+                    "every available backend of kernels.fused_dense and prints a table of checks per "
+                    "backend, then each failure's smallest counterexample. Exit status 1 on any failure.")
+    p.add_argument("--backend", action="append", metavar="B",
+                   help="a backend to verify (repeatable; default: every available backend)")
+    p.add_argument("--candidate", action="append", metavar="MODULE:FN",
+                   help="also verify a function of your own with the fused_dense signature (repeatable)")
+    p.add_argument("--examples", type=int, metavar="N", help="examples per search (default: the profile's)")
+    p.add_argument("--profile", choices=("ci", "thorough"),
+                   help="Hypothesis profile (default: $JAXNET_HYPOTHESIS_PROFILE or ci)")
+    p.add_argument("--shrink", type=int, default=30, metavar="N",
+                   help="examples spent shrinking each failure to its smallest form (default 30; 0: off)")
+    p.add_argument("--dtypes", nargs="+", metavar="D", help="dtypes to draw (default: float32 bfloat16 float16)")
+    p.add_argument("--no-bad-inputs", action="store_true", help="skip the malformed-call checks (subprocesses)")
+
+
+def _run_verify(args) -> int:
+    import functools
+
+    import kernels
+    from jaxnet.testing import check_bad_inputs, profiles, strategies, verify
+    from jaxnet.testing.bad_inputs import _resolve
+    from jaxnet.testing.report import format_table
+
+    profile = profiles.load_profile(args.profile)
+    available = kernels.available_backends()
+    backends = args.backend if args.backend else ([] if args.candidate else available)
+    unknown = [b for b in backends if b not in available]
+    if unknown:
+        print(f"jaxnet verify: backend(s) {unknown} not available here; available: {available}", file=sys.stderr)
+        return 2
+    targets = [(b, functools.partial(kernels.fused_dense, backend=b)) for b in backends]
+    for spec in args.candidate or []:
+        try:
+            targets.append((spec, _resolve(spec)))
+        except (ImportError, AttributeError, ValueError) as e:
+            print(f"jaxnet verify: cannot import candidate {spec!r}: {e}", file=sys.stderr)
+            return 2
+    dtypes = tuple(args.dtypes or strategies.DEFAULT_DTYPES)
+    n = args.examples or profiles.get_profile(profile).max_examples
+    print(f"jaxnet verify: profile {profile}, {n} examples per search, dtypes {' '.join(dtypes)}; "
+          f"reference kernels.reference.fused_dense; verifying {', '.join(t for t, _ in targets)}", flush=True)
+    rows = []
+    for label, fn in targets:
+        t0 = time.perf_counter()
+        print(f"  {label}: searching ...", end="", flush=True)
+        report = verify(fn, kernels.reference.fused_dense, dtypes=dtypes, max_examples=args.examples,
+                        profile=profile, shrink=args.shrink, keep_going=True, name=label)
+        bad = None
+        if not args.no_bad_inputs:
+            print(" malformed calls ...", end="", flush=True)
+            # A --candidate goes to the worker subprocess as its import path; a backend as a partial.
+            bad = check_bad_inputs(label if label in (args.candidate or []) else fn, raise_on_failure=False)
+        ok = report.ok and (bad is None or bad.ok)
+        print(f" {'ok' if ok else 'FAIL'} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        rows.append((label, report, bad))
+    print()
+    print(format_table(rows))
+    failed = [(label, rep, bad) for label, rep, bad in rows if not rep.ok or (bad and not bad.ok)]
+    for label, rep, bad in failed:
+        print(f"\n=== {label} ===")
+        if not rep.ok:
+            print(rep.format())
+        if bad is not None and not bad.ok:
+            print(bad.format())
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} verified" + (f"; FAILED: {', '.join(l for l, _, _ in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+SUBCOMMANDS = {"verify": (_add_verify, _run_verify)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxnet", description="jaxnet: kernels, models and experiments in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add, _ in SUBCOMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxnet`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return SUBCOMMANDS[args.command][1](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

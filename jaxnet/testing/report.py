@@ -1,0 +1,54 @@
+"""Plain-text reports: one table row per candidate, then each failure's counterexample."""
+from __future__ import annotations
+
+COLUMNS = ("forward", "jit", "vmap", "grad_x", "grad_w", "grad_b")
+
+
+def _cell(result) -> str:
+    if result is None:
+        return "-"
+    if result.failure:
+        return "FAIL"
+    return f"ok {result.examples}" if result.examples else "-"
+
+
+def format_table(rows) -> str:
+    """``rows``: ``(label, Report, BadInputsReport or None)`` triples; returns an aligned table.
+
+    A cell is "ok N" (passed on N examples), "FAIL" (see the counterexample below the table) or
+    "-" (not run). "worst" is the largest |err|/tol seen on passing examples: how close the
+    candidate came to its tolerance (1.0 would be on the edge).
+    """
+    extra_cols = sorted({c for _, rep, _ in rows if rep for c in rep.results if c not in COLUMNS})
+    cols = list(COLUMNS) + extra_cols
+    header = ["backend"] + cols + ["bad_inputs", "worst", "examples", "time"]
+    table = [header]
+    for label, rep, bad in rows:
+        cells = [label]
+        cells += [_cell(rep.results.get(c)) if rep else "-" for c in cols]
+        if bad is None:
+            cells.append("-")
+        else:
+            cells.append(f"{bad.passed}/{len(bad.results)}" + ("" if bad.ok else " FAIL"))
+        worst = max((r.worst_ratio for r in rep.results.values()), default=0.0) if rep else 0.0
+        cells += [f"{worst:.2g}" if rep else "-", str(rep.examples) if rep else "-",
+                  f"{(rep.seconds if rep else 0) + (bad.seconds if bad else 0):.1f}s"]
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in table)
+
+
+def format_report(report) -> str:
+    """A harness ``Report`` as text: a summary line, then every failure's counterexample."""
+    status = "matches" if report.ok else "does NOT match"
+    lines = [f"{report.candidate} {status} {report.reference} "
+             f"({report.examples} examples, {report.seconds:.1f}s)"]
+    for r in report.results.values():
+        if r.failure is None:
+            lines.append(f"  {r.name}: " + (f"ok on {r.examples} examples (worst |err|/tol {r.worst_ratio:.2g})"
+                                             if r.examples else "not run"))
+    for f in report.failures:
+        lines.append("")
+        lines.append("FAIL " + f.format())
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)

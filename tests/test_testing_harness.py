@@ -1,0 +1,132 @@
+"""assert_matches_reference: accepts correct kernels, rejects every mutant, explains why."""
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+import kernels
+from jaxnet.testing import assert_matches_reference, mutants, verify
+from jaxnet.testing.harness import compare
+
+FEW = 8  # examples per search here; the "ci" profile (20) and "thorough" (400) are for kernels' own tests
+
+
+def test_accepts_the_reference():
+    report = assert_matches_reference(kernels.reference.fused_dense, kernels.reference.fused_dense, max_examples=FEW)
+    assert report.ok and set(report.results) == {"forward", "jit", "vmap", "grad_x", "grad_w", "grad_b"}
+    assert all(r.examples > 0 for r in report.results.values())
+
+
+@pytest.mark.parametrize("name", sorted(mutants.CONTROLS))
+def test_accepts_correct_kernels_written_differently(name):
+    assert_matches_reference(mutants.CONTROLS[name], kernels.reference.fused_dense, max_examples=FEW)
+
+
+def test_accepts_the_xla_backend():
+    assert_matches_reference(functools.partial(kernels.fused_dense, backend="xla"), kernels.reference.fused_dense,
+                             max_examples=FEW, check_vmap=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in kernels.available_backends() if b != "xla"])
+def test_accepts_available_backend(backend):
+    """Each backend's own tests run the harness too; here every registered one, ci profile."""
+    assert_matches_reference(functools.partial(kernels.fused_dense, backend=backend), kernels.reference.fused_dense)
+
+
+# Each mutant and the check that must catch it (it may be caught by others too).
+EXPECTED = {
+    "bias_wrong_axis": "forward",
+    "relu_grad_at_zero": "grad_x",
+    "tail_dropped": "forward",
+    "low_precision_acc": "forward",
+    "no_grad_b": "grad_b",
+    "jit_only": "forward",
+}
+
+
+def test_every_mutant_has_an_expectation():
+    assert set(EXPECTED) == set(mutants.MUTANTS)
+
+
+@pytest.mark.parametrize("name", sorted(mutants.MUTANTS))
+def test_rejects_mutant(name):
+    report = verify(mutants.MUTANTS[name], kernels.reference.fused_dense, shrink=0, keep_going=False)
+    assert not report.ok, f"the harness passed the broken kernel {name}"
+    failed = {f.check for f in report.failures}
+    assert EXPECTED[name] in failed or (name == "relu_grad_at_zero" and failed & {"grad_w", "grad_b"}), failed
+    if name == "jit_only":
+        assert failed == {"forward"}  # right under jit, vmap and grad: only the eager check sees it
+
+
+def test_low_precision_accumulation_is_caught_in_bfloat16_alone():
+    report = verify(mutants.low_precision_acc, dtypes=("bfloat16",), check_grads=False, check_vmap=False,
+                    shrink=0, keep_going=False)
+    assert not report.ok
+    with pytest.raises(AssertionError):
+        assert_matches_reference(mutants.low_precision_acc, dtypes=("float32",), max_examples=FEW)  # in f32 it is right...
+        raise AssertionError("...so this line is reached")
+
+
+def test_relu_derivative_at_zero_is_checked_exactly():
+    """Only exact-zero pre-activations tell ``z >= 0`` from the reference's convention."""
+    report = verify(mutants.relu_grad_at_zero, activations=("relu",), check_vmap=False, shrink=0, keep_going=False)
+    f = report.failures[0]
+    assert f.check.startswith("grad_") and "values='zeros'" in repr(f.call) or "values='kink'" in repr(f.call)
+
+
+def test_failure_message_shows_the_smallest_counterexample():
+    with pytest.raises(AssertionError) as info:
+        assert_matches_reference(mutants.no_grad_b, kernels.reference.fused_dense, shrink=20)
+    msg = str(info.value)
+    assert "does NOT match" in msg and "check: grad_b" in msg
+    assert "x: float32[1]  w: float32[1, 1]  b: float32[1]" in msg  # shrunk to the smallest shapes
+    assert "make_fused_dense_call(" in msg and "worst element: grad_b[0] = 0" in msg and "> tol" in msg
+
+
+def test_keep_going_gives_a_verdict_per_check():
+    report = verify(mutants.jit_only, max_examples=4, shrink=0, keep_going=True)
+    assert report.results["forward"].failure is not None
+    assert all(r.failure is None and r.examples for c, r in report.results.items() if c != "forward")
+    assert "forward" in report.format() and "FAIL" in report.format()
+
+
+def test_a_candidate_that_raises_fails_the_check():
+    def refuses_bf16(x, w, b=None, *, activation="relu"):
+        if x.dtype == jnp.bfloat16:
+            raise NotImplementedError("bfloat16 is not supported yet")
+        return kernels.reference.fused_dense(x, w, b, activation=activation)
+
+    report = verify(refuses_bf16, dtypes=("bfloat16",), max_examples=2, shrink=0, keep_going=False)
+    assert "raised NotImplementedError: bfloat16 is not supported yet" in report.failures[0].message
+
+
+def test_custom_argument_strategy():
+    """Another kernel, another strategy: softplus against its reference, generic tolerance."""
+    def reference(x):
+        return jnp.logaddexp(x, 0.0)
+
+    def candidate(x):
+        return jnp.where(x > 20, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20))))
+
+    arrays = st.lists(st.floats(-30, 30, width=32), min_size=1, max_size=16).map(
+        lambda v: ((np.asarray(v, np.float32),), {}))
+    report = assert_matches_reference(candidate, reference, args=arrays, max_examples=FEW, tolerance=4)
+    assert {"forward", "jit", "vmap", "grad_arg0"} <= set(report.results)
+    with pytest.raises(AssertionError, match="check: forward"):
+        assert_matches_reference(lambda x: jnp.log(1 + jnp.exp(x)) * 1.01, reference, args=arrays, max_examples=FEW,
+                                 check_grads=False, check_vmap=False)
+
+
+def test_compare_reports_shape_dtype_and_non_finite():
+    e = np.ones((2, 3), np.float32)
+    assert "shape" in compare("forward", np.ones((3, 2), np.float32), e, 1.0)[0]
+    assert "dtype" in compare("forward", np.ones((2, 3), np.float16), e, 1.0)[0]
+    got = e.copy()
+    got[1, 2] = np.nan
+    assert "non-finite where the reference is finite: forward[1, 2]" in compare("forward", got, e, 1.0)[0]
+    ref = e.copy()
+    ref[1, 2] = np.inf  # not compared where the reference itself overflowed
+    assert compare("forward", got, ref, 1e-6)[0] is None
