@@ -91,6 +91,10 @@ def markdown_table(rows) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']}: {r['m']} x {r['k']} x {r['n']} | {r['activation']} "
+                         f"| failed: {r['error'].splitlines()[0][:200]} |||||||")
+            continue
         c = r["config"]
         blocks = "default" if c is None else (
             f"{c['block_m']}, {c['block_n']}, {c['block_k']}, {c['num_warps']}, {c['num_stages']}")

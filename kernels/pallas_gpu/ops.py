@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +65,30 @@ class _Plan:
     lowering: str  # "triton" or "interpret"
 
 
+@functools.cache
+def _triton_module():
+    """``jax.experimental.pallas.triton``, or None where this JAX has dropped it.
+
+    A DeprecationWarning raised by the import itself (JAX 0.11 deprecates the Triton lowering) is
+    re-issued once as a warning of this module rather than escaping as an error: the lowering still
+    works there, and docs/gpu.md says which lowering runs.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        try:
+            from jax.experimental.pallas import triton
+        except ImportError:
+            return None
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning):
+            warnings.warn(f"kernels.pallas_gpu uses the Pallas Triton lowering, which JAX {jax.__version__} "
+                          f"deprecates: {w.message}", FutureWarning, stacklevel=3)
+            break
+    return triton
+
+
 def _has_triton_lowering() -> bool:
-    try:
-        from jax.experimental.pallas import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _triton_module() is not None
 
 
 def resolve_lowering(lowering: str = "auto") -> str:
@@ -132,9 +151,7 @@ def _acc_dtype(dtype):
 def _compiler_params(plan: _Plan):
     if plan.lowering == "interpret":
         return None
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=plan.config.num_warps, num_stages=plan.config.num_stages)
+    return _triton_module().CompilerParams(num_warps=plan.config.num_warps, num_stages=plan.config.num_stages)
 
 
 def _call(kernel, *, grid, in_specs, out_specs, out_shape, plan: _Plan, name: str):
