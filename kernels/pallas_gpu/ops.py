@@ -144,6 +144,11 @@ def _round_up(v: int, multiple: int) -> int:
     return -(-v // multiple) * multiple
 
 
+def _compute_dtype(x, w, b):
+    """Mixed input dtypes compute in their promotion, as jnp.matmul (the reference) does."""
+    return jnp.result_type(x.dtype, w.dtype, *(() if b is None else (b.dtype,)))
+
+
 def _acc_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
@@ -266,7 +271,7 @@ def _fused_nd(x, w, b, *, activation: str, plan: _Plan):
     if m == 0 or n == 0 or k == 0:
         # Nothing to launch (an empty grid or an empty reduction): the reference is exact here.
         return reference.fused_dense(x, w, b, activation=activation)
-    cdt = jnp.result_type(x.dtype, w.dtype, *(() if b is None else (b.dtype,)))
+    cdt = _compute_dtype(x, w, b)
     cfg = plan.config
     mp, np_, kp = _round_up(m, cfg.block_m), _round_up(n, cfg.block_n), _round_up(k, cfg.block_k)
     x2 = jnp.pad(x.reshape(m, k).astype(cdt), ((0, mp - m), (0, kp - k)))
@@ -301,8 +306,7 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig |
     if config is None:
         from kernels.pallas_gpu import tuning
 
-        cdt = jnp.result_type(x.dtype, w.dtype, *(() if b is None else (b.dtype,)))
-        config = tuning.cached_config(m, n, k, cdt, activation, lowering)
+        config = tuning.cached_config(m, n, k, _compute_dtype(x, w, b), activation, lowering)
     plan = _Plan(fit_config(config, m, n, k, lowering), lowering)
     return _fused_nd(x, w, b, activation=activation, plan=plan)
 
