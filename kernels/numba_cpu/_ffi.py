@@ -13,8 +13,12 @@ see C structs, so the handler reads the call frame through raw loads at the byte
                      (type 1) adds ``XLA_FFI_Metadata* metadata`` @24
   XLA_FFI_Metadata:  struct_size @0, api_version {struct_size @8, extension_start @16,
                      major @24, minor @28}, traits @32 (uint32)
-  XLA_FFI_Api:       XLA_FFI_Error_Create @48; its args: struct_size @0, extension_start @8,
-                     message @16, errc @24 (int32), 28 bytes in all
+  XLA_FFI_Api:       XLA_FFI_Error_Create @48 (args: struct_size @0, extension_start @8,
+                     message @16, errc @24 (int32); 28 bytes), XLA_FFI_Error_Destroy @64 (args:
+                     struct_size, extension_start, error; 24 bytes), XLA_FFI_ThreadPool_Schedule
+                     @136 (args: struct_size, extension_start, ctx, task, data; 40 bytes),
+                     XLA_FFI_ThreadPool_NumThreads @144 (args: struct_size, extension_start, ctx,
+                     int64_t* num_threads; 32 bytes)
 
 Handlers are compiled once per dtype and kernel and serve every shape: shapes come from the
 buffers' ``rank``/``dims`` at each call. Everything here is plain loads and stores, so handlers
@@ -55,9 +59,16 @@ API_MAJOR = 0
 # The FFI minor version of the header this bridge was written against (jaxlib 0.10: 3).
 API_MINOR = 3
 METADATA_TRAITS = 32
-# XLA_FFI_Api and XLA_FFI_Error_Create_Args
+# XLA_FFI_Api and the argument structs of the functions used here
 API_ERROR_CREATE = 48
+API_ERROR_DESTROY = 64
+API_THREADPOOL_SCHEDULE = 136
+API_THREADPOOL_NUM_THREADS = 144
 ERROR_CREATE_ARGS_SIZE = 28
+ERROR_DESTROY_ARGS_SIZE = 24
+SCHEDULE_ARGS_SIZE = 40
+NUM_THREADS_ARGS_SIZE = 32
+FRAME_CTX = 24
 ERROR_INVALID_ARGUMENT = 3
 # Enumerations
 ATTR_SCALAR = 3
@@ -137,6 +148,117 @@ def make_error(typingctx, frame, message):
         err = builder.call(builder.inttoptr(fn_addr, fnty.as_pointer()), [slot])
         return builder.ptrtoint(err, i64)
     return types.int64(types.int64, message), codegen
+
+
+def _api_fn(builder, frame, offset, fnty):
+    """``frame->api->fn`` at ``offset`` of XLA_FFI_Api, as a callable of type ``fnty``."""
+    i64 = ir.IntType(64)
+    api = builder.load(builder.inttoptr(builder.add(frame, i64(FRAME_API)), i64.as_pointer()))
+    fn = builder.load(builder.inttoptr(builder.add(api, i64(offset)), i64.as_pointer()))
+    return builder.inttoptr(fn, fnty.as_pointer())
+
+
+def _args_struct(builder, fields):
+    """A stack struct of int64 fields (every argument struct used here is size_t/pointer-only)."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    ty = ir.ArrayType(i64, len(fields))
+    slot = builder.alloca(ty)
+    for n, v in enumerate(fields):
+        builder.store(v, builder.gep(slot, [i32(0), i32(n)]))
+    return slot
+
+
+@intrinsic
+def threadpool_schedule(typingctx, frame, task, data):
+    """``XLA_FFI_ThreadPool_Schedule(ctx, task, data)``: runs ``task(data)`` on XLA's intra-op pool
+    (or inline). Returns 0 or an ``XLA_FFI_Error*`` the caller must destroy."""
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        ctx = builder.load(builder.inttoptr(builder.add(args[0], i64(FRAME_CTX)), i64.as_pointer()))
+        slot = _args_struct(builder, [i64(SCHEDULE_ARGS_SIZE), i64(0), ctx, args[1], args[2]])
+        fnty = ir.FunctionType(i64, [slot.type])
+        return builder.call(_api_fn(builder, args[0], API_THREADPOOL_SCHEDULE, fnty), [slot])
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def threadpool_num_threads(typingctx, frame):
+    """``XLA_FFI_ThreadPool_NumThreads``: the size of XLA's intra-op pool, or -(error) on error
+    (the negated ``XLA_FFI_Error*``, for the caller to destroy)."""
+    def codegen(context, builder, sig, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ctx = builder.load(builder.inttoptr(builder.add(args[0], i64(FRAME_CTX)), i64.as_pointer()))
+        out = builder.alloca(i64)
+        builder.store(i64(0), out)
+        slot = _args_struct(builder, [i64(NUM_THREADS_ARGS_SIZE), i64(0), ctx, builder.ptrtoint(out, i64)])
+        fnty = ir.FunctionType(i64, [slot.type])
+        err = builder.call(_api_fn(builder, args[0], API_THREADPOOL_NUM_THREADS, fnty), [slot])
+        return builder.select(builder.icmp_unsigned("==", err, i64(0)), builder.load(out), builder.neg(err))
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def destroy_error(typingctx, frame, error):
+    """``XLA_FFI_Error_Destroy(error)``, for errors the handler handles itself."""
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        slot = _args_struct(builder, [i64(ERROR_DESTROY_ARGS_SIZE), i64(0), args[1]])
+        fnty = ir.FunctionType(ir.VoidType(), [slot.type])
+        builder.call(_api_fn(builder, args[0], API_ERROR_DESTROY, fnty), [slot])
+        return context.get_dummy_value()
+    return types.none(types.int64, types.int64), codegen
+
+
+@intrinsic
+def atomic_add(typingctx, addr, value):
+    """Atomically ``*(int64_t*)addr += value``; returns the old value (sequentially consistent)."""
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, addr):
+    """``*(int64_t*)addr`` with acquire ordering."""
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load_atomic(ptr, "acquire", 8)
+    return types.int64(types.int64), codegen
+
+
+def _libc(builder, name, ret, argtys):
+    fnty = ir.FunctionType(ret, argtys)
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+    return fn
+
+
+@intrinsic
+def c_malloc(typingctx, nbytes):
+    """libc ``malloc``; 0 on failure."""
+    def codegen(context, builder, sig, args):
+        i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+        return builder.ptrtoint(builder.call(_libc(builder, "malloc", i8p, [i64]), [args[0]]), i64)
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def c_free(typingctx, addr):
+    """libc ``free``."""
+    def codegen(context, builder, sig, args):
+        i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+        builder.call(_libc(builder, "free", ir.VoidType(), [i8p]), [builder.inttoptr(args[0], i8p)])
+        return context.get_dummy_value()
+    return types.none(types.int64), codegen
+
+
+@intrinsic
+def cpu_yield(typingctx):
+    """``sched_yield()``: lets another thread have this core while waiting."""
+    def codegen(context, builder, sig, args):
+        builder.call(_libc(builder, "sched_yield", ir.IntType(32), []), [])
+        return context.get_dummy_value()
+    return types.none(), codegen
 
 
 def register(name: str, handler) -> None:

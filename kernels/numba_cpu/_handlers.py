@@ -8,7 +8,12 @@ may precede the matrix dims and must have the same size on every operand):
   forward:  args (x [..., M, K], w [..., K, N], b [..., N]?)  rets (y [..., M, N], z [..., M, N]?)
   backward: args (dy [..., M, N], x [..., M, K], w [..., K, N], r [..., M, N])
             rets (dx [..., M, K], dw [..., K, N], db [..., N]?)
-  attribute ``act`` (int64): the activation code of ``_kernels.ACT_CODES``.
+  attributes (sorted by name, as XLA passes them): ``act`` (int64), the activation code of
+  ``_kernels.ACT_CODES``; ``task`` (int64), the address of the dtype's helper task
+  (``TASKS``) to share the GEMM blocks with XLA's intra-op thread pool, or 0 to stay on the
+  calling thread. The address travels as an attribute because Numba's cached machine code
+  must not embed a per-process address; it is part of the HLO, so no compilation cache can
+  carry it into another process.
 
 A shape or dtype that does not fit these conventions returns an XLA error (never a crash).
 """
@@ -18,7 +23,7 @@ from numba import carray, cfunc, float32, float64, njit, types
 
 from kernels.numba_cpu import _ffi
 from kernels.numba_cpu._ffi import arg, as_pointer, data, dim, dtype, leading, make_error, rank, ret
-from kernels.numba_cpu._kernels import backward, forward
+from kernels.numba_cpu._kernels import backward, forward, run_job
 
 _N_ACTS = 7
 
@@ -41,6 +46,9 @@ def _forward_call(frame, nbtype, code):
     act = _ffi.scalar_attr_i64(frame, 0)
     if act < 0 or act >= _N_ACTS:
         return make_error(frame, "missing or unknown int64 attribute 'act'")
+    task = _ffi.scalar_attr_i64(frame, 1)
+    if task < 0:
+        return make_error(frame, "missing int64 attribute 'task'")
     xb, wb, yb = arg(frame, 0), arg(frame, 1), ret(frame, 0)
     has_bias = nargs == 3
     save_z = nrets == 2
@@ -66,7 +74,7 @@ def _forward_call(frame, nbtype, code):
     # Without a bias the view aliases y and is never read.
     bs = _view(bb, nbtype, (nb, n))
     for i in range(nb):
-        forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act)
+        forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, frame, task)
     return 0
 
 
@@ -82,6 +90,9 @@ def _backward_call(frame, nbtype, code):
     act = _ffi.scalar_attr_i64(frame, 0)
     if act < 0 or act >= _N_ACTS:
         return make_error(frame, "missing or unknown int64 attribute 'act'")
+    task = _ffi.scalar_attr_i64(frame, 1)
+    if task < 0:
+        return make_error(frame, "missing int64 attribute 'task'")
     dyb, xb, wb, rb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3)
     dxb, dwb = ret(frame, 0), ret(frame, 1)
     has_bias = nrets == 3
@@ -117,7 +128,7 @@ def _backward_call(frame, nbtype, code):
     # Without a bias the view aliases dw and is never written.
     dbs = _view(dbb, nbtype, (nb, n))
     for i in range(nb):
-        backward(dys[i], xs[i], ws[i], rs[i], act, dxs[i], dws[i], dbs[i], has_bias)
+        backward(dys[i], xs[i], ws[i], rs[i], act, dxs[i], dws[i], dbs[i], has_bias, frame, task)
     return 0
 
 
@@ -145,6 +156,19 @@ def backward_f32(frame):
 def backward_f64(frame):
     return _backward_call(frame, float64, _ffi.DTYPE_F64)
 
+
+@cfunc(types.void(types.int64), cache=True)
+def task_f32(job):
+    run_job(job, float32)
+
+
+@cfunc(types.void(types.int64), cache=True)
+def task_f64(job):
+    run_job(job, float64)
+
+
+# XLA_FFI_Task: void (*)(void* data), the job.
+TASKS = {"float32": task_f32, "float64": task_f64}
 
 HANDLERS = {
     ("forward", "float32"): forward_f32,

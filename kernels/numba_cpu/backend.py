@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.numba_cpu._kernels import ACT_CODES, RESIDUAL
+from kernels.numba_cpu._kernels import ACT_CODES, PARALLEL_MIN_MACS, RESIDUAL
 
 _PREFIX = "jaxnet_numba_fused_dense"
 _lock = threading.Lock()
@@ -52,6 +52,7 @@ def _target(kind: str, dtype: str) -> str:
                 for (k, d), handler in _handlers.HANDLERS.items():
                     _ffi.register(f"{_PREFIX}_{k}_{d}", handler)
                 _REGISTERED.update(_handlers.HANDLERS)
+                _REGISTERED.update({("task", d): t for d, t in _handlers.TASKS.items()})
     return f"{_PREFIX}_{kind}_{dtype}"
 
 
@@ -84,6 +85,14 @@ def _result(shape, like):
     return aval.update(shape=shape, sharding=aval.sharding.update(spec=jax.P(*([None] * len(shape)))))
 
 
+def _task(dtype, m, k, n):
+    """The ``task`` attribute: the helper task's address when the problem is big enough to share
+    with XLA's thread pool, else 0."""
+    from kernels.numba_cpu import _handlers
+
+    return np.int64(_handlers.TASKS[dtype].address if m * k * n >= PARALLEL_MIN_MACS else 0)
+
+
 def _forward(x2, w, b, activation, save):
     """FFI forward on ``x2: [M, K]``; returns ``(y, z)`` with ``z`` None unless ``save``."""
     m, n = x2.shape[0], w.shape[1]
@@ -91,7 +100,7 @@ def _forward(x2, w, b, activation, save):
     call = jax.ffi.ffi_call(_target("forward", x2.dtype.name), (out, out) if save else (out,),
                             vmap_method="broadcast_all")
     operands = (x2, w) if b is None else (x2, w, b)
-    res = call(*operands, act=np.int64(ACT_CODES[activation]))
+    res = call(*operands, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, x2.shape[1], n))
     return res[0], (res[1] if save else None)
 
 
@@ -116,7 +125,7 @@ def _dense_bwd(activation, res, dy):
         outs.append(_result((n,), x2))
     call = jax.ffi.ffi_call(_target("backward", x2.dtype.name), tuple(outs), vmap_method="broadcast_all")
     # Identity needs no residual; dy stands in (the kernel does not read it as one).
-    grads = call(dy, x2, w, dy if r is None else r, act=np.int64(ACT_CODES[activation]))
+    grads = call(dy, x2, w, dy if r is None else r, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, k, n))
     return grads[0], grads[1], (grads[2] if has_bias else None)
 
 

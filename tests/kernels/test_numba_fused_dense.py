@@ -211,6 +211,17 @@ def test_values_and_gradients_match_references(problem):
 
 
 @settings(max_examples=8)
+@given(problems())
+def test_thread_pool_path_matches_references(problem):
+    # Big problems share GEMM blocks with XLA's thread pool; force that path on every size.
+    from kernels.numba_cpu import backend
+
+    with pytest.MonkeyPatch.context() as mp, jax.enable_x64(True):
+        mp.setattr(backend, "PARALLEL_MIN_MACS", 0)
+        _check_problem(problem)
+
+
+@settings(max_examples=8)
 @given(problems(dtypes=("bfloat16", "float16")))
 def test_low_precision_inputs_accumulate_in_float32(problem):
     # Outputs and gradients come back in the input dtype; references computed from the same
@@ -277,11 +288,14 @@ def test_nested_vmap_and_checkpoint():
     _close(got, jax.grad(_loss(f2(_f("xla"))), (0, 1, 2))(x, w, b))
 
 
-def test_shard_map_on_four_cpu_devices():
+def test_shard_map_on_four_cpu_devices(monkeypatch):
     assert len(jax.devices("cpu")) >= 4, "tests/conftest.py asks for 4 fake CPU devices"
     mesh = jax.make_mesh((4,), ("d",))
     x, w, b = _data((4 * 40, 33))
     xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+    from kernels.numba_cpu import backend
+
+    monkeypatch.setattr(backend, "PARALLEL_MIN_MACS", 0)  # every shard also uses XLA's pool
 
     def per_shard(f):
         return jax.jit(jax.shard_map(lambda x, w, b: (f(x, w, b), jax.grad(_loss(f), (0, 1, 2))(x, w, b)),
@@ -292,17 +306,22 @@ def test_shard_map_on_four_cpu_devices():
     _close(jax.device_get(got), want, 1e-4)
 
 
-def test_concurrent_calls_from_threads():
-    # The handlers hold no global state and no lock: many host threads may run them at once.
+@pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "xla-pool"])
+def test_concurrent_calls_from_threads(pool, monkeypatch):
+    # The handlers hold no global state and no lock: many host threads may run them at once,
+    # each possibly sharing its blocks with XLA's thread pool.
     from concurrent.futures import ThreadPoolExecutor
 
+    from kernels.numba_cpu import backend
+
+    monkeypatch.setattr(backend, "PARALLEL_MIN_MACS", 0 if pool else 1 << 62)
     x, w, b = _data((256, 64), n=48)
-    f = jax.jit(_f("numba", "tanh"))
-    want = np.asarray(_f("xla", "tanh")(x, w, b))
-    with ThreadPoolExecutor(8) as pool:
-        outs = list(pool.map(lambda i: np.asarray(f(x * 1.0, w, b)), range(32)))
+    f = jax.jit(jax.value_and_grad(_loss(_f("numba", "tanh")), (0, 1, 2)))
+    want = jax.value_and_grad(_loss(_f("xla", "tanh")), (0, 1, 2))(x, w, b)
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda i: jax.device_get(f(x * 1.0, w, b)), range(32)))
     for o in outs:
-        np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+        _close(o, want, 1e-4)
 
 
 @pytest.mark.parametrize("layout", ["x.T", "w.T", "strided", "broadcast"])
@@ -394,15 +413,17 @@ BAD_INPUTS = textwrap.dedent("""
     f32 = jax.ShapeDtypeStruct
     raw = {
         "shapes": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), jnp.ones((5, 2)), act=np.int64(1)),
+            jnp.ones((3, 4)), jnp.ones((5, 2)), act=np.int64(1), task=np.int64(0)),
         "dtype": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)), act=np.int64(1)),
+            jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)), act=np.int64(1), task=np.int64(0)),
         "attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(99)),
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(99), task=np.int64(0)),
         "arity": lambda: jax.ffi.ffi_call(nb._target("backward", "float32"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), act=np.int64(1)),
+            jnp.ones((3, 4)), act=np.int64(1), task=np.int64(0)),
+        "no task attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1)),
         "rank": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
-            jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1)),
+            jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1), task=np.int64(0)),
     }
     for name, case in raw.items():
         try:
