@@ -39,7 +39,7 @@ def _run_verify(args) -> int:
     from jaxnet.testing.bad_inputs import _resolve
     from jaxnet.testing.report import format_table
 
-    profile = profiles.load_profile(args.profile)
+    profile = profiles.profile_name(args.profile)
     available = kernels.available_backends()
     backends = args.backend if args.backend else ([] if args.candidate else available)
     unknown = [b for b in backends if b not in available]

@@ -21,12 +21,13 @@ def test_accepts_the_reference():
 
 @pytest.mark.parametrize("name", sorted(mutants.CONTROLS))
 def test_accepts_correct_kernels_written_differently(name):
-    assert_matches_reference(mutants.CONTROLS[name], kernels.reference.fused_dense, max_examples=FEW)
+    report = assert_matches_reference(mutants.CONTROLS[name], kernels.reference.fused_dense, max_examples=5)
+    assert max(r.worst_ratio for r in report.results.values()) <= 1.0
 
 
 def test_accepts_the_xla_backend():
     assert_matches_reference(functools.partial(kernels.fused_dense, backend="xla"), kernels.reference.fused_dense,
-                             max_examples=FEW, check_vmap=False)
+                             max_examples=4, check_vmap=False)
 
 
 @pytest.mark.slow
@@ -59,22 +60,15 @@ def test_rejects_mutant(name):
     assert EXPECTED[name] in failed or (name == "relu_grad_at_zero" and failed & {"grad_w", "grad_b"}), failed
     if name == "jit_only":
         assert failed == {"forward"}  # right under jit, vmap and grad: only the eager check sees it
-
-
-def test_low_precision_accumulation_is_caught_in_bfloat16_alone():
-    report = verify(mutants.low_precision_acc, dtypes=("bfloat16",), check_grads=False, check_vmap=False,
-                    shrink=0, keep_going=False)
-    assert not report.ok
-    with pytest.raises(AssertionError):
-        assert_matches_reference(mutants.low_precision_acc, dtypes=("float32",), max_examples=FEW)  # in f32 it is right...
-        raise AssertionError("...so this line is reached")
+    if name == "low_precision_acc":
+        assert "float16[" in report.failures[0].call.describe()  # right in float32: found in bf16/f16
 
 
 def test_relu_derivative_at_zero_is_checked_exactly():
     """Only exact-zero pre-activations tell ``z >= 0`` from the reference's convention."""
     report = verify(mutants.relu_grad_at_zero, activations=("relu",), check_vmap=False, shrink=0, keep_going=False)
     f = report.failures[0]
-    assert f.check.startswith("grad_") and "values='zeros'" in repr(f.call) or "values='kink'" in repr(f.call)
+    assert f.check.startswith("grad_") and ("values='zeros'" in repr(f.call) or "values='kink'" in repr(f.call))
 
 
 def test_failure_message_shows_the_smallest_counterexample():
@@ -111,7 +105,7 @@ def test_custom_argument_strategy():
     def candidate(x):
         return jnp.where(x > 20, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20))))
 
-    arrays = st.lists(st.floats(-30, 30, width=32), min_size=1, max_size=16).map(
+    arrays = st.lists(st.floats(-30, 30, width=32), min_size=8, max_size=8).map(  # one shape: one compile
         lambda v: ((np.asarray(v, np.float32),), {}))
     report = assert_matches_reference(candidate, reference, args=arrays, max_examples=FEW, tolerance=4)
     assert {"forward", "jit", "vmap", "grad_arg0"} <= set(report.results)

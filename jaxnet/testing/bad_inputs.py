@@ -159,7 +159,8 @@ def _run_worker(payload: bytes, first: int, calls, timeout, startup_timeout) -> 
             for line in proc.stdout:
                 lines.put(line.decode(errors="replace"))
             lines.put(None)
-        threading.Thread(target=pump, daemon=True).start()
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         proc.stdin.write(payload)
         proc.stdin.close()
 
@@ -199,6 +200,8 @@ def _run_worker(payload: bytes, first: int, calls, timeout, startup_timeout) -> 
         finally:
             if proc.poll() is None:
                 _kill(proc)
+            reader.join(timeout=10)  # EOF follows the exit; then the pipe can be closed
+            proc.stdout.close()
 
 
 def _kill(proc) -> None:

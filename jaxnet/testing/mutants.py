@@ -8,7 +8,7 @@ functions, so ``check_bad_inputs`` can import them in a subprocess.
   bias_wrong_axis      8x8 output tiles; the bias tile is added down the rows, not across columns.
   relu_grad_at_zero    hand-written VJP whose relu mask is ``z >= 0`` (derivative 1 at z = 0).
   tail_dropped         K tiled by 8; the loop runs K // 8 blocks, so a partial last block is lost.
-  low_precision_acc    K tiled by 16 with the accumulator in x's dtype (bf16/f16 sums of partials).
+  low_precision_acc    K tiled by 4 with the accumulator in x's dtype (bf16/f16 sums of partials).
   no_grad_b            hand-written VJP that returns zeros for b (bias treated as a constant).
   jit_only             an eager "fast path" in NumPy that applies the activation before the bias.
   unchecked            no argument checks: malformed calls broadcast or run instead of raising.
@@ -77,8 +77,7 @@ def tail_dropped(x, w, b=None, *, activation="relu"):
     return _finish(_dot(x[..., :kf], w[:kf]), b, activation, x.dtype)
 
 
-def _k_blocked(x, w, b, activation, acc_dtype):
-    bk = 16
+def _k_blocked(x, w, b, activation, acc_dtype, bk=16):
     k, n = w.shape
     kp = _cdiv(k, bk) * bk
     xb = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kp - k)]).reshape(x.shape[:-1] + (kp // bk, bk))
@@ -93,9 +92,9 @@ def _k_blocked(x, w, b, activation, acc_dtype):
 
 
 def low_precision_acc(x, w, b=None, *, activation="relu"):
-    """K in blocks of 16; partial products in f32, but summed into an accumulator of x's dtype."""
+    """K in blocks of 4; partial products in f32, but summed into an accumulator of x's dtype."""
     check_fused_dense_args(x, w, b, activation)
-    return _k_blocked(x, w, b, activation, x.dtype)  # BUG: the accumulator should be float32
+    return _k_blocked(x, w, b, activation, x.dtype, bk=4)  # BUG: the accumulator should be float32
 
 
 def k_blocked(x, w, b=None, *, activation="relu"):
