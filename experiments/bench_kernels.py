@@ -1,0 +1,238 @@
+"""Benchmark: ``kernels.fused_dense`` per backend against XLA's own ``act(x @ w + b)``, same run.
+
+    python -m experiments.bench_kernels            # full grid, ~3-6 minutes on 2 cores
+    python -m experiments.bench_kernels --quick    # 6 shapes, ~40 s
+
+For every shape (M, K, N) of the grid and for forward and forward+backward (the VJP: y, dx,
+dW, db from a fixed cotangent), it reports GFLOP/s of each backend (2MKN forward, 6MKN
+forward+backward) and the speed ratio to XLA (t_xla / t_backend: > 1 means faster than XLA),
+from medians of ``--repeats`` samples taken after warm-up, backends interleaved sample by sample
+so that they share the machine's noise, each sample ``block_until_ready``. Then the per-call
+overhead at 8x8x8: the Numba FFI call, XLA's own op at that size, a tiny XLA op (``x + 1``), and
+the same kernel through ``jax.pure_callback`` (a baseline only; the backend never uses it).
+Also the cold start of the Numba backend in a fresh process (import, handler load from Numba's
+cache and registration, first call).
+
+Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
+ends with one JSON line of summary metrics, also saved as ``result.json``. Figures in
+docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+from experiments.common import finish, parse_config
+
+# (M, K, N): square sweeps 8..2048, tall/wide/deep, and the shapes of this project's models
+# (SimpleNet 10-5-1 and an MLP on 8x8 digits at batch 256, a transformer MLP block d=256).
+GRID = (
+    (8, 8, 8), (64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512),
+    (1024, 1024, 1024), (2048, 1024, 1024), (2048, 2048, 2048),
+    (4096, 256, 256), (8, 4096, 4096), (256, 4096, 64), (4096, 64, 4096),
+    (256, 10, 5), (256, 5, 1), (256, 64, 128), (256, 128, 10), (1024, 256, 1024), (1024, 1024, 256),
+)
+QUICK_GRID = ((8, 8, 8), (64, 64, 64), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+              (256, 64, 128))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # A 6-shape grid instead of the full one.
+    quick: bool = False
+    # Backends besides the XLA baseline ("pallas" runs interpreted on CPU: very slow).
+    backends: tuple[str, ...] = ("numba",)
+    activation: str = "relu"
+    dtype: str = "float32"
+    # Timed samples per shape and backend (medians reported), after `warmup` untimed calls.
+    repeats: int = 15
+    warmup: int = 3
+    # Each sample repeats the call until it lasts at least this long (small shapes).
+    min_sample_s: float = 0.002
+    seed: int = 0
+
+
+def _sampler(fn, args, min_sample_s):
+    """Returns ``sample()`` -> seconds per call, looping enough calls to last ``min_sample_s``."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    reps = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-7)))
+
+    def sample():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / reps
+    return sample
+
+
+def _medians(fns: dict, args, config: Config) -> dict:
+    """Median seconds per call of each function, sampled side by side."""
+    samplers = {name: _sampler(f, args, config.min_sample_s) for name, f in fns.items()}
+    for _ in range(config.warmup):
+        for s in samplers.values():
+            s()
+    times = {name: [] for name in fns}
+    for _ in range(config.repeats):
+        for name, s in samplers.items():
+            times[name].append(s())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _problem(shape, config: Config):
+    import jax
+    import jax.numpy as jnp
+
+    m, k, n = shape
+    keys = jax.random.split(jax.random.key(config.seed), 4)
+    dt = jnp.dtype(config.dtype)
+    x = jax.random.normal(keys[0], (m, k), dt)
+    w = (jax.random.normal(keys[1], (k, n), dt) / math.sqrt(k)).astype(dt)
+    b = jax.random.normal(keys[2], (n,), dt)
+    dy = jax.random.normal(keys[3], (m, n), dt)
+    return x, w, b, dy
+
+
+def _fns(backend: str, activation: str):
+    import jax
+
+    import kernels
+
+    f = lambda x, w, b: kernels.fused_dense(x, w, b, activation=activation, backend=backend)  # noqa: E731
+
+    def fwd_bwd(x, w, b, dy):
+        y, vjp = jax.vjp(f, x, w, b)
+        return y, vjp(dy)
+
+    return jax.jit(lambda x, w, b, dy: f(x, w, b)), jax.jit(fwd_bwd)
+
+
+def _overhead(config: Config) -> dict:
+    """Microseconds per call at 8x8x8: Numba FFI, XLA's fused dense, ``x + 1``, pure_callback."""
+    import jax
+    import numpy as np
+
+    from kernels import reference
+
+    x, w, b, _ = _problem((8, 8, 8), config)
+    numba_fwd, _ = _fns("numba", config.activation)
+    xla_fwd, _ = _fns("xla", config.activation)
+
+    def host(x, w, b):  # the same arithmetic on the host, float64 NumPy, cast back
+        return reference.fused_dense_numpy(x, w, b, activation=config.activation).astype(x.dtype)
+
+    callback = jax.jit(lambda x, w, b, dy: jax.pure_callback(
+        host, jax.ShapeDtypeStruct((8, 8), x.dtype), x, w, b, vmap_method="broadcast_all"))
+    tiny = jax.jit(lambda x, w, b, dy: x + 1)
+    fns = {"numba": numba_fwd, "xla": xla_fwd, "xla_tiny_op": tiny, "pure_callback": callback}
+    t = _medians(fns, (x, w, b, x), dataclasses.replace(config, repeats=max(config.repeats, 25),
+                                                         min_sample_s=0.02))
+    np.testing.assert_allclose(np.asarray(numba_fwd(x, w, b, x)), np.asarray(callback(x, w, b, x)),
+                               rtol=1e-5, atol=1e-5)
+    return {name: round(v * 1e6, 2) for name, v in t.items()}
+
+
+COLD_START = """
+import time
+t0 = time.perf_counter()
+import jax, jax.numpy as jnp
+import kernels
+t1 = time.perf_counter()
+y = kernels.fused_dense(jnp.ones((4, 3)), jnp.ones((3, 2)), backend="numba").block_until_ready()
+t2 = time.perf_counter()
+print(round(t1 - t0, 3), round(t2 - t1, 3))
+"""
+
+
+def _cold_start() -> dict:
+    """Seconds in a fresh process: ``import kernels`` (jax included), then the first Numba call
+    (handlers loaded from Numba's on-disk cache and registered, XLA compile, run)."""
+    out = subprocess.run([sys.executable, "-c", COLD_START], capture_output=True, text=True, check=True)
+    imp, first = (float(v) for v in out.stdout.split())
+    return {"import_s": imp, "first_call_s": first}
+
+
+def run(config: Config) -> tuple[list[dict], dict]:
+    import jax
+    import numpy as np
+
+    backends = ("xla", *[b for b in config.backends if b != "xla"])
+    rows = []
+    for shape in QUICK_GRID if config.quick else GRID:
+        m, k, n = shape
+        args = _problem(shape, config)
+        fns = {be: _fns(be, config.activation) for be in backends}
+        # Each backend must agree with XLA before it is timed.
+        ref = jax.device_get(fns["xla"][1](*args))
+        for be in backends[1:]:
+            got = jax.device_get(fns[be][1](*args))
+            for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+                np.testing.assert_allclose(u, v, rtol=2e-3, atol=2e-3 * math.sqrt(max(k, m, n)))
+        for mode, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n)):
+            i = 0 if mode == "fwd" else 1
+            t = _medians({be: fns[be][i] for be in backends}, args, config)
+            row = {"M": m, "K": k, "N": n, "mode": mode}
+            for be in backends:
+                row[f"{be}_us"] = round(t[be] * 1e6, 1)
+                row[f"{be}_gflops"] = round(flops / t[be] / 1e9, 2)
+                if be != "xla":
+                    row[f"{be}_vs_xla"] = round(t["xla"] / t[be], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    overhead = _overhead(config)
+    print("overhead_us", json.dumps(overhead), flush=True)
+    return rows, overhead
+
+
+def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> dict:
+    peak = max(r[k] for r in rows for k in r if k.endswith("_gflops"))
+    summary = {"peak_gflops": peak, "activation": config.activation, "dtype": config.dtype}
+    for be in config.backends:
+        if be == "xla":
+            continue
+        for mode in ("fwd", "fwd+bwd"):
+            ratios = {(r["M"], r["K"], r["N"]): r[f"{be}_vs_xla"] for r in rows if r["mode"] == mode}
+            small = [v for s, v in ratios.items() if max(s) <= 256]
+            mid = [v for s, v in ratios.items() if 512 <= max(s) <= 2048]
+            summary[f"{be}_{mode}_geomean_vs_xla"] = round(math.exp(statistics.fmean(map(math.log, ratios.values()))), 3)
+            summary[f"{be}_{mode}_min_vs_xla_small"] = min(small) if small else None
+            summary[f"{be}_{mode}_min_vs_xla_512_2048"] = min(mid) if mid else None
+    summary.update({f"overhead_{k}_us": v for k, v in overhead.items()})
+    summary["numba_overhead_vs_xla_tiny_op"] = round(overhead["numba"] / overhead["xla_tiny_op"], 3)
+    summary.update({f"cold_{k}": v for k, v in cold.items()})
+    return summary
+
+
+def table(rows: list[dict], config: Config) -> str:
+    bes = [b for b in config.backends if b != "xla"]
+    head = ["M", "K", "N", "mode", "XLA GFLOP/s"] + [f"{b} GFLOP/s" for b in bes] + [f"{b}/XLA" for b in bes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["M"], r["K"], r["N"], r["mode"], r["xla_gflops"]]
+        cells += [r[f"{b}_gflops"] for b in bes] + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    config, workdir = parse_config(Config, argv, name="bench_kernels", description=__doc__.splitlines()[0])
+    cold = _cold_start()
+    rows, overhead = run(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (workdir / "table.md").write_text(table(rows, config))
+    print(table(rows, config), flush=True)
+    return finish(summarize(rows, overhead, cold, config), workdir)
+
+
+if __name__ == "__main__":
+    main()
