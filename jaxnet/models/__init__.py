@@ -1,4 +1,6 @@
 """Model families: one module per family."""
+from jaxnet.models.cnn import CNN
 from jaxnet.models.mlp import MLP, SimpleNet
+from jaxnet.models.recsys import NCF, MatrixFactorization, TwoTower
 
-__all__ = ["MLP", "SimpleNet"]
+__all__ = ["CNN", "MLP", "MatrixFactorization", "NCF", "SimpleNet", "TwoTower"]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxnet.data.checks import check_supervised
+from jaxnet.data.checks import check_same_length, check_supervised
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
 
 
@@ -58,13 +58,27 @@ class FitResult:
         return [r[name] for r in self.history if name in r]
 
 
-def _as_xy(data, name: str, target_kind: str):
+def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
     if isinstance(data, dict):
         x, y = data["x"], data["y"]
     else:
         x, y = data
     if target_kind not in ("float", "labels"):
         raise ValueError(f"target_kind must be 'float' or 'labels', got {target_kind!r}")
+    if x_kind not in ("float", "ids"):
+        raise ValueError(f"x_kind must be 'float' or 'ids', got {x_kind!r}")
+    if x_kind == "ids":  # integer ids for embedding lookups (e.g. (user, item) pairs)
+        ids = np.asarray(x)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{name} inputs: x_kind='ids' needs integer ids, got dtype {ids.dtype} "
+                            f"with shape {ids.shape}")
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"{name} inputs: ids must be >= 0, got {ids.min()} in shape {ids.shape}")
+        check_same_length(**{f"{name} inputs": ids, f"{name} targets": y})
+        # The targets get the usual checks; a float stand-in takes the ids' place.
+        _, y = check_supervised(np.zeros(ids.shape[:1], np.float32), y, y_name=f"{name} targets",
+                                y_float=target_kind == "float")
+        return {"x": jnp.asarray(ids), "y": jnp.asarray(y)}
     x, y = check_supervised(x, y, x_name=f"{name} inputs", y_name=f"{name} targets",
                             y_float=target_kind == "float")
     return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
@@ -185,6 +199,7 @@ def fit(
     batch_size: int | None = None,
     val_data=None,
     target_kind: str = "float",
+    x_kind: str = "float",
     l1: float = 0.0,
     l2: float = 0.0,
     reg_filter: Callable | None = None,
@@ -206,6 +221,8 @@ def fit(
       state: from ``TrainState.create`` (or a previous ``fit``); it is donated: use the returned one.
       train_data: ``(x, y)`` or ``{"x": x, "y": y}``; ``x: [n, ...]`` float, ``y: [n, ...]`` float
         (``target_kind="float"``) or integer labels ``[n]`` (``target_kind="labels"``).
+        With ``x_kind="ids"``, ``x`` holds non-negative integer ids instead (e.g. ``[n, 2]``
+        (user, item) pairs for ``jaxnet.models.recsys``).
       loss_fn: ``loss_fn(pred, y, reduction=..., mask=...)`` from ``jaxnet.losses``.
       epochs: total epochs; a resumed state continues from its own ``epoch``.
       batch_size: examples per step; None (or >= n) trains full-batch with epochs in ``lax.scan``.
@@ -229,8 +246,8 @@ def fit(
     if epochs < 0 or eval_every < 1:
         raise ValueError(f"need epochs >= 0 and eval_every >= 1, got epochs={epochs}, eval_every={eval_every}")
     t_start = time.perf_counter()
-    data = _as_xy(train_data, "train", target_kind)
-    val = None if val_data is None else _as_xy(val_data, "validation", target_kind)
+    data = _as_xy(train_data, "train", target_kind, x_kind)
+    val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
     n = int(data["x"].shape[0])
     if n == 0:
         raise ValueError("train_data has no examples")
