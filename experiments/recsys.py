@@ -19,7 +19,8 @@ Data: the seeded generator (jaxnet.data.ratings.GeneratorConfig: 2,000 users x 1
 
 Settings were chosen with ``--validate`` (validation split of the training data), never on the
 test split. Writes ``explicit/`` and ``implicit_<model>/`` logs, ``result.json``; ends with one
-JSON line. Measured: see docs/benchmarks.md ("Recommendation").
+JSON line. Measured (docs/benchmarks.md, "Recommendation"; 2 shared cores, about 1 minute):
+RMSE 1.040σ (biases baseline 1.41σ); HR@10 0.84 for MF, NCF and two-tower, 2.5x popularity (0.34).
 """
 from __future__ import annotations
 
