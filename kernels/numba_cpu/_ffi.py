@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # XLA_FFI_CallFrame
@@ -148,6 +149,26 @@ def make_error(typingctx, frame, message):
         err = builder.call(builder.inttoptr(fn_addr, fnty.as_pointer()), [slot])
         return builder.ptrtoint(err, i64)
     return types.int64(types.int64, message), codegen
+
+
+@intrinsic(prefer_literal=True)
+def stack_buffer(typingctx, count, dtype):
+    """A ``dtype*`` to ``count`` elements on the stack frame of the calling function.
+
+    The alloca sits in the entry block, so when every access has a constant index (small fixed
+    loops, fully unrolled) LLVM promotes the buffer to registers: this is how the GEMM
+    micro-kernels keep their accumulator tile in vector registers.
+    """
+    if not isinstance(count, types.IntegerLiteral):
+        return None
+    n = count.literal_value
+    elem = dtype.dtype if isinstance(dtype, types.DType) else dtype.instance_type
+
+    def codegen(context, builder, sig, args):
+        ety = context.get_value_type(elem)
+        slot = cgutils.alloca_once(builder, ir.ArrayType(ety, n))
+        return builder.bitcast(slot, ety.as_pointer())
+    return types.CPointer(elem)(count, dtype), codegen
 
 
 def _api_fn(builder, frame, offset, fnty):
