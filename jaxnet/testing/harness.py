@@ -432,7 +432,8 @@ def assert_matches_reference(candidate: Callable, reference: Callable | None = N
       dtypes, activations: what the default strategy draws.
       max_examples: examples per search (default: the active Hypothesis profile's).
       profile: "ci" or "thorough" (default: the active Hypothesis profile).
-      check_grads, check_jit, check_vmap: turn checks off (forward always runs).
+      check_grads, check_jit, check_vmap: turn checks off (forward always runs). The vmap and
+        gradient checks run under ``jax.jit`` whatever ``check_jit`` says.
       shrink: how many examples Hypothesis may spend shrinking a failure towards the smallest
         call (each costs compiles); 0 reports the first failing call as found.
       tolerance: for non-default ``args``: an accumulation length (int), a ``GenericTolerance``,
@@ -443,6 +444,9 @@ def assert_matches_reference(candidate: Callable, reference: Callable | None = N
 
     Returns:
       The ``Report`` (all checks passed).
+
+    Call it from a plain test function, not from inside another ``@given`` test (it runs its own
+    Hypothesis search).
 
     Raises:
       AssertionError: with, per failing check, the smallest counterexample: shapes, dtype,
