@@ -2,5 +2,7 @@
 from jaxnet.models.cnn import CNN
 from jaxnet.models.mlp import MLP, SimpleNet
 from jaxnet.models.recsys import NCF, MatrixFactorization, TwoTower
+from jaxnet.models.transformer import TransformerClassifier, TransformerConfig, TransformerLM
 
-__all__ = ["CNN", "MLP", "MatrixFactorization", "NCF", "SimpleNet", "TwoTower"]
+__all__ = ["CNN", "MLP", "MatrixFactorization", "NCF", "SimpleNet", "TransformerClassifier", "TransformerConfig",
+           "TransformerLM", "TwoTower"]

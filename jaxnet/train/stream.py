@@ -1,0 +1,196 @@
+"""Training on a long token stream: random (batch, time) windows each step, for language models.
+
+``fit`` visits a fixed set of examples epoch by epoch; a language model instead draws ``batch_size``
+windows of ``block_size + 1`` tokens at random starts of one long stream at every step. The draw
+happens on the device (``jaxnet.data.text.random_windows``) inside the same jitted, state-donating
+program as ``make_train_step``'s update, so nothing crosses to the host between logs.
+
+    state, history = fit_stream(state, train_tokens, steps=3000, batch_size=32, block_size=128,
+                                val_tokens=val_tokens, eval_every=500, workdir="runs/lm")
+
+Step ``s`` draws its windows from ``fold_in(data_key, s)`` and its dropout from
+``fold_in(dropout_key, s)`` (``split_keys(state.rng)``), so a run is reproducible and a resumed
+state continues the same sequence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxnet import losses
+from jaxnet.data.text import random_windows, stream_windows
+from jaxnet.train.loop import _check_finite, _write_plot
+from jaxnet.train.step import TrainState, make_train_step, split_keys
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """What ``fit_stream`` returns: the state, one record per log interval, wall time, files."""
+
+    state: TrainState
+    history: list[dict]
+    wall_s: float
+    train_s: float  # time in training steps only (evaluation and the first compile excluded)
+    tokens: int  # training tokens processed in this call
+    stopped_by_time: bool
+    files: dict[str, str]
+
+    def column(self, name: str) -> list:
+        return [r[name] for r in self.history if name in r]
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_step(loss_fn: Callable, batch_size: int, block_size: int):
+    train_step = make_train_step(loss_fn)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: TrainState, tokens):
+        dropout_key, data_key = split_keys(state.rng)
+        x, y = random_windows(jax.random.fold_in(data_key, state.step), tokens, batch_size, block_size)
+        return train_step(state, {"x": x, "y": y}, dropout_key)
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def _nll_sums():
+    @jax.jit
+    def nll(state: TrainState, x, y, score):
+        logits = state.apply_fn(state.variables, x, train=False)  # (B, T, V)
+        per_token = losses.cross_entropy(logits, y, reduction="none", mask=score)  # (B, T)
+        return jnp.sum(per_token), jnp.sum(score)
+
+    return nll
+
+
+def evaluate_stream(state: TrainState, tokens, *, block_size: int, batch_size: int = 64,
+                    stride: int | None = None) -> float:
+    """Mean next-token negative log-likelihood (nats) over every target of ``tokens: [N]``.
+
+    Windows from ``jaxnet.data.text.stream_windows``: with ``stride < block_size`` each target is
+    scored once with at least ``block_size - stride`` tokens of context (a sliding evaluation),
+    with the default ``stride = block_size`` in non-overlapping windows.
+    """
+    x, y, score = stream_windows(np.asarray(tokens), block_size, stride)
+    nll = _nll_sums()
+    total, count = 0.0, 0.0
+    pad = (-len(x)) % batch_size  # fixed batch shape: one compilation
+    x, y, score = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, y, score))
+    for i in range(0, len(x), batch_size):
+        s, c = nll(state, x[i:i + batch_size], y[i:i + batch_size], score[i:i + batch_size])
+        total, count = total + float(s), count + float(c)
+    return total / count
+
+
+def fit_stream(
+    state: TrainState,
+    train_tokens,
+    *,
+    steps: int,
+    batch_size: int,
+    block_size: int,
+    loss_fn: Callable = losses.cross_entropy,
+    val_tokens=None,
+    eval_every: int | None = None,
+    eval_stride: int | None = None,
+    log_every: int = 50,
+    time_limit_s: float | None = None,
+    progress: bool = True,
+    workdir: str | pathlib.Path | None = None,
+    plot: bool | None = None,
+    title: str = "language model",
+) -> StreamResult:
+    """Trains ``state`` until it has made ``steps`` updates (a resumed state continues).
+
+    Args:
+      state: from ``TrainState.create`` with a model mapping ``ids [B, T] -> logits [B, T, V]``;
+        donated: use the returned one.
+      train_tokens, val_tokens: ``[N] int`` streams.
+      steps: total updates; batch_size, block_size: windows per step and their length.
+      eval_every: evaluate ``val_tokens`` every this many steps (and at the end).
+      eval_stride: stride of the evaluation windows (``evaluate_stream``).
+      log_every: one history record (means of the interval's metrics) every this many steps.
+      time_limit_s: stop after this much training time (checked at log points).
+      workdir: where ``metrics.jsonl`` and ``loss_curve.png`` go. The curve's x axis is epochs:
+        tokens seen / training tokens.
+
+    Raises:
+      FloatingPointError: the loss or gradient turned NaN/Inf.
+    """
+    t_start = time.perf_counter()
+    tokens = jnp.asarray(train_tokens, jnp.int32)
+    n_train = int(tokens.shape[0])
+    step_fn = _stream_step(loss_fn, batch_size, block_size)
+    files: dict[str, str] = {}
+    log_file = None
+    if workdir is not None:
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        files["metrics"] = str(workdir / "metrics.jsonl")
+        log_file = open(files["metrics"], "a" if int(state.step) > 0 else "w")
+
+    history: list[dict] = []
+    first = int(state.step)
+    done = first
+    train_s, stopped = 0.0, False
+    bar = tqdm(total=steps, initial=min(done, steps), disable=not progress, unit="step", desc=title,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        while done < steps and not stopped:
+            n = min(log_every, steps - done)
+            t0 = time.perf_counter()
+            per_step = []
+            for _ in range(n):
+                state, m = step_fn(state, tokens)
+                per_step.append(m)
+            m = jax.device_get(per_step)  # waits for the interval's steps
+            dt = time.perf_counter() - t0
+            # The first interval of a call includes compilation: count it as its other steps' share.
+            train_s += dt if history else (dt * (n - 1) / n)
+            stacked = {k: np.array([s[k] for s in m]) for k in m[0]}
+            _check_finite(stacked, done, lambda s: s * batch_size * block_size // n_train + 1)
+            done += n
+            rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
+                   **{k: float(np.mean(v)) for k, v in stacked.items()},
+                   "tokens_per_s": n * batch_size * block_size / dt}
+            stopped = time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s
+            if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
+                                                           or done >= steps or stopped):
+                rec["val_loss"] = evaluate_stream(state, val_tokens, block_size=block_size,
+                                                  stride=eval_stride)
+                bar.write(f"step {done:>6}  loss {rec['loss']:.4f}  val_loss {rec['val_loss']:.4f} "
+                          f"({rec['val_loss'] / math.log(2):.3f} bits/token)")
+            rec["time_s"] = round(time.perf_counter() - t_start, 3)
+            history.append(rec)
+            if log_file is not None:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            bar.update(n)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    if workdir is not None and history and plot is not False:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plot = False
+        if plot is not False and _write_plot(history, workdir / "loss_curve.png", title):
+            files["loss_curve"] = str(workdir / "loss_curve.png")
+    return StreamResult(state, history, time.perf_counter() - t_start, train_s,
+                        (done - first) * batch_size * block_size, stopped, files)
+
+
+__all__ = ["StreamResult", "evaluate_stream", "fit_stream"]
