@@ -30,6 +30,14 @@ def test_accepts_the_xla_backend():
                              max_examples=4, check_vmap=False)
 
 
+@pytest.mark.parametrize("backend", [b for b in kernels.available_backends() if b != "xla"])
+def test_every_backend_goes_through_the_harness(backend):
+    """The default run puts every registered backend through the harness on a few drawn calls
+    (values, jit, vmap and the three gradients); the slow variant below draws the full profile."""
+    assert_matches_reference(functools.partial(kernels.fused_dense, backend=backend), kernels.reference.fused_dense,
+                             max_examples=6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in kernels.available_backends() if b != "xla"])
 def test_accepts_available_backend(backend):
