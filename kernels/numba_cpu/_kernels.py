@@ -15,6 +15,7 @@ import math
 import numpy as np
 from numba import carray, njit
 
+from kernels.numba_cpu import _fastmath as _fm
 from kernels.numba_cpu import _ffi
 
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6}
@@ -46,39 +47,61 @@ PARALLEL_MIN_MACS = 1 << 20
 
 
 
-@njit(**_STRICT)
-def _sigmoid(v):
-    return 1.0 / (1.0 + math.exp(-v))
+@njit(inline="always", **_STRICT)
+def _exp(v, fast):
+    return _fm.exp(v) if fast else math.exp(v)
+
+
+@njit(inline="always", **_STRICT)
+def _erf(v, fast):
+    return _fm.erf(v) if fast else math.erf(v)
+
+
+@njit(inline="always", **_STRICT)
+def _tanh(v, fast):
+    return _fm.tanh(v) if fast else math.tanh(v)
+
+
+@njit(inline="always", **_STRICT)
+def _sigmoid(v, fast):
+    return 1.0 / (1.0 + _exp(-v, fast))
 
 
 @njit(**_STRICT)
-def apply_activation(zrow, yrow, act):
-    """``yrow[:] = act(zrow)``; ``zrow`` and ``yrow`` may be the same array."""
-    n = zrow.shape[0]
+def apply_activation(zrow, yrow, act, j0, j1):
+    """``yrow[j0:j1] = act(zrow[j0:j1])``; ``zrow`` and ``yrow`` may be the same array.
+
+    Whole (contiguous) rows with bounds rather than slices: LLVM vectorises these loops only
+    when it knows the stride. In place they stay scalar (the runtime overlap check fails on an
+    exact alias), so callers with costly activations go through a scratch row (``_epilogue_row``).
+    float32 rows use the vectorisable ``_fastmath`` functions (computed in float64, a few
+    float32 ulps); float64 rows use libm.
+    """
+    fast = _fm.is_float32(yrow)
     if act == 1:
-        for j in range(n):
+        for j in range(np.uint64(j0), np.uint64(j1)):
             v = zrow[j]
             yrow[j] = v if (v > 0 or v != v) else 0.0  # max(z, 0), nan propagates
     elif act == 2:
-        for j in range(n):
-            v = zrow[j]
-            yrow[j] = 0.5 * v * (1.0 + math.erf(v * _INV_SQRT_2))
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            v = np.float64(zrow[j])
+            yrow[j] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
     elif act == 3:
-        for j in range(n):
-            v = zrow[j]
-            yrow[j] = 0.5 * v * (1.0 + math.tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v)))
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            v = np.float64(zrow[j])
+            yrow[j] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
     elif act == 4:
-        for j in range(n):
-            v = zrow[j]
-            yrow[j] = v * _sigmoid(v)
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            v = np.float64(zrow[j])
+            yrow[j] = v * _sigmoid(v, fast)
     elif act == 5:
-        for j in range(n):
-            yrow[j] = math.tanh(zrow[j])
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            yrow[j] = _tanh(np.float64(zrow[j]), fast)
     elif act == 6:
-        for j in range(n):
-            yrow[j] = _sigmoid(zrow[j])
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            yrow[j] = _sigmoid(np.float64(zrow[j]), fast)
     elif zrow is not yrow:
-        for j in range(n):
+        for j in range(np.uint64(j0), np.uint64(j1)):
             yrow[j] = zrow[j]
 
 
@@ -86,6 +109,7 @@ def apply_activation(zrow, yrow, act):
 def activation_grad(dyrow, rrow, grow, act):
     """``grow[:] = dyrow * act'(.)`` from the residual ``rrow`` (z or y, see ``RESIDUAL``)."""
     n = dyrow.shape[0]
+    fast = _fm.is_float32(grow)
     if act == 1:
         for j in range(n):
             v = rrow[j]
@@ -93,18 +117,19 @@ def activation_grad(dyrow, rrow, grow, act):
             grow[j] = dyrow[j] * (1.0 if v > 0 else (0.5 if v == 0 else 0.0))
     elif act == 2:
         for j in range(n):
-            v = rrow[j]
-            grow[j] = dyrow[j] * (0.5 * (1.0 + math.erf(v * _INV_SQRT_2)) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v))
+            v = np.float64(rrow[j])
+            d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
+            grow[j] = dyrow[j] * d
     elif act == 3:
         for j in range(n):
-            v = rrow[j]
-            t = math.tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v))
+            v = np.float64(rrow[j])
+            t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
             d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
             grow[j] = dyrow[j] * d
     elif act == 4:
         for j in range(n):
-            v = rrow[j]
-            s = _sigmoid(v)
+            v = np.float64(rrow[j])
+            s = _sigmoid(v, fast)
             grow[j] = dyrow[j] * (s * (1.0 + v * (1.0 - s)))
     elif act == 5:
         for j in range(n):
@@ -117,6 +142,21 @@ def activation_grad(dyrow, rrow, grow, act):
     else:
         for j in range(n):
             grow[j] = dyrow[j]
+
+
+@njit(**_OPTS)
+def _epilogue_row(zrow, yrow, bias, has_bias, act, j0, j1, tmp):
+    """``yrow[j0:j1] = act(zrow[j0:j1] + bias[j0:j1])``, adding the bias into zrow; in place
+    (``zrow is yrow``) through the scratch row ``tmp`` when the activation is not trivial."""
+    if has_bias:
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            zrow[j] += bias[j]
+    if zrow is not yrow or act <= 1:
+        apply_activation(zrow, yrow, act, j0, j1)
+    else:
+        apply_activation(zrow, tmp, act, j0, j1)
+        for j in range(np.uint64(j0), np.uint64(j1)):
+            yrow[j] = tmp[j]
 
 
 @njit(**_OPTS)
@@ -259,11 +299,9 @@ def _block_epilogue(a, b, c, bias, has_bias, y, act, t, nbj, mb, nb, lb):
     i1, j1 = min(i0 + mb, M), min(j0 + nb, N)
     _block(a, b, c, i0, i1, j0, j1, lb)
     if has_bias or act != 0:
+        tmp = np.empty(N, c.dtype)
         for i in range(i0, i1):
-            ci = c[i, j0:j1]
-            if has_bias:
-                ci += bias[j0:j1]
-            apply_activation(ci, y[i, j0:j1], act)
+            _epilogue_row(c[i], y[i], bias, has_bias, act, j0, j1, tmp)
     elif c is not y:
         y[i0:i1, j0:j1] = c[i0:i1, j0:j1]
 
@@ -519,11 +557,9 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
                     _panel_tile(xf, sr, sl, r0, rows, wp[0], 0, k0, k1, acc, p * NR, cols, k0 > 0)
     if has_bias or act != 0 or save_z:
         j0, j1 = p0 * NR, min(p1 * NR, N)
+        tmp = np.empty(N, y.dtype)
         for i in range(i0, i1):
-            ai = acc[i, j0:j1]
-            if has_bias:
-                ai += bias[j0:j1]
-            apply_activation(ai, y[i, j0:j1], act)
+            _epilogue_row(acc[i], y[i], bias, has_bias, act, j0, j1, tmp)
 
 
 # Up to this many rows, w is read in place: packing it would cost more than it saves.
