@@ -410,11 +410,16 @@ def _schedule(frame, task, tagged):
 
 
 @njit(**_OPTS)
-def _finish_job(job, nblocks):
-    """After the calling thread ran out of blocks: waits for the helpers' blocks, lets go."""
+def _finish_job(job, nblocks, keepalive):
+    """After the calling thread ran out of blocks: waits for the helpers' blocks, lets go.
+
+    ``keepalive``: scratch the helpers read. Numba frees an array after its last use in a
+    function, so a caller's own scratch must be passed here to outlive the helpers' blocks.
+    """
     while _ffi.atomic_load(job + _J_DONE) < nblocks:
         _ffi.cpu_yield()
     _release(job)
+    return keepalive.size
 
 
 @njit(**_OPTS)
@@ -457,7 +462,7 @@ def gemm_nt_blocked(a, b, c, bias, has_bias, y, act, frame, task, mb, nb, lb):
     st(job + _J_LB, lb)
     job = _schedule(frame, task, tagged)
     _claim_nt(job, a, b, c, bias, has_bias, y, act, nblocks, nbj, mb, nb, lb)
-    _finish_job(job, nblocks)
+    _finish_job(job, nblocks, c)
 
 
 # Panel GEMM: ``c = X @ w`` with w packed into column panels of NR (zero-padded), X read in place
@@ -608,7 +613,7 @@ def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task):
     st(job + _J_NGROUPS, ngroups)
     job = _schedule(frame, task, tagged)
     _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, nblocks, ngroups)
-    _finish_job(job, nblocks)
+    _finish_job(job, nblocks, wp)  # wp: this function's scratch
 
 
 @njit(**_OPTS)

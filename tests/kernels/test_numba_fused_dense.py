@@ -324,6 +324,51 @@ def test_concurrent_calls_from_threads(pool, monkeypatch):
         _close(o, want, 1e-4)
 
 
+def test_thread_pool_repeated_calls_stay_correct(monkeypatch):
+    # Helpers may still be finishing a block when the calling thread runs out of work; every
+    # buffer they read must outlive them (a premature free reads recycled memory: wrong values
+    # or a crash). Many calls on shapes with several blocks per thread give that race room.
+    from kernels.numba_cpu import backend
+
+    monkeypatch.setattr(backend, "PARALLEL_MIN_MACS", 0)
+    x, w, b = _data((300, 200), n=260)
+    for act in ("gelu", "tanh"):
+        f = jax.jit(jax.value_and_grad(_loss(_f("numba", act)), (0, 1, 2)))
+        want = jax.value_and_grad(_loss(_f("xla", act)), (0, 1, 2))(x, w, b)
+        outs = [f(x, w, b) for _ in range(12)]  # dispatched back to back
+        for o in outs:
+            _close(jax.device_get(o), want, 1e-4)
+
+
+STRESS = textwrap.dedent("""
+    import sys, time
+    import jax, jax.numpy as jnp
+    import kernels
+    shapes = [(1024, 1024, 1024), (512, 512, 512), (256, 64, 128), (2048, 1024, 1024),
+              (4096, 256, 256), (8, 4096, 4096), (256, 4096, 64)]
+    fns = []
+    for act in ("relu", "gelu", "tanh"):
+        f = lambda x, w, b, act=act: kernels.fused_dense(x, w, b, activation=act, backend="numba")
+        fb = lambda x, w, b, dy, f=f: (lambda yv: (yv[0], yv[1](dy)))(jax.vjp(f, x, w, b))
+        fns += [jax.jit(f), jax.jit(fb)]
+    t0 = time.time()
+    while time.time() - t0 < float(sys.argv[1]):
+        for m, k, n in shapes:
+            x, w, b, dy = jnp.ones((m, k)) / 100, jnp.ones((k, n)) / 100, jnp.ones(n), jnp.ones((m, n))
+            outs = [fn(x, w, b, dy) if i % 2 else fn(x, w, b) for i, fn in enumerate(fns) for _ in range(3)]
+            jax.block_until_ready(outs)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_stress_thread_pool_in_a_subprocess():
+    # Back-to-back big calls of every kind for a minute: the run that found a helper reading
+    # scratch its caller had already freed (it crashed within ~30 s).
+    proc = subprocess.run([sys.executable, "-c", STRESS, "60"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("layout", ["x.T", "w.T", "strided", "broadcast"])
 def test_non_row_major_operands(layout):
     rng = np.random.default_rng(1)
