@@ -1,0 +1,183 @@
+"""TransformerLM and TransformerClassifier: causality, the key-value cache, initial loss, dropout,
+overfitting a tiny corpus, the classifier's padding, and the experiments end to end (tiny)."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from jaxnet import losses, optim
+from jaxnet.models import TransformerClassifier, TransformerConfig, TransformerLM
+from jaxnet.models.transformer import Dropout, count_params, generate, init_cache
+from jaxnet.train import TrainState
+from jaxnet.train.stream import evaluate_stream, fit_stream
+
+TINY = TransformerConfig(vocab_size=11, block_size=16, num_layers=2, num_heads=2, embed_dim=16, dropout_rate=0.0)
+
+
+def _init(model, t=8, seed=0):
+    ids = jnp.zeros((2, t), jnp.int32)
+    return jax.jit(model.init)(jax.random.key(seed), ids)["params"]
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_changing_a_future_token_never_changes_an_earlier_output(positions):
+    model = TransformerLM(TINY.replace(positions=positions))
+    params = _init(model)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    ids = jax.random.randint(jax.random.key(1), (3, 16), 0, 11)
+    base = np.asarray(apply(params, ids))
+    for t in (0, 5, 15):
+        changed = ids.at[:, t].set((ids[:, t] + 1) % 11)
+        out = np.asarray(apply(params, changed))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])  # bit-identical before t
+        assert not np.allclose(out[:, t], base[:, t])  # and t itself does see its token
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_cached_decoding_equals_full_recomputation(positions):
+    model = TransformerLM(TINY.replace(positions=positions))
+    params = _init(model)
+    prompt = jax.random.randint(jax.random.key(2), (2, 4), 0, 11)
+    out = np.asarray(generate(model, params, prompt, jax.random.key(0), max_new_tokens=10, greedy=True))
+    # Greedy by recomputing the whole prefix at every step, no cache. One compiled shape: the
+    # sequence is padded to block_size, which (causal) cannot change the positions before it.
+    full = jax.jit(lambda x: model.apply({"params": params}, x))
+    seq = np.zeros((2, 16), np.int32)
+    seq[:, :4] = prompt
+    for t in range(4, 14):
+        seq[:, t] = np.asarray(full(jnp.asarray(seq)))[:, t - 1].argmax(-1)
+    np.testing.assert_array_equal(out, seq[:, :14])
+    # The cache path's logits match the full forward's, prefill and one-token steps alike.
+    ids = jnp.asarray(seq)
+    decode = jax.jit(lambda x, c, o: model.apply({"params": params}, x, c, o, method=TransformerLM.decode))
+    cache = init_cache(model.config, 2, 14)
+    pre, cache = decode(ids[:, :9], cache, 0)
+    step, _ = decode(ids[:, 9:10], cache, 9)
+    ref = full(ids)
+    np.testing.assert_allclose(pre, ref[:, :9], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step[:, 0], ref[:, 9], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_respects_top_k_and_limits():
+    model = TransformerLM(TINY)
+    params = _init(model)
+    prompt = jnp.zeros((3, 2), jnp.int32)
+    greedy = generate(model, params, prompt, jax.random.key(0), max_new_tokens=6, greedy=True)
+    top1 = generate(model, params, prompt, jax.random.key(5), max_new_tokens=6, top_k=1, temperature=2.0)
+    np.testing.assert_array_equal(greedy, top1)  # top-1 sampling is greedy
+    assert top1.shape == (3, 8) and top1.dtype == jnp.int32
+    # Rotary positions extend past block_size; a learned table does not (refused before tracing).
+    learned = TransformerLM(TINY.replace(positions="learned"))
+    with pytest.raises(ValueError, match="block_size"):
+        generate(learned, params, prompt, jax.random.key(0), max_new_tokens=15)
+
+
+def test_untrained_loss_is_log_vocab_and_param_count_matches():
+    cfg = TINY.replace(vocab_size=97)
+    ids = jax.random.randint(jax.random.key(3), (8, 16), 0, 97)
+    for scale, low, high in ((0.0, -1e-5, 1e-5), (1.0, 0.0, 1.0)):
+        model = TransformerLM(cfg.replace(final_norm_scale_init=scale))
+        params = _init(model)
+        assert sum(x.size for x in jax.tree.leaves(params)) == count_params(model.config)
+        logits = jax.jit(model.apply)({"params": params}, ids)
+        assert logits.shape == (8, 16, 97) and logits.dtype == jnp.float32
+        loss = float(losses.cross_entropy(logits[:, :-1], ids[:, 1:]))
+        # Zero final scale: logits exactly 0, loss exactly log V. Default: unit-variance logits,
+        # loss ≈ log V + 1/2 (E[logsumexp] of V iid N(0, 1) logits).
+        assert low <= loss - math.log(97) <= high, (scale, loss)
+
+
+def test_dropout_is_keyed_unbiased_and_off_in_eval():
+    drop = Dropout(0.25)
+    x = jnp.ones((256, 256))
+    run = jax.jit(lambda k: drop.apply({}, x, deterministic=False, rngs={"dropout": k}))
+    a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert abs(float(a.mean()) - 1.0) < 0.01  # inverted dropout keeps the expectation
+    assert abs(float((a == 0).mean()) - 0.25) < 0.01
+    np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+    model = TransformerLM(TINY.replace(dropout_rate=0.3))
+    params = _init(model)
+    ids = jnp.ones((2, 8), jnp.int32)
+    train = jax.jit(lambda k: model.apply({"params": params}, ids, train=True, rngs={"dropout": k}))
+    assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerConfig(embed_dim=10, num_heads=3)
+    with pytest.raises(ValueError, match="positions"):
+        TransformerConfig(positions="sinusoidal")
+    with pytest.raises(ValueError, match="dropout"):
+        TransformerConfig(dropout_rate=1.0)
+    model = TransformerLM(TINY)
+    with pytest.raises(ValueError, match="block_size"):
+        model.init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
+
+
+def test_a_tiny_model_overfits_a_tiny_corpus():
+    corpus = np.tile(np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 3, 5, 7], np.int32), 20)  # period 13
+    model = TransformerLM(TINY.replace(num_layers=1))
+    tx = optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-2))
+    state = TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+    assert evaluate_stream(state, corpus, block_size=16) > 2.0  # about log(11) untrained
+    run = fit_stream(state, corpus, steps=150, batch_size=16, block_size=16, log_every=50, progress=False)
+    # Once a window has seen the period, the sequence is deterministic: the loss goes to ~0.
+    nll = evaluate_stream(run.state, corpus, block_size=16, stride=4)
+    assert nll < 0.1, nll
+    assert run.tokens == 150 * 16 * 16
+
+
+def test_classifier_pools_non_padding_tokens_and_ignores_trailing_padding():
+    cfg = TINY.replace(vocab_size=12)
+    params = _init(TransformerClassifier(cfg, num_classes=3, pad_id=0))  # pooling has no parameters
+    for pooling in ("mean", "last"):
+        model = TransformerClassifier(cfg, num_classes=3, pad_id=0, pooling=pooling)
+        apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        short = jnp.array([[5, 6, 7, 0, 0, 0]])
+        longer = jnp.array([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0]])
+        out = apply(params, short)
+        assert out.shape == (1, 3)
+        np.testing.assert_allclose(out, apply(params, longer), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(out, apply(params, jnp.array([[5, 6, 8, 0, 0, 0]])))
+
+
+@pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba backend not available")
+def test_the_mlp_blocks_run_on_another_kernel_backend():
+    model = TransformerLM(TINY)
+    params = _init(model)
+    ids = jax.random.randint(jax.random.key(4), (2, 8), 0, 11)
+    ref = jax.jit(model.apply)({"params": params}, ids)
+    out = jax.jit(TransformerLM(TINY.replace(backend="numba")).apply)({"params": params}, ids)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lm_experiment_end_to_end_on_the_ptb_sample(tmp_path):
+    from experiments import lm
+
+    result = lm.main(["--data-dir", "tests/data/ptb", "--num-layers", "1", "--embed-dim", "16", "--num-heads", "2",
+                      "--block-size", "8", "--batch-size", "4", "--steps", "20", "--warmup-steps", "2",
+                      "--eval-every", "10", "--log-every", "10", "--eval-stride", "4", "--sample-length", "4",
+                      "--no-progress", "--workdir", str(tmp_path)])
+    assert result["level"] == "word" and result["steps"] == 20
+    assert math.isfinite(result["val_perplexity"]) and math.isfinite(result["test_perplexity"])
+    assert result["ngram_kn3_val_perplexity"] > 1
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == 20
+    assert (tmp_path / "loss_curve.png").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow  # ~10 s, mostly importing torch and compiling; the lm experiment test covers the code path
+def test_bench_lm_runs_both_sides(tmp_path):
+    pytest.importorskip("torch")
+    from experiments import bench_lm
+
+    result = bench_lm.main(["--num-layers", "1", "--embed-dim", "16", "--num-heads", "2", "--block-size", "8",
+                            "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                            "--workdir", str(tmp_path)])
+    assert result["params"] == result["pytorch_params"]
+    assert result["jaxnet_tokens_per_s"] > 0 and result["speedup_vs_pytorch"] > 0
