@@ -292,18 +292,11 @@ def _block(a, b, c, i0, i1, j0, j1, lb):
 
 
 @njit(**_OPTS)
-def _block_epilogue(a, b, c, bias, has_bias, y, act, t, nbj, mb, nb, lb):
-    """Block ``t`` of the (mb x nb) grid: GEMM, then bias and activation while it is in cache."""
+def _grid_block(a, b, c, t, nbj, mb, nb, lb):
+    """Block ``t`` of the (mb x nb) grid of ``gemm_nt``."""
     M, N = c.shape
     i0, j0 = (t // nbj) * mb, (t % nbj) * nb
-    i1, j1 = min(i0 + mb, M), min(j0 + nb, N)
-    _block(a, b, c, i0, i1, j0, j1, lb)
-    if has_bias or act != 0:
-        tmp = np.empty(N, c.dtype)
-        for i in range(i0, i1):
-            _epilogue_row(c[i], y[i], bias, has_bias, act, j0, j1, tmp)
-    elif c is not y:
-        y[i0:i1, j0:j1] = c[i0:i1, j0:j1]
+    _block(a, b, c, i0, min(i0 + mb, M), j0, min(j0 + nb, N), lb)
 
 
 # A parallel GEMM is a "job" in a malloc'd block of int64 slots, shared by the calling thread
@@ -314,22 +307,23 @@ def _block_epilogue(a, b, c, bias, has_bias, y, act, t, nbj, mb, nb, lb):
 # the operands, per kind: 0 = ``gemm_nt`` blocks, 1 = ``panel_gemm`` blocks.
 _J_NEXT, _J_DONE, _J_REFS, _J_KIND, _J_NBLOCKS = 0, 8, 16, 24, 32
 _J_BYTES = 256
+# shared: operand sizes (kind 0: c [M, N] = a [M, L] @ b [N, L].T; kind 1: y [M, N], w [L, N])
+_J_M, _J_N, _J_L, _J_B = 80, 88, 96, 48
 # kind 0 (gemm_nt)
-_J_A, _J_B, _J_C, _J_BIAS, _J_Y, _J_M, _J_N, _J_L = 40, 48, 56, 64, 72, 80, 88, 96
-_J_HAS_BIAS, _J_ACT, _J_NBJ, _J_MB, _J_NB, _J_LB = 104, 112, 120, 128, 136, 144
-# kind 1 (panel_gemm); shares _J_BIAS, _J_Y, _J_M, _J_N, _J_L (= K), _J_HAS_BIAS, _J_ACT
-# (and _J_B = w)
+_J_A, _J_C, _J_NBJ, _J_MB, _J_NB, _J_LB = 40, 56, 120, 128, 136, 144
+# kind 1 (panel_gemm)
+_J_BIAS, _J_Y, _J_HAS_BIAS, _J_ACT = 64, 72, 104, 112
 _J_XF, _J_SR, _J_SL, _J_WP, _J_PACKED, _J_Z, _J_SAVE_Z, _J_NGROUPS = 152, 160, 168, 176, 184, 192, 200, 208
 
 
 @njit(**_OPTS)
-def _claim_nt(job, a, b, c, bias, has_bias, y, act, nblocks, nbj, mb, nb, lb):
+def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
     """Runs ``gemm_nt`` blocks of the job until none is left unclaimed."""
     while True:
         t = _ffi.atomic_add(job + _J_NEXT, 1)
         if t >= nblocks:
             return
-        _block_epilogue(a, b, c, bias, has_bias, y, act, t, nbj, mb, nb, lb)
+        _grid_block(a, b, c, t, nbj, mb, nb, lb)
         _ffi.atomic_add(job + _J_DONE, 1)
 
 
@@ -355,15 +349,15 @@ def run_job(job, nbtype):
     """The body of a helper task (``_handlers.task_*``): claim blocks, then let go of the job."""
     ld = _ffi.load_i64
     m, n, l = ld(job + _J_M), ld(job + _J_N), ld(job + _J_L)
-    y = carray(_ffi.as_pointer(ld(job + _J_Y), nbtype), (m, n))
-    bias = carray(_ffi.as_pointer(ld(job + _J_BIAS), nbtype), (n,))
     if ld(job + _J_KIND) == 0:
         a = carray(_ffi.as_pointer(ld(job + _J_A), nbtype), (m, l))
         b = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (n, l))
         c = carray(_ffi.as_pointer(ld(job + _J_C), nbtype), (m, n))
-        _claim_nt(job, a, b, c, bias, ld(job + _J_HAS_BIAS) == 1, y, ld(job + _J_ACT), ld(job + _J_NBLOCKS),
-                  ld(job + _J_NBJ), ld(job + _J_MB), ld(job + _J_NB), ld(job + _J_LB))
+        _claim_nt(job, a, b, c, ld(job + _J_NBLOCKS), ld(job + _J_NBJ), ld(job + _J_MB), ld(job + _J_NB),
+                  ld(job + _J_LB))
     else:
+        y = carray(_ffi.as_pointer(ld(job + _J_Y), nbtype), (m, n))
+        bias = carray(_ffi.as_pointer(ld(job + _J_BIAS), nbtype), (n,))
         packed = ld(job + _J_PACKED) == 1
         xf = carray(_ffi.as_pointer(ld(job + _J_XF), nbtype), (m * l,))
         w = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (l, n))
@@ -423,18 +417,17 @@ def _finish_job(job, nblocks, keepalive):
 
 
 @njit(**_OPTS)
-def gemm_nt(a, b, c, bias, has_bias, y, act, frame, task):
-    """``c = a @ b.T (+ bias)`` and ``y = act(c)`` (``y`` may be ``c``), block by block.
+def gemm_nt(a, b, c, frame, task):
+    """``c = a @ b.T``, block by block: a: [M, L], b: [N, L], c: [M, N], all row-major.
 
-    a: [M, L], b: [N, L], c, y: [M, N], bias: [N] (read only if ``has_bias``). With ``task``
-    (the address of the dtype's helper task, 0 for none) the blocks are shared with helpers on
-    XLA's intra-op thread pool, reached through the call ``frame``.
+    With ``task`` (the address of the dtype's helper task, 0 for none) the blocks are shared
+    with helpers on XLA's intra-op thread pool, reached through the call ``frame``.
     """
-    gemm_nt_blocked(a, b, c, bias, has_bias, y, act, frame, task, MB, NB, LB)
+    gemm_nt_blocked(a, b, c, frame, task, MB, NB, LB)
 
 
 @njit(**_OPTS)
-def gemm_nt_blocked(a, b, c, bias, has_bias, y, act, frame, task, mb, nb, lb):
+def gemm_nt_blocked(a, b, c, frame, task, mb, nb, lb):
     """``gemm_nt`` with explicit block sizes (rows of a, rows of b, reduction length)."""
     M, N = c.shape
     nbj = (N + nb - 1) // nb
@@ -442,26 +435,22 @@ def gemm_nt_blocked(a, b, c, bias, has_bias, y, act, frame, task, mb, nb, lb):
     tagged = _start_job(frame, task, nblocks, 0)
     if tagged == 0:
         for t in range(nblocks):
-            _block_epilogue(a, b, c, bias, has_bias, y, act, t, nbj, mb, nb, lb)
+            _grid_block(a, b, c, t, nbj, mb, nb, lb)
         return
     job = tagged & ((1 << 56) - 1)
     st = _ffi.store_i64
     st(job + _J_A, np.int64(a.ctypes.data))
     st(job + _J_B, np.int64(b.ctypes.data))
     st(job + _J_C, np.int64(c.ctypes.data))
-    st(job + _J_BIAS, np.int64(bias.ctypes.data))
-    st(job + _J_Y, np.int64(y.ctypes.data))
     st(job + _J_M, M)
     st(job + _J_N, N)
     st(job + _J_L, a.shape[1])
-    st(job + _J_HAS_BIAS, 1 if has_bias else 0)
-    st(job + _J_ACT, act)
     st(job + _J_NBJ, nbj)
     st(job + _J_MB, mb)
     st(job + _J_NB, nb)
     st(job + _J_LB, lb)
     job = _schedule(frame, task, tagged)
-    _claim_nt(job, a, b, c, bias, has_bias, y, act, nblocks, nbj, mb, nb, lb)
+    _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb)
     _finish_job(job, nblocks, c)
 
 
@@ -662,7 +651,7 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
         if has_bias:
             for j in range(np.uint64(N)):
                 db[j] += gi[j]
-    gemm_nt(g, w, dx, db, False, dx, 0, frame, task)
+    gemm_nt(g, w, dx, frame, task)
     # X = x.T, transposed once: read in place with stride K, its strips would sit K elements
     # apart and alias in L1 for power-of-two K.
     xt = np.empty((K, M), x.dtype)  # (K, M)
