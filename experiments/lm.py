@@ -51,7 +51,11 @@ class Config:
     dtype: str = "float32"
     backend: str = "xla"
     # --- training: AdamW, linear warm-up then cosine decay to final_lr_fraction over all steps ---
-    steps: int = 1300
+    # Updates in all; 0: as many as fit in train_budget_s at the speed measured over the first
+    # calibration_steps (the cosine then ends exactly at the budget, whatever the machine's load).
+    steps: int = 0
+    train_budget_s: float = 520.0
+    calibration_steps: int = 40
     batch_size: int = 32
     learning_rate: float = 5e-3
     warmup_steps: int = 100
@@ -59,8 +63,8 @@ class Config:
     weight_decay: float = 0.1
     b2: float = 0.99
     clip_norm: float = 1.0
-    # Stop training after this many seconds even if steps remain (the 10-minute budget).
-    time_limit_s: float = 560.0
+    # Stop training after this many seconds even if steps remain (a backstop for the 10 minutes).
+    time_limit_s: float = 570.0
     eval_every: int = 400
     log_every: int = 50
     # Held-out evaluation windows start every eval_stride tokens (block_size: no overlap).
@@ -122,7 +126,7 @@ def main(argv=None) -> dict:
     from jaxnet import optim
     from jaxnet.models.transformer import TransformerConfig, TransformerLM, count_params, flops_per_token
     from jaxnet.train import TrainState
-    from jaxnet.train.stream import evaluate_stream, fit_stream
+    from jaxnet.train.stream import evaluate_stream, fit_stream, save_curve
 
     t_start = time.perf_counter()
     corpus = load(config)
@@ -135,21 +139,48 @@ def main(argv=None) -> dict:
         dropout_rate=config.dropout_rate, activation=config.activation, backend=config.backend,
         dtype=jnp.dtype(config.dtype))
     model = TransformerLM(model_cfg)
-    tx = optim.make_optimizer(optim.OptimizerConfig(
-        name="adamw", learning_rate=config.learning_rate, schedule="warmup_cosine",
-        warmup_steps=config.warmup_steps, total_steps=config.steps, final_lr_fraction=config.final_lr_fraction,
-        weight_decay=config.weight_decay, b2=config.b2, clip_norm=config.clip_norm))
-    state = TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, config.block_size), jnp.int32),
+
+    def optimizer(total_steps: int):
+        return optim.make_optimizer(optim.OptimizerConfig(
+            name="adamw", learning_rate=config.learning_rate, schedule="warmup_cosine",
+            warmup_steps=min(config.warmup_steps, total_steps - 1), total_steps=total_steps,
+            final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay, b2=config.b2,
+            clip_norm=config.clip_norm))
+
+    steps = config.steps or max(config.calibration_steps, config.warmup_steps) * 100  # provisional
+    state = TrainState.create(model=model, tx=optimizer(steps), sample_x=jnp.zeros((1, config.block_size), jnp.int32),
                               seed=config.seed)
     params = count_params(model_cfg)
     print(f"TransformerLM: {params:,} parameters, {flops_per_token(model_cfg) / 1e6:.1f} MFLOP per "
           f"training token", file=sys.stderr)
 
-    run = fit_stream(state, corpus.train, steps=config.steps, batch_size=config.batch_size,
-                     block_size=config.block_size, val_tokens=corpus.val, eval_every=config.eval_every,
+    common = dict(batch_size=config.batch_size, block_size=config.block_size, progress=config.progress,
+                  workdir=workdir, title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
+    calibration = None
+    if not config.steps:
+        # Warm-up steps are the same whatever the total; time them, then fix the schedule's length.
+        half = config.calibration_steps // 2
+        calibration = fit_stream(state, corpus.train, steps=config.calibration_steps, log_every=half,
+                                 plot=False, **common)
+        seconds_per_step = (calibration.history[-1]["time_s"] - calibration.history[0]["time_s"]) / half
+        left = config.train_budget_s - (time.perf_counter() - t_start)
+        # Evaluations cost about a third of a training step per held-out token, and a recompile.
+        eval_s = (len(corpus.val) * 2 / (3 * config.batch_size * config.block_size)) * seconds_per_step
+        n_evals = max(1, int(left / seconds_per_step) // config.eval_every)
+        steps = config.calibration_steps + max(1, int((left - n_evals * eval_s - 15) / seconds_per_step))
+        print(f"{seconds_per_step * 1e3:.0f} ms per step: {steps} steps fit the {config.train_budget_s:.0f} s budget",
+              file=sys.stderr)
+        state = calibration.state.replace(tx=optimizer(steps))  # same optimiser state, new schedule length
+    run = fit_stream(state, corpus.train, steps=steps, val_tokens=corpus.val, eval_every=config.eval_every,
                      eval_stride=config.eval_stride, log_every=config.log_every,
-                     time_limit_s=config.time_limit_s, progress=config.progress, workdir=workdir,
-                     title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
+                     time_limit_s=config.time_limit_s - (time.perf_counter() - t_start),
+                     plot=calibration is None and None, **common)
+    if calibration is not None:
+        run.history[:0] = calibration.history
+        run.tokens += calibration.tokens
+        run.train_s += calibration.train_s
+        if save_curve(run.history, workdir / "loss_curve.png", common["title"]):
+            run.files["loss_curve"] = str(workdir / "loss_curve.png")
     state = run.state
     val_nll = run.history[-1]["val_loss"]
     test_nll = None
@@ -171,11 +202,12 @@ def main(argv=None) -> dict:
         "n_train": len(corpus.train), "n_val": len(corpus.val), "vocab_size": len(corpus.vocab),
         "params": params,
         "steps": int(state.step),
+        "schedule_steps": steps,
         "stopped_by_time_limit": run.stopped_by_time,
         "epochs": round(run.history[-1]["epoch"], 2),
         "train_loss_last_interval": round(run.history[-1]["loss"], 4),
         "val_nll": round(val_nll, 4),
-        "train_wall_s": round(run.wall_s, 1),
+        "train_wall_s": round(run.wall_s + (calibration.wall_s if calibration else 0.0), 1),
         "tokens_per_s": round(tokens_per_s, 1),
         "flops_per_token": fpt,
         "model_gflops_per_s": round(tokens_per_s * fpt / 1e9, 1),

@@ -93,6 +93,11 @@ def evaluate_stream(state: TrainState, tokens, *, block_size: int, batch_size: i
     return total / count
 
 
+def save_curve(history: list[dict], path, title: str) -> bool:
+    """Writes ``history``'s train and validation loss against epochs as a PNG (``fit``'s plot)."""
+    return _write_plot(history, pathlib.Path(path), title)
+
+
 def fit_stream(
     state: TrainState,
     train_tokens,
@@ -193,4 +198,4 @@ def fit_stream(
                         (done - first) * batch_size * block_size, stopped, files)
 
 
-__all__ = ["StreamResult", "evaluate_stream", "fit_stream"]
+__all__ = ["StreamResult", "evaluate_stream", "fit_stream", "save_curve"]
