@@ -1,8 +1,20 @@
 """Numba kernels for ``y = act(x @ w + b)`` and its backward pass, on row-major 2-D arrays.
 
-The arrays are views of XLA's buffers (``numba.carray``); these functions never allocate
-outputs. Accumulation is in the array dtype (float32 or float64); bfloat16/float16 are upcast
-to float32 by the caller.
+The arrays are views of XLA's buffers (``numba.carray``); outputs are written in place, and the
+only allocations are scratch (packed panels of w or g, x transposed, g). Accumulation is in the
+array dtype (float32 or float64); bfloat16/float16 are upcast to float32 by the caller.
+
+Two GEMM forms, both register-tiled so that LLVM keeps the accumulators in AVX-512 registers:
+
+- ``panel_gemm`` (forward, dW): ``X @ w`` with w packed into 32-wide column panels, a 4 x 32
+  accumulator tile, X broadcast from memory; bias and activation applied per block while it is
+  in cache (the fused epilogue). Used where the right operand is read along its rows.
+- ``gemm_nt`` (dX = g @ w.T): ``a @ b.T`` with both operands read along their contiguous axis,
+  4 x 4 tiles of vectorised dot products.
+
+Big problems split into blocks that are shared, through an atomic counter, with helper tasks
+on XLA's own intra-op thread pool (``XLA_FFI_ThreadPool_Schedule``): no second thread pool
+competes with XLA's for the cores, and nothing here holds a lock or global state.
 
 Activation codes (``ACT_CODES``) select the epilogue; ``RESIDUAL`` says what the backward pass
 needs saved: the pre-activation ``z`` (relu, gelu, gelu_tanh, silu), the output ``y`` (tanh,
@@ -33,7 +45,7 @@ _OPTS = dict(cache=True, fastmath=True, boundscheck=False, error_model="numpy", 
 _STRICT = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
 
 # Cache blocking of ``gemm_nt`` (elements): a block is MB rows of a by NB rows of b (the unit of
-# work shared between threads and of the fused epilogue); the reduction runs in LB-long passes.
+# work shared between threads); the reduction runs in LB-long passes.
 # A 4-row strip of a (4 x LB) stays in L1 while the NB x LB panel of b (512 KiB in float32)
 # stays in L2. Long passes amortise each 4 x 4 tile's 16 horizontal sums. Measured on the
 # 2-core EPYC (Zen 5): (128, 128, 1024) beat (64, 64, 256) by 5-50% from 512^3 to 2048^3.
@@ -42,7 +54,7 @@ NB = 128
 LB = 1024
 # Problems with fewer multiply-adds than this run on the calling thread: below it, handing
 # blocks to XLA's thread pool costs more than the other cores save.
-PARALLEL_MIN_MACS = 1 << 20
+PARALLEL_MIN_MACS = 1 << 24
 
 
 
@@ -68,95 +80,94 @@ def _sigmoid(v, fast):
 
 
 @njit(**_STRICT)
-def apply_activation(zrow, yrow, act, j0, j1):
-    """``yrow[j0:j1] = act(zrow[j0:j1])``; ``zrow`` and ``yrow`` may be the same array.
+def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1, tmp):
+    """``z += bias`` and ``y = act(z)`` on the block ``[i0:i1, j0:j1]``; ``y`` may be ``z``.
 
-    Whole (contiguous) rows with bounds rather than slices: LLVM vectorises these loops only
-    when it knows the stride. In place they stay scalar (the runtime overlap check fails on an
-    exact alias), so callers with costly activations go through a scratch row (``_epilogue_row``).
-    float32 rows use the vectorisable ``_fastmath`` functions (computed in float64, a few
-    float32 ulps); float64 rows use libm.
+    One call per block (not per row: a Numba call costs ~30 ns, as much as a short row). Rows
+    go through whole-row views with bounds, not slices: LLVM vectorises only loops whose stride
+    it knows. In place, a costly activation goes through the scratch row ``tmp`` (length >= j1):
+    with an exact alias LLVM's runtime overlap check would send the loop to its scalar version.
+    float32 uses the vectorisable ``_fastmath`` functions (computed in float64, a few float32
+    ulps); float64 uses libm.
     """
-    fast = _fm.is_float32(yrow)
-    if act == 1:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            v = zrow[j]
-            yrow[j] = v if (v > 0 or v != v) else 0.0  # max(z, 0), nan propagates
-    elif act == 2:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            v = np.float64(zrow[j])
-            yrow[j] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
-    elif act == 3:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            v = np.float64(zrow[j])
-            yrow[j] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
-    elif act == 4:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            v = np.float64(zrow[j])
-            yrow[j] = v * _sigmoid(v, fast)
-    elif act == 5:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            yrow[j] = _tanh(np.float64(zrow[j]), fast)
-    elif act == 6:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            yrow[j] = _sigmoid(np.float64(zrow[j]), fast)
-    elif zrow is not yrow:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            yrow[j] = zrow[j]
+    fast = _fm.is_float32(y)
+    inplace = z is y and act > 1
+    lo, hi = np.uint64(j0), np.uint64(j1)
+    for i in range(i0, i1):
+        zr = z[i]
+        if has_bias:
+            for j in range(lo, hi):
+                zr[j] += bias[j]
+        yr = tmp if inplace else y[i]
+        if act == 1:
+            for j in range(lo, hi):
+                v = zr[j]
+                yr[j] = v if (v > 0 or v != v) else 0.0  # max(z, 0), nan propagates
+        elif act == 2:
+            for j in range(lo, hi):
+                v = np.float64(zr[j])
+                yr[j] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
+        elif act == 3:
+            for j in range(lo, hi):
+                v = np.float64(zr[j])
+                yr[j] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
+        elif act == 4:
+            for j in range(lo, hi):
+                v = np.float64(zr[j])
+                yr[j] = v * _sigmoid(v, fast)
+        elif act == 5:
+            for j in range(lo, hi):
+                yr[j] = _tanh(np.float64(zr[j]), fast)
+        elif act == 6:
+            for j in range(lo, hi):
+                yr[j] = _sigmoid(np.float64(zr[j]), fast)
+        elif zr is not yr:
+            for j in range(lo, hi):
+                yr[j] = zr[j]
+        if inplace:
+            for j in range(lo, hi):
+                zr[j] = tmp[j]
 
 
 @njit(**_STRICT)
-def activation_grad(dyrow, rrow, grow, act):
-    """``grow[:] = dyrow * act'(.)`` from the residual ``rrow`` (z or y, see ``RESIDUAL``)."""
-    n = dyrow.shape[0]
-    fast = _fm.is_float32(grow)
-    if act == 1:
-        for j in range(n):
-            v = rrow[j]
-            # d max(z, 0)/dz as jnp.maximum defines it: 1, 0 and 1/2 at the tie.
-            grow[j] = dyrow[j] * (1.0 if v > 0 else (0.5 if v == 0 else 0.0))
-    elif act == 2:
-        for j in range(n):
-            v = np.float64(rrow[j])
-            d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
-            grow[j] = dyrow[j] * d
-    elif act == 3:
-        for j in range(n):
-            v = np.float64(rrow[j])
-            t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
-            d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
-            grow[j] = dyrow[j] * d
-    elif act == 4:
-        for j in range(n):
-            v = np.float64(rrow[j])
-            s = _sigmoid(v, fast)
-            grow[j] = dyrow[j] * (s * (1.0 + v * (1.0 - s)))
-    elif act == 5:
-        for j in range(n):
-            y = rrow[j]
-            grow[j] = dyrow[j] * (1.0 - y * y)
-    elif act == 6:
-        for j in range(n):
-            y = rrow[j]
-            grow[j] = dyrow[j] * (y * (1.0 - y))
-    else:
-        for j in range(n):
-            grow[j] = dyrow[j]
-
-
-@njit(**_OPTS)
-def _epilogue_row(zrow, yrow, bias, has_bias, act, j0, j1, tmp):
-    """``yrow[j0:j1] = act(zrow[j0:j1] + bias[j0:j1])``, adding the bias into zrow; in place
-    (``zrow is yrow``) through the scratch row ``tmp`` when the activation is not trivial."""
-    if has_bias:
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            zrow[j] += bias[j]
-    if zrow is not yrow or act <= 1:
-        apply_activation(zrow, yrow, act, j0, j1)
-    else:
-        apply_activation(zrow, tmp, act, j0, j1)
-        for j in range(np.uint64(j0), np.uint64(j1)):
-            yrow[j] = tmp[j]
+def activation_grad(dy, r, g, act):
+    """``g = dy * act'(.)`` from the residual ``r`` (z or y, see ``RESIDUAL``); all [M, N]."""
+    fast = _fm.is_float32(g)
+    n = np.uint64(dy.shape[1])
+    for i in range(dy.shape[0]):
+        dyr, rr, gr = dy[i], r[i], g[i]
+        if act == 1:
+            for j in range(n):
+                v = rr[j]
+                # d max(z, 0)/dz as jnp.maximum defines it: 1, 0 and 1/2 at the tie.
+                gr[j] = dyr[j] * (1.0 if v > 0 else (0.5 if v == 0 else 0.0))
+        elif act == 2:
+            for j in range(n):
+                v = np.float64(rr[j])
+                d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
+                gr[j] = dyr[j] * d
+        elif act == 3:
+            for j in range(n):
+                v = np.float64(rr[j])
+                t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
+                d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
+                gr[j] = dyr[j] * d
+        elif act == 4:
+            for j in range(n):
+                v = np.float64(rr[j])
+                sg = _sigmoid(v, fast)
+                gr[j] = dyr[j] * (sg * (1.0 + v * (1.0 - sg)))
+        elif act == 5:
+            for j in range(n):
+                yv = rr[j]
+                gr[j] = dyr[j] * (1.0 - yv * yv)
+        elif act == 6:
+            for j in range(n):
+                yv = rr[j]
+                gr[j] = dyr[j] * (yv * (1.0 - yv))
+        else:
+            for j in range(n):
+                gr[j] = dyr[j]
 
 
 @njit(**_OPTS)
@@ -459,7 +470,7 @@ def gemm_nt_blocked(a, b, c, frame, task, mb, nb, lb):
 # (a stack buffer indexed only by constants); each step of the reduction broadcasts MR values of
 # X and streams one contiguous NR-wide row of the panel. No transpose of anything is needed.
 NR = 32  # columns per panel: 2 AVX-512 vectors of float32 (4 of float64)
-MR = 4  # rows per register tile
+MR = 8  # rows per register tile: 8 x 32 float32 = 16 AVX-512 accumulators
 KC = 512  # reduction block: a tile's strip of X (MR x KC) stays in L1
 PG = 8  # panels per block: the block's packed panels (KC x PG*NR; 512 KiB in float32) stay in L2
 PMB = 64  # rows per block
@@ -496,17 +507,26 @@ def _panel_tile(xf, sr, sl, r0, rows, bp, bj0, l0, l1, dst, j0, cols, acc_in):
     o1 = np.uint64((r0 + min(1, rows - 1)) * sr)
     o2 = np.uint64((r0 + min(2, rows - 1)) * sr)
     o3 = np.uint64((r0 + min(3, rows - 1)) * sr)
+    o4 = np.uint64((r0 + min(4, rows - 1)) * sr)
+    o5 = np.uint64((r0 + min(5, rows - 1)) * sr)
+    o6 = np.uint64((r0 + min(6, rows - 1)) * sr)
+    o7 = np.uint64((r0 + min(7, rows - 1)) * sr)
     su, bj = np.uint64(sl), np.uint64(bj0)
     for l in range(np.uint64(l0), np.uint64(l1)):
         bl = bp[l]
         ol = l * su
         a0, a1, a2, a3 = xf[o0 + ol], xf[o1 + ol], xf[o2 + ol], xf[o3 + ol]
+        a4, a5, a6, a7 = xf[o4 + ol], xf[o5 + ol], xf[o6 + ol], xf[o7 + ol]
         for jj in range(np.uint64(NR)):
             v = bl[bj + jj]
             acc[0, jj] += a0 * v
             acc[1, jj] += a1 * v
             acc[2, jj] += a2 * v
             acc[3, jj] += a3 * v
+            acc[4, jj] += a4 * v
+            acc[5, jj] += a5 * v
+            acc[6, jj] += a6 * v
+            acc[7, jj] += a7 * v
     if rows == MR and cols == NR:  # constant indices only: acc stays in registers
         for r in range(MR):
             d = dst[r0 + r]
@@ -551,11 +571,11 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
                     _panel_tile(xf, sr, sl, r0, rows, wp[0], 0, k0, k1, acc, p * NR, cols, k0 > 0)
     if has_bias or act != 0 or save_z:
         j0, j1 = p0 * NR, min(p1 * NR, N)
-        tmp = np.empty(N, y.dtype)
-        for i in range(i0, i1):
-            _epilogue_row(acc[i], y[i], bias, has_bias, act, j0, j1, tmp)
+        epilogue(acc, y, bias, has_bias, act, i0, i1, j0, j1, np.empty(N, y.dtype))
 
 
+# dX uses the dot form from this many columns of dy up (below, the panel form on w.T).
+DOT_MIN_N = 64
 # Up to this many rows, w is read in place: packing it would cost more than it saves.
 UNPACKED_MAX_M = 32
 
@@ -637,21 +657,27 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
 
     dy, r: [M, N]; x: [M, K]; w: [K, N]; dx: [M, K]; dw: [K, N]; db: [N] (if ``has_bias``).
     ``g = dy * act'`` is formed once (one pass over dy and r) and feeds all three products:
-    ``db = sum_i g``, ``dx = g @ w.T`` (dot form: g and w both read along N) and
+    ``db = sum_i g``, ``dx = g @ w.T`` (dot form: g and w both read along N; for N below
+    ``DOT_MIN_N``, where each dot product is too short to pay for its horizontal sums, the
+    panel form on w.T) and
     ``dw = x.T @ g`` (panel form: g packed into panels, x transposed once).
     """
     M, N = dy.shape
     K = x.shape[1]
     g = np.empty((M, N), dy.dtype)  # (M, N)
+    activation_grad(dy, r, g, act)
     if has_bias:
         db[:] = 0
-    for i in range(M):
-        gi = g[i]
-        activation_grad(dy[i], r[i], gi, act)
-        if has_bias:
+        for i in range(M):
+            gi = g[i]
             for j in range(np.uint64(N)):
                 db[j] += gi[j]
-    gemm_nt(g, w, dx, frame, task)
+    if N >= DOT_MIN_N:
+        gemm_nt(g, w, dx, frame, task)
+    else:  # short dot products: the panel form on w.T instead (w is small then)
+        wt = np.empty((N, K), w.dtype)  # (N, K)
+        transpose(w, wt)
+        panel_gemm(g.reshape(M * N), N, 1, wt, db, False, dx, dx, False, 0, frame, task)
     # X = x.T, transposed once: read in place with stride K, its strips would sit K elements
     # apart and alias in L1 for power-of-two K.
     xt = np.empty((K, M), x.dtype)  # (K, M)
