@@ -1,6 +1,7 @@
 """The XLA FFI handlers: one Numba ``cfunc`` per dtype and kernel, serving every shape.
 
-Importing this module compiles (or loads from Numba's on-disk cache) the four handlers.
+Importing this module compiles (or loads from Numba's on-disk cache) the four handlers and the
+two helper tasks.
 
 Calling conventions (all buffers row-major; a leading batch, from ``vmap_method="broadcast_all"``,
 may precede the matrix dims and must have the same size on every operand):
@@ -12,10 +13,11 @@ may precede the matrix dims and must have the same size on every operand):
   ``_kernels.ACT_CODES``; ``task`` (int64), the address of the dtype's helper task
   (``TASKS``) to share the GEMM blocks with XLA's intra-op thread pool, or 0 to stay on the
   calling thread. The address travels as an attribute because Numba's cached machine code
-  must not embed a per-process address; it is part of the HLO, so no compilation cache can
-  carry it into another process.
+  must not embed a per-process address; as the attribute is baked into the executable, the
+  backend passes 0 whenever JAX's persistent compilation cache is on.
 
-A shape or dtype that does not fit these conventions returns an XLA error (never a crash).
+A shape, dtype or attribute that does not fit these conventions returns an XLA error (never a
+crash); the one thing trusted is ``task``, which must be 0 or an address from ``TASKS``.
 """
 from __future__ import annotations
 

@@ -94,10 +94,17 @@ def _result(shape, like):
 
 def _task(dtype, m, k, n):
     """The ``task`` attribute: the helper task's address when the problem is big enough to share
-    with XLA's thread pool, else 0."""
+    with XLA's thread pool, else 0.
+
+    The address is only valid in this process. With JAX's persistent compilation cache on, an
+    executable (attribute included) could be loaded by another process, so the kernels then
+    stay on the calling thread.
+    """
     from kernels.numba_cpu import _handlers
 
-    return np.int64(_handlers.TASKS[dtype].address if m * k * n >= PARALLEL_MIN_MACS else 0)
+    if m * k * n < PARALLEL_MIN_MACS or jax.config.jax_compilation_cache_dir:
+        return np.int64(0)
+    return np.int64(_handlers.TASKS[dtype].address)
 
 
 def _forward(x2, w, b, activation, save):
