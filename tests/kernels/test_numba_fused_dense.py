@@ -5,6 +5,7 @@ inputs (in a subprocess); and a model trained on the kernel against the same mod
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -214,10 +215,7 @@ def test_values_and_gradients_match_references(problem):
 @given(problems())
 def test_thread_pool_path_matches_references(problem):
     # Big problems share GEMM blocks with XLA's thread pool; force that path on every size.
-    from kernels.numba_cpu import backend
-
-    with pytest.MonkeyPatch.context() as mp, jax.enable_x64(True):
-        mp.setattr(backend, "PARALLEL_MIN_MACS", 0)
+    with _pool(), jax.enable_x64(True):
         _check_problem(problem)
 
 
@@ -240,6 +238,25 @@ def test_check_grads_float64(act):
         # Reverse mode only: custom_vjp defines no JVP (forward mode is not supported).
         check_grads(f, (x, w, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
         check_grads(jax.jit(f), (x, w, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@contextlib.contextmanager
+def _pool(on=True):
+    """Every problem shares its blocks with XLA's thread pool (or none), whatever its size and
+    whether some earlier test turned JAX's persistent compilation cache on (which disables it)."""
+    from kernels.numba_cpu import backend
+
+    saved = backend.PARALLEL_MIN_MACS, jax.config.jax_compilation_cache_dir
+    backend.PARALLEL_MIN_MACS = 0 if on else 1 << 62
+    if on and saved[1]:
+        jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert (backend._task("float32", 1, 1, 1) != 0) == on
+        yield
+    finally:
+        backend.PARALLEL_MIN_MACS = saved[0]
+        if on and saved[1]:
+            jax.config.update("jax_compilation_cache_dir", saved[1])
 
 
 # --- Transforms -----------------------------------------------------------------------------
@@ -288,54 +305,62 @@ def test_nested_vmap_and_checkpoint():
     _close(got, jax.grad(_loss(f2(_f("xla"))), (0, 1, 2))(x, w, b))
 
 
-def test_shard_map_on_four_cpu_devices(monkeypatch):
+def test_shard_map_on_four_cpu_devices():
     assert len(jax.devices("cpu")) >= 4, "tests/conftest.py asks for 4 fake CPU devices"
     mesh = jax.make_mesh((4,), ("d",))
     x, w, b = _data((4 * 40, 33))
     xs = jax.device_put(x, NamedSharding(mesh, P("d")))
-    from kernels.numba_cpu import backend
-
-    monkeypatch.setattr(backend, "PARALLEL_MIN_MACS", 0)  # every shard also uses XLA's pool
 
     def per_shard(f):
         return jax.jit(jax.shard_map(lambda x, w, b: (f(x, w, b), jax.grad(_loss(f), (0, 1, 2))(x, w, b)),
                                      mesh=mesh, in_specs=(P("d"), P(), P()),
                                      out_specs=(P("d"), (P("d"), P(), P()))))
-    got = per_shard(_f("numba"))(xs, w, b)
+    with _pool():  # every shard also uses XLA's pool
+        got = per_shard(_f("numba"))(xs, w, b)
     want = (_f("xla")(x, w, b), jax.grad(_loss(_f("xla")), (0, 1, 2))(x, w, b))
     _close(jax.device_get(got), want, 1e-4)
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "xla-pool"])
-def test_concurrent_calls_from_threads(pool, monkeypatch):
+def test_concurrent_calls_from_threads(pool):
     # The handlers hold no global state and no lock: many host threads may run them at once,
     # each possibly sharing its blocks with XLA's thread pool.
     from concurrent.futures import ThreadPoolExecutor
 
-    from kernels.numba_cpu import backend
-
-    monkeypatch.setattr(backend, "PARALLEL_MIN_MACS", 0 if pool else 1 << 62)
     x, w, b = _data((256, 64), n=48)
     f = jax.jit(jax.value_and_grad(_loss(_f("numba", "tanh")), (0, 1, 2)))
     want = jax.value_and_grad(_loss(_f("xla", "tanh")), (0, 1, 2))(x, w, b)
-    with ThreadPoolExecutor(8) as ex:
+    with _pool(pool), ThreadPoolExecutor(8) as ex:
         outs = list(ex.map(lambda i: jax.device_get(f(x * 1.0, w, b)), range(32)))
     for o in outs:
         _close(o, want, 1e-4)
 
 
-def test_thread_pool_repeated_calls_stay_correct(monkeypatch):
+def test_no_pool_task_address_with_persistent_compilation_cache(tmp_path):
+    # The helper task's address is only valid in this process; a persistent cache could hand
+    # an executable carrying it to another one.
+    from kernels.numba_cpu import backend
+
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert backend._task("float32", 4096, 4096, 4096) != 0
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        assert backend._task("float32", 4096, 4096, 4096) == 0
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
+
+
+def test_thread_pool_repeated_calls_stay_correct():
     # Helpers may still be finishing a block when the calling thread runs out of work; every
     # buffer they read must outlive them (a premature free reads recycled memory: wrong values
     # or a crash). Many calls on shapes with several blocks per thread give that race room.
-    from kernels.numba_cpu import backend
-
-    monkeypatch.setattr(backend, "PARALLEL_MIN_MACS", 0)
     x, w, b = _data((300, 200), n=260)
     for act in ("gelu", "tanh"):
         f = jax.jit(jax.value_and_grad(_loss(_f("numba", act)), (0, 1, 2)))
         want = jax.value_and_grad(_loss(_f("xla", act)), (0, 1, 2))(x, w, b)
-        outs = [f(x, w, b) for _ in range(12)]  # dispatched back to back
+        with _pool():
+            outs = [f(x, w, b) for _ in range(12)]  # dispatched back to back
         for o in outs:
             _close(jax.device_get(o), want, 1e-4)
 
