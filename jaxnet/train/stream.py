@@ -93,6 +93,25 @@ def evaluate_stream(state: TrainState, tokens, *, block_size: int, batch_size: i
     return total / count
 
 
+def time_schedule(warmup_steps: int, final_fraction: float = 0.0) -> Callable[[TrainState, float], TrainState]:
+    """A ``before_step`` hook: linear warm-up over ``warmup_steps`` updates, then a cosine decay
+    to ``final_fraction`` over the time budget, as a factor on every update.
+
+    The state's optimiser must end with ``optax.inject_hyperparams(optax.scale)(step_size=1.0)``
+    (e.g. ``optax.chain(make_optimizer(constant-rate config), that)``): the hook sets its
+    ``step_size``, so the factor changes without recompiling.
+    """
+    def before_step(state: TrainState, fraction: float) -> TrainState:
+        step = int(state.step)
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        factor = warm * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * fraction)))
+        *inner, scale = state.opt_state
+        hyper = dict(scale.hyperparams, step_size=jnp.asarray(factor, jnp.float32))
+        return state.replace(opt_state=(*inner, scale._replace(hyperparams=hyper)))
+
+    return before_step
+
+
 def save_curve(history: list[dict], path, title: str) -> bool:
     """Writes ``history``'s train and validation loss against epochs as a PNG (``fit``'s plot)."""
     return _write_plot(history, pathlib.Path(path), title)
@@ -111,6 +130,8 @@ def fit_stream(
     eval_stride: int | None = None,
     log_every: int = 50,
     time_limit_s: float | None = None,
+    budget_s: float | None = None,
+    before_step: Callable[[TrainState, float], TrainState] | None = None,
     progress: bool = True,
     workdir: str | pathlib.Path | None = None,
     plot: bool | None = None,
@@ -126,7 +147,13 @@ def fit_stream(
       eval_every: evaluate ``val_tokens`` every this many steps (and at the end).
       eval_stride: stride of the evaluation windows (``evaluate_stream``).
       log_every: one history record (means of the interval's metrics) every this many steps.
-      time_limit_s: stop after this much training time (checked at log points).
+      time_limit_s: stop after this much wall time (checked at log points).
+      budget_s: stop once the training steps (evaluation excluded) have taken this long, checked
+        every step; ``steps`` is then an upper bound. For a fixed time on a shared machine.
+      before_step: ``before_step(state, fraction) -> state`` before every update, where
+        ``fraction`` is the part of ``budget_s`` used so far (0 without a budget) — e.g. to set a
+        learning rate that follows time rather than steps (``time_schedule``). With it each step
+        is waited for before the next is dispatched, so the fraction is the time really spent.
       workdir: where ``metrics.jsonl`` and ``loss_curve.png`` go. The curve's x axis is epochs:
         tokens seen / training tokens.
 
@@ -157,8 +184,16 @@ def fit_stream(
             t0 = time.perf_counter()
             per_step = []
             for _ in range(n):
+                if before_step is not None:
+                    used = train_s + time.perf_counter() - t0
+                    state = before_step(state, min(used / budget_s, 1.0) if budget_s else 0.0)
                 state, m = step_fn(state, tokens)
                 per_step.append(m)
+                if before_step is not None or budget_s is not None:
+                    jax.block_until_ready(m)
+                    if budget_s is not None and train_s + time.perf_counter() - t0 >= budget_s:
+                        break
+            n = len(per_step)
             m = jax.device_get(per_step)  # waits for the interval's steps
             dt = time.perf_counter() - t0
             # The first interval of a call includes compilation: count it as its other steps' share.
@@ -169,7 +204,8 @@ def fit_stream(
             rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
                    **{k: float(np.mean(v)) for k, v in stacked.items()},
                    "tokens_per_s": n * batch_size * block_size / dt}
-            stopped = time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s
+            stopped = ((time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s)
+                       or (budget_s is not None and train_s >= budget_s))
             if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
                                                            or done >= steps or stopped):
                 rec["val_loss"] = evaluate_stream(state, val_tokens, block_size=block_size,
@@ -198,4 +234,4 @@ def fit_stream(
                         (done - first) * batch_size * block_size, stopped, files)
 
 
-__all__ = ["StreamResult", "evaluate_stream", "fit_stream", "save_curve"]
+__all__ = ["StreamResult", "evaluate_stream", "fit_stream", "save_curve", "time_schedule"]
