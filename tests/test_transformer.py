@@ -133,6 +133,30 @@ def test_a_tiny_model_overfits_a_tiny_corpus():
     assert run.tokens == 150 * 16 * 16
 
 
+def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
+    import optax
+
+    from jaxnet.train.stream import time_schedule
+
+    model = TransformerLM(TINY.replace(num_layers=1))
+    tx = optax.chain(optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-2)),
+                     optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    state = TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+    seen = []
+    schedule = time_schedule(warmup_steps=2, final_fraction=0.1)
+
+    def before_step(s, fraction):
+        seen.append(fraction)
+        return schedule(s, fraction)
+
+    run = fit_stream(state, np.arange(200) % 11, steps=10**6, batch_size=4, block_size=16, log_every=1000,
+                     budget_s=2.0, before_step=before_step, progress=False)
+    assert run.stopped_by_time and 0 < int(run.state.step) < 10**6
+    assert seen == sorted(seen) and seen[0] < 0.05 and 0.8 < seen[-1] <= 1.0
+    factor = float(run.state.opt_state[-1].hyperparams["step_size"])
+    assert 0.1 <= factor < 0.2  # near the end of the cosine: close to final_fraction
+
+
 def test_classifier_pools_non_padding_tokens_and_ignores_trailing_padding():
     cfg = TINY.replace(vocab_size=12)
     params = _init(TransformerClassifier(cfg, num_classes=3, pad_id=0))  # pooling has no parameters

@@ -176,7 +176,7 @@ def fit_stream(
     first = int(state.step)
     done = first
     train_s, stopped = 0.0, False
-    bar = tqdm(total=steps, initial=min(done, steps), disable=not progress, unit="step", desc=title,
+    bar = tqdm(total=steps if budget_s is None else None, initial=min(done, steps), disable=not progress, unit="step", desc=title,
                file=sys.stderr, dynamic_ncols=True)
     try:
         while done < steps and not stopped:
