@@ -164,6 +164,13 @@ def test_validation_early_stopping_restores_the_best(data):
     np.testing.assert_allclose(restored["loss"], min(val), rtol=1e-6)
 
 
+def test_early_stopping_without_validation_data_is_refused(data):
+    x, y = data
+    state = TrainState.create(model=SimpleNet(), tx=_sgd(), sample_x=x[:1])
+    with pytest.raises(ValueError, match="patience=3 needs val_data"):
+        fit(state, (x, y), loss_fn=losses.mse, epochs=5, patience=3, progress=False)
+
+
 def test_evaluate_is_independent_of_batch_size(data):
     x, y = data
     state = TrainState.create(model=MLP((8, 1)), tx=_sgd(), sample_x=x[:1])

@@ -245,6 +245,8 @@ def fit(
     """
     if epochs < 0 or eval_every < 1:
         raise ValueError(f"need epochs >= 0 and eval_every >= 1, got epochs={epochs}, eval_every={eval_every}")
+    if patience is not None and val_data is None:
+        raise ValueError(f"patience={patience} needs val_data: early stopping watches the validation loss")
     t_start = time.perf_counter()
     data = _as_xy(train_data, "train", target_kind, x_kind)
     val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
