@@ -162,12 +162,36 @@ def _check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int],
             )
 
 
-def _write_plot(history: list[dict], path: pathlib.Path, title: str) -> bool:
+def _open_metrics_log(workdir, resuming: bool):
+    """Creates ``workdir`` and opens its ``metrics.jsonl`` (appended to when resuming).
+
+    Returns ``(workdir, files, log_file)``; ``(None, {}, None)`` when ``workdir`` is None.
+    """
+    if workdir is None:
+        return None, {}, None
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = {"metrics": str(workdir / "metrics.jsonl")}
+    return workdir, files, open(files["metrics"], "a" if resuming else "w")
+
+
+def _plot_into(workdir, history: list[dict], title: str, plot: bool | None, files: dict) -> None:
+    """Writes ``workdir/loss_curve.png`` and records it in ``files``: never when ``plot`` is False,
+    when matplotlib is installed when None, and when True or else says why not."""
+    if workdir is not None and history and plot is not False:
+        path = workdir / "loss_curve.png"
+        if _write_plot(history, path, title, quiet=plot is None):
+            files["loss_curve"] = str(path)
+
+
+def _write_plot(history: list[dict], path: pathlib.Path, title: str, quiet: bool = False) -> bool:
+    """Train (and validation) loss against epochs as a PNG; False when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
-        print("jaxnet.fit: matplotlib is not installed (pip install 'jaxnet[plots]'); no loss-curve PNG",
-              file=sys.stderr)
+        if not quiet:
+            print("jaxnet: matplotlib is not installed (pip install 'jaxnet[plots]'); no loss-curve PNG",
+                  file=sys.stderr)
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -260,14 +284,7 @@ def fit(
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle)
 
-    files: dict[str, str] = {}
-    log_file = None
-    if workdir is not None:
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        files["metrics"] = str(workdir / "metrics.jsonl")
-        resuming = int(state.step) > 0
-        log_file = open(files["metrics"], "a" if resuming else "w")
+    workdir, files, log_file = _open_metrics_log(workdir, resuming=int(state.step) > 0)
 
     history: list[dict] = []
     best = {"loss": math.inf, "epoch": None, "params": None, "since": 0}
@@ -336,16 +353,5 @@ def fit(
 
     if patience is not None and restore_best and best["params"] is not None:
         state = state.replace(params=best["params"])
-    if workdir is not None and history and (plot or (plot is None and _has_matplotlib())):
-        path = workdir / "loss_curve.png"
-        if _write_plot(history, path, title):
-            files["loss_curve"] = str(path)
+    _plot_into(workdir, history, title, plot, files)
     return FitResult(state, history, best["epoch"], stopped_early, time.perf_counter() - t_start, files)
-
-
-def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True

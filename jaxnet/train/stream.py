@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from jaxnet import losses
 from jaxnet.data.text import random_windows, stream_windows
-from jaxnet.train.loop import _check_finite, _write_plot
+from jaxnet.train.loop import _check_finite, _open_metrics_log, _plot_into, _write_plot
 from jaxnet.train.step import TrainState, make_train_step, split_keys
 
 
@@ -164,13 +164,7 @@ def fit_stream(
     tokens = jnp.asarray(train_tokens, jnp.int32)
     n_train = int(tokens.shape[0])
     step_fn = _stream_step(loss_fn, batch_size, block_size)
-    files: dict[str, str] = {}
-    log_file = None
-    if workdir is not None:
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        files["metrics"] = str(workdir / "metrics.jsonl")
-        log_file = open(files["metrics"], "a" if int(state.step) > 0 else "w")
+    workdir, files, log_file = _open_metrics_log(workdir, resuming=int(state.step) > 0)
 
     history: list[dict] = []
     first = int(state.step)
@@ -223,13 +217,7 @@ def fit_stream(
         bar.close()
         if log_file is not None:
             log_file.close()
-    if workdir is not None and history and plot is not False:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            plot = False
-        if plot is not False and _write_plot(history, workdir / "loss_curve.png", title):
-            files["loss_curve"] = str(workdir / "loss_curve.png")
+    _plot_into(workdir, history, title, plot, files)
     return StreamResult(state, history, time.perf_counter() - t_start, train_s,
                         (done - first) * batch_size * block_size, stopped, files)
 
