@@ -28,6 +28,11 @@ def _to_numpy(t, key: str) -> np.ndarray:
     return a
 
 
+def _linear_weight_keys(state_dict) -> list[str]:
+    """The state dict's 2-D ``*.weight`` keys in their (registration) order."""
+    return [k for k, v in state_dict.items() if k.endswith(".weight") and len(np.shape(v)) == 2]
+
+
 def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
@@ -50,8 +55,7 @@ def _pair_layers(layer_names: list[str], state_dict) -> list[tuple[str, str]]:
     """``[(jaxnet layer name, torch key prefix)]``."""
     if all(f"{name}.weight" in state_dict for name in layer_names):
         return [(name, name) for name in layer_names]
-    prefixes = [k[: -len(".weight")] for k in state_dict
-                if k.endswith(".weight") and np.ndim(_to_numpy(state_dict[k], k)) == 2]
+    prefixes = [k[: -len(".weight")] for k in _linear_weight_keys(state_dict)]
     if len(prefixes) != len(layer_names):
         raise ValueError(
             f"the model has {len(layer_names)} dense layers {layer_names} but the state_dict has "
@@ -74,10 +78,10 @@ def load_torch_state_dict(model, state_dict):
     Raises:
       ValueError: layer counts or shapes disagree (naming the layer, the key and both shapes).
     """
-    keys = list(state_dict)
-    first_w = next((k for k in keys if k.endswith(".weight") and np.ndim(_to_numpy(state_dict[k], k)) == 2), None)
-    if first_w is None:
-        raise ValueError(f"state_dict has no 2-D '*.weight' entry; keys: {keys}")
+    weight_keys = _linear_weight_keys(state_dict)
+    if not weight_keys:
+        raise ValueError(f"state_dict has no 2-D '*.weight' entry; keys: {list(state_dict)}")
+    first_w = weight_keys[0]
     expected = _expected_params(model, _to_numpy(state_dict[first_w], first_w).shape[1])
     layer_names = _dense_layers(expected)
     params = {}
