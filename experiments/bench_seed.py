@@ -99,11 +99,11 @@ def _child(kind: str, n_samples: int, epochs: int) -> None:
         data = seed.make_data(sc)
         final = seed.train_jaxnet(sc, data).history[-1]["loss"]
     else:
-        # Only torch, NumPy and jaxnet's NumPy-only data module: no JAX in this process.
+        # Only torch, NumPy and jaxnet's torch-only and NumPy-only modules: no JAX in this process.
         import torch
-        import torch.nn as nn
 
         from jaxnet.data.synthetic import make_regression
+        from jaxnet.seed_torch import TorchSimpleNet, seed_loop
 
         torch.set_num_threads(int(os.environ.get("JAXNET_TORCH_THREADS", "0")) or torch.get_num_threads())
         if os.environ.get("JAXNET_TORCH_PREWARM") == "1":
@@ -111,17 +111,9 @@ def _child(kind: str, n_samples: int, epochs: int) -> None:
             # import, like JAX's and Flax's imports on the other side, for the strict comparison.
             torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         data = make_regression(n_samples, 10, noise_std=0.1, seed=0)
-        start = time.perf_counter()
-        # The seed's script (jaxnet.seed.torch_simple_net / train_torch, which import JAX).
-        model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1))
-        criterion, optimizer = nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01)
-        x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
-        for _ in range(epochs):
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-        final = loss.item()
+        start = time.perf_counter()  # model and optimiser creation included, as in the seed's script
+        curve, _ = seed_loop(TorchSimpleNet(), data.x, data.y, learning_rate=0.01, epochs=epochs)
+        final = float(curve[-1])
     print(json.dumps({"seconds": time.perf_counter() - start, "final_loss": final}))
 
 

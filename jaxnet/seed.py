@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import numpy as np
 
@@ -60,48 +59,23 @@ def train_jaxnet(config: SeedConfig, data: RegressionData, state: TrainState | N
 
 
 def torch_simple_net():
-    """The seed's PyTorch model: fc1 Linear(10, 5), ReLU, fc2 Linear(5, 1)."""
-    import torch.nn as nn
+    """The seed's PyTorch model: fc1 Linear(10, 5), ReLU, fc2 Linear(5, 1) (needs torch)."""
+    from jaxnet.seed_torch import TorchSimpleNet
 
-    class SimpleNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(10, 5)
-            self.relu = nn.ReLU()
-            self.fc2 = nn.Linear(5, 1)
-
-        def forward(self, x):
-            return self.fc2(self.relu(self.fc1(x)))
-
-    return SimpleNet()
+    return TorchSimpleNet()
 
 
 def train_torch(config: SeedConfig, data: RegressionData, params, *, log_every: int | None = None):
-    """The seed's own PyTorch loop from jaxnet's initial ``params``.
+    """The seed's own PyTorch loop (``jaxnet.seed_torch.seed_loop``) from jaxnet's initial ``params``.
 
-    Returns ``(losses, wall_s)``: the loss of every epoch (before that epoch's update, as the
-    seed prints it) and the loop's wall time. Losses are kept as tensors and read once at the
-    end so that recording them costs the loop nothing the seed's loop does not pay.
+    Returns ``(losses, wall_s)``: the loss of every epoch and the loop's wall time.
     """
-    import torch
+    from jaxnet.seed_torch import seed_loop
 
     model = torch_simple_net()
     model.load_state_dict(export_torch_state_dict({"params": params}))
-    criterion = torch.nn.MSELoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
-    history = []
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
-        optimizer.zero_grad()
-        loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
-        history.append(loss.detach())
-        if log_every and (epoch + 1) % log_every == 0:
-            print(f"torch epoch {epoch + 1}  loss {loss.item():.6g}")
-    wall = time.perf_counter() - start
-    return np.array([h.item() for h in history], np.float64), wall
+    return seed_loop(model, data.x, data.y, learning_rate=config.learning_rate, epochs=config.epochs,
+                     log_every=log_every)
 
 
 def curve_gap(a, b) -> dict:
