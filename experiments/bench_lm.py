@@ -49,6 +49,9 @@ class Config:
     threads: int = 0
     # Measure PyTorch too (needs torch installed).
     torch: bool = True
+    # Run PyTorch's forward and loss under torch.autocast("cpu", dtype=torch.bfloat16) (its
+    # mixed precision: bf16 matmuls, f32 parameters), the like-for-like partner of --dtype bfloat16.
+    torch_autocast: bool = False
 
 
 def jax_side(config: Config, vocab_size: int, windows):
@@ -158,7 +161,8 @@ def torch_side(config: Config, vocab_size: int, windows):
         for _ in range(n):
             x, y = batches[box["i"] % len(batches)]
             box["i"] += 1
-            loss = model(x, y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.torch_autocast):
+                loss = model(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -203,6 +207,7 @@ def main(argv=None) -> dict:
     tokens = config.batch_size * config.block_size
     result = {"experiment": "bench_lm", "params": count_params(model_cfg),
               "batch_size": config.batch_size, "block_size": config.block_size, "dtype": config.dtype,
+              "torch_autocast": config.torch_autocast,
               "dropout_rate": config.dropout_rate, "positions": config.positions, "cpu_count": os.cpu_count(),
               "flops_per_token": fpt, "repeats": config.repeats, "steps_per_repeat": config.steps,
               # The machine's 1-minute load average around the measurement (a shared machine).

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnet.nn import FusedDense
+from kernels import mixed
 
 POSITIONS = ("learned", "rotary")
 
@@ -121,7 +122,7 @@ class Dropout(nn.Module):
     """Inverted dropout drawing 8 random bits per element instead of Flax's 32.
 
     On the CPU the random bits, not the multiply, are most of dropout's cost (threefry hashes 32
-    bits per call): a byte per element is a quarter of the hashing. The rate is rounded to a
+    bits per call): a byte per element, four from each 32-bit draw, is a quarter of the hashing. The rate is rounded to a
     multiple of 1/256 (0.1 -> 26/256 ≈ 0.1016) and the kept units are scaled by 1 / (1 - rate)
     with that rounded rate, so the expectation is exact. Draws from the "dropout" rng collection.
     """
@@ -135,7 +136,11 @@ class Dropout(nn.Module):
         threshold = int(round(self.rate * 256))
         if deterministic or threshold == 0:
             return x
-        bits = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint8)
+        # Four mask bytes per 32-bit draw: with jax_threefry_partitionable (the default) asking
+        # for uint8 bits still hashes one 32-bit word per element, so draw a quarter as many words.
+        n = x.size
+        words = jax.random.bits(self.make_rng("dropout"), (-(-n // 4),), jnp.uint32)
+        bits = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
         keep = bits >= threshold
         return jnp.where(keep, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 
@@ -184,14 +189,15 @@ class CausalSelfAttention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
             cache = {"k": k, "v": v}
             key_positions = jnp.arange(k.shape[1])
-        # Scores in float32: a [T, T] softmax in bf16 loses the small probabilities.
-        scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+        # Scores in float32: a [T, T] softmax in bf16 loses the small probabilities. The two
+        # einsums take cfg.dtype operands with f32 accumulation, backward included (kernels.mixed).
+        scores = mixed.einsum("bshd,bthd->bhst", q, k.astype(q.dtype)) / jnp.sqrt(d)
         allowed = key_positions[None, :] <= positions[:, None]  # (S, L): causal
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # (B, H, S, L)
         if cfg.attention_dropout_rate > 0:
             probs = Dropout(cfg.attention_dropout_rate, deterministic=not train)(probs)
-        y = jnp.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).reshape(b, s, c)
+        y = mixed.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).astype(x.dtype).reshape(b, s, c)
         y = FusedDense(c, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun", name="proj")(y)
         return y, cache
 
@@ -281,8 +287,14 @@ class TransformerLM(nn.Module):
             self.head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=jnp.float32, name="head")
 
     def _logits(self, h):
-        if self.config.tie_embeddings:
-            return self.trunk.wte.attend(h.astype(jnp.float32)) / jnp.sqrt(self.config.embed_dim)  # (B, T, V)
+        cfg = self.config
+        if cfg.tie_embeddings:
+            if mixed.is_low_precision(cfg.dtype):
+                # The [C, V] matmul in cfg.dtype with f32 accumulation (forward and backward); the
+                # logits, softmax and loss stay float32.
+                table = self.trunk.wte.embedding.astype(cfg.dtype)  # (V, C)
+                return mixed.einsum("btc,vc->btv", h.astype(cfg.dtype), table) / jnp.sqrt(cfg.embed_dim)
+            return self.trunk.wte.attend(h.astype(jnp.float32)) / jnp.sqrt(cfg.embed_dim)  # (B, T, V)
         return self.head(h.astype(jnp.float32))
 
     def __call__(self, ids, train: bool = False):

@@ -1,0 +1,180 @@
+"""The mixed-precision path of ``FusedDense(backend="xla")`` (``kernels.mixed``): bf16/f16 operands, f32 accumulation,
+forward and backward; and a bf16 TransformerLM against the same model in float32.
+
+Tolerances (one table, derived, not fitted). The inputs are bf16 (or f16) values and the float64
+reference multiplies *those same values*, so the inputs' own rounding cancels out; what remains:
+  - ``acc``: every dot product is a float32 sum of exact products (8 + 8 significant bits fit in
+    f32's 24), within ``gamma_K ~= K u32`` of exact relative to ``sum |a||b|`` (Higham §3.1),
+    u32 = 2**-24, times SAFETY = 2 (the bound is worst-case; constants);
+  - ``store``: the result is rounded once to the input dtype, ``u |y|`` with u = 2**-8 (bf16) or
+    2**-11 (f16), the unit roundoff;
+  - backward only: the f32 cotangent ``dz`` is rounded once to the input dtype before the two
+    dots, ``u |dz|``, which reaches each gradient through its matmul by absolute values
+    (``u |dz| @ |w|.T`` for x, ``|x|.T @ u |dz|`` for w; the bias gradient sums dz in f32 before
+    any rounding, so only ``acc`` and ``store``).
+So e.g. ``tol_grad_x = (u + SAFETY (N+1) u32) (|dz| @ |w|.T) + u |grad_x|``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnet import losses
+from jaxnet.models import TransformerConfig, TransformerLM
+from jaxnet.nn import FusedDense
+from kernels import mixed
+from kernels.reference import fused_dense_numpy
+
+SAFETY = 2.0
+U32 = 2.0**-24
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # half the machine epsilon
+
+
+def _np_act_grad(act, z):
+    if act == "identity":
+        return np.ones_like(z)
+    if act == "relu":
+        return (z > 0).astype(np.float64)
+    c = np.sqrt(2.0 / np.pi)  # gelu_tanh
+    t = np.tanh(c * (z + 0.044715 * z**3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t**2) * c * (1 + 3 * 0.044715 * z**2)
+
+
+def _case(dtype, shape_x, n, seed):
+    kx, kw, kb, kg = jax.random.split(jax.random.key(seed), 4)
+    k = shape_x[-1]
+    x = jax.random.normal(kx, shape_x).astype(dtype)
+    w = (jax.random.normal(kw, (k, n)) / np.sqrt(k)).astype(dtype)
+    b = (0.1 * jax.random.normal(kb, (n,))).astype(dtype)
+    g = jax.random.normal(kg, (*shape_x[:-1], n)).astype(jnp.float32)
+    return x, w, b, g
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu_tanh"])
+@pytest.mark.parametrize("shape_x,n", [((64, 96), 48), ((2, 33, 130), 70)])
+def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
+    x, w, b, g = _case(dtype, shape_x, n, seed=len(shape_x) * 7 + n)
+    u = UNIT_ROUNDOFF[dtype]
+    f = jax.jit(lambda x, w, b: mixed.fused_dense(x, w, b, activation=act))
+    y, vjp = jax.vjp(f, x, w, b)
+    gx, gw, gb = vjp(g.astype(y.dtype))
+    assert y.dtype == gx.dtype == gw.dtype == gb.dtype == jnp.dtype(dtype)
+
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, b))
+    g64 = np.asarray(g.astype(dtype), np.float64)  # the cotangent as the kernel receives it
+    k = x64.shape[-1]
+    z = x64 @ w64 + b64
+    m = np.abs(x64) @ np.abs(w64) + np.abs(b64)
+    y_ref = fused_dense_numpy(x64, w64, b64, activation=act)
+    # Forward: f32 accumulation moved through act (|act'| <= 1.13), act evaluated in f32 (a few
+    # ulps of f32 of |z| + |y|), one rounding to the input dtype.
+    tol_y = 1.13 * SAFETY * (k + 1) * U32 * m + 8 * U32 * (np.abs(z) + np.abs(y_ref)) + u * np.abs(y_ref) + 1e-30
+    err = np.abs(np.asarray(y, np.float64) - y_ref)
+    assert np.all(err <= tol_y), f"forward: worst err/tol {np.max(err / tol_y):.3g}"
+
+    # Gradients. relu's derivative is ambiguous where f32 rounding may flip the sign of z.
+    dz = g64 * _np_act_grad(act, z)
+    if act == "relu":
+        dz = np.where(np.abs(z) <= 4 * SAFETY * (k + 1) * U32 * m, 0.0, dz)
+        _, vjp = jax.vjp(f, x, w, b)
+        keep = jnp.asarray(np.abs(z) > 4 * SAFETY * (k + 1) * U32 * m)
+        gx, gw, gb = vjp(jnp.where(keep, g.astype(dtype), 0).astype(dtype))
+    dz_err = np.abs(dz) * (8 * U32 * 1.13 + 2 * 0.81 * SAFETY * (k + 1) * U32 * m)  # act' in f32, z's error
+    rows = int(np.prod(shape_x[:-1]))
+    x2, dz2, e2 = x64.reshape(rows, k), dz.reshape(rows, n), dz_err.reshape(rows, n)
+    gx_ref, gw_ref, gb_ref = (dz @ w64.T), x2.T @ dz2, dz2.sum(0)
+    tol_gx = (u + SAFETY * (n + 1) * U32) * (np.abs(dz) @ np.abs(w64).T) + dz_err @ np.abs(w64).T
+    tol_gw = (u + SAFETY * (rows + 1) * U32) * (np.abs(x2).T @ np.abs(dz2)) + np.abs(x2).T @ e2
+    tol_gb = SAFETY * (rows + 1) * U32 * np.abs(dz2).sum(0) + e2.sum(0)
+    for name, got, ref, tol in (("x", gx, gx_ref, tol_gx), ("w", gw, gw_ref, tol_gw), ("b", gb, gb_ref, tol_gb)):
+        tol = tol + u * np.abs(ref) + 1e-30
+        err = np.abs(np.asarray(got, np.float64) - ref)
+        assert np.all(err <= tol), f"grad_{name}: worst err/tol {np.max(err / tol):.3g}"
+
+
+@pytest.mark.parametrize("spec,sa,sb", [
+    ("bshd,bthd->bhst", (2, 8, 3, 16), (2, 8, 3, 16)),  # attention scores
+    ("bhst,bthd->bshd", (2, 3, 8, 8), (2, 8, 3, 16)),  # probabilities x values
+    ("btc,vc->btv", (2, 8, 16), (11, 16)),  # tied output head
+])
+def test_einsum_gradients_match_float64(spec, sa, sb):
+    ka, kb, kg = jax.random.split(jax.random.key(3), 3)
+    a = jax.random.normal(ka, sa).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, sb).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(jax.jit(lambda a, b: mixed.einsum(spec, a, b)), a, b)
+    assert out.dtype == jnp.float32
+    g = jax.random.normal(kg, out.shape).astype(jnp.bfloat16).astype(jnp.float32)  # exact in bf16
+    ga, gb = vjp(g)
+    a64, b64, g64 = (np.asarray(t, np.float64) for t in (a, b, g))
+    ins, o = spec.split("->")
+    s_a, s_b = ins.split(",")
+    u = UNIT_ROUNDOFF["bfloat16"]
+    # Same table as above; here g is exact in bf16, so only accumulation and one store remain.
+    length = max(np.prod(sa), np.prod(sb))  # >= any contraction length
+    for got, ref, mag in (
+        (out, np.einsum(spec, a64, b64), np.einsum(spec, abs(a64), abs(b64))),
+        (ga, np.einsum(f"{o},{s_b}->{s_a}", g64, b64), np.einsum(f"{o},{s_b}->{s_a}", abs(g64), abs(b64))),
+        (gb, np.einsum(f"{o},{s_a}->{s_b}", g64, a64), np.einsum(f"{o},{s_a}->{s_b}", abs(g64), abs(a64))),
+    ):
+        store = 0.0 if got.dtype == jnp.float32 else u
+        tol = SAFETY * length * U32 * mag + store * np.abs(ref) + 1e-30
+        assert np.all(np.abs(np.asarray(got, np.float64) - ref) <= tol)
+
+
+def test_backward_dots_run_in_bfloat16():
+    """The point of the custom VJP: no f32 x bf16 dot is left in the gradient of a bf16 dense layer."""
+    x = jnp.ones((8, 16), jnp.bfloat16)
+    w = jnp.ones((16, 4), jnp.bfloat16)
+    layer = FusedDense(4, activation="gelu_tanh")
+    params = layer.init(jax.random.key(0), x)["params"]
+    loss = lambda x, p: layer.apply({"params": p}, x).astype(jnp.float32).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, params)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    for e in jaxpr.eqns:
+        dots += [s for s in getattr(e.params.get("call_jaxpr", None) or e.params.get("jaxpr", None) or (), "eqns", ())
+                 if s.primitive.name == "dot_general"]
+    assert len(dots) >= 2
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
+def test_float32_inputs_take_the_plain_einsum():
+    a = jnp.ones((3, 4))
+    assert jax.make_jaxpr(lambda a: mixed.einsum("ij,kj->ik", a, a))(a).eqns[0].primitive.name == "dot_general"
+    with pytest.raises(ValueError, match="unsupported spec"):
+        mixed.einsum("ij,jk->i", a.astype(jnp.bfloat16), a.T.astype(jnp.bfloat16))
+
+
+def test_bfloat16_lm_loss_and_gradients_follow_float32():
+    """A bf16 TransformerLM (activations, dense layers, attention matmuls and the head in bf16;
+    parameters, LayerNorm, softmax and loss in f32) on the float32 model's parameters.
+
+    Each bf16 rounding is a relative error <= 2**-8 ~ 0.4%; a 2-layer model rounds a value some 10
+    times between embedding and loss (block input, qkv, q/k/v after rotary, probabilities, attention
+    output, proj, MLP hidden, MLP output, head input), so independent errors reach ~sqrt(10) x 0.4%
+    ~ 1.2% of a typical value: the loss within 2% (relative), the gradient within 5% in norm
+    (the backward rounds as many times again) and aligned with the f32 gradient (cosine > 0.99).
+    """
+    cfg = TransformerConfig(vocab_size=17, block_size=32, num_layers=2, num_heads=2, embed_dim=32, dropout_rate=0.0)
+    ids = jax.random.randint(jax.random.key(0), (4, 32), 0, 17)
+    params = TransformerLM(cfg).init(jax.random.key(1), ids)["params"]
+    # A few "trained" directions so the loss is not log V by symmetry.
+    params = jax.tree.map(lambda p, k: p + 0.05 * jax.random.normal(k, p.shape),
+                          params, jax.tree.unflatten(jax.tree.structure(params),
+                                                     list(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))))
+
+    def loss(params, dtype):
+        logits = TransformerLM(cfg.replace(dtype=dtype)).apply({"params": params}, ids[:, :-1])
+        assert logits.dtype == jnp.float32
+        return losses.cross_entropy(logits, ids[:, 1:])
+
+    l32, g32 = jax.jit(jax.value_and_grad(lambda p: loss(p, jnp.float32)))(params)
+    l16, g16 = jax.jit(jax.value_and_grad(lambda p: loss(p, jnp.bfloat16)))(params)
+    assert all(t.dtype == jnp.float32 for t in jax.tree.leaves(g16))  # parameters and grads stay f32
+    assert abs(float(l16) - float(l32)) <= 0.02 * abs(float(l32))
+    v32 = np.concatenate([np.ravel(t) for t in jax.tree.leaves(g32)]).astype(np.float64)
+    v16 = np.concatenate([np.ravel(t) for t in jax.tree.leaves(g16)]).astype(np.float64)
+    assert np.linalg.norm(v16 - v32) <= 0.05 * np.linalg.norm(v32)
+    assert v16 @ v32 / (np.linalg.norm(v16) * np.linalg.norm(v32)) > 0.99
