@@ -371,6 +371,7 @@ def run_job(job, nbtype):
         bias = carray(_ffi.as_pointer(ld(job + _J_BIAS), nbtype), (n,))
         packed = ld(job + _J_PACKED) == 1
         xf = carray(_ffi.as_pointer(ld(job + _J_XF), nbtype), (m * l,))
+        # Read only when not packed, and then w is [L, N] (a transposed w is always packed).
         w = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (l, n))
         wp = carray(_ffi.as_pointer(ld(job + _J_WP), nbtype), ((n + NR - 1) // NR if packed else 1, l, NR))
         z = carray(_ffi.as_pointer(ld(job + _J_Z), nbtype), (m, n))
@@ -493,6 +494,26 @@ def pack_panels(w, wp):
 
 
 @njit(**_OPTS)
+def pack_panels_t(wt, wp):
+    """``pack_panels(wt.T, wp)`` without forming the transpose: wt: [N, K], wp: [ceil(N / NR), K, NR].
+
+    Each of a panel's NR rows of wt is read contiguously and scattered NR apart into the panel.
+    """
+    N, K = wt.shape
+    for p in range(wp.shape[0]):
+        j0 = p * NR
+        cols = min(NR, N - j0)
+        dst = wp[p]
+        for jj in range(cols):
+            src = wt[j0 + jj]
+            for k in range(np.uint64(K)):
+                dst[k, jj] = src[k]
+        for jj in range(cols, NR):
+            for k in range(np.uint64(K)):
+                dst[k, jj] = 0
+
+
+@njit(**_OPTS)
 def _panel_tile(xf, sr, sl, r0, rows, bp, bj0, l0, l1, dst, j0, cols, acc_in):
     """``dst[r0:r0+rows, j0:j0+cols] (+)= X[r0:r0+rows, l0:l1] @ bp[l0:l1, bj0:bj0+cols]`` with
     ``X[r, l] = xf[r*sr + l*sl]``; ``bp`` has at least ``bj0 + NR`` columns.
@@ -551,7 +572,7 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
     ``packed``, in place (only the last, partial panel is packed, as ``wp[0]``).
     """
     M, N = y.shape
-    K = w.shape[0]
+    K = wp.shape[1]
     npan = (N + NR - 1) // NR
     nfull = N // NR
     acc = z if save_z else y
@@ -574,21 +595,28 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
         epilogue(acc, y, bias, has_bias, act, i0, i1, j0, j1, np.empty(N, y.dtype))
 
 
-# dX uses the dot form from this many columns of dy up (below, the panel form on w.T).
+# Below this many columns of dy, dX always uses the panel form on w.T: each dot product of
+# the dot form would be too short to pay for its horizontal sums.
 DOT_MIN_N = 64
 # Up to this many rows, w is read in place: packing it would cost more than it saves.
 UNPACKED_MAX_M = 32
 
 
 @njit(**_OPTS)
-def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task):
-    """``y = act(X @ w + b)`` (and ``z = X @ w + b`` if ``save_z``); ``X: [M, K]`` is read as
-    ``xf[r * sr + l * sl]``, w: [K, N]. Blocks shared with XLA's pool as in ``gemm_nt``."""
+def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_t=False):
+    """``y = act(X @ W + b)`` (and ``z = X @ W + b`` if ``save_z``); ``X: [M, K]`` is read as
+    ``xf[r * sr + l * sl]``; W: [K, N] is ``w``, or ``w.T`` if ``w_t`` (w: [N, K], packed
+    straight from its rows). Blocks shared with XLA's pool as in ``gemm_nt``."""
     M, N = y.shape
-    K = w.shape[0]
+    K = w.shape[1] if w_t else w.shape[0]
     npan = (N + NR - 1) // NR
-    packed = M > UNPACKED_MAX_M
-    if packed:
+    # W is read in place only when it is not transposed and M is small (so ``w``'s shape, as
+    # the helpers rebuild it, matters only then).
+    packed = w_t or M > UNPACKED_MAX_M
+    if w_t:
+        wp = np.empty((npan, K, NR), w.dtype)  # (panels, K, NR)
+        pack_panels_t(w, wp)
+    elif packed:
         wp = np.empty((npan, K, NR), w.dtype)  # (panels, K, NR)
         pack_panels(w, wp)
     else:  # only the partial last panel, if any
@@ -639,16 +667,58 @@ def transpose(a, out):
                     out[j, i] = a[i, j]
 
 
+# Below this many columns of w the forward pass uses the dot form (``gemm_nt`` on w.T): a
+# 32-wide panel would be mostly zero padding.
+NARROW_N = 16
+
+
 @njit(**_OPTS)
 def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
     """``y = act(x @ w + b)`` and, if ``save_z``, ``z = x @ w + b``.
 
     x: [M, K], w: [K, N], b: [N] (ignored unless ``has_bias``), y: [M, N], z: [M, N] or unused.
     w is packed once into NR-wide column panels (unless M is small); x is read in place; bias
-    and activation are applied to each block right after it is computed.
+    and activation are applied to each block right after it is computed. For N below
+    ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small).
     """
     M, K = x.shape
+    N = w.shape[1]
+    if N < NARROW_N:
+        wt = np.empty((N, K), w.dtype)  # (N, K)
+        transpose(w, wt)
+        acc = z if save_z else y
+        gemm_nt(x, wt, acc, frame, task)
+        if has_bias or act != 0 or save_z:
+            epilogue(acc, y, b, has_bias, act, 0, M, 0, N, np.empty(N, y.dtype))
+        return
     panel_gemm(x.reshape(M * K), K, 1, w, b, has_bias, y, z, save_z, act, frame, task)
+
+
+# w with at most this many elements: the backward pass runs as plain loops (the GEMMs' fixed
+# costs, transposes, packing and 8 x 32 tiles, would outweigh the arithmetic).
+TINY_W = 64
+
+
+@njit(**_OPTS)
+def _tiny_backward(g, x, w, dx, dw):
+    """``dx = g @ w.T`` and ``dw = x.T @ g`` for a tiny w (K * N <= ``TINY_W``), row by row."""
+    M, N = g.shape
+    K = x.shape[1]
+    wt = np.empty((N, K), w.dtype)  # (N, K)
+    transpose(w, wt)
+    dwt = np.zeros((N, K), w.dtype)  # (N, K)
+    ku = np.uint64(K)
+    for i in range(M):
+        gi, xi, dxi = g[i], x[i], dx[i]
+        for l in range(ku):
+            dxi[l] = 0
+        for j in range(N):
+            gv = gi[j]
+            wj, dwj = wt[j], dwt[j]
+            for l in range(ku):
+                dxi[l] += gv * wj[l]
+                dwj[l] += gv * xi[l]
+    transpose(dwt, dw)
 
 
 @njit(**_OPTS)
@@ -657,10 +727,14 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
 
     dy, r: [M, N]; x: [M, K]; w: [K, N]; dx: [M, K]; dw: [K, N]; db: [N] (if ``has_bias``).
     ``g = dy * act'`` is formed once (one pass over dy and r) and feeds all three products:
-    ``db = sum_i g``, ``dx = g @ w.T`` (dot form: g and w both read along N; for N below
-    ``DOT_MIN_N``, where each dot product is too short to pay for its horizontal sums, the
-    panel form on w.T) and
-    ``dw = x.T @ g`` (panel form: g packed into panels, x transposed once).
+    ``db = sum_i g``;
+    ``dx = g @ w.T``: panel form (w.T packed straight from w's rows), or the dot form (g and w both read along
+    N) when M is too small to repay transposing and packing a large w;
+    ``dw = x.T @ g``: computed as ``dw.T = g.T @ x`` (g read in place through strides, x packed
+    or read in place, the small [N, K] result transposed) unless K >= M and N > NR, where
+    transposing x and packing g move fewer elements.
+    Each choice compares the elements that the extra passes move (transposes, packing): all
+    three forms do the same multiply-adds in the same order.
     """
     M, N = dy.shape
     K = x.shape[1]
@@ -672,14 +746,21 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
             gi = g[i]
             for j in range(np.uint64(N)):
                 db[j] += gi[j]
-    if N >= DOT_MIN_N:
+    if K * N <= TINY_W:
+        _tiny_backward(g, x, w, dx, dw)
+        return
+    gf = g.reshape(M * N)
+    if N < DOT_MIN_N or M >= 256 or (M >= 64 and K * N <= 1 << 16):
+        panel_gemm(gf, N, 1, w, db, False, dx, dx, False, 0, frame, task, True)
+    else:
         gemm_nt(g, w, dx, frame, task)
-    else:  # short dot products: the panel form on w.T instead (w is small then)
-        wt = np.empty((N, K), w.dtype)  # (N, K)
-        transpose(w, wt)
-        panel_gemm(g.reshape(M * N), N, 1, wt, db, False, dx, dx, False, 0, frame, task)
-    # X = x.T, transposed once: read in place with stride K, its strips would sit K elements
-    # apart and alias in L1 for power-of-two K.
-    xt = np.empty((K, M), x.dtype)  # (K, M)
-    transpose(x, xt)
-    panel_gemm(xt.reshape(K * M), M, 1, g, db, False, dw, dw, False, 0, frame, task)
+    if N <= NR or K < M:
+        dwt = np.empty((N, K), x.dtype)  # (N, K)
+        panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, 0, frame, task)
+        transpose(dwt, dw)
+    else:
+        # X = x.T, transposed once: read in place with stride K, its strips would sit K
+        # elements apart and alias in L1 for power-of-two K.
+        xt = np.empty((K, M), x.dtype)  # (K, M)
+        transpose(x, xt)
+        panel_gemm(xt.reshape(K * M), M, 1, g, db, False, dw, dw, False, 0, frame, task)

@@ -219,6 +219,26 @@ def test_thread_pool_path_matches_references(problem):
         _check_problem(problem)
 
 
+# (M, K, N) that reach each branch of kernels/numba_cpu/_kernels.py's forward and backward
+# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR there); the drawn problems rarely reach M >= 256.
+KERNEL_PATHS = {
+    "tiny w: plain loops": (50, 7, 3),
+    "narrow N: dot-form forward, dw via dw.T": (300, 40, 13),
+    "dx dot form, dw via x.T": (20, 1100, 97),
+    "M >= 256: dx panel form, dw via x.T": (260, 300, 300),
+    "K < M: dw via dw.T": (300, 100, 70),
+}
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "xla-pool"])
+@pytest.mark.parametrize("shape", KERNEL_PATHS.values(), ids=KERNEL_PATHS.keys())
+def test_every_kernel_path_matches_references(shape, pool):
+    m, k, n = shape
+    with _pool(pool), jax.enable_x64(True):
+        for act, dtype in (("gelu", "float32"), ("sigmoid", "float64")):
+            _check_problem(dict(lead=(m,), k=k, n=n, dtype=dtype, act=act, bias=True, values="normal", seed=m + k + n))
+
+
 @settings(max_examples=8)
 @given(problems(dtypes=("bfloat16", "float16")))
 def test_low_precision_inputs_accumulate_in_float32(problem):
