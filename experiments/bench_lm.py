@@ -2,6 +2,7 @@
 
     python -m experiments.bench_lm                   # the lm experiment's default model, ~2 minutes
     python -m experiments.bench_lm --batch-size 64 --dropout-rate 0
+    python -m experiments.bench_lm --dtype bfloat16 --torch-autocast   # mixed precision on both sides
 
 Both sides train the same network on the same (batch, time) windows of the default corpus:
 pre-LayerNorm GPT blocks (fused QKV, tanh-GELU MLP, tied embeddings, rotary or learned
@@ -12,8 +13,9 @@ Repeats alternate between the two (jaxnet, then PyTorch, ``repeats`` times) so a
 machine slows both alike; each side's figure is the median of its repeats after warm-up (and the
 best repeat, the least disturbed, beside it), timed to completion (``block_until_ready`` / synchronous PyTorch). Tokens/s = batch x block / step time;
 GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language"): on a
-quiet machine jaxnet 11,009 vs PyTorch 11,245 tokens/s (0.98x, both ~131 GFLOP/s); under load
-PyTorch's threads collapse and the ratio reads 2.7-6.5x.
+quiet machine jaxnet 10,927 vs PyTorch 10,864 tokens/s (1.01x, both ~130 GFLOP/s); jaxnet bf16
+11,760 vs PyTorch f32 10,993 (1.07x); jaxnet bf16 12,834 vs PyTorch bf16 autocast 17,389 (0.74x).
+Under load PyTorch's threads collapse and the ratio reads 2.7-6.5x.
 """
 from __future__ import annotations
 
