@@ -52,9 +52,6 @@ _STRICT = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy
 MB = 128
 NB = 128
 LB = 1024
-# Problems with fewer multiply-adds than this run on the calling thread: below it, handing
-# blocks to XLA's thread pool costs more than the other cores save.
-PARALLEL_MIN_MACS = 1 << 24
 
 
 

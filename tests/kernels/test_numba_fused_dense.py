@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -354,6 +355,21 @@ def test_concurrent_calls_from_threads(pool):
         outs = list(ex.map(lambda i: jax.device_get(f(x * 1.0, w, b)), range(32)))
     for o in outs:
         _close(o, want, 1e-4)
+
+
+def test_malloc_tuning_is_applied_once_and_can_be_turned_off():
+    # The backend raises glibc's mmap/trim thresholds so that the kernels' scratch is reused
+    # instead of page-faulted on every call; JAXNET_NUMBA_MALLOPT=0 leaves malloc alone.
+    code = ("import os, ctypes, kernels, jax.numpy as jnp\n"
+            "from kernels.numba_cpu import backend\n"
+            "kernels.fused_dense(jnp.ones((2, 3)), jnp.ones((3, 4)), backend='numba').block_until_ready()\n"
+            "print(backend._keep_freed_scratch(), hasattr(ctypes.CDLL(None), 'mallopt'))\n")
+    for env, expect_on in (({}, True), ({"JAXNET_NUMBA_MALLOPT": "0"}, False)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        applied, has_mallopt = out.stdout.split()
+        assert applied == str(expect_on and has_mallopt == "True")
 
 
 def test_no_pool_task_address_with_persistent_compilation_cache(tmp_path):
