@@ -664,6 +664,32 @@ def transpose(a, out):
                     out[j, i] = a[i, j]
 
 
+# w with at most this many elements: forward and backward run as plain loops along M (the
+# GEMMs' fixed costs, packing and 8 x 32 tiles, would outweigh the arithmetic).
+TINY_W = 64
+
+
+@njit(**_OPTS)
+def _tiny_forward(x, w, acc):
+    """``acc = x @ w`` for a tiny w (K * N <= ``TINY_W``): ``acc.T[j]`` is a sum of K scaled rows
+    of x.T, so every inner loop runs along M (see ``_tiny_backward``)."""
+    M, K = x.shape
+    N = w.shape[1]
+    xt = np.empty((K, M), x.dtype)  # (K, M)
+    transpose(x, xt)
+    at = np.empty((N, M), x.dtype)  # (N, M)
+    mu = np.uint64(M)
+    for j in range(N):
+        aj = at[j]
+        for i in range(mu):
+            aj[i] = 0
+        for l in range(K):
+            wv, xl = w[l, j], xt[l]
+            for i in range(mu):
+                aj[i] += wv * xl[i]
+    transpose(at, acc)
+
+
 # Below this many columns of w the forward pass uses the dot form (``gemm_nt`` on w.T): a
 # 32-wide panel would be mostly zero padding.
 NARROW_N = 16
@@ -676,46 +702,53 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
     x: [M, K], w: [K, N], b: [N] (ignored unless ``has_bias``), y: [M, N], z: [M, N] or unused.
     w is packed once into NR-wide column panels (unless M is small); x is read in place; bias
     and activation are applied to each block right after it is computed. For N below
-    ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small).
+    ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small);
+    for a tiny w, ``_tiny_forward``.
     """
     M, K = x.shape
     N = w.shape[1]
-    if N < NARROW_N:
-        wt = np.empty((N, K), w.dtype)  # (N, K)
-        transpose(w, wt)
+    if K * N <= TINY_W or N < NARROW_N:
         acc = z if save_z else y
-        gemm_nt(x, wt, acc, frame, task)
+        if K * N <= TINY_W:
+            _tiny_forward(x, w, acc)
+        else:
+            wt = np.empty((N, K), w.dtype)  # (N, K)
+            transpose(w, wt)
+            gemm_nt(x, wt, acc, frame, task)
         if has_bias or act != 0 or save_z:
             epilogue(acc, y, b, has_bias, act, 0, M, 0, N, np.empty(N, y.dtype))
         return
     panel_gemm(x.reshape(M * K), K, 1, w, b, has_bias, y, z, save_z, act, frame, task)
 
 
-# w with at most this many elements: the backward pass runs as plain loops (the GEMMs' fixed
-# costs, transposes, packing and 8 x 32 tiles, would outweigh the arithmetic).
-TINY_W = 64
-
-
 @njit(**_OPTS)
 def _tiny_backward(g, x, w, dx, dw):
-    """``dx = g @ w.T`` and ``dw = x.T @ g`` for a tiny w (K * N <= ``TINY_W``), row by row."""
+    """``dx = g @ w.T`` and ``dw = x.T @ g`` for a tiny w (K * N <= ``TINY_W``).
+
+    With x and g transposed (``[K, M]``, ``[N, M]``), every inner loop runs along M, the long
+    axis: ``dw[l, j]`` is a dot product of two rows and ``dx.T[l]`` a sum of N scaled rows.
+    Loops along K or N instead would be a few iterations each, all loop overhead.
+    """
     M, N = g.shape
     K = x.shape[1]
-    wt = np.empty((N, K), w.dtype)  # (N, K)
-    transpose(w, wt)
-    dwt = np.zeros((N, K), w.dtype)  # (N, K)
-    ku = np.uint64(K)
-    for i in range(M):
-        gi, xi, dxi = g[i], x[i], dx[i]
-        for l in range(ku):
-            dxi[l] = 0
+    gt = np.empty((N, M), g.dtype)  # (N, M)
+    transpose(g, gt)
+    xt = np.empty((K, M), x.dtype)  # (K, M)
+    transpose(x, xt)
+    dxt = np.empty((K, M), x.dtype)  # (K, M)
+    mu = np.uint64(M)
+    for l in range(K):
+        xl, dl, wl = xt[l], dxt[l], w[l]
+        for i in range(mu):
+            dl[i] = 0
         for j in range(N):
-            gv = gi[j]
-            wj, dwj = wt[j], dwt[j]
-            for l in range(ku):
-                dxi[l] += gv * wj[l]
-                dwj[l] += gv * xi[l]
-    transpose(dwt, dw)
+            gj, wv = gt[j], wl[j]
+            s = g.dtype.type(0)
+            for i in range(mu):
+                dl[i] += wv * gj[i]
+                s += xl[i] * gj[i]
+            dw[l, j] = s
+    transpose(dxt, dx)
 
 
 @njit(**_OPTS)

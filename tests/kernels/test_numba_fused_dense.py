@@ -223,7 +223,8 @@ def test_thread_pool_path_matches_references(problem):
 # (M, K, N) that reach each branch of kernels/numba_cpu/_kernels.py's forward and backward
 # (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR there); the drawn problems rarely reach M >= 256.
 KERNEL_PATHS = {
-    "tiny w: plain loops": (50, 7, 3),
+    "tiny w: loops along M": (50, 7, 3),
+    "tiny w, wide N": (40, 1, 64),
     "narrow N: dot-form forward, dw via dw.T": (300, 40, 13),
     "dx dot form, dw via x.T": (20, 1100, 97),
     "M >= 256: dx panel form, dw via x.T": (260, 300, 300),
