@@ -100,9 +100,10 @@ def torch_side(config: Config, vocab_size: int, windows):
     rope = None
     if config.positions == "rotary":
         d = c // h
-        inv_freq = 10_000.0 ** (-torch.arange(0, d // 2, dtype=torch.float32) * 2 / d)
-        angles = torch.arange(config.block_size, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        rope = (angles.cos(), angles.sin())  # (T, D/2) each
+        # In float64, rounded once: jaxnet.models.transformer.rotary_tables.
+        inv_freq = 10_000.0 ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
+        angles = torch.arange(config.block_size, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        rope = (angles.cos().float(), angles.sin().float())  # (T, D/2) each
 
     def rotate(x):  # x: (B, H, T, D)
         cos, sin = (r[: x.shape[2]] for r in rope)

@@ -11,7 +11,7 @@ import pytest
 import kernels
 from jaxnet import losses, optim
 from jaxnet.models import TransformerClassifier, TransformerConfig, TransformerLM
-from jaxnet.models.transformer import Dropout, count_params, generate, init_cache
+from jaxnet.models.transformer import Dropout, count_params, generate, init_cache, rotary, rotary_tables
 from jaxnet.train import TrainState
 from jaxnet.train.stream import evaluate_stream, fit_stream
 
@@ -60,6 +60,51 @@ def test_cached_decoding_equals_full_recomputation(positions):
     ref = full(ids)
     np.testing.assert_allclose(pre, ref[:, :9], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(step[:, 0], ref[:, 9], rtol=1e-5, atol=1e-5)
+
+
+# float32's unit roundoff: one correctly rounded operation is off by at most U relative.
+U = 2.0**-24
+
+
+def _rotary_float64(x, positions, base):
+    """The rotation in float64 NumPy: the reference for both of rotary's paths."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[-1]
+    angles = np.asarray(positions, np.float64)[:, None] * base ** (-np.arange(d // 2) * 2.0 / d)
+    cos, sin = np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1), np.abs(x1) + np.abs(x2)
+
+
+def test_rotary_tables_are_the_float64_angles_rounded_once():
+    cos, sin = rotary_tables(128, 48, 10_000.0)
+    assert cos.shape == sin.shape == (128, 24) and cos.dtype == np.float32 and not cos.flags.writeable
+    angles = np.arange(128.0)[:, None] * 10_000.0 ** (-np.arange(24) * 2.0 / 48)
+    # Rounding a float64 value to float32 moves it by at most U of its magnitude.
+    np.testing.assert_allclose(cos, np.cos(angles), rtol=U, atol=0)
+    np.testing.assert_allclose(sin, np.sin(angles), rtol=U, atol=0)
+    assert rotary_tables(128, 48, 10_000.0)[0] is cos  # cached: built once per shape
+
+
+@pytest.mark.parametrize("t,d", [(16, 8), (128, 48), (300, 64)])
+def test_rotary_matches_float64_on_both_paths(t, d):
+    x = jax.random.normal(jax.random.key(t), (2, t, 3, d), jnp.float32)
+    offset = 5
+    want, size = _rotary_float64(x, offset + np.arange(t), 10_000.0)
+    # NumPy positions (training windows, prefill): tables rounded once (<= U each), then x1*cos,
+    # x2*sin and their difference, each rounded once: |error| <= 4U (|x1| + |x2|) per element.
+    host = np.asarray(rotary(x, offset + np.arange(t), 10_000.0), np.float64)
+    assert np.all(np.abs(host - want) <= 4 * U * np.concatenate([size, size], -1))
+    # Traced positions without a table length (the former formulation, kept for that case):
+    # the angle is computed in float32 as pos * base**(-2i/D). The exponent's rounding is
+    # amplified by ln(base) in the power, the power itself and the product add a few U, so the
+    # angle's relative error is at most (2 ln(base) + 4) U, an absolute error of that times the
+    # largest angle (the largest position); the rotation then adds the 4U above.
+    traced = np.asarray(jax.jit(lambda x, p: rotary(x, p, 10_000.0))(x, offset + jnp.arange(t)), np.float64)
+    angle_err = (2 * math.log(10_000.0) + 4) * U * (offset + t - 1)
+    assert np.all(np.abs(traced - want) <= (angle_err + 4 * U) * np.concatenate([size, size], -1))
+    # A rotation keeps each vector's length.
+    np.testing.assert_allclose(np.linalg.norm(host, axis=-1), np.linalg.norm(np.asarray(x), axis=-1), rtol=1e-5)
 
 
 def test_sampling_respects_top_k_and_limits():

@@ -24,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnet.nn import FusedDense
 from kernels import mixed
@@ -145,18 +146,60 @@ class Dropout(nn.Module):
         return jnp.where(keep, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+@functools.lru_cache(maxsize=32)
+def rotary_tables(length: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)``, each ``[length, head_dim / 2] float32``: the rotary angles ``pos * base**(-2i/D)``
+    of positions ``0 .. length - 1``, computed in float64 and rounded once (read-only arrays).
+
+    Host constants, not traced computations: inside a jitted step XLA would otherwise fuse the
+    ``cos``/``sin`` into every consumer and evaluate them per element of ``[B, T, H, D]`` (and
+    again in the backward pass), the largest non-matmul cost of the LM's step before this.
+    """
+    inv_freq = float(base) ** (-np.arange(0, head_dim // 2, dtype=np.float64) * 2 / head_dim)  # (D/2,)
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]  # (length, D/2)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
+
+
+def _rotary_at(positions, head_dim: int, base: float, length: int | None = None):
+    """``(cos, sin)`` ``[T, D/2] float32`` at ``positions: [T]``.
+
+    Concrete positions (a training window: ``0 .. T-1``) index the host tables. Traced positions
+    (cached decoding at a traced offset) gather from the ``length``-row table when the largest
+    position is known to be below ``length``, else compute the angles in float32 on the device.
+    """
+    try:
+        pos = np.asarray(positions)
+    except jax.errors.TracerArrayConversionError:
+        pos = None
+    if pos is not None:
+        cos, sin = rotary_tables(int(pos.max(initial=0)) + 1, head_dim, base)
+        return cos[pos], sin[pos]
+    if length is not None:
+        cos, sin = rotary_tables(length, head_dim, base)
+        return jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
+    inv_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2 / head_dim)  # (D/2,)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x, cos, sin):
+    """Rotates the pairs ``(x[..., i], x[..., i + D/2])`` of ``x: [..., D]`` by the angles whose
+    ``cos, sin: [..., D/2]`` broadcast against ``x``'s halves. In float32, cast back to x's dtype."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions, base: float) -> jax.Array:
     """Rotary position embedding (RoFormer) of ``x: [B, T, H, D]`` at ``positions: [T]``.
 
     Pairs ``(x[..., i], x[..., i + D/2])`` are rotated by ``pos * base**(-2i/D)``: the dot product
-    of a rotated query and key depends only on their distance.
+    of a rotated query and key depends only on their distance. ``positions`` may be a NumPy array
+    (the angles then come from ``rotary_tables``) or a traced array.
     """
-    d = x.shape[-1]
-    inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)  # (D/2,)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    cos, sin = _rotary_at(positions, x.shape[-1], base)
+    return _rotate(x, cos[None, :, None, :], sin[None, :, None, :])
 
 
 class CausalSelfAttention(nn.Module):
@@ -177,10 +220,13 @@ class CausalSelfAttention(nn.Module):
         h, d = cfg.num_heads, cfg.head_dim
         qkv = FusedDense(3 * c, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun",
                          name="qkv")(x)  # (B, S, 3C)
-        q, k, v = jnp.split(qkv.reshape(b, s, 3, h, d), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, S, H, D) each
+        qkv = qkv.reshape(b, s, 3, h, d)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (B, S, 2, H, D), (B, S, H, D)
         if cfg.positions == "rotary":
-            q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+            # q and k rotated together: one pass over the fused projection's output.
+            cos, sin = _rotary_at(positions, d, cfg.rope_base, None if cache is None else cache["k"].shape[1])
+            qk = _rotate(qk, cos[None, :, None, None, :], sin[None, :, None, None, :])
+        q, k = qk[:, :, 0], qk[:, :, 1]  # (B, S, H, D) each
         if cache is None:
             key_positions = positions
         else:
@@ -188,9 +234,11 @@ class CausalSelfAttention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
             cache = {"k": k, "v": v}
-            key_positions = jnp.arange(k.shape[1])
+            key_positions = np.arange(k.shape[1])
         # Scores in float32: a [T, T] softmax in bf16 loses the small probabilities. The two
         # einsums take cfg.dtype operands with f32 accumulation, backward included (kernels.mixed).
+        # (A [B, H, S, D] layout for q, k and v measured slower end to end: the backward then
+        # transposes the gradients back into the fused projection's [B, S, 3C].)
         scores = mixed.einsum("bshd,bthd->bhst", q, k.astype(q.dtype)) / jnp.sqrt(d)
         allowed = key_positions[None, :] <= positions[:, None]  # (S, L): causal
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
@@ -260,7 +308,9 @@ class Trunk(nn.Module):
         s = ids.shape[1]
         if cache is None and s > cfg.block_size:
             raise ValueError(f"sequence length {s} exceeds block_size {cfg.block_size}")
-        positions = offset + jnp.arange(s)
+        # NumPy for a static offset (training, prefill): the rotary tables and the causal mask are
+        # then constants of the compiled program.
+        positions = offset + np.arange(s)
         x = self.wte(ids)
         if cfg.positions == "learned":
             x = x + self.wpe(positions)[None]
@@ -401,4 +451,4 @@ def generate(model: TransformerLM, params, prompt, key, *, max_new_tokens: int, 
 
 
 __all__ = ["Block", "CausalSelfAttention", "MLPBlock", "TransformerClassifier", "TransformerConfig",
-           "TransformerLM", "Trunk", "count_params", "flops_per_token", "generate", "init_cache", "rotary"]
+           "TransformerLM", "Trunk", "count_params", "flops_per_token", "generate", "init_cache", "rotary", "rotary_tables"]
