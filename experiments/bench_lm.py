@@ -1,6 +1,6 @@
 """Training throughput of jaxnet's TransformerLM against the same model in PyTorch, side by side.
 
-    python -m experiments.bench_lm                   # the lm experiment's default model, ~2 minutes
+    python -m experiments.bench_lm                   # the lm experiment's default model, ~1 minute
     python -m experiments.bench_lm --batch-size 64 --dropout-rate 0
     python -m experiments.bench_lm --dtype bfloat16 --torch-autocast   # mixed precision on both sides
 
@@ -8,13 +8,15 @@ Both sides train the same network on the same (batch, time) windows of the defau
 pre-LayerNorm GPT blocks (fused QKV, tanh-GELU MLP, tied embeddings, rotary or learned
 positions, dropout on embeddings and residual branches), AdamW with weight decay and gradient clipping at 1.0, one
 full update per step. PyTorch uses ``F.scaled_dot_product_attention(is_causal=True)`` (its fused
-CPU attention) and as many threads as JAX's CPU client uses cores (``--threads``, default all).
+CPU attention) and as many threads as JAX's CPU client uses cores (``--threads``, default all),
+in a spawned child process with glibc's default allocator settings (this process keeps freed
+memory for JAX, ``jaxnet.runtime.keep_host_memory``, which slowed PyTorch's autocast step ~1.8x).
 Repeats alternate between the two (jaxnet, then PyTorch, ``repeats`` times) so a busy shared
 machine slows both alike; each side's figure is the median of its repeats after warm-up (and the
 best repeat, the least disturbed, beside it), timed to completion (``block_until_ready`` / synchronous PyTorch). Tokens/s = batch x block / step time;
-GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language"): on a
-quiet machine jaxnet 10,927 vs PyTorch 10,864 tokens/s (1.01x, both ~130 GFLOP/s); jaxnet bf16
-11,760 vs PyTorch f32 10,993 (1.07x); jaxnet bf16 12,834 vs PyTorch bf16 autocast 17,389 (0.74x).
+GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language", quiet
+machine, load 1.0-1.3): jaxnet f32 16,095 vs PyTorch f32 11,702 tokens/s (1.38x); jaxnet bf16
+18,070 vs PyTorch f32 11,332 (1.60x); jaxnet bf16 16,134 vs PyTorch bf16 autocast 16,087 (1.00x).
 Under load PyTorch's threads collapse and the ratio reads 2.7-6.5x.
 """
 from __future__ import annotations
@@ -175,6 +177,56 @@ def torch_side(config: Config, vocab_size: int, windows):
     return run, sum(q.numel() for q in model.parameters())
 
 
+def _torch_child(conn, config: Config, vocab_size: int, windows) -> None:
+    """The PyTorch side in its own process: answers each ``n`` sent with ``run(n)``'s seconds."""
+    try:
+        run, n_params = torch_side(config, vocab_size, windows)
+    except ImportError as e:
+        conn.send(("missing", str(e)))
+        return
+    conn.send(("ready", n_params))
+    while (n := conn.recv()) is not None:
+        conn.send(run(n))
+
+
+def torch_in_child(config: Config, vocab_size: int, windows):
+    """``(run, n_params, close)`` for the PyTorch side running in a spawned child process.
+
+    The child is started with ``JAXNET_KEEP_HOST_MEMORY=0``: jaxnet's allocator settings
+    (``jaxnet.runtime.keep_host_memory``, which this process applies for JAX) slowed PyTorch's
+    autocast step ~1.8x, so PyTorch is timed with glibc's defaults, as it would run on its own.
+    Raises ImportError when torch is not installed.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    saved = os.environ.get("JAXNET_KEEP_HOST_MEMORY")
+    os.environ["JAXNET_KEEP_HOST_MEMORY"] = "0"
+    try:
+        proc = ctx.Process(target=_torch_child, args=(child, config, vocab_size, windows), daemon=True)
+        proc.start()
+    finally:
+        if saved is None:
+            del os.environ["JAXNET_KEEP_HOST_MEMORY"]
+        else:
+            os.environ["JAXNET_KEEP_HOST_MEMORY"] = saved
+    status, payload = parent.recv()
+    if status != "ready":
+        proc.join()
+        raise ImportError(payload)
+
+    def run(n: int) -> float:
+        parent.send(n)
+        return parent.recv()
+
+    def close() -> None:
+        parent.send(None)
+        proc.join(timeout=30)
+
+    return run, payload, close
+
+
 def main(argv=None) -> dict:
     config, workdir = parse_config(Config, argv, name="bench_lm", description=__doc__.splitlines()[0])
     enable_compilation_cache()
@@ -187,9 +239,10 @@ def main(argv=None) -> dict:
     windows = [tuple(np.asarray(a) for a in random_windows(jax.random.key(i), corpus.train, config.batch_size,
                                                              config.block_size)) for i in range(8)]
     sides = {"jaxnet": jax_side(config, len(corpus.vocab), windows)[0]}
+    close_torch = None
     if config.torch:
         try:
-            run_torch, torch_params = torch_side(config, len(corpus.vocab), windows)
+            run_torch, torch_params, close_torch = torch_in_child(config, len(corpus.vocab), windows)
             sides["pytorch"] = run_torch
         except ImportError:
             print("bench_lm: torch is not installed (pip install 'jaxnet[torch]'); jaxnet only", file=sys.stderr)
@@ -203,6 +256,8 @@ def main(argv=None) -> dict:
         print(f"repeat {r + 1}/{config.repeats}: " + ", ".join(
             f"{n} {config.batch_size * config.block_size / t[-1]:.0f} tok/s" for n, t in times.items()),
             file=sys.stderr, flush=True)
+    if close_torch is not None:
+        close_torch()
     model_cfg = TransformerConfig(vocab_size=len(corpus.vocab), block_size=config.block_size,
                                   num_layers=config.num_layers, num_heads=config.num_heads,
                                   embed_dim=config.embed_dim, positions=config.positions)

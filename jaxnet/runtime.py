@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # glibc's mallopt parameters (malloc.h).
@@ -38,7 +39,12 @@ def keep_host_memory(threshold_bytes: int = _INT_MAX) -> bool:
 
     Call it before JAX runs its first computation: threads that have already allocated keep
     their own arenas. Idempotent. ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=...
-    MALLOC_TRIM_THRESHOLD_=...`` in the environment does the same for any process.
+    MALLOC_TRIM_THRESHOLD_=...`` in the environment does the same for any process;
+    ``JAXNET_KEEP_HOST_MEMORY=0`` turns this call into a no-op (returning False).
+
+    Not for PyTorch processes: with one arena PyTorch's CPU autocast step ran ~1.8x slower here
+    (its f32 step was unaffected), which is why ``experiments.bench_lm`` times PyTorch in a child
+    process without these settings.
 
     Args:
       threshold_bytes: blocks below this size come from the heap, and up to this much free heap
@@ -52,7 +58,9 @@ def keep_host_memory(threshold_bytes: int = _INT_MAX) -> bool:
     if _state["applied"] is not None:
         return _state["applied"]
     ok = False
-    if sys.platform.startswith("linux"):
+    if os.environ.get("JAXNET_KEEP_HOST_MEMORY", "1") == "0":
+        pass
+    elif sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             mallopt = libc.mallopt

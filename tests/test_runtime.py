@@ -21,3 +21,11 @@ def test_the_experiments_package_applies_it():
     import experiments  # noqa: F401  (its __init__ calls keep_host_memory)
 
     assert runtime._state["applied"] is not None
+
+
+def test_an_environment_variable_turns_it_off():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "from jaxnet import runtime; print(runtime.keep_host_memory())"],
+                         env={"JAXNET_KEEP_HOST_MEMORY": "0", "PATH": ""}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
