@@ -18,31 +18,25 @@ The handlers are compiled (or loaded from Numba's cache) and registered with XLA
 not on ``import kernels``. A cold compile (empty cache) takes ~1 minute on 2 cores.
 
 Scratch memory: the kernels allocate their scratch (packed panels, transposes, ``g``) with
-malloc on every call. glibc serves blocks above its mmap threshold with fresh pages and hands
-the top of its heap back to the OS once it exceeds the trim threshold, so a large layer's
-scratch page-faults on every call: measured 3-4 ms per call at 1024^3 (a quarter of the
-backward pass) on this project's 2-core VM. On first use the backend therefore raises glibc's
-mmap threshold to 32 MiB (its maximum) and the trim threshold to 256 MiB
-(``mallopt``), so freed scratch is reused instead of returned. This is process-wide: it
-applies to every malloc in the process (XLA's buffers included) and keeps up to 256 MiB of
-freed memory per heap. ``JAXNET_NUMBA_MALLOPT=0`` leaves malloc alone; nothing is changed on
-a C library without ``mallopt`` (macOS, musl).
+malloc on every call; with glibc's default thresholds a large layer's scratch comes from fresh
+pages every call (3-4 ms per call at 1024^3 on this project's 2-core VM, a quarter of the
+backward pass). On first use the backend therefore calls ``kernels.host_memory.keep_host_memory``
+(process-wide; ``JAXNET_KEEP_HOST_MEMORY=0`` leaves malloc alone).
 
 Not supported: forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) and second derivatives
 (``custom_vjp`` defines one reverse-mode rule whose kernels are not themselves differentiable).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
-import os
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import host_memory
 from kernels.numba_cpu._kernels import ACT_CODES, RESIDUAL
 
 _PREFIX = "jaxnet_numba_fused_dense"
@@ -65,18 +59,6 @@ def is_available() -> bool:
     return True
 
 
-def _keep_freed_scratch() -> bool:
-    """Raises glibc's mmap and trim thresholds (see the module docstring); True if it did."""
-    if os.environ.get("JAXNET_NUMBA_MALLOPT", "1") == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
-
-
 def _target(kind: str, dtype: str) -> str:
     """The FFI target name for ``kind`` ("forward"/"backward") and ``dtype``, registering all
     handlers on first use."""
@@ -85,7 +67,7 @@ def _target(kind: str, dtype: str) -> str:
             if not _REGISTERED:
                 from kernels.numba_cpu import _ffi, _handlers
 
-                _keep_freed_scratch()
+                host_memory.keep_host_memory()
                 for (k, d), handler in _handlers.HANDLERS.items():
                     _ffi.register(f"{_PREFIX}_{k}_{d}", handler)
                 _REGISTERED.update(_handlers.HANDLERS)

@@ -358,19 +358,20 @@ def test_concurrent_calls_from_threads(pool):
         _close(o, want, 1e-4)
 
 
-def test_malloc_tuning_is_applied_once_and_can_be_turned_off():
-    # The backend raises glibc's mmap/trim thresholds so that the kernels' scratch is reused
-    # instead of page-faulted on every call; JAXNET_NUMBA_MALLOPT=0 leaves malloc alone.
-    code = ("import os, ctypes, kernels, jax.numpy as jnp\n"
-            "from kernels.numba_cpu import backend\n"
+def test_first_use_keeps_freed_host_memory_unless_turned_off():
+    # The backend applies kernels.host_memory.keep_host_memory so that its scratch is reused
+    # instead of page-faulted on every call; JAXNET_KEEP_HOST_MEMORY=0 leaves malloc alone.
+    code = ("import platform, sys, kernels, jax.numpy as jnp\n"
+            "from kernels import host_memory\n"
+            "assert host_memory._state['applied'] is None\n"
             "kernels.fused_dense(jnp.ones((2, 3)), jnp.ones((3, 4)), backend='numba').block_until_ready()\n"
-            "print(backend._keep_freed_scratch(), hasattr(ctypes.CDLL(None), 'mallopt'))\n")
-    for env, expect_on in (({}, True), ({"JAXNET_NUMBA_MALLOPT": "0"}, False)):
+            "print(host_memory._state['applied'], sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc')\n")
+    for env, expect_on in (({}, True), ({"JAXNET_KEEP_HOST_MEMORY": "0"}, False)):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                              env={**os.environ, **env})
         assert out.returncode == 0, out.stderr[-2000:]
-        applied, has_mallopt = out.stdout.split()
-        assert applied == str(expect_on and has_mallopt == "True")
+        applied, glibc = out.stdout.split()
+        assert applied == str(expect_on and glibc == "True")
 
 
 def test_no_pool_task_address_with_persistent_compilation_cache(tmp_path):
