@@ -33,6 +33,11 @@ import time
 import numpy as np
 
 from experiments.common import enable_compilation_cache, finish, parse_config
+from jaxnet import runtime
+
+# Before JAX starts: the train step's ~450 MB temporary buffer is allocated on XLA's worker
+# threads, and only the main heap can keep a block that large (kernels/host_memory.py).
+runtime.keep_host_memory(single_arena=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,25 +1,30 @@
 """Host allocator settings for XLA's CPU runtime and the Numba kernels (no JAX import here).
 
-    from jaxnet import runtime       # re-exports kernels.host_memory.keep_host_memory
-    runtime.keep_host_memory()      # first thing in a training process
-
-Applied by the ``experiments`` package on import and by the "numba" backend of
-``kernels.fused_dense`` on first use (its scratch, e.g. 4 MB of packed panels per call at
-1024^3, page-faulted on every call the same way: 3-4 ms, a quarter of the backward pass).
+    from jaxnet import runtime                        # re-exports keep_host_memory
+    runtime.keep_host_memory()                       # any process: big blocks stay in the heap
+    runtime.keep_host_memory(single_arena=True)      # a training process with huge steps
 
 XLA's CPU runtime allocates one temporary buffer per execution of a compiled program (the
 transformer LM's train step: ~450 MB for the activations kept for the backward pass) and frees it
 when the step ends. glibc's malloc serves a block that large with a fresh ``mmap`` and gives it
 back with ``munmap``, so every step page-faults (and the kernel zeroes) the whole buffer again:
-measured 114k minor faults and ~40% of the LM's step time on a 2-core machine. Its worker threads
-allocate from per-thread arenas whose heaps cannot hold such a block either, so they ``mmap`` it
-whatever the threshold says. ``keep_host_memory`` makes freed memory stay in the process: one
-arena, a large mmap threshold (big blocks come from the heap) and a large trim threshold (the
-heap's free top is not returned to the kernel), so the second step reuses the first step's pages.
+measured 114k minor faults and ~40% of the LM's step time on a 2-core machine. The Numba kernels'
+scratch (e.g. 4 MB of packed panels per call at 1024^3) page-faulted on every call the same way
+(3-4 ms, a quarter of the backward pass).
 
-The price is resident memory: the process keeps its peak heap (the largest step's buffers)
-instead of returning it between steps, which is what a caching allocator (PyTorch's on GPUs,
-XLA's on GPUs) does anyway.
+``keep_host_memory`` raises glibc's mmap threshold (big blocks come from the heap) and trim
+threshold (the heap's free top is not returned to the kernel), so later calls reuse the pages.
+That is enough for blocks that fit a thread's heap (up to 64 MB: the Numba scratch, most XLA
+programs). Blocks larger than that, allocated on XLA's worker threads, still get a fresh ``mmap``
+from those threads' own arenas; ``single_arena=True`` makes every thread use the main heap,
+which can hold them (the LM step: 10.6k -> 15.5k tokens/s, measured). One arena costs every
+small program: threads then share one malloc lock, and a tiny jitted forward+backward took
+19 µs instead of 13 µs here. So only the LM experiments ask for it; the ``experiments`` package
+and the "numba" backend of ``kernels.fused_dense`` (on first use) apply the thresholds alone.
+
+The price is resident memory: the process keeps its peak heap instead of returning it between
+steps, as a caching allocator (PyTorch's or XLA's on GPUs) does anyway.
+``JAXNET_KEEP_HOST_MEMORY=0`` turns every call into a no-op.
 """
 from __future__ import annotations
 
@@ -35,16 +40,29 @@ _M_ARENA_MAX = -8
 # mallopt takes an int: the largest threshold it can express (2 GiB - 1).
 _INT_MAX = 2**31 - 1
 
-_state = {"applied": None}
+_state = {"applied": None, "single_arena": False}
 
 
-def keep_host_memory(threshold_bytes: int = _INT_MAX) -> bool:
+def _mallopt():
+    """glibc's ``mallopt``, or None (not Linux, not glibc, or turned off by the environment)."""
+    if os.environ.get("JAXNET_KEEP_HOST_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def keep_host_memory(threshold_bytes: int = _INT_MAX, *, single_arena: bool = False) -> bool:
     """Keeps freed host memory in the process (glibc only; elsewhere a no-op returning False).
 
-    Call it before JAX runs its first computation: threads that have already allocated keep
-    their own arenas. Idempotent. ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=...
-    MALLOC_TRIM_THRESHOLD_=...`` in the environment does the same for any process;
-    ``JAXNET_KEEP_HOST_MEMORY=0`` turns this call into a no-op (returning False).
+    Idempotent: the thresholds are set by the first call, the single arena by the first call
+    that asks for it. ``single_arena`` must come before JAX runs its first computation (threads
+    that have already allocated keep their own arenas). ``MALLOC_ARENA_MAX=1
+    MALLOC_MMAP_THRESHOLD_=... MALLOC_TRIM_THRESHOLD_=...`` in the environment does the same for
+    any process.
 
     Not for PyTorch processes: with one arena PyTorch's CPU autocast step ran ~1.8x slower here
     (its f32 step was unaffected), which is why ``experiments.bench_lm`` times PyTorch in a child
@@ -53,29 +71,22 @@ def keep_host_memory(threshold_bytes: int = _INT_MAX) -> bool:
     Args:
       threshold_bytes: blocks below this size come from the heap, and up to this much free heap
         is kept; at most 2**31 - 1 (mallopt's int).
+      single_arena: every thread allocates from the main heap (see the module docstring).
 
     Returns:
-      True when the settings were applied (now or by an earlier call).
+      True when the settings asked for are in place (now or from an earlier call).
     """
     if not 0 < threshold_bytes <= _INT_MAX:
         raise ValueError(f"threshold_bytes must be in (0, 2**31 - 1], got {threshold_bytes}")
-    if _state["applied"] is not None:
-        return _state["applied"]
-    ok = False
-    if os.environ.get("JAXNET_KEEP_HOST_MEMORY", "1") == "0":
-        pass
-    elif sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-            mallopt = None
-        if mallopt is not None:
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            ok = all(mallopt(param, value) == 1 for param, value in (
-                (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, threshold_bytes), (_M_TRIM_THRESHOLD, threshold_bytes)))
-    _state["applied"] = ok
-    return ok
+    if _state["applied"] is None or (single_arena and _state["applied"] and not _state["single_arena"]):
+        mallopt = _mallopt()
+        ok = mallopt is not None
+        if ok and _state["applied"] is None:
+            ok = all(mallopt(param, threshold_bytes) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+        if ok and single_arena:
+            ok = _state["single_arena"] = mallopt(_M_ARENA_MAX, 1) == 1
+        _state["applied"] = ok
+    return bool(_state["applied"]) and (_state["single_arena"] or not single_arena)
 
 
 __all__ = ["keep_host_memory"]

@@ -81,90 +81,94 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1, tmp):
     """``z += bias`` and ``y = act(z)`` on the block ``[i0:i1, j0:j1]``; ``y`` may be ``z``.
 
     One call per block (not per row: a Numba call costs ~30 ns, as much as a short row). Rows
-    go through whole-row views with bounds, not slices: LLVM vectorises only loops whose stride
-    it knows. In place, a costly activation goes through the scratch row ``tmp`` (length >= j1):
-    with an exact alias LLVM's runtime overlap check would send the loop to its scalar version.
-    float32 uses the vectorisable ``_fastmath`` functions (computed in float64, a few float32
-    ulps); float64 uses libm.
+    are ranges of the flattened arrays, not views: a row view cost ~6 ns inside the FFI handler
+    (as much as the work of a 10-wide row), and a flat range with bounds keeps the unit stride
+    LLVM needs to vectorise. In place, a costly activation goes through the scratch row ``tmp``
+    (length >= j1): with an exact alias LLVM's runtime overlap check would send the loop to its
+    scalar version. float32 uses the vectorisable ``_fastmath`` functions (computed in float64,
+    a few float32 ulps); float64 uses libm.
     """
     fast = _fm.is_float32(y)
     inplace = z is y and act > 1
-    lo, hi = np.uint64(j0), np.uint64(j1)
-    for i in range(i0, i1):
-        zr = z[i]
+    zf, yf = z.reshape(z.size), y.reshape(y.size)
+    ld = np.uint64(z.shape[1])
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        base = i * ld
+        lo, hi = base + np.uint64(j0), base + np.uint64(j1)
         if has_bias:
             for j in range(lo, hi):
-                zr[j] += bias[j]
-        yr = tmp if inplace else y[i]
+                zf[j] += bias[j - base]
+        # In place: the activation goes to tmp[j - base] (out) and is copied back.
+        out, ob = (tmp, base) if inplace else (yf, np.uint64(0))
         if act == 1:
             for j in range(lo, hi):
-                v = zr[j]
-                yr[j] = v if (v > 0 or v != v) else 0.0  # max(z, 0), nan propagates
+                v = zf[j]
+                out[j - ob] = v if (v > 0 or v != v) else 0.0  # max(z, 0), nan propagates
         elif act == 2:
             for j in range(lo, hi):
-                v = np.float64(zr[j])
-                yr[j] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
+                v = np.float64(zf[j])
+                out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
         elif act == 3:
             for j in range(lo, hi):
-                v = np.float64(zr[j])
-                yr[j] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
+                v = np.float64(zf[j])
+                out[j - ob] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
         elif act == 4:
             for j in range(lo, hi):
-                v = np.float64(zr[j])
-                yr[j] = v * _sigmoid(v, fast)
+                v = np.float64(zf[j])
+                out[j - ob] = v * _sigmoid(v, fast)
         elif act == 5:
             for j in range(lo, hi):
-                yr[j] = _tanh(np.float64(zr[j]), fast)
+                out[j - ob] = _tanh(np.float64(zf[j]), fast)
         elif act == 6:
             for j in range(lo, hi):
-                yr[j] = _sigmoid(np.float64(zr[j]), fast)
-        elif zr is not yr:
+                out[j - ob] = _sigmoid(np.float64(zf[j]), fast)
+        elif z is not y:
             for j in range(lo, hi):
-                yr[j] = zr[j]
+                yf[j] = zf[j]
         if inplace:
             for j in range(lo, hi):
-                zr[j] = tmp[j]
+                zf[j] = tmp[j - base]
 
 
 @njit(**_STRICT)
 def activation_grad(dy, r, g, act):
-    """``g = dy * act'(.)`` from the residual ``r`` (z or y, see ``RESIDUAL``); all [M, N]."""
+    """``g = dy * act'(.)`` from the residual ``r`` (z or y, see ``RESIDUAL``); all [M, N],
+    processed as flat arrays (no per-row views, see ``epilogue``)."""
     fast = _fm.is_float32(g)
-    n = np.uint64(dy.shape[1])
-    for i in range(dy.shape[0]):
-        dyr, rr, gr = dy[i], r[i], g[i]
-        if act == 1:
-            for j in range(n):
-                v = rr[j]
-                # d max(z, 0)/dz as jnp.maximum defines it: 1, 0 and 1/2 at the tie.
-                gr[j] = dyr[j] * (1.0 if v > 0 else (0.5 if v == 0 else 0.0))
-        elif act == 2:
-            for j in range(n):
-                v = np.float64(rr[j])
-                d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
-                gr[j] = dyr[j] * d
-        elif act == 3:
-            for j in range(n):
-                v = np.float64(rr[j])
-                t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
-                d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
-                gr[j] = dyr[j] * d
-        elif act == 4:
-            for j in range(n):
-                v = np.float64(rr[j])
-                sg = _sigmoid(v, fast)
-                gr[j] = dyr[j] * (sg * (1.0 + v * (1.0 - sg)))
-        elif act == 5:
-            for j in range(n):
-                yv = rr[j]
-                gr[j] = dyr[j] * (1.0 - yv * yv)
-        elif act == 6:
-            for j in range(n):
-                yv = rr[j]
-                gr[j] = dyr[j] * (yv * (1.0 - yv))
-        else:
-            for j in range(n):
-                gr[j] = dyr[j]
+    n = np.uint64(dy.size)
+    dyr, rr, gr = dy.reshape(dy.size), r.reshape(r.size), g.reshape(g.size)
+    if act == 1:
+        for j in range(n):
+            v = rr[j]
+            # d max(z, 0)/dz as jnp.maximum defines it: 1, 0 and 1/2 at the tie.
+            gr[j] = dyr[j] * (1.0 if v > 0 else (0.5 if v == 0 else 0.0))
+    elif act == 2:
+        for j in range(n):
+            v = np.float64(rr[j])
+            d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
+            gr[j] = dyr[j] * d
+    elif act == 3:
+        for j in range(n):
+            v = np.float64(rr[j])
+            t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
+            d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
+            gr[j] = dyr[j] * d
+    elif act == 4:
+        for j in range(n):
+            v = np.float64(rr[j])
+            sg = _sigmoid(v, fast)
+            gr[j] = dyr[j] * (sg * (1.0 + v * (1.0 - sg)))
+    elif act == 5:
+        for j in range(n):
+            yv = rr[j]
+            gr[j] = dyr[j] * (1.0 - yv * yv)
+    elif act == 6:
+        for j in range(n):
+            yv = rr[j]
+            gr[j] = dyr[j] * (yv * (1.0 - yv))
+    else:
+        for j in range(n):
+            gr[j] = dyr[j]
 
 
 @njit(**_OPTS)
@@ -670,9 +674,10 @@ TINY_W = 64
 
 
 @njit(**_OPTS)
-def _tiny_forward(x, w, acc):
-    """``acc = x @ w`` for a tiny w (K * N <= ``TINY_W``): ``acc.T[j]`` is a sum of K scaled rows
-    of x.T, so every inner loop runs along M (see ``_tiny_backward``)."""
+def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
+    """``forward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout: ``y.T[j]`` is a
+    sum of K scaled rows of x.T, then bias and activation along those rows, so every inner loop
+    runs along M (loops along K or N would be a few iterations each, all overhead)."""
     M, K = x.shape
     N = w.shape[1]
     xt = np.empty((K, M), x.dtype)  # (K, M)
@@ -687,7 +692,15 @@ def _tiny_forward(x, w, acc):
             wv, xl = w[l, j], xt[l]
             for i in range(mu):
                 aj[i] += wv * xl[i]
-    transpose(at, acc)
+        if has_bias:
+            bv = b[j]
+            for i in range(mu):
+                aj[i] += bv
+    if save_z:
+        transpose(at, z)
+    if act != 0:  # elementwise: row by row of at
+        epilogue(at, at, b, False, act, 0, N, 0, M, np.empty(M, x.dtype))
+    transpose(at, y)
 
 
 # Below this many columns of w the forward pass uses the dot form (``gemm_nt`` on w.T): a
@@ -707,14 +720,14 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
     """
     M, K = x.shape
     N = w.shape[1]
-    if K * N <= TINY_W or N < NARROW_N:
+    if K * N <= TINY_W:
+        _tiny_forward(x, w, b, has_bias, y, z, save_z, act)
+        return
+    if N < NARROW_N:
         acc = z if save_z else y
-        if K * N <= TINY_W:
-            _tiny_forward(x, w, acc)
-        else:
-            wt = np.empty((N, K), w.dtype)  # (N, K)
-            transpose(w, wt)
-            gemm_nt(x, wt, acc, frame, task)
+        wt = np.empty((N, K), w.dtype)  # (N, K)
+        transpose(w, wt)
+        gemm_nt(x, wt, acc, frame, task)
         if has_bias or act != 0 or save_z:
             epilogue(acc, y, b, has_bias, act, 0, M, 0, N, np.empty(N, y.dtype))
         return
@@ -722,28 +735,36 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
 
 
 @njit(**_OPTS)
-def _tiny_backward(g, x, w, dx, dw):
-    """``dx = g @ w.T`` and ``dw = x.T @ g`` for a tiny w (K * N <= ``TINY_W``).
-
-    With x and g transposed (``[K, M]``, ``[N, M]``), every inner loop runs along M, the long
-    axis: ``dw[l, j]`` is a dot product of two rows and ``dx.T[l]`` a sum of N scaled rows.
-    Loops along K or N instead would be a few iterations each, all loop overhead.
-    """
-    M, N = g.shape
+def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
+    """``backward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout of
+    ``_tiny_forward``: ``g.T = dy.T * act'(r.T)`` row by row, ``db[j]`` the sum of row j,
+    ``dw[l, j]`` a dot product of two rows and ``dx.T[l]`` a sum of N scaled rows."""
+    M, N = dy.shape
     K = x.shape[1]
-    gt = np.empty((N, M), g.dtype)  # (N, M)
-    transpose(g, gt)
+    dyt = np.empty((N, M), dy.dtype)  # (N, M)
+    transpose(dy, dyt)
+    rt = np.empty((N, M), r.dtype)  # (N, M)
+    transpose(r, rt)
+    gt = np.empty((N, M), dy.dtype)  # (N, M)
+    activation_grad(dyt, rt, gt, act)
+    mu = np.uint64(M)
+    if has_bias:
+        for j in range(N):
+            gj = gt[j]
+            s = dy.dtype.type(0)
+            for i in range(mu):
+                s += gj[i]
+            db[j] = s
     xt = np.empty((K, M), x.dtype)  # (K, M)
     transpose(x, xt)
     dxt = np.empty((K, M), x.dtype)  # (K, M)
-    mu = np.uint64(M)
     for l in range(K):
         xl, dl, wl = xt[l], dxt[l], w[l]
         for i in range(mu):
             dl[i] = 0
         for j in range(N):
             gj, wv = gt[j], wl[j]
-            s = g.dtype.type(0)
+            s = dy.dtype.type(0)
             for i in range(mu):
                 dl[i] += wv * gj[i]
                 s += xl[i] * gj[i]
@@ -764,22 +785,24 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
     or read in place, the small [N, K] result transposed) unless K >= M and N > NR, where
     transposing x and packing g move fewer elements.
     Each choice compares the elements that the extra passes move (transposes, packing): all
-    three forms do the same multiply-adds in the same order.
+    three forms do the same multiply-adds in the same order. A tiny w goes to
+    ``_tiny_backward``.
     """
     M, N = dy.shape
     K = x.shape[1]
+    if K * N <= TINY_W:
+        _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias)
+        return
     g = np.empty((M, N), dy.dtype)  # (M, N)
     activation_grad(dy, r, g, act)
+    gf = g.reshape(M * N)
     if has_bias:
         db[:] = 0
-        for i in range(M):
-            gi = g[i]
-            for j in range(np.uint64(N)):
-                db[j] += gi[j]
-    if K * N <= TINY_W:
-        _tiny_backward(g, x, w, dx, dw)
-        return
-    gf = g.reshape(M * N)
+        nu = np.uint64(N)
+        for i in range(np.uint64(M)):
+            base = i * nu
+            for j in range(nu):
+                db[j] += gf[base + j]
     if N < DOT_MIN_N or M >= 256 or (M >= 64 and K * N <= 1 << 16):
         panel_gemm(gf, N, 1, w, db, False, dx, dx, False, 0, frame, task, True)
     else:
