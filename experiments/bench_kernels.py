@@ -1,6 +1,6 @@
 """Benchmark: ``kernels.fused_dense`` per backend against XLA's own ``act(x @ w + b)``, same run.
 
-    python -m experiments.bench_kernels            # full grid, ~3-6 minutes on 2 cores
+    python -m experiments.bench_kernels            # full grid, about a minute on a quiet 2-core machine
     python -m experiments.bench_kernels --quick    # 6 shapes, ~40 s
 
 For every shape (M, K, N) of the grid and for forward and forward+backward (the VJP: y, dx,
