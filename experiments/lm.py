@@ -19,9 +19,9 @@ context).
 Prints progress, samples (temperature and top-k) and one JSON line: held-out bits/char, the
 n-gram baseline's on the same split, tokens/s, model FLOPs; writes ``metrics.jsonl``,
 ``loss_curve.png`` (train and held-out loss, nats/char, against epochs) and ``result.json``.
-Measured (docs/benchmarks.md "Language", 2 shared cores): 1.578 held-out bits/char, 1,223 steps
-(12 epochs) at 9,820 tokens/s, 9 min 03 s for the whole run; Kneser–Ney order 9: 1.668. The
-result depends on the machine's load (1.612 in a run at load average ~4).
+Measured (docs/benchmarks.md "Language", 2 cores): 1.577 held-out bits/char, 1,851 steps
+(18 epochs) at 14,860 tokens/s, 8 min 52 s for the whole run; Kneser–Ney order 9: 1.668. The
+step count depends on the machine's load (the time budget is fixed).
 """
 from __future__ import annotations
 
