@@ -3,7 +3,7 @@
     python -m experiments.gpu_check                      # on a GPU: < 5 min on one H200
     python -m experiments.gpu_check --interpret --quick  # on CPU: the script end to end, ~20 s
 
-1. Runs ``pytest -m gpu tests/kernels/test_pallas_fused_dense.py`` (the property tests, lowered
+1. Runs ``pytest -m gpu tests/kernel_tests/test_pallas_fused_dense.py`` (the property tests, lowered
    for real) in a subprocess and records the counts.
 2. Times forward and forward+backward in TFLOP/s for bf16 4096^3 and a grid of transformer MLP
    shapes (kernels.pallas_gpu.bench), each beside XLA's own act(x @ w + b) in the same run;
@@ -29,7 +29,7 @@ import warnings
 from experiments.common import finish, parse_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TEST_FILE = "tests/kernels/test_pallas_fused_dense.py"
+TEST_FILE = "tests/kernel_tests/test_pallas_fused_dense.py"
 TARGETS = {"fwd_ratio": 0.9, "fwdbwd_ratio": 0.8, "headline_fwd_tflops": 600.0}
 
 
