@@ -15,8 +15,8 @@ Repeats alternate between the two (jaxnet, then PyTorch, ``repeats`` times) so a
 machine slows both alike; each side's figure is the median of its repeats after warm-up (and the
 best repeat, the least disturbed, beside it), timed to completion (``block_until_ready`` / synchronous PyTorch). Tokens/s = batch x block / step time;
 GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language", quiet
-machine, load 1.0-1.3): jaxnet f32 16,095 vs PyTorch f32 11,702 tokens/s (1.38x); jaxnet bf16
-18,070 vs PyTorch f32 11,332 (1.60x); jaxnet bf16 16,134 vs PyTorch bf16 autocast 16,087 (1.00x).
+machine): jaxnet f32 vs PyTorch f32 1.37-1.38x (e.g. 15,449 vs 11,265 tokens/s); jaxnet bf16 vs
+PyTorch f32 1.48-1.60x over three sessions' runs; jaxnet bf16 vs PyTorch bf16 autocast 1.00-1.04x.
 Under load PyTorch's threads collapse and the ratio reads 2.7-6.5x.
 """
 from __future__ import annotations
@@ -100,6 +100,8 @@ def torch_side(config: Config, vocab_size: int, windows):
     import torch.nn as nn
     import torch.nn.functional as F
 
+    from jaxnet.models.transformer import rotary_tables
+
     torch.set_num_threads(config.threads or os.cpu_count())
     torch.manual_seed(0)
     c, h, p = config.embed_dim, config.num_heads, config.dropout_rate
@@ -107,10 +109,8 @@ def torch_side(config: Config, vocab_size: int, windows):
     rope = None
     if config.positions == "rotary":
         d = c // h
-        # In float64, rounded once: jaxnet.models.transformer.rotary_tables.
-        inv_freq = 10_000.0 ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
-        angles = torch.arange(config.block_size, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        rope = (angles.cos().float(), angles.sin().float())  # (T, D/2) each
+        # jaxnet's own tables (float64 angles rounded once), so both sides rotate identically.
+        rope = tuple(torch.from_numpy(t.copy()) for t in rotary_tables(config.block_size, d, 10_000.0))  # (T, D/2)
 
     def rotate(x):  # x: (B, H, T, D)
         cos, sin = (r[: x.shape[2]] for r in rope)

@@ -123,9 +123,10 @@ class Dropout(nn.Module):
     """Inverted dropout drawing 8 random bits per element instead of Flax's 32.
 
     On the CPU the random bits, not the multiply, are most of dropout's cost (threefry hashes 32
-    bits per call): a byte per element, four from each 32-bit draw, is a quarter of the hashing. The rate is rounded to a
-    multiple of 1/256 (0.1 -> 26/256 ≈ 0.1016) and the kept units are scaled by 1 / (1 - rate)
-    with that rounded rate, so the expectation is exact. Draws from the "dropout" rng collection.
+    bits per call): a byte per element, four from each 32-bit draw, is a quarter of the hashing.
+    The rate is rounded to a multiple of 1/256 (0.1 -> 26/256 ≈ 0.1016) and the kept units are
+    scaled by 1 / (1 - rate) with that rounded rate, so the expectation is exact. Draws from the
+    "dropout" rng collection.
     """
 
     rate: float
@@ -451,4 +452,5 @@ def generate(model: TransformerLM, params, prompt, key, *, max_new_tokens: int, 
 
 
 __all__ = ["Block", "CausalSelfAttention", "MLPBlock", "TransformerClassifier", "TransformerConfig",
-           "TransformerLM", "Trunk", "count_params", "flops_per_token", "generate", "init_cache", "rotary", "rotary_tables"]
+           "TransformerLM", "Trunk", "count_params", "flops_per_token", "generate", "init_cache", "rotary",
+           "rotary_tables"]

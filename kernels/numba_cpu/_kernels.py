@@ -54,8 +54,6 @@ NB = 128
 LB = 1024
 
 
-
-
 @njit(inline="always", **_STRICT)
 def _exp(v, fast):
     return _fm.exp(v) if fast else math.exp(v)
@@ -599,6 +597,13 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
 # Below this many columns of dy, dX always uses the panel form on w.T: each dot product of
 # the dot form would be too short to pay for its horizontal sums.
 DOT_MIN_N = 64
+# From this many rows of dy, dX uses the panel form whatever the size of w (packing w.T is then
+# repaid; measured 1.0-1.5x at 256..4096 rows), and from DX_PANEL_MIN_M_SMALL_W rows when w has
+# at most DX_PANEL_SMALL_W elements (in L2: packing it is cheap). Below, with a large w, the dot
+# form (3-11x faster at 8 or 32 rows and a 1024^2 or 4096^2 w).
+DX_PANEL_MIN_M = 256
+DX_PANEL_MIN_M_SMALL_W = 64
+DX_PANEL_SMALL_W = 1 << 16
 # Up to this many rows, w is read in place: packing it would cost more than it saves.
 UNPACKED_MAX_M = 32
 
@@ -779,8 +784,8 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
     dy, r: [M, N]; x: [M, K]; w: [K, N]; dx: [M, K]; dw: [K, N]; db: [N] (if ``has_bias``).
     ``g = dy * act'`` is formed once (one pass over dy and r) and feeds all three products:
     ``db = sum_i g``;
-    ``dx = g @ w.T``: panel form (w.T packed straight from w's rows), or the dot form (g and w both read along
-    N) when M is too small to repay transposing and packing a large w;
+    ``dx = g @ w.T``: panel form (w.T packed straight from w's rows), or the dot form (g and w
+    both read along N) when M is too small to repay packing a large w (``DX_PANEL_*``);
     ``dw = x.T @ g``: computed as ``dw.T = g.T @ x`` (g read in place through strides, x packed
     or read in place, the small [N, K] result transposed) unless K >= M and N > NR, where
     transposing x and packing g move fewer elements.
@@ -803,7 +808,7 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
             base = i * nu
             for j in range(nu):
                 db[j] += gf[base + j]
-    if N < DOT_MIN_N or M >= 256 or (M >= 64 and K * N <= 1 << 16):
+    if N < DOT_MIN_N or M >= DX_PANEL_MIN_M or (M >= DX_PANEL_MIN_M_SMALL_W and K * N <= DX_PANEL_SMALL_W):
         panel_gemm(gf, N, 1, w, db, False, dx, dx, False, 0, frame, task, True)
     else:
         gemm_nt(g, w, dx, frame, task)
