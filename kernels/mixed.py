@@ -55,21 +55,51 @@ def _einsum_fwd(spec, a, b):
     return _einsum_lowp(spec, a, b), (a, b)
 
 
+def _transposed_copy(a, perm):
+    """``jnp.transpose(a, perm)`` that reaches the dot as a row-major copy.
+
+    XLA's CPU pipeline gives a plain transpose a permuted layout and, seeing a column-major
+    operand, upcasts the dot to f32 before layout assignment (its "operand_upcaster" pass;
+    ``optimization_barrier`` is expanded away before it). Transposing behind a leading unit axis
+    and squeezing it off yields an operand in the default layout (checked on jax 0.10 by
+    ``test_compiled_gradient_dots_take_bfloat16_operands``).
+    """
+    moved = jnp.transpose(a[None], (0, *(p + 1 for p in perm)))
+    return jax.lax.squeeze(moved, (0,))
+
+
+def _swap_operands(got: list, got_swapped: list, want: list) -> bool:
+    """Whether a dot should take its operands the other way round to give the order ``want``.
+
+    A transpose after the dot is either folded into its dimension numbers (the weight gradient
+    ``x.T @ dz`` would become a dot contracting x's major axis, upcast to f32) or fused into the
+    consumer, which then reads the result with a stride (the value gradient of attention,
+    [B, H, D, T] read as [B, T, H, D], cost ~4 ms a layer). Best is no transpose; next best, one
+    that keeps the minor axis, which moves contiguous rows.
+    """
+    if got == want:
+        return False
+    return got_swapped == want or (got[-1] != want[-1] and got_swapped[-1] == want[-1])
+
+
 def _einsum_f32(sa: str, sb: str, so: str, a, b):
     """``einsum(f"{sa},{sb}->{so}", a, b)`` in f32, with ``a``'s contracted axes made its last ones.
 
     XLA's CPU runtime sends a low-precision dot to its fast (YNNPACK) path only when the left
-    operand contracts its minor axes; otherwise it upcasts the operands to f32 (weight gradients,
-    ``x.T @ dz``) or, for batched dots, fails ("Unsupported element type for DotThunk"). The
-    transpose is materialised behind an optimization barrier so that XLA cannot fold it back into
-    the dot's dimension numbers; it is one pass over ``a``, small beside the dot.
+    operand contracts its minor axes and both operands are row-major; otherwise it upcasts the
+    operands to f32 (weight gradients, ``x.T @ dz``) or, for batched dots, fails ("Unsupported
+    element type for DotThunk"). The transpose is materialised (``_transposed_copy``); it is one
+    pass over ``a``, small beside the dot.
     """
     batch = [i for i in sa if i in sb and i in so]
-    contracted = [i for i in sa if i in sb and i not in so]
     free_a, free_b = [i for i in sa if i not in sb], [i for i in sb if i not in sa]
+    if _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so)):
+        sa, sb, a, b = sb, sa, b, a
+        free_a, free_b = free_b, free_a
+    contracted = [i for i in sa if i in sb and i not in so]
     order_a = batch + free_a + contracted
     if list(sa) != order_a:
-        a = jax.lax.optimization_barrier(jnp.transpose(a, [sa.index(i) for i in order_a]))
+        a = _transposed_copy(a, [sa.index(i) for i in order_a])
     nb, nf = len(batch), len(free_a)
     dims = ((tuple(range(nb + nf, len(order_a))), tuple(sb.index(i) for i in contracted)),
             (tuple(range(nb)), tuple(sb.index(i) for i in batch)))

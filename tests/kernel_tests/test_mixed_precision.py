@@ -140,6 +140,42 @@ def test_backward_dots_run_in_bfloat16():
     assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
 
 
+def _compiled_dot_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
+    """The operand dtypes of every dot in the optimized HLO of ``jit(fn)`` (fusions included)."""
+    import re
+
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    dtype_of = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", line)
+        if m:
+            dtype_of[m.group(1)] = m.group(2)
+    dots = []
+    for line in text.splitlines():
+        m = re.search(r" dot\(([^)]*)\)", line)
+        if m:
+            dots.append(tuple(dtype_of[name.strip().lstrip("%")] for name in m.group(1).split(",")))
+    return dots
+
+
+@pytest.mark.parametrize("spec,sa,sb", [
+    ("mk,kn->mn", (256, 64), (64, 96)),  # dense layer: its weight gradient is x.T @ dz
+    ("bshd,bthd->bhst", (4, 32, 2, 16), (4, 32, 2, 16)),
+    ("bhst,bthd->bshd", (4, 2, 32, 32), (4, 32, 2, 16)),
+    ("btc,vc->btv", (4, 32, 16), (11, 16)),
+])
+def test_compiled_gradient_dots_take_bfloat16_operands(spec, sa, sb):
+    """After XLA's own rewrites, not just in the jaxpr: a transpose next to a dot can be folded
+    into its dimension numbers, and a dot that contracts the right operand's major axis... is
+    then upcast to f32 on the CPU (it ran the LM's weight gradients at f32 speed)."""
+    a = jnp.ones(sa, jnp.bfloat16)
+    b = jnp.ones(sb, jnp.bfloat16)
+    loss = lambda a, b: (mixed.einsum(spec, a, b) ** 2).sum()
+    dots = _compiled_dot_operand_dtypes(jax.grad(loss, (0, 1)), a, b)
+    assert len(dots) >= 3, dots
+    assert all(d == ("bf16", "bf16") for d in dots), dots
+
+
 def test_float32_inputs_take_the_plain_einsum():
     a = jnp.ones((3, 4))
     assert jax.make_jaxpr(lambda a: mixed.einsum("ij,kj->ik", a, a))(a).eqns[0].primitive.name == "dot_general"
