@@ -166,12 +166,14 @@ def _compiled_dot_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
 ])
 def test_compiled_gradient_dots_take_bfloat16_operands(spec, sa, sb):
     """After XLA's own rewrites, not just in the jaxpr: a transpose next to a dot can be folded
-    into its dimension numbers, and a dot that contracts the right operand's major axis... is
-    then upcast to f32 on the CPU (it ran the LM's weight gradients at f32 speed)."""
-    a = jnp.ones(sa, jnp.bfloat16)
-    b = jnp.ones(sb, jnp.bfloat16)
-    loss = lambda a, b: (mixed.einsum(spec, a, b) ** 2).sum()
-    dots = _compiled_dot_operand_dtypes(jax.grad(loss, (0, 1)), a, b)
+    into its dimension numbers, and a dot with an operand that is not row-major is then upcast
+    to f32 on the CPU (it ran the LM's weight gradients at f32 speed). CPU only: a GPU compiles
+    dots to library calls."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        a = jnp.ones(sa, jnp.bfloat16)
+        b = jnp.ones(sb, jnp.bfloat16)
+        loss = lambda a, b: (mixed.einsum(spec, a, b) ** 2).sum()
+        dots = _compiled_dot_operand_dtypes(jax.grad(loss, (0, 1)), a, b)
     assert len(dots) >= 3, dots
     assert all(d == ("bf16", "bf16") for d in dots), dots
 
