@@ -73,9 +73,9 @@ def _swap_operands(got: list, got_swapped: list, want: list) -> bool:
 
     A transpose after the dot is either folded into its dimension numbers (the weight gradient
     ``x.T @ dz`` would become a dot contracting x's major axis, upcast to f32) or fused into the
-    consumer, which then reads the result with a stride (the value gradient of attention,
-    [B, H, D, T] read as [B, T, H, D], cost ~4 ms a layer). Best is no transpose; next best, one
-    that keeps the minor axis, which moves contiguous rows.
+    consumer, which then reads the result with a stride (the value gradient of attention came
+    out as [B, H, D, T] for a [B, T, H, D] consumer). Best is no transpose; next best, one that
+    keeps the minor axis, which moves contiguous rows.
     """
     if got == want:
         return False

@@ -223,7 +223,7 @@ class CausalSelfAttention(nn.Module):
                          name="qkv")(x)  # (B, S, 3C)
         qkv = qkv.reshape(b, s, 3, h, d)
         # split, not indexing: its gradient is one concatenate, where three slices' gradients
-        # are pads summed into the [B, S, 3, H, D] cotangent (measured 4 ms a layer).
+        # are pads summed into the [B, S, 3, H, D] cotangent (bf16 step 145 -> 136 ms).
         qk, v = jnp.split(qkv, [2], axis=2)  # (B, S, 2, H, D), (B, S, 1, H, D)
         v = v[:, :, 0]
         if cfg.positions == "rotary":
