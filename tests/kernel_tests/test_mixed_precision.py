@@ -1,5 +1,6 @@
-"""The mixed-precision path of ``FusedDense(backend="xla")`` (``kernels.mixed``): bf16/f16 operands, f32 accumulation,
-forward and backward; and a bf16 TransformerLM against the same model in float32.
+"""The custom-VJP path of ``FusedDense(backend="xla")`` (``kernels.mixed``): bf16/f16 operands, f32 accumulation,
+forward and backward (and f32 operands, which take it for its layout); and a bf16 TransformerLM
+against the same model in float32.
 
 Tolerances (one table, derived, not fitted). The inputs are bf16 (or f16) values and the float64
 reference multiplies *those same values*, so the inputs' own rounding cancels out; what remains:
@@ -13,6 +14,9 @@ reference multiplies *those same values*, so the inputs' own rounding cancels ou
     (``u |dz| @ |w|.T`` for x, ``|x|.T @ u |dz|`` for w; the bias gradient sums dz in f32 before
     any rounding, so only ``acc`` and ``store``).
 So e.g. ``tol_grad_x = (u + SAFETY (N+1) u32) (|dz| @ |w|.T) + u |grad_x|``.
+float32 inputs (the f32 dense layer takes the same custom VJP, for its layout): the products
+are no longer exact, but ``gamma_K`` already counts a rounding per product (Higham's bound is for
+the whole dot product), and with u = u32 the cotangent "rounding" and the store are loose terms.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from kernels.reference import fused_dense_numpy
 
 SAFETY = 2.0
 U32 = 2.0**-24
-UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # half the machine epsilon
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}  # half the machine epsilon
 
 
 def _np_act_grad(act, z):
@@ -52,7 +56,7 @@ def _case(dtype, shape_x, n, seed):
     return x, w, b, g
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu_tanh"])
 @pytest.mark.parametrize("shape_x,n", [((64, 96), 48), ((2, 33, 130), 70)])
 def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
