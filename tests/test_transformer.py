@@ -208,6 +208,27 @@ def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
     assert 0.1 <= factor < 0.2  # near the end of the cosine: close to final_fraction
 
 
+def test_fit_stream_schedule_ends_at_the_step_cap_when_it_comes_before_the_time_budget():
+    """With a budget and a step count, the fraction handed to before_step is the larger of the
+    two parts used: a run that reaches its steps long before its time still ends its cosine."""
+    import optax
+
+    model = TransformerLM(TINY.replace(num_layers=1))
+    tx = optax.chain(optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-2)),
+                     optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    state = TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+    seen = []
+
+    def before_step(s, fraction):
+        seen.append(fraction)
+        return s
+
+    run = fit_stream(state, np.arange(200) % 11, steps=5, batch_size=4, block_size=16, log_every=2,
+                     budget_s=10**6, before_step=before_step, progress=False)
+    assert int(run.state.step) == 5 and not run.stopped_by_time
+    np.testing.assert_allclose(seen, [0.0, 0.2, 0.4, 0.6, 0.8], atol=1e-6)
+
+
 def test_classifier_pools_non_padding_tokens_and_ignores_trailing_padding():
     cfg = TINY.replace(vocab_size=12)
     params = _init(TransformerClassifier(cfg, num_classes=3, pad_id=0))  # pooling has no parameters

@@ -151,9 +151,10 @@ def fit_stream(
       budget_s: stop once the training steps (evaluation excluded) have taken this long, checked
         every step; ``steps`` is then an upper bound. For a fixed time on a shared machine.
       before_step: ``before_step(state, fraction) -> state`` before every update, where
-        ``fraction`` is the part of ``budget_s`` used so far (0 without a budget) — e.g. to set a
-        learning rate that follows time rather than steps (``time_schedule``). With it each step
-        is waited for before the next is dispatched, so the fraction is the time really spent.
+        ``fraction`` is the larger of the parts of ``budget_s`` and of ``steps`` used so far — e.g.
+        to set a learning rate that follows time rather than steps (``time_schedule``), ending at
+        whichever budget runs out first. With it each step is waited for before the next is
+        dispatched, so the fraction is the time really spent.
       workdir: where ``metrics.jsonl`` and ``loss_curve.png`` go. The curve's x axis is epochs:
         tokens seen / training tokens.
 
@@ -180,7 +181,8 @@ def fit_stream(
             for _ in range(n):
                 if before_step is not None:
                     used = train_s + time.perf_counter() - t0
-                    state = before_step(state, min(used / budget_s, 1.0) if budget_s else 0.0)
+                    by_time = min(used / budget_s, 1.0) if budget_s else 0.0
+                    state = before_step(state, max(by_time, (done + len(per_step)) / steps))
                 state, m = step_fn(state, tokens)
                 per_step.append(m)
                 if before_step is not None or budget_s is not None:
