@@ -15,9 +15,9 @@ Repeats alternate between the two (jaxnet, then PyTorch, ``repeats`` times) so a
 machine slows both alike; each side's figure is the median of its repeats after warm-up (and the
 best repeat, the least disturbed, beside it), timed to completion (``block_until_ready`` / synchronous PyTorch). Tokens/s = batch x block / step time;
 GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language", quiet
-machine, after the bf16 weight-gradient fix): jaxnet bf16 vs PyTorch bf16 autocast 1.61-1.73x
-(e.g. 29,582 vs 18,426 tokens/s); jaxnet bf16 vs PyTorch f32 2.72x; jaxnet f32 vs PyTorch f32
-1.34-1.39x. Under load PyTorch's threads collapse and the ratio reads 2.7-6.5x.
+machine, session 3's final code): jaxnet f32 vs PyTorch f32 1.65-1.89x (e.g. 18,222 vs 11,050
+tokens/s); jaxnet bf16 vs PyTorch bf16 autocast 1.61-1.73x; jaxnet bf16 vs PyTorch f32
+2.67-2.72x. Under load PyTorch's threads collapse and the ratio reads 2.7-6.5x.
 """
 from __future__ import annotations
 

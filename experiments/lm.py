@@ -1,6 +1,6 @@
 """Character language model on real text (offline), with a Kneser–Ney n-gram baseline on the same split.
 
-    python -m experiments.lm                          # default: char LM on pydoc_data.topics, ~10 min
+    python -m experiments.lm                          # default: char LM on pydoc_data.topics, <= 10 min
     python -m experiments.lm --steps 300              # a quick look (~1-2 min)
     python -m experiments.lm --data-dir data/ptb      # Penn Treebank, word level (perplexity)
 
@@ -11,7 +11,8 @@ words with ``<eos>`` after each sentence, reported as perplexity on valid and te
 
 Model: ``jaxnet.models.TransformerLM`` (4 layers, 192 wide, 4 heads, 128 context, rotary
 positions, tanh-GELU MLPs through ``FusedDense``, tied embeddings, 1.80M parameters), AdamW with
-warm-up and cosine decay (over a time budget by default), trained on random windows (``jaxnet.train.stream.fit_stream``).
+warm-up and cosine decay (by default over a time budget or 19 epochs, whichever ends first),
+trained on random windows (``jaxnet.train.stream.fit_stream``).
 Held-out bits per character are measured on every held-out character once, with a sliding window
 (stride ``eval_stride``: each character predicted from at least 96 of the 128 characters of
 context).
@@ -19,9 +20,10 @@ context).
 Prints progress, samples (temperature and top-k) and one JSON line: held-out bits/char, the
 n-gram baseline's on the same split, tokens/s, model FLOPs; writes ``metrics.jsonl``,
 ``loss_curve.png`` (train and held-out loss, nats/char, against epochs) and ``result.json``.
-Measured (docs/benchmarks.md "Language", 2 cores): 1.577 held-out bits/char, 1,851 steps
-(18 epochs) at 14,860 tokens/s, 8 min 52 s for the whole run; Kneser–Ney order 9: 1.668. The
-step count depends on the machine's load (the time budget is fixed).
+Measured (docs/benchmarks.md "Language", 2 cores): 1.591 held-out bits/char, 1,942 steps (19
+epochs, the cap) at 20,478 tokens/s, 6 min 49 s for the whole run; Kneser–Ney order 9: 1.668.
+Training ends at ``max_epochs`` or at the time budget, whichever comes first (a slow machine
+gets fewer steps).
 """
 from __future__ import annotations
 
