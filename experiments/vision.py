@@ -12,8 +12,8 @@ images (``--val-fraction 0.2``); the test split is only ever evaluated. Anchors 
 scikit-learn SVC (RBF, C=10, γ=0.05), MLPClassifier (256 hidden), LogisticRegression.
 Writes ``confusion_matrix.png`` (summed over seeds), each seed's ``seed<k>/loss_curve.png`` and
 ``metrics.jsonl``, and ``result.json``. Measured (docs/benchmarks.md, 2 shared cores): CNN mean
-test accuracy 99.48% ± 0.10 over 3 seeds, 19 s of training (54 s with the anchors); anchors
-98.89% / 98.67% / 96.89%.
+test accuracy 99.48% ± 0.10 over 3 seeds, 19 s of training (54 s with the anchors; 99.56% ± 0.18
+in 17 s on later code, a quieter machine); anchors 98.89% / 98.67% / 96.89%.
 """
 from __future__ import annotations
 
