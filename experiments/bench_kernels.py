@@ -48,6 +48,7 @@ class Config:
     # Backends besides the XLA baseline ("pallas" runs interpreted on CPU: very slow).
     backends: tuple[str, ...] = ("numba",)
     activation: str = "relu"
+    # "float32" or "float64" (the Numba kernels' native dtypes; float64 turns on jax_enable_x64).
     dtype: str = "float32"
     # Timed samples per shape and backend (medians reported), after `warmup` untimed calls.
     repeats: int = 15
@@ -161,10 +162,22 @@ def _cold_start() -> dict:
     return {"import_s": imp, "first_call_s": first}
 
 
+def prepare_dtype(config: Config) -> None:
+    """Checks ``config.dtype``; for float64 turns on ``jax_enable_x64`` (process-wide), without
+    which JAX silently truncates every float64 array to float32 and the run would time that."""
+    import jax
+
+    if config.dtype not in ("float32", "float64"):
+        raise ValueError(f"bench_kernels: --dtype must be float32 or float64, got {config.dtype!r}")
+    if config.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+
 def run(config: Config) -> tuple[list[dict], dict]:
     import jax
     import numpy as np
 
+    prepare_dtype(config)
     backends = ("xla", *[b for b in config.backends if b != "xla"])
     rows = []
     for shape in QUICK_GRID if config.quick else GRID:
