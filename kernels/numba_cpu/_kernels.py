@@ -470,7 +470,7 @@ def gemm_nt_blocked(a, b, c, frame, task, mb, nb, lb):
 # (a stack buffer indexed only by constants); each step of the reduction broadcasts MR values of
 # X and streams one contiguous NR-wide row of the panel. No transpose of anything is needed.
 NR = 32  # columns per panel: 2 AVX-512 vectors of float32 (4 of float64)
-MR = 8  # rows per register tile: 8 x 32 float32 = 16 AVX-512 accumulators
+MR = 8  # rows per register tile: 8 x 32 float32 = 16 AVX-512 accumulators (float64: ``_mr``)
 KC = 512  # reduction block: a tile's strip of X (MR x KC) stays in L1
 PG = 8  # panels per block: the block's packed panels (KC x PG*NR; 512 KiB in float32) stay in L2
 PMB = 64  # rows per block
@@ -512,13 +512,22 @@ def pack_panels_t(wt, wp):
                 dst[k, jj] = 0
 
 
+@njit(inline="always", **_OPTS)
+def _mr(a):
+    """Rows per register tile for ``a``'s dtype, a compile-time constant: MR in float32; MR / 2
+    in float64, whose 8 x 32 tile would need 32 accumulators, every vector register."""
+    return MR if _fm.is_float32(a) else MR // 2
+
+
 @njit(**_OPTS)
 def _panel_tile(xf, sr, sl, r0, rows, bp, bj0, l0, l1, dst, j0, cols, acc_in):
     """``dst[r0:r0+rows, j0:j0+cols] (+)= X[r0:r0+rows, l0:l1] @ bp[l0:l1, bj0:bj0+cols]`` with
     ``X[r, l] = xf[r*sr + l*sl]``; ``bp`` has at least ``bj0 + NR`` columns.
 
-    Rows past ``rows`` repeat the last valid row of X (in bounds; computed, never stored).
+    Rows past ``rows`` repeat the last valid row of X (in bounds; computed, never stored). The
+    tile is ``_mr(dst)`` rows high (``rows <= _mr(dst)``); the float64 tile skips rows 4-7.
     """
+    mr = _mr(dst)
     acc = carray(_ffi.stack_buffer(_TILE, dst.dtype), (MR, NR))
     for r in range(MR):
         for jj in range(NR):
@@ -536,25 +545,33 @@ def _panel_tile(xf, sr, sl, r0, rows, bp, bj0, l0, l1, dst, j0, cols, acc_in):
         bl = bp[l]
         ol = l * su
         a0, a1, a2, a3 = xf[o0 + ol], xf[o1 + ol], xf[o2 + ol], xf[o3 + ol]
-        a4, a5, a6, a7 = xf[o4 + ol], xf[o5 + ol], xf[o6 + ol], xf[o7 + ol]
-        for jj in range(np.uint64(NR)):
-            v = bl[bj + jj]
-            acc[0, jj] += a0 * v
-            acc[1, jj] += a1 * v
-            acc[2, jj] += a2 * v
-            acc[3, jj] += a3 * v
-            acc[4, jj] += a4 * v
-            acc[5, jj] += a5 * v
-            acc[6, jj] += a6 * v
-            acc[7, jj] += a7 * v
-    if rows == MR and cols == NR:  # constant indices only: acc stays in registers
-        for r in range(MR):
+        if mr == MR:
+            a4, a5, a6, a7 = xf[o4 + ol], xf[o5 + ol], xf[o6 + ol], xf[o7 + ol]
+            for jj in range(np.uint64(NR)):
+                v = bl[bj + jj]
+                acc[0, jj] += a0 * v
+                acc[1, jj] += a1 * v
+                acc[2, jj] += a2 * v
+                acc[3, jj] += a3 * v
+                acc[4, jj] += a4 * v
+                acc[5, jj] += a5 * v
+                acc[6, jj] += a6 * v
+                acc[7, jj] += a7 * v
+        else:
+            for jj in range(np.uint64(NR)):
+                v = bl[bj + jj]
+                acc[0, jj] += a0 * v
+                acc[1, jj] += a1 * v
+                acc[2, jj] += a2 * v
+                acc[3, jj] += a3 * v
+    if rows == mr and cols == NR:  # constant indices only: acc stays in registers
+        for r in range(mr):
             d = dst[r0 + r]
             for jj in range(NR):
                 d[j0 + jj] = acc[r, jj] + d[j0 + jj] if acc_in else acc[r, jj]
         return
     edge = carray(_ffi.stack_buffer(_TILE, dst.dtype), (MR, NR))
-    for r in range(MR):
+    for r in range(mr):
         for jj in range(NR):
             edge[r, jj] = acc[r, jj]
     for r in range(rows):
@@ -575,12 +592,13 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
     npan = (N + NR - 1) // NR
     nfull = N // NR
     acc = z if save_z else y
+    mr = _mr(acc)
     i0, p0 = (t // ngroups) * PMB, (t % ngroups) * PG
     i1, p1 = min(i0 + PMB, M), min(p0 + PG, npan)
     for k0 in range(0, max(K, 1), KC):
         k1 = min(k0 + KC, K)
-        for r0 in range(i0, i1, MR):
-            rows = min(MR, M - r0)
+        for r0 in range(i0, i1, mr):
+            rows = min(mr, M - r0)
             for p in range(p0, p1):
                 cols = min(NR, N - p * NR)
                 if packed:
