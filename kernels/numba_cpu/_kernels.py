@@ -545,25 +545,19 @@ def _panel_tile(xf, sr, sl, r0, rows, bp, bj0, l0, l1, dst, j0, cols, acc_in):
         bl = bp[l]
         ol = l * su
         a0, a1, a2, a3 = xf[o0 + ol], xf[o1 + ol], xf[o2 + ol], xf[o3 + ol]
-        if mr == MR:
-            a4, a5, a6, a7 = xf[o4 + ol], xf[o5 + ol], xf[o6 + ol], xf[o7 + ol]
-            for jj in range(np.uint64(NR)):
-                v = bl[bj + jj]
-                acc[0, jj] += a0 * v
-                acc[1, jj] += a1 * v
-                acc[2, jj] += a2 * v
-                acc[3, jj] += a3 * v
+        # In bounds for any rows; unused (and dropped by LLVM) when mr is 4.
+        a4, a5, a6, a7 = xf[o4 + ol], xf[o5 + ol], xf[o6 + ol], xf[o7 + ol]
+        for jj in range(np.uint64(NR)):
+            v = bl[bj + jj]
+            acc[0, jj] += a0 * v
+            acc[1, jj] += a1 * v
+            acc[2, jj] += a2 * v
+            acc[3, jj] += a3 * v
+            if mr == MR:  # a compile-time constant: no branch is left in the loop
                 acc[4, jj] += a4 * v
                 acc[5, jj] += a5 * v
                 acc[6, jj] += a6 * v
                 acc[7, jj] += a7 * v
-        else:
-            for jj in range(np.uint64(NR)):
-                v = bl[bj + jj]
-                acc[0, jj] += a0 * v
-                acc[1, jj] += a1 * v
-                acc[2, jj] += a2 * v
-                acc[3, jj] += a3 * v
     if rows == mr and cols == NR:  # constant indices only: acc stays in registers
         for r in range(mr):
             d = dst[r0 + r]
