@@ -172,7 +172,6 @@ def fused_dense(x, w, b=None, *, activation: str = "relu"):
     lead = x.shape[:-1]
     if jnp.dtype(x.dtype) not in DENSE_DTYPES:
         raise TypeError(f"mixed.fused_dense: x dtype {x.dtype} is not one of {DENSE_DTYPES}")
-    _parse("mk,kn->mn")
     z = _einsum_vjp("mk,kn->mn", x.reshape(-1, x.shape[-1]), w)  # (M, N) float32
     if b is not None:
         z = z + b.astype(jnp.float32)

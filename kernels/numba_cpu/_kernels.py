@@ -529,7 +529,7 @@ def _panel_tile(xf, sr, sl, r0, rows, bp, bj0, l0, l1, dst, j0, cols, acc_in):
     """
     mr = _mr(dst)
     acc = carray(_ffi.stack_buffer(_TILE, dst.dtype), (MR, NR))
-    for r in range(MR):
+    for r in range(mr):
         for jj in range(NR):
             acc[r, jj] = 0
     o0 = np.uint64(r0 * sr)
