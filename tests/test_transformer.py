@@ -178,23 +178,27 @@ def test_a_tiny_model_overfits_a_tiny_corpus():
     assert run.tokens == 150 * 16 * 16
 
 
-def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
+def _scheduled_state() -> TrainState:
+    """A 1-layer LM whose optimiser ends in the ``step_size`` that ``time_schedule`` sets."""
     import optax
-
-    from jaxnet.train.stream import time_schedule
 
     model = TransformerLM(TINY.replace(num_layers=1))
     tx = optax.chain(optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-2)),
                      optax.inject_hyperparams(optax.scale)(step_size=1.0))
-    make_state = lambda: TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+    return TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+
+
+def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
+    from jaxnet.train.stream import time_schedule
+
     seen = []
     schedule = time_schedule(warmup_steps=2, final_fraction=0.1)
     tokens = np.arange(200) % 11
     # Compile first (same model, optimiser and shapes), so that a slow machine's compile time
     # cannot use up the 2-s budget before the schedule has been seen at work.
-    fit_stream(make_state(), tokens, steps=2, batch_size=4, block_size=16, log_every=1000,
+    fit_stream(_scheduled_state(), tokens, steps=2, batch_size=4, block_size=16, log_every=1000,
                before_step=schedule, progress=False)
-    state = make_state()
+    state = _scheduled_state()
 
     def before_step(s, fraction):
         seen.append(fraction)
@@ -211,12 +215,7 @@ def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
 def test_fit_stream_schedule_ends_at_the_step_cap_when_it_comes_before_the_time_budget():
     """With a budget and a step count, the fraction handed to before_step is the larger of the
     two parts used: a run that reaches its steps long before its time still ends its cosine."""
-    import optax
-
-    model = TransformerLM(TINY.replace(num_layers=1))
-    tx = optax.chain(optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-2)),
-                     optax.inject_hyperparams(optax.scale)(step_size=1.0))
-    state = TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+    state = _scheduled_state()
     seen = []
 
     def before_step(s, fraction):

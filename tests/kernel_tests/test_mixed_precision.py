@@ -182,6 +182,12 @@ def test_compiled_gradient_dots_take_bfloat16_operands(spec, sa, sb):
     assert all(d == ("bf16", "bf16") for d in dots), dots
 
 
+def test_dense_refuses_a_dtype_without_the_custom_vjp():
+    x = jnp.ones((2, 3), jnp.float64) if jax.config.jax_enable_x64 else jnp.ones((2, 3), jnp.int32)
+    with pytest.raises(TypeError, match="not one of"):
+        mixed.fused_dense(x, x.T, activation="relu")
+
+
 def test_float32_inputs_take_the_plain_einsum():
     a = jnp.ones((3, 4))
     assert jax.make_jaxpr(lambda a: mixed.einsum("ij,kj->ik", a, a))(a).eqns[0].primitive.name == "dot_general"
