@@ -171,6 +171,36 @@ def stack_buffer(typingctx, count, dtype):
     return types.CPointer(elem)(count, dtype), codegen
 
 
+@intrinsic(prefer_literal=True)
+def vector_copy(typingctx, dst, dst_index, src, src_index, count, accumulate):
+    """``dst[dst_index : dst_index + count] (+)= src[src_index : src_index + count]`` (1-D arrays
+    of one dtype, ``count`` a literal) as one LLVM vector load, add and store; no bounds checks.
+
+    Why: Numba runs no SLP vectoriser, and LLVM fully unrolls a short copy loop before its loop
+    vectoriser sees it, so a register tile's 32-wide row was stored element by element (256
+    scalar stores per 8 x 32 tile, ~40% of a 64^3 GEMM).
+    """
+    if not isinstance(count, types.IntegerLiteral) or dst.dtype != src.dtype:
+        return None
+    n = count.literal_value
+
+    def codegen(context, builder, sig, args):
+        d, di, s, si, _, acc = args
+        ety = context.get_value_type(sig.args[0].dtype)
+        align = context.get_abi_sizeof(ety)  # element alignment: rows need not be vector-aligned
+        vptr = ir.VectorType(ety, n).as_pointer()
+        dp = builder.bitcast(builder.gep(context.make_array(sig.args[0])(context, builder, d).data, [di]), vptr)
+        sp = builder.bitcast(builder.gep(context.make_array(sig.args[2])(context, builder, s).data, [si]), vptr)
+        v = builder.load(sp, align=align)
+        with builder.if_else(cgutils.as_bool_bit(builder, acc)) as (add, store):
+            with add:
+                builder.store(builder.fadd(v, builder.load(dp, align=align), flags=("fast",)), dp, align=align)
+            with store:
+                builder.store(v, dp, align=align)
+        return context.get_dummy_value()
+    return types.none(dst, dst_index, src, src_index, count, accumulate), codegen
+
+
 def _api_fn(builder, frame, offset, fnty):
     """``frame->api->fn`` at ``offset`` of XLA_FFI_Api, as a callable of type ``fnty``."""
     i64 = ir.IntType(64)
