@@ -74,35 +74,58 @@ def _sigmoid(v, fast):
     return 1.0 / (1.0 + _exp(-v, fast))
 
 
+@njit(inline="always", **_STRICT)
+def _relu_range(src, dst, lo, hi):
+    """``dst[j] = max(src[j], 0)`` for j in [lo, hi), nan propagating. Inlined so that in place
+    (src and dst the same variable) LLVM sees one pointer and vectorises without an overlap
+    check; two views of one buffer would fail the check and run scalar (5x slower)."""
+    for j in range(lo, hi):
+        v = src[j]
+        dst[j] = v if (v > 0 or v != v) else 0.0
+
+
 @njit(**_STRICT)
-def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1, tmp):
+def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
     """``z += bias`` and ``y = act(z)`` on the block ``[i0:i1, j0:j1]``; ``y`` may be ``z``.
 
     One call per block (not per row: a Numba call costs ~30 ns, as much as a short row). Rows
     are ranges of the flattened arrays, not views: a row view cost ~6 ns inside the FFI handler
     (as much as the work of a 10-wide row), and a flat range with bounds keeps the unit stride
-    LLVM needs to vectorise. In place, a costly activation goes through the scratch row ``tmp``
-    (length >= j1): with an exact alias LLVM's runtime overlap check would send the loop to its
-    scalar version. float32 uses the vectorisable ``_fastmath`` functions (computed in float64,
-    a few float32 ulps); float64 uses libm.
+    LLVM needs to vectorise. A block of whole rows is one range (the per-row overhead, ~15 ns,
+    was most of a 64 x 64 relu). In place, relu reads and writes one view (``_relu_range``) and
+    a costly activation goes through a scratch range, as LLVM's runtime overlap check would
+    send a loop between two aliasing views to its scalar version.
+    float32 uses the vectorisable ``_fastmath`` functions (computed in float64, a few float32
+    ulps); float64 uses libm.
     """
     fast = _fm.is_float32(y)
-    inplace = z is y and act > 1
     zf, yf = z.reshape(z.size), y.reshape(y.size)
     ld = np.uint64(z.shape[1])
-    for i in range(np.uint64(i0), np.uint64(i1)):
-        base = i * ld
-        lo, hi = base + np.uint64(j0), base + np.uint64(j1)
-        if has_bias:
-            for j in range(lo, hi):
+    if has_bias:
+        for i in range(np.uint64(i0), np.uint64(i1)):
+            base = i * ld
+            for j in range(base + np.uint64(j0), base + np.uint64(j1)):
                 zf[j] += bias[j - base]
-        # In place: the activation goes to tmp[j - base] (out) and is copied back.
-        out, ob = (tmp, base) if inplace else (yf, np.uint64(0))
+    if act == 0 and z is y:
+        return
+    if j0 == 0 and j1 == z.shape[1]:  # whole rows: one range
+        nruns, width = np.uint64(1), np.uint64(i1 - i0) * ld
+    else:
+        nruns, width = np.uint64(i1 - i0), np.uint64(j1 - j0)
+    inplace = z is y and act > 1
+    tmp = np.empty(np.int64(width) if inplace else 0, y.dtype)
+    for r in range(nruns):
+        lo = (np.uint64(i0) + r) * ld + np.uint64(j0)
+        hi = lo + width
         if act == 1:
-            for j in range(lo, hi):
-                v = zf[j]
-                out[j - ob] = v if (v > 0 or v != v) else 0.0  # max(z, 0), nan propagates
-        elif act == 2:
+            if z is y:
+                _relu_range(zf, zf, lo, hi)
+            else:
+                _relu_range(zf, yf, lo, hi)
+            continue
+        # In place: the activation goes to tmp[j - lo] (out) and is copied back.
+        out, ob = (tmp, lo) if inplace else (yf, np.uint64(0))
+        if act == 2:
             for j in range(lo, hi):
                 v = np.float64(zf[j])
                 out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
@@ -120,12 +143,12 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1, tmp):
         elif act == 6:
             for j in range(lo, hi):
                 out[j - ob] = _sigmoid(np.float64(zf[j]), fast)
-        elif z is not y:
+        else:  # identity into y (z is not y here)
             for j in range(lo, hi):
                 yf[j] = zf[j]
         if inplace:
             for j in range(lo, hi):
-                zf[j] = tmp[j - base]
+                zf[j] = tmp[j - lo]
 
 
 @njit(**_STRICT)
@@ -610,7 +633,7 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
             _panel_tiles(xf, sr, sl, i0, i1, wpf, 0, NR, nfull, p1, k0, k1, acc, k0 > 0)
     if has_bias or act != 0 or save_z:
         j0, j1 = p0 * NR, min(p1 * NR, N)
-        epilogue(acc, y, bias, has_bias, act, i0, i1, j0, j1, np.empty(N, y.dtype))
+        epilogue(acc, y, bias, has_bias, act, i0, i1, j0, j1)
 
 
 # Below this many columns of dy, dX always uses the panel form on w.T: each dot product of
@@ -699,8 +722,14 @@ def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_
 
 @njit(**_OPTS)
 def transpose(a, out):
-    """``out[:] = a.T`` in 32 x 32 tiles (both sides touch whole cache lines)."""
+    """``out[:] = a.T`` in 32 x 32 tiles (both sides touch whole cache lines); a plain copy when
+    either side is 1 (the tiles' inner loops would run one element each: 5x slower at 1 x 256)."""
     M, N = a.shape
+    if M == 1 or N == 1:
+        af, of = a.reshape(a.size), out.reshape(out.size)
+        for i in range(np.uint64(a.size)):
+            of[i] = af[i]
+        return
     for i0 in range(0, M, 32):
         i1 = min(i0 + 32, M)
         for j0 in range(0, N, 32):
@@ -742,7 +771,7 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
     if save_z:
         transpose(at, z)
     if act != 0:  # elementwise: row by row of at
-        epilogue(at, at, b, False, act, 0, N, 0, M, np.empty(M, x.dtype))
+        epilogue(at, at, b, False, act, 0, N, 0, M)
     transpose(at, y)
 
 
@@ -772,7 +801,7 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
         transpose(w, wt)
         gemm_nt(x, wt, acc, frame, task)
         if has_bias or act != 0 or save_z:
-            epilogue(acc, y, b, has_bias, act, 0, M, 0, N, np.empty(N, y.dtype))
+            epilogue(acc, y, b, has_bias, act, 0, M, 0, N)
         return
     panel_gemm(x.reshape(M * K), K, 1, w, b, has_bias, y, z, save_z, act, frame, task)
 
