@@ -201,6 +201,47 @@ def vector_copy(typingctx, dst, dst_index, src, src_index, count, accumulate):
     return types.none(dst, dst_index, src, src_index, count, accumulate), codegen
 
 
+@intrinsic
+def transpose_block(typingctx, src, src_index, src_ld, dst, dst_index, dst_ld):
+    """``dst[dst_index + c*dst_ld + r] = src[src_index + r*src_ld + c]`` for ``r, c < V``, the
+    V x V block (V = 16 in float32, 8 in float64: one 64-byte vector a row) transposed in
+    registers; 1-D arrays of one dtype, no bounds checks.
+
+    log2(V) butterfly stages of two-source shuffles, each exchanging one bit of the row index
+    with the same bit of the column index (rows i and i + b swap the b-halves of their pairs).
+    Why: a scalar transpose moves about one element a cycle; this is ~4x faster at 64 x 64.
+    """
+    if src.dtype != dst.dtype or src.dtype not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s, si, sld, d, di, dld = args
+        ety = context.get_value_type(sig.args[0].dtype)
+        size = context.get_abi_sizeof(ety)
+        n = 64 // size
+        vptr = ir.VectorType(ety, n).as_pointer()
+        mask = ir.VectorType(ir.IntType(32), n)
+        sp = context.make_array(sig.args[0])(context, builder, s).data
+        dp = context.make_array(sig.args[3])(context, builder, d).data
+        rows = [builder.load(builder.bitcast(builder.gep(sp, [builder.add(si, builder.mul(sld, sld.type(r)))]),
+                                             vptr), align=size) for r in range(n)]
+        b = 1
+        while b < n:
+            lo = ir.Constant(mask, [n + c - b if c & b else c for c in range(n)])
+            hi = ir.Constant(mask, [n + c if c & b else c + b for c in range(n)])
+            new = list(rows)
+            for i in range(n):
+                if not i & b:
+                    new[i] = builder.shuffle_vector(rows[i], rows[i + b], lo)
+                    new[i + b] = builder.shuffle_vector(rows[i], rows[i + b], hi)
+            rows, b = new, 2 * b
+        for c in range(n):
+            builder.store(rows[c], builder.bitcast(builder.gep(dp, [builder.add(di, builder.mul(dld, dld.type(c)))]),
+                                                   vptr), align=size)
+        return context.get_dummy_value()
+    return types.none(src, src_index, src_ld, dst, dst_index, dst_ld), codegen
+
+
 def _api_fn(builder, frame, offset, fnty):
     """``frame->api->fn`` at ``offset`` of XLA_FFI_Api, as a callable of type ``fnty``."""
     i64 = ir.IntType(64)
