@@ -788,12 +788,22 @@ TINY_W = 64
 def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
     """``forward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout: ``y.T[j]`` is a
     sum of K scaled rows of x.T, then bias and activation along those rows, so every inner loop
-    runs along M (loops along K or N would be a few iterations each, all overhead)."""
+    runs along M (loops along K or N would be a few iterations each, all overhead).
+
+    With one column (N = 1) the transposed layout is the plain one: the sums go straight into
+    z (or y); with K = 1, x is x.T.
+    """
     M, K = x.shape
     N = w.shape[1]
-    xt = np.empty((K, M), x.dtype)  # (K, M)
-    transpose(x, xt)
-    at = np.empty((N, M), x.dtype)  # (N, M)
+    if K != 1:
+        xt = np.empty((K, M), x.dtype)  # (K, M)
+        transpose(x, xt)
+    else:
+        xt = x.reshape(1, M)
+    if N != 1:
+        at = np.empty((N, M), x.dtype)  # (N, M)
+    else:
+        at = (z if save_z else y).reshape(1, M)
     mu = np.uint64(M)
     for j in range(N):
         aj = at[j]
@@ -807,6 +817,10 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
             bv = b[j]
             for i in range(mu):
                 aj[i] += bv
+    if N == 1:
+        if save_z or act != 0:
+            epilogue(at, y.reshape(1, M), b, False, act, 0, 1, 0, M)
+        return
     if save_z:
         transpose(at, z)
     if act != 0:  # elementwise: row by row of at
@@ -849,16 +863,21 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
 def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
     """``backward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout of
     ``_tiny_forward``: ``g.T = dy.T * act'(r.T)`` row by row, ``db[j]`` the sum of row j,
-    ``dw[l, j]`` a dot product of two rows and ``dx.T[l]`` a sum of N scaled rows."""
+    ``dw[l, j]`` a dot product of two rows and ``dx.T[l]`` a sum of N scaled rows. With N = 1
+    dy and r are their own transposes, and dx is formed in place as ``g[i] * w[l]`` (a
+    transpose back from dx.T cost more than the products); with K = 1, x and dx are too."""
     M, N = dy.shape
     K = x.shape[1]
-    dyt = np.empty((N, M), dy.dtype)  # (N, M)
-    transpose(dy, dyt)
-    rt = np.empty((N, M), r.dtype)  # (N, M)
-    transpose(r, rt)
+    mu = np.uint64(M)
+    if N != 1:
+        dyt = np.empty((N, M), dy.dtype)  # (N, M)
+        transpose(dy, dyt)
+        rt = np.empty((N, M), r.dtype)  # (N, M)
+        transpose(r, rt)
+    else:
+        dyt, rt = dy.reshape(1, M), r.reshape(1, M)
     gt = np.empty((N, M), dy.dtype)  # (N, M)
     activation_grad(dyt, rt, gt, act)
-    mu = np.uint64(M)
     if has_bias:
         for j in range(N):
             gj = gt[j]
@@ -866,9 +885,27 @@ def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
             for i in range(mu):
                 s += gj[i]
             db[j] = s
-    xt = np.empty((K, M), x.dtype)  # (K, M)
-    transpose(x, xt)
-    dxt = np.empty((K, M), x.dtype)  # (K, M)
+    if K != 1:
+        xt = np.empty((K, M), x.dtype)  # (K, M)
+        transpose(x, xt)
+    else:
+        xt = x.reshape(1, M)
+    if N == 1:
+        g0 = gt[0]
+        for l in range(K):
+            xl = xt[l]
+            s = dy.dtype.type(0)
+            for i in range(mu):
+                s += xl[i] * g0[i]
+            dw[l, 0] = s
+        ku = np.uint64(K)
+        dxf, wf = dx.reshape(dx.size), w.reshape(w.size)
+        for i in range(mu):
+            gv = g0[i]
+            for l in range(ku):
+                dxf[i * ku + l] = gv * wf[l]
+        return
+    dxt = np.empty((K, M), x.dtype) if K != 1 else dx.reshape(1, M)  # (K, M)
     for l in range(K):
         xl, dl, wl = xt[l], dxt[l], w[l]
         for i in range(mu):
@@ -880,7 +917,8 @@ def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
                 dl[i] += wv * gj[i]
                 s += xl[i] * gj[i]
             dw[l, j] = s
-    transpose(dxt, dx)
+    if K != 1:
+        transpose(dxt, dx)
 
 
 @njit(**_OPTS)
