@@ -6,11 +6,15 @@ array dtype (float32 or float64); bfloat16/float16 are upcast to float32 by the 
 
 Two GEMM forms, both register-tiled so that LLVM keeps the accumulators in AVX-512 registers:
 
-- ``panel_gemm`` (forward, dW): ``X @ w`` with w packed into 32-wide column panels, a 4 x 32
-  accumulator tile, X broadcast from memory; bias and activation applied per block while it is
-  in cache (the fused epilogue). Used where the right operand is read along its rows.
-- ``gemm_nt`` (dX = g @ w.T): ``a @ b.T`` with both operands read along their contiguous axis,
-  4 x 4 tiles of vectorised dot products.
+- ``panel_gemm`` (forward, dX, dW): ``X @ W`` with W in 32-wide column panels (packed, or read
+  in place when it stays in cache), an 8 x 32 accumulator tile (4 x 32 in float64) whose rows
+  are stored as vectors, X read in place through strides (x, g, or x.T) and broadcast from
+  memory; bias and activation applied per block while it is in cache (the fused epilogue).
+- ``gemm_nt``: ``a @ b.T`` with both operands read along their contiguous axis, 4 x 4 tiles of
+  vectorised dot products: dX for a few rows against a large w, and the forward for N < 16.
+
+Transposes (and the packing of w.T) move 16 x 16 blocks (8 x 8 in float64) through registers;
+layers with a tiny w run as loops along M on transposed operands (``_tiny_forward``).
 
 Big problems split into blocks that are shared, through an atomic counter, with helper tasks
 on XLA's own intra-op thread pool (``XLA_FFI_ThreadPool_Schedule``): no second thread pool
@@ -838,7 +842,7 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
     """``y = act(x @ w + b)`` and, if ``save_z``, ``z = x @ w + b``.
 
     x: [M, K], w: [K, N], b: [N] (ignored unless ``has_bias``), y: [M, N], z: [M, N] or unused.
-    w is packed once into NR-wide column panels (unless M is small); x is read in place; bias
+    w is packed once into NR-wide column panels (unless ``_read_in_place``); x is read in place; bias
     and activation are applied to each block right after it is computed. For N below
     ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small);
     for a tiny w, ``_tiny_forward``.
