@@ -221,14 +221,18 @@ def test_thread_pool_path_matches_references(problem):
 
 
 # (M, K, N) that reach each branch of kernels/numba_cpu/_kernels.py's forward and backward
-# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR there); the drawn problems rarely reach M >= 256.
+# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR, UNPACKED_MAX_M* there); the drawn problems rarely
+# reach M >= 256.
 KERNEL_PATHS = {
     "tiny w: loops along M": (50, 7, 3),
-    "tiny w, wide N": (40, 1, 64),
+    "tiny w, one input (K = 1)": (40, 1, 64),
+    "tiny w, one output (N = 1)": (256, 5, 1),
+    "tiny w, x transposed in register blocks": (50, 16, 4),
     "narrow N: dot-form forward, dw via dw.T": (300, 40, 13),
-    "dx dot form, dw via x.T": (20, 1100, 97),
-    "M >= 256: dx panel form, dw via x.T": (260, 300, 300),
-    "K < M: dw via dw.T": (300, 100, 70),
+    "dx dot form, dw via strided x.T": (20, 1100, 97),
+    "64 rows: w and g read in place, partial panels": (64, 48, 40),
+    "M >= 256: dx panel form, dw via strided x.T": (260, 300, 300),
+    "K < M, N > 32: dw via strided x.T": (300, 100, 70),
 }
 
 
@@ -239,6 +243,28 @@ def test_every_kernel_path_matches_references(shape, pool):
     with _pool(pool), jax.enable_x64(True):
         for act, dtype in (("gelu", "float32"), ("sigmoid", "float64")):
             _check_problem(dict(lead=(m,), k=k, n=n, dtype=dtype, act=act, bias=True, values="normal", seed=m + k + n))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_transposes_and_panel_packing_match_numpy(dtype):
+    # Register-block transposes (16 x 16, 8 x 8 in float64) with ragged edges, the element-wise
+    # paths (a side under a block, tall inputs, a unit side), and w.T packed into zero-padded
+    # panels, against NumPy exactly.
+    from kernels.numba_cpu import _kernels
+    rng = np.random.default_rng(0)
+    for m, n in [(1, 7), (7, 1), (3, 5), (8, 8), (16, 16), (17, 33), (33, 17), (64, 64), (100, 37),
+                 (31, 129), (256, 5), (5, 256), (48, 80), (600, 40), (520, 1030)]:
+        a = rng.standard_normal((m, n)).astype(dtype)
+        out = np.full((n, m), np.nan, dtype)
+        _kernels.transpose(a, out)
+        np.testing.assert_array_equal(out, a.T, err_msg=f"transpose {m}x{n}")
+        panels = -(-m // _kernels.NR)
+        wp = np.full((panels, n, _kernels.NR), np.nan, dtype)
+        _kernels.pack_panels_t(a, wp)  # a as w.T: [N = m, K = n]
+        want = np.zeros((panels * _kernels.NR, n), dtype)
+        want[:m] = a
+        np.testing.assert_array_equal(wp, want.reshape(panels, _kernels.NR, n).transpose(0, 2, 1),
+                                      err_msg=f"pack_panels_t {m}x{n}")
 
 
 @settings(max_examples=8)
