@@ -78,6 +78,10 @@ def _sigmoid(v, fast):
     return 1.0 / (1.0 + _exp(-v, fast))
 
 
+# Elements per chunk of an in-place transcendental epilogue (its scratch: 16 KiB in float32).
+EPI_CHUNK = 4096
+
+
 @njit(inline="always", **_STRICT)
 def _relu_range(src, dst, lo, hi):
     """``dst[j] = max(src[j], 0)`` for j in [lo, hi), nan propagating. Inlined so that in place
@@ -117,42 +121,46 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
     else:
         nruns, width = np.uint64(i1 - i0), np.uint64(j1 - j0)
     inplace = z is y and act > 1
-    tmp = np.empty(np.int64(width) if inplace else 0, y.dtype)
+    # In place, the scratch covers one chunk of a range, not the whole block (which can be all
+    # of a tall narrow layer's output).
+    step = max(min(width, np.uint64(EPI_CHUNK)) if inplace else width, np.uint64(1))
+    tmp = np.empty(np.int64(step) if inplace else 0, y.dtype)
     for r in range(nruns):
-        lo = (np.uint64(i0) + r) * ld + np.uint64(j0)
-        hi = lo + width
+        start = (np.uint64(i0) + r) * ld + np.uint64(j0)
         if act == 1:
             if z is y:
-                _relu_range(zf, zf, lo, hi)
+                _relu_range(zf, zf, start, start + width)
             else:
-                _relu_range(zf, yf, lo, hi)
+                _relu_range(zf, yf, start, start + width)
             continue
-        # In place: the activation goes to tmp[j - lo] (out) and is copied back.
-        out, ob = (tmp, lo) if inplace else (yf, np.uint64(0))
-        if act == 2:
-            for j in range(lo, hi):
-                v = np.float64(zf[j])
-                out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
-        elif act == 3:
-            for j in range(lo, hi):
-                v = np.float64(zf[j])
-                out[j - ob] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
-        elif act == 4:
-            for j in range(lo, hi):
-                v = np.float64(zf[j])
-                out[j - ob] = v * _sigmoid(v, fast)
-        elif act == 5:
-            for j in range(lo, hi):
-                out[j - ob] = _tanh(np.float64(zf[j]), fast)
-        elif act == 6:
-            for j in range(lo, hi):
-                out[j - ob] = _sigmoid(np.float64(zf[j]), fast)
-        else:  # identity into y (z is not y here)
-            for j in range(lo, hi):
-                yf[j] = zf[j]
-        if inplace:
-            for j in range(lo, hi):
-                zf[j] = tmp[j - lo]
+        for lo in range(start, start + width, step):
+            hi = min(lo + step, start + width)
+            # In place: the activation goes to tmp[j - lo] (out) and is copied back.
+            out, ob = (tmp, lo) if inplace else (yf, np.uint64(0))
+            if act == 2:
+                for j in range(lo, hi):
+                    v = np.float64(zf[j])
+                    out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
+            elif act == 3:
+                for j in range(lo, hi):
+                    v = np.float64(zf[j])
+                    out[j - ob] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
+            elif act == 4:
+                for j in range(lo, hi):
+                    v = np.float64(zf[j])
+                    out[j - ob] = v * _sigmoid(v, fast)
+            elif act == 5:
+                for j in range(lo, hi):
+                    out[j - ob] = _tanh(np.float64(zf[j]), fast)
+            elif act == 6:
+                for j in range(lo, hi):
+                    out[j - ob] = _sigmoid(np.float64(zf[j]), fast)
+            else:  # identity into y (z is not y here)
+                for j in range(lo, hi):
+                    yf[j] = zf[j]
+            if inplace:
+                for j in range(lo, hi):
+                    zf[j] = tmp[j - lo]
 
 
 @njit(**_STRICT)
