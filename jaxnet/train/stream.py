@@ -185,21 +185,26 @@ def fit_stream(
                     state = before_step(state, max(by_time, (done + len(per_step)) / steps))
                 state, m = step_fn(state, tokens)
                 per_step.append(m)
-                if before_step is not None or budget_s is not None:
+                if not history and len(per_step) == 1:
+                    # A call's first step includes compilation: the clock (budget, schedule,
+                    # throughput) restarts after it, and it counts as an average step below.
+                    jax.block_until_ready(m)
+                    t0 = time.perf_counter()
+                elif before_step is not None or budget_s is not None:
                     jax.block_until_ready(m)
                     if budget_s is not None and train_s + time.perf_counter() - t0 >= budget_s:
                         break
             n = len(per_step)
             m = jax.device_get(per_step)  # waits for the interval's steps
             dt = time.perf_counter() - t0
-            # The first interval of a call includes compilation: count it as its other steps' share.
-            train_s += dt if history else (dt * (n - 1) / n)
+            timed = n if history else n - 1  # steps inside dt
+            train_s += dt * n / timed if timed else 0.0
             stacked = {k: np.array([s[k] for s in m]) for k in m[0]}
             _check_finite(stacked, done, lambda s: s * batch_size * block_size // n_train + 1)
             done += n
             rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
                    **{k: float(np.mean(v)) for k, v in stacked.items()},
-                   "tokens_per_s": n * batch_size * block_size / dt}
+                   "tokens_per_s": timed * batch_size * block_size / dt if timed else float("nan")}
             stopped = ((time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s)
                        or (budget_s is not None and train_s >= budget_s))
             if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
