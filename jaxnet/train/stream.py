@@ -148,8 +148,9 @@ def fit_stream(
       eval_stride: stride of the evaluation windows (``evaluate_stream``).
       log_every: one history record (means of the interval's metrics) every this many steps.
       time_limit_s: stop after this much wall time (checked at log points).
-      budget_s: stop once the training steps (evaluation excluded) have taken this long, checked
-        every step; ``steps`` is then an upper bound. For a fixed time on a shared machine.
+      budget_s: stop once the training steps (evaluation and the first, compiling step excluded)
+        have taken this long, checked every step; ``steps`` is then an upper bound. For a fixed
+        time on a shared machine.
       before_step: ``before_step(state, fraction) -> state`` before every update, where
         ``fraction`` is the larger of the parts of ``budget_s`` and of ``steps`` used so far — e.g.
         to set a learning rate that follows time rather than steps (``time_schedule``), ending at
