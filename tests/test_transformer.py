@@ -220,6 +220,18 @@ def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
     assert factor == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * seen[-1])), rel=1e-6)
 
 
+def test_fit_stream_times_every_step_but_the_compiling_first():
+    # log_every=1: the first record is the compiling step alone, whose throughput is still a
+    # number (metrics.jsonl stays valid JSON); the training time counts the later steps only.
+    import math
+
+    run = fit_stream(_scheduled_state(), np.arange(200) % 11, steps=3, batch_size=4, block_size=16,
+                     log_every=1, progress=False)
+    assert [r["step"] for r in run.history] == [1, 2, 3]
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in run.history)
+    assert 0 < run.train_s < run.wall_s
+
+
 def test_fit_stream_schedule_ends_at_the_step_cap_when_it_comes_before_the_time_budget():
     """With a budget and a step count, the fraction handed to before_step is the larger of the
     two parts used: a run that reaches its steps long before its time still ends its cosine."""

@@ -177,7 +177,7 @@ def fit_stream(
     try:
         while done < steps and not stopped:
             n = min(log_every, steps - done)
-            t0 = time.perf_counter()
+            t0 = t_begin = time.perf_counter()
             per_step = []
             for _ in range(n):
                 if before_step is not None:
@@ -200,12 +200,16 @@ def fit_stream(
             dt = time.perf_counter() - t0
             timed = n if history else n - 1  # steps inside dt
             train_s += dt * n / timed if timed else 0.0
+            # An interval that is only the compiling step reports that step's throughput, not NaN
+            # (metrics.jsonl must stay valid JSON).
+            steps_per_s = timed / dt if timed else n / (time.perf_counter() - t_begin)
+            tokens_per_s = steps_per_s * batch_size * block_size
             stacked = {k: np.array([s[k] for s in m]) for k in m[0]}
             _check_finite(stacked, done, lambda s: s * batch_size * block_size // n_train + 1)
             done += n
             rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
                    **{k: float(np.mean(v)) for k, v in stacked.items()},
-                   "tokens_per_s": timed * batch_size * block_size / dt if timed else float("nan")}
+                   "tokens_per_s": tokens_per_s}
             stopped = ((time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s)
                        or (budget_s is not None and train_s >= budget_s))
             if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
