@@ -429,7 +429,9 @@ def _start_job(frame, task, nblocks, kind):
     if helpers < 0:
         _ffi.destroy_error(frame, -helpers)
         return 0
-    helpers = min(helpers, nblocks - 1)
+    # The calling thread works too: with as many helpers as pool threads, one more thread than
+    # cores would contend for them.
+    helpers = min(helpers - 1, nblocks - 1)
     if helpers <= 0:
         return 0
     job = _ffi.c_malloc(_J_BYTES)
