@@ -654,8 +654,9 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
     npan = (N + NR - 1) // NR
     nfull = N // NR
     acc = z if save_z else y
-    i0, p0 = (t // ngroups) * PMB, (t % ngroups) * PG
-    i1, p1 = min(i0 + PMB, M), min(p0 + PG, npan)
+    pg = PG if ngroups == (npan + PG - 1) // PG else 1  # see panel_gemm
+    i0, p0 = (t // ngroups) * PMB, (t % ngroups) * pg
+    i1, p1 = min(i0 + PMB, M), min(p0 + pg, npan)
     wpf = wp.reshape(wp.size)
     for k0 in range(0, max(K, 1), KC):
         k1 = min(k0 + KC, K)
@@ -727,6 +728,10 @@ def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_
         if N % NR:
             pack_panels(w[:, N // NR * NR:], wp)
     ngroups = (npan + PG - 1) // PG
+    if task != 0 and M <= PMB and ngroups == 1:
+        # One panel a block, so that a problem of one row block still has blocks to share
+        # (_panel_block reads the block width back from ngroups).
+        ngroups = npan
     nblocks = ((M + PMB - 1) // PMB) * ngroups
     tagged = _start_job(frame, task, nblocks, 1)
     if tagged == 0:
