@@ -644,7 +644,7 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
 
 @njit(**_OPTS)
 def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t, ngroups):
-    """Block ``t`` (PMB rows x PG panels) of ``panel_gemm``, then its epilogue.
+    """Block ``t`` (at most PMB rows x PG panels, all blocks of one size) of ``panel_gemm``, then its epilogue.
 
     Accumulates in z (if ``save_z``) or y; w is read from its packed panels ``wp`` or, when not
     ``packed``, in place (only the last, partial panel is packed, as ``wp[0]``).
@@ -654,9 +654,13 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
     npan = (N + NR - 1) // NR
     nfull = N // NR
     acc = z if save_z else y
-    pg = PG if ngroups == (npan + PG - 1) // PG else 1  # see panel_gemm
-    i0, p0 = (t // ngroups) * PMB, (t % ngroups) * pg
-    i1, p1 = min(i0 + PMB, M), min(p0 + pg, npan)
+    # Blocks of equal size (rows in whole register tiles), at most PMB rows x PG panels: with
+    # PMB-row blocks, 80 rows had split 64 + 16 between two threads.
+    nrb = (M + PMB - 1) // PMB
+    pmb = ((M + nrb - 1) // nrb + MR - 1) // MR * MR
+    pg = (npan + ngroups - 1) // ngroups
+    i0, p0 = (t // ngroups) * pmb, (t % ngroups) * pg
+    i1, p1 = min(i0 + pmb, M), min(p0 + pg, npan)
     wpf = wp.reshape(wp.size)
     for k0 in range(0, max(K, 1), KC):
         k1 = min(k0 + KC, K)
@@ -729,8 +733,7 @@ def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_
             pack_panels(w[:, N // NR * NR:], wp)
     ngroups = (npan + PG - 1) // PG
     if task != 0 and M <= PMB and ngroups == 1:
-        # One panel a block, so that a problem of one row block still has blocks to share
-        # (_panel_block reads the block width back from ngroups).
+        # One panel a block, so that a problem of one row block still has blocks to share.
         ngroups = npan
     nblocks = ((M + PMB - 1) // PMB) * ngroups
     tagged = _start_job(frame, task, nblocks, 1)
