@@ -644,7 +644,8 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
 
 @njit(**_OPTS)
 def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t, ngroups):
-    """Block ``t`` (at most PMB rows x PG panels, all blocks of one size) of ``panel_gemm``, then its epilogue.
+    """Block ``t`` of ``panel_gemm`` (at most PMB rows x PG panels, all blocks of one size),
+    then its epilogue.
 
     Accumulates in z (if ``save_z``) or y; w is read from its packed panels ``wp`` or, when not
     ``packed``, in place (only the last, partial panel is packed, as ``wp[0]``).

@@ -42,9 +42,9 @@ from kernels.numba_cpu._kernels import ACT_CODES, RESIDUAL
 _PREFIX = "jaxnet_numba_fused_dense"
 # Problems with fewer multiply-adds than this run on the calling thread: below it, handing
 # blocks to XLA's thread pool costs more than the other cores save. Measured on the 2-core VM
-# (forward+backward through jit, five alternating rounds): from 2^19 sharing wins (100^3
-# 50-52 -> 41-44 µs, 128x128x40 37-38 -> 29-32 µs, 64x128x64 24-25 -> 21-24 µs); at 64^3
-# (2^18) it is a wash.
+# (forward+backward through jit, five to seven alternating rounds): from 2^19 sharing wins
+# (100^3 ~51 -> ~42 µs, 128x128x40 ~38 -> ~31 µs, 64x128x64 ~24.5 -> 21-24 µs; see
+# docs/benchmarks.md); at 64^3 (2^18) it is a wash.
 PARALLEL_MIN_MACS = 1 << 19
 _lock = threading.Lock()
 # Registered cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
