@@ -728,10 +728,11 @@ def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_
     elif packed:
         wp = np.empty((npan, K, NR), w.dtype)  # (panels, K, NR)
         pack_panels(w, wp)
-    else:  # only the partial last panel, if any
+    elif N % NR:  # only the partial last panel
         wp = np.empty((1, K, NR), w.dtype)
-        if N % NR:
-            pack_panels(w[:, N // NR * NR:], wp)
+        pack_panels(w[:, N // NR * NR:], wp)
+    else:  # nothing to pack: a view of w stands in for wp (never read; no allocation)
+        wp = w.reshape((1, K, N))
     ngroups = (npan + PG - 1) // PG
     if task != 0 and M <= PMB and ngroups == 1:
         # One panel a block, so that a problem of one row block still has blocks to share.
