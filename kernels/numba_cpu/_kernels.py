@@ -109,7 +109,7 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
     ulps); float64 uses libm.
     """
     fast = _fm.is_float32(y)
-    zf, yf = z.reshape(z.size), y.reshape(y.size)
+    zf, yf = _ffi.as_shape(z, z.size), _ffi.as_shape(y, y.size)
     ld = np.uint64(z.shape[1])
     if has_bias:
         for i in range(np.uint64(i0), np.uint64(i1)):
@@ -173,7 +173,7 @@ def activation_grad(dy, r, g, act):
     processed as flat arrays (no per-row views, see ``epilogue``)."""
     fast = _fm.is_float32(g)
     n = np.uint64(dy.size)
-    dyr, rr, gr = dy.reshape(dy.size), r.reshape(r.size), g.reshape(g.size)
+    dyr, rr, gr = _ffi.as_shape(dy, dy.size), _ffi.as_shape(r, r.size), _ffi.as_shape(g, g.size)
     if act == 1:
         # Constants in g's dtype: float64 ones widened every element and back (0.46 -> 0.28 us at
         # 64 x 64 in float32 without them).
@@ -543,14 +543,14 @@ def pack_panels_t(wt, wp):
     Each panel is the transpose of NR rows of wt (``_transpose_tile``), zero-padded.
     """
     N, K = wt.shape
-    wtf = wt.reshape(wt.size)
+    wtf = _ffi.as_shape(wt, wt.size)
     v = _tv(wt)
     for p in range(wp.shape[0]):
         j0 = p * NR
         cols = min(NR, N - j0)
         dst = wp[p]
         # The panel is the transpose of wt[j0 : j0 + cols, :] (row length NR).
-        _transpose_tile(wtf, K, dst.reshape(dst.size), NR, j0, j0 + cols, 0, K, j0, v)
+        _transpose_tile(wtf, K, _ffi.as_shape(dst, dst.size), NR, j0, j0 + cols, 0, K, j0, v)
         for k in range(np.uint64(K)):
             for jj in range(cols, NR):
                 dst[k, jj] = 0
@@ -582,7 +582,7 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
     mr = _mr(dst)
     N = dst.shape[1]
     ld = np.uint64(N)
-    df = dst.reshape(dst.size)
+    df = _ffi.as_shape(dst, dst.size)
     tile = _ffi.stack_buffer(_TILE, dst.dtype)
     acc, accf = carray(tile, (MR, NR)), carray(tile, (_TILE,))
     edge = carray(_ffi.stack_buffer(_TILE, dst.dtype), (MR, NR))
@@ -664,13 +664,13 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
     pg = (npan + ngroups - 1) // ngroups
     i0, p0 = (t // ngroups) * pmb, (t % ngroups) * pg
     i1, p1 = min(i0 + pmb, M), min(p0 + pg, npan)
-    wpf = wp.reshape(wp.size)
+    wpf = _ffi.as_shape(wp, wp.size)
     for k0 in range(0, max(K, 1), KC):
         k1 = min(k0 + KC, K)
         if packed:
             _panel_tiles(xf, sr, sl, i0, i1, wpf, K * NR, NR, p0, p1, k0, k1, acc, k0 > 0, bias, has_bias)
             continue
-        _panel_tiles(xf, sr, sl, i0, i1, w.reshape(w.size), NR, N, p0, min(p1, nfull), k0, k1, acc, k0 > 0, bias,
+        _panel_tiles(xf, sr, sl, i0, i1, _ffi.as_shape(w, w.size), NR, N, p0, min(p1, nfull), k0, k1, acc, k0 > 0, bias,
                      has_bias)
         if p1 > nfull:  # the partial last panel, packed alone as wp[0] (panel index nfull, ps = 0)
             _panel_tiles(xf, sr, sl, i0, i1, wpf, 0, NR, nfull, p1, k0, k1, acc, k0 > 0, bias, has_bias)
@@ -733,7 +733,7 @@ def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_
         wp = np.empty((1, K, NR), w.dtype)
         pack_panels(w[:, N // NR * NR:], wp)
     else:  # nothing to pack: a view of w stands in for wp (never read; no allocation)
-        wp = w.reshape((1, K, N))
+        wp = _ffi.as_shape(w, (1, K, N))
     ngroups = (npan + PG - 1) // PG
     if task != 0 and M <= PMB and ngroups == 1:
         # One panel a block, so that a problem of one row block still has blocks to share.
@@ -807,11 +807,11 @@ def transpose(a, out):
     M, N = a.shape
     v = _tv(a)
     if M == 1 or N == 1:
-        af, of = a.reshape(a.size), out.reshape(out.size)
+        af, of = _ffi.as_shape(a, a.size), _ffi.as_shape(out, out.size)
         for i in range(np.uint64(a.size)):
             of[i] = af[i]
     elif M >= v and N >= v and (M <= 512 or N >= 1024):
-        af, of = a.reshape(a.size), out.reshape(out.size)
+        af, of = _ffi.as_shape(a, a.size), _ffi.as_shape(out, out.size)
         for i0 in range(0, M, 32):
             for j0 in range(0, N, 32):
                 _transpose_tile(af, N, of, M, i0, min(i0 + 32, M), j0, min(j0 + 32, N), 0, v)
@@ -832,6 +832,47 @@ TINY_W = 64
 
 
 @njit(**_OPTS)
+def _column_forward(x, w, b, has_bias, y, z, save_z, act):
+    """``forward`` for one column (N = 1) and a tiny w: a dot product of each row of x with w,
+    four rows at a time (four independent sums in flight), no transposes or scratch.
+
+    Measured at 256 x 5 x 1, float32: 0.30 us against 0.55 for the transposed layout of
+    ``_tiny_forward``, whose transpose of x was most of its time.
+    """
+    M, K = x.shape
+    xf, wf = _ffi.as_shape(x, M * K), _ffi.as_shape(w, K)
+    out = _ffi.as_shape(z if save_z else y, M)
+    zero = x.dtype.type(0)
+    b0 = b[0] if has_bias else zero
+    ku, one = np.uint64(K), np.uint64(1)
+    m4 = np.uint64(M // 4 * 4)
+    for i in range(np.uint64(0), m4, np.uint64(4)):
+        r0 = i * ku
+        r1 = r0 + ku
+        r2 = r1 + ku
+        r3 = r2 + ku
+        s0 = s1 = s2 = s3 = zero
+        for l in range(ku):
+            wl = wf[l]
+            s0 += xf[r0 + l] * wl
+            s1 += xf[r1 + l] * wl
+            s2 += xf[r2 + l] * wl
+            s3 += xf[r3 + l] * wl
+        out[i] = s0 + b0
+        out[i + one] = s1 + b0
+        out[i + 2 * one] = s2 + b0
+        out[i + 3 * one] = s3 + b0
+    for i in range(m4, np.uint64(M)):
+        r0 = i * ku
+        s0 = zero
+        for l in range(ku):
+            s0 += xf[r0 + l] * wf[l]
+        out[i] = s0 + b0
+    if save_z or act != 0:
+        epilogue(_ffi.as_shape(out, (1, M)), _ffi.as_shape(y, (1, M)), b, False, act, 0, 1, 0, M)
+
+
+@njit(**_OPTS)
 def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
     """``forward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout: ``y.T[j]`` is a
     sum of K scaled rows of x.T, then bias and activation along those rows, so every inner loop
@@ -846,11 +887,11 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
         xt = np.empty((K, M), x.dtype)  # (K, M)
         transpose(x, xt)
     else:
-        xt = x.reshape(1, M)
+        xt = _ffi.as_shape(x, (1, M))
     if N != 1:
         at = np.empty((N, M), x.dtype)  # (N, M)
     else:
-        at = (z if save_z else y).reshape(1, M)
+        at = _ffi.as_shape((z if save_z else y), (1, M))
     mu = np.uint64(M)
     for j in range(N):
         aj = at[j]
@@ -866,7 +907,7 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
                 aj[i] += bv
     if N == 1:
         if save_z or act != 0:
-            epilogue(at, y.reshape(1, M), b, False, act, 0, 1, 0, M)
+            epilogue(at, _ffi.as_shape(y, (1, M)), b, False, act, 0, 1, 0, M)
         return
     if save_z:
         transpose(at, z)
@@ -892,6 +933,9 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
     """
     M, K = x.shape
     N = w.shape[1]
+    if K * N <= TINY_W and N == 1:
+        _column_forward(x, w, b, has_bias, y, z, save_z, act)
+        return
     if K * N <= TINY_W:
         _tiny_forward(x, w, b, has_bias, y, z, save_z, act)
         return
@@ -903,7 +947,63 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
         if has_bias or act != 0 or save_z:
             epilogue(acc, y, b, has_bias, act, 0, M, 0, N)
         return
-    panel_gemm(x.reshape(M * K), K, 1, w, b, has_bias, y, z, save_z, act, frame, task)
+    panel_gemm(_ffi.as_shape(x, M * K), K, 1, w, b, has_bias, y, z, save_z, act, frame, task)
+
+
+# Up to this many rows of w (K), a one-column backward runs as ``_column_backward``; above,
+# the loops along K of ``_tiny_backward`` vectorise and the row-wise form lost (measured 256 x 64
+# x 1: 5.7 against 1.6 us).
+COLUMN_MAX_K = 15
+_COLUMN_ACC = COLUMN_MAX_K + 1  # a literal for stack_buffer
+
+
+@njit(**_OPTS)
+def _column_backward(dy, x, w, r, act, dx, dw, db, has_bias):
+    """``backward`` for one column (N = 1) and K <= ``COLUMN_MAX_K``, in one pass over the rows
+    of x and dx, eight at a time: ``dw[l]`` gains eight products per pass (one dependency chain
+    step per eight rows) and ``dx[i, l] = g[i] * w[l]`` is stored beside it; no transposes.
+
+    Measured at 256 x 5 x 1, float32: 0.63 us against 1.04 for ``_tiny_backward``'s layout.
+    """
+    M, K = x.shape
+    g = np.empty(M, dy.dtype)  # (M,)
+    activation_grad(_ffi.as_shape(dy, (1, M)), _ffi.as_shape(r, (1, M)), _ffi.as_shape(g, (1, M)), act)
+    zero = dy.dtype.type(0)
+    if has_bias:
+        s = zero
+        for i in range(np.uint64(M)):
+            s += g[i]
+        db[0] = s
+    xf, wf, dxf = _ffi.as_shape(x, M * K), _ffi.as_shape(w, K), _ffi.as_shape(dx, M * K)
+    ku, one = np.uint64(K), np.uint64(1)
+    acc = _ffi.stack_buffer(_COLUMN_ACC, dy.dtype)  # dw, summed in place of the output
+    for l in range(ku):
+        acc[l] = zero
+    m8 = np.uint64(M // 8 * 8)
+    for i in range(np.uint64(0), m8, np.uint64(8)):
+        g0, g1, g2, g3 = g[i], g[i + one], g[i + 2 * one], g[i + 3 * one]
+        g4, g5, g6, g7 = g[i + 4 * one], g[i + 5 * one], g[i + 6 * one], g[i + 7 * one]
+        for l in range(ku):
+            o, wl = i * ku + l, wf[l]
+            x0, x1, x2, x3 = xf[o], xf[o + ku], xf[o + 2 * ku], xf[o + 3 * ku]
+            x4, x5, x6, x7 = xf[o + 4 * ku], xf[o + 5 * ku], xf[o + 6 * ku], xf[o + 7 * ku]
+            acc[l] += ((x0 * g0 + x1 * g1) + (x2 * g2 + x3 * g3)) + ((x4 * g4 + x5 * g5) + (x6 * g6 + x7 * g7))
+            dxf[o] = g0 * wl
+            dxf[o + ku] = g1 * wl
+            dxf[o + 2 * ku] = g2 * wl
+            dxf[o + 3 * ku] = g3 * wl
+            dxf[o + 4 * ku] = g4 * wl
+            dxf[o + 5 * ku] = g5 * wl
+            dxf[o + 6 * ku] = g6 * wl
+            dxf[o + 7 * ku] = g7 * wl
+    for i in range(m8, np.uint64(M)):
+        g0 = g[i]
+        for l in range(ku):
+            o = i * ku + l
+            acc[l] += xf[o] * g0
+            dxf[o] = g0 * wf[l]
+    for l in range(K):
+        dw[l, 0] = acc[l]
 
 
 @njit(**_OPTS)
@@ -922,7 +1022,7 @@ def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
         rt = np.empty((N, M), r.dtype)  # (N, M)
         transpose(r, rt)
     else:
-        dyt, rt = dy.reshape(1, M), r.reshape(1, M)
+        dyt, rt = _ffi.as_shape(dy, (1, M)), _ffi.as_shape(r, (1, M))
     gt = np.empty((N, M), dy.dtype)  # (N, M)
     activation_grad(dyt, rt, gt, act)
     if has_bias:
@@ -936,7 +1036,7 @@ def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
         xt = np.empty((K, M), x.dtype)  # (K, M)
         transpose(x, xt)
     else:
-        xt = x.reshape(1, M)
+        xt = _ffi.as_shape(x, (1, M))
     if N == 1:
         g0 = gt[0]
         for l in range(K):
@@ -946,13 +1046,13 @@ def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
                 s += xl[i] * g0[i]
             dw[l, 0] = s
         ku = np.uint64(K)
-        dxf, wf = dx.reshape(dx.size), w.reshape(w.size)
+        dxf, wf = _ffi.as_shape(dx, dx.size), _ffi.as_shape(w, w.size)
         for i in range(mu):
             gv = g0[i]
             for l in range(ku):
                 dxf[i * ku + l] = gv * wf[l]
         return
-    dxt = np.empty((K, M), x.dtype) if K != 1 else dx.reshape(1, M)  # (K, M)
+    dxt = np.empty((K, M), x.dtype) if K != 1 else _ffi.as_shape(dx, (1, M))  # (K, M)
     for l in range(K):
         xl, dl, wl = xt[l], dxt[l], w[l]
         for i in range(mu):
@@ -1010,12 +1110,15 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
     """
     M, N = dy.shape
     K = x.shape[1]
+    if N == 1 and K <= COLUMN_MAX_K:
+        _column_backward(dy, x, w, r, act, dx, dw, db, has_bias)
+        return
     if K * N <= TINY_W:
         _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias)
         return
     g = np.empty((M, N), dy.dtype)  # (M, N)
     activation_grad(dy, r, g, act)
-    gf = g.reshape(M * N)
+    gf = _ffi.as_shape(g, M * N)
     if has_bias:
         _column_sums(gf, M, N, db)
     if N < DOT_MIN_N or M >= DX_PANEL_MIN_M or (M >= DX_PANEL_MIN_M_SMALL_W and K * N <= DX_PANEL_SMALL_W):
@@ -1029,4 +1132,4 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
     else:
         # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
         # adjacent elements of one row of x), g as the panels.
-        panel_gemm(x.reshape(M * K), 1, K, g, db, False, dw, dw, False, 0, frame, task)
+        panel_gemm(_ffi.as_shape(x, M * K), 1, K, g, db, False, dw, dw, False, 0, frame, task)

@@ -226,7 +226,9 @@ def test_thread_pool_path_matches_references(problem):
 KERNEL_PATHS = {
     "tiny w: loops along M": (50, 7, 3),
     "tiny w, one input (K = 1)": (40, 1, 64),
-    "tiny w, one output (N = 1)": (256, 5, 1),
+    "one column, K <= 15: row-wise forward and backward, M not a multiple of 8": (261, 5, 1),
+    "one column, K = 15 (the row-wise backward's widest)": (45, 15, 1),
+    "one column, 16 <= K <= 64: row-wise forward, backward along M": (99, 37, 1),
     "tiny w, x transposed in register blocks": (50, 16, 4),
     "narrow N: dot-form forward, dw via dw.T": (300, 40, 13),
     "dx dot form, dw via strided x.T": (20, 1100, 97),
