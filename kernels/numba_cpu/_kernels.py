@@ -874,12 +874,10 @@ def _column_forward(x, w, b, has_bias, y, z, save_z, act):
 
 @njit(**_OPTS)
 def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
-    """``forward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout: ``y.T[j]`` is a
-    sum of K scaled rows of x.T, then bias and activation along those rows, so every inner loop
-    runs along M (loops along K or N would be a few iterations each, all overhead).
-
-    With one column (N = 1) the transposed layout is the plain one: the sums go straight into
-    z (or y); with K = 1, x is x.T.
+    """``forward`` for a tiny w (K * N <= ``TINY_W``) of more than one column (one column:
+    ``_column_forward``), in the transposed layout: ``y.T[j]`` is a sum of K scaled rows of x.T,
+    then bias and activation along those rows, so every inner loop runs along M (loops along K
+    or N would be a few iterations each, all overhead). With K = 1, x is x.T.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -888,10 +886,7 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
         transpose(x, xt)
     else:
         xt = _ffi.as_shape(x, (1, M))
-    if N != 1:
-        at = np.empty((N, M), x.dtype)  # (N, M)
-    else:
-        at = _ffi.as_shape((z if save_z else y), (1, M))
+    at = np.empty((N, M), x.dtype)  # (N, M)
     mu = np.uint64(M)
     for j in range(N):
         aj = at[j]
@@ -905,10 +900,6 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
             bv = b[j]
             for i in range(mu):
                 aj[i] += bv
-    if N == 1:
-        if save_z or act != 0:
-            epilogue(at, _ffi.as_shape(y, (1, M)), b, False, act, 0, 1, 0, M)
-        return
     if save_z:
         transpose(at, z)
     if act != 0:  # elementwise: row by row of at
@@ -929,7 +920,7 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
     w is packed once into NR-wide column panels (unless ``_read_in_place``); x is read in place; bias
     and activation are applied to each block right after it is computed. For N below
     ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small);
-    for a tiny w, ``_tiny_forward``.
+    for a tiny w, ``_column_forward`` (one column) or ``_tiny_forward``.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -1106,7 +1097,8 @@ def backward(dy, x, w, r, act, dx, dw, db, has_bias, frame, task):
     for N <= NR (panels mostly padding) as ``dw.T = g.T @ x``, the small [N, K] result then
     transposed (2-4x faster there, measured).
     Each choice compares the elements that the extra passes move (transposes, packing): all
-    forms do the same multiply-adds in the same order. A tiny w goes to ``_tiny_backward``.
+    forms do the same multiply-adds in the same order. A tiny w goes to
+    ``_column_backward`` (one column, K <= ``COLUMN_MAX_K``) or ``_tiny_backward``.
     """
     M, N = dy.shape
     K = x.shape[1]
