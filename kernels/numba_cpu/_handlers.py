@@ -6,9 +6,12 @@ two helper tasks.
 Calling conventions (all buffers row-major; a leading batch, from ``vmap_method="broadcast_all"``,
 may precede the matrix dims and must have the same size on every operand):
 
-  forward:  args (x [..., M, K], w [..., K, N], b [..., N]?)  rets (y [..., M, N], z [..., M, N]?)
-  backward: args (dy [..., M, N], x [..., M, K], w [..., K, N], r [..., M, N])
+  forward:  args (x [..., M, K], w [..., K, N], b [..., N]?)  rets (y [..., M, N], s?)
+            s, the residual when asked for: z [..., M, N], or for relu the tie flag t [..., 1]
+            (1 if some z is exactly 0, else 0)
+  backward: args (dy [..., M, N], x [..., M, K], w [..., K, N], r [..., M, N], t?, b?)
             rets (dx [..., M, K], dw [..., K, N], db [..., N]?)
+            relu passes r = y, t, and b when there is a bias (db); other activations only r.
   attributes (sorted by name, as XLA passes them): ``act`` (int64), the activation code of
   ``_kernels.ACT_CODES``; ``task`` (int64), the address of the dtype's helper task
   (``TASKS``) to share the GEMM blocks with XLA's intra-op thread pool, or 0 to stay on the
@@ -53,14 +56,19 @@ def _forward_call(frame, nbtype, code):
         return make_error(frame, "missing int64 attribute 'task'")
     xb, wb, yb = arg(frame, 0), arg(frame, 1), ret(frame, 0)
     has_bias = nargs == 3
-    save_z = nrets == 2
+    save_z = nrets == 2 and act != 1
+    save_ties = nrets == 2 and act == 1
     bb = arg(frame, 2) if has_bias else yb
     zb = ret(frame, 1) if save_z else yb
-    if dtype(xb) != code or dtype(wb) != code or dtype(yb) != code or dtype(bb) != code or dtype(zb) != code:
-        return make_error(frame, "forward: operand dtypes differ from the handler's")
+    tb = ret(frame, 1) if save_ties else yb
+    for buf in (xb, wb, yb, bb, zb, tb):
+        if dtype(buf) != code:
+            return make_error(frame, "forward: operand dtypes differ from the handler's")
     nb = leading(xb, 2)
     if nb < 0 or leading(wb, 2) != nb or leading(yb, 2) != nb or leading(zb, 2) != nb:
         return make_error(frame, "forward: operand ranks or batch sizes differ")
+    if save_ties and (leading(tb, 1) != nb or dim(tb, rank(tb) - 1) != 1):
+        return make_error(frame, "forward: relu's tie flag must be [1]")
     m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
     n = dim(wb, rank(wb) - 1)
     if dim(wb, rank(wb) - 2) != k or dim(yb, rank(yb) - 2) != m or dim(yb, rank(yb) - 1) != n:
@@ -75,8 +83,12 @@ def _forward_call(frame, nbtype, code):
     zs = _view(zb, nbtype, (nb, m, n))
     # Without a bias the view aliases y and is never read.
     bs = _view(bb, nbtype, (nb, n))
+    # Without save_ties the view aliases y and is never written.
+    ts = _view(tb, nbtype, (nb, 1))
     for i in range(nb):
-        forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, frame, task)
+        ties = forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, frame, task)
+        if save_ties:
+            ts[i, 0] = 1 if ties else 0
     return 0
 
 
@@ -87,19 +99,24 @@ def _backward_call(frame, nbtype, code):
         return q
     nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
     nrets = _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
-    if nargs != 4 or nrets < 2 or nrets > 3:
-        return make_error(frame, "backward takes (dy, x, w, r) and returns (dx, dw[, db])")
+    if nrets < 2 or nrets > 3:
+        return make_error(frame, "backward returns (dx, dw[, db])")
     act = _ffi.scalar_attr_i64(frame, 0)
     if act < 0 or act >= _N_ACTS:
         return make_error(frame, "missing or unknown int64 attribute 'act'")
+    has_bias = nrets == 3
+    relu = act == 1
+    if nargs != ((5 + has_bias) if relu else 4):
+        return make_error(frame, "backward takes (dy, x, w, r), and for relu (dy, x, w, y, t[, b])")
     task = _ffi.scalar_attr_i64(frame, 1)
     if task < 0:
         return make_error(frame, "missing int64 attribute 'task'")
     dyb, xb, wb, rb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3)
     dxb, dwb = ret(frame, 0), ret(frame, 1)
-    has_bias = nrets == 3
     dbb = ret(frame, 2) if has_bias else dwb
-    for buf in (dyb, xb, wb, rb, dxb, dwb, dbb):
+    tb = arg(frame, 4) if relu else dyb
+    bb = arg(frame, 5) if relu and has_bias else dbb
+    for buf in (dyb, xb, wb, rb, dxb, dwb, dbb, tb, bb):
         if dtype(buf) != code:
             return make_error(frame, "backward: operand dtypes differ from the handler's")
     nb = leading(xb, 2)
@@ -121,6 +138,10 @@ def _backward_call(frame, nbtype, code):
         return make_error(frame, "backward: dw must be [K, N]")
     if has_bias and (leading(dbb, 1) != nb or dim(dbb, rank(dbb) - 1) != n):
         return make_error(frame, "backward: db must be [N]")
+    if relu and (leading(tb, 1) != nb or dim(tb, rank(tb) - 1) != 1):
+        return make_error(frame, "backward: relu's tie flag must be [1]")
+    if relu and has_bias and (leading(bb, 1) != nb or dim(bb, rank(bb) - 1) != n):
+        return make_error(frame, "backward: b must be [N]")
     dys = _view(dyb, nbtype, (nb, m, n))
     xs = _view(xb, nbtype, (nb, m, k))
     ws = _view(wb, nbtype, (nb, k, n))
@@ -129,8 +150,12 @@ def _backward_call(frame, nbtype, code):
     dws = _view(dwb, nbtype, (nb, k, n))
     # Without a bias the view aliases dw and is never written.
     dbs = _view(dbb, nbtype, (nb, n))
+    # Unless relu: both views alias dy or db, and are never read.
+    ts = _view(tb, nbtype, (nb, 1))
+    bs = _view(bb, nbtype, (nb, n))
     for i in range(nb):
-        backward(dys[i], xs[i], ws[i], rs[i], act, dxs[i], dws[i], dbs[i], has_bias, frame, task)
+        backward(dys[i], xs[i], ws[i], bs[i], rs[i], relu and ts[i, 0] != 0, act, dxs[i], dws[i], dbs[i], has_bias,
+                 frame, task)
     return 0
 
 

@@ -122,10 +122,12 @@ def _task(dtype, m, k, n):
 
 
 def _forward(x2, w, b, activation, save):
-    """FFI forward on ``x2: [M, K]``; returns ``(y, z)`` with ``z`` None unless ``save``."""
+    """FFI forward on ``x2: [M, K]``; returns ``(y, s)`` with ``s`` None unless ``save``: then
+    ``s`` is z ``[M, N]``, or for relu its tie flag ``[1]`` (see ``_kernels.RELU_FROM_Y``)."""
     m, n = x2.shape[0], w.shape[1]
     out = _result((m, n), x2)
-    call = jax.ffi.ffi_call(_target("forward", x2.dtype.name), (out, out) if save else (out,),
+    saved = _result((1,), x2) if activation == "relu" else out
+    call = jax.ffi.ffi_call(_target("forward", x2.dtype.name), (out, saved) if save else (out,),
                             vmap_method="broadcast_all")
     operands = (x2, w) if b is None else (x2, w, b)
     res = call(*operands, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, x2.shape[1], n))
@@ -139,13 +141,15 @@ def _dense(x2, w, b, activation):
 
 def _dense_fwd(x2, w, b, activation):
     kind = RESIDUAL[activation]
-    y, z = _forward(x2, w, b, activation, save=kind == "z")
-    r = {"z": z, "y": y, "none": None}[kind]
-    return y, (x2, w, r, b)  # b only to know whether there is one (None: no leaves)
+    relu = activation == "relu"
+    y, s = _forward(x2, w, b, activation, save=kind == "z" or relu)
+    r = {"z": s, "y": y, "none": None}[kind]
+    # b: whether there is one (None: no leaves), and for relu the operand of z's recomputation.
+    return y, (x2, w, r, s if relu else None, b)
 
 
 def _dense_bwd(activation, res, dy):
-    x2, w, r, b = res
+    x2, w, r, ties, b = res
     has_bias = b is not None
     m, k, n = x2.shape[0], x2.shape[1], w.shape[1]
     outs = [_result((m, k), x2), _result((k, n), x2)]
@@ -153,7 +157,10 @@ def _dense_bwd(activation, res, dy):
         outs.append(_result((n,), x2))
     call = jax.ffi.ffi_call(_target("backward", x2.dtype.name), tuple(outs), vmap_method="broadcast_all")
     # Identity needs no residual; dy stands in (the kernel does not read it as one).
-    grads = call(dy, x2, w, dy if r is None else r, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, k, n))
+    operands = [dy, x2, w, dy if r is None else r]
+    if activation == "relu":  # y's tie flag, and b to recompute z when there were ties
+        operands += [ties] + ([b] if has_bias else [])
+    grads = call(*operands, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, k, n))
     return grads[0], grads[1], (grads[2] if has_bias else None)
 
 

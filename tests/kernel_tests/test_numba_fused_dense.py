@@ -247,6 +247,32 @@ def test_every_kernel_path_matches_references(shape, pool):
             _check_problem(dict(lead=(m,), k=k, n=n, dtype=dtype, act=act, bias=True, values="normal", seed=m + k + n))
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "xla-pool"])
+@pytest.mark.parametrize("shape", KERNEL_PATHS.values(), ids=KERNEL_PATHS.keys())
+def test_relu_gradient_with_and_without_exact_zeros(shape, pool):
+    """relu saves y, not z: without an exact z = 0 its gradient comes from y, and with one the
+    backward recomputes z (relu'(0) = 1/2, as ``jnp.maximum`` defines it). Both cases on every
+    kernel path: normal values (no ties), and x with zero rows against a bias that is 0 in
+    every other column (z exactly 0 there in any summation order)."""
+    m, k, n = shape
+    rng = np.random.default_rng(m * k * n)
+    x, w, b, dy = (rng.standard_normal(s) for s in ((m, k), (k, n), (n,), (m, n)))
+    x_ties, b_ties = x.copy(), b.copy()
+    x_ties[::3] = 0.0
+    b_ties[::2] = 0.0
+    with _pool(pool), jax.enable_x64(True):
+        for xs, bs, dtype in ((x, b, jnp.float32), (x_ties, b_ties, jnp.float64), (x_ties, None, jnp.float32)):
+            args = (_as(xs, dtype), _as(w, dtype), _as(bs, dtype), _as(dy, dtype))
+            got = jax.tree.leaves(_fwd_and_vjp("numba", "relu")(*args))
+            want = jax.tree.leaves(_fwd_and_vjp("xla", "relu")(*args))
+            z = _f64(args[0]) @ _f64(args[1]) + (0 if bs is None else _f64(args[2]))
+            assert (xs is x) != bool(np.any(z == 0))  # the case is what it says
+            rtol = 1e-4 if dtype == jnp.float32 else 1e-12
+            for name, g, r in zip(("y", "dx", "dw", "db"), got, want):
+                np.testing.assert_allclose(_f64(g), _f64(r), rtol=rtol, atol=rtol * (1 + np.abs(_f64(r)).max()),
+                                           err_msg=f"{name} at {shape}, {np.dtype(dtype).name}")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_transposes_and_panel_packing_match_numpy(dtype):
     # Register-block transposes (16 x 16, 8 x 8 in float64) with ragged edges, the element-wise
