@@ -27,12 +27,14 @@ def _add_verify(sub) -> None:
                    help="Hypothesis profile (default: $JAXNET_HYPOTHESIS_PROFILE or ci)")
     p.add_argument("--shrink", type=int, default=30, metavar="N",
                    help="examples spent shrinking each failure to its smallest form (default 30; 0: off)")
-    p.add_argument("--dtypes", nargs="+", metavar="D", help="dtypes to draw (default: float32 bfloat16 float16)")
+    p.add_argument("--dtypes", nargs="+", metavar="D", help="dtypes to draw (default: float32 bfloat16 float16; float64 turns on JAX's x64 mode)")
     p.add_argument("--no-bad-inputs", action="store_true", help="skip the malformed-call checks (subprocesses)")
 
 
 def _run_verify(args) -> int:
     import functools
+
+    import jax
 
     import kernels
     from jaxnet.testing import check_bad_inputs, profiles, strategies, verify
@@ -61,8 +63,10 @@ def _run_verify(args) -> int:
     for label, fn in targets:
         t0 = time.perf_counter()
         print(f"  {label}: searching ...", end="", flush=True)
-        report = verify(fn, kernels.reference.fused_dense, dtypes=dtypes, max_examples=args.examples,
-                        profile=profile, shrink=args.shrink, keep_going=True, name=label)
+        # float64 needs JAX's x64 mode (without it, float64 inputs would run as float32).
+        with jax.enable_x64("float64" in dtypes or jax.config.jax_enable_x64):
+            report = verify(fn, kernels.reference.fused_dense, dtypes=dtypes, max_examples=args.examples,
+                            profile=profile, shrink=args.shrink, keep_going=True, name=label)
         bad = None
         if not args.no_bad_inputs:
             print(" malformed calls ...", end="", flush=True)

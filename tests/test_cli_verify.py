@@ -36,3 +36,22 @@ def test_a_broken_candidate_fails_with_its_counterexample(capsys):
 def test_unknown_backend_is_a_usage_error(capsys):
     assert cli.main(["verify", "--backend", "no_such_backend"]) == 2
     assert "not available here" in capsys.readouterr().err
+
+
+def test_float64_runs_in_x64_mode(capsys):
+    # Without x64 mode JAX would run float64 inputs as float32 and every backend would "fail".
+    rc = cli.main(["verify", "--backend", "xla", "--dtypes", "float64", "--examples", "5", "--no-bad-inputs"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "1 of 1 verified" in out
+
+
+def test_verify_refuses_float64_without_x64():
+    import jax
+    import pytest
+
+    from jaxnet.testing import verify
+
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match="x64 mode is off"):
+        verify(lambda x, w, b=None, activation="relu": x, dtypes=("float64",))

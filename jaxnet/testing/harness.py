@@ -328,6 +328,10 @@ def verify(candidate: Callable, reference: Callable | None = None, *, args=None,
         from kernels import reference as kref
         reference = kref.fused_dense
     fused = args is None or tolerance == "fused_dense"
+    if args is None and "float64" in tuple(dtypes) and not jax.config.jax_enable_x64:
+        # JAX would run float64 inputs as float32 and report float32 rounding as mismatches.
+        raise ValueError("dtypes include float64 but JAX's x64 mode is off: run under "
+                         "jax.enable_x64(True) (or set JAX_ENABLE_X64=1), or leave float64 out")
     if args is None:
         args = jst.fused_dense_calls(dtypes=tuple(dtypes), activations=tuple(activations),
                                      max_elements=max_elements)
