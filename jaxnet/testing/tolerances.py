@@ -33,9 +33,15 @@ a tolerance relative to ``|y|`` would be far too tight and a global ``atol`` far
 Gradients, for a cotangent ``g`` (shape of ``y``): ``dz = g * act'(z)``, ``grad_x = dz @ w.T``
 (``N`` terms), ``grad_w = x.T @ dz`` and ``grad_b = sum(dz)`` (``R`` terms, R = rows of x). The
 error in ``dz`` between two implementations is bounded by
-``E_dz = |g| * (2 D2 E_z + D1 (4 u_acc + u_out))``: the forward error ``E_z`` of ``z`` moved
+``E_dz = |g| * (2 D2 E_z + 4 u_acc S(z) + D1 u_out)``: the forward error ``E_z`` of ``z`` moved
 through ``act'`` (Lipschitz constant ``D2 = sup |act''|``), the evaluation of ``act'`` and a
 possible rounding of ``dz`` to ``out`` before the matmul (kernels often store it in the input dtype).
+``S(z)`` (``derivative_scale``) is ``D1``, except where ``act'`` is a small difference of large
+terms, so that the rounding of the tanh or sigmoid inside it is amplified: for gelu_tanh,
+``act' = (1 + t)/2 + z (1 - t^2) c (1 + 3 a z^2) / 2`` with ``t = tanh(c (z + a z^3))``, and a
+relative error e in t moves it by ``e (|t|/2 + |z| t^2 c (1 + 3 a z^2))`` (at z = -5, 18x ``D1``;
+float32 rounds t to -1 there and gives act' = 0 against the exact -1.5e-6); for silu,
+``act' = s + z s (1 - s)`` moves by ``e s (1 + |z| |1 - 2 s|)``, growing like ``|z|`` for z > 0.
 Each gradient's tolerance is that error pushed through its matmul by absolute values, plus the
 matmul's own accumulation (``n u_acc`` times ``|g| D1`` pushed the same way), plus one ulp of
 ``out`` and the floor, e.g. ``tol_grad_x = (E_dz + N u_acc D1 |g|) @ |w|.T + u_out |gx_ref| + floor``.
@@ -85,6 +91,27 @@ ACTIVATION_BOUNDS: dict[str, ActivationBounds] = {
 def activation_bounds(name: str) -> ActivationBounds:
     """Bounds for ``name``; unknown activations get conservative smooth bounds (d1=d2=1.5)."""
     return ACTIVATION_BOUNDS.get(name, ActivationBounds(1.5, 1.5))
+
+
+_GELU_TANH_C, _GELU_TANH_A = float(np.sqrt(2.0 / np.pi)), 0.044715
+
+
+def derivative_scale(name: str, z: np.ndarray) -> np.ndarray:
+    """How much rounding errors (relative, in the tanh or sigmoid inside it) can move ``act'(z)``,
+    per unit of relative error: ``D1``, or more where ``act'`` is a small difference of large
+    terms (gelu_tanh, silu; see the module docstring). Shape of ``z``, float64."""
+    d1 = activation_bounds(name).d1
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if name == "gelu_tanh":
+            t = np.tanh(_GELU_TANH_C * (z + _GELU_TANH_A * z**3))
+            scale = 0.5 * np.abs(t) + np.abs(z) * t * t * _GELU_TANH_C * (1.0 + 3.0 * _GELU_TANH_A * z * z)
+        elif name == "silu":
+            s = 1.0 / (1.0 + np.exp(-z))
+            scale = s * (1.0 + np.abs(z) * np.abs(1.0 - 2.0 * s))
+        else:
+            return np.full(z.shape, d1)
+    return np.maximum(d1, np.nan_to_num(scale, nan=np.inf))
 
 
 def _finfo(dtype):
@@ -176,7 +203,8 @@ class FusedDenseBounds:
     def _err_dz(self, g64: np.ndarray) -> np.ndarray:
         ab = activation_bounds(self.activation)
         acc, out = accumulator(self.dtype), self.dtype
-        return np.abs(g64) * (2.0 * ab.d2 * self.err_z + ab.d1 * (ACT_ULPS * eps(acc) + eps(out)))
+        act_eval = ACT_ULPS * eps(acc) * derivative_scale(self.activation, self.z)
+        return np.abs(g64) * (2.0 * ab.d2 * self.err_z + act_eval + ab.d1 * eps(out))
 
     def grads(self, g, grads_ref: dict) -> dict:
         """Tolerances for ``grad_x``, ``grad_w`` and (if b is given) ``grad_b`` for cotangent ``g``.
