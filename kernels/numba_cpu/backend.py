@@ -123,7 +123,7 @@ def _task(dtype, m, k, n):
 
 def _forward(x2, w, b, activation, save):
     """FFI forward on ``x2: [M, K]``; returns ``(y, s)`` with ``s`` None unless ``save``: then
-    ``s`` is z ``[M, N]``, or for relu its tie flag ``[1]`` (see ``_kernels.RELU_FROM_Y``)."""
+    ``s`` is z ``[M, N]``, or for relu its tie flag ``[1]`` (see ``_kernels``' module docstring)."""
     m, n = x2.shape[0], w.shape[1]
     out = _result((m, n), x2)
     saved = _result((1,), x2) if activation == "relu" else out
