@@ -47,7 +47,7 @@ def _forward_call(frame, nbtype, code):
     nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
     nrets = _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
     if nargs < 2 or nargs > 3 or nrets < 1 or nrets > 2:
-        return make_error(frame, "forward takes (x, w[, b]) and returns (y[, z])")
+        return make_error(frame, "forward takes (x, w[, b]) and returns (y[, z or relu's tie flag])")
     act = _ffi.scalar_attr_i64(frame, 0)
     if act < 0 or act >= _N_ACTS:
         return make_error(frame, "missing or unknown int64 attribute 'act'")

@@ -586,6 +586,17 @@ BAD_INPUTS = textwrap.dedent("""
             jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1)),
         "rank": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
             jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1), task=np.int64(0)),
+        "relu tie flag shape": lambda: jax.ffi.ffi_call(
+            nb._target("forward", "float32"), (f32((3, 2), jnp.float32), f32((2,), jnp.float32)))(
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1), task=np.int64(0)),
+        "relu backward without tie flag": lambda: jax.ffi.ffi_call(
+            nb._target("backward", "float32"), (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32)))(
+            jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), act=np.int64(1), task=np.int64(0)),
+        "relu backward bias shape": lambda: jax.ffi.ffi_call(
+            nb._target("backward", "float32"),
+            (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32), f32((2,), jnp.float32)))(
+            jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), jnp.ones((1,)), jnp.ones((5,)),
+            act=np.int64(1), task=np.int64(0)),
     }
     for name, case in raw.items():
         try:
@@ -607,6 +618,10 @@ def test_bad_inputs_raise_at_trace_time_in_a_subprocess():
     # The shape errors name the shapes.
     assert any("K mismatch" in ln and "(3, 4)" in ln and "(5, 2)" in ln for ln in lines), proc.stdout
     assert any(ln.startswith("OK raw shapes") and "do not agree" in ln for ln in lines), proc.stdout
+    assert any(ln.startswith("OK raw relu tie flag shape") and "tie flag must be [1]" in ln for ln in lines), proc.stdout
+    assert any(ln.startswith("OK raw relu backward without tie flag") and "(dy, x, w, y, t[, b])" in ln
+               for ln in lines), proc.stdout
+    assert any(ln.startswith("OK raw relu backward bias shape") and "b must be [N]" in ln for ln in lines), proc.stdout
 
 
 # --- A model trained on the kernel --------------------------------------------------------------
