@@ -2,6 +2,7 @@
 
     python -m experiments.bench_kernels            # full grid, about a minute on a quiet 2-core machine
     python -m experiments.bench_kernels --quick    # 6 shapes, ~40 s
+    python -m experiments.bench_kernels --runs 4   # the grid 4 times: each ratio's spread over runs
 
 For every shape (M, K, N) of the grid and for forward and forward+backward (the VJP: y, dx,
 dW, db from a fixed cotangent), it reports GFLOP/s of each backend (2MKN forward, 6MKN
@@ -16,6 +17,12 @@ cache and registration, first call).
 Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
 ends with one JSON line of summary metrics, also saved as ``result.json``. Figures in
 docs/benchmarks.md.
+
+With ``--runs R`` > 1 the grid is timed R times, one run after another (small shapes swing
+10-30% from run to run with the machine's state, XLA's thread pool above all): ``rows.json``
+then holds every run's rows (with a "run" key), ``runs.md`` each run's table, and ``table.md``
+each shape's median times and its ratio to XLA as min / median / max over the runs; the
+summary gives the targets' worst ratios per run and over all runs.
 """
 from __future__ import annotations
 
@@ -53,6 +60,8 @@ class Config:
     # Timed samples per shape and backend (medians reported), after `warmup` untimed calls.
     repeats: int = 15
     warmup: int = 3
+    # Times the whole grid is run, one run after another (see the module docstring).
+    runs: int = 1
     # Each sample repeats the call until it lasts at least this long (small shapes).
     min_sample_s: float = 0.002
     seed: int = 0
@@ -240,6 +249,52 @@ def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> d
     return summary
 
 
+def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, config: Config) -> dict:
+    """``summarize`` of the first run, with each target metric (the ``min_vs_xla`` ones, the
+    geometric means, the overhead ratio) replaced by its list over the runs and its worst."""
+    per_run = [summarize(rows, ov, cold, config) for rows, ov in zip(runs, overheads)]
+    summary = dict(per_run[0], runs=len(runs))
+    for key in per_run[0]:
+        if "_vs_xla" in key or key == "numba_overhead_vs_xla_tiny_op":
+            values = [s[key] for s in per_run]
+            summary[key + "_per_run"] = values
+            if None not in values:
+                summary[key] = max(values) if key == "numba_overhead_vs_xla_tiny_op" else min(values)
+    summary["peak_gflops"] = max(s["peak_gflops"] for s in per_run)
+    return summary
+
+
+def spread(runs: list[list[dict]], config: Config) -> list[dict]:
+    """Per shape and mode over the runs: each backend's median time, and its ratio to XLA as
+    the min, median and max of the runs' ratios."""
+    bes = [b for b in config.backends if b != "xla"]
+    out = []
+    for i, first in enumerate(runs[0]):
+        same = [rows[i] for rows in runs]
+        row = {k: first[k] for k in ("M", "K", "N", "mode")}
+        for be in ("xla", *bes):
+            row[f"{be}_us"] = round(statistics.median(r[f"{be}_us"] for r in same), 1)
+        for be in bes:
+            ratios = [r[f"{be}_vs_xla"] for r in same]
+            row.update({f"{be}_vs_xla_min": min(ratios), f"{be}_vs_xla_median": statistics.median(ratios),
+                        f"{be}_vs_xla_max": max(ratios)})
+        out.append(row)
+    return out
+
+
+def spread_table(rows: list[dict], config: Config, nruns: int) -> str:
+    bes = [b for b in config.backends if b != "xla"]
+    head = ["M", "K", "N", "mode", "XLA µs (median)"] + [f"{b} µs (median)" for b in bes]
+    head += [f"{b}/XLA min / median / max of {nruns}" for b in bes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["M"], r["K"], r["N"], r["mode"], r["xla_us"]] + [r[f"{b}_us"] for b in bes]
+        cells += [f"{r[f'{b}_vs_xla_min']:.2f}x / {r[f'{b}_vs_xla_median']:.2f}x / {r[f'{b}_vs_xla_max']:.2f}x"
+                  for b in bes]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict], config: Config) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA GFLOP/s"] + [f"{b} GFLOP/s" for b in bes] + [f"{b}/XLA" for b in bes]
@@ -253,13 +308,29 @@ def table(rows: list[dict], config: Config) -> str:
 
 def main(argv=None):
     config, workdir = parse_config(Config, argv, name="bench_kernels", description=__doc__.splitlines()[0])
+    if config.runs < 1:
+        raise ValueError(f"bench_kernels: --runs must be at least 1, got {config.runs}")
     cold = _cold_start()
-    rows, overhead = run(config)
+    runs, overheads = [], []
+    for i in range(config.runs):
+        if config.runs > 1:
+            print(f"run {i + 1} of {config.runs}", flush=True)
+        rows, overhead = run(config)
+        runs.append(rows)
+        overheads.append(overhead)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (workdir / "table.md").write_text(table(rows, config))
-    print(table(rows, config), flush=True)
-    return finish(summarize(rows, overhead, cold, config), workdir)
+    if config.runs == 1:
+        (workdir / "rows.json").write_text(json.dumps(runs[0], indent=1) + "\n")
+        (workdir / "table.md").write_text(table(runs[0], config))
+        print(table(runs[0], config), flush=True)
+        return finish(summarize(runs[0], overheads[0], cold, config), workdir)
+    all_rows = [dict(r, run=i + 1) for i, rows in enumerate(runs) for r in rows]
+    (workdir / "rows.json").write_text(json.dumps(all_rows, indent=1) + "\n")
+    (workdir / "runs.md").write_text("\n".join(f"Run {i + 1}:\n\n{table(rows, config)}" for i, rows in enumerate(runs)))
+    text = spread_table(spread(runs, config), config, config.runs)
+    (workdir / "table.md").write_text(text)
+    print(text, flush=True)
+    return finish(summarize_runs(runs, overheads, cold, config), workdir)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,37 @@ def test_float64_problems_are_float64_not_truncated():
 def test_unsupported_dtype_is_refused_by_name():
     with pytest.raises(ValueError, match="bfloat16"):
         bench_kernels.prepare_dtype(bench_kernels.Config(dtype="bfloat16"))
+
+
+def _rows(ratio_small, ratio_mid, t_small):
+    """Two shapes' rows as ``run`` writes them (numba only), with the given ratios."""
+    rows = []
+    for (m, k, n), ratio, t in (((64, 64, 64), ratio_small, t_small), ((1024, 1024, 1024), ratio_mid, 5000.0)):
+        for mode in ("fwd", "fwd+bwd"):
+            rows.append({"M": m, "K": k, "N": n, "mode": mode, "xla_us": t * ratio, "xla_gflops": 1.0,
+                         "numba_us": t, "numba_gflops": 2.0, "numba_vs_xla": ratio})
+    return rows
+
+
+def test_several_runs_report_each_ratio_s_spread_and_the_worst_run():
+    config = bench_kernels.Config()
+    runs = [_rows(1.05, 0.97, 16.0), _rows(0.98, 0.99, 15.0), _rows(1.10, 0.95, 17.0)]
+    overheads = [{"numba": 4.4, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0}] * 2 + [
+        {"numba": 4.9, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0}]
+    rows = bench_kernels.spread(runs, config)
+    small = next(r for r in rows if (r["M"], r["mode"]) == (64, "fwd+bwd"))
+    assert (small["numba_vs_xla_min"], small["numba_vs_xla_median"], small["numba_vs_xla_max"]) == (0.98, 1.05, 1.10)
+    assert small["numba_us"] == 16.0
+    table = bench_kernels.spread_table(rows, config, 3)
+    assert "| 64 | 64 | 64 | fwd+bwd | " in table and "0.98x / 1.05x / 1.10x" in table
+    summary = bench_kernels.summarize_runs(runs, overheads, {}, config)
+    assert summary["runs"] == 3
+    assert summary["numba_fwd+bwd_min_vs_xla_small_per_run"] == [1.05, 0.98, 1.10]
+    assert summary["numba_fwd+bwd_min_vs_xla_small"] == 0.98  # the worst run
+    assert summary["numba_fwd+bwd_min_vs_xla_512_2048"] == 0.95
+    assert summary["numba_overhead_vs_xla_tiny_op"] == round(4.9 / 3.5, 3)  # the worst: the largest
+
+
+def test_runs_must_be_positive():
+    with pytest.raises(ValueError, match="--runs"):
+        bench_kernels.main(["--runs", "0"])
