@@ -255,7 +255,7 @@ def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, co
     per_run = [summarize(rows, ov, cold, config) for rows, ov in zip(runs, overheads)]
     summary = dict(per_run[0], runs=len(runs))
     for key in per_run[0]:
-        if "_vs_xla" in key or key == "numba_overhead_vs_xla_tiny_op":
+        if "_vs_xla" in key:
             values = [s[key] for s in per_run]
             summary[key + "_per_run"] = values
             if None not in values:
@@ -286,23 +286,24 @@ def spread_table(rows: list[dict], config: Config, nruns: int) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA µs (median)"] + [f"{b} µs (median)" for b in bes]
     head += [f"{b}/XLA min / median / max of {nruns}" for b in bes]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["M"], r["K"], r["N"], r["mode"], r["xla_us"]] + [r[f"{b}_us"] for b in bes]
-        cells += [f"{r[f'{b}_vs_xla_min']:.2f}x / {r[f'{b}_vs_xla_median']:.2f}x / {r[f'{b}_vs_xla_max']:.2f}x"
-                  for b in bes]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["M"], r["K"], r["N"], r["mode"], r["xla_us"]] + [r[f"{b}_us"] for b in bes]
+             + [f"{r[f'{b}_vs_xla_min']:.2f}x / {r[f'{b}_vs_xla_median']:.2f}x / {r[f'{b}_vs_xla_max']:.2f}x"
+                for b in bes] for r in rows]
+    return _markdown(head, cells)
 
 
 def table(rows: list[dict], config: Config) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA GFLOP/s"] + [f"{b} GFLOP/s" for b in bes] + [f"{b}/XLA" for b in bes]
+    cells = [[r["M"], r["K"], r["N"], r["mode"], r["xla_gflops"]] + [r[f"{b}_gflops"] for b in bes]
+             + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes] for r in rows]
+    return _markdown(head, cells)
+
+
+def _markdown(head: list[str], rows: list[list]) -> str:
+    """A markdown table: the header, then one line per row of cells."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["M"], r["K"], r["N"], r["mode"], r["xla_gflops"]]
-        cells += [r[f"{b}_gflops"] for b in bes] + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 
