@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-import kernels.checks
-from kernels import mixed
 
 
 def fan_in_uniform(fan_in: int) -> Callable:
@@ -30,16 +28,13 @@ class FusedDense(nn.Module):
       features: N, the number of outputs.
       activation: an activation name of the fused-dense contract ("identity" for a plain Linear).
       use_bias: whether to add a bias.
-      backend: "xla", "numba", "pallas" or "auto".
+      backend: "xla" (``kernels.xla``: XLA ops with a mixed-precision backward), "numba", "pallas"
+        or "auto"; every name is what ``jaxnet verify --backend NAME`` checks.
       in_features: K when the layer has a fixed input width (checked at init and apply), else
         taken from the first input.
       init_scheme: "torch" (``U(±1/sqrt(K))`` for kernel and bias, as ``torch.nn.Linear``) or "lecun"
         (LeCun normal kernel, zero bias, Flax's default).
       param_dtype: dtype of the parameters.
-
-    With ``backend="xla"`` and bfloat16/float16/float32 inputs the layer runs
-    ``kernels.mixed.fused_dense`` (same forward; backward dots in the input dtype with float32
-    accumulation, laid out for XLA's CPU fast path).
 
     Shapes: ``x: [..., K]`` -> ``[..., N]`` in x's dtype. Parameters: ``kernel: [K, N]``,
     ``bias: [N]`` — the transpose of PyTorch's ``Linear.weight: [N, K]``.
@@ -84,11 +79,4 @@ class FusedDense(nn.Module):
         # Parameters follow the input's dtype so bf16 activations stay bf16 end to end.
         kernel = kernel.astype(x.dtype)
         bias = None if bias is None else bias.astype(x.dtype)
-        if self.backend == "xla" and x.dtype in mixed.DENSE_DTYPES:
-            # The reference's forward, and a backward whose dots run like the forward: bf16/f16
-            # -> f32 in mixed precision (autodiff of the reference runs them f32 x bf16, at f32
-            # speed), and for f32 in the layout XLA's CPU fast path takes (1.3x on the LM step).
-            # kernels.fused_dense(backend="xla") itself stays the reference; see kernels.mixed.
-            kernels.checks.check_fused_dense_args(x, kernel, bias, self.activation)
-            return mixed.fused_dense(x, kernel, bias, activation=self.activation)
         return kernels.fused_dense(x, kernel, bias, activation=self.activation, backend=self.backend)

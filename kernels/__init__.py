@@ -6,6 +6,7 @@ from kernels import activations, reference
 from kernels.dispatch import available_backends, fused_dense, register_backend
 
 # Backend modules register themselves with kernels.dispatch when imported (add them below).
+import kernels.xla  # noqa: E402,F401  ("xla": XLA ops, the models' default; checked against kernels.reference)
 import kernels.numba_cpu  # noqa: E402,F401  ("numba": CPU kernels through the XLA FFI)
 import kernels.pallas_gpu  # noqa: E402,F401  ("pallas": Pallas kernels, Triton lowering on GPU, interpret on CPU)
 

@@ -1,6 +1,7 @@
 """Backend choice for ``fused_dense``.
 
-Each backend module registers itself here on import with ``register_backend``. A backend's
+Each backend module registers itself here on import with ``register_backend``: "xla"
+(``kernels.xla``, always there), "numba" (``kernels.numba_cpu``), "pallas" (``kernels.pallas_gpu``). A backend's
 function takes ``(x, w, b, activation)`` with the arguments already checked and returns ``y``;
 it owns its gradient wiring (``jax.custom_vjp``), so everything above it is backend-agnostic.
 """
@@ -11,7 +12,6 @@ from typing import Callable
 
 import jax
 
-from kernels import reference
 from kernels.checks import check_fused_dense_args
 
 
@@ -33,14 +33,6 @@ def register_backend(name: str, fn: Callable, *, is_available: Callable[[], bool
     _BACKENDS[name] = Backend(name, fn, is_available, dict(auto_rank or {}))
 
 
-def _xla(x, w, b, activation):
-    return reference.fused_dense(x, w, b, activation=activation)
-
-
-# XLA is the reference and is always there; "auto" takes it only when nothing faster is available.
-register_backend("xla", _xla, auto_rank={"cpu": 100, "gpu": 100, "tpu": 100})
-
-
 def available_backends() -> list[str]:
     """Names of the backends usable in this process, "xla" first."""
     return [name for name, be in _BACKENDS.items() if be.is_available()]
@@ -54,7 +46,7 @@ def resolve(backend: str) -> Backend:
             (be.auto_rank[platform], name) for name, be in _BACKENDS.items()
             if platform in be.auto_rank and be.is_available()
         )
-        return _BACKENDS[ranked[0][1]] if ranked else _BACKENDS["xla"]
+        return _BACKENDS[ranked[0][1] if ranked else "xla"]
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(_BACKENDS)}")
     be = _BACKENDS[backend]

@@ -1,11 +1,10 @@
 """The definition of correct for ``fused_dense``: plain ``jax.numpy``.
 
-``fused_dense`` here is what the "xla" backend runs and what every other backend is checked
-against; ``fused_dense_numpy`` is an independent float64 NumPy version for tests.
+``fused_dense`` here is what every backend (the "xla" one included) is checked against; ``fused_dense_numpy`` and ``fused_dense_vjp_numpy`` are the independent float64 NumPy
+forward and backward the tests check both against (the activations come from the one table,
+``kernels.activations``).
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from kernels import activations
 from kernels.checks import check_fused_dense_args
 
 
-def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "xla"):
+def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "reference"):
     """``y = act(x @ w + b)`` in plain jax.numpy.
 
     Args:
@@ -23,14 +22,16 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "xla")
       w: ``[K, N]`` float array.
       b: ``[N]`` float array or None.
       activation: a name from ``kernels.activations.ACTIVATIONS``.
-      backend: accepted for signature compatibility with ``kernels.fused_dense``; must be "xla".
+      backend: accepted for signature compatibility with ``kernels.fused_dense``; must be
+        "reference" (the "xla" backend is ``kernels.xla``, checked against this function).
 
     Returns:
       ``[..., N]`` in x's dtype. Low-precision inputs (bfloat16, float16) are multiplied with a
       float32 accumulator and the bias and activation are applied in float32 before the cast.
     """
-    if backend != "xla":
-        raise ValueError(f"kernels.reference.fused_dense is the 'xla' backend, got backend={backend!r}")
+    if backend != "reference":
+        raise ValueError(f"kernels.reference.fused_dense is the reference, not a backend: pass "
+                         f"backend='reference' or call kernels.fused_dense(backend={backend!r})")
     check_fused_dense_args(x, w, b, activation)
     act = activations.get(activation)
     acc = jnp.promote_types(x.dtype, jnp.float32)
@@ -40,19 +41,9 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "xla")
     return act(z).astype(x.dtype)
 
 
-def _np_erf(z):
-    return np.vectorize(math.erf, otypes=[np.float64])(z)
-
-
-_NUMPY_ACTIVATIONS = {
-    "identity": lambda z: z,
-    "relu": lambda z: np.maximum(z, 0.0),
-    "gelu": lambda z: 0.5 * z * (1.0 + _np_erf(z / math.sqrt(2.0))),
-    "gelu_tanh": lambda z: 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3))),
-    "silu": lambda z: z / (1.0 + np.exp(-z)),
-    "tanh": np.tanh,
-    "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
-}
+def _z_numpy(x, w, b):
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    return z if b is None else z + np.asarray(b, np.float64)
 
 
 def fused_dense_numpy(x, w, b=None, *, activation: str = "relu") -> np.ndarray:
@@ -60,8 +51,23 @@ def fused_dense_numpy(x, w, b=None, *, activation: str = "relu") -> np.ndarray:
 
     Returns ``[..., N]`` float64 whatever the input dtypes.
     """
-    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    if b is not None:
-        z = z + np.asarray(b, np.float64)
     with np.errstate(over="ignore"):
-        return _NUMPY_ACTIVATIONS[activation](z)
+        return activations.get(activation).np_fn(_z_numpy(x, w, b))
+
+
+def fused_dense_vjp_numpy(x, w, b, dy, *, activation: str = "relu"):
+    """Float64 NumPy forward and backward: ``(y, dx, dw, db)`` for the cotangent ``dy``.
+
+    ``x: [..., K]``, ``w: [K, N]``, ``b: [N]`` or None, ``dy: [..., N]``; ``db`` is None without a
+    bias. ``act'`` is the table's analytic ``np_grad`` (relu: 1/2 at exactly 0, as autodiff of the
+    reference gives), not autodiff.
+    """
+    act = activations.get(activation)
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
+    z = _z_numpy(x64, w64, b)
+    with np.errstate(over="ignore"):
+        y = act.np_fn(z)
+        dz = (dy64 * act.np_grad(z)).reshape(-1, w64.shape[1])  # (M, N)
+    x2 = x64.reshape(-1, w64.shape[0])  # (M, K)
+    db = None if b is None else dz.sum(axis=0)
+    return y, (dz @ w64.T).reshape(x64.shape), x2.T @ dz, db

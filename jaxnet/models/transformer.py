@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.nn import FusedDense
-from kernels import mixed
+from kernels import xla
 
 POSITIONS = ("learned", "rotary")
 
@@ -240,16 +240,16 @@ class CausalSelfAttention(nn.Module):
             cache = {"k": k, "v": v}
             key_positions = np.arange(k.shape[1])
         # Scores in float32: a [T, T] softmax in bf16 loses the small probabilities. The two
-        # einsums take cfg.dtype operands with f32 accumulation, backward included (kernels.mixed).
+        # einsums take cfg.dtype operands with f32 accumulation, backward included (kernels.xla).
         # (A [B, H, S, D] layout for q, k and v measured slower end to end: the backward then
         # transposes the gradients back into the fused projection's [B, S, 3C].)
-        scores = mixed.einsum("bshd,bthd->bhst", q, k.astype(q.dtype)) / jnp.sqrt(d)
+        scores = xla.einsum("bshd,bthd->bhst", q, k.astype(q.dtype)) / jnp.sqrt(d)
         allowed = key_positions[None, :] <= positions[:, None]  # (S, L): causal
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # (B, H, S, L)
         if cfg.attention_dropout_rate > 0:
             probs = Dropout(cfg.attention_dropout_rate, deterministic=not train)(probs)
-        y = mixed.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).astype(x.dtype).reshape(b, s, c)
+        y = xla.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).astype(x.dtype).reshape(b, s, c)
         y = FusedDense(c, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun", name="proj")(y)
         return y, cache
 
@@ -343,11 +343,11 @@ class TransformerLM(nn.Module):
     def _logits(self, h):
         cfg = self.config
         if cfg.tie_embeddings:
-            if mixed.is_low_precision(cfg.dtype):
+            if xla.is_low_precision(cfg.dtype):
                 # The [C, V] matmul in cfg.dtype with f32 accumulation (forward and backward); the
                 # logits, softmax and loss stay float32.
                 table = self.trunk.wte.embedding.astype(cfg.dtype)  # (V, C)
-                return mixed.einsum("btc,vc->btv", h.astype(cfg.dtype), table) / jnp.sqrt(cfg.embed_dim)
+                return xla.einsum("btc,vc->btv", h.astype(cfg.dtype), table) / jnp.sqrt(cfg.embed_dim)
             return self.trunk.wte.attend(h.astype(jnp.float32)) / jnp.sqrt(cfg.embed_dim)  # (B, T, V)
         return self.head(h.astype(jnp.float32))
 

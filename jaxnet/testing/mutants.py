@@ -156,21 +156,15 @@ def no_grad_b(x, w, b=None, *, activation="relu"):
     return _fused_vjp(x, w, b, activation, False, True)
 
 
-_NP_ACT = {
-    "identity": lambda z: z, "relu": lambda z: np.maximum(z, 0), "tanh": np.tanh,
-    "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "silu": lambda z: z / (1 + np.exp(-z)),
-}
-
-
 def jit_only(x, w, b=None, *, activation="relu"):
     """Right under jit, vmap and grad; wrong when called eagerly on concrete arrays."""
     check_fused_dense_args(x, w, b, activation)
-    if isinstance(x, jax.core.Tracer) or activation not in _NP_ACT:
+    if isinstance(x, jax.core.Tracer) or activation not in activations.ACTIVATIONS:
         return _finish(_dot(x, w), b, activation, x.dtype)
     # Eager fast path in NumPy. BUG: activation applied before the bias.
     with np.errstate(all="ignore"):
         z = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
-        y = _NP_ACT[activation](z) + (0 if b is None else np.asarray(b, np.float32))
+        y = activations.get(activation).np_fn(z) + (0 if b is None else np.asarray(b, np.float32))
     return jnp.asarray(y.astype(np.dtype(x.dtype)))
 
 
@@ -179,7 +173,7 @@ def unchecked(x, w, b=None, *, activation="relu"):
     z = jnp.matmul(x, w)
     if b is not None:
         z = z + b
-    return activations.ACTIVATIONS.get(activation, activations.relu)(z)
+    return activations.ACTIVATIONS.get(activation, activations.get("relu"))(z)
 
 
 def unsafe_native(x, w, b=None, *, activation="relu"):

@@ -24,7 +24,9 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+from kernels import activations as activations_table
+
+ACTIVATIONS = activations_table.NAMES
 DEFAULT_DTYPES = ("float32", "bfloat16", "float16")
 VALUE_KINDS = ("normal", "wide", "large", "zeros", "kink", "near_kink")
 

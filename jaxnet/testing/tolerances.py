@@ -61,6 +61,8 @@ import dataclasses
 
 import numpy as np
 
+from kernels import activations
+
 SAFETY = 2.0  # headroom on the worst-case accumulation bounds (see module docstring)
 ACT_ULPS = 4.0  # ulps of acc allowed for evaluating a transcendental activation or its derivative
 
@@ -74,44 +76,24 @@ class ActivationBounds:
     exact: bool = False
 
 
-# Suprema computed once in float64 on a fine grid (and by hand where closed-form):
-#   gelu' peaks at 1.129 (z=+-2.1... for z*Phi(z)), gelu'' at 2*phi(0)=0.798; gelu_tanh within 1%;
-#   silu' peaks at 1.0998, silu'' at 0.5 (z=0); tanh'' peaks at 0.770; sigmoid' 0.25, sigmoid'' 0.0962.
-ACTIVATION_BOUNDS: dict[str, ActivationBounds] = {
-    "identity": ActivationBounds(1.0, 0.0, exact=True),
-    "relu": ActivationBounds(1.0, 0.0, kinks=(0.0,), exact=True),
-    "gelu": ActivationBounds(1.13, 0.80),
-    "gelu_tanh": ActivationBounds(1.13, 0.81),
-    "silu": ActivationBounds(1.10, 0.50),
-    "tanh": ActivationBounds(1.0, 0.77),
-    "sigmoid": ActivationBounds(0.25, 0.097),
-}
-
-
 def activation_bounds(name: str) -> ActivationBounds:
-    """Bounds for ``name``; unknown activations get conservative smooth bounds (d1=d2=1.5)."""
-    return ACTIVATION_BOUNDS.get(name, ActivationBounds(1.5, 1.5))
-
-
-_GELU_TANH_C, _GELU_TANH_A = float(np.sqrt(2.0 / np.pi)), 0.044715
+    """Bounds for ``name`` from ``kernels.activations``; unknown activations get conservative smooth
+    bounds (d1=d2=1.5)."""
+    act = activations.ACTIVATIONS.get(name)
+    if act is None:
+        return ActivationBounds(1.5, 1.5)
+    return ActivationBounds(act.d1, act.d2, act.kinks, act.exact)
 
 
 def derivative_scale(name: str, z: np.ndarray) -> np.ndarray:
     """How much rounding errors (relative, in the tanh or sigmoid inside it) can move ``act'(z)``,
     per unit of relative error: ``D1``, or more where ``act'`` is a small difference of large
-    terms (gelu_tanh, silu; see the module docstring). Shape of ``z``, float64."""
-    d1 = activation_bounds(name).d1
-    z = np.asarray(z, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if name == "gelu_tanh":
-            t = np.tanh(_GELU_TANH_C * (z + _GELU_TANH_A * z**3))
-            scale = 0.5 * np.abs(t) + np.abs(z) * t * t * _GELU_TANH_C * (1.0 + 3.0 * _GELU_TANH_A * z * z)
-        elif name == "silu":
-            s = 1.0 / (1.0 + np.exp(-z))
-            scale = s * (1.0 + np.abs(z) * np.abs(1.0 - 2.0 * s))
-        else:
-            return np.full(z.shape, d1)
-    return np.maximum(d1, np.nan_to_num(scale, nan=np.inf))
+    terms (gelu_tanh, silu; see the module docstring and ``kernels.activations``). Shape of ``z``,
+    float64."""
+    act = activations.ACTIVATIONS.get(name)
+    if act is None:
+        return np.full(np.shape(z), activation_bounds(name).d1)
+    return act.derivative_scale(z)
 
 
 def _finfo(dtype):

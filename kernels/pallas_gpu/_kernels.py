@@ -6,94 +6,16 @@ read garbage). The reduction dimension is walked with an in-kernel ``fori_loop``
 tutorial-03 shape), which the Triton lowering turns into a software-pipelined ``scf.for``.
 
 The epilogue math (activation, its derivative) runs in float32 (float64 for float64 inputs) and
-uses only primitives that the Pallas Triton lowering has rules for; ``lax.erf`` has none, so exact
-GELU goes through ``_erf`` below.
+uses the table's lowerable forms (``kernels.activations``: only primitives the Pallas Triton
+lowering has rules for; ``lax.erf`` has none, so exact GELU goes through a rational erf).
 """
 from __future__ import annotations
-
-import math
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_C = 0.044715
-
-# Rational approximation of erf on [-4, 4] (erf(±4) = ±1 in float32): x * P(x^2) / Q(x^2), the
-# form XLA and Eigen use for float32. Max abs error ~4e-7 against math.erf, the same order as
-# lax.erf's own float32 error (~3e-7).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-          -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-          -7.37332916720468e-03, -1.42647390514189e-02)
-
-
-
-def _erf(z):
-    if z.dtype == jnp.float64:
-        # float64 runs only in interpret mode (see ops.py), where lax.erf is available.
-        return lax.erf(z)
-    z = jnp.clip(z, -4.0, 4.0)
-    z2 = z * z
-    p = z2 * _ERF_P[0] + _ERF_P[1]  # Horner, in the input's dtype (python floats are weak)
-    for c in _ERF_P[2:]:
-        p = p * z2 + c
-    q = z2 * _ERF_Q[0] + _ERF_Q[1]
-    for c in _ERF_Q[2:]:
-        q = q * z2 + c
-    return z * p / q
-
-
-def _sigmoid(z):
-    return 1.0 / (1.0 + jnp.exp(-z))
-
-
-def activation(name: str, z):
-    """``act(z)`` for ``z`` in the accumulator dtype; mirrors ``kernels.activations``."""
-    if name == "identity":
-        return z
-    if name == "relu":
-        return jnp.maximum(z, 0.0)
-    if name == "gelu":
-        return 0.5 * z * (1.0 + _erf(z * _INV_SQRT_2))
-    if name == "gelu_tanh":
-        return 0.5 * z * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
-    if name == "silu":
-        return z * _sigmoid(z)
-    if name == "tanh":
-        return jnp.tanh(z)
-    if name == "sigmoid":
-        return _sigmoid(z)
-    raise ValueError(f"unknown activation {name!r}")
-
-
-def activation_grad(name: str, z):
-    """``act'(z)`` for ``z`` in the accumulator dtype; at relu's kink it is 1/2, as autodiff of
-    ``jnp.maximum(z, 0)`` gives (the reference's convention)."""
-    if name == "identity":
-        return jnp.ones_like(z)
-    if name == "relu":
-        return jnp.where(z > 0, 1.0, jnp.where(z == 0, 0.5, 0.0)).astype(z.dtype)
-    if name == "gelu":
-        return 0.5 * (1.0 + _erf(z * _INV_SQRT_2)) + z * _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
-    if name == "gelu_tanh":
-        t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
-        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
-    if name == "silu":
-        s = _sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-    if name == "tanh":
-        t = jnp.tanh(z)
-        return (1.0 - t) * (1.0 + t)
-    if name == "sigmoid":
-        s = _sigmoid(z)
-        return s * (1.0 - s)
-    raise ValueError(f"unknown activation {name!r}")
+from kernels import activations
 
 
 def _dot(a, b, contract, acc_dtype):
@@ -125,9 +47,9 @@ def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc
     z = lax.fori_loop(0, n_k, body, jnp.zeros((bm, bn), acc_dtype))
     z = z + b_ref[...].astype(acc_dtype)[None, :]  # epilogue: bias ...
     y_ref = out_refs[0]
-    y_ref[...] = activation(activation_name, z).astype(y_ref.dtype)  # ... and activation
+    y_ref[...] = activations.get(activation_name).lowerable_fn(z).astype(y_ref.dtype)  # ... and activation
     if save_grad:
-        out_refs[1][...] = activation_grad(activation_name, z).astype(out_refs[1].dtype)
+        out_refs[1][...] = activations.get(activation_name).lowerable_grad(z).astype(out_refs[1].dtype)
 
 
 def _dz(dy, d, acc_dtype):

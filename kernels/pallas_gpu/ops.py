@@ -27,34 +27,10 @@ from jax.experimental import pallas as pl
 
 from kernels import reference
 from kernels.checks import check_fused_dense_args
-from kernels.pallas_gpu import _kernels
+from kernels.pallas_gpu import _kernels, blocks
+from kernels.pallas_gpu.blocks import GPU_DEFAULT, INTERPRET_DEFAULT, BlockConfig, default_config  # noqa: F401
 
 LOWERINGS = ("auto", "triton", "mosaic_gpu", "interpret")
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """Tile sizes and launch parameters, shared by the forward, dx and dW kernels.
-
-    The forward tile is (block_m, block_n) walking K by block_k; dx's tile is (block_m, block_k)
-    walking N by block_n; dW's is (block_k, block_n) walking M by block_m. On a GPU the blocks
-    must be powers of two of at least 16 (``tl.dot``); they are shrunk to fit small dimensions.
-    """
-
-    block_m: int = 128  # rows of x per tile
-    block_n: int = 128  # columns of w per tile
-    block_k: int = 64  # reduction step of the forward (and tile width of dx / dW)
-    group_m: int = 8  # row tiles per launch group (L2 reuse of w panels; Triton tutorial 03)
-    num_warps: int = 4  # Triton only
-    num_stages: int = 3  # Triton only: software-pipelining depth of the reduction loop
-
-    def replace(self, **kw) -> "BlockConfig":
-        return dataclasses.replace(self, **kw)
-
-
-# Interpret mode pays per grid step, not per flop: large tiles, few steps.
-INTERPRET_DEFAULT = BlockConfig(block_m=128, block_n=128, block_k=128, group_m=1)
-GPU_DEFAULT = BlockConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,15 +280,9 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig |
                         "(lowering='interpret'); the GPU kernels take float16, bfloat16 and float32")
     m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[1]
     if config is None:
-        from kernels.pallas_gpu import tuning
-
-        config = tuning.cached_config(m, n, k, _compute_dtype(x, w, b), activation, lowering)
+        config = blocks.cached_config(m, n, k, _compute_dtype(x, w, b), activation, lowering)
     plan = _Plan(fit_config(config, m, n, k, lowering), lowering)
     return _fused_nd(x, w, b, activation=activation, plan=plan)
-
-
-def default_config(lowering: str) -> BlockConfig:
-    return INTERPRET_DEFAULT if lowering == "interpret" else GPU_DEFAULT
 
 
 def lower_for_gpu(x, w, b=None, *, activation: str = "relu", config: BlockConfig | None = None,

@@ -13,7 +13,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.pallas_gpu.ops import BlockConfig, default_config, fused_dense, resolve_lowering
+from kernels.pallas_gpu.blocks import BlockConfig, clear_cache, default_config, problem_key, remember, tuned
+from kernels.pallas_gpu.ops import fused_dense, resolve_lowering
 
 # Candidates for bf16/f16 on Hopper-class GPUs (tile, warps, pipeline depth), best-known first.
 GPU_CANDIDATES = (
@@ -24,20 +25,6 @@ GPU_CANDIDATES = (
     BlockConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
     BlockConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4),
 )
-
-_CACHE: dict[tuple, BlockConfig] = {}
-
-
-def _key(m, n, k, dtype, activation):
-    return (int(m), int(n), int(k), jnp.dtype(dtype).name, activation)
-
-
-def cached_config(m, n, k, dtype, activation, lowering) -> BlockConfig:
-    """The autotuned config for this problem if one is cached, else the lowering's default."""
-    if lowering == "interpret":
-        return default_config(lowering)
-    return _CACHE.get(_key(m, n, k, dtype, activation), default_config(lowering))
-
 
 def median_seconds(fn, args, repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn(*args)`` over ``repeats`` runs after ``warmup`` (compile) runs."""
@@ -63,9 +50,9 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
     lowering = resolve_lowering(lowering)
     if lowering == "interpret":
         return default_config(lowering)
-    key = _key(m, n, k, dtype, activation)
-    if key in _CACHE:
-        return _CACHE[key]
+    key = problem_key(m, n, k, dtype, activation)
+    if tuned(key) is not None:
+        return tuned(key)
     kx, kw, kb = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (m, k), dtype)
     w = (jax.random.normal(kw, (k, n), jnp.float32) / jnp.sqrt(k)).astype(dtype)
@@ -90,9 +77,8 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
             best, best_t = cfg, t
     if best is None:
         raise RuntimeError(f"autotune: no candidate compiled for {key}") from last_err
-    _CACHE[key] = best
+    remember(key, best)
     return best
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
+__all__ = ["GPU_CANDIDATES", "autotune", "clear_cache", "median_seconds"]

@@ -19,7 +19,7 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels import dispatch, reference
+from kernels import activations, dispatch, reference
 from kernels.pallas_gpu import BlockConfig, autotune, fused_dense, resolve_lowering
 from kernels.pallas_gpu import ops as fd_module
 
@@ -53,37 +53,14 @@ TOL = {  # dtype: (RTOL, ATOL)
 }
 TERM_BOUND = 1.5
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
-
-# Analytic float64 derivatives, written independently of the kernel's epilogue (relu' = 1/2 at 0,
-# as autodiff of jnp.maximum gives; the draws below almost never land exactly on 0).
-_ERF = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def _np_act_grad(name, z):
-    if name == "identity":
-        return np.ones_like(z)
-    if name == "relu":
-        return np.where(z > 0, 1.0, np.where(z == 0, 0.5, 0.0))
-    if name == "gelu":
-        return 0.5 * (1 + _ERF(z / math.sqrt(2))) + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-    if name == "gelu_tanh":
-        c = math.sqrt(2 / math.pi)
-        t = np.tanh(c * (z + 0.044715 * z**3))
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-    s = 1 / (1 + np.exp(-z))
-    return {"silu": s * (1 + z * (1 - s)), "tanh": 1 - np.tanh(z) ** 2, "sigmoid": s * (1 - s)}[name]
+ACTIVATIONS = activations.NAMES
 
 
 def _numpy_value_and_grads(x, w, b, dy, activation):
-    """float64 y and (dx, dw, db) from the float64 reference and the analytic derivative."""
-    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
-    y = reference.fused_dense_numpy(x64, w64, None if b is None else np.asarray(b, np.float64),
-                                    activation=activation)
-    z = x64 @ w64 + (0 if b is None else np.asarray(b, np.float64))
-    dz = (dy64 * _np_act_grad(activation, z)).reshape(-1, w64.shape[1])
-    x2 = x64.reshape(-1, w64.shape[0])
-    return y, ((dz @ w64.T).reshape(x64.shape), x2.T @ dz, dz.sum(axis=0))
+    """float64 y and (dx, dw, db) from the float64 reference forward and backward."""
+    y, *grads = reference.fused_dense_vjp_numpy(x, w, None if b is None else np.asarray(b, np.float64), dy,
+                                                activation=activation)
+    return y, tuple(grads)
 
 
 def _assert_close(got, want, dtype, length, what):

@@ -1,6 +1,7 @@
-"""The custom-VJP path of ``FusedDense(backend="xla")`` (``kernels.mixed``): bf16/f16 operands, f32 accumulation,
-forward and backward (and f32 operands, which take it for its layout); and a bf16 TransformerLM
-against the same model in float32.
+"""The "xla" backend (``kernels.xla``, the default of ``FusedDense`` and every model): bf16/f16
+operands, f32 accumulation, forward and backward (and f32 operands, which take its custom VJP for
+its layout); other dtypes fall back to the reference; and a bf16 TransformerLM against the same
+model in float32.
 
 Tolerances (one table, derived, not fitted). The inputs are bf16 (or f16) values and the float64
 reference multiplies *those same values*, so the inputs' own rounding cancels out; what remains:
@@ -28,22 +29,13 @@ import pytest
 from jaxnet import losses
 from jaxnet.models import TransformerConfig, TransformerLM
 from jaxnet.nn import FusedDense
-from kernels import mixed
+import kernels
+from kernels import activations, reference, xla
 from kernels.reference import fused_dense_numpy
 
 SAFETY = 2.0
 U32 = 2.0**-24
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}  # half the machine epsilon
-
-
-def _np_act_grad(act, z):
-    if act == "identity":
-        return np.ones_like(z)
-    if act == "relu":
-        return (z > 0).astype(np.float64)
-    c = np.sqrt(2.0 / np.pi)  # gelu_tanh
-    t = np.tanh(c * (z + 0.044715 * z**3))
-    return 0.5 * (1 + t) + 0.5 * z * (1 - t**2) * c * (1 + 3 * 0.044715 * z**2)
 
 
 def _case(dtype, shape_x, n, seed):
@@ -62,7 +54,7 @@ def _case(dtype, shape_x, n, seed):
 def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
     x, w, b, g = _case(dtype, shape_x, n, seed=len(shape_x) * 7 + n)
     u = UNIT_ROUNDOFF[dtype]
-    f = jax.jit(lambda x, w, b: mixed.fused_dense(x, w, b, activation=act))
+    f = jax.jit(lambda x, w, b: xla.fused_dense(x, w, b, activation=act))
     y, vjp = jax.vjp(f, x, w, b)
     gx, gw, gb = vjp(g.astype(y.dtype))
     assert y.dtype == gx.dtype == gw.dtype == gb.dtype == jnp.dtype(dtype)
@@ -80,7 +72,7 @@ def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
     assert np.all(err <= tol_y), f"forward: worst err/tol {np.max(err / tol_y):.3g}"
 
     # Gradients. relu's derivative is ambiguous where f32 rounding may flip the sign of z.
-    dz = g64 * _np_act_grad(act, z)
+    dz = g64 * activations.get(act).np_grad(z)
     if act == "relu":
         dz = np.where(np.abs(z) <= 4 * SAFETY * (k + 1) * U32 * m, 0.0, dz)
         _, vjp = jax.vjp(f, x, w, b)
@@ -108,7 +100,7 @@ def test_einsum_gradients_match_float64(spec, sa, sb):
     ka, kb, kg = jax.random.split(jax.random.key(3), 3)
     a = jax.random.normal(ka, sa).astype(jnp.bfloat16)
     b = jax.random.normal(kb, sb).astype(jnp.bfloat16)
-    out, vjp = jax.vjp(jax.jit(lambda a, b: mixed.einsum(spec, a, b)), a, b)
+    out, vjp = jax.vjp(jax.jit(lambda a, b: xla.einsum(spec, a, b)), a, b)
     assert out.dtype == jnp.float32
     g = jax.random.normal(kg, out.shape).astype(jnp.bfloat16).astype(jnp.float32)  # exact in bf16
     ga, gb = vjp(g)
@@ -176,23 +168,38 @@ def test_compiled_gradient_dots_take_bfloat16_operands(spec, sa, sb):
     with jax.default_device(jax.devices("cpu")[0]):
         a = jnp.ones(sa, jnp.bfloat16)
         b = jnp.ones(sb, jnp.bfloat16)
-        loss = lambda a, b: (mixed.einsum(spec, a, b) ** 2).sum()
+        loss = lambda a, b: (xla.einsum(spec, a, b) ** 2).sum()
         dots = _compiled_dot_operand_dtypes(jax.grad(loss, (0, 1)), a, b)
     assert len(dots) >= 3, dots
     assert all(d == ("bf16", "bf16") for d in dots), dots
 
 
-def test_dense_refuses_a_dtype_without_the_custom_vjp():
-    x = jnp.ones((2, 3), jnp.float64) if jax.config.jax_enable_x64 else jnp.ones((2, 3), jnp.int32)
-    with pytest.raises(TypeError, match="not one of"):
-        mixed.fused_dense(x, x.T, activation="relu")
+def test_other_dtypes_run_the_reference_exactly():
+    """Mixed-dtype calls (and float64) take no custom VJP: values and gradients are the reference's."""
+    x = jax.random.normal(jax.random.key(0), (5, 7), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (7, 3), jnp.bfloat16)
+    assert not xla.takes_custom_vjp(x, w) and xla.takes_custom_vjp(x, w.astype(jnp.float32))
+    got, want = (jax.value_and_grad(lambda x, w, fn=fn: fn(x, w, activation="gelu").sum(), (0, 1))(x, w)
+                 for fn in (xla.fused_dense, reference.fused_dense))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
+
+
+def test_the_xla_backend_is_what_fused_dense_layers_run():
+    """``kernels.fused_dense(backend="xla")`` and ``FusedDense`` run this module's custom VJP."""
+    x = jnp.ones((4, 3), jnp.bfloat16)
+    w = jnp.ones((3, 2), jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: kernels.fused_dense(x, w, activation="relu", backend="xla"))(x, w))
+    assert "custom_vjp_call" in jaxpr
+    layer = FusedDense(2, activation="relu")
+    params = layer.init(jax.random.key(0), x)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(layer.apply)(params, x))
 
 
 def test_float32_inputs_take_the_plain_einsum():
     a = jnp.ones((3, 4))
-    assert jax.make_jaxpr(lambda a: mixed.einsum("ij,kj->ik", a, a))(a).eqns[0].primitive.name == "dot_general"
+    assert jax.make_jaxpr(lambda a: xla.einsum("ij,kj->ik", a, a))(a).eqns[0].primitive.name == "dot_general"
     with pytest.raises(ValueError, match="unsupported spec"):
-        mixed.einsum("ij,jk->i", a.astype(jnp.bfloat16), a.T.astype(jnp.bfloat16))
+        xla.einsum("ij,jk->i", a.astype(jnp.bfloat16), a.T.astype(jnp.bfloat16))
 
 
 def test_bfloat16_lm_loss_and_gradients_follow_float32():

@@ -1,34 +1,20 @@
-"""Dense layers and einsums on XLA with a custom VJP laid out for the CPU's fast path: mixed
-precision (bfloat16/float16 operands, float32 accumulation, forward and backward), and float32
-dense layers.
+"""The "xla" backend of ``kernels.fused_dense`` (the default of every model) and the einsums of
+the transformer: XLA ops with a custom VJP whose backward dots run like the forward one.
 
-Used by ``jaxnet.nn.FusedDense`` (backend "xla", bfloat16/float16/float32 inputs) and the
-transformer's attention and output matmuls; ``kernels.fused_dense(backend="xla")`` stays
-``kernels.reference``.
-
-Autodiff of ``dot(x_bf16, w_bf16, preferred_element_type=float32)`` hands the backward an f32
-cotangent, so its two dots are f32 x bf16: XLA upcasts the bf16 side and they run at f32 speed
-(on this AVX-512-BF16 CPU, ~2x slower than bf16 x bf16 -> f32). ``einsum`` here has a custom VJP
-that rounds the cotangent once to the operands' dtype and runs the backward dots like the forward
-one: low-precision operands, f32 accumulation, each gradient cast to its operand's dtype — what
-PyTorch autocast and mixed-precision training in general do. The one extra rounding of ``dz`` is
-inside the tolerance model's ``eps(out)`` term (``jaxnet.testing.tolerances``, "a possible rounding
-of dz to out before the matmul").
+- ``fused_dense``: the reference's forward (``act(x @ w + b)``, f32 accumulation, bias and
+  activation in f32); its backward rounds the cotangent of ``x @ w`` once to the operands' dtype
+  and runs both gradient dots as low-precision x low-precision -> f32 for bfloat16/float16 (what
+  mixed-precision training does; autodiff of the reference would run them f32 x bf16, at f32
+  speed), and at ``Precision.HIGHEST`` for float32, laid out for XLA's CPU fast path. That one
+  extra rounding is inside the tolerance model's ``eps(out)`` term (``jaxnet.testing.tolerances``).
+  Other dtypes (float64) and mixed-dtype calls run ``kernels.reference.fused_dense`` itself.
+- ``einsum``: two-operand contractions accumulated in (at least) f32, with the same backward for
+  bfloat16/float16 operands (attention scores and values, the tied output head).
 
 Products of two bf16 (or f16) values are exact in f32 (8 + 8 <= 24 significant bits), so the
 default dot precision with ``preferred_element_type=float32`` differs from the reference's
-``Precision.HIGHEST`` only in summation order; on the CPU the two give bit-identical results (checked
-on 4096x192 @ 192x768, 64x1000 @ 1000x64 and 4096x768 @ 768x192). ``kernels.reference`` is unchanged
-(its autodiff is the plain one).
-
-Float32 dense layers (``fused_dense``; ``FusedDense(backend="xla")`` with float32 inputs) take
-the same custom VJP at ``Precision.HIGHEST``, for its layout, not its precision: XLA's autodiff of
-the reference ran the weight gradients ``x.T @ dz`` on Eigen behind transposing copies (with
-dropout's mask recomputed inside them), where this backward hands every dot to the CPU's fast
-path in the layout it takes (``_einsum_f32``). The f32 TransformerLM step went from ~249 to
-~190 ms (same-session A/B; HIGHEST and the default precision measured the same on the CPU and
-HIGHEST keeps f32 semantics on GPUs). Float32 einsums (``einsum``: attention) stay plain
-``jnp.einsum`` (no gain measured through the custom VJP), as do float64 operands (not measured).
+``Precision.HIGHEST`` only in summation order. The measurements behind each choice are in
+docs/benchmarks.md ("Mixed precision").
 """
 from __future__ import annotations
 
@@ -37,7 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import activations
+from kernels import activations, reference
+from kernels.dispatch import register_backend
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # dtypes whose dense layer runs through ``fused_dense``'s custom VJP.
@@ -60,7 +47,7 @@ def _parse(spec: str) -> tuple[str, str, str]:
     if "." in spec or any(i not in b + out for i in a) or any(i not in a + out for i in b):
         # The transpose rule below (grad_a = einsum("out,b->a")) needs every index of one operand
         # to appear in the other or in the output; no ellipsis.
-        raise ValueError(f"mixed.einsum: unsupported spec {spec!r} (two operands, every index shared, no '...')")
+        raise ValueError(f"kernels.xla.einsum: unsupported spec {spec!r} (two operands, every index shared, no '...')")
     return a, b, out
 
 
@@ -153,26 +140,41 @@ def einsum(spec: str, a, b):
       The contraction in ``promote(dtype, float32)``.
     """
     if a.dtype != b.dtype:
-        raise TypeError(f"mixed.einsum: operands must share a dtype, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"kernels.xla.einsum: operands must share a dtype, got {a.dtype} and {b.dtype}")
     if is_low_precision(a.dtype):
         _parse(spec)
         return _einsum_vjp(spec, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
+def takes_custom_vjp(x, w, b=None) -> bool:
+    """Whether ``fused_dense`` runs the custom VJP for these operands (one dtype of ``DENSE_DTYPES``)."""
+    dtypes = {jnp.dtype(a.dtype) for a in (x, w, b) if a is not None}
+    return len(dtypes) == 1 and dtypes <= set(DENSE_DTYPES)
+
+
 def fused_dense(x, w, b=None, *, activation: str = "relu"):
     """``act(x @ w + b)``: the reference's forward; a backward whose dots run like the forward.
 
-    ``x: [..., K]``, ``w: [K, N]``, ``b: [N]`` or None, one dtype of ``DENSE_DTYPES`` (bfloat16,
-    float16: low-precision dots with f32 accumulation; float32: f32 dots at HIGHEST). The bias and
-    activation run in float32 (so their derivatives do too); the result is cast to x's dtype.
-    Arguments are assumed checked (``kernels.checks``).
+    ``x: [..., K]``, ``w: [K, N]``, ``b: [N]`` or None. Of one dtype of ``DENSE_DTYPES`` (bfloat16,
+    float16: low-precision dots with f32 accumulation; float32: f32 dots at HIGHEST) they take the
+    custom VJP; anything else runs ``kernels.reference.fused_dense``. The bias and activation run in
+    float32 (so their derivatives do too); the result is cast to x's dtype. Arguments are assumed
+    checked (``kernels.checks``).
     """
+    if not takes_custom_vjp(x, w, b):
+        return reference.fused_dense(x, w, b, activation=activation)
     act = activations.get(activation)
     lead = x.shape[:-1]
-    if jnp.dtype(x.dtype) not in DENSE_DTYPES:
-        raise TypeError(f"mixed.fused_dense: x dtype {x.dtype} is not one of {DENSE_DTYPES}")
     z = _einsum_vjp("mk,kn->mn", x.reshape(-1, x.shape[-1]), w)  # (M, N) float32
     if b is not None:
         z = z + b.astype(jnp.float32)
     return act(z).astype(x.dtype).reshape(*lead, w.shape[1])
+
+
+def _backend(x, w, b, activation):
+    return fused_dense(x, w, b, activation=activation)
+
+
+# Always there; "auto" takes it only when nothing faster is registered for the platform.
+register_backend("xla", _backend, auto_rank={"cpu": 100, "gpu": 100, "tpu": 100})
