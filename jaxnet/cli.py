@@ -37,8 +37,7 @@ def _run_verify(args) -> int:
     import jax
 
     import kernels
-    from jaxnet.testing import check_bad_inputs, profiles, strategies, verify
-    from jaxnet.testing.bad_inputs import _resolve
+    from jaxnet.testing import candidates, check_bad_inputs, profiles, strategies, verify
     from jaxnet.testing.report import format_table
 
     profile = profiles.profile_name(args.profile)
@@ -51,7 +50,7 @@ def _run_verify(args) -> int:
     targets = [(b, functools.partial(kernels.fused_dense, backend=b)) for b in backends]
     for spec in args.candidate or []:
         try:
-            targets.append((spec, _resolve(spec)))
+            targets.append((spec, candidates.resolve(spec)))
         except (ImportError, AttributeError, ValueError) as e:
             print(f"jaxnet verify: cannot import candidate {spec!r}: {e}", file=sys.stderr)
             return 2

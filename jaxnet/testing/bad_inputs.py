@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jaxnet.testing import candidates
+
 
 @dataclasses.dataclass(frozen=True)
 class BadCall:
@@ -100,26 +102,6 @@ class BadInputsReport:
         return "\n".join(lines)
 
 
-def _candidate_label(candidate) -> str:
-    if isinstance(candidate, str):
-        return candidate
-    from jaxnet.testing.harness import _name
-    return _name(candidate)
-
-
-def _resolve(candidate) -> Callable:
-    if isinstance(candidate, str):
-        import importlib
-        module, _, attr = candidate.partition(":")
-        if not attr:
-            raise ValueError(f"candidate {candidate!r}: expected 'module:function'")
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return candidate
-
-
 def check_bad_inputs(candidate: Any, calls: Sequence[BadCall] | None = None, *, timeout: float = 60.0,
                      startup_timeout: float = 120.0, raise_on_failure: bool = True) -> BadInputsReport:
     """Runs each malformed call in a worker subprocess; each must raise a Python exception.
@@ -140,7 +122,7 @@ def check_bad_inputs(candidate: Any, calls: Sequence[BadCall] | None = None, *, 
     results: list[BadResult] = []
     while len(results) < len(calls):
         results += _run_worker(payload, len(results), calls, timeout, startup_timeout)
-    report = BadInputsReport(_candidate_label(candidate), results, time.perf_counter() - start)
+    report = BadInputsReport(candidates.label(candidate), results, time.perf_counter() - start)
     if raise_on_failure and not report.ok:
         raise AssertionError(report.format())
     return report
@@ -216,7 +198,7 @@ def _worker() -> None:
     """Subprocess side: unpickle (candidate, calls), run calls from argv[1] on, report as JSON lines."""
     first = int(sys.argv[1])
     candidate, calls = pickle.loads(sys.stdin.buffer.read())
-    fn = _resolve(candidate)
+    fn = candidates.resolve(candidate)
     import jax
     import jax.numpy as jnp
 

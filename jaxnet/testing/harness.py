@@ -29,7 +29,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from jaxnet.testing import profiles, strategies as jst
+from jaxnet.testing import candidates, profiles, strategies as jst
 from jaxnet.testing.tolerances import FusedDenseBounds, GenericTolerance
 
 CHECK_GROUPS = ("forward", "jit", "vmap", "grad")
@@ -106,15 +106,6 @@ class _Counterexample(AssertionError):
     def __init__(self, call, failures):
         super().__init__("; ".join(f.check for f in failures))
         self.call, self.failures = call, failures
-
-
-def _name(fn) -> str:
-    if isinstance(fn, functools.partial):
-        kw = ", ".join(f"{k}={v!r}" for k, v in fn.keywords.items())
-        return f"{_name(fn.func)}({kw})"
-    mod = getattr(fn, "__module__", None)
-    qn = getattr(fn, "__qualname__", None) or type(fn).__name__
-    return f"{mod}.{qn}" if mod else qn
 
 
 def _to_jax(a):
@@ -403,7 +394,7 @@ def verify(candidate: Callable, reference: Callable | None = None, *, args=None,
                 done.add(f.check)
             if set(results) <= done or not keep_going:
                 break
-    return Report(name or _name(candidate), _name(reference), results, examples,
+    return Report(name or candidates.name(candidate), candidates.name(reference), results, examples,
                   time.perf_counter() - start, notes)
 
 
