@@ -1,7 +1,12 @@
-"""Training: the state pytree, pure steps, and ``fit``."""
-from jaxnet.train.loop import FitResult, evaluate, fit
+"""Training: the state pytree, pure steps, ``fit``, ``fit_stream`` and their log writers."""
+from jaxnet.train.loop import FitResult, check_finite, evaluate, fit
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
-from jaxnet.train.stream import StreamResult, evaluate_stream, fit_stream, time_schedule
+from jaxnet.train.stream import (ClockScheduleState, StreamResult, clock_factor, clock_schedule, evaluate_stream,
+                                 fit_stream, set_clock_fraction, time_schedule)
+from jaxnet.train.writers import (JsonlWriter, LossCurveWriter, ProfileTrace, RunLog, TensorBoardWriter, Writer,
+                                  save_loss_curve)
 
-__all__ = ["FitResult", "StreamResult", "TrainState", "evaluate", "evaluate_stream", "fit", "fit_stream",
-           "make_eval_step", "make_train_step", "split_keys", "time_schedule"]
+__all__ = ["ClockScheduleState", "FitResult", "JsonlWriter", "LossCurveWriter", "ProfileTrace", "RunLog",
+           "StreamResult", "TensorBoardWriter", "TrainState", "Writer", "check_finite", "clock_factor",
+           "clock_schedule", "evaluate", "evaluate_stream", "fit", "fit_stream", "make_eval_step",
+           "make_train_step", "save_loss_curve", "set_clock_fraction", "split_keys", "time_schedule"]

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxnet.data.checks import check_same_length, check_supervised
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
+from jaxnet.train.writers import RunLog, Writer
 
 
 @dataclasses.dataclass
@@ -43,7 +43,8 @@ class FitResult:
       best_epoch: the epoch with the lowest validation loss (None without validation data).
       stopped_early: whether early stopping ended the run.
       wall_s: wall time of the whole call, compilation included.
-      files: paths written (``metrics`` JSONL, ``loss_curve`` PNG).
+      files: paths written by name: ``metrics`` (JSONL), ``loss_curve`` (PNG), ``tensorboard``
+        and ``profile`` (folders).
     """
 
     state: TrainState
@@ -142,7 +143,7 @@ def evaluate(state: TrainState, data: dict, eval_step: Callable, batch_size: int
     return {k: float(v) / count for k, v in totals.items()}
 
 
-def _check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int]) -> None:
+def check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int]) -> None:
     """Raises ``FloatingPointError`` at the first non-finite loss or gradient norm.
 
     ``metrics[name]: [steps]`` from updates ``first_step + 1, ...``; ``epoch_of_step`` maps an
@@ -162,56 +163,66 @@ def _check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int],
             )
 
 
-def _open_metrics_log(workdir, resuming: bool):
-    """Creates ``workdir`` and opens its ``metrics.jsonl`` (appended to when resuming).
+class _Best:
+    """Early stopping's memory: the lowest validation loss, its epoch and (with patience) parameters."""
 
-    Returns ``(workdir, files, log_file)``; ``(None, {}, None)`` when ``workdir`` is None.
-    """
-    if workdir is None:
-        return None, {}, None
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = {"metrics": str(workdir / "metrics.jsonl")}
-    return workdir, files, open(files["metrics"], "a" if resuming else "w")
+    def __init__(self, patience: int | None):
+        self.patience, self.loss, self.epoch, self.params, self.since = patience, math.inf, None, None, 0
 
+    def update(self, val_loss: float, epoch: int, params) -> None:
+        if val_loss < self.loss:
+            self.loss, self.epoch, self.since = val_loss, epoch, 0
+            if self.patience is not None:  # a copy: the state's buffers are donated to the next step
+                self.params = jax.tree.map(jnp.copy, params)
+        else:
+            self.since += 1
 
-def _plot_into(workdir, history: list[dict], title: str, plot: bool | None, files: dict) -> None:
-    """Writes ``workdir/loss_curve.png`` and records it in ``files``: never when ``plot`` is False,
-    when matplotlib is installed when None, and when True or else says why not."""
-    if workdir is not None and history and plot is not False:
-        path = workdir / "loss_curve.png"
-        if _write_plot(history, path, title, quiet=plot is None):
-            files["loss_curve"] = str(path)
+    @property
+    def stop(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
 
 
-def _write_plot(history: list[dict], path: pathlib.Path, title: str, quiet: bool = False) -> bool:
-    """Train (and validation) loss against epochs as a PNG; False when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        if not quiet:
-            print("jaxnet: matplotlib is not installed (pip install 'jaxnet[plots]'); no loss-curve PNG",
-                  file=sys.stderr)
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _full_batch_epochs(state, data, run_epochs, log: RunLog, *, epochs: int, per_call: int):
+    """Yields ``(state, record, evaluate_now)`` per epoch; ``per_call`` epochs per jitted scan,
+    evaluated at the end of each call (the only state there is)."""
+    epoch = int(state.epoch)
+    while epoch < epochs:
+        length = min(per_call, epochs - epoch)
+        first_step = int(state.step)
+        log.before(first_step, first_step + length)
+        state, m = run_epochs(state, data, length)
+        log.after(first_step + length, state)
+        m = jax.device_get(m)
+        check_finite(m, first_step, lambda s, e0=epoch, s0=first_step: e0 + (s - s0))
+        for i in range(length):
+            rec = {"epoch": epoch + i + 1, "step": first_step + i + 1, **{k: float(v[i]) for k, v in m.items()}}
+            yield state, rec, i == length - 1
+        epoch += length
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], label="train loss")
-    val = [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]
-    if val:
-        ax.plot(*zip(*val), "o-", ms=3, label="validation loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    if all(r["loss"] > 0 for r in history):
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+
+def _minibatch_epochs(state, data, epoch_order, minibatch_step, log: RunLog, *, epochs: int,
+                      eval_every: int, n: int, batch_size: int, num_batches: int):
+    """Yields ``(state, record, evaluate_now)`` per epoch of one jitted step per batch."""
+    epoch = int(state.epoch)
+    while epoch < epochs:
+        order = epoch_order(state.rng, state.epoch)
+        start_batch = int(state.batch_in_epoch)
+        first_step = step = int(state.step)
+        per_step = []
+        for _ in range(start_batch, num_batches):
+            log.before(step, step + 1)
+            state, m = minibatch_step(state, data, order)
+            step += 1
+            log.after(step, state)
+            per_step.append(m)
+        m = jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step))
+        check_finite(m, first_step, lambda s, e=epoch: e + 1)
+        # Each batch's mean loss weighs by its number of real examples.
+        sizes = np.array([min(batch_size, n - b * batch_size) for b in range(start_batch, num_batches)], np.float64)
+        rec = {"epoch": epoch + 1, "step": step}
+        rec.update({k: float(np.sum(np.asarray(v, np.float64) * sizes) / sizes.sum()) for k, v in m.items()})
+        epoch += 1
+        yield state, rec, epoch % eval_every == 0 or epoch == epochs
 
 
 def fit(
@@ -237,6 +248,9 @@ def fit(
     progress: bool = True,
     workdir: str | pathlib.Path | None = None,
     plot: bool | None = None,
+    tensorboard: bool = False,
+    profile_steps: tuple[int, int] | None = None,
+    writers: Sequence[Writer] = (),
     title: str = "training",
 ) -> FitResult:
     """Trains ``state`` until it has completed ``epochs`` epochs.
@@ -262,9 +276,18 @@ def fit(
       progress: show a tqdm progress bar (stderr).
       workdir: where ``metrics.jsonl`` and ``loss_curve.png`` go (nothing is written when None).
       plot: write the PNG (None: when matplotlib is installed and ``workdir`` is set).
+      tensorboard: also write TensorBoard event files under ``<workdir>/tensorboard/`` (needs
+        ``workdir`` and tensorboardX: ``pip install 'jaxnet[logs]'``).
+      profile_steps: ``(start, stop)``: a ``jax.profiler`` trace under ``<workdir>/profile/`` of the
+        updates that take ``state.step`` from ``start`` to ``stop``. In full-batch mode a call's
+        epochs run as one program, so the trace holds every whole call that overlaps the window.
+      writers: more ``jaxnet.train.writers.Writer`` objects; each gets every history record as
+        ``write_scalars(record["step"], record)`` (they are not closed here).
 
     Raises:
-      TypeError, ValueError: bad data (dtype, NaN/Inf, lengths), naming the array and shapes.
+      TypeError, ValueError: bad data (dtype, NaN/Inf, lengths), naming the array and shapes;
+        ``tensorboard`` or ``profile_steps`` without ``workdir``; a bad ``profile_steps`` window.
+      ImportError: ``tensorboard=True`` without tensorboardX.
       FloatingPointError: the loss or gradient turned NaN/Inf, naming the step and epoch.
     """
     if epochs < 0 or eval_every < 1:
@@ -284,74 +307,39 @@ def fit(
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle)
 
-    workdir, files, log_file = _open_metrics_log(workdir, resuming=int(state.step) > 0)
-
+    log = RunLog(workdir, resuming=int(state.step) > 0, title=title, plot=plot, tensorboard=tensorboard,
+                 profile_steps=profile_steps, writers=writers)
+    if full_batch:
+        per_call = epochs_per_call or (eval_every if val is not None else (log_every or max(epochs, 1)))
+        epochs_run = _full_batch_epochs(state, data, run_epochs, log, epochs=epochs, per_call=per_call)
+    else:
+        epochs_run = _minibatch_epochs(state, data, epoch_order, minibatch_step, log, epochs=epochs,
+                                       eval_every=eval_every, n=n, batch_size=bs, num_batches=num_batches)
     history: list[dict] = []
-    best = {"loss": math.inf, "epoch": None, "params": None, "since": 0}
-    stopped_early = False
-    epoch = int(state.epoch)
-    bar = tqdm(total=epochs, initial=min(epoch, epochs), disable=not progress, unit="epoch",
+    best = _Best(patience)
+    bar = tqdm(total=epochs, initial=min(int(state.epoch), epochs), disable=not progress, unit="epoch",
                desc=title, file=sys.stderr, dynamic_ncols=True)
-
-    def record(rec: dict, evaluate_now: bool) -> None:
-        if evaluate_now and val is not None:
-            for k, v in evaluate(state, val, eval_step, None if full_batch else bs).items():
-                rec[f"val_{k}"] = v
-            if rec["val_loss"] < best["loss"]:
-                best.update(loss=rec["val_loss"], epoch=rec["epoch"], since=0,
-                            params=jax.tree.map(jnp.copy, state.params) if patience is not None else None)
-            else:
-                best["since"] += 1
-        rec["time_s"] = round(time.perf_counter() - t_start, 4)
-        history.append(rec)
-        if log_file is not None:
-            log_file.write(json.dumps(rec) + "\n")
-        if log_every and rec["epoch"] % log_every == 0:
-            shown = ["loss"] + [k for k in rec if k.startswith("val_")] + ["grad_norm"]
-            bar.write(f"epoch {rec['epoch']:>5}  " + "  ".join(f"{k} {rec[k]:.6g}" for k in shown))
-
     try:
-        if full_batch:
-            per_call = epochs_per_call or (eval_every if val is not None else (log_every or max(epochs, 1)))
-            while epoch < epochs and not stopped_early:
-                length = min(per_call, epochs - epoch)
-                first_step = int(state.step)
-                state, m = run_epochs(state, data, length)
-                m = jax.device_get(m)
-                _check_finite(m, first_step, lambda s, e0=epoch, s0=first_step: e0 + (s - s0))
-                for i in range(length):
-                    rec = {"epoch": epoch + i + 1, "step": first_step + i + 1,
-                           **{k: float(v[i]) for k, v in m.items()}}
-                    record(rec, evaluate_now=i == length - 1)
-                epoch += length
-                bar.update(length)
-                stopped_early = patience is not None and best["since"] >= patience
-        else:
-            while epoch < epochs and not stopped_early:
-                order = epoch_order(state.rng, state.epoch)
-                start_batch = int(state.batch_in_epoch)
-                first_step = int(state.step)
-                per_step = []
-                for _ in range(start_batch, num_batches):
-                    state, m = minibatch_step(state, data, order)
-                    per_step.append(m)
-                m = jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step))
-                _check_finite(m, first_step, lambda s, e=epoch: e + 1)
-                # Each batch's mean loss weighs by its number of real examples.
-                sizes = np.array([min(bs, n - b * bs) for b in range(start_batch, num_batches)], np.float64)
-                rec = {"epoch": epoch + 1, "step": first_step + len(per_step)}
-                rec.update({k: float(np.sum(np.asarray(v, np.float64) * sizes) / sizes.sum()) for k, v in m.items()})
-                epoch += 1
-                record(rec, evaluate_now=epoch % eval_every == 0 or epoch == epochs)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}")
-                stopped_early = patience is not None and best["since"] >= patience
+        for state, rec, evaluate_now in epochs_run:
+            if evaluate_now and val is not None:
+                for k, v in evaluate(state, val, eval_step, None if full_batch else bs).items():
+                    rec[f"val_{k}"] = v
+                best.update(rec["val_loss"], rec["epoch"], state.params)
+            rec["time_s"] = round(time.perf_counter() - t_start, 4)
+            history.append(rec)
+            log.write(rec)
+            if log_every and rec["epoch"] % log_every == 0:
+                shown = ["loss"] + [k for k in rec if k.startswith("val_")] + ["grad_norm"]
+                bar.write(f"epoch {rec['epoch']:>5}  " + "  ".join(f"{k} {rec[k]:.6g}" for k in shown))
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)  # shown at the bar's next refresh
+            bar.update(1)
+            if best.stop:
+                break
     finally:
+        epochs_run.close()
         bar.close()
-        if log_file is not None:
-            log_file.close()
+        files = log.close()
 
-    if patience is not None and restore_best and best["params"] is not None:
-        state = state.replace(params=best["params"])
-    _plot_into(workdir, history, title, plot, files)
-    return FitResult(state, history, best["epoch"], stopped_early, time.perf_counter() - t_start, files)
+    if patience is not None and restore_best and best.params is not None:
+        state = state.replace(params=best.params)
+    return FitResult(state, history, best.epoch, best.stop, time.perf_counter() - t_start, files)

@@ -16,22 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from jaxnet import losses
 from jaxnet.data.text import random_windows, stream_windows
-from jaxnet.train.loop import _check_finite, _open_metrics_log, _plot_into, _write_plot
+from jaxnet.train.loop import check_finite
 from jaxnet.train.step import TrainState, make_train_step, split_keys
+from jaxnet.train.writers import RunLog, Writer
 
 
 @dataclasses.dataclass
@@ -55,7 +56,9 @@ def _stream_step(loss_fn: Callable, batch_size: int, block_size: int):
     train_step = make_train_step(loss_fn)
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, tokens):
+    def step(state: TrainState, tokens, fraction):
+        """``fraction``: float32 scalar for ``clock_schedule`` (ignored by optimisers without one)."""
+        state = state.replace(opt_state=set_clock_fraction(state.opt_state, fraction))
         dropout_key, data_key = split_keys(state.rng)
         x, y = random_windows(jax.random.fold_in(data_key, state.step), tokens, batch_size, block_size)
         return train_step(state, {"x": x, "y": y}, dropout_key)
@@ -93,9 +96,61 @@ def evaluate_stream(state: TrainState, tokens, *, block_size: int, batch_size: i
     return total / count
 
 
+class ClockScheduleState(NamedTuple):
+    """``clock_schedule``'s state: ``count`` int32 [] updates made, ``fraction`` float32 [] the part
+    of the run's budget used, written by the training loop (``set_clock_fraction``)."""
+
+    count: jax.Array
+    fraction: jax.Array
+
+
+def clock_factor(count, fraction, warmup_steps: int, final_fraction: float = 0.0):
+    """The factor ``clock_schedule`` applies: warm-up by update count times a cosine in ``fraction``.
+
+    ``warm = min(1, (count + 1) / warmup_steps)`` (1 without warm-up) and
+    ``factor = warm * (final + (1 - final) * (1 + cos(pi * fraction)) / 2)``; ``count`` int [],
+    ``fraction`` float [] (jax or NumPy scalars; float32 on the device).
+    """
+    warm = jnp.minimum(1.0, (count + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return warm * (final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(jnp.pi * fraction)))
+
+
+def clock_schedule(warmup_steps: int, final_fraction: float = 0.0) -> optax.GradientTransformation:
+    """Scales updates by a schedule of the time used: warm-up over ``warmup_steps`` updates, then a
+    cosine decay to ``final_fraction`` as the run's budget is spent (``clock_factor``).
+
+    Chain it after a constant-rate optimiser (``optax.chain(make_optimizer(config), clock_schedule(
+    100, 0.1))``). ``fit_stream`` writes the budget used into its state before every update, as
+    data (no recompiling), from the clock with ``budget_s``, else from the steps; elsewhere, set it
+    with ``set_clock_fraction``. Warm-up counts this transformation's own updates, on the device.
+    """
+    def init(params):
+        del params
+        return ClockScheduleState(count=jnp.zeros([], jnp.int32), fraction=jnp.zeros([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        factor = clock_factor(state.count, state.fraction, warmup_steps, final_fraction)
+        updates = jax.tree.map(lambda u: u * factor, updates)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def set_clock_fraction(opt_state, fraction):
+    """``opt_state`` with every ``ClockScheduleState``'s fraction set to ``fraction`` (a float
+    scalar, stored as float32); unchanged when it has none. Works inside and outside ``jit``."""
+    fraction = jnp.asarray(fraction, jnp.float32)
+    is_clock = lambda s: isinstance(s, ClockScheduleState)
+    return jax.tree.map(lambda s: s._replace(fraction=fraction) if is_clock(s) else s, opt_state, is_leaf=is_clock)
+
+
 def time_schedule(warmup_steps: int, final_fraction: float = 0.0) -> Callable[[TrainState, float], TrainState]:
-    """A ``before_step`` hook: linear warm-up over ``warmup_steps`` updates, then a cosine decay
-    to ``final_fraction`` over the time budget, as a factor on every update.
+    """Superseded by ``clock_schedule`` (kept until ``experiments/lm.py`` and its tests switch).
+
+    A ``before_step`` hook: linear warm-up over ``warmup_steps`` updates, then a cosine decay
+    to ``final_fraction`` over the time budget, as a factor on every update. It reads
+    ``state.step`` on the host, a device sync before every update.
 
     The state's optimiser must end with ``optax.inject_hyperparams(optax.scale)(step_size=1.0)``
     (e.g. ``optax.chain(make_optimizer(constant-rate config), that)``): the hook sets its
@@ -110,11 +165,6 @@ def time_schedule(warmup_steps: int, final_fraction: float = 0.0) -> Callable[[T
         return state.replace(opt_state=(*inner, scale._replace(hyperparams=hyper)))
 
     return before_step
-
-
-def save_curve(history: list[dict], path, title: str) -> bool:
-    """Writes ``history``'s train and validation loss against epochs as a PNG (``fit``'s plot)."""
-    return _write_plot(history, pathlib.Path(path), title)
 
 
 def fit_stream(
@@ -135,6 +185,9 @@ def fit_stream(
     progress: bool = True,
     workdir: str | pathlib.Path | None = None,
     plot: bool | None = None,
+    tensorboard: bool = False,
+    profile_steps: tuple[int, int] | None = None,
+    writers: Sequence[Writer] = (),
     title: str = "language model",
 ) -> StreamResult:
     """Trains ``state`` until it has made ``steps`` updates (a resumed state continues).
@@ -150,23 +203,31 @@ def fit_stream(
       time_limit_s: stop after this much wall time (checked at log points).
       budget_s: stop once the training steps (evaluation and the first, compiling step excluded)
         have taken this long, checked every step; ``steps`` is then an upper bound. For a fixed
-        time on a shared machine.
-      before_step: ``before_step(state, fraction) -> state`` before every update, where
-        ``fraction`` is the larger of the parts of ``budget_s`` and of ``steps`` used so far — e.g.
-        to set a learning rate that follows time rather than steps (``time_schedule``), ending at
-        whichever budget runs out first. With it each step is waited for before the next is
-        dispatched, so the fraction is the time really spent.
+        time on a shared machine. Each step is then waited for before the next is dispatched, so
+        the time used is the time really spent.
+
+        Every update is handed ``fraction``, the larger of the parts of ``budget_s`` and of
+        ``steps`` used so far: a ``clock_schedule`` in the optimiser takes it as data, so the
+        learning rate follows time rather than steps and ends at whichever budget runs out first.
+      before_step: ``before_step(state, fraction) -> state`` before every update (that fraction);
+        it too waits for each step.
       workdir: where ``metrics.jsonl`` and ``loss_curve.png`` go. The curve's x axis is epochs:
         tokens seen / training tokens.
+      plot, tensorboard, writers: as in ``fit``.
+      profile_steps: ``(start, stop)``: a ``jax.profiler`` trace under ``<workdir>/profile/`` of
+        updates ``start + 1 .. stop`` (``state.step`` going from ``start`` to ``stop``).
 
     Raises:
+      ValueError: ``tensorboard`` or ``profile_steps`` without ``workdir``; a bad window.
+      ImportError: ``tensorboard=True`` without tensorboardX.
       FloatingPointError: the loss or gradient turned NaN/Inf.
     """
     t_start = time.perf_counter()
     tokens = jnp.asarray(train_tokens, jnp.int32)
     n_train = int(tokens.shape[0])
     step_fn = _stream_step(loss_fn, batch_size, block_size)
-    workdir, files, log_file = _open_metrics_log(workdir, resuming=int(state.step) > 0)
+    log = RunLog(workdir, resuming=int(state.step) > 0, title=title, plot=plot, tensorboard=tensorboard,
+                 profile_steps=profile_steps, writers=writers)
 
     history: list[dict] = []
     first = int(state.step)
@@ -180,11 +241,14 @@ def fit_stream(
             t0 = t_begin = time.perf_counter()
             per_step = []
             for _ in range(n):
+                step = done + len(per_step)
+                by_time = min((train_s + time.perf_counter() - t0) / budget_s, 1.0) if budget_s else 0.0
+                fraction = max(by_time, step / steps)
                 if before_step is not None:
-                    used = train_s + time.perf_counter() - t0
-                    by_time = min(used / budget_s, 1.0) if budget_s else 0.0
-                    state = before_step(state, max(by_time, (done + len(per_step)) / steps))
-                state, m = step_fn(state, tokens)
+                    state = before_step(state, fraction)
+                log.before(step, step + 1)
+                state, m = step_fn(state, tokens, np.float32(fraction))
+                log.after(step + 1, state)
                 per_step.append(m)
                 if not history and len(per_step) == 1:
                     # A call's first step includes compilation: the clock (budget, schedule,
@@ -205,7 +269,7 @@ def fit_stream(
             steps_per_s = timed / dt if timed else n / (time.perf_counter() - t_begin)
             tokens_per_s = steps_per_s * batch_size * block_size
             stacked = {k: np.array([s[k] for s in m]) for k in m[0]}
-            _check_finite(stacked, done, lambda s: s * batch_size * block_size // n_train + 1)
+            check_finite(stacked, done, lambda s: s * batch_size * block_size // n_train + 1)
             done += n
             rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
                    **{k: float(np.mean(v)) for k, v in stacked.items()},
@@ -220,18 +284,15 @@ def fit_stream(
                           f"({rec['val_loss'] / math.log(2):.3f} bits/token)")
             rec["time_s"] = round(time.perf_counter() - t_start, 3)
             history.append(rec)
-            if log_file is not None:
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
+            log.write(rec)
             bar.update(n)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     finally:
         bar.close()
-        if log_file is not None:
-            log_file.close()
-    _plot_into(workdir, history, title, plot, files)
+        files = log.close()
     return StreamResult(state, history, time.perf_counter() - t_start, train_s,
                         (done - first) * batch_size * block_size, stopped, files)
 
 
-__all__ = ["StreamResult", "evaluate_stream", "fit_stream", "save_curve", "time_schedule"]
+__all__ = ["ClockScheduleState", "StreamResult", "clock_factor", "clock_schedule", "evaluate_stream", "fit_stream",
+           "set_clock_fraction", "time_schedule"]
