@@ -223,7 +223,7 @@ class CausalSelfAttention(nn.Module):
                          name="qkv")(x)  # (B, S, 3C)
         qkv = qkv.reshape(b, s, 3, h, d)
         # split, not indexing: its gradient is one concatenate, where three slices' gradients
-        # are pads summed into the [B, S, 3, H, D] cotangent (bf16 step 145 -> 136 ms).
+        # are pads summed into the [B, S, 3, H, D] cotangent (docs/benchmarks.md, mixed precision).
         qk, v = jnp.split(qkv, [2], axis=2)  # (B, S, 2, H, D), (B, S, 1, H, D)
         v = v[:, :, 0]
         if cfg.positions == "rotary":
@@ -241,8 +241,8 @@ class CausalSelfAttention(nn.Module):
             key_positions = np.arange(k.shape[1])
         # Scores in float32: a [T, T] softmax in bf16 loses the small probabilities. The two
         # einsums take cfg.dtype operands with f32 accumulation, backward included (kernels.xla).
-        # (A [B, H, S, D] layout for q, k and v measured slower end to end: the backward then
-        # transposes the gradients back into the fused projection's [B, S, 3C].)
+        # Not a [B, H, S, D] layout for q, k and v: the backward would transpose the gradients
+        # back into the fused projection's [B, S, 3C].
         scores = xla.einsum("bshd,bthd->bhst", q, k.astype(q.dtype)) / jnp.sqrt(d)
         allowed = key_positions[None, :] <= positions[:, None]  # (S, L): causal
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
