@@ -275,10 +275,17 @@ def test_set_clock_fraction_leaves_other_optimizer_states_alone():
 
 def test_fit_stream_feeds_the_schedule_the_part_of_the_steps_used():
     """No time budget: the fraction at update s (0-based) is s / steps. With SGD the update norm is
-    lr * factor * grad norm, so each logged step shows the factor it applied."""
-    steps, lr = 6, 0.5
+    lr * factor * grad norm, so each logged step shows the factor it applied. The fraction is
+    data: one trace of the step for all of them."""
+    steps, lr, traces = 6, 0.5, []
+
+    def counting_loss(pred, target, **kw):
+        traces.append(1)  # once per trace, never per step
+        return losses.cross_entropy(pred, target, **kw)
+
     run = fit_stream(_lm_state(optax.chain(optax.sgd(lr), clock_schedule(2, final_fraction=0.2))), _TOKENS,
-                     steps=steps, batch_size=4, block_size=8, log_every=1, progress=False)
+                     steps=steps, batch_size=4, block_size=8, loss_fn=counting_loss, log_every=1, progress=False)
+    assert len(traces) == 1
     applied = [r["update_norm"] / (lr * r["grad_norm"]) for r in run.history]
     want = [_formula(s, s / steps, 2, 0.2) for s in range(steps)]
     np.testing.assert_allclose(applied, want, rtol=1e-5)  # float32 norms of float32 updates
