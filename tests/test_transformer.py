@@ -179,12 +179,14 @@ def test_a_tiny_model_overfits_a_tiny_corpus():
 
 
 def _scheduled_state() -> TrainState:
-    """A 1-layer LM whose optimiser ends in the ``step_size`` that ``time_schedule`` sets."""
+    """A 1-layer LM whose optimiser ends in a ``clock_schedule`` (warm-up 2, cosine to 0.1)."""
     import optax
+
+    from jaxnet.train.stream import clock_schedule
 
     model = TransformerLM(TINY.replace(num_layers=1))
     tx = optax.chain(optim.make_optimizer(optim.OptimizerConfig(name="adamw", learning_rate=1e-2)),
-                     optax.inject_hyperparams(optax.scale)(step_size=1.0))
+                     clock_schedule(warmup_steps=2, final_fraction=0.1))
     return TrainState.create(model=model, tx=tx, sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
 
 
@@ -192,17 +194,16 @@ def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
     import math
     import time
 
-    from jaxnet.train.stream import time_schedule
+    from jaxnet.train.stream import clock_factor
 
     seen, clock = [], []
-    schedule = time_schedule(warmup_steps=2, final_fraction=0.1)
     tokens = np.arange(200) % 11
     state = _scheduled_state()
 
     def before_step(s, fraction):
         seen.append(fraction)
         clock.append(time.perf_counter())
-        return schedule(s, fraction)
+        return s
 
     budget = 2.0
     run = fit_stream(state, tokens, steps=10**6, batch_size=4, block_size=16, log_every=1000,
@@ -216,7 +217,9 @@ def test_fit_stream_with_a_time_budget_decays_the_rate_with_time_used():
     # It stopped because the budget was used up (not before), and the last update used the rate
     # for the last fraction: cosine to final_fraction (0.1).
     assert run.train_s >= budget
-    factor = float(run.state.opt_state[-1].hyperparams["step_size"])
+    clock_state = run.state.opt_state[-1]
+    assert int(clock_state.count) == int(run.state.step) and float(clock_state.fraction) == pytest.approx(seen[-1])
+    factor = float(clock_factor(clock_state.count - 1, clock_state.fraction, 2, 0.1))
     assert factor == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * seen[-1])), rel=1e-6)
 
 
