@@ -1,10 +1,5 @@
 """Runnable studies, one per module: ``python -m experiments.NAME [--flags]``.
 
-Importing the package (which ``python -m experiments.NAME`` does before anything else, JAX
-included) keeps freed host memory in the process (``jaxnet.runtime.keep_host_memory``): without
-it compiled programs page-fault their temporary buffers afresh on every call. The language-model
-experiments also ask for a single malloc arena (see kernels/host_memory.py).
+Importing the package (or any experiment) changes nothing in the process: each ``main`` first
+calls ``experiments.common.prepare_process()`` for the allocator settings it needs.
 """
-from jaxnet import runtime as _runtime
-
-_runtime.keep_host_memory()

@@ -32,9 +32,8 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 
-from experiments.common import finish, parse_config
+from experiments.common import finish, parse_config, prepare_process
 
 # (M, K, N): square sweeps 8..2048, tall/wide/deep, and the shapes of this project's models
 # (SimpleNet 10-5-1 and an MLP on 8x8 digits at batch 256, a transformer MLP block d=256).
@@ -67,35 +66,12 @@ class Config:
     seed: int = 0
 
 
-def _sampler(fn, args, min_sample_s):
-    """Returns ``sample()`` -> seconds per call, looping enough calls to last ``min_sample_s``."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    reps = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-7)))
-
-    def sample():
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t0) / reps
-    return sample
-
-
 def _medians(fns: dict, args, config: Config) -> dict:
     """Median seconds per call of each function, sampled side by side."""
-    samplers = {name: _sampler(f, args, config.min_sample_s) for name, f in fns.items()}
-    for _ in range(config.warmup):
-        for s in samplers.values():
-            s()
-    times = {name: [] for name in fns}
-    for _ in range(config.repeats):
-        for name, s in samplers.items():
-            times[name].append(s())
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    from kernels.timing import interleaved_medians, timed_call
+
+    samplers = {name: timed_call(f, args, min_sample_s=config.min_sample_s) for name, f in fns.items()}
+    return interleaved_medians(samplers, config.repeats, config.warmup)
 
 
 def _problem(shape, config: Config):
@@ -307,8 +283,9 @@ def _markdown(head: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    config, workdir = parse_config(Config, argv, name="bench_kernels", description=__doc__.splitlines()[0])
+def benchmark(config: Config, workdir) -> dict:
+    """Times the grid ``config.runs`` times; writes ``rows.json`` and ``table.md`` (and, for
+    several runs, ``runs.md``) into ``workdir``; returns the summary metrics."""
     if config.runs < 1:
         raise ValueError(f"bench_kernels: --runs must be at least 1, got {config.runs}")
     cold = _cold_start()
@@ -324,14 +301,22 @@ def main(argv=None):
         (workdir / "rows.json").write_text(json.dumps(runs[0], indent=1) + "\n")
         (workdir / "table.md").write_text(table(runs[0], config))
         print(table(runs[0], config), flush=True)
-        return finish(summarize(runs[0], overheads[0], cold, config), workdir)
+        return summarize(runs[0], overheads[0], cold, config)
     all_rows = [dict(r, run=i + 1) for i, rows in enumerate(runs) for r in rows]
     (workdir / "rows.json").write_text(json.dumps(all_rows, indent=1) + "\n")
     (workdir / "runs.md").write_text("\n".join(f"Run {i + 1}:\n\n{table(rows, config)}" for i, rows in enumerate(runs)))
     text = spread_table(spread(runs, config), config, config.runs)
     (workdir / "table.md").write_text(text)
     print(text, flush=True)
-    return finish(summarize_runs(runs, overheads, cold, config), workdir)
+    return summarize_runs(runs, overheads, cold, config)
+
+
+def main(argv=None) -> dict:
+    # Keep freed host memory (the Numba kernels' scratch would page-fault on every call otherwise).
+    prepare_process()
+    config, flags = parse_config(Config, argv, name="bench_kernels", description=__doc__.splitlines()[0],
+                                 trains=False)
+    return finish(benchmark(config, flags.workdir), flags.workdir)
 
 
 if __name__ == "__main__":

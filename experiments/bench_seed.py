@@ -13,7 +13,8 @@ Two figures, each with its ratio (PyTorch time / jaxnet time, so > 1 means jaxne
   cache is warmed by one untimed run first (the cold figure is reported too). PyTorch's first
   optimizer lazily imports ``torch._dynamo``; the strict figure does that before the clock.
 - **whole process**: the same two processes timed from outside, interpreter start and imports
-  included (the PyTorch process imports no JAX).
+  included (the PyTorch process runs no JAX, but imports it: ``prepare_process`` reaches
+  ``kernels.host_memory`` through the ``kernels`` package).
 
 Both sides run on the same data and initial weights. Results in docs/benchmarks.md.
 """
@@ -22,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from experiments.common import enable_compilation_cache, finish, parse_config
+from experiments.common import enable_compilation_cache, finish, parse_config, prepare_process
+from kernels.timing import median_of, median_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,7 @@ def _steady_state(config: Config) -> dict:
             return s, m["loss"]
         return jax.lax.scan(body, state, None, length=config.epochs)
 
-    jax.block_until_ready(loop(state0))  # compile
-    jax_times = []
-    for _ in range(config.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(loop(state0))
-        jax_times.append(time.perf_counter() - start)
+    jax_s = median_seconds(loop, (state0,), config.repeats, warmup=1)  # the warm-up compiles
 
     import torch
 
@@ -78,12 +74,12 @@ def _steady_state(config: Config) -> dict:
     per_threads = {}
     for threads in config.torch_threads:
         torch.set_num_threads(threads or default_threads)
-        seed.train_torch(sc, data, init)  # warm-up: allocator, thread pool
-        per_threads[threads or default_threads] = statistics.median(
-            seed.train_torch(sc, data, init)[1] for _ in range(config.repeats))
+        # The loop times itself (its wall time excludes loading the weights); one warm-up run
+        # for the allocator and thread pool.
+        per_threads[threads or default_threads] = median_of(lambda: seed.train_torch(sc, data, init)[1],
+                                                            config.repeats, warmup=1)
     torch.set_num_threads(default_threads)
     best_threads, torch_s = min(per_threads.items(), key=lambda kv: kv[1])
-    jax_s = statistics.median(jax_times)
     return {"steady_jaxnet_ms": round(jax_s * 1e3, 3), "steady_torch_ms": round(torch_s * 1e3, 3),
             "steady_torch_ms_by_threads": {t: round(v * 1e3, 3) for t, v in per_threads.items()},
             "steady_torch_threads": best_threads, "steady_speedup": round(torch_s / jax_s, 2)}
@@ -99,7 +95,7 @@ def _child(kind: str, n_samples: int, epochs: int) -> None:
         data = seed.make_data(sc)
         final = seed.train_jaxnet(sc, data).history[-1]["loss"]
     else:
-        # Only torch, NumPy and jaxnet's torch-only and NumPy-only modules: no JAX in this process.
+        # Only torch, NumPy and jaxnet's torch-only and NumPy-only modules run here.
         import torch
 
         from jaxnet.data.synthetic import make_regression
@@ -134,13 +130,11 @@ def _run_child(kind: str, config: Config, cache_dir: str, torch_threads: int = 0
 
 def _end_to_end(config: Config) -> dict:
     with tempfile.TemporaryDirectory() as cache_dir:
+        median = lambda f: median_of(f, config.process_repeats)  # noqa: E731
         cold = _run_child("jax", config, cache_dir)
-        jax_s = statistics.median(_run_child("jax", config, cache_dir) for _ in range(config.process_repeats))
-        per_threads = {t: statistics.median(_run_child("torch", config, cache_dir, t)
-                                            for _ in range(config.process_repeats))
-                       for t in config.torch_threads}
+        jax_s = median(lambda: _run_child("jax", config, cache_dir))
+        per_threads = {t: median(lambda: _run_child("torch", config, cache_dir, t)) for t in config.torch_threads}
         best_threads, torch_s = min(per_threads.items(), key=lambda kv: kv[1])
-        median = lambda f: statistics.median(f() for _ in range(config.process_repeats))  # noqa: E731
         strict_s = median(lambda: _run_child("torch", config, cache_dir, best_threads, prewarm=True))
         proc_jax = median(lambda: _run_child("jax", config, cache_dir, whole_process=True))
         proc_torch = median(lambda: _run_child("torch", config, cache_dir, best_threads, whole_process=True))
@@ -153,8 +147,8 @@ def _end_to_end(config: Config) -> dict:
             "process_speedup": round(proc_torch / proc_jax, 2)}
 
 
-def main(argv=None) -> dict:
-    config, workdir = parse_config(Config, argv, name="bench_seed", description=__doc__.splitlines()[0])
+def benchmark(config: Config) -> dict:
+    """Both comparisons (steady state, end to end and whole process), printed as they finish."""
     import torch
 
     result = {"benchmark": "bench_seed", "n_samples": config.n_samples, "epochs": config.epochs,
@@ -171,11 +165,18 @@ def main(argv=None) -> dict:
           f"{result['e2e_torch_prewarmed_ms']} ms -> {result['e2e_speedup_vs_prewarmed']}x", flush=True)
     print(f"whole process (interpreter, imports, run): jaxnet {result['process_jaxnet_ms']} ms, "
           f"PyTorch {result['process_torch_ms']} ms -> {result['process_speedup']}x", flush=True)
-    return finish(result, workdir)
+    return result
+
+
+def main(argv=None) -> dict:
+    prepare_process()
+    config, flags = parse_config(Config, argv, name="bench_seed", description=__doc__.splitlines()[0], trains=False)
+    return finish(benchmark(config), flags.workdir)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        prepare_process()  # as in any experiment's process
         if sys.argv[2] == "jax":
             enable_compilation_cache()
         _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -1,18 +1,58 @@
-"""What every experiment shares: flags from a frozen config dataclass, and the result line.
+"""What every experiment shares: process set-up, flags from a frozen config dataclass, the result line.
 
-An experiment is ``python -m experiments.NAME [--flags]``: its flags are its config's fields
-(``--epochs 500``, ``--compare-torch``), it writes into ``--workdir`` (default ``runs/NAME/``) and
-ends by printing one line, the JSON object of its final metrics, also saved as
-``<workdir>/result.json``.
+An experiment is ``python -m experiments.NAME [--flags]``. Its ``main`` starts with
+``prepare_process()`` (before JAX runs anything), then ``parse_config``: the flags are the config's
+fields (``--epochs 500``, ``--compare-torch``), a nested config's fields take its name as a prefix
+(``--model.embed-dim 256``); it writes into ``--workdir`` (default ``runs/NAME/``) and ends with
+``finish``: one line, the JSON object of its final metrics, also saved as ``<workdir>/result.json``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import pathlib
+import re
 import typing
+
+
+def prepare_process(*, single_arena: bool = False) -> bool:
+    """Process-wide settings every experiment opts into; call first in ``main``, before JAX runs.
+
+    Keeps freed host memory in the process (``jaxnet.runtime.keep_host_memory``): without it
+    compiled programs, and the Numba kernels' scratch, page-fault their temporary buffers afresh
+    on every call. Importing ``experiments`` or ``jaxnet`` changes nothing; this call does.
+
+    Args:
+      single_arena: every thread allocates from the main heap, for steps whose temporaries are
+        larger than a thread's heap (the language models'); it slows small programs, so only
+        they ask (see kernels/host_memory.py).
+
+    Returns:
+      What ``keep_host_memory`` returns: whether the settings are in place.
+    """
+    from jaxnet import runtime
+
+    return runtime.keep_host_memory(single_arena=single_arena)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """The flags ``parse_config`` adds to every config: where outputs go and what the loops log."""
+
+    # Outputs: metrics.jsonl, loss_curve.png, result.json, ...
+    workdir: pathlib.Path
+    # Also write TensorBoard event files under <workdir>/tensorboard (needs tensorboardX).
+    tensorboard: bool = False
+    # (start, stop): a jax.profiler trace of those training steps under <workdir>/profile.
+    profile_steps: tuple[int, int] | None = None
+
+    @property
+    def fit_options(self) -> dict:
+        """Keywords for ``jaxnet.train.fit`` / ``fit_stream``: ``tensorboard``, ``profile_steps``."""
+        return {"tensorboard": self.tensorboard, "profile_steps": self.profile_steps}
 
 
 def _parse_bool(text: str) -> bool:
@@ -23,32 +63,151 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def parse_config(config_cls, argv=None, *, name: str, description: str | None = None):
-    """Builds ``config_cls`` from command-line flags named after its fields.
+def _dtype(text: str):
+    """A dtype flag's value (``bfloat16``, ``float32``) as a NumPy dtype; JAX's names included."""
+    import jax.numpy as jnp
 
-    Returns ``(config, workdir)``. Booleans take ``--flag`` / ``--no-flag``; tuples take several values.
-    """
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = config_cls()
-    hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        hint = hints[field.name]
+    try:
+        return jnp.dtype(text)
+    except TypeError as e:
+        raise argparse.ArgumentTypeError(f"not a dtype: {text!r}") from e
+
+
+def _is_dtype(value) -> bool:
+    try:
+        import numpy as np
+
+        np.dtype(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, type) or hasattr(value, "kind")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The ``# comment`` lines right above each field in the source of ``cls`` and its bases."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        block: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#"):
+                block.append(text.lstrip("#").strip())
+            elif m := re.match(r"(\w+)\s*:", text):
+                if block:
+                    comments[m.group(1)] = " ".join(block)
+                block = []
+            else:
+                block = []
+    return comments
+
+
+class _Bool(argparse.Action):
+    """``--name`` sets True, ``--prefix.no-name`` (``--no-name`` at the top level) sets False."""
+
+    def __init__(self, option_strings, dest, negative: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.negative = negative
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string != self.negative)
+
+
+def _add_fields(parser, cls, defaults, prefix: str, skip: frozenset[str]) -> None:
+    """Adds one flag per field of the dataclass ``cls`` (nested dataclasses: prefixed flags)."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    group = parser if not prefix else parser.add_argument_group(
+        f"{prefix[:-1]} ({cls.__name__})", "its fields, as --" + prefix + "NAME")
+    for field in dataclasses.fields(cls):
+        path = prefix + field.name
+        if path in skip:
+            continue
+        default, hint = getattr(defaults, field.name), hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            _add_fields(parser, hint, default, path + ".", skip)
+            continue
+        name = field.name.replace("_", "-")
+        flag = f"--{prefix}{name}"
+        text = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif typing.get_origin(hint) is tuple:
-            (elem, *_) = typing.get_args(hint)
-            parser.add_argument(flag, type=elem, nargs="+", default=default)
+            negative = f"--{prefix}no-{name}"
+            group.add_argument(flag, negative, action=_Bool, negative=negative, dest=path, default=default,
+                               help=f"{text} (default: {'on' if default else 'off'})".lstrip())
+            continue
+        kwargs: dict = {"dest": path, "default": default, "help": f"{text} (default: %(default)s)".lstrip()}
+        if typing.get_origin(hint) is tuple:
+            elem = typing.get_args(hint)[0]
+            kwargs.update(type=_parse_bool if elem is bool else elem, nargs="+", metavar=elem.__name__.upper())
+        elif _is_dtype(default):
+            import numpy as np
+
+            kwargs.update(type=_dtype, metavar="DTYPE", help=f"{text} (default: {np.dtype(default).name})".lstrip())
         else:
             kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-            parser.add_argument(flag, type=kind, default=default)
-    parser.add_argument("--workdir", default=f"runs/{name}", help="where outputs go")
+            kwargs.update(type=str if kind is typing.Any else kind, metavar=getattr(kind, "__name__", "X").upper())
+        group.add_argument(flag, **kwargs)
+
+
+def _build(cls, defaults, values: dict, prefix: str):
+    """``defaults`` with every field given in ``values`` (keyed by dotted path) replaced."""
+    hints = typing.get_type_hints(cls)
+    changes = {}
+    for field in dataclasses.fields(cls):
+        path, default = prefix + field.name, getattr(defaults, field.name)
+        if dataclasses.is_dataclass(hints[field.name]):
+            value = _build(hints[field.name], default, values, path + ".")
+        elif path in values:
+            value = values[path]
+            value = tuple(value) if isinstance(value, list) else value
+        else:
+            continue
+        if value is not default:
+            changes[field.name] = value
+    return dataclasses.replace(defaults, **changes) if changes else defaults
+
+
+def parse_config(config_cls, argv=None, *, name: str, description: str | None = None, trains: bool = True):
+    """Builds ``config_cls`` from command-line flags named after its fields.
+
+    Every field is a flag ``--field-name`` with the field's default and the comment above it as
+    help. A field whose type is itself a dataclass (a model's config) contributes its own fields
+    as ``--field.sub-name`` (``--model.embed-dim 256``), starting from the default object the
+    outer config holds; fields listed in ``config_cls.derived`` (a ``ClassVar`` of dotted paths,
+    e.g. ``("model.vocab_size",)``) are set by the experiment from its data and are not flags.
+    Booleans take ``--flag`` / ``--no-flag`` (nested: ``--model.no-use-bias``), tuples several
+    values, dtypes a name (``bfloat16``). Unknown flags and bad values exit with a usage error.
+
+    Also ``--workdir`` (default ``runs/NAME``), and for experiments that train (``trains``)
+    ``--tensorboard`` and ``--profile-steps START STOP``, for ``fit`` / ``fit_stream``.
+
+    Returns:
+      ``(config, flags)``: the config and a ``RunFlags``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
+    skip = frozenset(getattr(config_cls, "derived", ()))
+    defaults = config_cls()
+    _add_fields(parser, config_cls, defaults, "", skip)
+    run = parser.add_argument_group("outputs")
+    run.add_argument("--workdir", default=f"runs/{name}", help="where outputs go (default: %(default)s)")
+    if trains:
+        run.add_argument("--tensorboard", action=_Bool, negative="--no-tensorboard", default=False,
+                         help="also write TensorBoard event files under <workdir>/tensorboard (needs tensorboardX)")
+        run.add_argument("--profile-steps", type=int, nargs=2, metavar=("START", "STOP"), default=None,
+                         help="a jax.profiler trace of training steps START+1..STOP under <workdir>/profile")
     args = vars(parser.parse_args(argv))
-    workdir = pathlib.Path(args.pop("workdir"))
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    return config_cls(**values), workdir
+    flags = RunFlags(workdir=pathlib.Path(args.pop("workdir")), tensorboard=args.pop("tensorboard", False),
+                     profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None)
+    if flags.profile_steps is not None and not 0 <= flags.profile_steps[0] < flags.profile_steps[1]:
+        parser.error(f"--profile-steps needs 0 <= START < STOP, got {flags.profile_steps}")
+    try:
+        config = _build(config_cls, defaults, args, "")
+    except ValueError as e:  # a config's own check (e.g. TransformerConfig's head width)
+        parser.error(str(e))
+    return config, flags
 
 
 def finish(result: dict, workdir: pathlib.Path) -> dict:

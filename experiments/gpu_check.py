@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 
-from experiments.common import finish, parse_config
+from experiments.common import finish, parse_config, prepare_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEST_FILE = "tests/kernel_tests/test_pallas_fused_dense.py"
@@ -99,7 +99,13 @@ def _benchmark(config: Config, lowering: str, dtype, problems, start: float, row
 
 
 def main(argv=None) -> dict:
-    config, workdir = parse_config(Config, argv, name="gpu_check", description=__doc__.splitlines()[0])
+    prepare_process()
+    config, flags = parse_config(Config, argv, name="gpu_check", description=__doc__.splitlines()[0], trains=False)
+    return finish(check(config, flags.workdir), flags.workdir)
+
+
+def check(config: Config, workdir) -> dict:
+    """The tests and the benchmark; writes ``report.md`` into ``workdir``; returns the result."""
     start = time.perf_counter()
     import jax
     import jax.numpy as jnp
@@ -153,7 +159,7 @@ def main(argv=None) -> dict:
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "report.md").write_text(_report(config, result, tests, rows))
-    return finish(result, workdir)
+    return result
 
 
 def _report(config: Config, result: dict, tests: dict | None, rows) -> str:

@@ -6,6 +6,8 @@
 Data: 256 seeded synthetic rows, ``y = sin(x·u) + 0.5 x·v + 0.1 noise`` (jaxnet.data.make_regression).
 Prints the loss every 100 epochs and ends with one JSON line; writes ``metrics.jsonl``,
 ``loss_curve.png`` and ``result.json`` into ``--workdir`` (default ``runs/seed_simple_net/``).
+The flags are ``jaxnet.seed.SeedConfig``'s fields and three of this command's own; the run is
+``jaxnet.seed.run``.
 Expected (measured, see docs/benchmarks.md): final MSE ≈ 0.082 from ≈ 0.45 at the start, with the
 PyTorch curve within float32 rounding of jaxnet's.
 """
@@ -13,9 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 
-from experiments.common import finish, parse_config
+from experiments.common import finish, parse_config, prepare_process
 from jaxnet import seed
 
 
@@ -30,40 +31,13 @@ class Config(seed.SeedConfig):
 
 
 def main(argv=None) -> dict:
-    config, workdir = parse_config(Config, argv, name="seed_simple_net", description=__doc__.splitlines()[0])
-    seed_config = seed.SeedConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(seed.SeedConfig)})
-    data = seed.make_data(seed_config)
-    state = seed.make_state(seed_config, data)
-    init_params = state.params
-    if config.compare_torch:  # the state is donated to training: keep the start for PyTorch
-        import jax
-        import jax.numpy as jnp
-
-        init_params = jax.tree.map(jnp.copy, init_params)
-    start = time.perf_counter()
-    run = seed.train_jaxnet(seed_config, data, state, log_every=config.log_every,
-                            progress=config.progress, workdir=workdir)
-    wall = time.perf_counter() - start
-    curve = run.column("loss")
-    result = {
-        "experiment": "seed_simple_net",
-        "backend": config.backend,
-        "epochs": config.epochs,
-        "initial_loss": curve[0],
-        "final_loss": curve[-1],
-        "noise_floor_mse": config.noise_std**2,
-        "jaxnet_wall_s": round(wall, 4),
-        "loss_curve_png": run.files.get("loss_curve"),
-    }
-    if config.compare_torch:
-        torch_curve, torch_wall = seed.train_torch(seed_config, data, init_params)
-        gap = seed.curve_gap(curve, torch_curve)
-        tolerance = seed.float32_curve_tolerance(config.epochs)
-        result.update(torch_final_loss=float(torch_curve[-1]), torch_wall_s=round(torch_wall, 4), **gap,
-                      rel_tolerance=tolerance, curves_agree=gap["max_rel_gap"] <= tolerance)
+    prepare_process()
+    config, flags = parse_config(Config, argv, name="seed_simple_net", description=__doc__.splitlines()[0])
+    result = seed.run(config, compare_torch=config.compare_torch, log_every=config.log_every,
+                      progress=config.progress, workdir=flags.workdir, **flags.fit_options)
     if result["loss_curve_png"]:
         print(f"loss curve: {result['loss_curve_png']}", file=sys.stderr)
-    return finish(result, workdir)
+    return finish(result, flags.workdir)
 
 
 if __name__ == "__main__":

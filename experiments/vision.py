@@ -7,9 +7,12 @@
 
 Data: the 1,797 8x8 digits, stratified 25% test split with seed 0 (1,347 train / 450 test),
 pixels in [0, 1] (what the anchors see), standardised with the training mean and std for the
-network. The settings below were chosen on a stratified 20% validation split of the training
-images (``--val-fraction 0.2``); the test split is only ever evaluated. Anchors on the same split, measured in the same run (``--baselines``):
-scikit-learn SVC (RBF, C=10, γ=0.05), MLPClassifier (256 hidden), LogisticRegression.
+network. The settings were chosen on a stratified 20% validation split of the training images
+(``--val-fraction 0.2``); the test split is only ever evaluated. Anchors on the same split,
+measured in the same run (``--baselines``, ``jaxnet.baselines.classifiers``): scikit-learn SVC
+(RBF, C=10, γ=0.05), MLPClassifier (256 hidden), LogisticRegression. The study itself is
+``jaxnet.studies.vision``. The model is chosen by name (``--model``) with its settings as flags:
+``CNN`` and ``MLP`` are Flax modules, with no config object of their own to nest.
 Writes ``confusion_matrix.png`` (summed over seeds), each seed's ``seed<k>/loss_curve.png`` and
 ``metrics.jsonl``, and ``result.json``. Measured (docs/benchmarks.md, 2 shared cores): CNN mean
 test accuracy 99.48% ± 0.10 over 3 seeds, 19 s of training (54 s with the anchors; 99.56% ± 0.18
@@ -17,195 +20,17 @@ in 17 s on later code, a quieter machine); anchors 98.89% / 98.67% / 96.89%.
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
-import time
+from experiments.common import enable_compilation_cache, finish, parse_config, prepare_process
+from jaxnet.studies.vision import Config, run
 
-import numpy as np
-
-from experiments.common import enable_compilation_cache, finish, parse_config
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    # "cnn" (jaxnet.models.CNN) or "mlp" (jaxnet.models.MLP on flattened pixels).
-    model: str = "cnn"
-    # Independent training runs (init, dropout and data order from seeds 0..seeds-1).
-    seeds: int = 3
-    # Adam-W with a warm-up (5% of updates) and cosine decay over all epochs.
-    epochs: int = 30
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
-    # CNN: channels per block (two 3x3 conv + BatchNorm + ReLU, then 2x2 max pooling).
-    features: tuple[int, ...] = (32, 64)
-    # Hidden widths of the dense head (CNN) or of the whole network (MLP).
-    head: tuple[int, ...] = (128,)
-    mlp_hidden: tuple[int, ...] = (256,)
-    dropout_rate: float = 0.5
-    # Random shifts of up to this many pixels while training (0: off; 1 scored lower on the
-    # validation split: 98.5% vs 99.1%, the 8x8 digits are already centred).
-    augment_shift: int = 0
-    # > 0: train on the rest of the training split and report accuracy on this stratified part
-    # of it (for choosing settings); the test split is still evaluated but must not guide choices.
-    val_fraction: float = 0.0
-    # Fit and score the scikit-learn anchors on the same split in this run.
-    baselines: bool = True
-    # Your images instead of the digits: an .npz with x, y or a folder of class folders.
-    data: str = ""
-    test_fraction: float = 0.25
-    split_seed: int = 0
-    # Kernel backend of the dense layers.
-    backend: str = "xla"
-    progress: bool = False
-
-
-def load(config: Config):
-    """``(train, test, val or None)`` as ``ImageData`` with pixels as loaded ([0, 1])."""
-    from jaxnet.data.digits import digits_split
-    from jaxnet.data.images import load_images, stratified_split
-
-    if config.data:
-        train, test = stratified_split(load_images(config.data), test_fraction=config.test_fraction,
-                                       seed=config.split_seed)
-    else:
-        train, test = digits_split(config.test_fraction, config.split_seed)
-    val = None
-    if config.val_fraction > 0:
-        train, val = stratified_split(train, test_fraction=config.val_fraction, seed=config.split_seed + 1)
-    return train, test, val
-
-
-def make_model(config: Config, num_classes: int):
-    from jaxnet.models import CNN, MLP
-
-    if config.model == "cnn":
-        return CNN(num_classes=num_classes, features=config.features, head=config.head,
-                   dropout_rate=config.dropout_rate, augment_shift=config.augment_shift, backend=config.backend)
-    if config.model == "mlp":
-        return MLP(tuple(config.mlp_hidden) + (num_classes,), dropout_rate=config.dropout_rate,
-                   init_scheme="lecun", backend=config.backend)
-    raise ValueError(f"unknown model {config.model!r}; choose cnn or mlp")
-
-
-def inputs(config: Config, x: np.ndarray) -> np.ndarray:
-    """The model's view of images ``[n, H, W, C]``: as they are (CNN) or flattened (MLP)."""
-    return x.reshape(len(x), -1) if config.model == "mlp" else x
-
-
-def sklearn_anchors(train, test) -> dict:
-    """Test accuracy and fit time of the scikit-learn anchors on pixels in [0, 1]."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.svm import SVC
-
-    xtr, xte = train.x.reshape(len(train.x), -1), test.x.reshape(len(test.x), -1)
-    anchors = {
-        "svc_rbf": SVC(C=10, gamma=0.05),
-        "mlp_classifier_256": MLPClassifier((256,), max_iter=1000, random_state=0),
-        "logistic_regression": LogisticRegression(max_iter=5000),
-    }
-    out = {}
-    for name, est in anchors.items():
-        start = time.perf_counter()
-        est.fit(xtr, train.y)
-        out[name] = {"test_accuracy": float(np.mean(est.predict(xte) == test.y)),
-                     "wall_s": round(time.perf_counter() - start, 2)}
-    return out
-
-
-def save_confusion_png(cm: np.ndarray, class_names, path, title: str) -> str | None:
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        if v:
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > cm.max() / 2 else "black")
-    ticks = np.arange(len(class_names))
-    ax.set_xticks(ticks, class_names)
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
+__all__ = ["Config", "main"]
 
 
 def main(argv=None) -> dict:
-    config, workdir = parse_config(Config, argv, name="vision", description=__doc__.splitlines()[0])
+    prepare_process()
+    config, flags = parse_config(Config, argv, name="vision", description=__doc__.splitlines()[0])
     enable_compilation_cache()
-    import jax
-
-    from jaxnet import losses, metrics, optim
-    from jaxnet.data.images import standardize
-    from jaxnet.train import TrainState, fit
-
-    train, test, val = load(config)
-    # The network sees pixels standardised with the training statistics; the anchors see [0, 1].
-    xtr, xte, *xval = (inputs(config, x) for x in standardize(
-        train.x, test.x, *([] if val is None else [val.x])))
-    xval = xval[0] if xval else None
-    model = make_model(config, train.num_classes)
-    steps = config.epochs * -(-len(xtr) // config.batch_size)
-    # One optimiser object for every seed: equal static arguments, so the seeds share compilations.
-    tx = optim.make_optimizer(optim.OptimizerConfig(
-        name="adamw", learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-        schedule="warmup_cosine", warmup_steps=max(1, steps // 20), total_steps=steps))
-    predict = jax.jit(lambda state, x: state.apply_fn(state.variables, x, train=False).argmax(-1))
-
-    start = time.perf_counter()
-    test_acc, val_acc, cm = [], [], np.zeros((train.num_classes,) * 2, np.int64)
-    for seed in range(config.seeds):
-        state = TrainState.create(model=model, tx=tx, sample_x=xtr[:1], seed=seed)
-        run = fit(state, (xtr, train.y), loss_fn=losses.cross_entropy, epochs=config.epochs,
-                  batch_size=config.batch_size, target_kind="labels",
-                  val_data=None if val is None else (xval, val.y), eval_every=5,
-                  metrics={"accuracy": metrics.accuracy}, progress=config.progress,
-                  workdir=workdir / f"seed{seed}", title=f"{config.model} on digits, seed {seed}")
-        pred = np.asarray(predict(run.state, xte))
-        test_acc.append(float(np.mean(pred == test.y)))
-        cm += metrics.confusion_matrix(test.y, pred, train.num_classes)
-        line = f"seed {seed}: test accuracy {test_acc[-1]:.4f}"
-        if val is not None:
-            val_acc.append(run.history[-1]["val_accuracy"])
-            line += f", validation accuracy {val_acc[-1]:.4f}"
-        print(line, f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
-    train_wall = time.perf_counter() - start
-
-    result = {
-        "experiment": "vision",
-        "data": config.data or "sklearn digits (8x8)",
-        "model": config.model,
-        "backend": config.backend,
-        "n_train": len(xtr), "n_test": len(xte),
-        "seeds": config.seeds,
-        "test_accuracy_mean": float(np.mean(test_acc)),
-        "test_accuracy_std": float(np.std(test_acc)),
-        "test_accuracy_per_seed": test_acc,
-        "per_class_accuracy": [round(float(a), 4) for a in metrics.per_class_accuracy(cm)],
-        "train_wall_s": round(train_wall, 2),
-    }
-    if val is not None:
-        result.update(val_accuracy_mean=float(np.mean(val_acc)), val_accuracy_per_seed=val_acc, n_val=len(val.y))
-    if config.baselines:
-        start = time.perf_counter()
-        result["anchors"] = sklearn_anchors(train, test)
-        result["anchors_wall_s"] = round(time.perf_counter() - start, 2)
-        result["beats_every_anchor"] = result["test_accuracy_mean"] > max(
-            a["test_accuracy"] for a in result["anchors"].values())
-    result["confusion_matrix_png"] = save_confusion_png(
-        cm, train.class_names, workdir / "confusion_matrix.png",
-        f"{config.model}: test confusion, {config.seeds} seeds summed")
-    return finish(result, workdir)
+    return finish(run(config, flags.workdir, **flags.fit_options), flags.workdir)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -50,12 +51,59 @@ def make_state(config: SeedConfig, data: RegressionData) -> TrainState:
 
 def train_jaxnet(config: SeedConfig, data: RegressionData, state: TrainState | None = None, *,
                  log_every: int | None = None, progress: bool = False, workdir=None,
-                 epochs_per_call: int | None = None) -> FitResult:
-    """Full-batch SGD on MSE for ``config.epochs`` epochs, inside jitted ``lax.scan`` calls."""
+                 epochs_per_call: int | None = None, tensorboard: bool = False,
+                 profile_steps: tuple[int, int] | None = None) -> FitResult:
+    """Full-batch SGD on MSE for ``config.epochs`` epochs, inside jitted ``lax.scan`` calls.
+
+    ``tensorboard``, ``profile_steps``: as in ``fit``.
+    """
     state = make_state(config, data) if state is None else state
     return fit(state, (data.x, data.y), loss_fn=losses.mse, epochs=config.epochs, log_every=log_every,
                progress=progress, workdir=workdir, epochs_per_call=epochs_per_call,
-               title="seed SimpleNet, MSE, SGD")
+               title="seed SimpleNet, MSE, SGD", tensorboard=tensorboard, profile_steps=profile_steps)
+
+
+def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | None = None,
+        progress: bool = False, workdir=None, tensorboard: bool = False,
+        profile_steps: tuple[int, int] | None = None) -> dict:
+    """Trains the seed example and returns its final metrics (what ``experiments.seed_simple_net`` prints).
+
+    Args:
+      config: the run; compare_torch: also run the seed's PyTorch loop from the same initial
+        weights and data and compare the two loss curves (``curve_gap`` against
+        ``float32_curve_tolerance``).
+      log_every, progress, workdir, tensorboard, profile_steps: as in ``fit``.
+    """
+    data = make_data(config)
+    state = make_state(config, data)
+    init_params = state.params
+    if compare_torch:  # the state is donated to training: keep the start for PyTorch
+        import jax
+        import jax.numpy as jnp
+
+        init_params = jax.tree.map(jnp.copy, init_params)
+    start = time.perf_counter()
+    out = train_jaxnet(config, data, state, log_every=log_every, progress=progress, workdir=workdir,
+                       tensorboard=tensorboard, profile_steps=profile_steps)
+    wall = time.perf_counter() - start
+    curve = out.column("loss")
+    result = {
+        "experiment": "seed_simple_net",
+        "backend": config.backend,
+        "epochs": config.epochs,
+        "initial_loss": curve[0],
+        "final_loss": curve[-1],
+        "noise_floor_mse": config.noise_std**2,
+        "jaxnet_wall_s": round(wall, 4),
+        "loss_curve_png": out.files.get("loss_curve"),
+    }
+    if compare_torch:
+        torch_curve, torch_wall = train_torch(config, data, init_params)
+        gap = curve_gap(curve, torch_curve)
+        tolerance = float32_curve_tolerance(config.epochs)
+        result.update(torch_final_loss=float(torch_curve[-1]), torch_wall_s=round(torch_wall, 4), **gap,
+                      rel_tolerance=tolerance, curves_agree=gap["max_rel_gap"] <= tolerance)
+    return result
 
 
 def torch_simple_net():

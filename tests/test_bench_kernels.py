@@ -1,7 +1,8 @@
-"""experiments.bench_kernels: the dtype it times is the dtype asked for."""
+"""experiments.bench_kernels (the dtype it times is the dtype asked for, the spread over runs) and kernels.timing."""
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from experiments import bench_kernels
@@ -57,3 +58,42 @@ def test_several_runs_report_each_ratio_s_spread_and_the_worst_run():
 def test_runs_must_be_positive():
     with pytest.raises(ValueError, match="--runs"):
         bench_kernels.main(["--runs", "0"])
+
+
+def test_interleaved_samples_take_turns_and_drop_the_warm_up():
+    from kernels import timing
+
+    calls = []
+
+    def sampler(name, values):
+        it = iter(values)
+        return lambda: (calls.append(name), next(it))[1]
+
+    rounds = []
+    samplers = {"a": sampler("a", [9.0, 1.0, 3.0, 2.0]), "b": sampler("b", [8.0, 5.0, 4.0, 6.0])}
+    times = timing.interleaved_samples(samplers, repeats=3, warmup=1,
+                                       after_round=lambda r, t: rounds.append((r, len(t["b"]))))
+    assert calls == ["a", "b"] * 4  # in turn, round by round
+    assert times == {"a": [1.0, 3.0, 2.0], "b": [5.0, 4.0, 6.0]}  # the warm-up round dropped
+    assert rounds == [(0, 1), (1, 2), (2, 3)]
+    assert timing.interleaved_medians({"a": sampler("a", [7.0, 1.0, 3.0, 2.0])}, repeats=3, warmup=1) == {"a": 2.0}
+    assert timing.median_of(sampler("c", [4.0, 6.0, 5.0]), repeats=3) == 5.0
+
+
+def test_median_seconds_waits_for_each_call_after_at_least_one_warm_up():
+    from kernels import timing
+
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return jnp.asarray(x)
+
+    t = timing.median_seconds(fn, (1.0,), repeats=4, warmup=0)
+    assert len(calls) == 5 and t >= 0  # warm-up 0 still compiles once
+    calls.clear()
+    timing.median_seconds(fn, (1.0,), repeats=2, warmup=3)
+    assert len(calls) == 5
+    calls.clear()
+    sample = timing.timed_call(fn, (1.0,), min_sample_s=0.0)
+    assert calls == [] and sample() >= 0 and len(calls) == 1

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 import kernels
 from kernels.pallas_gpu.ops import BlockConfig, fused_dense
-from kernels.pallas_gpu.tuning import median_seconds
+from kernels.timing import median_seconds
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,14 +7,12 @@ mode) timing says nothing about a GPU, so ``autotune`` returns the interpret def
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 
 from kernels.pallas_gpu.blocks import BlockConfig, clear_cache, default_config, problem_key, remember, tuned
 from kernels.pallas_gpu.ops import fused_dense, resolve_lowering
+from kernels.timing import median_seconds
 
 # Candidates for bf16/f16 on Hopper-class GPUs (tile, warps, pipeline depth), best-known first.
 GPU_CANDIDATES = (
@@ -25,17 +23,6 @@ GPU_CANDIDATES = (
     BlockConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
     BlockConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=4),
 )
-
-def median_seconds(fn, args, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn(*args)`` over ``repeats`` runs after ``warmup`` (compile) runs."""
-    for _ in range(max(1, warmup)):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu", *,

@@ -1,0 +1,225 @@
+"""A language model on a text corpus, with a Kneser–Ney n-gram baseline on the same split.
+
+    result = run(Config(), "runs/lm")           # what ``python -m experiments.lm`` runs
+
+Data: the English text of Python's ``pydoc_data.topics`` at character level, the last
+``val_fraction`` held out; or, with ``data_dir``, Mikolov's Penn Treebank files at word level
+(valid and test reported as perplexity). Model: ``TransformerLM(config.model)`` (its
+``vocab_size`` from the corpus), AdamW with warm-up and cosine decay, trained on random windows
+(``fit_stream``); by default the decay follows a time budget (``clock_schedule``), ending at the
+budget or at ``max_epochs`` passes over the text, whichever comes first. Held-out loss is measured
+on every held-out token once, with a sliding window (stride ``eval_stride``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import sys
+import time
+from typing import ClassVar
+
+import numpy as np
+
+from jaxnet.models.transformer import TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Penn Treebank directory (ptb.train.txt, ptb.valid.txt, ptb.test.txt): word level. Empty: the
+    # default offline corpus, character level.
+    data_dir: str = ""
+    # Held-out fraction of the default corpus (its last characters).
+    val_fraction: float = 0.1
+    # The network: 4 layers, 192 wide, 4 heads, 128 context, rotary positions, tanh-GELU MLPs
+    # through FusedDense, tied embeddings (1.80M parameters on the default corpus).
+    model: TransformerConfig = TransformerConfig(dropout_rate=0.15)
+    # Set from the corpus, not by flags.
+    derived: ClassVar[tuple[str, ...]] = ("model.vocab_size",)
+    # --- training: AdamW, linear warm-up then cosine decay to final_lr_fraction over all steps ---
+    # Updates in all, with a warm-up + cosine schedule over them. 0: train for train_budget_s
+    # seconds of training steps instead, the cosine following the fraction of that time used (so
+    # it ends at the budget whatever the shared machine's speed; warm-up still counts steps).
+    steps: int = 0
+    train_budget_s: float = 510.0
+    # With the time budget: also stop (and end the cosine) after this many passes over the
+    # training text; more overfits the 418k-character corpus (docs/benchmarks.md). 0: no cap.
+    max_epochs: float = 19.0
+    batch_size: int = 32
+    learning_rate: float = 5e-3
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.05
+    weight_decay: float = 0.1
+    b2: float = 0.99
+    clip_norm: float = 1.0
+    # Stop training after this many seconds even if steps remain (a backstop for the 10 minutes).
+    time_limit_s: float = 585.0
+    eval_every: int = 400
+    log_every: int = 50
+    # Held-out evaluation windows start every eval_stride tokens (block_size: no overlap).
+    eval_stride: int = 32
+    # --- baseline and samples ---
+    # Order of the interpolated Kneser–Ney n-gram (character level; words use min(order, 3)).
+    ngram_order: int = 9
+    sample_length: int = 300
+    temperature: float = 0.8
+    top_k: int = 20
+    seed: int = 0
+    progress: bool = True
+
+
+def load(config: Config):
+    """The corpus: ``jaxnet.data.text.Corpus`` (train, val, test or None, vocab, name)."""
+    from jaxnet.data import text
+
+    if config.data_dir:
+        return text.load_ptb(config.data_dir, level="word")
+    return text.pydoc_corpus(config.val_fraction)
+
+
+def ngram_baseline(config: Config, corpus) -> dict:
+    """Kneser–Ney (``jaxnet.baselines.ngram``) fitted on the training split: held-out NLL in nats."""
+    from jaxnet.baselines.ngram import KneserNey
+
+    order = config.ngram_order if corpus.vocab.level == "char" else min(config.ngram_order, 3)
+    start = time.perf_counter()
+    lm = KneserNey.fit(corpus.train, order=order, vocab_size=len(corpus.vocab))
+    out = {"order": order, "val_nll": lm.cross_entropy(corpus.val, context=corpus.train)}
+    if corpus.test is not None:
+        out["test_nll"] = lm.cross_entropy(corpus.test, context=corpus.val)
+    out["wall_s"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def samples(model, params, vocab, config: Config, prompts) -> list[str]:
+    """One continuation per prompt (temperature and top-k sampling), decoded."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxnet.models.transformer import generate
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = vocab.encode(prompt.split() if vocab.level == "word" else prompt)
+        room = config.model.block_size - len(ids)
+        new = generate(model, params, jnp.asarray(ids)[None], jax.random.key(config.seed + i),
+                       max_new_tokens=min(config.sample_length, room), temperature=config.temperature,
+                       top_k=config.top_k)
+        out.append(vocab.decode(np.asarray(new[0])))
+    return out
+
+
+def make_optimizer(config: Config):
+    """AdamW with a warm-up + cosine schedule over ``config.steps`` updates, or (``steps == 0``) a
+    constant rate scaled by ``clock_schedule``, which ``fit_stream`` feeds the budget used."""
+    import optax
+
+    from jaxnet import optim
+    from jaxnet.train.stream import clock_schedule
+
+    base = optim.OptimizerConfig(name="adamw", learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                                 b2=config.b2, clip_norm=config.clip_norm)
+    if not config.steps:
+        return optax.chain(optim.make_optimizer(base), clock_schedule(config.warmup_steps, config.final_lr_fraction))
+    return optim.make_optimizer(base.replace(
+        schedule="warmup_cosine", warmup_steps=min(config.warmup_steps, config.steps - 1),
+        total_steps=config.steps, final_lr_fraction=config.final_lr_fraction))
+
+
+def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
+        profile_steps: tuple[int, int] | None = None) -> dict:
+    """Trains and evaluates the model and the n-gram baseline; returns the final metrics.
+
+    Prints progress and samples on stderr; writes ``metrics.jsonl`` and ``loss_curve.png`` (train
+    and held-out loss, nats per token, against epochs) into ``workdir``.
+    ``tensorboard``, ``profile_steps``: as in ``fit_stream``.
+    """
+    import jax.numpy as jnp
+
+    from jaxnet.models.transformer import TransformerLM, count_params, flops_per_token
+    from jaxnet.train import TrainState
+    from jaxnet.train.stream import evaluate_stream, fit_stream
+
+    t_start = time.perf_counter()
+    corpus = load(config)
+    unit = "char" if corpus.vocab.level == "char" else "word"
+    print(f"{corpus.name}: {len(corpus.train):,} training / {len(corpus.val):,} held-out {unit}s, "
+          f"vocabulary {len(corpus.vocab)}", file=sys.stderr)
+    model_cfg = config.model.replace(vocab_size=len(corpus.vocab))
+    model = TransformerLM(model_cfg)
+    block = model_cfg.block_size
+    state = TrainState.create(model=model, tx=make_optimizer(config), sample_x=jnp.zeros((1, block), jnp.int32),
+                              seed=config.seed)
+    print(f"TransformerLM: {count_params(model_cfg):,} parameters, {flops_per_token(model_cfg) / 1e6:.1f} MFLOP "
+          f"per training token", file=sys.stderr)
+    by_time = not config.steps
+    step_cap = (math.ceil(config.max_epochs * len(corpus.train) / (config.batch_size * block))
+                if config.max_epochs > 0 else 10**7)
+    fit = fit_stream(
+        state, corpus.train, steps=step_cap if by_time else config.steps, batch_size=config.batch_size,
+        block_size=block, val_tokens=corpus.val, eval_every=config.eval_every, eval_stride=config.eval_stride,
+        log_every=config.log_every, time_limit_s=config.time_limit_s,
+        budget_s=config.train_budget_s if by_time else None, progress=config.progress, workdir=workdir,
+        tensorboard=tensorboard, profile_steps=profile_steps,
+        title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
+    test_nll = None
+    if corpus.test is not None:
+        test_nll = evaluate_stream(fit.state, corpus.test, block_size=block, stride=config.eval_stride)
+    prompts = ["the company said"] if unit == "word" else ["The ", "def ", "A for statement"]
+    texts = samples(model, fit.state.params, corpus.vocab, config, prompts)
+    for t in texts:
+        print(f"--- sample ---\n{t}\n", file=sys.stderr)
+    baseline = ngram_baseline(config, corpus)
+    schedule = (f"time (cosine over train_budget_s, or over {step_cap} steps = {config.max_epochs} epochs if "
+                "sooner)") if by_time else f"steps ({config.steps})"
+    result = metrics(fit, corpus, model_cfg, baseline, test_nll, schedule=schedule)
+    result["samples"] = texts
+    result["loss_curve_png"] = fit.files.get("loss_curve")
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def metrics(fit, corpus, model_cfg: TransformerConfig, baseline: dict, test_nll: float | None, *,
+            schedule: str) -> dict:
+    """The result of a ``fit_stream`` run beside the n-gram's: held-out bits per character (or
+    perplexity for words), throughput and model FLOPs."""
+    from jaxnet.models.transformer import count_params, flops_per_token
+
+    unit = "char" if corpus.vocab.level == "char" else "word"
+    val_nll = fit.history[-1]["val_loss"]
+    tokens_per_s = fit.tokens / fit.train_s if fit.train_s > 0 else float("nan")
+    fpt = flops_per_token(model_cfg)
+    kn = f"ngram_kn{baseline['order']}"
+    result = {
+        "experiment": "lm",
+        "data": corpus.name,
+        "level": unit,
+        "n_train": len(corpus.train), "n_val": len(corpus.val), "vocab_size": len(corpus.vocab),
+        "params": count_params(model_cfg),
+        "steps": int(fit.state.step),
+        "schedule": schedule,
+        "stopped_by_time": fit.stopped_by_time,  # the budget (or time_limit_s) ended training
+        "epochs": round(fit.history[-1]["epoch"], 2),
+        "train_loss_last_interval": round(fit.history[-1]["loss"], 4),
+        "val_nll": round(val_nll, 4),
+        "train_wall_s": round(fit.wall_s, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "flops_per_token": fpt,
+        "model_gflops_per_s": round(tokens_per_s * fpt / 1e9, 1),
+        "total_train_pflops": round(fit.tokens * fpt / 1e15, 4),
+        f"{kn}_val_nll": round(baseline["val_nll"], 4),
+        "ngram_wall_s": baseline["wall_s"],
+    }
+    if unit == "char":
+        result["val_bits_per_char"] = round(val_nll / math.log(2), 4)
+        result[f"{kn}_val_bits_per_char"] = round(baseline["val_nll"] / math.log(2), 4)
+    else:
+        result["val_perplexity"] = round(math.exp(val_nll), 2)
+        result[f"{kn}_val_perplexity"] = round(math.exp(baseline["val_nll"]), 2)
+        if test_nll is not None:
+            result["test_perplexity"] = round(math.exp(test_nll), 2)
+            result[f"{kn}_test_perplexity"] = round(math.exp(baseline["test_nll"]), 2)
+    return result
+
+
+__all__ = ["Config", "load", "make_optimizer", "metrics", "ngram_baseline", "run", "samples"]

@@ -1,0 +1,233 @@
+"""Recommendation: explicit ratings (RMSE) and implicit feedback (HR@K, NDCG@K) with embedding models.
+
+    result = run(Config(), "runs/recsys")        # what ``python -m experiments.recsys`` runs
+
+Explicit: biased matrix factorisation on a random split of the ratings, beside the global mean
+and user/item biases (``jaxnet.baselines.ratings``) and the generator's noise σ. Implicit:
+leave-one-out ranking of each user's latest item among sampled unseen ones by MF, NCF and
+two-tower models, beside popularity and (on generated data) the generator's own oracle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from jaxnet.data.ratings import GeneratorConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # "both", "explicit" or "implicit".
+    task: str = "both"
+    # A MovieLens ratings file instead of the generator ("" = generator).
+    data: str = ""
+    # The generated world (--generator.num-users ...), when no data file is given.
+    generator: GeneratorConfig = GeneratorConfig()
+    # Seeds the splits, the sampled negatives and candidates, and the models' initialisation.
+    seed: int = 0
+    # Hold validation data out of training (explicit: 10% of the training ratings; implicit: each
+    # user's latest training interaction) and report the metrics on it.
+    validate: bool = False
+    # Explicit: biased MF, Adam with cosine decay, minibatches, L2 on the factors.
+    test_fraction: float = 0.1
+    mf_dim: int = 8
+    explicit_epochs: int = 30
+    explicit_lr: float = 2e-2
+    explicit_l2: float = 0.0
+    # Implicit: models, negatives per interaction, epochs, learning rate, batch size.
+    implicit_models: tuple[str, ...] = ("mf", "ncf", "two_tower")
+    num_negatives: int = 4
+    eval_negatives: int = 99
+    top_k: int = 10
+    implicit_epochs: int = 8
+    implicit_lr: float = 1e-2
+    implicit_dim: int = 32
+    batch_size: int = 8192
+    # Kernel backend of the dense layers (NCF, two-tower).
+    backend: str = "xla"
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.task not in ("both", "explicit", "implicit"):
+            raise ValueError(f"task must be both, explicit or implicit, got {self.task!r}")
+
+
+def load(config: Config):
+    """``(Ratings with dense ids, σ or None, SyntheticRatings or None)``."""
+    from jaxnet.data import ratings as R
+
+    if config.data:
+        data, _, _ = R.reindex(R.load_movielens(config.data))
+        return data, None, None
+    world = R.generate_ratings(config.generator)
+    return world.ratings, world.noise_std, world
+
+
+def rmse(pred, target) -> float:
+    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - target) ** 2)))
+
+
+def run_explicit(config: Config, data, sigma, workdir, **fit_options) -> dict:
+    """Biased MF on a random split of the ratings: test RMSE beside the baselines' (and σ's)."""
+    from jaxnet import losses, optim
+    from jaxnet.baselines.ratings import bias_baseline
+    from jaxnet.data.ratings import random_split
+    from jaxnet.models import MatrixFactorization
+    from jaxnet.train import TrainState, fit
+
+    train, test = random_split(data, test_fraction=config.test_fraction, seed=config.seed)
+    val = None
+    if config.validate:
+        train, val = random_split(train, test_fraction=0.1, seed=config.seed + 1)
+    mu = float(train.rating.mean())
+    steps = config.explicit_epochs * -(-len(train) // config.batch_size)
+    tx = optim.make_optimizer(optim.OptimizerConfig(name="adam", learning_rate=config.explicit_lr,
+                                                    schedule="cosine", total_steps=steps))
+    model = MatrixFactorization(data.num_users, data.num_items, dim=config.mf_dim, offset=mu)
+    start = time.perf_counter()
+    state = TrainState.create(model=model, tx=tx, sample_x=train.pairs[:1], seed=config.seed)
+    run = fit(state, (train.pairs, train.rating), loss_fn=losses.mse, x_kind="ids",
+              epochs=config.explicit_epochs, batch_size=config.batch_size, l2=config.explicit_l2,
+              val_data=None if val is None else (val.pairs, val.rating), eval_every=5,
+              progress=config.progress, workdir=workdir / "explicit", title="biased MF, MSE", **fit_options)
+    predict = _predictor(run.state)
+    out = {"model": "mf", "n_train": len(train), "n_test": len(test),
+           "test_rmse": rmse(predict(test.pairs), test.rating), "train_wall_s": round(time.perf_counter() - start, 2)}
+    baseline = bias_baseline(train)
+    out["baseline_global_mean_rmse"] = rmse(np.full(len(test), mu), test.rating)
+    out["baseline_biases_rmse"] = rmse(baseline(test.user, test.item), test.rating)
+    if val is not None:
+        out["val_rmse"] = rmse(predict(val.pairs), val.rating)
+        out["baseline_biases_val_rmse"] = rmse(baseline(val.user, val.item), val.rating)
+    if sigma is not None:
+        out["sigma"] = sigma
+        out["test_rmse_over_sigma"] = out["test_rmse"] / sigma
+        if val is not None:
+            out["val_rmse_over_sigma"] = out["val_rmse"] / sigma
+    out["loss_curve_png"] = run.files.get("loss_curve")
+    return out
+
+
+def _predictor(state):
+    """``pairs int32 [n, 2] -> float [n]`` scores, jitted, in chunks of fixed size (one compile)."""
+    import jax
+
+    apply = jax.jit(lambda s, x: s.apply_fn(s.variables, x, train=False))
+    chunk = 65536
+
+    def predict(pairs):
+        n = len(pairs)
+        padded = np.concatenate([pairs, np.zeros((-n % chunk, 2), pairs.dtype)])
+        return np.concatenate([np.asarray(apply(state, padded[i:i + chunk]))
+                               for i in range(0, len(padded), chunk)])[:n]
+
+    return predict
+
+
+def make_implicit_model(name: str, config: Config, num_users: int, num_items: int):
+    from jaxnet.models import NCF, MatrixFactorization, TwoTower
+
+    d = config.implicit_dim
+    if name == "mf":
+        return MatrixFactorization(num_users, num_items, dim=d)
+    if name == "ncf":
+        return NCF(num_users, num_items, gmf_dim=d, mlp_dim=d, backend=config.backend)
+    if name == "two_tower":
+        return TwoTower(num_users, num_items, dim=d, tower_features=(2 * d, d), backend=config.backend)
+    raise ValueError(f"unknown implicit model {name!r}; choose mf, ncf or two_tower")
+
+
+def ranking_scores(scores: np.ndarray, k: int) -> dict:
+    """HR@k and NDCG@k of ``scores: [U, 1 + N]`` (positive in column 0)."""
+    from jaxnet import metrics
+
+    return {f"hr@{k}": float(np.mean(metrics.hit_rate_at_k(scores, k))),
+            f"ndcg@{k}": float(np.mean(metrics.ndcg_at_k(scores, k)))}
+
+
+def run_implicit(config: Config, data, world, workdir, **fit_options) -> dict:
+    """Each implicit model, leave-one-out: HR@k and NDCG@k beside popularity (and the oracle)."""
+    from jaxnet import losses, optim
+    from jaxnet.baselines.ratings import popularity
+    from jaxnet.data import ratings as R
+    from jaxnet.train import TrainState, fit
+
+    exclude = R.interaction_keys(data)  # negatives are items the user never touched, in any split
+    train, test = R.leave_one_out(data)
+    val = None
+    if config.validate:
+        train, val = R.leave_one_out(train)
+    candidates = {"test": R.ranking_candidates(test, exclude, config.eval_negatives, seed=config.seed + 7)}
+    if val is not None:
+        candidates["val"] = R.ranking_candidates(val, exclude, config.eval_negatives, seed=config.seed + 8)
+    rows = {"test": test, "val": val}
+    k = config.top_k
+    out = {"n_train": len(train), "n_test_users": len(test), "eval_negatives": config.eval_negatives, "models": {}}
+
+    def pair_grid(split):  # (U, 1 + N, 2) user-item pairs of the candidates
+        cand = candidates[split]
+        return np.stack([np.broadcast_to(rows[split].user[:, None], cand.shape), cand], -1).astype(np.int32)
+
+    popular = popularity(train, data.num_items, config.seed)
+    for split in candidates:
+        out[f"popularity_{split}"] = ranking_scores(popular[candidates[split]], k)
+    if world is not None:  # the generator's own selection logits: a ceiling for any model
+        oracle = world.selection_logits(test.user[:, None], candidates["test"])
+        out["oracle_test"] = ranking_scores(oracle, k)
+
+    steps = config.implicit_epochs * -(-len(train) * (1 + config.num_negatives) // config.batch_size)
+    tx = optim.make_optimizer(optim.OptimizerConfig(name="adam", learning_rate=config.implicit_lr,
+                                                    schedule="cosine", total_steps=steps))
+    for name in config.implicit_models:
+        model = make_implicit_model(name, config, data.num_users, data.num_items)
+        start = time.perf_counter()
+        state = TrainState.create(model=model, tx=tx, sample_x=train.pairs[:1], seed=config.seed)
+        losses_by_epoch = []
+        for epoch in range(config.implicit_epochs):
+            # Fresh negatives every epoch; the example count is constant, so fit reuses its compilation.
+            pairs, labels = R.implicit_examples(train, config.num_negatives, exclude,
+                                                seed=config.seed * 100_003 + epoch)
+            run = fit(state, (pairs, labels), loss_fn=losses.binary_cross_entropy, x_kind="ids",
+                      epochs=epoch + 1, batch_size=config.batch_size, progress=False, plot=False,
+                      workdir=workdir / f"implicit_{name}", title=f"{name}, implicit", **fit_options)
+            state = run.state
+            losses_by_epoch.append(run.history[-1]["loss"])
+        predict = _predictor(state)
+        res = {"train_loss_first_last": [losses_by_epoch[0], losses_by_epoch[-1]],
+               "train_wall_s": round(time.perf_counter() - start, 2)}
+        for split in candidates:
+            grid = pair_grid(split)
+            res[split] = ranking_scores(predict(grid.reshape(-1, 2)).reshape(grid.shape[:2]), k)
+        res[f"hr@{k}_over_popularity"] = res["test"][f"hr@{k}"] / out["popularity_test"][f"hr@{k}"]
+        out["models"][name] = res
+        print(f"implicit {name}: test {res['test']}  ({res['train_wall_s']} s)", file=sys.stderr, flush=True)
+    return out
+
+
+def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
+        profile_steps: tuple[int, int] | None = None) -> dict:
+    """Both tasks (or the one ``config.task`` names); returns the final metrics.
+
+    Writes ``explicit/`` and ``implicit_<model>/`` logs into ``workdir``. ``tensorboard``,
+    ``profile_steps``: as in ``fit``.
+    """
+    workdir = pathlib.Path(workdir)
+    fit_options = {"tensorboard": tensorboard, "profile_steps": profile_steps}
+    start = time.perf_counter()
+    data, sigma, world = load(config)
+    result = {"experiment": "recsys", "data": config.data or "generator", "n_users": data.num_users,
+              "n_items": data.num_items, "n_interactions": len(data), "sigma": sigma}
+    if config.task in ("both", "explicit"):
+        result["explicit"] = run_explicit(config, data, sigma, workdir, **fit_options)
+        print(f"explicit: {result['explicit']}", file=sys.stderr, flush=True)
+    if config.task in ("both", "implicit"):
+        result["implicit"] = run_implicit(config, data, world, workdir, **fit_options)
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+__all__ = ["Config", "load", "make_implicit_model", "ranking_scores", "rmse", "run", "run_explicit", "run_implicit"]

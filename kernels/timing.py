@@ -1,0 +1,88 @@
+"""Timing for benchmarks: medians of repeated samples after warm-up, every call waited for.
+
+    t = median_seconds(jax.jit(f), (x, w), repeats=10, warmup=2)         # one function
+    m = interleaved_medians({"xla": timed_call(f, args), "numba": timed_call(g, args)}, repeats=15)
+
+A *sampler* is a function of no arguments that returns seconds (per call, per step: whatever it
+measures). ``interleaved_samples`` calls several in turn, round after round, so that a busy or
+drifting machine slows each alike, and ratios taken from one run compare like with like.
+Every helper of the project's benchmarks (``experiments.bench_*``, ``kernels.pallas_gpu.bench``
+and its autotuner) times through this module.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Mapping
+
+import jax
+
+Sampler = Callable[[], float]
+
+
+def timed_call(fn: Callable, args: tuple, *, min_sample_s: float = 0.0) -> Sampler:
+    """A sampler of seconds per call of ``fn(*args)``, ended by ``block_until_ready``.
+
+    With ``min_sample_s > 0`` each sample loops enough calls to last about that long (small
+    problems, whose single calls are too short to time): creating the sampler then runs ``fn``
+    twice, to compile and to measure one call.
+    """
+    reps = 1
+    if min_sample_s > 0:
+        jax.block_until_ready(fn(*args))
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        reps = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-7)))
+
+    def sample() -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / reps
+
+    return sample
+
+
+def interleaved_samples(samplers: Mapping[str, Sampler], repeats: int, warmup: int = 0, *,
+                        after_round: Callable[[int, dict[str, list[float]]], None] | None = None
+                        ) -> dict[str, list[float]]:
+    """Samples of each sampler, taken in turn: ``warmup`` untimed rounds, then ``repeats`` rounds.
+
+    Args:
+      samplers: name -> sampler.
+      repeats: rounds kept; warmup: rounds run first and dropped (compilation, caches, pools).
+      after_round: called after each kept round with its index and the samples so far (progress).
+
+    Returns:
+      name -> the ``repeats`` samples, in order.
+    """
+    for _ in range(warmup):
+        for sample in samplers.values():
+            sample()
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for r in range(repeats):
+        for name, sample in samplers.items():
+            times[name].append(sample())
+        if after_round is not None:
+            after_round(r, times)
+    return times
+
+
+def interleaved_medians(samplers: Mapping[str, Sampler], repeats: int, warmup: int = 0) -> dict[str, float]:
+    """The median of each sampler's ``interleaved_samples``."""
+    return {name: statistics.median(ts) for name, ts in interleaved_samples(samplers, repeats, warmup).items()}
+
+
+def median_of(sample: Sampler, repeats: int, warmup: int = 0) -> float:
+    """Median of ``repeats`` samples of one sampler after ``warmup`` untimed ones."""
+    return interleaved_medians({"": sample}, repeats, warmup)[""]
+
+
+def median_seconds(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` runs after ``warmup`` (at least one: the
+    compile) untimed runs."""
+    return median_of(timed_call(fn, args), repeats, max(1, warmup))
+
+
+__all__ = ["Sampler", "interleaved_medians", "interleaved_samples", "median_of", "median_seconds", "timed_call"]

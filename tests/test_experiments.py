@@ -1,0 +1,250 @@
+"""experiments: flags from nested configs, process set-up in main (not on import), the logging
+flags reaching the training loops, and the language-model experiments end to end (tiny)."""
+import dataclasses
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import common
+from jaxnet.models.transformer import TransformerConfig
+
+EXPERIMENTS = ("bench_kernels", "bench_lm", "bench_seed", "gpu_check", "lm", "recsys", "seed_simple_net", "vision")
+TRAINING = ("lm", "recsys", "seed_simple_net", "vision")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    # Width of the thing.
+    width: int = 8
+    use_bias: bool = True
+    sizes: tuple[int, ...] = (1, 2)
+    dtype: object = jnp.float32
+    vocab: int = 3
+
+    def __post_init__(self):
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    # How many steps.
+    steps: int = 10
+    verbose: bool = False
+    model: Inner = Inner(width=16)
+    derived: ClassVar[tuple[str, ...]] = ("model.vocab",)
+
+
+def test_nested_fields_are_prefixed_flags_and_untouched_ones_keep_the_outer_default():
+    config, flags = common.parse_config(Outer, ["--model.width", "32", "--steps", "3"], name="t")
+    assert config == Outer(steps=3, model=Inner(width=32))
+    assert flags == common.RunFlags(workdir=flags.workdir) and str(flags.workdir) == "runs/t"
+    config, _ = common.parse_config(Outer, ["--model.no-use-bias", "--model.sizes", "4", "5", "6",
+                                            "--model.dtype", "bfloat16", "--verbose"], name="t")
+    assert config.model == Inner(width=16, use_bias=False, sizes=(4, 5, 6), dtype=jnp.bfloat16)
+    assert config.verbose and jnp.dtype(config.model.dtype) == jnp.bfloat16
+    default, _ = common.parse_config(Outer, [], name="t")
+    assert default.model is Outer().model or default.model == Inner(width=16)
+    assert default.model.dtype is jnp.float32  # not re-parsed when not given
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.vocab", "5"], "unrecognized arguments: --model.vocab"),  # derived from the data
+    (["--width", "5"], "unrecognized arguments: --width"),  # nested fields only with their prefix
+    (["--model.width", "wide"], "invalid int value"),
+    (["--model.dtype", "float7"], "not a dtype"),
+    (["--model.width", "0"], "width must be positive"),  # the config's own check, as a usage error
+    (["--profile-steps", "5", "2"], "--profile-steps needs 0 <= START < STOP"),
+    (["--profile-steps", "5"], "expected 2 arguments"),
+])
+def test_bad_flags_exit_with_a_usage_error_naming_them(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_config(Outer, argv, name="t")
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_nested_fields_with_their_defaults_and_comments(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_config(Outer, ["--help"], name="t")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.width INT Width of the thing. (default: 16)" in out
+    assert "--model.use-bias, --model.no-use-bias (default: on)" in out
+    assert "--model.dtype DTYPE (default: float32)" in out and "(default: (1, 2))" in out
+    assert "--steps INT How many steps. (default: 10)" in out
+    assert "--tensorboard" in out and "--profile-steps START STOP" in out
+    assert "--model.vocab" not in out
+
+
+def test_logging_flags_parse_and_only_training_experiments_take_them(capsys):
+    _, flags = common.parse_config(Outer, ["--tensorboard", "--profile-steps", "2", "4", "--workdir", "w"], name="t")
+    assert flags.fit_options == {"tensorboard": True, "profile_steps": (2, 4)} and str(flags.workdir) == "w"
+    with pytest.raises(SystemExit):
+        common.parse_config(Outer, ["--tensorboard"], name="t", trains=False)
+    assert "unrecognized arguments: --tensorboard" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_help_lists_its_flags(name, capsys):
+    module = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m experiments.{name}" in out and "--workdir" in out
+    assert ("--tensorboard" in out) == (name in TRAINING)
+    if name in ("lm", "bench_lm"):
+        assert "--model.embed-dim" in out and "--model.vocab-size" not in out
+
+
+def test_importing_the_experiments_changes_no_process_setting():
+    code = ("import experiments, " + ", ".join(f"experiments.{n}" for n in EXPERIMENTS) + "\n"
+            "import jaxnet.studies.lm, jaxnet.studies.vision, jaxnet.studies.recsys\n"
+            "from kernels import host_memory as h\nprint(h._state['applied'], h._state['single_arena'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None", "False"]
+
+
+class _Called(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_main_prepares_the_process_first(name, monkeypatch):
+    module = importlib.import_module(f"experiments.{name}")
+    calls = []
+
+    def prepare(**kwargs):
+        calls.append(kwargs)
+        raise _Called
+
+    monkeypatch.setattr(module, "prepare_process", prepare)
+    monkeypatch.setattr(module, "parse_config", lambda *a, **k: pytest.fail("parsed before prepare_process"))
+    with pytest.raises(_Called):
+        module.main([])
+    # One arena only where a step's temporaries outgrow a thread's heap (the language models).
+    assert calls == ([{"single_arena": True}] if name in ("lm", "bench_lm") else [{}])
+
+
+def test_prepare_process_applies_the_allocator_settings():
+    code = ("from experiments.common import prepare_process\nfrom kernels import host_memory as h\n"
+            "print(prepare_process(), h._state['single_arena'], prepare_process(single_arena=True))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAXNET_KEEP_HOST_MEMORY": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, arena, second = out.stdout.split()
+    assert arena == "False" and first == second  # True on glibc; False (a no-op) elsewhere
+
+
+class _Reached(Exception):
+    pass
+
+
+def _stop(seen: dict):
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Reached
+    return fake
+
+
+LOGGING = ["--tensorboard", "--profile-steps", "1", "3"]
+
+
+@pytest.mark.parametrize("name, target, argv", [
+    ("lm", "jaxnet.train.stream.fit_stream", ["--data-dir", "tests/data/ptb", "--model.num-layers", "1",
+                                              "--model.embed-dim", "16", "--model.num-heads", "2",
+                                              "--model.block-size", "8", "--steps", "2"]),
+    ("vision", "jaxnet.train.fit", ["--seeds", "1", "--epochs", "1", "--no-baselines"]),
+    ("recsys", "jaxnet.train.fit", ["--generator.num-users", "30", "--generator.num-items", "25",
+                                    "--generator.ratings-per-user", "20"]),
+    ("seed_simple_net", "jaxnet.seed.fit", ["--epochs", "2"]),
+])
+def test_logging_flags_reach_the_training_loop(name, target, argv, monkeypatch, tmp_path):
+    module = importlib.import_module(f"experiments.{name}")
+    seen = {}
+    monkeypatch.setattr(target, _stop(seen))
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    with pytest.raises(_Reached):
+        module.main(argv + LOGGING + ["--workdir", str(tmp_path)])
+    assert seen["tensorboard"] is True and seen["profile_steps"] == (1, 3)
+    assert str(seen["workdir"]).startswith(str(tmp_path))
+
+
+def test_recsys_generator_is_nested_and_task_is_checked(capsys):
+    from experiments import recsys
+
+    config, _ = common.parse_config(recsys.Config, ["--generator.num-users", "60", "--generator.seed", "3"],
+                                    name="recsys")
+    assert config.generator.num_users == 60 and config.generator.seed == 3 and config.seed == 0
+    assert config.generator.num_items == recsys.Config().generator.num_items
+    with pytest.raises(SystemExit):
+        common.parse_config(recsys.Config, ["--task", "both-ways"], name="recsys")
+    assert "task must be both, explicit or implicit" in capsys.readouterr().err
+
+
+def test_lm_experiment_end_to_end_on_the_ptb_sample(tmp_path, monkeypatch):
+    from experiments import lm
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    result = lm.main(["--data-dir", "tests/data/ptb", "--model.num-layers", "1", "--model.embed-dim", "16",
+                      "--model.num-heads", "2", "--model.block-size", "8", "--batch-size", "4", "--steps", "20",
+                      "--warmup-steps", "2", "--eval-every", "10", "--log-every", "10", "--eval-stride", "4",
+                      "--sample-length", "4", "--no-progress", "--workdir", str(tmp_path)])
+    assert result["level"] == "word" and result["steps"] == 20 and result["params"] > 0
+    assert math.isfinite(result["val_perplexity"]) and math.isfinite(result["test_perplexity"])
+    assert result["ngram_kn3_val_perplexity"] > 1
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert (tmp_path / "loss_curve.png").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_lm_time_budget_follows_the_clock_schedule(tmp_path, monkeypatch):
+    """steps 0: a constant AdamW chained with clock_schedule, ending at the max_epochs cap here."""
+    from jaxnet.studies import lm
+
+    opt = lm.make_optimizer(lm.Config())
+    assert len(opt.init({"w": jnp.zeros(2)})) == 2  # (AdamW's chain, the clock's state)
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    config = lm.Config(data_dir="tests/data/ptb", model=TransformerConfig(num_layers=1, embed_dim=16, num_heads=2,
+                                                                          block_size=8),
+                       batch_size=4, max_epochs=2, warmup_steps=2, eval_every=100, log_every=4, eval_stride=4,
+                       sample_length=2, progress=False)
+    result = lm.run(config, tmp_path)
+    assert result["schedule"].startswith("time") and not result["stopped_by_time"]
+    assert result["steps"] == math.ceil(2 * result["n_train"] / (4 * 8)) and result["epochs"] >= 2
+
+
+def test_the_pytorch_lm_baseline_has_the_same_parameters_and_refuses_what_it_lacks():
+    pytest.importorskip("torch")
+    from jaxnet.baselines import torch_lm
+    from jaxnet.models.transformer import count_params
+
+    for positions in ("rotary", "learned"):
+        config = TransformerConfig(vocab_size=11, block_size=8, num_layers=2, embed_dim=16, num_heads=2,
+                                   positions=positions)
+        run, n_params = torch_lm.torch_trainer(config, [(np.zeros((2, 8), int), np.ones((2, 8), int))], threads=1)
+        assert n_params == count_params(config)
+        assert run(1) > 0
+    with pytest.raises(ValueError, match="activation='gelu_tanh'"):
+        torch_lm.check_supported(TransformerConfig(activation="relu"))
+
+
+@pytest.mark.slow  # ~10 s, mostly importing torch in the child and compiling
+def test_bench_lm_runs_both_sides(tmp_path):
+    pytest.importorskip("torch")
+    from experiments import bench_lm
+
+    result = bench_lm.main(["--model.num-layers", "1", "--model.embed-dim", "16", "--model.num-heads", "2",
+                            "--model.block-size", "8", "--batch-size", "2", "--steps", "1", "--repeats", "1",
+                            "--warmup", "1", "--workdir", str(tmp_path)])
+    assert result["params"] == result["pytorch_params"]
+    assert result["jaxnet_tokens_per_s"] > 0 and result["speedup_vs_pytorch"] > 0
+    assert result["dtype"] == "float32" and result["block_size"] == 8
