@@ -2,11 +2,11 @@
 from jaxnet.train.loop import FitResult, check_finite, evaluate, fit
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
 from jaxnet.train.stream import (ClockScheduleState, StreamResult, clock_factor, clock_schedule, evaluate_stream,
-                                 fit_stream, set_clock_fraction, time_schedule)
+                                 fit_stream, set_clock_fraction)
 from jaxnet.train.writers import (JsonlWriter, LossCurveWriter, ProfileTrace, RunLog, TensorBoardWriter, Writer,
                                   save_loss_curve)
 
 __all__ = ["ClockScheduleState", "FitResult", "JsonlWriter", "LossCurveWriter", "ProfileTrace", "RunLog",
            "StreamResult", "TensorBoardWriter", "TrainState", "Writer", "check_finite", "clock_factor",
            "clock_schedule", "evaluate", "evaluate_stream", "fit", "fit_stream", "make_eval_step",
-           "make_train_step", "save_loss_curve", "set_clock_fraction", "split_keys", "time_schedule"]
+           "make_train_step", "save_loss_curve", "set_clock_fraction", "split_keys"]

@@ -145,28 +145,6 @@ def set_clock_fraction(opt_state, fraction):
     return jax.tree.map(lambda s: s._replace(fraction=fraction) if is_clock(s) else s, opt_state, is_leaf=is_clock)
 
 
-def time_schedule(warmup_steps: int, final_fraction: float = 0.0) -> Callable[[TrainState, float], TrainState]:
-    """Superseded by ``clock_schedule`` (kept until ``experiments/lm.py`` and its tests switch).
-
-    A ``before_step`` hook: linear warm-up over ``warmup_steps`` updates, then a cosine decay
-    to ``final_fraction`` over the time budget, as a factor on every update. It reads
-    ``state.step`` on the host, a device sync before every update.
-
-    The state's optimiser must end with ``optax.inject_hyperparams(optax.scale)(step_size=1.0)``
-    (e.g. ``optax.chain(make_optimizer(constant-rate config), that)``): the hook sets its
-    ``step_size``, so the factor changes without recompiling.
-    """
-    def before_step(state: TrainState, fraction: float) -> TrainState:
-        step = int(state.step)
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        factor = warm * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * fraction)))
-        *inner, scale = state.opt_state
-        hyper = dict(scale.hyperparams, step_size=jnp.asarray(factor, jnp.float32))
-        return state.replace(opt_state=(*inner, scale._replace(hyperparams=hyper)))
-
-    return before_step
-
-
 def fit_stream(
     state: TrainState,
     train_tokens,
@@ -295,4 +273,4 @@ def fit_stream(
 
 
 __all__ = ["ClockScheduleState", "StreamResult", "clock_factor", "clock_schedule", "evaluate_stream", "fit_stream",
-           "set_clock_fraction", "time_schedule"]
+           "set_clock_fraction"]
