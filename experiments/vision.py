@@ -15,8 +15,8 @@ measured in the same run (``--baselines``, ``jaxnet.baselines.classifiers``): sc
 ``CNN`` and ``MLP`` are Flax modules, with no config object of their own to nest.
 Writes ``confusion_matrix.png`` (summed over seeds), each seed's ``seed<k>/loss_curve.png`` and
 ``metrics.jsonl``, and ``result.json``. Measured (docs/benchmarks.md, 2 shared cores): CNN mean
-test accuracy 99.48% ± 0.10 over 3 seeds, 19 s of training (54 s with the anchors; 99.56% ± 0.18
-in 17 s on later code, a quieter machine); anchors 98.89% / 98.67% / 96.89%.
+test accuracy 99.56% ± 0.18 over 3 seeds, 17 s of training on a quiet machine (43 s, 50 s for the
+whole command, on a busy one); anchors 98.89% / 98.67% / 96.89%.
 """
 from __future__ import annotations
 
