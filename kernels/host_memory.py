@@ -4,23 +4,20 @@
     runtime.keep_host_memory()                       # any process: big blocks stay in the heap
     runtime.keep_host_memory(single_arena=True)      # a training process with huge steps
 
-XLA's CPU runtime allocates one temporary buffer per execution of a compiled program (the
-transformer LM's train step: ~450 MB for the activations kept for the backward pass) and frees it
-when the step ends. glibc's malloc serves a block that large with a fresh ``mmap`` and gives it
-back with ``munmap``, so every step page-faults (and the kernel zeroes) the whole buffer again:
-measured 114k minor faults and ~40% of the LM's step time on a 2-core machine. The Numba kernels'
-scratch (e.g. 4 MB of packed panels per call at 1024^3) page-faulted on every call the same way
-(3-4 ms, a quarter of the backward pass).
+Nothing calls this on import: an entry point opts in (every experiment's ``main`` does, through
+``experiments.common.prepare_process``; a library user may call it first thing in a script).
 
-``keep_host_memory`` raises glibc's mmap threshold (big blocks come from the heap) and trim
-threshold (the heap's free top is not returned to the kernel), so later calls reuse the pages.
-That is enough for blocks that fit a thread's heap (up to 64 MB: the Numba scratch, most XLA
-programs). Blocks larger than that, allocated on XLA's worker threads, still get a fresh ``mmap``
-from those threads' own arenas; ``single_arena=True`` makes every thread use the main heap,
-which can hold them (the LM step: 10.6k -> 15.5k tokens/s, measured). One arena costs every
-small program: threads then share one malloc lock, and a tiny jitted forward+backward took
-19 µs instead of 13 µs here. So only the LM experiments ask for it; the ``experiments`` package
-and the "numba" backend of ``kernels.fused_dense`` (on first use) apply the thresholds alone.
+Why: XLA's CPU runtime allocates one temporary buffer per execution of a compiled program (the
+activations a train step keeps for its backward pass) and frees it when the step ends; the Numba
+kernels allocate their scratch (packed panels) per call. glibc's malloc serves blocks that large
+with a fresh ``mmap`` and returns them with ``munmap``, so every call page-faults (and the kernel
+zeroes) them again. ``keep_host_memory`` raises glibc's mmap threshold (big blocks come from the
+heap) and trim threshold (the heap's free top is kept), so later calls reuse the pages. Blocks
+larger than a thread's heap (64 MB), allocated on XLA's worker threads, still get a fresh
+``mmap`` from those threads' own arenas; ``single_arena=True`` makes every thread use the main
+heap, which can hold them. One arena makes threads share one malloc lock, which slows small
+programs, so only the language-model experiments ask for it. The figures behind both are in
+docs/benchmarks.md (Language: "Step overhead"; the Numba kernels: their scratch memory).
 
 The price is resident memory: the process keeps its peak heap instead of returning it between
 steps, as a caching allocator (PyTorch's or XLA's on GPUs) does anyway.
@@ -64,9 +61,8 @@ def keep_host_memory(threshold_bytes: int = _INT_MAX, *, single_arena: bool = Fa
     MALLOC_MMAP_THRESHOLD_=... MALLOC_TRIM_THRESHOLD_=...`` in the environment does the same for
     any process.
 
-    Not for PyTorch processes: with one arena PyTorch's CPU autocast step ran ~1.8x slower here
-    (its f32 step was unaffected), which is why ``experiments.bench_lm`` times PyTorch in a child
-    process without these settings.
+    Not for PyTorch processes: one arena slows PyTorch's CPU autocast step (docs/benchmarks.md),
+    which is why ``experiments.bench_lm`` times PyTorch in a child process without these settings.
 
     Args:
       threshold_bytes: blocks below this size come from the heap, and up to this much free heap

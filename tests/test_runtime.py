@@ -38,15 +38,6 @@ def test_single_arena_is_asked_for_separately():
     assert got == ([str(GLIBC), "False", str(GLIBC), str(GLIBC), str(GLIBC)])
 
 
-def test_the_experiments_apply_thresholds_and_only_the_lm_ones_a_single_arena():
-    import experiments  # noqa: F401  (its __init__ calls keep_host_memory)
-
-    assert host_memory._state["applied"] is not None
-    code = "import experiments.{} as e\nfrom kernels import host_memory as h\nprint(h._state['single_arena'])\n"
-    assert _run(code.format("vision")) == ["False"]
-    assert _run(code.format("lm")) == [str(GLIBC)]
-
-
 def test_an_environment_variable_turns_it_off():
     code = "from jaxnet import runtime\nprint(runtime.keep_host_memory(), runtime.keep_host_memory(single_arena=True))\n"
     assert _run(code, JAXNET_KEEP_HOST_MEMORY="0") == ["False", "False"]
