@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from jaxnet import runtime
-from kernels import host_memory
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
