@@ -3,10 +3,9 @@ mode elsewhere. Importing this package registers the backend with ``kernels.disp
 picks it only on a GPU (on CPU it is correct but slow, which is what interpret mode is for).
 """
 from kernels.dispatch import register_backend
+from kernels.pallas_gpu.blocks import GPU_DEFAULT, INTERPRET_DEFAULT, BlockConfig
+from kernels.pallas_gpu.ops import LOWERINGS, fused_dense, resolve_lowering
 from kernels.pallas_gpu.tuning import GPU_CANDIDATES, autotune
-from kernels.pallas_gpu.ops import (
-    GPU_DEFAULT, INTERPRET_DEFAULT, LOWERINGS, BlockConfig, fused_dense, resolve_lowering,
-)
 
 
 def _backend_fn(x, w, b, activation):

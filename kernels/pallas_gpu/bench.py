@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from kernels.pallas_gpu.ops import BlockConfig, fused_dense
+from kernels.pallas_gpu.blocks import BlockConfig
+from kernels.pallas_gpu.ops import fused_dense
 from kernels.timing import median_seconds
 
 

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from kernels import reference
 from kernels.checks import check_fused_dense_args
 from kernels.pallas_gpu import _kernels, blocks
-from kernels.pallas_gpu.blocks import GPU_DEFAULT, INTERPRET_DEFAULT, BlockConfig, default_config  # noqa: F401
+from kernels.pallas_gpu.blocks import GPU_DEFAULT, BlockConfig
 
 LOWERINGS = ("auto", "triton", "mosaic_gpu", "interpret")
 

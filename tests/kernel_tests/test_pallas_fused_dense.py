@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import kernels
 from kernels import activations, dispatch, reference
 from kernels.pallas_gpu import BlockConfig, autotune, fused_dense, resolve_lowering
+from kernels.pallas_gpu import blocks
 from kernels.pallas_gpu import ops as fd_module
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -239,7 +240,7 @@ def test_registration_and_auto_choice():
     if not ON_GPU:
         assert dispatch.resolve("auto").name != "pallas"  # interpret mode is for checking, not speed
         assert resolve_lowering() == "interpret"
-        assert autotune(64, 64, 64) == fd_module.INTERPRET_DEFAULT
+        assert autotune(64, 64, 64) == blocks.INTERPRET_DEFAULT
 
 
 def test_missing_lowerings_fail_clearly():
