@@ -123,7 +123,6 @@ def test_einsum_gradients_match_float64(spec, sa, sb):
 def test_backward_dots_run_in_bfloat16():
     """The point of the custom VJP: no f32 x bf16 dot is left in the gradient of a bf16 dense layer."""
     x = jnp.ones((8, 16), jnp.bfloat16)
-    w = jnp.ones((16, 4), jnp.bfloat16)
     layer = FusedDense(4, activation="gelu_tanh")
     params = layer.init(jax.random.key(0), x)["params"]
     loss = lambda x, p: layer.apply({"params": p}, x).astype(jnp.float32).sum()
