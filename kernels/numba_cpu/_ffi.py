@@ -23,6 +23,10 @@ see C structs, so the handler reads the call frame through raw loads at the byte
 Handlers are compiled once per dtype and kernel and serve every shape: shapes come from the
 buffers' ``rank``/``dims`` at each call. Everything here is plain loads and stores, so handlers
 are re-entrant (no globals, no GIL, no Python on the call path).
+
+The small readers at the end (``arg``, ``dim``, ...) are plain ``njit`` functions that LLVM
+inlines; Numba-level ``inline="always"`` would copy and retype their IR at each of the handlers'
+many call sites, a large part of a cold compile.
 """
 from __future__ import annotations
 
@@ -117,6 +121,18 @@ def store_i64(typingctx, addr, value):
 
 
 @intrinsic
+def nonliteral(typingctx, value):
+    """``value`` typed as a run-time value: a constant argument (``0``, ``False``) would make
+    Numba compile the callee once more, specialised for that constant, and every kernel below it
+    with it (most of a cold compile's time); kernels whose constants pay are called with them."""
+    result = types.unliteral(value)
+
+    def codegen(context, builder, sig, args):
+        return context.cast(builder, args[0], sig.args[0], result)
+    return result(value), codegen
+
+
+@intrinsic
 def as_pointer(typingctx, addr, dtype):
     """The address ``addr`` as a typed pointer ``dtype*`` (``dtype`` a Numba number class)."""
     elem = dtype.instance_type
@@ -128,7 +144,7 @@ def as_pointer(typingctx, addr, dtype):
 @intrinsic
 def as_shape(typingctx, a, shape):
     """``a.reshape(shape)`` for a C-contiguous ``a``, built inline: Numba's ``reshape`` calls a
-    C helper that cost ~20 ns a call (measured), as much as a small kernel's whole epilogue.
+    C helper that costs as much as a small kernel's whole epilogue.
 
     ``shape`` is an integer or a tuple of integers whose product the caller guarantees to be
     ``a.size`` (unchecked). The view shares ``a``'s memory and keeps it alive, as a reshape does.
@@ -215,8 +231,8 @@ def vector_copy(typingctx, dst, dst_index, src, src_index, count, accumulate):
     of one dtype, ``count`` a literal) as one LLVM vector load, add and store; no bounds checks.
 
     Why: Numba runs no SLP vectoriser, and LLVM fully unrolls a short copy loop before its loop
-    vectoriser sees it, so a register tile's 32-wide row was stored element by element (256
-    scalar stores per 8 x 32 tile, ~40% of a 64^3 GEMM).
+    vectoriser sees it, so a register tile's 32-wide row would be stored element by element
+    (256 scalar stores per 8 x 32 tile).
     """
     if not isinstance(count, types.IntegerLiteral) or dst.dtype != src.dtype:
         return None
@@ -247,7 +263,7 @@ def transpose_block(typingctx, src, src_index, src_ld, dst, dst_index, dst_ld):
 
     log2(V) butterfly stages of two-source shuffles, each exchanging one bit of the row index
     with the same bit of the column index (rows i and i + b swap the b-halves of their pairs).
-    Why: a scalar transpose moves about one element a cycle; this is ~4x faster at 64 x 64.
+    Why: a scalar transpose moves about one element a cycle.
     """
     if src.dtype != dst.dtype or src.dtype not in (types.float32, types.float64):
         return None
@@ -400,7 +416,7 @@ def register(name: str, handler) -> None:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu", api_version=1)
 
 
-@njit(inline="always")
+@njit
 def answer_metadata(frame):
     """Answers XLA's registration-time query, if ``frame`` carries one.
 
@@ -423,40 +439,40 @@ def answer_metadata(frame):
     return 0
 
 
-@njit(inline="always")
+@njit
 def arg(frame, i):
     """Address of the ``XLA_FFI_Buffer`` of argument ``i``."""
     return load_i64(load_i64(frame + FRAME_ARGS) + 8 * i)
 
 
-@njit(inline="always")
+@njit
 def ret(frame, i):
     """Address of the ``XLA_FFI_Buffer`` of result ``i``."""
     return load_i64(load_i64(frame + FRAME_RETS) + 8 * i)
 
 
-@njit(inline="always")
+@njit
 def dim(buf, d):
     """``buf->dims[d]``."""
     return load_i64(load_i64(buf + BUFFER_DIMS) + 8 * d)
 
 
-@njit(inline="always")
+@njit
 def rank(buf):
     return load_i64(buf + BUFFER_RANK)
 
 
-@njit(inline="always")
+@njit
 def dtype(buf):
     return load_i32(buf + BUFFER_DTYPE)
 
 
-@njit(inline="always")
+@njit
 def data(buf):
     return load_i64(buf + BUFFER_DATA)
 
 
-@njit(inline="always")
+@njit
 def leading(buf, trailing):
     """Product of all but the last ``trailing`` dims (the batch that vmap puts in front), or -1
     when the buffer has fewer than ``trailing`` dims."""
@@ -469,7 +485,7 @@ def leading(buf, trailing):
     return n
 
 
-@njit(inline="always")
+@njit
 def scalar_attr_i64(frame, i):
     """The int64 scalar attribute ``i`` (attributes are sorted by name), or -1 if it is not one."""
     if i >= load_i64(frame + FRAME_ATTRS_SIZE):

@@ -1,7 +1,7 @@
 """The XLA FFI handlers: one Numba ``cfunc`` per dtype and kernel, serving every shape.
 
-Importing this module compiles (or loads from Numba's on-disk cache) the four handlers and the
-two helper tasks.
+``handler(kind, dtype)`` compiles (or loads from Numba's on-disk cache) one handler on first use,
+with its dtype's helper task; importing this module compiles nothing.
 
 Calling conventions (all buffers row-major; a leading batch, from ``vmap_method="broadcast_all"``,
 may precede the matrix dims and must have the same size on every operand):
@@ -12,34 +12,70 @@ may precede the matrix dims and must have the same size on every operand):
   backward: args (dy [..., M, N], x [..., M, K], w [..., K, N], r [..., M, N], t?, b?)
             rets (dx [..., M, K], dw [..., K, N], db [..., N]?)
             relu passes r = y, t, and b when there is a bias (db); other activations only r.
-  attributes (sorted by name, as XLA passes them): ``act`` (int64), the activation code of
-  ``_kernels.ACT_CODES``; ``task`` (int64), the address of the dtype's helper task
-  (``TASKS``) to share the GEMM blocks with XLA's intra-op thread pool, or 0 to stay on the
-  calling thread. The address travels as an attribute because Numba's cached machine code
-  must not embed a per-process address; as the attribute is baked into the executable, the
-  backend passes 0 whenever JAX's persistent compilation cache is on.
+  attributes (sorted by name, as XLA passes them): ``act`` (int64), the activation's ``code`` in
+  ``kernels.activations``; ``share`` (int64), 1 to share the GEMM blocks with XLA's intra-op
+  thread pool, 0 to stay on the calling thread.
+
+The helper task scheduled on XLA's pool is reached through a symbol, not an attribute: before a
+handler is compiled or loaded from Numba's cache, its dtype's task is registered with LLVM's
+symbol table (``TASK_SYMBOLS``), and the handler refers to it by name, so each process links its
+own address into the cached machine code. An address in an attribute would be baked into the
+executable, which JAX's persistent compilation cache can hand to another process.
 
 A shape, dtype or attribute that does not fit these conventions returns an XLA error (never a
-crash); the one thing trusted is ``task``, which must be 0 or an address from ``TASKS``.
+crash).
 """
 from __future__ import annotations
 
+import threading
+
+from llvmlite import binding as llvm
+from llvmlite import ir
 from numba import carray, cfunc, float32, float64, njit, types
+from numba.extending import intrinsic
 
-from kernels.numba_cpu import _ffi
+from kernels.activations import ACTIVATIONS
+from kernels.numba_cpu import _cache, _ffi
 from kernels.numba_cpu._ffi import arg, as_pointer, data, dim, dtype, leading, make_error, rank, ret
-from kernels.numba_cpu._kernels import backward, forward, run_job
+from kernels.numba_cpu._kernels import RELU, backward, forward, run_job
 
-_N_ACTS = 7
+_N_ACTS = len(ACTIVATIONS)
+# The helper tasks' link-time names, by dtype.
+TASK_SYMBOLS = {"float32": "jaxnet_numba_task_f32", "float64": "jaxnet_numba_task_f64"}
 
 
-@njit(inline="always")
+@intrinsic
+def _task_address(typingctx, nbtype):
+    """The address of ``nbtype``'s helper task (``TASK_SYMBOLS``), resolved when the code is
+    linked into the process (the symbol must be registered by then: see ``handler``)."""
+    name = {types.float32: TASK_SYMBOLS["float32"], types.float64: TASK_SYMBOLS["float64"]}.get(nbtype.instance_type)
+    if name is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i64]),
+                                                               name)
+        return builder.ptrtoint(fn, i64)
+    return types.int64(nbtype), codegen
+
+
+@njit
+def _task(frame, nbtype):
+    """The helper task's address if attribute 1 (``share``) is 1, 0 if it is 0, else -1."""
+    share = _ffi.scalar_attr_i64(frame, 1)
+    if share == 1:
+        return _task_address(nbtype)
+    return 0 if share == 0 else -1
+
+
+@njit
 def _view(buf, nbtype, shape):
     """The buffer's data as a C-contiguous array of ``shape`` (no copy)."""
     return carray(as_pointer(data(buf), nbtype), shape)
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always", cache=True, nogil=True)
 def _forward_call(frame, nbtype, code):
     q = _ffi.answer_metadata(frame)
     if q >= 0:
@@ -51,13 +87,13 @@ def _forward_call(frame, nbtype, code):
     act = _ffi.scalar_attr_i64(frame, 0)
     if act < 0 or act >= _N_ACTS:
         return make_error(frame, "missing or unknown int64 attribute 'act'")
-    task = _ffi.scalar_attr_i64(frame, 1)
+    task = _task(frame, nbtype)
     if task < 0:
-        return make_error(frame, "missing int64 attribute 'task'")
+        return make_error(frame, "missing int64 attribute 'share' (0 or 1)")
     xb, wb, yb = arg(frame, 0), arg(frame, 1), ret(frame, 0)
     has_bias = nargs == 3
-    save_z = nrets == 2 and act != 1
-    save_ties = nrets == 2 and act == 1
+    save_z = nrets == 2 and act != RELU
+    save_ties = nrets == 2 and act == RELU
     bb = arg(frame, 2) if has_bias else yb
     zb = ret(frame, 1) if save_z else yb
     tb = ret(frame, 1) if save_ties else yb
@@ -92,7 +128,7 @@ def _forward_call(frame, nbtype, code):
     return 0
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always", cache=True, nogil=True)
 def _backward_call(frame, nbtype, code):
     q = _ffi.answer_metadata(frame)
     if q >= 0:
@@ -105,12 +141,12 @@ def _backward_call(frame, nbtype, code):
     if act < 0 or act >= _N_ACTS:
         return make_error(frame, "missing or unknown int64 attribute 'act'")
     has_bias = nrets == 3
-    relu = act == 1
+    relu = act == RELU
     if nargs != ((5 + has_bias) if relu else 4):
         return make_error(frame, "backward takes (dy, x, w, r), and for relu (dy, x, w, y, t[, b])")
-    task = _ffi.scalar_attr_i64(frame, 1)
+    task = _task(frame, nbtype)
     if task < 0:
-        return make_error(frame, "missing int64 attribute 'task'")
+        return make_error(frame, "missing int64 attribute 'share' (0 or 1)")
     dyb, xb, wb, rb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3)
     dxb, dwb = ret(frame, 0), ret(frame, 1)
     dbb = ret(frame, 2) if has_bias else dwb
@@ -160,46 +196,75 @@ def _backward_call(frame, nbtype, code):
 
 
 # The handlers' C signature is XLA_FFI_Error* (*)(XLA_FFI_CallFrame*); both pointers travel as
-# int64 (same registers in the x86-64 and AArch64 C ABIs).
+# int64 (same registers in the x86-64 and AArch64 C ABIs). The functions below become cfuncs
+# only in ``handler``: compiling all of them up front made a first call wait for every dtype.
 _SIG = types.int64(types.int64)
+# XLA_FFI_Task: void (*)(void* data), the job.
+_TASK_SIG = types.void(types.int64)
 
 
-@cfunc(_SIG, cache=True)
 def forward_f32(frame):
     return _forward_call(frame, float32, _ffi.DTYPE_F32)
 
 
-@cfunc(_SIG, cache=True)
 def forward_f64(frame):
     return _forward_call(frame, float64, _ffi.DTYPE_F64)
 
 
-@cfunc(_SIG, cache=True)
 def backward_f32(frame):
     return _backward_call(frame, float32, _ffi.DTYPE_F32)
 
 
-@cfunc(_SIG, cache=True)
 def backward_f64(frame):
     return _backward_call(frame, float64, _ffi.DTYPE_F64)
 
 
-@cfunc(types.void(types.int64), cache=True)
 def task_f32(job):
     run_job(job, float32)
 
 
-@cfunc(types.void(types.int64), cache=True)
 def task_f64(job):
     run_job(job, float64)
 
 
-# XLA_FFI_Task: void (*)(void* data), the job.
-TASKS = {"float32": task_f32, "float64": task_f64}
-
-HANDLERS = {
+_SOURCES = {
     ("forward", "float32"): forward_f32,
     ("forward", "float64"): forward_f64,
     ("backward", "float32"): backward_f32,
     ("backward", "float64"): backward_f64,
 }
+_TASK_SOURCES = {"float32": task_f32, "float64": task_f64}
+KINDS = tuple(_SOURCES)
+
+_lock = threading.Lock()
+# Compiled cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
+_COMPILED: dict[tuple[str, str], object] = {}
+
+
+def task(dtype_name: str):
+    """The helper task cfunc of ``dtype_name`` ("float32"/"float64"), compiled on first use and
+    registered under its ``TASK_SYMBOLS`` name."""
+    with _lock:
+        return _task_locked(dtype_name)
+
+
+def _task_locked(dtype_name):
+    key = ("task", dtype_name)
+    if key not in _COMPILED:
+        _cache.drop_if_stale()
+        t = cfunc(_TASK_SIG, cache=True)(_TASK_SOURCES[dtype_name])
+        llvm.add_symbol(TASK_SYMBOLS[dtype_name], t.address)
+        _COMPILED[key] = t
+    return _COMPILED[key]
+
+
+def handler(kind: str, dtype_name: str):
+    """The FFI handler cfunc for ``kind`` ("forward"/"backward") and ``dtype_name``, compiled (or
+    loaded from Numba's cache) on first use, after its dtype's helper task."""
+    key = (kind, dtype_name)
+    with _lock:
+        if key not in _COMPILED:
+            source = _SOURCES[key]
+            _task_locked(dtype_name)  # the symbol the handler links against
+            _COMPILED[key] = cfunc(_SIG, cache=True)(source)
+        return _COMPILED[key]

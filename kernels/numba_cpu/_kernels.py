@@ -21,15 +21,23 @@ Big problems split into blocks that are shared, through an atomic counter, with 
 on XLA's own intra-op thread pool (``XLA_FFI_ThreadPool_Schedule``): no second thread pool
 competes with XLA's for the cores, and nothing here holds a lock or global state.
 
-Activation codes (``ACT_CODES``) select the epilogue; ``RESIDUAL`` says what the backward pass
-needs saved: the pre-activation ``z`` (gelu, gelu_tanh, silu), the output ``y`` (tanh, sigmoid:
-their derivatives are ``1 - y**2`` and ``y * (1 - y)``; relu, see below), or nothing (identity).
+An activation's ``code`` in ``kernels.activations`` selects the epilogue; its ``saves`` says what
+the backward pass needs: the pre-activation ``z`` (gelu, gelu_tanh, silu), the output ``y`` (tanh,
+sigmoid: their derivatives are ``1 - y**2`` and ``y * (1 - y)``; relu, see below), or nothing
+(identity).
 
 relu keeps ``jnp.maximum``'s derivative, 1/2 at z = 0, which y alone cannot tell from z < 0. Its
 forward therefore reports whether any z was exactly 0 (a "tie", from ``epilogue``); without
 ties the backward takes relu' from y, and with them it recomputes z (one more GEMM). Saving
-z instead cost a second [M, N] output: 0.6 us of a 64^3 forward+backward (16.2 against 15.6 us
-through jit, measured), and twice the residual memory.
+z instead would cost a second [M, N] output on every call and twice the residual memory.
+
+Compile time: every ``njit`` function that another one calls is optimised again inside each
+caller's module, so a cold compile grows with the depth of the call tree and with the number
+of specialisations. Thin wrappers are therefore ``inline="always"`` (one level fewer), and
+constant arguments that buy no speed go through ``_ffi.nonliteral`` (one specialisation per
+dtype instead of one per call site).
+
+Measured figures behind the thresholds and layouts here are in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -38,12 +46,22 @@ import math
 import numpy as np
 from numba import carray, njit
 
+from kernels.activations import CODES
 from kernels.numba_cpu import _fastmath as _fm
 from kernels.numba_cpu import _ffi
+from kernels.numba_cpu._ffi import nonliteral as _nl
 
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6}
-RESIDUAL = {"identity": "none", "relu": "y", "gelu": "z", "gelu_tanh": "z", "silu": "z", "tanh": "y",
-            "sigmoid": "y"}
+# The activation codes the epilogues switch on, from the one table (module-level ints: Numba
+# freezes them into the compiled code as constants).
+IDENTITY = CODES["identity"]
+RELU = CODES["relu"]
+GELU = CODES["gelu"]
+GELU_TANH = CODES["gelu_tanh"]
+SILU = CODES["silu"]
+TANH = CODES["tanh"]
+SIGMOID = CODES["sigmoid"]
+# An internal code, past every code of the table: relu's gradient taken from y, with no ties.
+RELU_FROM_Y = max(CODES.values()) + 1
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -58,8 +76,7 @@ _STRICT = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy
 # Cache blocking of ``gemm_nt`` (elements): a block is MB rows of a by NB rows of b (the unit of
 # work shared between threads); the reduction runs in LB-long passes.
 # A 4-row strip of a (4 x LB) stays in L1 while the NB x LB panel of b (512 KiB in float32)
-# stays in L2. Long passes amortise each 4 x 4 tile's 16 horizontal sums. Measured on the
-# 2-core EPYC (Zen 5): (128, 128, 1024) beat (64, 64, 256) by 5-50% from 512^3 to 2048^3.
+# stays in L2. Long passes amortise each 4 x 4 tile's 16 horizontal sums.
 MB = 128
 NB = 128
 LB = 1024
@@ -85,9 +102,6 @@ def _sigmoid(v, fast):
     return 1.0 / (1.0 + _exp(-v, fast))
 
 
-# An internal activation code (not in ACT_CODES): relu's gradient taken from y, with no ties.
-RELU_FROM_Y = 7
-
 # Elements per chunk of an in-place transcendental epilogue (its scratch: 16 KiB in float32).
 EPI_CHUNK = 4096
 
@@ -97,8 +111,8 @@ def _relu_range(src, dst, lo, hi):
     """``dst[j] = max(src[j], 0)`` for j in [lo, hi), nan propagating; returns whether some
     ``src[j]`` is exactly 0 (a tie, +0 or -0). Inlined so that in place (src and dst the same
     variable) LLVM sees one pointer and vectorises without an overlap check; two views of one
-    buffer would fail the check and run scalar (5x slower). The tie test costs 45 ns per 4096
-    elements (61 -> 107 ns in a loop; an integer count instead cost 113 ns)."""
+    buffer would fail the check and run scalar. The tie test is a boolean or (cheaper than an
+    integer count)."""
     zero = dst.dtype.type(0)  # a float64 0.0 would widen every float32 element and back
     ties = False
     for j in range(lo, hi):
@@ -113,11 +127,11 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
     """``z += bias`` and ``y = act(z)`` on the block ``[i0:i1, j0:j1]``; ``y`` may be ``z``.
     Returns whether relu met a z that is exactly 0 (always False for other activations).
 
-    One call per block (not per row: a Numba call costs ~30 ns, as much as a short row). Rows
-    are ranges of the flattened arrays, not views: a row view cost ~6 ns inside the FFI handler
-    (as much as the work of a 10-wide row), and a flat range with bounds keeps the unit stride
-    LLVM needs to vectorise. A block of whole rows is one range (the per-row overhead, ~15 ns,
-    was most of a 64 x 64 relu). In place, relu reads and writes one view (``_relu_range``) and
+    One call per block, not per row: a Numba call costs as much as the work of a short row.
+    Rows are ranges of the flattened arrays, not views: a row view costs as much as a narrow
+    row's work, and a flat range with bounds keeps the unit stride LLVM needs to vectorise. A
+    block of whole rows is one range (per-row overhead dominates a small relu). In place, relu
+    reads and writes one view (``_relu_range``) and
     a costly activation goes through a scratch range, as LLVM's runtime overlap check would
     send a loop between two aliasing views to its scalar version.
     float32 uses the vectorisable ``_fastmath`` functions (computed in float64, a few float32
@@ -131,13 +145,13 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
             base = i * ld
             for j in range(base + np.uint64(j0), base + np.uint64(j1)):
                 zf[j] += bias[j - base]
-    if act == 0 and z is y:
+    if act == IDENTITY and z is y:
         return False
     if j0 == 0 and j1 == z.shape[1]:  # whole rows: one range
         nruns, width = np.uint64(1), np.uint64(i1 - i0) * ld
     else:
         nruns, width = np.uint64(i1 - i0), np.uint64(j1 - j0)
-    if act == 1:  # no scratch (an empty allocation cost 0.06 us, a third of a 64 x 64 relu)
+    if act == RELU:  # no scratch: even an empty allocation is a large part of a small relu
         ties = False
         for r in range(nruns):
             start = (np.uint64(i0) + r) * ld + np.uint64(j0)
@@ -146,7 +160,7 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
             else:
                 ties |= _relu_range(zf, yf, start, start + width)
         return ties
-    inplace = z is y and act > 1
+    inplace = z is y and act != IDENTITY and act != RELU
     # In place, the scratch covers one chunk of a range, not the whole block (which can be all
     # of a tall narrow layer's output).
     step = max(min(width, np.uint64(EPI_CHUNK)) if inplace else width, np.uint64(1))
@@ -157,22 +171,22 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
             hi = min(lo + step, start + width)
             # In place: the activation goes to tmp[j - lo] (out) and is copied back.
             out, ob = (tmp, lo) if inplace else (yf, np.uint64(0))
-            if act == 2:
+            if act == GELU:
                 for j in range(lo, hi):
                     v = np.float64(zf[j])
                     out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
-            elif act == 3:
+            elif act == GELU_TANH:
                 for j in range(lo, hi):
                     v = np.float64(zf[j])
                     out[j - ob] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
-            elif act == 4:
+            elif act == SILU:
                 for j in range(lo, hi):
                     v = np.float64(zf[j])
                     out[j - ob] = v * _sigmoid(v, fast)
-            elif act == 5:
+            elif act == TANH:
                 for j in range(lo, hi):
                     out[j - ob] = _tanh(np.float64(zf[j]), fast)
-            elif act == 6:
+            elif act == SIGMOID:
                 for j in range(lo, hi):
                     out[j - ob] = _sigmoid(np.float64(zf[j]), fast)
             else:  # identity into y (z is not y here)
@@ -186,15 +200,14 @@ def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
 
 @njit(**_STRICT)
 def activation_grad(dy, r, g, act):
-    """``g = dy * act'(.)`` from the residual ``r`` (z or y, see ``RESIDUAL``; relu: z, or y
+    """``g = dy * act'(.)`` from the residual ``r`` (z or y, the activation's ``saves``; relu: z, or y
     with ``act = RELU_FROM_Y``); all [M, N], processed as flat arrays (no per-row views, see
     ``epilogue``)."""
     fast = _fm.is_float32(g)
     n = np.uint64(dy.size)
     dyr, rr, gr = _ffi.as_shape(dy, dy.size), _ffi.as_shape(r, r.size), _ffi.as_shape(g, g.size)
-    if act == 1:
-        # Constants in g's dtype: float64 ones widened every element and back (0.46 -> 0.28 us at
-        # 64 x 64 in float32 without them).
+    if act == RELU:
+        # Constants in g's dtype: float64 ones would widen every float32 element and back.
         one, half, zero = g.dtype.type(1), g.dtype.type(0.5), g.dtype.type(0)
         for j in range(n):
             v = rr[j]
@@ -204,27 +217,27 @@ def activation_grad(dy, r, g, act):
         one, zero = g.dtype.type(1), g.dtype.type(0)
         for j in range(n):
             gr[j] = dyr[j] * (one if rr[j] > zero else zero)
-    elif act == 2:
+    elif act == GELU:
         for j in range(n):
             v = np.float64(rr[j])
             d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
             gr[j] = dyr[j] * d
-    elif act == 3:
+    elif act == GELU_TANH:
         for j in range(n):
             v = np.float64(rr[j])
             t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
             d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
             gr[j] = dyr[j] * d
-    elif act == 4:
+    elif act == SILU:
         for j in range(n):
             v = np.float64(rr[j])
             sg = _sigmoid(v, fast)
             gr[j] = dyr[j] * (sg * (1.0 + v * (1.0 - sg)))
-    elif act == 5:
+    elif act == TANH:
         for j in range(n):
             yv = rr[j]
             gr[j] = dyr[j] * (1.0 - yv * yv)
-    elif act == 6:
+    elif act == SIGMOID:
         for j in range(n):
             yv = rr[j]
             gr[j] = dyr[j] * (yv * (1.0 - yv))
@@ -365,7 +378,7 @@ def _block(a, b, c, i0, i1, j0, j1, lb):
             i += 1
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _grid_block(a, b, c, t, nbj, mb, nb, lb):
     """Block ``t`` of the (mb x nb) grid of ``gemm_nt``."""
     M, N = c.shape
@@ -391,7 +404,7 @@ _J_XF, _J_SR, _J_SL, _J_WP, _J_PACKED, _J_Z, _J_SAVE_Z, _J_NGROUPS = 152, 160, 1
 _J_TIES = 216  # kind 1: nonzero once a block's relu met a z that is exactly 0
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
     """Runs ``gemm_nt`` blocks of the job until none is left unclaimed."""
     while True:
@@ -402,7 +415,7 @@ def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
         _ffi.atomic_add(job + _J_DONE, 1)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, nblocks, ngroups):
     """Runs ``panel_gemm`` blocks of the job until none is left unclaimed; a block's relu tie
     is recorded in the job (before the block counts as done)."""
@@ -415,13 +428,13 @@ def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, a
         _ffi.atomic_add(job + _J_DONE, 1)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _release(job):
     if _ffi.atomic_add(job + _J_REFS, -1) == 1:
         _ffi.c_free(job)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def run_job(job, nbtype):
     """The body of a helper task (``_handlers.task_*``): claim blocks, then let go of the job."""
     ld = _ffi.load_i64
@@ -446,7 +459,7 @@ def run_job(job, nbtype):
     _release(job)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _start_job(frame, task, nblocks, kind):
     """A job for ``nblocks`` blocks with helpers scheduled on XLA's pool, or 0 to run serially."""
     if task == 0 or nblocks < 2:
@@ -472,7 +485,7 @@ def _start_job(frame, task, nblocks, kind):
     return job | (helpers << 56)  # helpers travel in the top byte (addresses are < 2**56)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _schedule(frame, task, tagged):
     """Schedules the helpers of a job made by ``_start_job``; returns the job's address."""
     job, helpers = tagged & ((1 << 56) - 1), tagged >> 56
@@ -506,10 +519,10 @@ def gemm_nt(a, b, c, frame, task):
     With ``task`` (the address of the dtype's helper task, 0 for none) the blocks are shared
     with helpers on XLA's intra-op thread pool, reached through the call ``frame``.
     """
-    gemm_nt_blocked(a, b, c, frame, task, MB, NB, LB)
+    gemm_nt_blocked(a, b, c, frame, task, _nl(MB), _nl(NB), _nl(LB))
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def gemm_nt_blocked(a, b, c, frame, task, mb, nb, lb):
     """``gemm_nt`` with explicit block sizes (rows of a, rows of b, reduction length)."""
     M, N = c.shape
@@ -599,13 +612,12 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
     only, as ``bf[p*ps + l*ls + jj]`` must be in bounds for every jj < NR).
 
     With ``has_bias``, on the first pass over the reduction (not ``acc_in``) every tile starts
-    from the bias row instead of zero, so the bias costs no pass of its own over the block
-    (measured: a separate bias pass was 0.26 us of a 64^3 forward's 3.1 us).
+    from the bias row instead of zero, so the bias costs no pass of its own over the block.
 
     A tile is ``_mr(dst)`` rows high (the float64 tile skips rows 4-7) and NR wide. In a short
     last tile, rows past the end repeat the last valid row of X (in bounds; computed, never
-    stored). All tiles of a block in one call: a call per tile cost ~35 ns (arguments, reference
-    counts), a quarter of a 64^3 GEMM.
+    stored). All tiles of a block in one call: a call per tile (arguments, reference counts)
+    would cost a large part of a small GEMM.
     """
     mr = _mr(dst)
     N = dst.shape[1]
@@ -696,15 +708,15 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
     for k0 in range(0, max(K, 1), KC):
         k1 = min(k0 + KC, K)
         if packed:
-            _panel_tiles(xf, sr, sl, i0, i1, wpf, K * NR, NR, p0, p1, k0, k1, acc, k0 > 0, bias, has_bias)
+            _panel_tiles(xf, sr, sl, i0, i1, wpf, K * NR, _nl(NR), p0, p1, k0, k1, acc, k0 > 0, bias, has_bias)
             continue
-        _panel_tiles(xf, sr, sl, i0, i1, _ffi.as_shape(w, w.size), NR, N, p0, min(p1, nfull), k0, k1, acc, k0 > 0, bias,
-                     has_bias)
+        _panel_tiles(xf, sr, sl, i0, i1, _ffi.as_shape(w, w.size), _nl(NR), N, p0, min(p1, nfull), k0, k1, acc, k0 > 0,
+                     bias, has_bias)
         if p1 > nfull:  # the partial last panel, packed alone as wp[0] (panel index nfull, ps = 0)
-            _panel_tiles(xf, sr, sl, i0, i1, wpf, 0, NR, nfull, p1, k0, k1, acc, k0 > 0, bias, has_bias)
-    if act != 0 or save_z:
+            _panel_tiles(xf, sr, sl, i0, i1, wpf, _nl(0), _nl(NR), nfull, p1, k0, k1, acc, k0 > 0, bias, has_bias)
+    if act != IDENTITY or save_z:
         j0, j1 = p0 * NR, min(p1 * NR, N)
-        return epilogue(acc, y, bias, False, act, i0, i1, j0, j1)
+        return epilogue(acc, y, bias, _nl(False), act, i0, i1, j0, j1)
     return False
 
 
@@ -712,19 +724,16 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
 # the dot form would be too short to pay for its horizontal sums.
 DOT_MIN_N = 64
 # From this many rows of dy, dX uses the panel form whatever the size of w (packing w.T is then
-# repaid; measured 1.0-1.5x at 256..4096 rows), and from DX_PANEL_MIN_M_SMALL_W rows when w has
-# at most DX_PANEL_SMALL_W elements (in L2: packing it is cheap). Below, with a large w, the dot
-# form (3-11x faster at 8 or 32 rows and a 1024^2 or 4096^2 w).
+# repaid), and from DX_PANEL_MIN_M_SMALL_W rows when w has at most DX_PANEL_SMALL_W elements
+# (in L2: packing it is cheap). Below, with a large w, the dot form (packing would dominate).
 DX_PANEL_MIN_M = 256
 DX_PANEL_MIN_M_SMALL_W = 64
 DX_PANEL_SMALL_W = 1 << 16
 # Up to UNPACKED_MAX_M rows of X, W is read in place: packing it would cost more than it saves.
 # Up to UNPACKED_MAX_M_SMALL_W rows too, when W has at most ``_unpacked_max_w_bytes`` bytes:
 # with 8 or fewer register-tile strips reusing it, a W that stays in cache is read as fast in
-# place as packed. Measured one block at a time on the 2-core EPYC: float32 in place is 1.09-1.14x
-# faster at 64 rows with a 64^2 to 256^2 W, and also for dW (64-row K) with g up to 2 MiB; but
-# 0.93x with a 1024^2 W (4 KiB rows alias in L1). float64 in place was 1.11x at 64^3 but 0.84x
-# and 0.90x with 128^2 and 256^2 W.
+# place as packed (a 1024^2 float32 W loses: its 4 KiB rows alias in L1; float64 gains only at
+# 64^2, hence the per-dtype limit).
 UNPACKED_MAX_M = 32
 UNPACKED_MAX_M_SMALL_W = 64
 
@@ -831,9 +840,8 @@ def transpose(a, out):
     either side is 1.
 
     The tiles are register-transposed blocks (``_transpose_tile``) except where element-by-element
-    tiles measured faster on the 2-core EPYC: a side shorter than a block, and a tall ``a``
-    (over 512 rows, under 1024 columns: 2.2x slower in blocks at 1024 x 128 and 2048 x 256,
-    against 3.5x faster at 64 x 64, 2.9x at 256 x 256 and 1.4x at 4096 x 1024).
+    tiles measured faster: a side shorter than a block, and a tall ``a`` (over 512 rows, under
+    1024 columns).
     """
     M, N = a.shape
     v = _tv(a)
@@ -865,10 +873,8 @@ TINY_W = 64
 @njit(**_OPTS)
 def _column_forward(x, w, b, has_bias, y, z, save_z, act):
     """``forward`` for one column (N = 1) and a tiny w: a dot product of each row of x with w,
-    four rows at a time (four independent sums in flight), no transposes or scratch.
-
-    Measured at 256 x 5 x 1, float32: 0.36 us against 0.55 for the transposed layout of
-    ``_tiny_forward``, whose transpose of x was most of its time.
+    four rows at a time (four independent sums in flight), no transposes or scratch: the
+    transposed layout of ``_tiny_forward`` spends most of its time transposing x.
     """
     M, K = x.shape
     xf, wf = _ffi.as_shape(x, M * K), _ffi.as_shape(w, K)
@@ -899,8 +905,9 @@ def _column_forward(x, w, b, has_bias, y, z, save_z, act):
         for l in range(ku):
             s0 += xf[r0 + l] * wf[l]
         out[i] = s0 + b0
-    if save_z or act != 0:
-        return epilogue(_ffi.as_shape(out, (1, M)), _ffi.as_shape(y, (1, M)), b, False, act, 0, 1, 0, M)
+    if save_z or act != IDENTITY:
+        return epilogue(_ffi.as_shape(out, (1, M)), _ffi.as_shape(y, (1, M)), b, _nl(False), act, _nl(0), _nl(1), _nl(0),
+                        M)
     return False
 
 
@@ -935,8 +942,8 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
     if save_z:
         transpose(at, z)
     ties = False
-    if act != 0:  # elementwise: row by row of at
-        ties = epilogue(at, at, b, False, act, 0, N, 0, M)
+    if act != IDENTITY:  # elementwise: row by row of at
+        ties = epilogue(at, at, b, _nl(False), act, _nl(0), N, _nl(0), M)
     transpose(at, y)
     return ties
 
@@ -968,15 +975,14 @@ def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
         wt = np.empty((N, K), w.dtype)  # (N, K)
         transpose(w, wt)
         gemm_nt(x, wt, acc, frame, task)
-        if has_bias or act != 0 or save_z:
-            return epilogue(acc, y, b, has_bias, act, 0, M, 0, N)
+        if has_bias or act != IDENTITY or save_z:
+            return epilogue(acc, y, b, has_bias, act, _nl(0), M, _nl(0), N)
         return False
-    return panel_gemm(_ffi.as_shape(x, M * K), K, 1, w, b, has_bias, y, z, save_z, act, frame, task)
+    return panel_gemm(_ffi.as_shape(x, M * K), K, _nl(1), w, b, has_bias, y, z, save_z, act, frame, task, _nl(False))
 
 
 # Up to this many rows of w (K), a one-column backward runs as ``_column_backward``; above,
-# the loops along K of ``_tiny_backward`` vectorise and the row-wise form lost (measured 256 x 64
-# x 1: 5.7 against 1.6 us).
+# the loops along K of ``_tiny_backward`` vectorise and the row-wise form loses.
 COLUMN_MAX_K = 15
 _COLUMN_ACC = COLUMN_MAX_K + 1  # a literal for stack_buffer
 
@@ -985,9 +991,8 @@ _COLUMN_ACC = COLUMN_MAX_K + 1  # a literal for stack_buffer
 def _column_backward(dy, x, w, r, act, dx, dw, db, has_bias):
     """``backward`` for one column (N = 1) and K <= ``COLUMN_MAX_K``, in one pass over the rows
     of x and dx, eight at a time: ``dw[l]`` gains eight products per pass (one dependency chain
-    step per eight rows) and ``dx[i, l] = g[i] * w[l]`` is stored beside it; no transposes.
-
-    Measured at 256 x 5 x 1, float32: 0.68 us against 1.09 for ``_tiny_backward``'s layout.
+    step per eight rows) and ``dx[i, l] = g[i] * w[l]`` is stored beside it; no transposes
+    (which ``_tiny_backward``'s layout pays for).
     """
     M, K = x.shape
     g = np.empty(M, dy.dtype)  # (M,)
@@ -1098,7 +1103,6 @@ def _column_sums(gf, M, N, db):
 
     Four rows per pass over db: row by row, each db element waits on its own store from the
     previous row (store-to-load forwarding); four rows halve that chain's length per element.
-    Measured 1.9x faster at 64 x 64, 2.3x at 1000 x 33, equal at 256 x 256.
     """
     nu, mu = np.uint64(N), np.uint64(M)
     for j in range(nu):
@@ -1117,9 +1121,10 @@ def _column_sums(gf, M, N, db):
             db[j] += gf[base + j]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def backward(dy, x, w, b, r, ties, act, dx, dw, db, has_bias, frame, task):
-    """Gradients of ``y = act(x @ w + b)`` given ``dy`` and the residual ``r`` (see ``RESIDUAL``).
+    """Gradients of ``y = act(x @ w + b)`` given ``dy`` and the residual ``r`` (what the
+    activation ``saves``).
 
     dy, r: [M, N]; x: [M, K]; w: [K, N]; b: [N] (read only for relu with ties, if
     ``has_bias``); dx: [M, K]; dw: [K, N]; db: [N] (if ``has_bias``).
@@ -1132,17 +1137,17 @@ def backward(dy, x, w, b, r, ties, act, dx, dw, db, has_bias, frame, task):
     both read along N) when M is too small to repay packing a large w (``DX_PANEL_*``);
     ``dw = x.T @ g``: panel form with x.T read in place through strides and g as the panels;
     for N <= NR (panels mostly padding) as ``dw.T = g.T @ x``, the small [N, K] result then
-    transposed (2-4x faster there, measured).
+    transposed.
     Each choice compares the elements that the extra passes move (transposes, packing): all
     forms do the same multiply-adds in the same order. A tiny w goes to
     ``_column_backward`` (one column, K <= ``COLUMN_MAX_K``) or ``_tiny_backward``.
     """
     M, N = dy.shape
     K = x.shape[1]
-    if act == 1:
+    if act == RELU:
         if ties:
             z = np.empty((M, N), dy.dtype)  # (M, N)
-            forward(x, w, b, has_bias, z, z, False, 0, frame, task)
+            forward(x, w, b, has_bias, z, z, _nl(False), _nl(IDENTITY), frame, task)
             r = z
         else:
             act = RELU_FROM_Y
@@ -1158,14 +1163,15 @@ def backward(dy, x, w, b, r, ties, act, dx, dw, db, has_bias, frame, task):
     if has_bias:
         _column_sums(gf, M, N, db)
     if N < DOT_MIN_N or M >= DX_PANEL_MIN_M or (M >= DX_PANEL_MIN_M_SMALL_W and K * N <= DX_PANEL_SMALL_W):
-        panel_gemm(gf, N, 1, w, db, False, dx, dx, False, 0, frame, task, True)
+        panel_gemm(gf, N, _nl(1), w, db, _nl(False), dx, dx, _nl(False), _nl(IDENTITY), frame, task, _nl(True))
     else:
         gemm_nt(g, w, dx, frame, task)
     if N <= NR:
         dwt = np.empty((N, K), x.dtype)  # (N, K)
-        panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, 0, frame, task)
+        panel_gemm(gf, _nl(1), N, x, db, _nl(False), dwt, dwt, _nl(False), _nl(IDENTITY), frame, task, _nl(False))
         transpose(dwt, dw)
     else:
         # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
         # adjacent elements of one row of x), g as the panels.
-        panel_gemm(_ffi.as_shape(x, M * K), 1, K, g, db, False, dw, dw, False, 0, frame, task)
+        panel_gemm(_ffi.as_shape(x, M * K), _nl(1), K, g, db, _nl(False), dw, dw, _nl(False), _nl(IDENTITY), frame, task,
+                   _nl(False))

@@ -10,18 +10,18 @@ as the reference does. Mixed dtypes compute in the widest of them (at least floa
 vmap: the FFI calls use ``vmap_method="broadcast_all"``: every operand gets the batch in front
 (broadcast where it was unbatched) and the handlers loop over it.
 
-Threads: problems of at least ``PARALLEL_MIN_MACS`` multiply-adds pass the address of a helper
-task (attribute ``task``) so that the kernel shares its blocks with XLA's intra-op thread pool;
-smaller ones run on the calling thread only.
+Threads: problems of at least ``PARALLEL_MIN_MACS`` multiply-adds set the attribute ``share``
+to 1, so that the kernel shares its blocks with XLA's intra-op thread pool; smaller ones run on
+the calling thread only. The attribute is a flag, not an address, so executables stay valid in
+JAX's persistent compilation cache (see ``_handlers``).
 
-The handlers are compiled (or loaded from Numba's cache) and registered with XLA on first use,
-not on ``import kernels``. A cold compile (empty cache) takes ~1 minute on 2 cores.
+Each (kernel, dtype) handler is compiled (or loaded from Numba's cache) and registered with XLA
+at its first use, not on ``import kernels``.
 
 Scratch memory: the kernels allocate their scratch (packed panels, transposes, ``g``) with
 malloc on every call; with glibc's default thresholds a large layer's scratch comes from fresh
-pages every call (3-4 ms per call at 1024^3 on this project's 2-core VM, a quarter of the
-backward pass). On first use the backend therefore calls ``kernels.host_memory.keep_host_memory``
-(process-wide; ``JAXNET_KEEP_HOST_MEMORY=0`` leaves malloc alone).
+pages every call. The backend leaves malloc alone: entry points that care (benchmarks,
+experiments) call ``jaxnet.runtime.keep_host_memory()`` themselves.
 
 Not supported: forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) and second derivatives
 (``custom_vjp`` defines one reverse-mode rule whose kernels are not themselves differentiable).
@@ -36,18 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import host_memory
-from kernels.numba_cpu._kernels import ACT_CODES, RESIDUAL
+from kernels.activations import ACTIVATIONS
 
 _PREFIX = "jaxnet_numba_fused_dense"
 # Problems with fewer multiply-adds than this run on the calling thread: below it, handing
-# blocks to XLA's thread pool costs more than the other cores save. Measured on the 2-core VM
-# (forward+backward through jit, five to seven alternating rounds): from 2^19 sharing wins
-# (100^3 ~51 -> ~42 µs, 128x128x40 ~38 -> ~31 µs, 64x128x64 ~24.5 -> 21-24 µs; see
-# docs/benchmarks.md); at 64^3 (2^18) it is a wash.
+# blocks to XLA's thread pool costs more than the other cores save (docs/benchmarks.md).
 PARALLEL_MIN_MACS = 1 << 19
 _lock = threading.Lock()
-# Registered cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
+# Registered handlers (cfuncs), kept referenced for the life of the process: XLA holds only
+# their addresses.
 _REGISTERED: dict[tuple[str, str], object] = {}
 
 
@@ -62,19 +59,18 @@ def is_available() -> bool:
 
 
 def _target(kind: str, dtype: str) -> str:
-    """The FFI target name for ``kind`` ("forward"/"backward") and ``dtype``, registering all
-    handlers on first use."""
-    if not _REGISTERED:
+    """The FFI target name for ``kind`` ("forward"/"backward") and ``dtype``, compiling and
+    registering that handler on first use."""
+    name = f"{_PREFIX}_{kind}_{dtype}"
+    if (kind, dtype) not in _REGISTERED:
         with _lock:
-            if not _REGISTERED:
+            if (kind, dtype) not in _REGISTERED:
                 from kernels.numba_cpu import _ffi, _handlers
 
-                host_memory.keep_host_memory()
-                for (k, d), handler in _handlers.HANDLERS.items():
-                    _ffi.register(f"{_PREFIX}_{k}_{d}", handler)
-                _REGISTERED.update(_handlers.HANDLERS)
-                _REGISTERED.update({("task", d): t for d, t in _handlers.TASKS.items()})
-    return f"{_PREFIX}_{kind}_{dtype}"
+                handler = _handlers.handler(kind, dtype)
+                _ffi.register(name, handler)
+                _REGISTERED[(kind, dtype)] = handler
+    return name
 
 
 def _varying(a) -> frozenset:
@@ -106,19 +102,10 @@ def _result(shape, like):
     return aval.update(shape=shape, sharding=aval.sharding.update(spec=jax.P(*([None] * len(shape)))))
 
 
-def _task(dtype, m, k, n):
-    """The ``task`` attribute: the helper task's address when the problem is big enough to share
-    with XLA's thread pool, else 0.
-
-    The address is only valid in this process. With JAX's persistent compilation cache on, an
-    executable (attribute included) could be loaded by another process, so the kernels then
-    stay on the calling thread.
-    """
-    from kernels.numba_cpu import _handlers
-
-    if m * k * n < PARALLEL_MIN_MACS or jax.config.jax_compilation_cache_dir:
-        return np.int64(0)
-    return np.int64(_handlers.TASKS[dtype].address)
+def _share(m, k, n):
+    """The ``share`` attribute: 1 when the problem is big enough to share with XLA's thread
+    pool, else 0."""
+    return np.int64(1 if m * k * n >= PARALLEL_MIN_MACS else 0)
 
 
 def _forward(x2, w, b, activation, save):
@@ -130,7 +117,7 @@ def _forward(x2, w, b, activation, save):
     call = jax.ffi.ffi_call(_target("forward", x2.dtype.name), (out, saved) if save else (out,),
                             vmap_method="broadcast_all")
     operands = (x2, w) if b is None else (x2, w, b)
-    res = call(*operands, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, x2.shape[1], n))
+    res = call(*operands, act=np.int64(ACTIVATIONS[activation].code), share=_share(m, x2.shape[1], n))
     return res[0], (res[1] if save else None)
 
 
@@ -140,7 +127,7 @@ def _dense(x2, w, b, activation):
 
 
 def _dense_fwd(x2, w, b, activation):
-    kind = RESIDUAL[activation]
+    kind = ACTIVATIONS[activation].saves
     relu = activation == "relu"
     y, s = _forward(x2, w, b, activation, save=kind == "z" or relu)
     r = {"z": s, "y": y, "none": None}[kind]
@@ -160,7 +147,7 @@ def _dense_bwd(activation, res, dy):
     operands = [dy, x2, w, dy if r is None else r]
     if activation == "relu":  # y's tie flag, and b to recompute z when there were ties
         operands += [ties] + ([b] if has_bias else [])
-    grads = call(*operands, act=np.int64(ACT_CODES[activation]), task=_task(x2.dtype.name, m, k, n))
+    grads = call(*operands, act=np.int64(ACTIVATIONS[activation].code), share=_share(m, k, n))
     return grads[0], grads[1], (grads[2] if has_bias else None)
 
 
@@ -174,7 +161,7 @@ def fused_dense(x, w, b, activation):
       x: ``[..., K]`` float array.
       w: ``[K, N]``.
       b: ``[N]`` or None.
-      activation: a name from ``ACT_CODES``.
+      activation: a name from ``kernels.activations.ACTIVATIONS``.
 
     Returns:
       ``[..., N]`` in x's dtype.
