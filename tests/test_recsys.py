@@ -203,7 +203,7 @@ def test_fit_on_id_pairs_lowers_the_loss_and_checks_ids():
 def test_recsys_experiment_end_to_end_on_a_small_generator(tmp_path):
     from experiments import recsys
 
-    result = recsys.main(["--num-users", "60", "--num-items", "50", "--ratings-per-user", "20",
+    result = recsys.main(["--generator.num-users", "60", "--generator.num-items", "50", "--generator.ratings-per-user", "20",
                           "--explicit-epochs", "2", "--implicit-epochs", "2", "--implicit-models", "mf", "ncf",
                           "--batch-size", "256", "--validate", "--workdir", str(tmp_path)])
     saved = json.loads((tmp_path / "result.json").read_text())

@@ -1,6 +1,5 @@
 """TransformerLM and TransformerClassifier: causality, the key-value cache, initial loss, dropout,
 overfitting a tiny corpus, the classifier's padding, and the experiments end to end (tiny)."""
-import json
 import math
 
 import jax
@@ -273,29 +272,3 @@ def test_the_mlp_blocks_run_on_another_kernel_backend():
     ref = jax.jit(model.apply)({"params": params}, ids)
     out = jax.jit(TransformerLM(TINY.replace(backend="numba")).apply)({"params": params}, ids)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
-
-
-def test_lm_experiment_end_to_end_on_the_ptb_sample(tmp_path):
-    from experiments import lm
-
-    result = lm.main(["--data-dir", "tests/data/ptb", "--num-layers", "1", "--embed-dim", "16", "--num-heads", "2",
-                      "--block-size", "8", "--batch-size", "4", "--steps", "20", "--warmup-steps", "2",
-                      "--eval-every", "10", "--log-every", "10", "--eval-stride", "4", "--sample-length", "4",
-                      "--no-progress", "--workdir", str(tmp_path)])
-    assert result["level"] == "word" and result["steps"] == 20
-    assert math.isfinite(result["val_perplexity"]) and math.isfinite(result["test_perplexity"])
-    assert result["ngram_kn3_val_perplexity"] > 1
-    assert json.loads((tmp_path / "result.json").read_text())["steps"] == 20
-    assert (tmp_path / "loss_curve.png").exists() and (tmp_path / "metrics.jsonl").exists()
-
-
-@pytest.mark.slow  # ~10 s, mostly importing torch and compiling; the lm experiment test covers the code path
-def test_bench_lm_runs_both_sides(tmp_path):
-    pytest.importorskip("torch")
-    from experiments import bench_lm
-
-    result = bench_lm.main(["--num-layers", "1", "--embed-dim", "16", "--num-heads", "2", "--block-size", "8",
-                            "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "1",
-                            "--workdir", str(tmp_path)])
-    assert result["params"] == result["pytorch_params"]
-    assert result["jaxnet_tokens_per_s"] > 0 and result["speedup_vs_pytorch"] > 0
