@@ -234,7 +234,6 @@ _SOURCES = {
     ("backward", "float64"): backward_f64,
 }
 _TASK_SOURCES = {"float32": task_f32, "float64": task_f64}
-KINDS = tuple(_SOURCES)
 
 _lock = threading.Lock()
 # Compiled cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
