@@ -13,6 +13,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+# inline="always": LLVM does not inline the nested ones (tanh -> expm1 -> exp) by itself, and a call
+# left in an epilogue loop stops it vectorising.
 _OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True, inline="always")
 
 _LOG2E = 1.0 / math.log(2.0)
