@@ -514,8 +514,9 @@ def test_persistent_compilation_cache_keeps_threads_in_a_new_process(tmp_path):
     assert first["y"] == second["y"], runs
     for run in runs:
         assert run["same"], run
-        # The forward ran on more than one thread: the second busiest did a real share of it.
-        assert run["busy"][1] >= 0.2 * run["busy"][0] > 0, run
+        # The forward ran on more than one thread: the second busiest did a real share of it
+        # (without sharing it does none; the margin is for other jobs on the machine).
+        assert run["busy"][1] >= 0.1 * run["busy"][0] > 0, run
 
 
 def test_thread_pool_repeated_calls_stay_correct():
