@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.seed_simple_net
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_seed

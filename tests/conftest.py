@@ -5,8 +5,13 @@
 - Tests marked ``slow`` run only with JAXNET_SLOW=1 (or ``-m slow``); the default run stays under
   its 10-minute budget on 2 cores.
 - Four fake CPU devices so sharding tests have a mesh to work with (set before jax starts).
+- With pytest-xdist (``make test`` runs ``-n auto``), the controller fills Numba's on-disk cache
+  before the workers start, one process per dtype in parallel, so that no two workers compile
+  the same handler (a cold compile is tens of seconds per dtype).
 """
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -26,3 +31,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        _precompile_numba_handlers()
+
+
+def _precompile_numba_handlers():
+    """Best effort: a failure here is reported by the tests that call the numba backend."""
+    code = "from kernels.numba_cpu import precompile; precompile(({!r},))"
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(dtype)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for dtype in ("float32", "float64")]
+    for proc in procs:
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()

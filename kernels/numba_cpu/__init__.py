@@ -4,10 +4,11 @@ Importing this package only registers the backend with ``kernels.dispatch``: not
 nothing on disk or in the process changes. At the first call of a (kernel, dtype), its handler is
 compiled (or loaded from Numba's on-disk cache) and registered with XLA; just before the first
 one, ``_cache.drop_if_stale`` drops a Numba cache written by older sources of this package.
+``precompile(dtypes)`` does the compiling up front, for a caller that wants it done at once.
 """
 from kernels.dispatch import register_backend
-from kernels.numba_cpu.backend import fused_dense, is_available
+from kernels.numba_cpu.backend import fused_dense, is_available, precompile
 
 register_backend("numba", fused_dense, is_available=is_available)
 
-__all__ = ["fused_dense", "is_available"]
+__all__ = ["fused_dense", "is_available", "precompile"]

@@ -73,6 +73,16 @@ def _target(kind: str, dtype: str) -> str:
     return name
 
 
+def precompile(dtypes=("float32", "float64"), kinds=("forward", "backward")) -> None:
+    """Compiles (or loads from Numba's cache) and registers the handlers of ``kinds`` x ``dtypes``
+    now rather than at their first call: e.g. to fill Numba's on-disk cache once before several
+    processes start (the test suite does, see tests/conftest.py). Nothing else calls it.
+    """
+    for dtype in dtypes:
+        for kind in kinds:
+            _target(kind, dtype)
+
+
 def _varying(a) -> frozenset:
     """The mesh axes ``a`` varies over inside ``jax.shard_map`` (empty elsewhere)."""
     mat = getattr(jax.typeof(a), "manual_axis_type", None)
