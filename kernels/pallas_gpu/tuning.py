@@ -38,8 +38,9 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
     if lowering == "interpret":
         return default_config(lowering)
     key = problem_key(m, n, k, dtype, activation)
-    if tuned(key) is not None:
-        return tuned(key)
+    known = tuned(key)
+    if known is not None:
+        return known
     kx, kw, kb = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (m, k), dtype)
     w = (jax.random.normal(kw, (k, n), jnp.float32) / jnp.sqrt(k)).astype(dtype)
