@@ -71,3 +71,10 @@ def test_missing_bias_is_reported():
     sd = {k: v for k, v in torch_simple_net().state_dict().items() if k != "fc2.bias"}
     with pytest.raises(ValueError, match="fc2.bias"):
         load_torch_state_dict(SimpleNet(), sd)
+
+
+def test_bfloat16_torch_weights_load_exactly():
+    # torch's bfloat16 has no NumPy dtype: the bits go through ml_dtypes' bfloat16, then float32 exactly.
+    net_t = torch_simple_net().to(torch.bfloat16)
+    net = load_torch_state_dict(SimpleNet(), net_t.state_dict())
+    np.testing.assert_array_equal(net.variables["params"]["fc1"]["kernel"], net_t.fc1.weight.detach().float().numpy().T)
