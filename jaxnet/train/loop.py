@@ -14,6 +14,7 @@ a state it returned (or a restored one) continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxnet.data.checks import check_same_length, check_supervised
+from jaxnet.train.checkpoint import Checkpointer
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
@@ -86,9 +88,9 @@ def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
 
 
 @functools.lru_cache(maxsize=64)
-def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle):
+def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle, on_nonfinite="raise"):
     """Jitted pieces for one configuration, cached so repeated ``fit`` calls reuse compilations."""
-    train_step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter)
+    train_step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite)
     eval_step = jax.jit(make_eval_step(loss_fn, dict(metrics_items)))
     num_batches = -(-n // batch_size)
     padded = num_batches * batch_size
@@ -143,24 +145,58 @@ def evaluate(state: TrainState, data: dict, eval_step: Callable, batch_size: int
     return {k: float(v) / count for k, v in totals.items()}
 
 
-def check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int]) -> None:
+def check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int],
+                 param_names: Sequence[str] | None = None) -> None:
     """Raises ``FloatingPointError`` at the first non-finite loss or gradient norm.
 
     ``metrics[name]: [steps]`` from updates ``first_step + 1, ...``; ``epoch_of_step`` maps an
-    update number to the (1-based) epoch it belongs to.
+    update number to the (1-based) epoch it belongs to. With ``metrics["nonfinite_leaf"]`` (from
+    ``make_train_step(..., on_nonfinite=...)``) and ``param_names`` (``parameter_names(params)``),
+    the message names the first parameter whose gradient went non-finite. Steps that
+    ``on_nonfinite="skip"`` skipped (``metrics["skipped"]``) are not errors.
     """
+    skipped = np.asarray(metrics["skipped"]) > 0 if "skipped" in metrics else None
     for name in ("loss", "grad_norm"):
         values = np.asarray(metrics[name])
         bad = ~np.isfinite(values)
+        if skipped is not None:
+            bad &= ~skipped
         if bad.any():
             i = int(np.argmax(bad))
             step = first_step + i + 1  # 1-based number of the update that produced it
             last = values[:i][np.isfinite(values[:i])]
             last_txt = f"; the last finite loss before it was {float(last[-1]):.6g}" if name == "loss" and last.size else ""
+            leaf = int(np.asarray(metrics["nonfinite_leaf"])[i]) if "nonfinite_leaf" in metrics else -1
+            where = (f"; the first parameter whose gradient is not finite: {param_names[leaf]}"
+                     if param_names is not None and 0 <= leaf < len(param_names) else "")
             raise FloatingPointError(
                 f"training diverged: {name} became {values[i]} at step {step} (epoch {epoch_of_step(step)})"
-                f"{last_txt}. Lower the learning rate, clip gradients, or check the data."
+                f"{where}{last_txt}. Lower the learning rate, clip gradients, check the data, or pass "
+                f"on_nonfinite='skip' to skip such updates."
             )
+
+
+def parameter_names(params) -> list[str]:
+    """Dotted paths of ``jax.tree.leaves(params)``, in that order (``fc1.kernel``)."""
+    return [".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def summarize_steps(m: dict, weights=None) -> dict:
+    """One record's values from per-step metrics ``[steps]``: means (weighted by ``weights``),
+    the count of skipped steps; the per-step parameter index is left out."""
+    out = {}
+    for k, v in m.items():
+        v = np.asarray(v, np.float64)
+        if k == "nonfinite_leaf":
+            continue
+        if k == "skipped":
+            out[k] = int(v.sum())
+        elif weights is None:
+            out[k] = float(v.mean())
+        else:
+            out[k] = float(np.sum(v * weights) / weights.sum())
+    return out
 
 
 class _Best:
@@ -182,26 +218,37 @@ class _Best:
         return self.patience is not None and self.since >= self.patience
 
 
-def _full_batch_epochs(state, data, run_epochs, log: RunLog, *, epochs: int, per_call: int):
-    """Yields ``(state, record, evaluate_now)`` per epoch; ``per_call`` epochs per jitted scan,
-    evaluated at the end of each call (the only state there is)."""
+def _checkpoint(ckpt: Checkpointer | None, step: int, state) -> None:
+    """Saves when a checkpoint is due at ``step`` (or a signal arrived), then honours the signal."""
+    if ckpt is not None and ckpt.due(step):
+        ckpt.save(state)
+        ckpt.exit_if_interrupted()
+
+
+def _full_batch_epochs(state, data, run_epochs, log: RunLog, *, epochs: int, per_call: int,
+                       ckpt: Checkpointer | None, param_names):
+    """Yields ``(state, record, evaluate_now)`` per epoch; ``per_call`` epochs per jitted scan
+    (shortened to end on checkpoint steps), evaluated at the end of each call."""
     epoch = int(state.epoch)
     while epoch < epochs:
-        length = min(per_call, epochs - epoch)
         first_step = int(state.step)
+        length = min(per_call, epochs - epoch, (ckpt and ckpt.steps_to_next(first_step)) or epochs)
         log.before(first_step, first_step + length)
         state, m = run_epochs(state, data, length)
         log.after(first_step + length, state)
         m = jax.device_get(m)
-        check_finite(m, first_step, lambda s, e0=epoch, s0=first_step: e0 + (s - s0))
+        check_finite(m, first_step, lambda s, e0=epoch, s0=first_step: e0 + (s - s0), param_names)
         for i in range(length):
-            rec = {"epoch": epoch + i + 1, "step": first_step + i + 1, **{k: float(v[i]) for k, v in m.items()}}
+            rec = {"epoch": epoch + i + 1, "step": first_step + i + 1,
+                   **summarize_steps({k: v[i:i + 1] for k, v in m.items()})}
             yield state, rec, i == length - 1
         epoch += length
+        _checkpoint(ckpt, first_step + length, state)
 
 
 def _minibatch_epochs(state, data, epoch_order, minibatch_step, log: RunLog, *, epochs: int,
-                      eval_every: int, n: int, batch_size: int, num_batches: int):
+                      eval_every: int, n: int, batch_size: int, num_batches: int,
+                      ckpt: Checkpointer | None, param_names):
     """Yields ``(state, record, evaluate_now)`` per epoch of one jitted step per batch."""
     epoch = int(state.epoch)
     while epoch < epochs:
@@ -209,20 +256,24 @@ def _minibatch_epochs(state, data, epoch_order, minibatch_step, log: RunLog, *, 
         start_batch = int(state.batch_in_epoch)
         first_step = step = int(state.step)
         per_step = []
-        for _ in range(start_batch, num_batches):
+        for b in range(start_batch, num_batches):
             log.before(step, step + 1)
             state, m = minibatch_step(state, data, order)
             step += 1
             log.after(step, state)
             per_step.append(m)
+            if b + 1 < num_batches and ckpt is not None and ckpt.due(step):  # mid-epoch; the last: below
+                check_finite(jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step)), first_step,
+                             lambda s, e=epoch: e + 1, param_names)  # never checkpoint a diverged state
+                _checkpoint(ckpt, step, state)
         m = jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step))
-        check_finite(m, first_step, lambda s, e=epoch: e + 1)
+        check_finite(m, first_step, lambda s, e=epoch: e + 1, param_names)
         # Each batch's mean loss weighs by its number of real examples.
         sizes = np.array([min(batch_size, n - b * batch_size) for b in range(start_batch, num_batches)], np.float64)
-        rec = {"epoch": epoch + 1, "step": step}
-        rec.update({k: float(np.sum(np.asarray(v, np.float64) * sizes) / sizes.sum()) for k, v in m.items()})
+        rec = {"epoch": epoch + 1, "step": step, **summarize_steps(m, sizes)}
         epoch += 1
         yield state, rec, epoch % eval_every == 0 or epoch == epochs
+        _checkpoint(ckpt, step, state)
 
 
 def fit(
@@ -252,6 +303,12 @@ def fit(
     profile_steps: tuple[int, int] | None = None,
     writers: Sequence[Writer] = (),
     title: str = "training",
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int | None = 1000,
+    keep: int | None = 3,
+    resume: bool = False,
+    config=None,
+    on_nonfinite: str = "raise",
 ) -> FitResult:
     """Trains ``state`` until it has completed ``epochs`` epochs.
 
@@ -283,13 +340,33 @@ def fit(
         epochs run as one program, so the trace holds every whole call that overlaps the window.
       writers: more ``jaxnet.train.writers.Writer`` objects; each gets every history record as
         ``write_scalars(record["step"], record)`` (they are not closed here).
+      checkpoint_dir: where checkpoints go (``jaxnet.train.checkpoint``); None: none. A checkpoint
+        is written every ``checkpoint_every`` updates, at the end, and when SIGTERM or SIGINT
+        arrives (at the step reached; then the signal takes its course).
+      checkpoint_every: updates between checkpoints (None: only at the end and on a signal). In
+        full-batch mode the scans end on these steps.
+      keep: how many newest checkpoints to keep (None: all).
+      resume: continue from the newest checkpoint in ``checkpoint_dir`` that verifies (one that
+        does not is skipped with a warning saying why); ``state`` then only gives the structure.
+        Without a checkpoint, training starts from ``state``. The run then ends bit-identical to
+        one never interrupted (same seed, data and arguments).
+      config: the run's config (dataclass or dict), saved with every checkpoint as JSON; on
+        resume, a checkpoint written with another config raises ``CheckpointError``.
+      on_nonfinite: ``"raise"``: stop at the first non-finite loss or gradient, naming the step
+        and the first parameter whose gradient is not finite; ``"skip"``: leave such updates out
+        (the batch is skipped) and count them in the history's ``skipped``.
 
     Raises:
       TypeError, ValueError: bad data (dtype, NaN/Inf, lengths), naming the array and shapes;
         ``tensorboard`` or ``profile_steps`` without ``workdir``; a bad ``profile_steps`` window.
       ImportError: ``tensorboard=True`` without tensorboardX.
       FloatingPointError: the loss or gradient turned NaN/Inf, naming the step and epoch.
+      jaxnet.train.checkpoint.CheckpointError: ``resume`` into a run of another config.
     """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir: the folder to resume from")
     if epochs < 0 or eval_every < 1:
         raise ValueError(f"need epochs >= 0 and eval_every >= 1, got epochs={epochs}, eval_every={eval_every}")
     if patience is not None and val_data is None:
@@ -305,40 +382,55 @@ def fit(
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
-        loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle)
+        loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
+        on_nonfinite)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep, config=config)
+        if resume:
+            state = ckpt.resume(state)
+    param_names = parameter_names(state.params)
 
-    log = RunLog(workdir, resuming=int(state.step) > 0, title=title, plot=plot, tensorboard=tensorboard,
+    log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,
                  profile_steps=profile_steps, writers=writers)
     if full_batch:
         per_call = epochs_per_call or (eval_every if val is not None else (log_every or max(epochs, 1)))
-        epochs_run = _full_batch_epochs(state, data, run_epochs, log, epochs=epochs, per_call=per_call)
+        epochs_run = _full_batch_epochs(state, data, run_epochs, log, epochs=epochs, per_call=per_call,
+                                        ckpt=ckpt, param_names=param_names)
     else:
         epochs_run = _minibatch_epochs(state, data, epoch_order, minibatch_step, log, epochs=epochs,
-                                       eval_every=eval_every, n=n, batch_size=bs, num_batches=num_batches)
+                                       eval_every=eval_every, n=n, batch_size=bs, num_batches=num_batches,
+                                       ckpt=ckpt, param_names=param_names)
     history: list[dict] = []
     best = _Best(patience)
     bar = tqdm(total=epochs, initial=min(int(state.epoch), epochs), disable=not progress, unit="epoch",
                desc=title, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for state, rec, evaluate_now in epochs_run:
-            if evaluate_now and val is not None:
-                for k, v in evaluate(state, val, eval_step, None if full_batch else bs).items():
-                    rec[f"val_{k}"] = v
-                best.update(rec["val_loss"], rec["epoch"], state.params)
-            rec["time_s"] = round(time.perf_counter() - t_start, 4)
-            history.append(rec)
-            log.write(rec)
-            if log_every and rec["epoch"] % log_every == 0:
-                shown = ["loss"] + [k for k in rec if k.startswith("val_")] + ["grad_norm"]
-                bar.write(f"epoch {rec['epoch']:>5}  " + "  ".join(f"{k} {rec[k]:.6g}" for k in shown))
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)  # shown at the bar's next refresh
-            bar.update(1)
-            if best.stop:
-                break
-    finally:
-        epochs_run.close()
-        bar.close()
-        files = log.close()
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        try:
+            for state, rec, evaluate_now in epochs_run:
+                if evaluate_now and val is not None:
+                    for k, v in evaluate(state, val, eval_step, None if full_batch else bs).items():
+                        rec[f"val_{k}"] = v
+                    best.update(rec["val_loss"], rec["epoch"], state.params)
+                rec["time_s"] = round(time.perf_counter() - t_start, 4)
+                history.append(rec)
+                log.write(rec)
+                if log_every and rec["epoch"] % log_every == 0:
+                    shown = ["loss"] + [k for k in rec if k.startswith("val_")] + ["grad_norm"]
+                    bar.write(f"epoch {rec['epoch']:>5}  " + "  ".join(f"{k} {rec[k]:.6g}" for k in shown))
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)  # shown at the bar's next refresh
+                bar.update(1)
+                if best.stop:
+                    break
+        finally:
+            epochs_run.close()
+            bar.close()
+            files = log.close()
+        if ckpt is not None:
+            if not ckpt.saved or ckpt.saved[-1] != int(state.step):
+                ckpt.save(state)
+            files["checkpoints"] = str(ckpt.directory)
+            ckpt.exit_if_interrupted()
 
     if patience is not None and restore_best and best.params is not None:
         state = state.replace(params=best.params)

@@ -101,13 +101,19 @@ def split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
-                    reg_filter: Callable | None = None) -> Callable:
+                    reg_filter: Callable | None = None, on_nonfinite: str | None = None) -> Callable:
     """Builds ``train_step(state, batch, rng) -> (state, metrics)``, a pure function.
 
     Args:
       loss_fn: ``loss_fn(pred, target, reduction="mean", mask=mask)``, e.g. ``jaxnet.losses.mse``.
       l1, l2: coefficients of ``jaxnet.regularizers`` penalties added to the data loss.
       reg_filter: which parameters the penalties see (default: weights, not biases).
+      on_nonfinite: None: nothing more. ``"raise"``: the metrics also hold ``nonfinite_leaf``,
+        int32, the index (in ``jax.tree.leaves(params)`` order) of the first parameter whose
+        gradient has a NaN/Inf, -1 if none, for the loop to name it. ``"skip"``: also that, and a
+        step whose loss or gradients are not all finite leaves parameters, optimiser and model
+        state as they were (the step count still advances, so that batch is skipped);
+        ``skipped`` (float32, 1 or 0) counts it.
 
     The returned step uses ``fold_in(rng, state.step)`` as this step's dropout key, so the same
     ``rng`` gives a different, reproducible key at every step. Metrics: ``loss`` (data loss),
@@ -126,6 +132,9 @@ def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
         penalty = regularizers.penalty(params, l1=l1, l2=l2, filter=reg_filter or regularizers.is_weight)
         return data_loss + penalty, (data_loss, penalty, dict(new_model_state))
 
+    if on_nonfinite not in (None, "raise", "skip"):
+        raise ValueError(f"on_nonfinite must be None, 'raise' or 'skip', got {on_nonfinite!r}")
+
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
         grads, (data_loss, penalty, model_state) = jax.grad(objective, has_aux=True)(
@@ -138,6 +147,15 @@ def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
             "update_norm": optax.tree.norm(updates).astype(jnp.float32),
         }
+        if on_nonfinite is not None:
+            bad = jnp.stack([~jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)] or [jnp.bool_(False)])
+            metrics["nonfinite_leaf"] = jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
+            if on_nonfinite == "skip":
+                ok = jnp.isfinite(data_loss) & ~jnp.any(bad)
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+                params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+                model_state = keep(model_state, dict(state.model_state))
+                metrics["skipped"] = (~ok).astype(jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state)
         return new_state, metrics

@@ -14,6 +14,7 @@ state continues the same sequence.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 
 from jaxnet import losses
 from jaxnet.data.text import random_windows, stream_windows
-from jaxnet.train.loop import check_finite
+from jaxnet.train.checkpoint import Checkpointer
+from jaxnet.train.loop import check_finite, parameter_names, summarize_steps
 from jaxnet.train.step import TrainState, make_train_step, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
@@ -52,8 +54,8 @@ class StreamResult:
 
 
 @functools.lru_cache(maxsize=16)
-def _stream_step(loss_fn: Callable, batch_size: int, block_size: int):
-    train_step = make_train_step(loss_fn)
+def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfinite: str):
+    train_step = make_train_step(loss_fn, on_nonfinite=on_nonfinite)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, tokens, fraction):
@@ -94,6 +96,11 @@ def evaluate_stream(state: TrainState, tokens, *, block_size: int, batch_size: i
         s, c = nll(state, x[i:i + batch_size], y[i:i + batch_size], score[i:i + batch_size])
         total, count = total + float(s), count + float(c)
     return total / count
+
+
+def _stack(per_step: list[dict]) -> dict:
+    """Per-step metric dicts as ``{name: [steps]}``."""
+    return {k: np.array([m[k] for m in per_step]) for k in per_step[0]}
 
 
 class ClockScheduleState(NamedTuple):
@@ -167,6 +174,12 @@ def fit_stream(
     profile_steps: tuple[int, int] | None = None,
     writers: Sequence[Writer] = (),
     title: str = "language model",
+    checkpoint_dir: str | pathlib.Path | None = None,
+    checkpoint_every: int | None = 1000,
+    keep: int | None = 3,
+    resume: bool = False,
+    config=None,
+    on_nonfinite: str = "raise",
 ) -> StreamResult:
     """Trains ``state`` until it has made ``steps`` updates (a resumed state continues).
 
@@ -194,17 +207,32 @@ def fit_stream(
       plot, tensorboard, writers: as in ``fit``.
       profile_steps: ``(start, stop)``: a ``jax.profiler`` trace under ``<workdir>/profile/`` of
         updates ``start + 1 .. stop`` (``state.step`` going from ``start`` to ``stop``).
+      checkpoint_dir, checkpoint_every, keep, resume, config, on_nonfinite: as in ``fit``. A
+        resumed run ends bit-identical to an uninterrupted one unless ``budget_s`` or
+        ``before_step`` make the updates depend on the clock.
 
     Raises:
       ValueError: ``tensorboard`` or ``profile_steps`` without ``workdir``; a bad window.
       ImportError: ``tensorboard=True`` without tensorboardX.
       FloatingPointError: the loss or gradient turned NaN/Inf.
+      jaxnet.train.checkpoint.CheckpointError: ``resume`` into a run of another config.
     """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir: the folder to resume from")
     t_start = time.perf_counter()
     tokens = jnp.asarray(train_tokens, jnp.int32)
     n_train = int(tokens.shape[0])
-    step_fn = _stream_step(loss_fn, batch_size, block_size)
-    log = RunLog(workdir, resuming=int(state.step) > 0, title=title, plot=plot, tensorboard=tensorboard,
+    step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep, config=config)
+        if resume:
+            state = ckpt.resume(state)
+    param_names = parameter_names(state.params)
+    epoch_of = lambda s: s * batch_size * block_size // n_train + 1  # noqa: E731
+    log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,
                  profile_steps=profile_steps, writers=writers)
 
     history: list[dict] = []
@@ -213,61 +241,70 @@ def fit_stream(
     train_s, stopped = 0.0, False
     bar = tqdm(total=steps if budget_s is None else None, initial=min(done, steps), disable=not progress, unit="step", desc=title,
                file=sys.stderr, dynamic_ncols=True)
-    try:
-        while done < steps and not stopped:
-            n = min(log_every, steps - done)
-            t0 = t_begin = time.perf_counter()
-            per_step = []
-            for _ in range(n):
-                step = done + len(per_step)
-                by_time = min((train_s + time.perf_counter() - t0) / budget_s, 1.0) if budget_s else 0.0
-                fraction = max(by_time, step / steps)
-                if before_step is not None:
-                    state = before_step(state, fraction)
-                log.before(step, step + 1)
-                state, m = step_fn(state, tokens, np.float32(fraction))
-                log.after(step + 1, state)
-                per_step.append(m)
-                if not history and len(per_step) == 1:
-                    # A call's first step includes compilation: the clock (budget, schedule,
-                    # throughput) restarts after it, and it counts as an average step below.
-                    jax.block_until_ready(m)
-                    t0 = time.perf_counter()
-                elif before_step is not None or budget_s is not None:
-                    jax.block_until_ready(m)
-                    if budget_s is not None and train_s + time.perf_counter() - t0 >= budget_s:
-                        break
-            n = len(per_step)
-            m = jax.device_get(per_step)  # waits for the interval's steps
-            dt = time.perf_counter() - t0
-            timed = n if history else n - 1  # steps inside dt
-            train_s += dt * n / timed if timed else 0.0
-            # An interval that is only the compiling step reports that step's throughput, not NaN
-            # (metrics.jsonl must stay valid JSON).
-            steps_per_s = timed / dt if timed else n / (time.perf_counter() - t_begin)
-            tokens_per_s = steps_per_s * batch_size * block_size
-            stacked = {k: np.array([s[k] for s in m]) for k in m[0]}
-            check_finite(stacked, done, lambda s: s * batch_size * block_size // n_train + 1)
-            done += n
-            rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
-                   **{k: float(np.mean(v)) for k, v in stacked.items()},
-                   "tokens_per_s": tokens_per_s}
-            stopped = ((time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s)
-                       or (budget_s is not None and train_s >= budget_s))
-            if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
-                                                           or done >= steps or stopped):
-                rec["val_loss"] = evaluate_stream(state, val_tokens, block_size=block_size,
-                                                  stride=eval_stride)
-                bar.write(f"step {done:>6}  loss {rec['loss']:.4f}  val_loss {rec['val_loss']:.4f} "
-                          f"({rec['val_loss'] / math.log(2):.3f} bits/token)")
-            rec["time_s"] = round(time.perf_counter() - t_start, 3)
-            history.append(rec)
-            log.write(rec)
-            bar.update(n)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-    finally:
-        bar.close()
-        files = log.close()
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        try:
+            while done < steps and not stopped:
+                n = min(log_every - done % log_every, steps - done)  # records on multiples of log_every
+                t0 = t_begin = time.perf_counter()
+                per_step = []
+                for _ in range(n):
+                    step = done + len(per_step)
+                    by_time = min((train_s + time.perf_counter() - t0) / budget_s, 1.0) if budget_s else 0.0
+                    fraction = max(by_time, step / steps)
+                    if before_step is not None:
+                        state = before_step(state, fraction)
+                    log.before(step, step + 1)
+                    state, m = step_fn(state, tokens, np.float32(fraction))
+                    log.after(step + 1, state)
+                    per_step.append(m)
+                    if not history and len(per_step) == 1:
+                        # A call's first step includes compilation: the clock (budget, schedule,
+                        # throughput) restarts after it, and it counts as an average step below.
+                        jax.block_until_ready(m)
+                        t0 = time.perf_counter()
+                    elif before_step is not None or budget_s is not None:
+                        jax.block_until_ready(m)
+                        if budget_s is not None and train_s + time.perf_counter() - t0 >= budget_s:
+                            break
+                    if ckpt is not None and ckpt.due(step + 1) and len(per_step) < n:  # the last: below
+                        check_finite(_stack(jax.device_get(per_step)), done, epoch_of, param_names)
+                        ckpt.save(state)
+                        ckpt.exit_if_interrupted()
+                n = len(per_step)
+                m = jax.device_get(per_step)  # waits for the interval's steps
+                dt = time.perf_counter() - t0
+                timed = n if history else n - 1  # steps inside dt
+                train_s += dt * n / timed if timed else 0.0
+                # An interval that is only the compiling step reports that step's throughput, not NaN
+                # (metrics.jsonl must stay valid JSON).
+                steps_per_s = timed / dt if timed else n / (time.perf_counter() - t_begin)
+                tokens_per_s = steps_per_s * batch_size * block_size
+                stacked = _stack(m)
+                check_finite(stacked, done, epoch_of, param_names)
+                done += n
+                rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
+                       **summarize_steps(stacked), "tokens_per_s": tokens_per_s}
+                stopped = ((time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s)
+                           or (budget_s is not None and train_s >= budget_s))
+                if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
+                                                               or done >= steps or stopped):
+                    rec["val_loss"] = evaluate_stream(state, val_tokens, block_size=block_size,
+                                                      stride=eval_stride)
+                    bar.write(f"step {done:>6}  loss {rec['loss']:.4f}  val_loss {rec['val_loss']:.4f} "
+                              f"({rec['val_loss'] / math.log(2):.3f} bits/token)")
+                rec["time_s"] = round(time.perf_counter() - t_start, 3)
+                history.append(rec)
+                log.write(rec)
+                bar.update(n)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if ckpt is not None and (ckpt.due(done) or done >= steps or stopped):
+                    ckpt.save(state)
+                    ckpt.exit_if_interrupted()
+        finally:
+            bar.close()
+            files = log.close()
+        if ckpt is not None:
+            files["checkpoints"] = str(ckpt.directory)
     return StreamResult(state, history, time.perf_counter() - t_start, train_s,
                         (done - first) * batch_size * block_size, stopped, files)
 

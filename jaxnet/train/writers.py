@@ -42,9 +42,15 @@ class JsonlWriter:
     Each line is flushed as it is written, so a run can be followed while it goes.
     """
 
-    def __init__(self, path: str | pathlib.Path, *, append: bool = False):
+    def __init__(self, path: str | pathlib.Path, *, append: bool = False, after_step: int | None = None):
+        """``append``: continue the file; with ``after_step``, first drop its records of later steps
+        (a run resumed from a checkpoint logs those steps again)."""
         self.path = pathlib.Path(path)
         self.files = {"metrics": str(self.path)}
+        if append and after_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if _record_step(line) <= after_step]
+            self.path.write_text("".join(kept))
         self._file = open(self.path, "a" if append else "w")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -55,6 +61,14 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _record_step(line: str) -> float:
+    """A JSONL line's ``step`` (a broken line, e.g. cut by a kill, counts as after every step)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class LossCurveWriter:
@@ -159,7 +173,8 @@ class RunLog:
     Args:
       workdir: folder for ``metrics.jsonl``, ``loss_curve.png``, ``tensorboard/``, ``profile/``;
         None writes no files.
-      resuming: append to ``metrics.jsonl`` instead of starting it anew.
+      start_step: the step the run starts from; above 0 (a resumed run), ``metrics.jsonl`` is
+        continued, without its records of later steps, instead of started anew.
       title: the loss curve's title.
       plot: the PNG: never when False; when matplotlib is installed when None; when True, or say
         on stderr why not.
@@ -172,7 +187,7 @@ class RunLog:
       ImportError: ``tensorboard=True`` without tensorboardX.
     """
 
-    def __init__(self, workdir: str | pathlib.Path | None, *, resuming: bool, title: str,
+    def __init__(self, workdir: str | pathlib.Path | None, *, start_step: int, title: str,
                  plot: bool | None = None, tensorboard: bool = False,
                  profile_steps: tuple[int, int] | None = None, writers: Sequence[Writer] = ()):
         if workdir is None and (tensorboard or profile_steps is not None):
@@ -185,7 +200,8 @@ class RunLog:
             workdir.mkdir(parents=True, exist_ok=True)
             if tensorboard:  # first: a missing tensorboardX raises before any file is open
                 self._own.append(TensorBoardWriter(workdir / "tensorboard"))
-            self._own.append(JsonlWriter(workdir / "metrics.jsonl", append=resuming))
+            self._own.append(JsonlWriter(workdir / "metrics.jsonl", append=start_step > 0,
+                                         after_step=start_step))
             if plot is not False:
                 self._own.append(LossCurveWriter(workdir / "loss_curve.png", title, quiet=plot is None))
         self._writers = [*self._own, *writers]
