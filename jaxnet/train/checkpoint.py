@@ -370,15 +370,17 @@ def restore(directory, like, *, step: int | None = None):
     named, treedef = _leaves(like)
     saved = {e["name"]: e for e in meta["arrays"]}
     wanted = {name: _describe(leaf) for name, leaf in named}
-    diffs = []
-    for name in [n for n, _ in named] + [n for n in saved if n not in wanted]:
-        a, b = saved.get(name), wanted.get(name)
-        if a is None or b is None or any(a.get(k) != b.get(k) for k in ("shape", "dtype", "key_impl")):
-            diffs.append(f"{name}: checkpoint {_fmt(a)}, model {_fmt(b)}")
-    if diffs:
-        more = f" (and {len(diffs) - _SHOWN} more)" if len(diffs) > _SHOWN else ""
-        raise CheckpointError(f"{where} does not fit the state it is restored into: {len(diffs)} differing "
-                              f"arrays{more}:\n  " + "\n  ".join(diffs[:_SHOWN]))
+    differ = [f"{n}: checkpoint {_fmt(saved[n])}, model {_fmt(wanted[n])}" for n in wanted
+              if n in saved and any(saved[n].get(k) != wanted[n].get(k) for k in ("shape", "dtype", "key_impl"))]
+    model_only = [f"{n}: checkpoint absent, model {_fmt(wanted[n])}" for n in wanted if n not in saved]
+    saved_only = [f"{n}: checkpoint {_fmt(saved[n])}, model absent" for n in saved if n not in wanted]
+    if differ or model_only or saved_only:
+        lines = []
+        for group in (differ, model_only, saved_only):
+            lines += group[:_SHOWN] + ([f"... and {len(group) - _SHOWN} more like it"] if len(group) > _SHOWN else [])
+        total = len(differ) + len(model_only) + len(saved_only)
+        raise CheckpointError(f"{where} does not fit the state it is restored into ({total} arrays differ; "
+                              f"nothing was loaded):\n  " + "\n  ".join(lines))
 
     shardings = {name: leaf.sharding for name, leaf in named
                  if isinstance(leaf, jax.Array) and not _is_key(leaf)}

@@ -183,19 +183,18 @@ def parameter_names(params) -> list[str]:
 
 
 def summarize_steps(m: dict, weights=None) -> dict:
-    """One record's values from per-step metrics ``[steps]``: means (weighted by ``weights``),
-    the count of skipped steps; the per-step parameter index is left out."""
+    """One record's values from per-step metrics ``{name: [steps]}``: means (weighted by
+    ``weights``) over the steps not skipped (all of them when every one was), the count of
+    ``skipped`` steps; the per-step ``nonfinite_leaf`` is left out."""
+    w = np.ones(len(next(iter(m.values()))), np.float64) if weights is None else np.asarray(weights, np.float64)
+    skipped = np.asarray(m.get("skipped", np.zeros_like(w))) > 0
+    kept = ~skipped if not skipped.all() else np.ones_like(skipped)
     out = {}
     for k, v in m.items():
-        v = np.asarray(v, np.float64)
-        if k == "nonfinite_leaf":
-            continue
         if k == "skipped":
-            out[k] = int(v.sum())
-        elif weights is None:
-            out[k] = float(v.mean())
-        else:
-            out[k] = float(np.sum(v * weights) / weights.sum())
+            out[k] = int(skipped.sum())
+        elif k != "nonfinite_leaf":
+            out[k] = float(np.sum(np.asarray(v, np.float64)[kept] * w[kept]) / w[kept].sum())
     return out
 
 
