@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import types
 import typing
 
 
@@ -38,6 +39,10 @@ def prepare_process(*, single_arena: bool = False) -> bool:
     return runtime.keep_host_memory(single_arena=single_arena)
 
 
+# Experiments checkpoint by default: a killed run resumes with --resume.
+CHECKPOINT_EVERY = 1000
+
+
 @dataclasses.dataclass(frozen=True)
 class RunFlags:
     """The flags ``parse_config`` adds to every config: where outputs go and what the loops log."""
@@ -48,11 +53,17 @@ class RunFlags:
     tensorboard: bool = False
     # (start, stop): a jax.profiler trace of those training steps under <workdir>/profile.
     profile_steps: tuple[int, int] | None = None
+    # Steps between checkpoints under <workdir>/.../checkpoints (0: none); also at the end and on SIGTERM/SIGINT.
+    checkpoint_every: int = CHECKPOINT_EVERY
+    # Continue from the newest checkpoint that verifies (the config must be the same).
+    resume: bool = False
 
     @property
     def fit_options(self) -> dict:
-        """Keywords for ``jaxnet.train.fit`` / ``fit_stream``: ``tensorboard``, ``profile_steps``."""
-        return {"tensorboard": self.tensorboard, "profile_steps": self.profile_steps}
+        """Keywords for the studies' ``run`` (and so ``fit`` / ``fit_stream``): ``tensorboard``,
+        ``profile_steps``, ``checkpoint_every``, ``resume``."""
+        return {"tensorboard": self.tensorboard, "profile_steps": self.profile_steps,
+                "checkpoint_every": self.checkpoint_every, "resume": self.resume}
 
 
 def _parse_bool(text: str) -> bool:
@@ -170,6 +181,81 @@ def _build(cls, defaults, values: dict, prefix: str):
     return dataclasses.replace(defaults, **changes) if changes else defaults
 
 
+def _coerce(value, hint, default, path: str):
+    """One JSON value as a field of type ``hint``; a ``ValueError`` naming ``path`` when it is not one."""
+    def bad(expected: str):
+        return ValueError(f"config key {path!r}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if _is_dtype(default):
+        if not isinstance(value, str):
+            raise bad("a dtype name such as 'float32'")
+        try:
+            return _dtype(value)
+        except argparse.ArgumentTypeError:
+            raise bad("a dtype name such as 'float32'") from None
+    if hint is typing.Any:
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise bad("a list")
+        return tuple(_coerce(v, args[0], None, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    return value
+
+
+def config_from_dict(config_cls, data: dict, *, defaults=None, prefix: str = ""):
+    """``config_cls`` from JSON values (e.g. a saved ``config/metadata`` or a ``--config`` file).
+
+    Keys are field names (nested configs as nested objects); missing keys keep ``defaults``
+    (``config_cls()``). Nothing is executed: values are checked against the field types.
+
+    Raises:
+      ValueError: an unknown key (listing the valid ones) or an ill-typed value (naming the key,
+        the type expected and the value).
+    """
+    defaults = config_cls() if defaults is None else defaults
+    if not isinstance(data, dict):
+        raise ValueError(f"config {prefix.rstrip('.') or ''}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; valid keys"
+                         f"{' of ' + prefix.rstrip('.') if prefix else ''}: {sorted(fields)}")
+    changes = {}
+    for name, value in data.items():
+        default, hint = getattr(defaults, name), hints[name]
+        if dataclasses.is_dataclass(hint):
+            changes[name] = config_from_dict(hint, value, defaults=default, prefix=f"{prefix}{name}.")
+        else:
+            changes[name] = _coerce(value, hint, default, prefix + name)
+    try:
+        return dataclasses.replace(defaults, **changes)
+    except (TypeError, ValueError) as e:  # the config's own checks
+        raise ValueError(f"config{' ' + prefix.rstrip('.') if prefix else ''}: {e}") from None
+
+
 def parse_config(config_cls, argv=None, *, name: str, description: str | None = None, trains: bool = True):
     """Builds ``config_cls`` from command-line flags named after its fields.
 
@@ -182,14 +268,24 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
     values, dtypes a name (``bfloat16``). Unknown flags and bad values exit with a usage error.
 
     Also ``--workdir`` (default ``runs/NAME``), and for experiments that train (``trains``)
-    ``--tensorboard`` and ``--profile-steps START STOP``, for ``fit`` / ``fit_stream``.
+    ``--tensorboard``, ``--profile-steps START STOP``, ``--checkpoint-every STEPS`` and
+    ``--resume``, for ``fit`` / ``fit_stream``.
 
     Returns:
       ``(config, flags)``: the config and a ``RunFlags``.
     """
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
+    parser.add_argument("--config", metavar="FILE.json", default=None,
+                        help="start from this JSON config (field names as keys, nested configs as objects; "
+                             "a checkpoint's config/metadata works); the other flags override it")
     skip = frozenset(getattr(config_cls, "derived", ()))
     defaults = config_cls()
+    config_file = _config_file(argv)
+    if config_file is not None:
+        try:
+            defaults = config_from_dict(config_cls, json.loads(pathlib.Path(config_file).read_text()))
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {config_file}: {e}")
     _add_fields(parser, config_cls, defaults, "", skip)
     run = parser.add_argument_group("outputs")
     run.add_argument("--workdir", default=f"runs/{name}", help="where outputs go (default: %(default)s)")
@@ -198,9 +294,19 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
                          help="also write TensorBoard event files under <workdir>/tensorboard (needs tensorboardX)")
         run.add_argument("--profile-steps", type=int, nargs=2, metavar=("START", "STOP"), default=None,
                          help="a jax.profiler trace of training steps START+1..STOP under <workdir>/profile")
+        run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
+                         help="steps between checkpoints under the workdir's checkpoints/ folders (0: none); one "
+                              "is also written at the end and when SIGTERM or SIGINT arrives (default: %(default)s)")
+        run.add_argument("--resume", action=_Bool, negative="--no-resume", default=False,
+                         help="continue from the newest checkpoint in the workdir that verifies; the run ends as "
+                              "it would have without the interruption. The config must be the one saved with it")
     args = vars(parser.parse_args(argv))
+    args.pop("config")
     flags = RunFlags(workdir=pathlib.Path(args.pop("workdir")), tensorboard=args.pop("tensorboard", False),
-                     profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None)
+                     profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None,
+                     checkpoint_every=args.pop("checkpoint_every", 0), resume=args.pop("resume", False))
+    if flags.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every needs STEPS >= 0, got {flags.checkpoint_every}")
     if flags.profile_steps is not None and not 0 <= flags.profile_steps[0] < flags.profile_steps[1]:
         parser.error(f"--profile-steps needs 0 <= START < STOP, got {flags.profile_steps}")
     try:
@@ -208,6 +314,14 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
     except ValueError as e:  # a config's own check (e.g. TransformerConfig's head width)
         parser.error(str(e))
     return config, flags
+
+
+def _config_file(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (read before the other flags, whose defaults it sets)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return known.config
 
 
 def finish(result: dict, workdir: pathlib.Path) -> dict:

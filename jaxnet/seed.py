@@ -16,7 +16,7 @@ from jaxnet import losses, optim
 from jaxnet.data import RegressionData, make_regression
 from jaxnet.interop import export_torch_state_dict
 from jaxnet.models import SimpleNet
-from jaxnet.train import FitResult, TrainState, fit
+from jaxnet.train import FitResult, TrainState, checkpoint, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +52,24 @@ def make_state(config: SeedConfig, data: RegressionData) -> TrainState:
 def train_jaxnet(config: SeedConfig, data: RegressionData, state: TrainState | None = None, *,
                  log_every: int | None = None, progress: bool = False, workdir=None,
                  epochs_per_call: int | None = None, tensorboard: bool = False,
-                 profile_steps: tuple[int, int] | None = None) -> FitResult:
+                 profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
+                 resume: bool = False) -> FitResult:
     """Full-batch SGD on MSE for ``config.epochs`` epochs, inside jitted ``lax.scan`` calls.
 
-    ``tensorboard``, ``profile_steps``: as in ``fit``.
+    ``tensorboard``, ``profile_steps``: as in ``fit``; ``checkpoint_every``, ``resume``: as
+    ``jaxnet.train.checkpoint.run_options`` (under ``<workdir>/checkpoints``).
     """
     state = make_state(config, data) if state is None else state
     return fit(state, (data.x, data.y), loss_fn=losses.mse, epochs=config.epochs, log_every=log_every,
                progress=progress, workdir=workdir, epochs_per_call=epochs_per_call,
-               title="seed SimpleNet, MSE, SGD", tensorboard=tensorboard, profile_steps=profile_steps)
+               title="seed SimpleNet, MSE, SGD", tensorboard=tensorboard, profile_steps=profile_steps,
+               **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config))
 
 
 def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | None = None,
         progress: bool = False, workdir=None, tensorboard: bool = False,
-        profile_steps: tuple[int, int] | None = None) -> dict:
+        profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
+        resume: bool = False) -> dict:
     """Trains the seed example and returns its final metrics (what ``experiments.seed_simple_net`` prints).
 
     Args:
@@ -73,6 +77,7 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         weights and data and compare the two loss curves (``curve_gap`` against
         ``float32_curve_tolerance``).
       log_every, progress, workdir, tensorboard, profile_steps: as in ``fit``.
+      checkpoint_every, resume: as ``jaxnet.train.checkpoint.run_options`` (needs ``workdir``).
     """
     data = make_data(config)
     state = make_state(config, data)
@@ -84,7 +89,8 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         init_params = jax.tree.map(jnp.copy, init_params)
     start = time.perf_counter()
     out = train_jaxnet(config, data, state, log_every=log_every, progress=progress, workdir=workdir,
-                       tensorboard=tensorboard, profile_steps=profile_steps)
+                       tensorboard=tensorboard, profile_steps=profile_steps,
+                       checkpoint_every=checkpoint_every, resume=resume)
     wall = time.perf_counter() - start
     curve = out.column("loss")
     result = {

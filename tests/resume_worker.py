@@ -51,14 +51,46 @@ def run(mode: str, checkpoint_dir: str | None, *, every: int | None, delay: floa
                epochs_per_call=5, writers=writers, **ckpt).state
 
 
+class StepDict(dict):
+    """A dict of arrays with a ``step`` attribute: what ``checkpoint.save`` needs of a state."""
+
+    @property
+    def step(self):
+        return self["step"]
+
+
+def _register():
+    import jax
+
+    jax.tree_util.register_pytree_with_keys(
+        StepDict, lambda s: ([(jax.tree_util.DictKey(k), s[k]) for k in sorted(s)], tuple(sorted(s))),
+        lambda keys, leaves: StepDict(zip(keys, leaves)))
+
+
+def big_state(step: int) -> StepDict:
+    """Two ~9 MB arrays, so that a checkpoint write takes long enough to be killed inside."""
+    big = np.random.default_rng(0).standard_normal((1536, 1536)).astype(np.float32)
+    return StepDict(step=np.int32(step), w=big + step, v=big - step)
+
+
+def write_forever(directory: str) -> None:
+    """Checkpoints of ``big_state(1), big_state(2), ...`` (keep 2) until killed."""
+    from jaxnet.train import checkpoint
+
+    for step in range(1, 10**6):
+        checkpoint.save(directory, big_state(step), keep=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["minibatch", "fullbatch", "stream"])
+    p.add_argument("mode", choices=["minibatch", "fullbatch", "stream", "writer"])
     p.add_argument("checkpoint_dir")
     p.add_argument("out")
     p.add_argument("--every", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
     args = p.parse_args(argv)
+    if args.mode == "writer":
+        return write_forever(args.checkpoint_dir)
     state = run(args.mode, args.checkpoint_dir, every=args.every, delay=args.delay)
     import jax
 
@@ -68,6 +100,8 @@ def main(argv=None):
     np.savez(args.out, step=int(state.step), **dict(zip(parameter_names(state.params), leaves)))
     print("done", int(state.step), flush=True)
 
+
+_register()
 
 if __name__ == "__main__":
     sys.exit(main())

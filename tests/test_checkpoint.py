@@ -1,7 +1,6 @@
 """Checkpoints: bit-exact round trips, damage and mismatch caught and named, resume after SIGKILL
 and SIGTERM equal to a run never interrupted, non-finite updates raised or skipped."""
 import json
-import os
 import pathlib
 import random
 import re
@@ -294,3 +293,43 @@ def test_fit_refuses_nan_in_the_data_before_training():
     x[7, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         fit(_make(x), (x, y), loss_fn=losses.mse, epochs=1, batch_size=16, progress=False)
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_ones_loadable(tmp_path):
+    """SIGKILL while Orbax writes (its temporary folder exists) or right after: every checkpoint
+    that counts restores and verifies, and the next save goes through."""
+    rng = random.Random(random.SystemRandom().randrange(2**32))
+    directory = tmp_path / "ckpt"
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, str(WORKER), "writer", str(directory), "-"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        before = checkpoint.latest_step(directory) or 0
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:  # a new checkpoint, then a write in progress
+            if (checkpoint.latest_step(directory) or 0) > before and any("tmp" in p.name for p in directory.iterdir()):
+                break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        found = checkpoint.steps(directory)
+        assert found, f"trial {trial}: no complete checkpoint"
+        for step in found:
+            assert checkpoint.verify_files(directory, step) == [], (trial, step)
+        restored = checkpoint.restore(directory, like=resume_worker.big_state(0))
+        step = int(restored["step"])
+        assert step == found[-1]
+        want = resume_worker.big_state(step)
+        assert all(np.array_equal(restored[k], want[k]) for k in ("w", "v"))
+
+
+def test_a_step_folder_without_the_manifest_does_not_count_and_is_replaced(saved):
+    """The window between Orbax's commit and jaxnet's manifest: the folder is not a checkpoint."""
+    directory, state, path = saved
+    (path / checkpoint.FILES_MANIFEST).unlink()
+    assert checkpoint.latest_step(directory) is None
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+        checkpoint.restore(directory, like=state)
+    checkpoint.save(directory, state)
+    assert checkpoint.latest_step(directory) == 5 and _bits_equal(checkpoint.restore(directory, like=state), state)

@@ -86,7 +86,10 @@ def test_help_lists_nested_fields_with_their_defaults_and_comments(capsys):
 
 def test_logging_flags_parse_and_only_training_experiments_take_them(capsys):
     _, flags = common.parse_config(Outer, ["--tensorboard", "--profile-steps", "2", "4", "--workdir", "w"], name="t")
-    assert flags.fit_options == {"tensorboard": True, "profile_steps": (2, 4)} and str(flags.workdir) == "w"
+    assert flags.fit_options == {"tensorboard": True, "profile_steps": (2, 4), "checkpoint_every": 1000,
+                                 "resume": False} and str(flags.workdir) == "w"
+    _, flags = common.parse_config(Outer, ["--checkpoint-every", "0", "--resume"], name="t")
+    assert flags.checkpoint_every == 0 and flags.resume
     with pytest.raises(SystemExit):
         common.parse_config(Outer, ["--tensorboard"], name="t", trains=False)
     assert "unrecognized arguments: --tensorboard" in capsys.readouterr().err
@@ -101,6 +104,7 @@ def test_every_help_lists_its_flags(name, capsys):
     out = capsys.readouterr().out
     assert f"python -m experiments.{name}" in out and "--workdir" in out
     assert ("--tensorboard" in out) == (name in TRAINING)
+    assert ("--checkpoint-every" in out) == ("--resume" in out) == (name in TRAINING)
     if name in ("lm", "bench_lm"):
         assert "--model.embed-dim" in out and "--model.vocab-size" not in out
 
@@ -156,7 +160,7 @@ def _stop(seen: dict):
     return fake
 
 
-LOGGING = ["--tensorboard", "--profile-steps", "1", "3"]
+LOGGING = ["--tensorboard", "--profile-steps", "1", "3", "--checkpoint-every", "7", "--resume"]
 
 
 @pytest.mark.parametrize("name, target, argv", [
@@ -177,6 +181,42 @@ def test_logging_flags_reach_the_training_loop(name, target, argv, monkeypatch, 
         module.main(argv + LOGGING + ["--workdir", str(tmp_path)])
     assert seen["tensorboard"] is True and seen["profile_steps"] == (1, 3)
     assert str(seen["workdir"]).startswith(str(tmp_path))
+    assert seen["checkpoint_every"] == 7 and seen["resume"] is True
+    assert str(seen["checkpoint_dir"]).startswith(str(tmp_path)) and seen["config"] is not None
+
+
+def test_a_config_file_sets_defaults_and_bad_keys_are_named(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"steps": 4, "model": {"width": 9, "dtype": "bfloat16", "sizes": [3]}}))
+    config, _ = common.parse_config(Outer, ["--config", str(path), "--model.width", "12"], name="t")
+    assert config == Outer(steps=4, model=Inner(width=12, dtype=jnp.bfloat16, sizes=(3,)))
+    for bad, message in [({"stepz": 1}, "unknown config keys ['stepz']; valid keys: ['model', 'steps', 'verbose']"),
+                         ({"model": {"wide": 1}}, "unknown config keys ['model.wide']; valid keys of model: "),
+                         ({"steps": "4"}, "config key 'steps': expected an integer, got '4' (str)"),
+                         ({"verbose": 1}, "config key 'verbose': expected true or false, got 1"),
+                         ({"model": {"sizes": [1, "x"]}}, "config key 'model.sizes[1]': expected an integer"),
+                         ({"model": {"width": 0}}, "width must be positive")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            common.parse_config(Outer, ["--config", str(path)], name="t")
+        assert message in capsys.readouterr().err, bad
+
+
+def test_seed_experiment_resumes_from_its_checkpoints_to_the_same_result(tmp_path, monkeypatch):
+    from experiments import seed_simple_net
+    from jaxnet.train import checkpoint
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    argv = ["--epochs", "90", "--log-every", "0", "--checkpoint-every", "20", "--workdir", str(tmp_path)]
+    straight = seed_simple_net.main(argv)
+    ckpt = tmp_path / "checkpoints"
+    assert checkpoint.steps(ckpt) == [60, 80, 90]  # keep=3
+    for step in (80, 90):
+        checkpoint._remove(ckpt / str(step))
+    resumed = seed_simple_net.main(argv + ["--resume"])
+    assert resumed["final_loss"] == straight["final_loss"] and resumed["initial_loss"] == straight["initial_loss"]
+    with pytest.raises(checkpoint.CheckpointError, match="learning_rate: saved 0.01, given 0.02"):
+        seed_simple_net.main(argv + ["--resume", "--learning-rate", "0.02"])
 
 
 def test_recsys_generator_is_nested_and_task_is_checked(capsys):

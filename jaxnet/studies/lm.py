@@ -127,17 +127,19 @@ def make_optimizer(config: Config):
 
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
-        profile_steps: tuple[int, int] | None = None) -> dict:
+        profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
+        resume: bool = False) -> dict:
     """Trains and evaluates the model and the n-gram baseline; returns the final metrics.
 
     Prints progress and samples on stderr; writes ``metrics.jsonl`` and ``loss_curve.png`` (train
     and held-out loss, nats per token, against epochs) into ``workdir``.
-    ``tensorboard``, ``profile_steps``: as in ``fit_stream``.
+    ``tensorboard``, ``profile_steps``: as in ``fit_stream``; ``checkpoint_every``, ``resume``: as
+    ``jaxnet.train.checkpoint.run_options`` (checkpoints under ``<workdir>/checkpoints``).
     """
     import jax.numpy as jnp
 
     from jaxnet.models.transformer import TransformerLM, count_params, flops_per_token
-    from jaxnet.train import TrainState
+    from jaxnet.train import TrainState, checkpoint
     from jaxnet.train.stream import evaluate_stream, fit_stream
 
     t_start = time.perf_counter()
@@ -161,6 +163,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         log_every=config.log_every, time_limit_s=config.time_limit_s,
         budget_s=config.train_budget_s if by_time else None, progress=config.progress, workdir=workdir,
         tensorboard=tensorboard, profile_steps=profile_steps,
+        **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config),
         title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
     test_nll = None
     if corpus.test is not None:

@@ -71,13 +71,16 @@ def rmse(pred, target) -> float:
     return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - target) ** 2)))
 
 
-def run_explicit(config: Config, data, sigma, workdir, **fit_options) -> dict:
-    """Biased MF on a random split of the ratings: test RMSE beside the baselines' (and σ's)."""
+def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None = None, **fit_options) -> dict:
+    """Biased MF on a random split of the ratings: test RMSE beside the baselines' (and σ's).
+
+    ``checkpoints``: ``jaxnet.train.checkpoint.run_options`` keywords (none when None).
+    """
     from jaxnet import losses, optim
     from jaxnet.baselines.ratings import bias_baseline
     from jaxnet.data.ratings import random_split
     from jaxnet.models import MatrixFactorization
-    from jaxnet.train import TrainState, fit
+    from jaxnet.train import TrainState, checkpoint, fit
 
     train, test = random_split(data, test_fraction=config.test_fraction, seed=config.seed)
     val = None
@@ -93,7 +96,9 @@ def run_explicit(config: Config, data, sigma, workdir, **fit_options) -> dict:
     run = fit(state, (train.pairs, train.rating), loss_fn=losses.mse, x_kind="ids",
               epochs=config.explicit_epochs, batch_size=config.batch_size, l2=config.explicit_l2,
               val_data=None if val is None else (val.pairs, val.rating), eval_every=5,
-              progress=config.progress, workdir=workdir / "explicit", title="biased MF, MSE", **fit_options)
+              progress=config.progress, workdir=workdir / "explicit", title="biased MF, MSE",
+              **checkpoint.run_options(workdir / "explicit", **(checkpoints or {"checkpoint_every": None})),
+              **fit_options)
     predict = _predictor(run.state)
     out = {"model": "mf", "n_train": len(train), "n_test": len(test),
            "test_rmse": rmse(predict(test.pairs), test.rating), "train_wall_s": round(time.perf_counter() - start, 2)}
@@ -149,12 +154,12 @@ def ranking_scores(scores: np.ndarray, k: int) -> dict:
             f"ndcg@{k}": float(np.mean(metrics.ndcg_at_k(scores, k)))}
 
 
-def run_implicit(config: Config, data, world, workdir, **fit_options) -> dict:
+def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None = None, **fit_options) -> dict:
     """Each implicit model, leave-one-out: HR@k and NDCG@k beside popularity (and the oracle)."""
     from jaxnet import losses, optim
     from jaxnet.baselines.ratings import popularity
     from jaxnet.data import ratings as R
-    from jaxnet.train import TrainState, fit
+    from jaxnet.train import TrainState, checkpoint, fit
 
     exclude = R.interaction_keys(data)  # negatives are items the user never touched, in any split
     train, test = R.leave_one_out(data)
@@ -193,7 +198,10 @@ def run_implicit(config: Config, data, world, workdir, **fit_options) -> dict:
                                                 seed=config.seed * 100_003 + epoch)
             run = fit(state, (pairs, labels), loss_fn=losses.binary_cross_entropy, x_kind="ids",
                       epochs=epoch + 1, batch_size=config.batch_size, progress=False, plot=False,
-                      workdir=workdir / f"implicit_{name}", title=f"{name}, implicit", **fit_options)
+                      workdir=workdir / f"implicit_{name}", title=f"{name}, implicit",
+                      **checkpoint.run_options(workdir / f"implicit_{name}",
+                                               **(checkpoints or {"checkpoint_every": None})),
+                      **fit_options)
             state = run.state
             losses_by_epoch.append(run.history[-1]["loss"])
         predict = _predictor(state)
@@ -209,14 +217,17 @@ def run_implicit(config: Config, data, world, workdir, **fit_options) -> dict:
 
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
-        profile_steps: tuple[int, int] | None = None) -> dict:
+        profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
+        resume: bool = False) -> dict:
     """Both tasks (or the one ``config.task`` names); returns the final metrics.
 
-    Writes ``explicit/`` and ``implicit_<model>/`` logs into ``workdir``. ``tensorboard``,
-    ``profile_steps``: as in ``fit``.
+    Writes ``explicit/`` and ``implicit_<model>/`` logs (and ``checkpoints/``) into ``workdir``.
+    ``tensorboard``, ``profile_steps``: as in ``fit``; ``checkpoint_every``, ``resume``: as
+    ``jaxnet.train.checkpoint.run_options``.
     """
     workdir = pathlib.Path(workdir)
-    fit_options = {"tensorboard": tensorboard, "profile_steps": profile_steps}
+    fit_options = {"tensorboard": tensorboard, "profile_steps": profile_steps,
+                   "checkpoints": {"checkpoint_every": checkpoint_every, "resume": resume, "config": config}}
     start = time.perf_counter()
     data, sigma, world = load(config)
     result = {"experiment": "recsys", "data": config.data or "generator", "n_users": data.num_users,

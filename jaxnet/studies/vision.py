@@ -113,18 +113,20 @@ def save_confusion_png(cm: np.ndarray, class_names, path, title: str) -> str | N
 
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
-        profile_steps: tuple[int, int] | None = None) -> dict:
+        profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
+        resume: bool = False) -> dict:
     """Trains ``config.seeds`` models, evaluates them (and the anchors); returns the final metrics.
 
     Writes each seed's ``seed<k>/metrics.jsonl`` and ``loss_curve.png`` and the summed
-    ``confusion_matrix.png`` into ``workdir``. ``tensorboard``, ``profile_steps``: as in ``fit``
+    ``confusion_matrix.png`` into ``workdir``. ``checkpoint_every``, ``resume``: as
+    ``jaxnet.train.checkpoint.run_options``. ``tensorboard``, ``profile_steps``: as in ``fit``
     (each seed's under its own folder).
     """
     import jax
 
     from jaxnet import losses, metrics, optim
     from jaxnet.data.images import standardize
-    from jaxnet.train import TrainState, fit
+    from jaxnet.train import TrainState, checkpoint, fit
 
     workdir = pathlib.Path(workdir)
     train, test, val = load(config)
@@ -149,7 +151,9 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
                   val_data=None if val is None else (xval, val.y), eval_every=5,
                   metrics={"accuracy": metrics.accuracy}, progress=config.progress,
                   workdir=workdir / f"seed{seed}", title=f"{config.model} on digits, seed {seed}",
-                  tensorboard=tensorboard, profile_steps=profile_steps)
+                  tensorboard=tensorboard, profile_steps=profile_steps,
+                  **checkpoint.run_options(workdir / f"seed{seed}", checkpoint_every=checkpoint_every,
+                                           resume=resume, config=config))
         pred = np.asarray(predict(out.state, xte))
         test_acc.append(float(np.mean(pred == test.y)))
         cm += metrics.confusion_matrix(test.y, pred, train.num_classes)

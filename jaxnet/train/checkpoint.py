@@ -408,6 +408,21 @@ def restore(directory, like, *, step: int | None = None):
 # What the training loops use
 
 
+def run_options(workdir, *, checkpoint_every: int | None, resume: bool = False, config=None) -> dict:
+    """``fit`` / ``fit_stream`` keywords that checkpoint a run into ``<workdir>/checkpoints``.
+
+    ``checkpoint_every``: steps between checkpoints; 0 or None with ``resume=False``: no
+    checkpoints (``{}``), None with ``resume``: only at the end and on a signal.
+    """
+    if not checkpoint_every and not resume:
+        return {}
+    if workdir is None:
+        raise ValueError(f"checkpoint_every={checkpoint_every}, resume={resume} need a workdir to hold the checkpoints")
+    return {"checkpoint_dir": pathlib.Path(workdir) / "checkpoints", "checkpoint_every": checkpoint_every or None,
+            "resume": resume, "config": config}
+
+
+
 class Checkpointer:
     """Checkpoints for a training loop: every ``every`` steps, at the end, and on SIGTERM/SIGINT.
 
@@ -497,4 +512,4 @@ class Checkpointer:
 
 
 __all__ = ["CheckpointError", "Checkpointer", "array_hash", "config_differences", "config_to_json",
-           "latest_step", "load_config", "restore", "save", "steps", "verify_files"]
+           "latest_step", "load_config", "restore", "run_options", "save", "steps", "verify_files"]

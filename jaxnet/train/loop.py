@@ -40,7 +40,8 @@ class FitResult:
 
     Attributes:
       state: the final state (the best one's parameters when early stopping restored them).
-      history: one dict per epoch: ``epoch``, ``step``, ``loss``, ``penalty``, ``grad_norm``,
+      history: one dict per epoch (a resumed run's earlier epochs first, read back from its
+        ``metrics.jsonl``): ``epoch``, ``step``, ``loss``, ``penalty``, ``grad_norm``,
         ``update_norm``, ``time_s`` and, on evaluation epochs, ``val_loss`` and ``val_<metric>``.
       best_epoch: the epoch with the lowest validation loss (None without validation data).
       stopped_early: whether early stopping ended the run.
@@ -212,6 +213,15 @@ class _Best:
         else:
             self.since += 1
 
+    def replay(self, records: Sequence[dict]) -> None:
+        """A resumed run's earlier evaluations (their parameters are not kept: see ``fit``)."""
+        for rec in records:
+            if "val_loss" in rec:
+                if rec["val_loss"] < self.loss:
+                    self.loss, self.epoch, self.since, self.params = rec["val_loss"], rec["epoch"], 0, None
+                else:
+                    self.since += 1
+
     @property
     def stop(self) -> bool:
         return self.patience is not None and self.since >= self.patience
@@ -348,7 +358,10 @@ def fit(
       resume: continue from the newest checkpoint in ``checkpoint_dir`` that verifies (one that
         does not is skipped with a warning saying why); ``state`` then only gives the structure.
         Without a checkpoint, training starts from ``state``. The run then ends bit-identical to
-        one never interrupted (same seed, data and arguments).
+        one never interrupted (same seed, data and arguments). With ``patience``, the earlier
+        validation losses are read back from ``metrics.jsonl`` (so stopping happens at the same
+        epoch), but parameters of a best epoch before the resume are not kept: ``restore_best``
+        then returns the final ones.
       config: the run's config (dataclass or dict), saved with every checkpoint as JSON; on
         resume, a checkpoint written with another config raises ``CheckpointError``.
       on_nonfinite: ``"raise"``: stop at the first non-finite loss or gradient, naming the step
@@ -400,8 +413,9 @@ def fit(
         epochs_run = _minibatch_epochs(state, data, epoch_order, minibatch_step, log, epochs=epochs,
                                        eval_every=eval_every, n=n, batch_size=bs, num_batches=num_batches,
                                        ckpt=ckpt, param_names=param_names)
-    history: list[dict] = []
+    history: list[dict] = list(log.previous)
     best = _Best(patience)
+    best.replay(history)
     bar = tqdm(total=epochs, initial=min(int(state.epoch), epochs), disable=not progress, unit="epoch",
                desc=title, file=sys.stderr, dynamic_ncols=True)
     with ckpt if ckpt is not None else contextlib.nullcontext():

@@ -235,7 +235,8 @@ def fit_stream(
     log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,
                  profile_steps=profile_steps, writers=writers)
 
-    history: list[dict] = []
+    history: list[dict] = list(log.previous)  # a resumed run's earlier records first
+    first_interval = True  # its first step compiles
     first = int(state.step)
     done = first
     train_s, stopped = 0.0, False
@@ -257,7 +258,7 @@ def fit_stream(
                     state, m = step_fn(state, tokens, np.float32(fraction))
                     log.after(step + 1, state)
                     per_step.append(m)
-                    if not history and len(per_step) == 1:
+                    if first_interval and len(per_step) == 1:
                         # A call's first step includes compilation: the clock (budget, schedule,
                         # throughput) restarts after it, and it counts as an average step below.
                         jax.block_until_ready(m)
@@ -273,7 +274,8 @@ def fit_stream(
                 n = len(per_step)
                 m = jax.device_get(per_step)  # waits for the interval's steps
                 dt = time.perf_counter() - t0
-                timed = n if history else n - 1  # steps inside dt
+                timed = n - 1 if first_interval else n  # steps inside dt
+                first_interval = False
                 train_s += dt * n / timed if timed else 0.0
                 # An interval that is only the compiling step reports that step's throughput, not NaN
                 # (metrics.jsonl must stay valid JSON).

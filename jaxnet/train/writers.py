@@ -47,10 +47,13 @@ class JsonlWriter:
         (a run resumed from a checkpoint logs those steps again)."""
         self.path = pathlib.Path(path)
         self.files = {"metrics": str(self.path)}
-        if append and after_step is not None and self.path.exists():
+        self.previous: list[dict] = []  # the records kept from before, when appending
+        if append and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if _record_step(line) <= after_step]
-            self.path.write_text("".join(kept))
+                    if after_step is None or _record_step(line) <= after_step]
+            if after_step is not None:
+                self.path.write_text("".join(kept))
+            self.previous = [json.loads(line) for line in kept if line.strip()]
         self._file = open(self.path, "a" if append else "w")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -206,6 +209,12 @@ class RunLog:
                 self._own.append(LossCurveWriter(workdir / "loss_curve.png", title, quiet=plot is None))
         self._writers = [*self._own, *writers]
         self.files: dict[str, str] = {}
+        # A resumed run's earlier records (from metrics.jsonl): its history and loss curve start with them.
+        self.previous = next((w.previous for w in self._own if isinstance(w, JsonlWriter)), [])
+        for w in self._own:
+            if isinstance(w, LossCurveWriter):
+                for record in self.previous:
+                    w.write_scalars(record["step"], record)
 
     def write(self, record: Mapping[str, float]) -> None:
         """Hands ``record`` (which holds its ``step``) to every writer."""
