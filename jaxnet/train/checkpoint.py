@@ -423,6 +423,18 @@ def run_options(workdir, *, checkpoint_every: int | None, resume: bool = False, 
 
 
 
+def open_for_run(state, *, checkpoint_dir, checkpoint_every: int | None, keep: int | None, resume: bool,
+                 config=None):
+    """``(checkpointer or None, state)`` for a training loop: what ``fit`` and ``fit_stream`` do
+    with their checkpoint keywords (``state`` replaced by the newest good checkpoint on ``resume``)."""
+    if checkpoint_dir is None:
+        if resume:
+            raise ValueError("resume=True needs checkpoint_dir: the folder to resume from")
+        return None, state
+    ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep, config=config)
+    return ckpt, ckpt.resume(state) if resume else state
+
+
 class Checkpointer:
     """Checkpoints for a training loop: every ``every`` steps, at the end, and on SIGTERM/SIGINT.
 
@@ -512,4 +524,4 @@ class Checkpointer:
 
 
 __all__ = ["CheckpointError", "Checkpointer", "array_hash", "config_differences", "config_to_json",
-           "latest_step", "load_config", "restore", "run_options", "save", "steps", "verify_files"]
+           "latest_step", "load_config", "open_for_run", "restore", "run_options", "save", "steps", "verify_files"]

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxnet.data.checks import check_same_length, check_supervised
-from jaxnet.train.checkpoint import Checkpointer
+from jaxnet.train.checkpoint import Checkpointer, open_for_run
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
@@ -375,10 +375,6 @@ def fit(
       FloatingPointError: the loss or gradient turned NaN/Inf, naming the step and epoch.
       jaxnet.train.checkpoint.CheckpointError: ``resume`` into a run of another config.
     """
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir: the folder to resume from")
     if epochs < 0 or eval_every < 1:
         raise ValueError(f"need epochs >= 0 and eval_every >= 1, got epochs={epochs}, eval_every={eval_every}")
     if patience is not None and val_data is None:
@@ -396,11 +392,8 @@ def fit(
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
         on_nonfinite)
-    ckpt = None
-    if checkpoint_dir is not None:
-        ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep, config=config)
-        if resume:
-            state = ckpt.resume(state)
+    ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                               keep=keep, resume=resume, config=config)
     param_names = parameter_names(state.params)
 
     log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,

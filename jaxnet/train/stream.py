@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxnet import losses
 from jaxnet.data.text import random_windows, stream_windows
-from jaxnet.train.checkpoint import Checkpointer
+from jaxnet.train.checkpoint import open_for_run
 from jaxnet.train.loop import check_finite, parameter_names, summarize_steps
 from jaxnet.train.step import TrainState, make_train_step, split_keys
 from jaxnet.train.writers import RunLog, Writer
@@ -217,19 +217,12 @@ def fit_stream(
       FloatingPointError: the loss or gradient turned NaN/Inf.
       jaxnet.train.checkpoint.CheckpointError: ``resume`` into a run of another config.
     """
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir: the folder to resume from")
     t_start = time.perf_counter()
     tokens = jnp.asarray(train_tokens, jnp.int32)
     n_train = int(tokens.shape[0])
     step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite)
-    ckpt = None
-    if checkpoint_dir is not None:
-        ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep, config=config)
-        if resume:
-            state = ckpt.resume(state)
+    ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                               keep=keep, resume=resume, config=config)
     param_names = parameter_names(state.params)
     epoch_of = lambda s: s * batch_size * block_size // n_train + 1  # noqa: E731
     log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,
