@@ -1,14 +1,45 @@
 """Layers that route their arithmetic through ``kernels`` (so any backend can run a whole model)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import kernels
+
+
+_NAMING = contextvars.ContextVar("jaxnet_logical_axes", default=False)
+
+
+@contextlib.contextmanager
+def logical_axes():
+    """Inside this context, parameters made through ``named_init`` come boxed with their logical
+    axis names (Flax ``nn.LogicallyPartitioned``), so that ``jax.eval_shape(model.init, ...)``
+    shows every parameter's names (``jaxnet.parallel.logical_specs``). Outside it, ``model.init``
+    returns plain arrays, as always."""
+    token = _NAMING.set(True)
+    try:
+        yield
+    finally:
+        _NAMING.reset(token)
+
+
+def named_init(init: Callable, names: Sequence[str | None]) -> Callable:
+    """``init`` whose parameter carries the logical axis ``names`` (one per dimension, e.g.
+    ``("embed", "mlp")``) inside ``logical_axes()``. A model is sharded by naming its axes this
+    way: ``jaxnet.parallel`` maps names to mesh axes by strategy (``"mlp" -> "model"`` for tensor
+    parallelism); unnamed parameters are replicated."""
+    boxed = nn.with_logical_partitioning(init, tuple(names))
+
+    def init_fn(*args, **kwargs):
+        return boxed(*args, **kwargs) if _NAMING.get() else init(*args, **kwargs)
+
+    return init_fn
 
 
 def fan_in_uniform(fan_in: int) -> Callable:
@@ -35,6 +66,8 @@ class FusedDense(nn.Module):
       init_scheme: "torch" (``U(±1/sqrt(K))`` for kernel and bias, as ``torch.nn.Linear``) or "lecun"
         (LeCun normal kernel, zero bias, Flax's default).
       param_dtype: dtype of the parameters.
+      axes: logical names of the kernel's (K, N) dimensions, e.g. ``("embed", "mlp")``; the bias
+        takes N's (see ``named_init``).
 
     Shapes: ``x: [..., K]`` -> ``[..., N]`` in x's dtype. Parameters: ``kernel: [K, N]``,
     ``bias: [N]`` — the transpose of PyTorch's ``Linear.weight: [N, K]``.
@@ -47,6 +80,7 @@ class FusedDense(nn.Module):
     in_features: int | None = None
     init_scheme: str = "torch"
     param_dtype: jnp.dtype = jnp.float32
+    axes: tuple[str | None, str | None] = (None, None)
 
     @nn.compact
     def __call__(self, x):
@@ -74,8 +108,9 @@ class FusedDense(nn.Module):
                 kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros
             else:
                 raise ValueError(f"unknown init_scheme {self.init_scheme!r}; choose 'torch' or 'lecun'")
-            kernel = self.param("kernel", kernel_init, (k, self.features), self.param_dtype)
-            bias = self.param("bias", bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+            kernel = self.param("kernel", named_init(kernel_init, self.axes), (k, self.features), self.param_dtype)
+            bias = (self.param("bias", named_init(bias_init, self.axes[1:]), (self.features,), self.param_dtype)
+                    if self.use_bias else None)
         # Parameters follow the input's dtype so bf16 activations stay bf16 end to end.
         kernel = kernel.astype(x.dtype)
         bias = None if bias is None else bias.astype(x.dtype)

@@ -7,6 +7,8 @@ mid-run, and writes the final parameters to OUT (``.npz``). Not collected by pyt
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -89,6 +91,13 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
     args = p.parse_args(argv)
+    # As a process started from a terminal: pytest-xdist's workers ignore SIGINT, which their
+    # children inherit (and an ignored signal stays ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if os.environ.get("RESUME_WORKER_CACHE"):  # the tests share compiled programs between the runs
+        from experiments.common import enable_compilation_cache
+
+        enable_compilation_cache(os.environ["RESUME_WORKER_CACHE"])
     if args.mode == "writer":
         return write_forever(args.checkpoint_dir)
     state = run(args.mode, args.checkpoint_dir, every=args.every, delay=args.delay)

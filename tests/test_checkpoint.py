@@ -1,6 +1,8 @@
 """Checkpoints: bit-exact round trips, damage and mismatch caught and named, resume after SIGKILL
 and SIGTERM equal to a run never interrupted, non-finite updates raised or skipped."""
+import functools
 import json
+import os
 import pathlib
 import random
 import re
@@ -191,13 +193,26 @@ def test_resume_keeps_one_metrics_record_per_epoch(tmp_path):
 
 
 def test_same_seed_and_config_give_identical_runs(tmp_path):
-    a, b = resume_worker.run("minibatch", None, every=None), resume_worker.run("minibatch", None, every=None)
+    a, b = _uninterrupted("minibatch"), resume_worker.run("minibatch", None, every=None)
     assert _bits_equal(a, b)
 
 
 # Seconds of sleep per logged record, so that each run lasts ~2 s after compiling (12 epochs,
 # 80 epochs, 60 steps): a kill lands mid-run, often inside a checkpoint write.
 DELAY = {"minibatch": 0.15, "fullbatch": 0.025, "stream": 0.03}
+
+
+@functools.lru_cache(maxsize=None)
+def _uninterrupted(mode: str):
+    """The run never interrupted (no checkpoints at all), once per mode."""
+    return resume_worker.run(mode, None, every=None)
+
+
+@pytest.fixture(scope="module")
+def worker_env(tmp_path_factory):
+    """The workers' environment: one persistent compilation cache for all of them, so a resumed
+    run does not compile again what the killed one compiled."""
+    return {**os.environ, "RESUME_WORKER_CACHE": str(tmp_path_factory.mktemp("xla_cache"))}
 
 
 def _final_params_equal(out: pathlib.Path, want, context: str) -> None:
@@ -208,16 +223,16 @@ def _final_params_equal(out: pathlib.Path, want, context: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["minibatch", "fullbatch", "stream"])
-def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path, mode):
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path, mode, worker_env):
     """The run is killed (SIGKILL) at a random moment after its first checkpoint, resumed, and
     compared bit for bit with an uninterrupted run of the same seed (no checkpoints at all)."""
-    want = resume_worker.run(mode, None, every=None)
+    want = _uninterrupted(mode)
     seed = random.SystemRandom().randrange(2**32)
     delay = random.Random(seed).uniform(0.0, 1.5)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     cmd = [sys.executable, str(WORKER), mode, str(ckpt), str(out), "--every", "5"]
     proc = subprocess.Popen([*cmd, "--delay", str(DELAY[mode])], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=worker_env)
     deadline = time.monotonic() + 120
     while checkpoint.latest_step(ckpt) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -226,25 +241,26 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path, mode)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill: {err.decode()[-2000:]}"
     killed_at = checkpoint.latest_step(ckpt)
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=worker_env)
     assert done.returncode == 0, done.stderr[-3000:]
     _final_params_equal(out, want, f"seed {seed}, killed after {delay:.2f} s, resumed from step {killed_at}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_writes_a_checkpoint_at_the_current_step_then_takes_its_course(tmp_path, sig):
+def test_a_signal_writes_a_checkpoint_at_the_current_step_then_takes_its_course(tmp_path, sig, worker_env):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out.npz"
     cmd = [sys.executable, str(WORKER), "minibatch", str(ckpt), str(out)]  # no --every: only the signal's
-    proc = subprocess.Popen([*cmd, "--delay", "0.3"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*cmd, "--delay", "0.3"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=worker_env)
     assert proc.stdout.readline().startswith(b"record")  # epoch 1 is done: training runs
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -sig, err.decode()[-2000:]
     steps = checkpoint.steps(ckpt)
     assert len(steps) == 1 and 6 <= steps[0] < 72, steps
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=worker_env)
     assert done.returncode == 0, done.stderr[-3000:]
-    _final_params_equal(out, resume_worker.run("minibatch", None, every=None), f"resumed from step {steps[0]}")
+    _final_params_equal(out, _uninterrupted("minibatch"), f"resumed from step {steps[0]}")
 
 
 def _overflowing_data(row: int):
@@ -333,3 +349,15 @@ def test_a_step_folder_without_the_manifest_does_not_count_and_is_replaced(saved
         checkpoint.restore(directory, like=state)
     checkpoint.save(directory, state)
     assert checkpoint.latest_step(directory) == 5 and _bits_equal(checkpoint.restore(directory, like=state), state)
+
+
+def test_an_ignored_signal_stays_ignored_and_others_come_back(tmp_path):
+    before_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        before_int = signal.getsignal(signal.SIGINT)
+        with checkpoint.Checkpointer(tmp_path, every=None, keep=None) as ckpt:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) == ckpt._on_signal
+        assert signal.getsignal(signal.SIGINT) is before_int
+    finally:
+        signal.signal(signal.SIGTERM, before_term)

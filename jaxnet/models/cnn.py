@@ -88,7 +88,7 @@ class CNN(nn.Module):
         for k, width in enumerate(self.head):
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x) if self.dropout_rate > 0 else x
             x = FusedDense(width, activation=self.activation, init_scheme="lecun", backend=self.backend,
-                           name=f"head_{k}")(x)
+                           axes=("embed", "mlp") if k % 2 == 0 else ("mlp", "embed"), name=f"head_{k}")(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x) if self.dropout_rate > 0 else x
         return FusedDense(self.num_classes, activation="identity", init_scheme="lecun", backend=self.backend,
-                          name="logits")(x)
+                          axes=("embed" if len(self.head) % 2 == 0 else "mlp", None), name="logits")(x)

@@ -30,8 +30,10 @@ class SimpleNet(nn.Module):
     def __call__(self, x, train: bool = False):
         del train  # no dropout in the seed's net; the argument keeps one calling convention
         # ReLU is fused into fc1, which is exactly Linear followed by ReLU.
-        h = FusedDense(5, activation="relu", in_features=10, backend=self.backend, name="fc1")(x)
-        return FusedDense(1, activation="identity", in_features=5, backend=self.backend, name="fc2")(h)
+        h = FusedDense(5, activation="relu", in_features=10, backend=self.backend, axes=("embed", "mlp"),
+                       name="fc1")(x)
+        return FusedDense(1, activation="identity", in_features=5, backend=self.backend, axes=("mlp", "embed"),
+                          name="fc2")(h)
 
 
 class MLP(nn.Module):
@@ -73,6 +75,9 @@ class MLP(nn.Module):
                 in_features=self.in_features if i == 0 else None,
                 init_scheme=self.init_scheme,
                 backend=self.backend,
+                # Widths alternate "mlp" and "embed": under tensor parallelism a layer splits its
+                # outputs and the next its inputs (one all-reduce per pair).
+                axes=(("embed", "mlp") if i % 2 == 0 else ("mlp", "embed")),
                 name=f"layers_{i}",
             )(x)
             if not last and self.dropout_rate > 0.0:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxnet.models.mlp import MLP
+from jaxnet.nn import named_init
 
 
 def _split_ids(x):
@@ -30,7 +31,7 @@ def _split_ids(x):
 
 
 def _embed(num: int, dim: int, std: float, name: str) -> nn.Embed:
-    return nn.Embed(num, dim, embedding_init=nn.initializers.normal(std), name=name)
+    return nn.Embed(num, dim, embedding_init=named_init(nn.initializers.normal(std), ("vocab", "embed")), name=name)
 
 
 class MatrixFactorization(nn.Module):

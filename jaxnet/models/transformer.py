@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.nn import FusedDense
+from jaxnet.nn import FusedDense, named_init
 from kernels import xla
 
 POSITIONS = ("learned", "rotary")
@@ -220,7 +220,7 @@ class CausalSelfAttention(nn.Module):
         b, s, c = x.shape
         h, d = cfg.num_heads, cfg.head_dim
         qkv = FusedDense(3 * c, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun",
-                         name="qkv")(x)  # (B, S, 3C)
+                         axes=("embed", "heads"), name="qkv")(x)  # (B, S, 3C)
         qkv = qkv.reshape(b, s, 3, h, d)
         # split, not indexing: its gradient is one concatenate, where three slices' gradients
         # are pads summed into the [B, S, 3, H, D] cotangent (docs/benchmarks.md, mixed precision).
@@ -250,7 +250,8 @@ class CausalSelfAttention(nn.Module):
         if cfg.attention_dropout_rate > 0:
             probs = Dropout(cfg.attention_dropout_rate, deterministic=not train)(probs)
         y = xla.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).astype(x.dtype).reshape(b, s, c)
-        y = FusedDense(c, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun", name="proj")(y)
+        y = FusedDense(c, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun", axes=("heads", "embed"),
+                       name="proj")(y)
         return y, cache
 
 
@@ -263,9 +264,9 @@ class MLPBlock(nn.Module):
     def __call__(self, x):
         cfg = self.config
         hidden = FusedDense(cfg.mlp_ratio * cfg.embed_dim, activation=cfg.activation, use_bias=cfg.use_bias,
-                            backend=cfg.backend, init_scheme="lecun", name="fc")(x)
+                            backend=cfg.backend, init_scheme="lecun", axes=("embed", "mlp"), name="fc")(x)
         return FusedDense(cfg.embed_dim, use_bias=cfg.use_bias, backend=cfg.backend, init_scheme="lecun",
-                          name="out")(hidden)
+                          axes=("mlp", "embed"), name="out")(hidden)
 
 
 class Block(nn.Module):
@@ -295,10 +296,12 @@ class Trunk(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.wte = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=nn.initializers.normal(cfg.embed_init_std),
+        self.wte = nn.Embed(cfg.vocab_size, cfg.embed_dim,
+                            embedding_init=named_init(nn.initializers.normal(cfg.embed_init_std), ("vocab", "embed")),
                             name="wte")
         if cfg.positions == "learned":
-            self.wpe = nn.Embed(cfg.block_size, cfg.embed_dim, embedding_init=nn.initializers.normal(cfg.pos_init_std),
+            self.wpe = nn.Embed(cfg.block_size, cfg.embed_dim,
+                                embedding_init=named_init(nn.initializers.normal(cfg.pos_init_std), (None, "embed")),
                                 name="wpe")
         self.drop = Dropout(cfg.dropout_rate)
         self.blocks = [Block(cfg, name=f"block{i}") for i in range(cfg.num_layers)]
@@ -338,7 +341,8 @@ class TransformerLM(nn.Module):
     def setup(self):
         self.trunk = Trunk(self.config, name="trunk")
         if not self.config.tie_embeddings:
-            self.head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=jnp.float32, name="head")
+            self.head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
+                                 kernel_init=named_init(nn.initializers.lecun_normal(), ("embed", "vocab")))
 
     def _logits(self, h):
         cfg = self.config

@@ -465,7 +465,8 @@ class Checkpointer:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # an ignored signal stays ignored
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc):

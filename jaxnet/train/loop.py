@@ -89,9 +89,21 @@ def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
 
 
 @functools.lru_cache(maxsize=64)
-def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle, on_nonfinite="raise"):
-    """Jitted pieces for one configuration, cached so repeated ``fit`` calls reuse compilations."""
-    train_step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite)
+def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle, on_nonfinite="raise",
+             layout=None):
+    """Jitted pieces for one configuration, cached so repeated ``fit`` calls reuse compilations.
+
+    With a ``jaxnet.parallel.Layout``, batches are split over the mesh's ``data`` axis and the
+    state kept in the layout's shardings.
+    """
+    step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite)
+
+    def train_step(state, batch, rng):
+        if layout is None:
+            return step(state, batch, rng)
+        state, m = step(state, layout.constrain_batch(batch), rng)
+        return layout.constrain_state(state), m
+
     eval_step = jax.jit(make_eval_step(loss_fn, dict(metrics_items)))
     num_batches = -(-n // batch_size)
     padded = num_batches * batch_size
@@ -318,6 +330,8 @@ def fit(
     resume: bool = False,
     config=None,
     on_nonfinite: str = "raise",
+    mesh=None,
+    strategy: str = "dp",
 ) -> FitResult:
     """Trains ``state`` until it has completed ``epochs`` epochs.
 
@@ -367,6 +381,10 @@ def fit(
       on_nonfinite: ``"raise"``: stop at the first non-finite loss or gradient, naming the step
         and the first parameter whose gradient is not finite; ``"skip"``: leave such updates out
         (the batch is skipped) and count them in the history's ``skipped``.
+      mesh, strategy: train on a ``jax.sharding.Mesh`` (``jaxnet.parallel.make_mesh("data=4")``)
+        with ``"dp"``, ``"fsdp"``, ``"tp"`` or ``"fsdp+tp"`` (see ``jaxnet.parallel``): the state
+        is placed by its layers' logical axis names, every batch split over ``data``. The
+        returned state stays sharded.
 
     Raises:
       TypeError, ValueError: bad data (dtype, NaN/Inf, lengths), naming the array and shapes;
@@ -389,9 +407,17 @@ def fit(
     bs = n if full_batch else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    layout = None
+    if mesh is not None:
+        from jaxnet.parallel import Layout
+
+        layout = Layout.for_state(state, mesh, strategy, sample_x=data["x"][:1])
+        state = layout.place(state)
+        data = jax.device_put(data, layout.replicated)
+        val = None if val is None else jax.device_put(val, layout.replicated)
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
-        on_nonfinite)
+        on_nonfinite, layout)
     ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                keep=keep, resume=resume, config=config)
     param_names = parameter_names(state.params)

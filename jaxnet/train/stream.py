@@ -54,7 +54,7 @@ class StreamResult:
 
 
 @functools.lru_cache(maxsize=16)
-def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfinite: str):
+def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfinite: str, layout=None):
     train_step = make_train_step(loss_fn, on_nonfinite=on_nonfinite)
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -63,7 +63,10 @@ def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfini
         state = state.replace(opt_state=set_clock_fraction(state.opt_state, fraction))
         dropout_key, data_key = split_keys(state.rng)
         x, y = random_windows(jax.random.fold_in(data_key, state.step), tokens, batch_size, block_size)
-        return train_step(state, {"x": x, "y": y}, dropout_key)
+        if layout is None:
+            return train_step(state, {"x": x, "y": y}, dropout_key)
+        state, m = train_step(state, layout.constrain_batch({"x": x, "y": y}), dropout_key)
+        return layout.constrain_state(state), m
 
     return step
 
@@ -180,6 +183,8 @@ def fit_stream(
     resume: bool = False,
     config=None,
     on_nonfinite: str = "raise",
+    mesh=None,
+    strategy: str = "dp",
 ) -> StreamResult:
     """Trains ``state`` until it has made ``steps`` updates (a resumed state continues).
 
@@ -207,7 +212,8 @@ def fit_stream(
       plot, tensorboard, writers: as in ``fit``.
       profile_steps: ``(start, stop)``: a ``jax.profiler`` trace under ``<workdir>/profile/`` of
         updates ``start + 1 .. stop`` (``state.step`` going from ``start`` to ``stop``).
-      checkpoint_dir, checkpoint_every, keep, resume, config, on_nonfinite: as in ``fit``. A
+      checkpoint_dir, checkpoint_every, keep, resume, config, on_nonfinite, mesh, strategy: as in
+        ``fit`` (with a mesh, each step's windows are split over ``data``). A
         resumed run ends bit-identical to an uninterrupted one unless ``budget_s`` or
         ``before_step`` make the updates depend on the clock.
 
@@ -220,7 +226,14 @@ def fit_stream(
     t_start = time.perf_counter()
     tokens = jnp.asarray(train_tokens, jnp.int32)
     n_train = int(tokens.shape[0])
-    step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite)
+    layout = None
+    if mesh is not None:
+        from jaxnet.parallel import Layout
+
+        layout = Layout.for_state(state, mesh, strategy, sample_x=np.zeros((1, block_size), np.int32))
+        state = layout.place(state)
+        tokens = jax.device_put(tokens, layout.replicated)
+    step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite, layout)
     ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                keep=keep, resume=resume, config=config)
     param_names = parameter_names(state.params)

@@ -1,0 +1,173 @@
+"""Meshes and shardings: data, fully-sharded and tensor parallelism on ``jax.sharding``.
+
+    mesh = make_mesh("data=2,model=2")                 # over jax.make_mesh; None: all devices on data
+    layout = Layout.for_state(state, mesh, "fsdp+tp")  # where every array of a TrainState goes
+    state = layout.place(state)                        # jax.device_put onto the mesh
+
+Parameters get their shardings from the logical axis names their layers give them
+(``jaxnet.nn.named_init``: a ``FusedDense`` kernel is ``("embed", "mlp")`` or ``("mlp",
+"embed")``, attention ``("embed", "heads")``, embeddings ``("vocab", "embed")``) and one rule
+table per strategy (``RULES``), the logical-axis-rules pattern of Flax and MaxText:
+
+- ``"dp"``: parameters replicated, the batch split over ``data``;
+- ``"fsdp"``: parameters and optimiser state split over ``data`` (on their first named dimension
+  that divides), gathered where a layer needs them; the batch split over ``data``;
+- ``"tp"``: ``mlp`` and ``heads`` dimensions split over ``model`` (a layer's outputs, then the next
+  layer's inputs: one all-reduce per pair), the batch split over ``data`` if the mesh has it;
+- ``"fsdp+tp"``: both.
+
+A dimension that does not divide by its mesh axis stays whole; unnamed parameters are replicated.
+XLA's partitioner (GSPMD/Shardy) inserts the collectives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+AXES = ("data", "model")
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp+tp")
+# Logical axis name -> mesh axis, per strategy; Flax uses each mesh axis at most once per array,
+# taking the first rule that applies to each dimension in order.
+_FSDP = (("embed", "data"), ("mlp", "data"), ("heads", "data"), ("vocab", "data"))
+_TP = (("mlp", "model"), ("heads", "model"))
+RULES: dict[str, tuple[tuple[str, str], ...]] = {"dp": (), "fsdp": _FSDP, "tp": _TP, "fsdp+tp": _TP + _FSDP}
+
+
+def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
+    """``"data=2,model=2"`` -> ``{"data": 2, "model": 2}``; None -> ``{"data": num_devices}``.
+
+    Raises:
+      ValueError: an unknown axis name, a size below 1, a repeated axis, or sizes whose product
+        is not ``num_devices``.
+    """
+    if spec is None or not spec.strip():
+        return {"data": num_devices}
+    shape: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, size = part.strip().partition("=")
+        if not sep or name not in AXES or not size.strip().isdigit() or int(size) < 1 or name in shape:
+            raise ValueError(f"mesh spec {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {AXES} "
+                             f"(each once) and SIZE >= 1, e.g. 'data=4' or 'data=2,model=2'; bad part {part!r}")
+        shape[name] = int(size)
+    if math.prod(shape.values()) != num_devices:
+        raise ValueError(f"mesh spec {spec!r} has {math.prod(shape.values())} devices; this process sees "
+                         f"{num_devices} ({jax.devices()[0].platform}); on the CPU, JAX_NUM_CPU_DEVICES=N "
+                         f"makes N devices")
+    return shape
+
+
+def make_mesh(spec: str | None = None, *, devices=None) -> jax.sharding.Mesh:
+    """A mesh over ``devices`` (default: all of them) from a spec like ``"data=4"`` or
+    ``"data=2,model=2"``; None puts every device on ``data``. Axes are ``Auto``: XLA propagates
+    shardings and inserts the collectives."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = parse_mesh_spec(spec, len(devices))
+    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape),
+                         devices=devices)
+
+
+def logical_specs(model: nn.Module, sample_x) -> Any:
+    """The params pytree of ``model`` with a ``PartitionSpec`` of logical names per parameter
+    (``PartitionSpec()`` for unnamed ones), from an abstract ``init`` (nothing is allocated)."""
+    from jaxnet.nn import logical_axes
+
+    with logical_axes():
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_x, train=False))
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def _fit(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+    """``spec`` without the mesh axes that do not divide their dimension (those stay whole)."""
+    out = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axis if names and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def param_shardings(params, specs, mesh, strategy: str):
+    """NamedShardings for ``params`` from their logical ``specs`` under ``strategy``'s rules."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    rules = [(name, axis) for name, axis in RULES[strategy] if axis in mesh.shape]
+    def one(p, logical):
+        axes = nn.logical_to_mesh_axes(tuple(logical), rules) if len(logical) else PartitionSpec()
+        return NamedSharding(mesh, _fit(axes, np.shape(p), mesh))
+
+    return jax.tree.map(one, params, specs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """Where a ``TrainState``'s arrays and a batch go on a mesh under a strategy.
+
+    Attributes:
+      mesh, strategy: as given.
+      state: a pytree like the ``TrainState`` with a ``NamedSharding`` per array.
+    """
+
+    mesh: jax.sharding.Mesh
+    strategy: str
+    state: Any
+
+    @classmethod
+    def for_state(cls, state, mesh, strategy: str = "dp", sample_x=None) -> "Layout":
+        """The layout of ``state`` (a ``TrainState``); ``sample_x`` shows the model its input
+        (default: inferred from the first parameter is not possible, so it is required for
+        models that need it: pass a batch row)."""
+        if sample_x is None:
+            raise ValueError("Layout.for_state needs sample_x (one input row) to name the parameters' axes")
+        specs = logical_specs(state.model, sample_x)
+        params = param_shardings(state.params, specs, mesh, strategy)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt = optax.tree_map_params(state.tx, lambda _, sharding: sharding, state.opt_state, params,
+                                    transform_non_params=lambda _: replicated)
+        rep = lambda tree: jax.tree.map(lambda _: replicated, tree)  # noqa: E731
+        shardings = state.replace(step=replicated, epoch=replicated, batch_in_epoch=replicated, params=params,
+                                  model_state=rep(state.model_state), opt_state=opt, rng=replicated)
+        return cls(mesh, strategy, shardings)
+
+    @property
+    def batch(self) -> NamedSharding:
+        """Examples split over ``data`` (replicated when the mesh has no ``data`` axis)."""
+        return NamedSharding(self.mesh, PartitionSpec("data" if "data" in self.mesh.shape else None))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def place(self, state):
+        """``state`` on the mesh (``jax.device_put`` with this layout's shardings)."""
+        return jax.device_put(state, self.state)
+
+    def constrain_state(self, state):
+        """Inside ``jit``: the state kept in this layout (so donated buffers keep their sharding)."""
+        return jax.lax.with_sharding_constraint(state, self.state)
+
+    def constrain_batch(self, batch: dict) -> dict:
+        """Inside ``jit``: every array of a batch split over ``data`` on its first axis (the
+        examples), where that axis divides; a scalar or an indivisible axis stays replicated."""
+        def one(a):
+            data = self.mesh.shape.get("data", 1)
+            spec = PartitionSpec("data") if a.ndim and a.shape[0] % data == 0 and data > 1 else PartitionSpec()
+            return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec))
+        return jax.tree.map(one, batch)
+
+    def describe(self) -> dict[str, str]:
+        """``{param path: "PartitionSpec(...)"}``: what each parameter's sharding is."""
+        from jaxnet.train.loop import parameter_names
+
+        leaves = jax.tree.leaves(self.state.params, is_leaf=lambda s: isinstance(s, NamedSharding))
+        return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
+
+
+__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "logical_specs", "make_mesh", "param_shardings",
+           "parse_mesh_spec"]

@@ -1,0 +1,119 @@
+"""jaxnet.parallel on four fake CPU devices (tests/conftest.py): meshes from specs, shardings from
+the layers' logical axis names, and training under every strategy equal to one device."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxnet import losses, optim, parallel
+from jaxnet.data import make_regression
+from jaxnet.models import MLP, TransformerConfig, TransformerLM
+from jaxnet.train import TrainState, checkpoint, fit, fit_stream
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices: tests/conftest.py sets "
+                                "--xla_force_host_platform_device_count=4 before JAX starts")
+
+CASES = [("data=4", "dp"), ("data=4", "fsdp"), ("data=2,model=2", "tp"), ("data=2,model=2", "fsdp+tp"),
+         ("model=4", "tp")]
+
+
+def test_mesh_specs():
+    assert dict(parallel.make_mesh("data=4").shape) == {"data": 4}
+    assert dict(parallel.make_mesh("data=2,model=2").shape) == {"data": 2, "model": 2}
+    assert dict(parallel.make_mesh(None).shape) == {"data": jax.device_count()}
+    for bad, message in [("data=3", "has 3 devices; this process sees 4"), ("batch=4", "bad part 'batch=4'"),
+                         ("data=2,data=2", "bad part 'data=2'"), ("data=0,model=4", "bad part 'data=0'"),
+                         ("data", "bad part 'data'")]:
+        with pytest.raises(ValueError, match=message):
+            parallel.make_mesh(bad)
+    with pytest.raises(ValueError, match="unknown strategy 'zero'"):
+        parallel.param_shardings({}, {}, parallel.make_mesh(), "zero")
+
+
+def _norm(spec) -> tuple:
+    """A PartitionSpec without its trailing Nones (``P(None, None) == P()`` as shardings)."""
+    axes = list(spec)
+    while axes and axes[-1] is None:
+        axes.pop()
+    return tuple(axes)
+
+
+def _sgd():
+    return optim.make_optimizer(optim.OptimizerConfig(name="momentum", learning_rate=0.05))
+
+
+def _mlp_state(x):
+    return TrainState.create(model=MLP((32, 32, 1), dropout_rate=0.1), tx=_sgd(), sample_x=x[:1], seed=0)
+
+
+EXPECTED_SPECS = {  # what each strategy does to MLP((32, 32, 1))'s three kernels (K, N)
+    ("data=4", "dp"): [P(None, None), P(None, None), P(None, None)],
+    ("data=4", "fsdp"): [P("data", None), P(None, "data"), P("data", None)],
+    ("data=2,model=2", "tp"): [P(None, "model"), P("model", None), P(None, None)],  # N=1 does not divide
+    ("data=2,model=2", "fsdp+tp"): [P("data", "model"), P("model", "data"), P("data", None)],
+    ("model=4", "tp"): [P(None, "model"), P("model", None), P(None, None)],
+}
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    """The single-device runs every strategy is compared with, by batch size."""
+    d = make_regression(96, 16, seed=1)
+    return d, {bs: fit(_mlp_state(d.x), (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=bs, progress=False)
+               for bs in (16, None)}
+
+
+@pytest.mark.parametrize("spec, strategy, batch_size", [(*c, 16) for c in CASES] + [("data=2,model=2", "fsdp+tp", None)],
+                         ids=[f"{c[0]}-{c[1]}-minibatch" for c in CASES] + ["data=2,model=2-fsdp+tp-fullbatch"])
+def test_training_under_each_strategy_equals_one_device_and_is_sharded_as_said(spec, strategy, batch_size, one_device):
+    """T updates of momentum SGD (lr 0.05) on a 16-32-32-1 MLP with dropout. The sharded program
+    differs from one device's only in the order of its sums: over the batch (split over
+    ``data``) and over K (split over ``model``). Reassociating a float32 sum of m terms moves it
+    by at most (m - 1) eps sum|terms| (Higham, Accuracy and Stability, 4.2); with m <= 96 and
+    the terms' scale ~1 here, each update moves by at most lr * 96 * eps, and T updates with
+    momentum 0.9 (a factor <= 10) by at most T * 10 * lr * 96 * eps: the tolerance below.
+    A missing or doubled collective changes parameters by the size of an update (~1e-2)."""
+    d, refs = one_device
+    ref = refs[batch_size]
+    out = fit(_mlp_state(d.x), (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=batch_size, progress=False,
+              mesh=parallel.make_mesh(spec), strategy=strategy)
+    steps = int(ref.state.step)
+    tol = steps * 10 * 0.05 * 96 * np.finfo(np.float32).eps
+    for a, b in zip(jax.tree.leaves(ref.state.params), jax.tree.leaves(out.state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
+    kernels = [out.state.params[f"layers_{i}"]["kernel"] for i in range(3)]
+    want = EXPECTED_SPECS[(spec, strategy)]
+    for i, (k, s) in enumerate(zip(kernels, want)):
+        assert _norm(k.sharding.spec) == _norm(s), (i, k.sharding.spec, s)
+        assert len(k.sharding.device_set) == 4
+    mu = out.state.opt_state[0].trace["layers_0"]["kernel"]  # momentum: the optimiser state follows its parameter
+    assert _norm(mu.sharding.spec) == _norm(want[0])
+
+
+def test_a_language_model_under_fsdp_tp_equals_one_device():
+    cfg = TransformerConfig(vocab_size=24, block_size=8, num_layers=1, num_heads=2, embed_dim=16, mlp_ratio=2)
+    tokens = np.random.default_rng(0).integers(0, 24, 600).astype(np.int32)
+
+    def run(**kw):
+        state = TrainState.create(model=TransformerLM(cfg), tx=_sgd(), sample_x=tokens[None, :8], seed=1)
+        return fit_stream(state, tokens, steps=4, batch_size=8, block_size=8, log_every=2, progress=False, **kw)
+
+    ref, out = run(), run(mesh=parallel.make_mesh("data=2,model=2"), strategy="fsdp+tp")
+    tol = 4 * 10 * 0.05 * 64 * np.finfo(np.float32).eps  # as above, sums of <= 64 terms
+    for a, b in zip(jax.tree.leaves(ref.state.params), jax.tree.leaves(out.state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
+    qkv = out.state.params["trunk"]["block0"]["attn"]["qkv"]["kernel"]
+    assert _norm(qkv.sharding.spec) == ("data", "model")
+
+
+def test_a_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path):
+    d = make_regression(64, 16, seed=2)
+    start = _mlp_state(d.x)
+    out = fit(start, (d.x, d.y), loss_fn=losses.mse, epochs=1, batch_size=16, progress=False,
+              mesh=parallel.make_mesh("data=4"), strategy="fsdp")
+    checkpoint.save(tmp_path, out.state)
+    other = parallel.Layout.for_state(out.state, parallel.make_mesh("data=2,model=2"), "tp", sample_x=d.x[:1])
+    restored = checkpoint.restore(tmp_path, like=other.place(out.state))
+    for a, b in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(restored.params)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert _norm(restored.params["layers_0"]["kernel"].sharding.spec) == (None, "model")
