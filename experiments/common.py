@@ -57,13 +57,23 @@ class RunFlags:
     checkpoint_every: int = CHECKPOINT_EVERY
     # Continue from the newest checkpoint that verifies (the config must be the same).
     resume: bool = False
+    # A device mesh ("data=4", "data=2,model=2"; None: one device) and how the model is laid on it.
+    mesh: str | None = None
+    strategy: str = "dp"
 
     @property
     def fit_options(self) -> dict:
         """Keywords for the studies' ``run`` (and so ``fit`` / ``fit_stream``): ``tensorboard``,
-        ``profile_steps``, ``checkpoint_every``, ``resume``."""
+        ``profile_steps``, ``checkpoint_every``, ``resume``, ``mesh`` (a ``jax.sharding.Mesh`` or
+        None) and ``strategy``."""
+        mesh = None
+        if self.mesh is not None:
+            from jaxnet.parallel import make_mesh
+
+            mesh = make_mesh(self.mesh)
         return {"tensorboard": self.tensorboard, "profile_steps": self.profile_steps,
-                "checkpoint_every": self.checkpoint_every, "resume": self.resume}
+                "checkpoint_every": self.checkpoint_every, "resume": self.resume, "mesh": mesh,
+                "strategy": self.strategy}
 
 
 def _parse_bool(text: str) -> bool:
@@ -300,11 +310,27 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
         run.add_argument("--resume", action=_Bool, negative="--no-resume", default=False,
                          help="continue from the newest checkpoint in the workdir that verifies; the run ends as "
                               "it would have without the interruption. The config must be the one saved with it")
+        run.add_argument("--mesh", default=None, metavar="SPEC",
+                         help="train on a device mesh: 'data=4', 'data=2,model=2' (default: one device; on the "
+                              "CPU, JAX_NUM_CPU_DEVICES=N gives N devices)")
+        run.add_argument("--strategy", default="dp", choices=("dp", "fsdp", "tp", "fsdp+tp"),
+                         help="how parameters lie on the mesh: replicated (dp), split over data (fsdp), layers "
+                              "split over model (tp), or both (default: %(default)s); see docs/scaling.md")
     args = vars(parser.parse_args(argv))
     args.pop("config")
     flags = RunFlags(workdir=pathlib.Path(args.pop("workdir")), tensorboard=args.pop("tensorboard", False),
                      profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None,
-                     checkpoint_every=args.pop("checkpoint_every", 0), resume=args.pop("resume", False))
+                     checkpoint_every=args.pop("checkpoint_every", 0), resume=args.pop("resume", False),
+                     mesh=args.pop("mesh", None), strategy=args.pop("strategy", "dp"))
+    if flags.mesh is not None:
+        import jax
+
+        from jaxnet.parallel import parse_mesh_spec
+
+        try:
+            parse_mesh_spec(flags.mesh, jax.device_count())
+        except ValueError as e:
+            parser.error(f"--mesh: {e}")
     if flags.checkpoint_every < 0:
         parser.error(f"--checkpoint-every needs STEPS >= 0, got {flags.checkpoint_every}")
     if flags.profile_steps is not None and not 0 <= flags.profile_steps[0] < flags.profile_steps[1]:

@@ -53,23 +53,25 @@ def train_jaxnet(config: SeedConfig, data: RegressionData, state: TrainState | N
                  log_every: int | None = None, progress: bool = False, workdir=None,
                  epochs_per_call: int | None = None, tensorboard: bool = False,
                  profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
-                 resume: bool = False) -> FitResult:
+                 resume: bool = False, mesh=None, strategy: str = "dp") -> FitResult:
     """Full-batch SGD on MSE for ``config.epochs`` epochs, inside jitted ``lax.scan`` calls.
 
-    ``tensorboard``, ``profile_steps``: as in ``fit``; ``checkpoint_every``, ``resume``: as
+    ``tensorboard``, ``profile_steps``, ``mesh``, ``strategy``: as in ``fit``; ``checkpoint_every``,
+    ``resume``: as
     ``jaxnet.train.checkpoint.run_options`` (under ``<workdir>/checkpoints``).
     """
     state = make_state(config, data) if state is None else state
     return fit(state, (data.x, data.y), loss_fn=losses.mse, epochs=config.epochs, log_every=log_every,
                progress=progress, workdir=workdir, epochs_per_call=epochs_per_call,
                title="seed SimpleNet, MSE, SGD", tensorboard=tensorboard, profile_steps=profile_steps,
+               mesh=mesh, strategy=strategy,
                **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config))
 
 
 def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | None = None,
         progress: bool = False, workdir=None, tensorboard: bool = False,
         profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
-        resume: bool = False) -> dict:
+        resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Trains the seed example and returns its final metrics (what ``experiments.seed_simple_net`` prints).
 
     Args:
@@ -78,6 +80,7 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         ``float32_curve_tolerance``).
       log_every, progress, workdir, tensorboard, profile_steps: as in ``fit``.
       checkpoint_every, resume: as ``jaxnet.train.checkpoint.run_options`` (needs ``workdir``).
+      mesh, strategy: as in ``fit``.
     """
     data = make_data(config)
     state = make_state(config, data)
@@ -90,7 +93,7 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
     start = time.perf_counter()
     out = train_jaxnet(config, data, state, log_every=log_every, progress=progress, workdir=workdir,
                        tensorboard=tensorboard, profile_steps=profile_steps,
-                       checkpoint_every=checkpoint_every, resume=resume)
+                       checkpoint_every=checkpoint_every, resume=resume, mesh=mesh, strategy=strategy)
     wall = time.perf_counter() - start
     curve = out.column("loss")
     result = {

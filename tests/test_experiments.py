@@ -64,6 +64,9 @@ def test_nested_fields_are_prefixed_flags_and_untouched_ones_keep_the_outer_defa
     (["--model.width", "0"], "width must be positive"),  # the config's own check, as a usage error
     (["--profile-steps", "5", "2"], "--profile-steps needs 0 <= START < STOP"),
     (["--profile-steps", "5"], "expected 2 arguments"),
+    (["--mesh", "data=3"], "--mesh: mesh spec 'data=3' has 3 devices; this process sees 4"),
+    (["--mesh", "rows=4"], "bad part 'rows=4'"),
+    (["--strategy", "zero3"], "invalid choice: 'zero3'"),
 ])
 def test_bad_flags_exit_with_a_usage_error_naming_them(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -87,7 +90,7 @@ def test_help_lists_nested_fields_with_their_defaults_and_comments(capsys):
 def test_logging_flags_parse_and_only_training_experiments_take_them(capsys):
     _, flags = common.parse_config(Outer, ["--tensorboard", "--profile-steps", "2", "4", "--workdir", "w"], name="t")
     assert flags.fit_options == {"tensorboard": True, "profile_steps": (2, 4), "checkpoint_every": 1000,
-                                 "resume": False} and str(flags.workdir) == "w"
+                                 "resume": False, "mesh": None, "strategy": "dp"} and str(flags.workdir) == "w"
     _, flags = common.parse_config(Outer, ["--checkpoint-every", "0", "--resume"], name="t")
     assert flags.checkpoint_every == 0 and flags.resume
     with pytest.raises(SystemExit):
@@ -160,7 +163,8 @@ def _stop(seen: dict):
     return fake
 
 
-LOGGING = ["--tensorboard", "--profile-steps", "1", "3", "--checkpoint-every", "7", "--resume"]
+LOGGING = ["--tensorboard", "--profile-steps", "1", "3", "--checkpoint-every", "7", "--resume",
+           "--mesh", "data=2,model=2", "--strategy", "fsdp+tp"]
 
 
 @pytest.mark.parametrize("name, target, argv", [
@@ -182,6 +186,7 @@ def test_logging_flags_reach_the_training_loop(name, target, argv, monkeypatch, 
     assert seen["tensorboard"] is True and seen["profile_steps"] == (1, 3)
     assert str(seen["workdir"]).startswith(str(tmp_path))
     assert seen["checkpoint_every"] == 7 and seen["resume"] is True
+    assert dict(seen["mesh"].shape) == {"data": 2, "model": 2} and seen["strategy"] == "fsdp+tp"
     assert str(seen["checkpoint_dir"]).startswith(str(tmp_path)) and seen["config"] is not None
 
 

@@ -128,13 +128,14 @@ def make_optimizer(config: Config):
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
         profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
-        resume: bool = False) -> dict:
+        resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Trains and evaluates the model and the n-gram baseline; returns the final metrics.
 
     Prints progress and samples on stderr; writes ``metrics.jsonl`` and ``loss_curve.png`` (train
     and held-out loss, nats per token, against epochs) into ``workdir``.
     ``tensorboard``, ``profile_steps``: as in ``fit_stream``; ``checkpoint_every``, ``resume``: as
-    ``jaxnet.train.checkpoint.run_options`` (checkpoints under ``<workdir>/checkpoints``).
+    ``jaxnet.train.checkpoint.run_options`` (checkpoints under ``<workdir>/checkpoints``); ``mesh``,
+    ``strategy``: as in ``fit_stream``.
     """
     import jax.numpy as jnp
 
@@ -162,7 +163,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         block_size=block, val_tokens=corpus.val, eval_every=config.eval_every, eval_stride=config.eval_stride,
         log_every=config.log_every, time_limit_s=config.time_limit_s,
         budget_s=config.train_budget_s if by_time else None, progress=config.progress, workdir=workdir,
-        tensorboard=tensorboard, profile_steps=profile_steps,
+        tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
         **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config),
         title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
     test_nll = None

@@ -218,15 +218,17 @@ def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None 
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
         profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
-        resume: bool = False) -> dict:
+        resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Both tasks (or the one ``config.task`` names); returns the final metrics.
 
     Writes ``explicit/`` and ``implicit_<model>/`` logs (and ``checkpoints/``) into ``workdir``.
-    ``tensorboard``, ``profile_steps``: as in ``fit``; ``checkpoint_every``, ``resume``: as
+    ``tensorboard``, ``profile_steps``, ``mesh``, ``strategy``: as in ``fit``; ``checkpoint_every``,
+    ``resume``: as
     ``jaxnet.train.checkpoint.run_options``.
     """
     workdir = pathlib.Path(workdir)
-    fit_options = {"tensorboard": tensorboard, "profile_steps": profile_steps,
+    fit_options = {"tensorboard": tensorboard, "profile_steps": profile_steps, "mesh": mesh,
+                   "strategy": strategy,
                    "checkpoints": {"checkpoint_every": checkpoint_every, "resume": resume, "config": config}}
     start = time.perf_counter()
     data, sigma, world = load(config)

@@ -114,12 +114,13 @@ def save_confusion_png(cm: np.ndarray, class_names, path, title: str) -> str | N
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
         profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
-        resume: bool = False) -> dict:
+        resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Trains ``config.seeds`` models, evaluates them (and the anchors); returns the final metrics.
 
     Writes each seed's ``seed<k>/metrics.jsonl`` and ``loss_curve.png`` and the summed
     ``confusion_matrix.png`` into ``workdir``. ``checkpoint_every``, ``resume``: as
-    ``jaxnet.train.checkpoint.run_options``. ``tensorboard``, ``profile_steps``: as in ``fit``
+    ``jaxnet.train.checkpoint.run_options``. ``tensorboard``, ``profile_steps``, ``mesh``,
+    ``strategy``: as in ``fit``
     (each seed's under its own folder).
     """
     import jax
@@ -151,7 +152,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
                   val_data=None if val is None else (xval, val.y), eval_every=5,
                   metrics={"accuracy": metrics.accuracy}, progress=config.progress,
                   workdir=workdir / f"seed{seed}", title=f"{config.model} on digits, seed {seed}",
-                  tensorboard=tensorboard, profile_steps=profile_steps,
+                  tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
                   **checkpoint.run_options(workdir / f"seed{seed}", checkpoint_every=checkpoint_every,
                                            resume=resume, config=config))
         pred = np.asarray(predict(out.state, xte))
