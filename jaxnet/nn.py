@@ -42,6 +42,14 @@ def named_init(init: Callable, names: Sequence[str | None]) -> Callable:
     return init_fn
 
 
+def _active_layout():
+    """``jaxnet.parallel.active_layout()``, without importing it for models that never shard."""
+    import sys
+
+    parallel = sys.modules.get("jaxnet.parallel")
+    return None if parallel is None else parallel.active_layout()
+
+
 def fan_in_uniform(fan_in: int) -> Callable:
     """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: PyTorch's ``nn.Linear`` rule for weights and biases."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -114,4 +122,10 @@ class FusedDense(nn.Module):
         # Parameters follow the input's dtype so bf16 activations stay bf16 end to end.
         kernel = kernel.astype(x.dtype)
         bias = None if bias is None else bias.astype(x.dtype)
+        layout = None if self.backend == "xla" else _active_layout()
+        if layout is not None:  # a custom kernel inside a sharded step: each device runs it on its block
+            from jaxnet.parallel import sharded_dense
+
+            return sharded_dense(x, kernel, bias, axes=self.axes, activation=self.activation, backend=self.backend,
+                                 layout=layout)
         return kernels.fused_dense(x, kernel, bias, activation=self.activation, backend=self.backend)

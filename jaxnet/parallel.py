@@ -21,6 +21,8 @@ XLA's partitioner (GSPMD/Shardy) inserts the collectives.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -105,6 +107,70 @@ def param_shardings(params, specs, mesh, strategy: str):
     return jax.tree.map(one, params, specs)
 
 
+_ACTIVE = contextvars.ContextVar("jaxnet_active_layout", default=None)
+
+
+@contextlib.contextmanager
+def active(layout: "Layout | None"):
+    """While tracing a step inside this context, ``FusedDense`` layers with a custom kernel
+    backend (numba, pallas) run ``sharded_dense``: the kernel on each device's block."""
+    token = _ACTIVE.set(layout)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_layout() -> "Layout | None":
+    """The layout of ``active``, or None."""
+    return _ACTIVE.get()
+
+
+def sharded_dense(x, kernel, bias, *, axes, activation: str, backend: str, layout: "Layout"):
+    """``kernels.fused_dense`` on each device's block inside ``jax.shard_map``, collectives explicit.
+
+    ``x: [B, ..., K]``, ``kernel: [K, N]`` named ``axes`` (``FusedDense.axes``), ``bias: [N]``.
+    The kernel's mesh axes come from the layout's rules: a ``data`` dimension (fsdp) is gathered
+    with ``all_gather`` before use; with N split over ``model`` (column-parallel) each device
+    computes its columns; with K split over ``model`` (row-parallel) each computes a partial
+    ``x @ kernel`` that a ``psum`` over ``model`` completes, and the bias and activation follow
+    the sum. The batch (first axis) is split over ``data`` when it divides. Gradients come from
+    shard_map's own transposes (``all_gather`` -> ``psum_scatter``, replicated inputs summed).
+    """
+    import kernels
+    from kernels.activations import get as get_activation
+
+    mesh = layout.mesh
+    rules = [(name, axis) for name, axis in RULES[layout.strategy] if axis in mesh.shape]
+    named = nn.logical_to_mesh_axes(tuple(a or "_unnamed" for a in axes), rules) if rules else PartitionSpec()
+    k_spec = _fit(named, kernel.shape, mesh)
+    k_in, k_out = (tuple(k_spec) + (None, None))[:2]
+    data = mesh.shape.get("data", 1)
+    batch_axis = "data" if data > 1 and x.ndim > 1 and x.shape[0] % data == 0 else None
+    x_spec = PartitionSpec(batch_axis, *([None] * (x.ndim - 2)), k_in if k_in == "model" else None)
+    y_spec = PartitionSpec(batch_axis, *([None] * (x.ndim - 2)), k_out if k_out == "model" else None)
+    b_spec = PartitionSpec(k_out)
+
+    def gather(a, spec):
+        for dim, axis in enumerate(spec):
+            if axis == "data":
+                a = jax.lax.all_gather(a, "data", axis=dim, tiled=True)
+        return a
+
+    def body(x, w, b):
+        w = gather(w, k_spec)
+        b = None if b is None else gather(b, b_spec)
+        if k_in == "model":  # row-parallel: partial sums, then bias and activation on the total
+            z = jax.lax.psum(kernels.fused_dense(x, w, None, activation="identity", backend=backend), "model")
+            return get_activation(activation).fn(z if b is None else z + b)
+        return kernels.fused_dense(x, w, b, activation=activation, backend=backend)
+
+    if bias is None:
+        return jax.shard_map(lambda x, w: body(x, w, None), mesh=mesh, in_specs=(x_spec, k_spec),
+                             out_specs=y_spec)(x, kernel)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec)(x, kernel, bias)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
     """Where a ``TrainState``'s arrays and a batch go on a mesh under a strategy.
@@ -169,5 +235,5 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "logical_specs", "make_mesh", "param_shardings",
+__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "sharded_dense", "logical_specs", "make_mesh", "param_shardings",
            "parse_mesh_spec"]

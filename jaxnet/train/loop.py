@@ -101,7 +101,10 @@ def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle,
     def train_step(state, batch, rng):
         if layout is None:
             return step(state, batch, rng)
-        state, m = step(state, layout.constrain_batch(batch), rng)
+        from jaxnet.parallel import active
+
+        with active(layout):  # custom kernels run per shard (parallel.sharded_dense)
+            state, m = step(state, layout.constrain_batch(batch), rng)
         return layout.constrain_state(state), m
 
     eval_step = jax.jit(make_eval_step(loss_fn, dict(metrics_items)))

@@ -65,7 +65,10 @@ def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfini
         x, y = random_windows(jax.random.fold_in(data_key, state.step), tokens, batch_size, block_size)
         if layout is None:
             return train_step(state, {"x": x, "y": y}, dropout_key)
-        state, m = train_step(state, layout.constrain_batch({"x": x, "y": y}), dropout_key)
+        from jaxnet.parallel import active
+
+        with active(layout):  # custom kernels run per shard (parallel.sharded_dense)
+            state, m = train_step(state, layout.constrain_batch({"x": x, "y": y}), dropout_key)
         return layout.constrain_state(state), m
 
     return step
