@@ -353,11 +353,12 @@ def test_a_step_folder_without_the_manifest_does_not_count_and_is_replaced(saved
 
 def test_an_ignored_signal_stays_ignored_and_others_come_back(tmp_path):
     before_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist's workers ignore it
     try:
-        before_int = signal.getsignal(signal.SIGINT)
         with checkpoint.Checkpointer(tmp_path, every=None, keep=None) as ckpt:
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGINT) == ckpt._on_signal
-        assert signal.getsignal(signal.SIGINT) is before_int
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, before_term)
+        signal.signal(signal.SIGINT, before_int)
