@@ -24,7 +24,9 @@ def prepare_process(*, single_arena: bool = False) -> bool:
 
     Keeps freed host memory in the process (``jaxnet.runtime.keep_host_memory``): without it
     compiled programs, and the Numba kernels' scratch, page-fault their temporary buffers afresh
-    on every call. Importing ``experiments`` or ``jaxnet`` changes nothing; this call does.
+    on every call; and joins a multi-process job when ``python -m jaxnet.launch`` (or the
+    ``JAXNET_*`` variables) asks for one (``jaxnet.parallel.initialize``). Importing
+    ``experiments`` or ``jaxnet`` changes nothing; this call does.
 
     Args:
       single_arena: every thread allocates from the main heap, for steps whose temporaries are
@@ -34,9 +36,11 @@ def prepare_process(*, single_arena: bool = False) -> bool:
     Returns:
       What ``keep_host_memory`` returns: whether the settings are in place.
     """
-    from jaxnet import runtime
+    from jaxnet import parallel, runtime
 
-    return runtime.keep_host_memory(single_arena=single_arena)
+    kept = runtime.keep_host_memory(single_arena=single_arena)
+    parallel.initialize()  # joins a multi-process job when python -m jaxnet.launch started this one
+    return kept
 
 
 # Experiments checkpoint by default: a killed run resumes with --resume.
@@ -351,7 +355,12 @@ def _config_file(argv) -> str | None:
 
 
 def finish(result: dict, workdir: pathlib.Path) -> dict:
-    """Saves ``result`` as ``<workdir>/result.json`` and prints it as the last line."""
+    """Saves ``result`` as ``<workdir>/result.json`` and prints it as the last line (process 0
+    of a multi-process job only)."""
+    from jaxnet.parallel import is_main_process
+
+    if not is_main_process():
+        return result
     workdir.mkdir(parents=True, exist_ok=True)
     line = json.dumps(result, sort_keys=False)
     (workdir / "result.json").write_text(line + "\n")

@@ -42,6 +42,46 @@ _TP = (("mlp", "model"), ("heads", "model"))
 RULES: dict[str, tuple[tuple[str, str], ...]] = {"dp": (), "fsdp": _FSDP, "tp": _TP, "fsdp+tp": _TP + _FSDP}
 
 
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, timeout_s: int = 120) -> int:
+    """Joins this process to a multi-process JAX job (``jax.distributed.initialize``).
+
+    Arguments default to ``JAXNET_COORDINATOR`` (``host:port`` of process 0),
+    ``JAXNET_NUM_PROCESSES`` and ``JAXNET_PROCESS_ID``, which ``python -m jaxnet.launch`` sets;
+    without them (one process) nothing happens. On the CPU the collectives go over gloo. Call it
+    before JAX runs anything (every experiment's ``prepare_process`` does). Returns this
+    process's index.
+
+    Raises:
+      ValueError: some of the three given without the others, or an id out of range.
+    """
+    import os
+
+    coordinator = coordinator or os.environ.get("JAXNET_COORDINATOR")
+    num = num_processes if num_processes is not None else os.environ.get("JAXNET_NUM_PROCESSES")
+    pid = process_id if process_id is not None else os.environ.get("JAXNET_PROCESS_ID")
+    if coordinator is None and num is None and pid is None:
+        return 0
+    if coordinator is None or num is None or pid is None:
+        raise ValueError(f"a multi-process job needs the coordinator, the number of processes and this process's id "
+                         f"(JAXNET_COORDINATOR, JAXNET_NUM_PROCESSES, JAXNET_PROCESS_ID); got {coordinator!r}, "
+                         f"{num!r}, {pid!r}")
+    num, pid = int(num), int(pid)
+    if not 0 <= pid < num:
+        raise ValueError(f"process id {pid} is not in [0, {num})")
+    if jax.distributed.is_initialized():
+        return jax.process_index()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
+                               initialization_timeout=timeout_s)
+    return jax.process_index()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes logs, plots, checkpoints' manifests and results (process 0)."""
+    return jax.process_index() == 0
+
+
 def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
     """``"data=2,model=2"`` -> ``{"data": 2, "model": 2}``; None -> ``{"data": num_devices}``.
 
@@ -73,6 +113,15 @@ def make_mesh(spec: str | None = None, *, devices=None) -> jax.sharding.Mesh:
     shape = parse_mesh_spec(spec, len(devices))
     return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape),
                          devices=devices)
+
+
+def run_info(mesh, strategy: str) -> dict:
+    """What a result records of a sharded run: ``{"mesh": "data=2,model=2", "strategy": ...,
+    "devices": 4}`` (``{}`` without a mesh)."""
+    if mesh is None:
+        return {}
+    spec = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
+    return {"mesh": spec, "strategy": strategy, "devices": int(mesh.size)}
 
 
 def logical_specs(model: nn.Module, sample_x) -> Any:
@@ -171,6 +220,18 @@ def sharded_dense(x, kernel, bias, *, axes, activation: str, backend: str, layou
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec)(x, kernel, bias)
 
 
+def put(array, sharding: NamedSharding):
+    """``array`` laid out by ``sharding``; across several processes too, where each process builds
+    its own devices' blocks from its copy (every process must hold the same values)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(array, sharding)
+    if isinstance(array, jax.Array) and jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
+        data = put(jax.random.key_data(array), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(array))
+    host = np.asarray(jax.device_get(array))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
     """Where a ``TrainState``'s arrays and a batch go on a mesh under a strategy.
@@ -211,8 +272,12 @@ class Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
     def place(self, state):
-        """``state`` on the mesh (``jax.device_put`` with this layout's shardings)."""
-        return jax.device_put(state, self.state)
+        """``state`` on the mesh, in this layout's shardings."""
+        return jax.tree.map(put, state, self.state)
+
+    def replicate(self, tree):
+        """Every array of ``tree`` whole on every device of the mesh (e.g. a training set)."""
+        return jax.tree.map(lambda a: put(a, self.replicated), tree)
 
     def constrain_state(self, state):
         """Inside ``jit``: the state kept in this layout (so donated buffers keep their sharding)."""
@@ -235,5 +300,6 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "sharded_dense", "logical_specs", "make_mesh", "param_shardings",
-           "parse_mesh_spec"]
+__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "initialize", "is_main_process",
+           "sharded_dense", "logical_specs", "make_mesh", "param_shardings",
+           "parse_mesh_spec", "put", "run_info"]

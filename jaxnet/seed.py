@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from jaxnet import losses, optim
+from jaxnet import losses, optim, parallel
 from jaxnet.data import RegressionData, make_regression
 from jaxnet.interop import export_torch_state_dict
 from jaxnet.models import SimpleNet
@@ -105,6 +105,7 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         "noise_floor_mse": config.noise_std**2,
         "jaxnet_wall_s": round(wall, 4),
         "loss_curve_png": out.files.get("loss_curve"),
+        **parallel.run_info(mesh, strategy),
     }
     if compare_torch:
         torch_curve, torch_wall = train_torch(config, data, init_params)

@@ -1,5 +1,8 @@
 """jaxnet.parallel on four fake CPU devices (tests/conftest.py): meshes from specs, shardings from
 the layers' logical axis names, and training under every strategy equal to one device."""
+import pathlib
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -8,7 +11,11 @@ from jax.sharding import PartitionSpec as P
 from jaxnet import losses, optim, parallel
 from jaxnet.data import make_regression
 from jaxnet.models import MLP, TransformerConfig, TransformerLM
-from jaxnet.train import TrainState, checkpoint, fit, fit_stream
+from jaxnet.train import TrainState, checkpoint, fit, fit_stream, parameter_names
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+WORKER = pathlib.Path(__file__).parent / "parallel_worker.py"
+ROOT = WORKER.parent.parent
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices: tests/conftest.py sets "
                                 "--xla_force_host_platform_device_count=4 before JAX starts")
@@ -107,16 +114,21 @@ def test_a_language_model_under_fsdp_tp_equals_one_device():
 
 
 def test_a_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path):
+    """Saved by fit under data=4 / fsdp; restored by hand, and resumed by fit, under
+    data=2,model=2 / tp: the same bytes, in the new layout."""
     d = make_regression(64, 16, seed=2)
     start = _mlp_state(d.x)
     out = fit(start, (d.x, d.y), loss_fn=losses.mse, epochs=1, batch_size=16, progress=False,
-              mesh=parallel.make_mesh("data=4"), strategy="fsdp")
-    checkpoint.save(tmp_path, out.state)
+              mesh=parallel.make_mesh("data=4"), strategy="fsdp", checkpoint_dir=tmp_path)
     other = parallel.Layout.for_state(out.state, parallel.make_mesh("data=2,model=2"), "tp", sample_x=d.x[:1])
     restored = checkpoint.restore(tmp_path, like=other.place(out.state))
     for a, b in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(restored.params)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     assert _norm(restored.params["layers_0"]["kernel"].sharding.spec) == (None, "model")
+    resumed = fit(_mlp_state(d.x), (d.x, d.y), loss_fn=losses.mse, epochs=2, batch_size=16, progress=False,
+                  mesh=parallel.make_mesh("data=2,model=2"), strategy="tp", checkpoint_dir=tmp_path, resume=True)
+    assert int(resumed.state.step) == 8 and [r["epoch"] for r in resumed.history] == [2]
+    assert _norm(resumed.state.params["layers_1"]["kernel"].sharding.spec) == ("model",)
 
 
 @pytest.mark.parametrize("spec, strategy, x_block, w_blocks", [
@@ -147,3 +159,42 @@ def test_a_custom_kernel_runs_on_each_block_and_agrees(spec, strategy, x_block, 
     tol = int(out.state.step) * 10 * 0.05 * 96 * np.finfo(np.float32).eps
     for a, b in zip(jax.tree.leaves(refs[16].state.params), jax.tree.leaves(out.state.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
+
+
+def test_two_processes_on_loopback_equal_one_process(tmp_path):
+    """python -m jaxnet.launch: 2 processes x 2 CPU devices (gloo) train under data=4 / fsdp with
+    checkpoints; the result equals this process's 4-device run (tolerance as above), and the
+    checkpoint the job wrote verifies and restores here."""
+    import subprocess
+
+    import parallel_worker
+
+    out, ckpt = tmp_path / "out.npz", tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--",
+           sys.executable, str(WORKER), str(out), str(ckpt)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "[0] process 0 of 2, 2 of 4 devices" in done.stdout and "[1] done 18" in done.stdout
+    want = parallel_worker.run(None, parallel.make_mesh("data=4"))
+    got = np.load(out)
+    tol = 18 * 10 * 0.05 * 96 * np.finfo(np.float32).eps
+    for name, leaf in zip(parameter_names(want.state.params), jax.tree.leaves(want.state.params)):
+        np.testing.assert_allclose(got[name], np.asarray(leaf), rtol=0, atol=tol, err_msg=name)
+    assert checkpoint.steps(ckpt) == [10, 15, 18]
+    restored = checkpoint.restore(ckpt, like=want.state)
+    for name, leaf in zip(parameter_names(restored.params), jax.tree.leaves(restored.params)):
+        assert np.asarray(leaf).tobytes() == got[name].tobytes(), name
+
+
+def test_a_process_that_dies_stops_the_job_with_a_clear_message(tmp_path):
+    import subprocess
+    import time
+
+    cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--grace-s", "5",
+           "--", sys.executable, str(WORKER), str(tmp_path / "out.npz"), str(tmp_path / "ckpt"), "--die"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout[-3000:]
+    assert "[launch] process 1 exited with status 3; stopping the other 1" in done.stdout
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "out.npz").exists()

@@ -140,6 +140,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     import jax.numpy as jnp
 
     from jaxnet.models.transformer import TransformerLM, count_params, flops_per_token
+    from jaxnet import parallel
     from jaxnet.train import TrainState, checkpoint
     from jaxnet.train.stream import evaluate_stream, fit_stream
 
@@ -179,6 +180,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     result = metrics(fit, corpus, model_cfg, baseline, test_nll, schedule=schedule)
     result["samples"] = texts
     result["loss_curve_png"] = fit.files.get("loss_curve")
+    result.update(parallel.run_info(mesh, strategy))
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     return result
 

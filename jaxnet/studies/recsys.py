@@ -226,6 +226,8 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     ``resume``: as
     ``jaxnet.train.checkpoint.run_options``.
     """
+    from jaxnet import parallel
+
     workdir = pathlib.Path(workdir)
     fit_options = {"tensorboard": tensorboard, "profile_steps": profile_steps, "mesh": mesh,
                    "strategy": strategy,
@@ -233,7 +235,8 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     start = time.perf_counter()
     data, sigma, world = load(config)
     result = {"experiment": "recsys", "data": config.data or "generator", "n_users": data.num_users,
-              "n_items": data.num_items, "n_interactions": len(data), "sigma": sigma}
+              "n_items": data.num_items, "n_interactions": len(data), "sigma": sigma,
+              **parallel.run_info(mesh, strategy)}
     if config.task in ("both", "explicit"):
         result["explicit"] = run_explicit(config, data, sigma, workdir, **fit_options)
         print(f"explicit: {result['explicit']}", file=sys.stderr, flush=True)

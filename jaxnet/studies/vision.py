@@ -127,6 +127,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
 
     from jaxnet import losses, metrics, optim
     from jaxnet.data.images import standardize
+    from jaxnet import parallel
     from jaxnet.train import TrainState, checkpoint, fit
 
     workdir = pathlib.Path(workdir)
@@ -177,6 +178,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         "test_accuracy_per_seed": test_acc,
         "per_class_accuracy": [round(float(a), 4) for a in metrics.per_class_accuracy(cm)],
         "train_wall_s": round(train_wall, 2),
+        **parallel.run_info(mesh, strategy),
     }
     if val is not None:
         result.update(val_accuracy_mean=float(np.mean(val_acc)), val_accuracy_per_seed=val_acc, n_val=len(val.y))

@@ -14,7 +14,8 @@ were), holding:
 ``restore`` checks the files against their hashes before reading, the model (``like``) against the
 saved shapes and dtypes before loading anything, and every array read against its hash after:
 Orbax alone restores a flipped byte silently. Nothing is unpickled: Orbax stores arrays with
-TensorStore and the rest is JSON.
+TensorStore and the rest is JSON. In a multi-process job every process calls ``save`` and
+``restore`` (Orbax coordinates the writes); process 0 writes the manifest and deletes old steps.
 
     ckpt.save("runs/x/checkpoints", state, config=config)   # step from state.step
     state = ckpt.restore("runs/x/checkpoints", like=state)  # the newest checkpoint
@@ -81,9 +82,22 @@ def _describe(leaf) -> dict:
 
 
 def _host_array(leaf) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes when they hold parts)."""
     if _is_key(leaf):
         leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(jax.device_get(leaf))
+
+
+def _sync(name: str) -> None:
+    """Every process waits here for the others (one process: nothing)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def array_hash(a: np.ndarray) -> str:
@@ -257,8 +271,9 @@ def save(directory, state, *, config=None, keep: int | None = None) -> pathlib.P
             return step_dir
         raise CheckpointError(f"{step_dir} already holds a different checkpoint of step {step}; "
                               f"remove it or save into another directory")
-    if step_dir.exists():  # Orbax committed it but the run died before the manifest: not a checkpoint
+    if step_dir.exists() and jax.process_index() == 0:  # Orbax committed it, the run died before the manifest
         shutil.rmtree(step_dir)
+    _sync(f"jaxnet_checkpoint_clear_{step}")
     meta = {"format": FORMAT, "step": step, "jax": jax.__version__, "arrays": entries}
     items = {"state": ocp.args.StandardSave(arrays), "meta": ocp.args.JsonSave(meta)}
     if config is not None:
@@ -269,9 +284,11 @@ def save(directory, state, *, config=None, keep: int | None = None) -> pathlib.P
     with _manager(directory) as manager:
         manager.save(step, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
-    _write_atomic(step_dir / FILES_MANIFEST,
-                  json.dumps({"format": FORMAT, "step": step, "files": _hash_files(step_dir)}, indent=1))
-    _prune(directory, keep)
+    if jax.process_index() == 0:  # one writer of the manifest and the deletions
+        _write_atomic(step_dir / FILES_MANIFEST,
+                      json.dumps({"format": FORMAT, "step": step, "files": _hash_files(step_dir)}, indent=1))
+        _prune(directory, keep)
+    _sync(f"jaxnet_checkpoint_done_{step}")
     return step_dir
 
 
@@ -333,7 +350,7 @@ def _restore_arrays(directory: pathlib.Path, step: int, entries: list[dict], sha
 
 
 def _hash_mismatches(arrays: dict, entries: list[dict]) -> list[str]:
-    return [e["name"] for e in entries if array_hash(np.asarray(jax.device_get(arrays[e["name"]]))) != e["sha256"]]
+    return [e["name"] for e in entries if array_hash(_host_array(arrays[e["name"]])) != e["sha256"]]
 
 
 def restore(directory, like, *, step: int | None = None):

@@ -416,8 +416,8 @@ def fit(
 
         layout = Layout.for_state(state, mesh, strategy, sample_x=data["x"][:1])
         state = layout.place(state)
-        data = jax.device_put(data, layout.replicated)
-        val = None if val is None else jax.device_put(val, layout.replicated)
+        data = layout.replicate(data)
+        val = None if val is None else layout.replicate(val)
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
         on_nonfinite, layout)
@@ -438,7 +438,8 @@ def fit(
     history: list[dict] = list(log.previous)
     best = _Best(patience)
     best.replay(history)
-    bar = tqdm(total=epochs, initial=min(int(state.epoch), epochs), disable=not progress, unit="epoch",
+    bar = tqdm(total=epochs, initial=min(int(state.epoch), epochs), unit="epoch",
+               disable=not progress or jax.process_index() != 0,  # several processes: process 0's bar
                desc=title, file=sys.stderr, dynamic_ncols=True)
     with ckpt if ckpt is not None else contextlib.nullcontext():
         try:

@@ -235,7 +235,7 @@ def fit_stream(
 
         layout = Layout.for_state(state, mesh, strategy, sample_x=np.zeros((1, block_size), np.int32))
         state = layout.place(state)
-        tokens = jax.device_put(tokens, layout.replicated)
+        tokens = layout.replicate(tokens)
     step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite, layout)
     ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                keep=keep, resume=resume, config=config)
@@ -249,7 +249,8 @@ def fit_stream(
     first = int(state.step)
     done = first
     train_s, stopped = 0.0, False
-    bar = tqdm(total=steps if budget_s is None else None, initial=min(done, steps), disable=not progress, unit="step", desc=title,
+    bar = tqdm(total=steps if budget_s is None else None, initial=min(done, steps), unit="step", desc=title,
+               disable=not progress or jax.process_index() != 0,  # several processes: process 0's bar
                file=sys.stderr, dynamic_ncols=True)
     with ckpt if ckpt is not None else contextlib.nullcontext():
         try:

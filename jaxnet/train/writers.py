@@ -185,6 +185,8 @@ class RunLog:
       profile_steps: ``(start, stop)``: a ``ProfileTrace`` under ``<workdir>/profile/``.
       writers: the caller's writers; they get every record and are not closed here.
 
+    In a multi-process job only process 0 writes files (the others' ``workdir`` is ignored).
+
     Raises:
       ValueError: ``tensorboard`` or ``profile_steps`` without a ``workdir``, or a bad window.
       ImportError: ``tensorboard=True`` without tensorboardX.
@@ -193,6 +195,8 @@ class RunLog:
     def __init__(self, workdir: str | pathlib.Path | None, *, start_step: int, title: str,
                  plot: bool | None = None, tensorboard: bool = False,
                  profile_steps: tuple[int, int] | None = None, writers: Sequence[Writer] = ()):
+        if workdir is not None and jax.process_index() != 0:  # several processes: process 0 writes
+            workdir, tensorboard, profile_steps = None, False, None
         if workdir is None and (tensorboard or profile_steps is not None):
             raise ValueError(f"tensorboard={tensorboard}, profile_steps={profile_steps} need a workdir "
                              f"to write into (<workdir>/tensorboard/, <workdir>/profile/)")

@@ -1,0 +1,57 @@
+"""One process of the multi-process tests: ``python tests/parallel_worker.py OUT CKPT [--die]``.
+
+Started by ``python -m jaxnet.launch`` (which sets the JAXNET_* variables): joins the job, trains
+the MLP of tests/test_parallel.py under ``data=4`` / fsdp with checkpoints into CKPT, and process 0
+writes the final parameters to OUT (``.npz``). With ``--die`` process 1 dies (status
+3) after joining the job. Not collected by pytest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def run(checkpoint_dir=None, mesh=None):
+    """The run both sides compare: 3 epochs, batch 16, momentum SGD, on ``mesh`` under fsdp."""
+    from jaxnet import losses, optim
+    from jaxnet.data import make_regression
+    from jaxnet.models import MLP
+    from jaxnet.train import TrainState, fit
+
+    d = make_regression(96, 16, seed=1)
+    tx = optim.make_optimizer(optim.OptimizerConfig(name="momentum", learning_rate=0.05))
+    state = TrainState.create(model=MLP((32, 32, 1), dropout_rate=0.1), tx=tx, sample_x=d.x[:1], seed=0)
+    extra = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 5}
+    return fit(state, (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, mesh=mesh,
+               strategy="fsdp", **extra)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("checkpoint_dir")
+    p.add_argument("--die", action="store_true")
+    args = p.parse_args(argv)
+    from jaxnet import parallel
+
+    index = parallel.initialize()
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from jaxnet.train.loop import parameter_names
+
+    print(f"process {index} of {jax.process_count()}, {jax.local_device_count()} of {jax.device_count()} devices",
+          flush=True)
+    if args.die and index == 1:
+        os._exit(3)  # dies at once, as a crash would (sys.exit would first wait at JAX's shutdown barrier)
+    out = run(args.checkpoint_dir, parallel.make_mesh("data=4"))
+    params = {n: np.asarray(multihost_utils.process_allgather(a, tiled=True))
+              for n, a in zip(parameter_names(out.state.params), jax.tree.leaves(out.state.params))}
+    if index == 0:
+        np.savez(args.out, step=int(out.state.step), **params)
+    print("done", int(out.state.step), flush=True)
+
+
+if __name__ == "__main__":
+    main()
