@@ -251,3 +251,24 @@ def test_bad_validation_data_is_named(data):
     with pytest.raises(ValueError, match="validation targets"):
         fit(state, (x, y), val_data=(x[:4], np.full((4, 1), np.nan, np.float32)), loss_fn=losses.mse,
             epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_gradient_accumulation_equals_one_big_batch(k):
+    """90 examples in batches of 16 (the last one masked) with an L2 penalty: k micro-batches per
+    update give the one-batch update up to reassociation. The gradient is the same sum taken in k
+    parts (each part's mean weighted by its share of the batch), so it moves by at most
+    ~16 eps |g| per step (Higham 4.2); momentum SGD (lr 0.05, factor <= 10) over T steps: the
+    tolerance T * 10 * 0.05 * 16 * eps, with the terms' scale ~1 here."""
+    d = make_regression(90, 16, seed=1)
+    tx = optim.make_optimizer(optim.OptimizerConfig(name="momentum", learning_rate=0.05))
+    make = lambda: TrainState.create(model=MLP((32, 1)), tx=tx, sample_x=d.x[:1], seed=0)
+    one = fit(make(), (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, l2=1e-3)
+    acc = fit(make(), (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, l2=1e-3,
+              accumulate=k)
+    tol = int(one.state.step) * 10 * 0.05 * 16 * np.finfo(np.float32).eps
+    for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(acc.state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
+    np.testing.assert_allclose(acc.column("loss"), one.column("loss"), rtol=1e-5)
+    with pytest.raises(ValueError, match="batch of 16 examples does not split into 3 equal micro-batches"):
+        fit(make(), (d.x, d.y), loss_fn=losses.mse, epochs=1, batch_size=16, progress=False, accumulate=3)

@@ -272,3 +272,29 @@ def test_the_mlp_blocks_run_on_another_kernel_backend():
     ref = jax.jit(model.apply)({"params": params}, ids)
     out = jax.jit(TransformerLM(TINY.replace(backend="numba")).apply)({"params": params}, ids)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_remat_recomputes_blocks_and_changes_nothing_else():
+    """remat=True wraps each block in jax.checkpoint (the backward recomputes it): the loss is the
+    same and the gradients agree to float32 rounding of the recomputed activations."""
+    import jax.numpy as jnp
+
+    from jaxnet import losses
+    from jaxnet.models import TransformerConfig, TransformerLM
+
+    cfg = TransformerConfig(vocab_size=24, block_size=8, num_layers=2, num_heads=2, embed_dim=16)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 24, (4, 9)), jnp.int32)
+    out = {}
+    for remat in (False, True):
+        model = TransformerLM(cfg.replace(remat=remat))
+        params = model.init(jax.random.key(0), ids[:, :-1])["params"]
+
+        def loss(p):
+            logits = model.apply({"params": p}, ids[:, :-1], train=True, rngs={"dropout": jax.random.key(1)})
+            return losses.cross_entropy(logits, ids[:, 1:])
+
+        out[remat] = jax.jit(jax.value_and_grad(loss))(params)
+        assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == remat  # the checkpoint primitive
+    assert float(out[True][0]) == float(out[False][0])
+    for a, b in zip(jax.tree.leaves(out[False][1]), jax.tree.leaves(out[True][1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)

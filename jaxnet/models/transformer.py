@@ -74,6 +74,9 @@ class TransformerConfig:
     backend: str = "xla"
     # Activation dtype (parameters stay float32); softmax, LayerNorm and logits run in float32.
     dtype: Any = jnp.float32
+    # Recompute each block's activations in the backward pass (jax.checkpoint) instead of keeping
+    # them: memory for one block's instead of every block's, for about one more forward pass.
+    remat: bool = False
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -304,7 +307,9 @@ class Trunk(nn.Module):
                                 embedding_init=named_init(nn.initializers.normal(cfg.pos_init_std), (None, "embed")),
                                 name="wpe")
         self.drop = Dropout(cfg.dropout_rate)
-        self.blocks = [Block(cfg, name=f"block{i}") for i in range(cfg.num_layers)]
+        # static_argnums counts self: 3 is ``train``.
+        block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+        self.blocks = [block(cfg, name=f"block{i}") for i in range(cfg.num_layers)]
         self.ln_f = nn.LayerNorm(dtype=jnp.float32, scale_init=nn.initializers.constant(cfg.final_norm_scale_init),
                                  name="ln_f")
 

@@ -46,6 +46,9 @@ class Config:
     # training text; more overfits the 418k-character corpus (docs/benchmarks.md). 0: no cap.
     max_epochs: float = 19.0
     batch_size: int = 32
+    # Gradient accumulation: each update's batch runs as this many micro-batches in sequence
+    # (same update up to rounding, 1/accumulate of the activation memory).
+    accumulate: int = 1
     learning_rate: float = 5e-3
     warmup_steps: int = 100
     final_lr_fraction: float = 0.05
@@ -165,6 +168,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         log_every=config.log_every, time_limit_s=config.time_limit_s,
         budget_s=config.train_budget_s if by_time else None, progress=config.progress, workdir=workdir,
         tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
+        accumulate=config.accumulate,
         **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config),
         title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
     test_nll = None
@@ -181,6 +185,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     result["samples"] = texts
     result["loss_curve_png"] = fit.files.get("loss_curve")
     result.update(parallel.run_info(mesh, strategy))
+    result.update(dtype=jnp.dtype(model_cfg.dtype).name, remat=model_cfg.remat, accumulate=config.accumulate)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     return result
 

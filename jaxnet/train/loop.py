@@ -90,13 +90,14 @@ def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
 
 @functools.lru_cache(maxsize=64)
 def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle, on_nonfinite="raise",
-             layout=None):
+             layout=None, micro_batches=1):
     """Jitted pieces for one configuration, cached so repeated ``fit`` calls reuse compilations.
 
     With a ``jaxnet.parallel.Layout``, batches are split over the mesh's ``data`` axis and the
     state kept in the layout's shardings.
     """
-    step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite)
+    step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite,
+                           micro_batches=micro_batches)
 
     def train_step(state, batch, rng):
         if layout is None:
@@ -335,6 +336,7 @@ def fit(
     on_nonfinite: str = "raise",
     mesh=None,
     strategy: str = "dp",
+    accumulate: int = 1,
 ) -> FitResult:
     """Trains ``state`` until it has completed ``epochs`` epochs.
 
@@ -388,6 +390,9 @@ def fit(
         with ``"dp"``, ``"fsdp"``, ``"tp"`` or ``"fsdp+tp"`` (see ``jaxnet.parallel``): the state
         is placed by its layers' logical axis names, every batch split over ``data``. The
         returned state stays sharded.
+      accumulate: gradient accumulation: each update's batch runs as this many micro-batches in
+        sequence (``make_train_step(micro_batches=...)``); ``batch_size`` (or, full batch, the
+        number of examples) must divide by it.
 
     Raises:
       TypeError, ValueError: bad data (dtype, NaN/Inf, lengths), naming the array and shapes;
@@ -420,7 +425,7 @@ def fit(
         val = None if val is None else layout.replicate(val)
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
-        on_nonfinite, layout)
+        on_nonfinite, layout, accumulate)
     ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                keep=keep, resume=resume, config=config)
     param_names = parameter_names(state.params)

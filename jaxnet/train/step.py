@@ -101,7 +101,8 @@ def split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
-                    reg_filter: Callable | None = None, on_nonfinite: str | None = None) -> Callable:
+                    reg_filter: Callable | None = None, on_nonfinite: str | None = None,
+                    micro_batches: int = 1) -> Callable:
     """Builds ``train_step(state, batch, rng) -> (state, metrics)``, a pure function.
 
     Args:
@@ -114,6 +115,11 @@ def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
         step whose loss or gradients are not all finite leaves parameters, optimiser and model
         state as they were (the step count still advances, so that batch is skipped);
         ``skipped`` (float32, 1 or 0) counts it.
+      micro_batches: gradient accumulation: the batch is split into this many equal micro-batches
+        (its size must divide), run one after another in a ``lax.scan`` (activations of one
+        micro-batch in memory at a time) and their gradients summed, each weighted by its share
+        of the batch's (unmasked) examples, so the update equals one over the whole batch up to
+        rounding. Dropout draws per micro-batch, and batch statistics update per micro-batch.
 
     The returned step uses ``fold_in(rng, state.step)`` as this step's dropout key, so the same
     ``rng`` gives a different, reproducible key at every step. Metrics: ``loss`` (data loss),
@@ -135,10 +141,44 @@ def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
     if on_nonfinite not in (None, "raise", "skip"):
         raise ValueError(f"on_nonfinite must be None, 'raise' or 'skip', got {on_nonfinite!r}")
 
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+
+    def accumulated(params, state: TrainState, batch: Batch, key):
+        """``objective``'s gradient and aux over ``micro_batches`` slices of ``batch``."""
+        size = batch["x"].shape[0]
+        if size % micro_batches:
+            raise ValueError(f"batch of {size} examples does not split into {micro_batches} equal micro-batches")
+        micro = jax.tree.map(lambda a: a.reshape(micro_batches, size // micro_batches, *a.shape[1:]), batch)
+        counts = (jnp.sum(micro["mask"], axis=1).astype(jnp.float32) if "mask" in micro
+                  else jnp.full((micro_batches,), size // micro_batches, jnp.float32))
+        shares = counts / jnp.sum(counts)  # (k,): each micro-batch's weight in the batch mean
+
+        def data_term(p, s, mb, k):
+            loss, (data_loss, _, model_state) = objective(p, s, mb, k)
+            return data_loss, (data_loss, model_state)
+
+        def body(carry, xs):
+            grads, loss, model_state = carry
+            mb, share, i = xs
+            s = state.replace(model_state=model_state)
+            g, (data_loss, new_model_state) = jax.grad(data_term, has_aux=True)(params, s, mb, jax.random.fold_in(key, i))
+            grads = jax.tree.map(lambda a, b: a + share * b, grads, g)
+            return (grads, loss + share * data_loss, new_model_state or model_state), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, data_loss, model_state), _ = jax.lax.scan(
+            body, (zeros, jnp.zeros([], jnp.float32), dict(state.model_state)),
+            (micro, shares, jnp.arange(micro_batches)))
+        penalty_fn = lambda p: regularizers.penalty(p, l1=l1, l2=l2, filter=reg_filter or regularizers.is_weight)  # noqa: E731
+        penalty, penalty_grads = jax.value_and_grad(penalty_fn)(params)
+        grads = jax.tree.map(jnp.add, grads, penalty_grads)
+        return grads, (data_loss, penalty, model_state)
+
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
-        grads, (data_loss, penalty, model_state) = jax.grad(objective, has_aux=True)(
-            state.params, state, batch, key)
+        grad_fn = jax.grad(objective, has_aux=True) if micro_batches == 1 else accumulated
+        grads, (data_loss, penalty, model_state) = grad_fn(state.params, state, batch, key)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

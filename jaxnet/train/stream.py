@@ -54,8 +54,9 @@ class StreamResult:
 
 
 @functools.lru_cache(maxsize=16)
-def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfinite: str, layout=None):
-    train_step = make_train_step(loss_fn, on_nonfinite=on_nonfinite)
+def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfinite: str, layout=None,
+                 micro_batches: int = 1):
+    train_step = make_train_step(loss_fn, on_nonfinite=on_nonfinite, micro_batches=micro_batches)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, tokens, fraction):
@@ -188,6 +189,7 @@ def fit_stream(
     on_nonfinite: str = "raise",
     mesh=None,
     strategy: str = "dp",
+    accumulate: int = 1,
 ) -> StreamResult:
     """Trains ``state`` until it has made ``steps`` updates (a resumed state continues).
 
@@ -215,7 +217,7 @@ def fit_stream(
       plot, tensorboard, writers: as in ``fit``.
       profile_steps: ``(start, stop)``: a ``jax.profiler`` trace under ``<workdir>/profile/`` of
         updates ``start + 1 .. stop`` (``state.step`` going from ``start`` to ``stop``).
-      checkpoint_dir, checkpoint_every, keep, resume, config, on_nonfinite, mesh, strategy: as in
+      checkpoint_dir, checkpoint_every, keep, resume, config, on_nonfinite, mesh, strategy, accumulate: as in
         ``fit`` (with a mesh, each step's windows are split over ``data``). A
         resumed run ends bit-identical to an uninterrupted one unless ``budget_s`` or
         ``before_step`` make the updates depend on the clock.
@@ -236,7 +238,7 @@ def fit_stream(
         layout = Layout.for_state(state, mesh, strategy, sample_x=np.zeros((1, block_size), np.int32))
         state = layout.place(state)
         tokens = layout.replicate(tokens)
-    step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite, layout)
+    step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite, layout, accumulate)
     ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                keep=keep, resume=resume, config=config)
     param_names = parameter_names(state.params)
