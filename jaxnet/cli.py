@@ -87,7 +87,35 @@ def _run_verify(args) -> int:
     return 1 if failed else 0
 
 
-SUBCOMMANDS = {"verify": (_add_verify, _run_verify)}
+def _add_plan(sub) -> None:
+    from jaxnet.plan import MODELS, PlanConfig
+
+    d = PlanConfig()
+    p = sub.add_parser("plan", help="will a model fit: compile its sharded train step for a mesh, abstractly",
+                       description="Builds a TransformerLM's train state abstractly (no weights allocated), "
+                                   "compiles the sharded AdamW train step for MESH on fake CPU devices and prints "
+                                   "parameters, memory per device (against --device-memory-gb), FLOPs per step "
+                                   "and collective bytes, then one JSON line. See docs/scaling.md.")
+    p.add_argument("--model", default=d.model, choices=sorted(MODELS), help="shipped config (default: %(default)s)")
+    p.add_argument("--mesh", default=d.mesh, help="mesh spec, e.g. data=8 or data=4,model=2 (default: %(default)s)")
+    p.add_argument("--strategy", default=d.strategy, choices=("dp", "fsdp", "tp", "fsdp+tp"),
+                   help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default: %(default)s)")
+    p.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per step (default: %(default)s)")
+    p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"),
+                   help="activation dtype; parameters stay float32 (default: %(default)s)")
+    p.add_argument("--device-memory-gb", type=float, default=d.device_memory_gb,
+                   help="memory of one device for the verdict (default: %(default)s)")
+
+
+def _run_plan(args) -> int:
+    from jaxnet.plan import main
+
+    return main(args)
+
+
+SUBCOMMANDS = {"verify": (_add_verify, _run_verify), "plan": (_add_plan, _run_plan)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,8 +122,14 @@ class FusedDense(nn.Module):
         # Parameters follow the input's dtype so bf16 activations stay bf16 end to end.
         kernel = kernel.astype(x.dtype)
         bias = None if bias is None else bias.astype(x.dtype)
-        layout = None if self.backend == "xla" else _active_layout()
-        if layout is not None:  # a custom kernel inside a sharded step: each device runs it on its block
+        layout = _active_layout()
+        if layout is not None and self.backend == "xla":  # fsdp: the whole weight where it is used
+            from jaxnet.parallel import batch_split, gathered
+
+            x = batch_split(x, layout)
+            kernel = gathered(kernel, self.axes, layout)
+            bias = None if bias is None else gathered(bias, self.axes[1:], layout)
+        elif layout is not None:  # a custom kernel inside a sharded step: each device runs it on its block
             from jaxnet.parallel import sharded_dense
 
             return sharded_dense(x, kernel, bias, axes=self.axes, activation=self.activation, backend=self.backend,

@@ -82,14 +82,17 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
+def parse_mesh_spec(spec: str | None, num_devices: int | None) -> dict[str, int]:
     """``"data=2,model=2"`` -> ``{"data": 2, "model": 2}``; None -> ``{"data": num_devices}``.
+    ``num_devices=None`` skips the check that the sizes multiply to the device count.
 
     Raises:
       ValueError: an unknown axis name, a size below 1, a repeated axis, or sizes whose product
         is not ``num_devices``.
     """
     if spec is None or not spec.strip():
+        if num_devices is None:
+            raise ValueError("an empty mesh spec needs the device count")
         return {"data": num_devices}
     shape: dict[str, int] = {}
     for part in spec.split(","):
@@ -98,7 +101,7 @@ def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
             raise ValueError(f"mesh spec {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {AXES} "
                              f"(each once) and SIZE >= 1, e.g. 'data=4' or 'data=2,model=2'; bad part {part!r}")
         shape[name] = int(size)
-    if math.prod(shape.values()) != num_devices:
+    if num_devices is not None and math.prod(shape.values()) != num_devices:
         raise ValueError(f"mesh spec {spec!r} has {math.prod(shape.values())} devices; this process sees "
                          f"{num_devices} ({jax.devices()[0].platform}); on the CPU, JAX_NUM_CPU_DEVICES=N "
                          f"makes N devices")
@@ -173,6 +176,28 @@ def active(layout: "Layout | None"):
 def active_layout() -> "Layout | None":
     """The layout of ``active``, or None."""
     return _ACTIVE.get()
+
+
+def batch_split(x, layout: "Layout"):
+    """Inside a step: activations ``x: [B, ...]`` split over ``data`` on B (other dimensions left
+    to XLA), so that a weight split over ``data`` (fsdp) does not pull the batch after it."""
+    data = layout.mesh.shape.get("data", 1)
+    if data == 1 or x.ndim < 2 or x.shape[0] % data:
+        return x
+    spec = PartitionSpec("data", *([PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+
+
+def gathered(param, axes, layout: "Layout"):
+    """Inside a step: ``param`` (named ``axes``) with its ``data`` split undone, the rest kept:
+    fsdp gathers each weight where a layer uses it, instead of leaving XLA to move activations."""
+    rules = [(name, axis) for name, axis in RULES[layout.strategy] if axis in layout.mesh.shape]
+    if not any(axis == "data" for _, axis in rules):
+        return param
+    names = tuple(a or "_unnamed" for a in axes)
+    spec = _fit(nn.logical_to_mesh_axes(names, rules), param.shape, layout.mesh)
+    kept = PartitionSpec(*(None if axis == "data" else axis for axis in spec))
+    return jax.lax.with_sharding_constraint(param, NamedSharding(layout.mesh, kept))
 
 
 def sharded_dense(x, kernel, bias, *, axes, activation: str, backend: str, layout: "Layout"):
@@ -300,6 +325,6 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "initialize", "is_main_process",
+__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "gathered", "initialize", "is_main_process",
            "sharded_dense", "logical_specs", "make_mesh", "param_shardings",
            "parse_mesh_spec", "put", "run_info"]

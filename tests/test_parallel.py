@@ -198,3 +198,40 @@ def test_a_process_that_dies_stops_the_job_with_a_clear_message(tmp_path):
     assert "[launch] process 1 exited with status 3; stopping the other 1" in done.stdout
     assert time.monotonic() - start < 120
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_plan_figures_agree_with_the_model(tmp_path):
+    """jaxnet plan on the LM config over data=4 (the 4 fake devices here): XLA's FLOPs match the
+    analytic 6N + 12LCT within 10% (elementwise work and the optimiser are the rest); dp moves the
+    gradients (an all-reduce of the parameters' bytes), fsdp also gathers the weights; fsdp's
+    arguments per device are a quarter of dp's (state split 4 ways, within the replicated rest)."""
+    from jaxnet.plan import PlanConfig, plan
+
+    dp = plan(PlanConfig(model="lm", mesh="data=4", strategy="dp", batch_size=8))
+    fsdp = plan(PlanConfig(model="lm", mesh="data=4", strategy="fsdp", batch_size=8))
+    param_bytes = dp["params"] * 4
+    for r in (dp, fsdp):
+        assert 1.0 <= r["xla_over_analytic"] <= 1.1, r
+        assert r["fits"] and r["per_device_bytes"] > r["per_device_arguments_bytes"] > 0
+    assert abs(dp["collective_bytes_per_device"]["all-reduce"] / param_bytes - 1) < 0.05
+    assert "all-gather" not in dp["collective_bytes_per_device"]
+    assert abs(fsdp["collective_bytes_per_device"]["all-gather"] / param_bytes - 1) < 0.1
+    assert fsdp["per_device_arguments_bytes"] < 0.3 * dp["per_device_arguments_bytes"]
+    tight = plan(PlanConfig(model="lm", mesh="data=4", strategy="fsdp", batch_size=8, device_memory_gb=0.01))
+    assert not tight["fits"]
+
+
+def test_plan_command_prints_a_verdict_and_one_json_line():
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "jaxnet.cli", "plan", "--model", "lm", "--mesh", "data=2,model=2",
+                           "--strategy", "fsdp+tp", "--batch-size", "4", "--remat", "--device-memory-gb", "0.01"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and result["fits"] is False and result["remat"] is True
+    assert "does NOT fit in 0.01 GB" in done.stderr and "all-reduce" in done.stderr
+    bad = subprocess.run([sys.executable, "-m", "jaxnet.cli", "plan", "--mesh", "rows=4"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "bad part 'rows=4'" in bad.stderr
