@@ -317,6 +317,17 @@ class Layout:
             return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec))
         return jax.tree.map(one, batch)
 
+    def wrap_step(self, step):
+        """``step(state, batch, rng) -> (state, metrics)`` laid out on the mesh: the batch split
+        over ``data``, the layers told the layout (fsdp gathers, custom kernels per block), the new
+        state kept in this layout. What ``fit``, ``fit_stream`` and ``jaxnet plan`` run."""
+        def sharded_step(state, batch, rng):
+            with active(self):
+                state, metrics = step(state, self.constrain_batch(batch), rng)
+            return self.constrain_state(state), metrics
+
+        return sharded_step
+
     def describe(self) -> dict[str, str]:
         """``{param path: "PartitionSpec(...)"}``: what each parameter's sharding is."""
         from jaxnet.train.loop import parameter_names

@@ -10,10 +10,14 @@ CPU devices (``jax_num_cpu_devices``, set before JAX starts). From the compiled 
 - **memory per device**: arguments + outputs + temporaries - donated (aliased) buffers, from
   XLA's memory analysis, against ``--device-memory-gb``;
 - **FLOPs per step**: XLA's cost analysis of one device's program times the devices, beside the
-  analytic ``6 N + 12 L C T`` per token (``flops_per_token``). XLA counts a loop body once: with
-  ``--accumulate k`` its figure is multiplied by k (the micro-batch loop holds the whole step);
+  analytic ``6 N + 12 L C T`` per token (``flops_per_token``; with ``--remat`` XLA's count is
+  higher by the recomputed forward passes);
 - **collective bytes per step and device**: the result sizes of every all-reduce, all-gather,
-  reduce-scatter, all-to-all and collective-permute in the compiled HLO (loop bodies times k).
+  reduce-scatter, all-to-all and collective-permute in the compiled HLO.
+
+XLA counts a loop body once. With ``--accumulate k`` the micro-batch loop holds almost the whole
+step, so both figures are multiplied by k: right for the FLOPs, an upper bound for collectives
+that run once per step outside the loop.
 
 The CPU compiler's buffer assignment stands in for the accelerator's: the verdict is an estimate
 (same shapes, same shardings, another compiler's temporaries).
@@ -89,12 +93,10 @@ def plan(config: PlanConfig) -> dict:
     sample = np.zeros((1, cfg.block_size), np.int32)
     state = jax.eval_shape(lambda: TrainState.create(model=model, tx=tx, sample_x=sample))
     layout = parallel.Layout.for_state(state, mesh, config.strategy, sample_x=sample)
-    step = make_train_step(losses.cross_entropy, micro_batches=config.accumulate)
+    step = layout.wrap_step(make_train_step(losses.cross_entropy, micro_batches=config.accumulate))
 
     def sharded_step(state, batch):
-        with parallel.active(layout):
-            new, metrics = step(state, layout.constrain_batch(batch), state.rng)
-        return layout.constrain_state(new), metrics
+        return step(state, batch, state.rng)
 
     batch = {"x": jax.ShapeDtypeStruct((config.batch_size, cfg.block_size), jnp.int32, sharding=layout.batch),
              "y": jax.ShapeDtypeStruct((config.batch_size, cfg.block_size), jnp.int32, sharding=layout.batch)}

@@ -16,7 +16,7 @@ import pytest
 from experiments import common
 from jaxnet.models.transformer import TransformerConfig
 
-EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_seed", "gpu_check", "lm", "recsys", "seed_simple_net", "vision")
+EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_parallel", "bench_seed", "gpu_check", "lm", "recsys", "seed_simple_net", "vision")
 TRAINING = ("lm", "recsys", "seed_simple_net", "vision")
 
 

@@ -96,17 +96,10 @@ def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle,
     With a ``jaxnet.parallel.Layout``, batches are split over the mesh's ``data`` axis and the
     state kept in the layout's shardings.
     """
-    step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite,
-                           micro_batches=micro_batches)
-
-    def train_step(state, batch, rng):
-        if layout is None:
-            return step(state, batch, rng)
-        from jaxnet.parallel import active
-
-        with active(layout):  # custom kernels run per shard (parallel.sharded_dense)
-            state, m = step(state, layout.constrain_batch(batch), rng)
-        return layout.constrain_state(state), m
+    train_step = make_train_step(loss_fn, l1=l1, l2=l2, reg_filter=reg_filter, on_nonfinite=on_nonfinite,
+                                 micro_batches=micro_batches)
+    if layout is not None:
+        train_step = layout.wrap_step(train_step)
 
     eval_step = jax.jit(make_eval_step(loss_fn, dict(metrics_items)))
     num_batches = -(-n // batch_size)

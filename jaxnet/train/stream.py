@@ -57,6 +57,8 @@ class StreamResult:
 def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfinite: str, layout=None,
                  micro_batches: int = 1):
     train_step = make_train_step(loss_fn, on_nonfinite=on_nonfinite, micro_batches=micro_batches)
+    if layout is not None:
+        train_step = layout.wrap_step(train_step)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, tokens, fraction):
@@ -64,13 +66,7 @@ def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfini
         state = state.replace(opt_state=set_clock_fraction(state.opt_state, fraction))
         dropout_key, data_key = split_keys(state.rng)
         x, y = random_windows(jax.random.fold_in(data_key, state.step), tokens, batch_size, block_size)
-        if layout is None:
-            return train_step(state, {"x": x, "y": y}, dropout_key)
-        from jaxnet.parallel import active
-
-        with active(layout):  # custom kernels run per shard (parallel.sharded_dense)
-            state, m = train_step(state, layout.constrain_batch({"x": x, "y": y}), dropout_key)
-        return layout.constrain_state(state), m
+        return train_step(state, {"x": x, "y": y}, dropout_key)
 
     return step
 
