@@ -300,9 +300,35 @@ class Layout:
         """``state`` on the mesh, in this layout's shardings."""
         return jax.tree.map(put, state, self.state)
 
-    def replicate(self, tree):
-        """Every array of ``tree`` whole on every device of the mesh (e.g. a training set)."""
+    def replicate(self, tree, name: str = "data"):
+        """Every array of ``tree`` whole on every device of the mesh (e.g. a training set; every
+        process passes all of it)."""
+        del name
         return jax.tree.map(lambda a: put(a, self.replicated), tree)
+
+    def from_process_local(self, tree, name: str = "data"):
+        """Each process's rows of every array in ``tree`` (``[n_local, ...]``, the same n_local in
+        every process) as one array of ``n_local * processes`` rows split over ``data``, process
+        0's rows first; each process reads only its own part.
+
+        Raises:
+          ValueError: the processes' row counts differ, or do not split over their devices on
+            ``data``, naming ``name`` and the counts.
+        """
+        from jax.experimental import multihost_utils
+
+        rows = int(jax.tree.leaves(tree)[0].shape[0])
+        counts = np.asarray(multihost_utils.process_allgather(np.int64(rows))).reshape(-1)
+        if len(set(counts.tolist())) != 1:
+            raise ValueError(f"{name}: the processes hold {counts.tolist()} rows; process_local needs the same "
+                             f"number in each")
+        local_data = sum(1 for d in self.mesh.local_devices) // max(1, self.mesh.size // self.mesh.shape.get("data", 1))
+        if "data" not in self.mesh.shape or rows % max(1, local_data):
+            raise ValueError(f"{name}: {rows} rows per process do not split over this process's {local_data} "
+                             f"devices on the mesh's data axis ({dict(self.mesh.shape)})")
+        sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+            sharding, np.asarray(a), (rows * len(counts), *np.shape(a)[1:])), tree)
 
     def constrain_state(self, state):
         """Inside ``jit``: the state kept in this layout (so donated buffers keep their sharding)."""

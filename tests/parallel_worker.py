@@ -11,8 +11,9 @@ import argparse
 import os
 
 
-def run(checkpoint_dir=None, mesh=None):
-    """The run both sides compare: 3 epochs, batch 16, momentum SGD, on ``mesh`` under fsdp."""
+def run(checkpoint_dir=None, mesh=None, rows=None):
+    """The run both sides compare: 3 epochs, batch 16, momentum SGD, on ``mesh`` under fsdp.
+    ``rows``: ``(process, processes)``: pass only this process's share of the examples."""
     from jaxnet import losses, optim
     from jaxnet.data import make_regression
     from jaxnet.models import MLP
@@ -22,7 +23,13 @@ def run(checkpoint_dir=None, mesh=None):
     tx = optim.make_optimizer(optim.OptimizerConfig(name="momentum", learning_rate=0.05))
     state = TrainState.create(model=MLP((32, 32, 1), dropout_rate=0.1), tx=tx, sample_x=d.x[:1], seed=0)
     extra = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 5}
-    return fit(state, (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, mesh=mesh,
+    x, y = d.x, d.y
+    if rows is not None:
+        index, count = rows
+        share = len(x) // count
+        x, y = x[index * share:(index + 1) * share], y[index * share:(index + 1) * share]
+        extra["process_local"] = True
+    return fit(state, (x, y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, mesh=mesh,
                strategy="fsdp", **extra)
 
 
@@ -31,6 +38,7 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("checkpoint_dir")
     p.add_argument("--die", action="store_true")
+    p.add_argument("--local-data", action="store_true", help="each process passes only its half of the rows")
     args = p.parse_args(argv)
     from jaxnet import parallel
 
@@ -45,7 +53,8 @@ def main(argv=None):
           flush=True)
     if args.die and index == 1:
         os._exit(3)  # dies at once, as a crash would (sys.exit would first wait at JAX's shutdown barrier)
-    out = run(args.checkpoint_dir, parallel.make_mesh("data=4"))
+    rows = (index, jax.process_count()) if args.local_data else None
+    out = run(args.checkpoint_dir, parallel.make_mesh("data=4"), rows)
     params = {n: np.asarray(multihost_utils.process_allgather(a, tiled=True))
               for n, a in zip(parameter_names(out.state.params), jax.tree.leaves(out.state.params))}
     if index == 0:

@@ -161,17 +161,19 @@ def test_a_custom_kernel_runs_on_each_block_and_agrees(spec, strategy, x_block, 
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
 
 
-def test_two_processes_on_loopback_equal_one_process(tmp_path):
+@pytest.mark.parametrize("local", [False, True], ids=["all-data", "process-local-data"])
+def test_two_processes_on_loopback_equal_one_process(tmp_path, local):
     """python -m jaxnet.launch: 2 processes x 2 CPU devices (gloo) train under data=4 / fsdp with
-    checkpoints; the result equals this process's 4-device run (tolerance as above), and the
-    checkpoint the job wrote verifies and restores here."""
+    checkpoints, each passing all the data or only its half of the rows (process_local); the
+    result equals this process's 4-device run (tolerance as above), and the checkpoint the job
+    wrote verifies and restores here."""
     import subprocess
 
     import parallel_worker
 
     out, ckpt = tmp_path / "out.npz", tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--",
-           sys.executable, str(WORKER), str(out), str(ckpt)]
+           sys.executable, str(WORKER), str(out), str(ckpt), *(["--local-data"] if local else [])]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "[0] process 0 of 2, 2 of 4 devices" in done.stdout and "[1] done 18" in done.stdout
@@ -235,3 +237,17 @@ def test_plan_command_prints_a_verdict_and_one_json_line():
     bad = subprocess.run([sys.executable, "-m", "jaxnet.cli", "plan", "--mesh", "rows=4"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "bad part 'rows=4'" in bad.stderr
+
+
+def test_process_local_data_in_one_process_is_all_the_data(one_device):
+    """One process: its rows are all the rows (split over data=4 instead of replicated); the run
+    equals the 4-device run with replicated data. Without a mesh it is refused."""
+    d, refs = one_device
+    mesh = parallel.make_mesh("data=4")
+    a = fit(_mlp_state(d.x), (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, mesh=mesh,
+            strategy="fsdp", process_local=True)
+    tol = int(a.state.step) * 10 * 0.05 * 96 * np.finfo(np.float32).eps
+    for x, y in zip(jax.tree.leaves(refs[16].state.params), jax.tree.leaves(a.state.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=tol)
+    with pytest.raises(ValueError, match="process_local=True needs a mesh"):
+        fit(_mlp_state(d.x), (d.x, d.y), loss_fn=losses.mse, epochs=1, progress=False, process_local=True)

@@ -330,6 +330,7 @@ def fit(
     mesh=None,
     strategy: str = "dp",
     accumulate: int = 1,
+    process_local: bool = False,
 ) -> FitResult:
     """Trains ``state`` until it has completed ``epochs`` epochs.
 
@@ -383,6 +384,10 @@ def fit(
         with ``"dp"``, ``"fsdp"``, ``"tp"`` or ``"fsdp+tp"`` (see ``jaxnet.parallel``): the state
         is placed by its layers' logical axis names, every batch split over ``data``. The
         returned state stays sharded.
+      process_local: with a mesh over several processes, each process passes only its own rows
+        of ``train_data`` / ``val_data`` (equal counts; process 0's rows first in the global
+        order), which become one array split over ``data`` (``jax.make_array_from_process_local_data``).
+        False: every process passes all the data.
       accumulate: gradient accumulation: each update's batch runs as this many micro-batches in
         sequence (``make_train_step(micro_batches=...)``); ``batch_size`` (or, full batch, the
         number of examples) must divide by it.
@@ -401,21 +406,24 @@ def fit(
     t_start = time.perf_counter()
     data = _as_xy(train_data, "train", target_kind, x_kind)
     val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
-    n = int(data["x"].shape[0])
-    if n == 0:
+    if int(data["x"].shape[0]) == 0:
         raise ValueError("train_data has no examples")
-    full_batch = batch_size is None or batch_size >= n
-    bs = n if full_batch else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if process_local and mesh is None:
+        raise ValueError("process_local=True needs a mesh: the processes' rows make one array over its data axis")
     layout = None
     if mesh is not None:
         from jaxnet.parallel import Layout
 
         layout = Layout.for_state(state, mesh, strategy, sample_x=data["x"][:1])
         state = layout.place(state)
-        data = layout.replicate(data)
-        val = None if val is None else layout.replicate(val)
+        spread = layout.from_process_local if process_local else layout.replicate
+        data = spread(data, "train_data")
+        val = None if val is None else spread(val, "val_data")
+    n = int(data["x"].shape[0])
+    full_batch = batch_size is None or batch_size >= n
+    bs = n if full_batch else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
         on_nonfinite, layout, accumulate)
