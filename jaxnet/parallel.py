@@ -239,10 +239,14 @@ def sharded_dense(x, kernel, bias, *, axes, activation: str, backend: str, layou
             return get_activation(activation).fn(z if b is None else z + b)
         return kernels.fused_dense(x, w, b, activation=activation, backend=backend)
 
+    # Pallas calls do not declare how their outputs vary over the mesh axes; without that check,
+    # shard_map's transpose sums the cotangents of replicated inputs conservatively (still exact).
+    check = backend != "pallas"
     if bias is None:
         return jax.shard_map(lambda x, w: body(x, w, None), mesh=mesh, in_specs=(x_spec, k_spec),
-                             out_specs=y_spec)(x, kernel)
-    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec)(x, kernel, bias)
+                             out_specs=y_spec, check_vma=check)(x, kernel)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec, b_spec), out_specs=y_spec,
+                         check_vma=check)(x, kernel, bias)
 
 
 def put(array, sharding: NamedSharding):

@@ -131,13 +131,15 @@ def test_a_checkpoint_saved_under_one_mesh_restores_under_another(tmp_path):
     assert _norm(resumed.state.params["layers_1"]["kernel"].sharding.spec) == ("model",)
 
 
-@pytest.mark.parametrize("spec, strategy, x_block, w_blocks", [
-    ("data=4", "dp", (4, 16), [(16, 32), (32, 32)]),          # batch 16 split 4 ways, weights whole
-    ("data=4", "fsdp", (4, 16), [(16, 32), (32, 32)]),        # weights gathered before the kernel
-    ("data=2,model=2", "tp", (8, 16), [(16, 16), (16, 32)]),  # column- then row-parallel
+@pytest.mark.parametrize("backend, spec, strategy, x_block, w_blocks", [
+    ("numba", "data=4", "dp", (4, 16), [(16, 32), (32, 32)]),          # batch 16 split 4 ways, weights whole
+    ("numba", "data=4", "fsdp", (4, 16), [(16, 32), (32, 32)]),        # weights gathered before the kernel
+    ("numba", "data=2,model=2", "tp", (8, 16), [(16, 16), (16, 32)]),  # column- then row-parallel
+    ("pallas", "data=2,model=2", "tp", (8, 16), [(16, 16), (16, 32)]),  # interpret mode on the CPU
 ])
-def test_a_custom_kernel_runs_on_each_block_and_agrees(spec, strategy, x_block, w_blocks, monkeypatch, one_device):
-    """With backend="numba" each device calls the kernel inside jax.shard_map on its own block
+def test_a_custom_kernel_runs_on_each_block_and_agrees(backend, spec, strategy, x_block, w_blocks, monkeypatch,
+                                                       one_device):
+    """With a custom kernel each device calls it inside jax.shard_map on its own block
     (the shapes the kernel sees are the blocks'), and training agrees with one device's XLA run
     within the tolerance above (the kernel itself agrees with XLA to the same order)."""
     import kernels
@@ -151,7 +153,7 @@ def test_a_custom_kernel_runs_on_each_block_and_agrees(spec, strategy, x_block, 
 
     monkeypatch.setattr(kernels, "fused_dense", recording)
     d, refs = one_device
-    state = TrainState.create(model=MLP((32, 32, 1), dropout_rate=0.1, backend="numba"), tx=_sgd(),
+    state = TrainState.create(model=MLP((32, 32, 1), dropout_rate=0.1, backend=backend), tx=_sgd(),
                               sample_x=d.x[:1], seed=0)
     out = fit(state, (d.x, d.y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False,
               mesh=parallel.make_mesh(spec), strategy=strategy)
