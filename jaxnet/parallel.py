@@ -131,9 +131,10 @@ def logical_specs(model: nn.Module, sample_x) -> Any:
     """The params pytree of ``model`` with a ``PartitionSpec`` of logical names per parameter
     (``PartitionSpec()`` for unnamed ones), from an abstract ``init`` (nothing is allocated)."""
     from jaxnet.nn import logical_axes
+    from jaxnet.train.step import mode_kwargs
 
     with logical_axes():
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_x, train=False))
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_x, **mode_kwargs(model, False)))
     return nn.get_partition_spec(abstract)["params"]
 
 

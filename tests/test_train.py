@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnet import losses, optim
+from jaxnet import losses, metrics, optim
 from jaxnet.data import make_regression
 from jaxnet.models import MLP, SimpleNet
-from jaxnet.train import TrainState, evaluate, fit, make_eval_step, make_train_step
+from jaxnet.train import TrainState, evaluate, fit, make_eval_step, make_train_step, predict
 
 
 def _sgd(lr=0.01):
@@ -232,7 +232,8 @@ def test_divergence_names_the_step(data, batch_size):
 @pytest.mark.parametrize("make_bad, error, match", [
     (lambda x, y: (x.astype(np.int32), y), TypeError, r"train inputs: expected a floating-point array, got dtype int32"),
     (lambda x, y: (x.astype(object), y), TypeError, r"train inputs: .*dtype object"),
-    (lambda x, y: (x, y.astype(np.int64)), TypeError, r"train targets: .*int64"),
+    (lambda x, y: (x, y.astype(np.int64)), TypeError,
+     r"train targets are integers \(int64\) and the loss is 'mse': pass target_kind='labels'"),
     (lambda x, y: (x, y[:-1]), ValueError, r"same number of examples.*\(96, 10\).*\(95, 1\)"),
     (lambda x, y: (np.where(np.arange(96)[:, None] == 5, np.nan, x), y), ValueError, r"train inputs: 10 non-finite.*\(5, 0\)"),
     (lambda x, y: (x, np.where(np.arange(96)[:, None] == 7, np.inf, y)), ValueError, r"train targets: 1 non-finite.*\(7, 0\) = inf"),
@@ -272,3 +273,82 @@ def test_gradient_accumulation_equals_one_big_batch(k):
     np.testing.assert_allclose(acc.column("loss"), one.column("loss"), rtol=1e-5)
     with pytest.raises(ValueError, match="batch of 16 examples does not split into 3 equal micro-batches"):
         fit(make(), (d.x, d.y), loss_fn=losses.mse, epochs=1, batch_size=16, progress=False, accumulate=3)
+
+
+def _blobs(n=120, classes=3, seed=0):
+    """Three separable Gaussian blobs in 4-D: ``x: [n, 4]`` float32, ``y: [n]`` int labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = (rng.standard_normal((n, 4)) + 3 * np.eye(classes, 4)[y]).astype(np.float32)
+    return x, y
+
+
+def test_integer_labels_with_cross_entropy_need_no_target_kind():
+    x, y = _blobs()
+    make = lambda: TrainState.create(model=MLP((16, 3)), tx=_adam(), sample_x=x[:1], seed=0)
+    auto = fit(make(), (x, y), loss_fn=losses.cross_entropy, epochs=3, batch_size=32, progress=False)
+    explicit = fit(make(), (x, y), loss_fn=losses.cross_entropy, epochs=3, batch_size=32, progress=False,
+                   target_kind="labels")
+    assert _same(auto.state.params, explicit.state.params)
+    with pytest.raises(TypeError, match="pass target_kind='labels' if they are class labels .* or target_kind='float'"):
+        fit(make(), (x, y), loss_fn=losses.mse, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("where", ["train", "validation"])
+def test_a_label_outside_the_classes_is_a_data_error_before_training(where):
+    x, y = _blobs()
+    bad = y.copy()
+    bad[7] = 5
+    train, val = ((x, bad), (x, y)) if where == "train" else ((x, y), (x, bad))
+    state = TrainState.create(model=MLP((16, 3)), tx=_adam(), sample_x=x[:1], seed=0)
+    with pytest.raises(ValueError, match=rf"{where} targets: label 5 at index 7 is outside \[0, 3\): the model has "
+                                         r"3 outputs \(1 labels out of range in all\)"):
+        fit(state, train, val_data=val, loss_fn=losses.cross_entropy, epochs=1, progress=False)
+    assert int(state.step) == 0  # nothing trained (the state was not donated)
+
+
+def test_evaluate_takes_what_fit_takes_and_predict_gives_the_outputs():
+    x, y = _blobs()
+    state = TrainState.create(model=MLP((16, 3)), tx=_adam(), sample_x=x[:1], seed=0)
+    run = fit(state, (x[:90], y[:90]), val_data=(x[90:], y[90:]), loss_fn=losses.cross_entropy, epochs=4,
+              batch_size=30, progress=False, metrics={"accuracy": metrics.accuracy})
+    got = evaluate(run.state, (x[90:], y[90:]), loss_fn=losses.cross_entropy, metrics={"accuracy": metrics.accuracy},
+                   batch_size=7)
+    assert got["loss"] == pytest.approx(run.history[-1]["val_loss"], rel=1e-6)
+    assert got["accuracy"] == pytest.approx(run.history[-1]["val_accuracy"], rel=1e-6)
+    out = predict(run.state, x, batch_size=32)
+    want = run.state.apply_fn(run.state.variables, x, train=False)
+    assert out.shape == (120, 3) and isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_early_stopping_can_watch_any_validation_metric():
+    x, y = _blobs(seed=1)
+    state = TrainState.create(model=MLP((16, 3)), tx=_adam(), sample_x=x[:1], seed=0)
+    run = fit(state, (x[:90], y[:90]), val_data=(x[90:], y[90:]), loss_fn=losses.cross_entropy, epochs=12,
+              batch_size=30, progress=False, metrics={"accuracy": metrics.accuracy}, patience=3,
+              monitor="val_accuracy", mode="max")
+    acc = run.column("val_accuracy")
+    epochs = [r["epoch"] for r in run.history]
+    assert run.best_epoch == epochs[int(np.argmax(acc))]  # the first epoch of the highest accuracy
+    if run.stopped_early:
+        assert len(acc) - 1 - int(np.argmax(acc)) == 3
+    with pytest.raises(ValueError, match=r"monitor='val_f1' is not a validation figure of this run; choose one of "
+                                         r"\['val_loss', 'val_accuracy'\]"):
+        fit(state, (x, y), val_data=(x, y), loss_fn=losses.cross_entropy, epochs=1, progress=False,
+            metrics={"accuracy": metrics.accuracy}, monitor="val_f1")
+
+
+def test_a_model_without_a_train_argument_trains():
+    import flax.linen as nn
+
+    class Plain(nn.Module):  # no train=, no dropout: any Flax module
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)
+
+    d = make_regression(64, 10, seed=3)
+    state = TrainState.create(model=Plain(), tx=_adam(), sample_x=d.x[:1], seed=0)
+    run = fit(state, (d.x, d.y), loss_fn=losses.mse, epochs=5, batch_size=16, progress=False)
+    assert run.history[-1]["loss"] < run.history[0]["loss"]
+    assert predict(run.state, d.x).shape == (64, 1)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from jaxnet.data.checks import check_same_length, check_supervised
 from jaxnet.train.checkpoint import Checkpointer, open_for_run
-from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
+from jaxnet.train.step import TrainState, make_eval_step, make_train_step, mode_kwargs, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
 
@@ -43,7 +43,7 @@ class FitResult:
       history: one dict per epoch (a resumed run's earlier epochs first, read back from its
         ``metrics.jsonl``): ``epoch``, ``step``, ``loss``, ``penalty``, ``grad_norm``,
         ``update_norm``, ``time_s`` and, on evaluation epochs, ``val_loss`` and ``val_<metric>``.
-      best_epoch: the epoch with the lowest validation loss (None without validation data).
+      best_epoch: the epoch with the best ``monitor`` value (None without validation data).
       stopped_early: whether early stopping ended the run.
       wall_s: wall time of the whole call, compilation included.
       files: paths written by name: ``metrics`` (JSONL), ``loss_curve`` (PNG), ``tensorboard``
@@ -62,11 +62,42 @@ class FitResult:
         return [r[name] for r in self.history if name in r]
 
 
-def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
+_CLASSIFICATION_LOSSES = ("cross_entropy",)
+
+
+def _resolve_target_kind(target_kind: str, y, loss_fn, name: str) -> str:
+    """``"auto"``: integer targets with a classification loss are class labels, float targets are
+    values; integer targets with another loss are an error that says which kind to choose."""
+    if target_kind not in ("auto", "float", "labels"):
+        raise ValueError(f"target_kind must be 'auto', 'float' or 'labels', got {target_kind!r}")
+    if target_kind != "auto":
+        return target_kind
+    dtype = np.asarray(y).dtype if not hasattr(y, "dtype") else np.dtype(y.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        return "float"
+    loss_name = getattr(loss_fn, "__name__", "")
+    if loss_name in _CLASSIFICATION_LOSSES:
+        return "labels"
+    raise TypeError(f"{name} targets are integers ({dtype}) and the loss is {loss_name or loss_fn!r}: pass "
+                    f"target_kind='labels' if they are class labels (with a classification loss such as "
+                    f"jaxnet.losses.cross_entropy), or target_kind='float' to regress on them as numbers")
+
+
+def _xy(data, name: str):
+    """``(x, y)`` from a ``(x, y)`` pair or an ``{"x", "y"}`` dict."""
     if isinstance(data, dict):
-        x, y = data["x"], data["y"]
-    else:
+        if "x" not in data or "y" not in data:
+            raise ValueError(f"{name}: a dict of data needs keys 'x' and 'y', got {sorted(data)}")
+        return data["x"], data["y"]
+    try:
         x, y = data
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected (x, y) or {{'x': x, 'y': y}}, got {type(data).__name__}") from None
+    return x, y
+
+
+def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
+    x, y = _xy(data, name)
     if target_kind not in ("float", "labels"):
         raise ValueError(f"target_kind must be 'float' or 'labels', got {target_kind!r}")
     if x_kind not in ("float", "ids"):
@@ -141,8 +172,21 @@ def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle,
     return run_epochs, epoch_order, minibatch_step, eval_step, num_batches
 
 
-def evaluate(state: TrainState, data: dict, eval_step: Callable, batch_size: int | None = None) -> dict:
-    """Dataset means of the eval step's sums: ``{"loss": ..., <metric>: ...}``."""
+def evaluate(state: TrainState, data, eval_step: Callable | None = None, batch_size: int | None = None, *,
+             loss_fn: Callable | None = None, metrics: dict[str, Callable] | None = None) -> dict:
+    """Dataset means over ``data`` (``(x, y)`` or ``{"x", "y"}``, as ``fit`` takes):
+    ``{"loss": ..., <metric>: ...}``.
+
+    Either ``eval_step`` (from ``make_eval_step``) or ``loss_fn`` (and ``metrics``, name ->
+    ``fn(pred, y) -> [B]``) says what to compute; ``batch_size`` bounds the examples per call.
+    """
+    if not isinstance(data, dict):
+        x, y = _xy(data, "data")
+        data = {"x": x, "y": y}
+    if eval_step is None:
+        if loss_fn is None:
+            raise ValueError("evaluate needs eval_step or loss_fn (and metrics)")
+        eval_step = _eval_step(loss_fn, tuple(sorted((metrics or {}).items())))
     n = data["x"].shape[0]
     size = n if batch_size is None else min(batch_size, n)
     totals = None
@@ -153,6 +197,38 @@ def evaluate(state: TrainState, data: dict, eval_step: Callable, batch_size: int
     totals = jax.device_get(totals)
     count = float(totals.pop("n"))
     return {k: float(v) / count for k, v in totals.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _eval_step(loss_fn, metrics_items):
+    return jax.jit(make_eval_step(loss_fn, dict(metrics_items)))
+
+
+@functools.lru_cache(maxsize=32)
+def _predictor(model):
+    return jax.jit(lambda variables, x: model.apply(variables, x, **mode_kwargs(model, False)))
+
+
+def predict(state: TrainState, x, batch_size: int | None = None) -> np.ndarray:
+    """The model's outputs for ``x: [n, ...]`` (``train=False``), in batches of ``batch_size``
+    (all at once when None): ``[n, ...outputs]`` as a NumPy array."""
+    n = int(np.shape(x)[0])
+    size = n if batch_size is None else max(1, min(batch_size, n))
+    apply = _predictor(state.model)
+    outs = [np.asarray(apply(state.variables, x[start:start + size])) for start in range(0, n, size)]
+    return np.concatenate(outs) if outs else np.zeros((0,))
+
+
+def check_labels(y, num_classes: int, name: str) -> None:
+    """Raises ``ValueError`` at the first class label outside ``[0, num_classes)``, naming its
+    index and value (an out-of-range label would otherwise train into NaN or be ignored)."""
+    y = np.asarray(y)
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        index = np.unravel_index(int(np.argmax(bad)), y.shape)
+        shown = int(index[0]) if len(index) == 1 else tuple(int(i) for i in index)
+        raise ValueError(f"{name} targets: label {y[index]} at index {shown} is outside [0, {num_classes}): the "
+                         f"model has {num_classes} outputs ({int(bad.sum())} labels out of range in all)")
 
 
 def check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int],
@@ -209,14 +285,18 @@ def summarize_steps(m: dict, weights=None) -> dict:
 
 
 class _Best:
-    """Early stopping's memory: the lowest validation loss, its epoch and (with patience) parameters."""
+    """Early stopping's memory: the best monitored value, its epoch and (with patience) parameters.
 
-    def __init__(self, patience: int | None):
+    ``loss`` holds the value with its sign set so that lower is better (``mode="max"`` negates).
+    """
+
+    def __init__(self, patience: int | None, monitor: str = "val_loss", mode: str = "min"):
         self.patience, self.loss, self.epoch, self.params, self.since = patience, math.inf, None, None, 0
+        self.monitor, self.sign = monitor, (1.0 if mode == "min" else -1.0)
 
-    def update(self, val_loss: float, epoch: int, params) -> None:
-        if val_loss < self.loss:
-            self.loss, self.epoch, self.since = val_loss, epoch, 0
+    def update(self, value: float, epoch: int, params) -> None:
+        if self.sign * value < self.loss:
+            self.loss, self.epoch, self.since = self.sign * value, epoch, 0
             if self.patience is not None:  # a copy: the state's buffers are donated to the next step
                 self.params = jax.tree.map(jnp.copy, params)
         else:
@@ -225,9 +305,9 @@ class _Best:
     def replay(self, records: Sequence[dict]) -> None:
         """A resumed run's earlier evaluations (their parameters are not kept: see ``fit``)."""
         for rec in records:
-            if "val_loss" in rec:
-                if rec["val_loss"] < self.loss:
-                    self.loss, self.epoch, self.since, self.params = rec["val_loss"], rec["epoch"], 0, None
+            if self.monitor in rec:
+                if self.sign * rec[self.monitor] < self.loss:
+                    self.loss, self.epoch, self.since, self.params = self.sign * rec[self.monitor], rec["epoch"], 0, None
                 else:
                     self.since += 1
 
@@ -302,7 +382,7 @@ def fit(
     epochs: int,
     batch_size: int | None = None,
     val_data=None,
-    target_kind: str = "float",
+    target_kind: str = "auto",
     x_kind: str = "float",
     l1: float = 0.0,
     l2: float = 0.0,
@@ -331,13 +411,17 @@ def fit(
     strategy: str = "dp",
     accumulate: int = 1,
     process_local: bool = False,
+    monitor: str = "val_loss",
+    mode: str = "min",
 ) -> FitResult:
     """Trains ``state`` until it has completed ``epochs`` epochs.
 
     Args:
       state: from ``TrainState.create`` (or a previous ``fit``); it is donated: use the returned one.
       train_data: ``(x, y)`` or ``{"x": x, "y": y}``; ``x: [n, ...]`` float, ``y: [n, ...]`` float
-        (``target_kind="float"``) or integer labels ``[n]`` (``target_kind="labels"``).
+        (``target_kind="float"``) or integer class labels ``[n]`` (``target_kind="labels"``; each
+        in ``[0, outputs)``, checked before training). ``target_kind="auto"`` (the default):
+        integer targets with ``losses.cross_entropy`` are labels, float targets are values.
         With ``x_kind="ids"``, ``x`` holds non-negative integer ids instead (e.g. ``[n, 2]``
         (user, item) pairs for ``jaxnet.models.recsys``).
       loss_fn: ``loss_fn(pred, y, reduction=..., mask=...)`` from ``jaxnet.losses``.
@@ -347,8 +431,11 @@ def fit(
         end of each call of ``epochs_per_call`` epochs).
       l1, l2, reg_filter: penalties from ``jaxnet.regularizers`` added to the loss.
       metrics: extra validation metrics, ``name -> fn(pred, y) -> [B]``.
-      patience: stop after this many evaluations without a lower validation loss.
+      patience: stop after this many evaluations without a better ``monitor`` value.
       restore_best: with ``patience``, return the parameters of the best evaluation.
+      monitor, mode: what early stopping (and ``best_epoch``) watches: ``"val_loss"`` or
+        ``"val_<metric>"`` for a name in ``metrics``, lower (``"min"``) or higher (``"max"``)
+        being better.
       epochs_per_call: full-batch mode only: epochs per jitted scan (default: ``eval_every`` with
         validation data, else ``log_every``, else all of them).
       log_every: print a line of metrics every this many epochs.
@@ -404,8 +491,20 @@ def fit(
     if patience is not None and val_data is None:
         raise ValueError(f"patience={patience} needs val_data: early stopping watches the validation loss")
     t_start = time.perf_counter()
+    target_kind = _resolve_target_kind(target_kind, _xy(train_data, "train_data")[1], loss_fn, "train")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    watchable = ["val_loss"] + [f"val_{name}" for name in (metrics or {})]
+    if monitor not in watchable:
+        raise ValueError(f"monitor={monitor!r} is not a validation figure of this run; choose one of {watchable}")
     data = _as_xy(train_data, "train", target_kind, x_kind)
     val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
+    if target_kind == "labels":  # a label the model has no output for is a data error, before training
+        out = jax.eval_shape(lambda v, x: state.apply_fn(v, x, **mode_kwargs(state.model, False)),
+                             state.variables, data["x"][:1])
+        for split, d in (("train", data), ("validation", val)):
+            if d is not None:
+                check_labels(d["y"], int(out.shape[-1]), split)
     if int(data["x"].shape[0]) == 0:
         raise ValueError("train_data has no examples")
     if process_local and mesh is None:
@@ -442,7 +541,7 @@ def fit(
                                        eval_every=eval_every, n=n, batch_size=bs, num_batches=num_batches,
                                        ckpt=ckpt, param_names=param_names)
     history: list[dict] = list(log.previous)
-    best = _Best(patience)
+    best = _Best(patience, monitor, mode)
     best.replay(history)
     bar = tqdm(total=epochs, initial=min(int(state.epoch), epochs), unit="epoch",
                disable=not progress or jax.process_index() != 0,  # several processes: process 0's bar
@@ -453,7 +552,7 @@ def fit(
                 if evaluate_now and val is not None:
                     for k, v in evaluate(state, val, eval_step, None if full_batch else bs).items():
                         rec[f"val_{k}"] = v
-                    best.update(rec["val_loss"], rec["epoch"], state.params)
+                    best.update(rec[monitor], rec["epoch"], state.params)
                 rec["time_s"] = round(time.perf_counter() - t_start, 4)
                 history.append(rec)
                 log.write(rec)

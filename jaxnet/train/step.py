@@ -7,6 +7,7 @@ pytree, so a checkpoint of that pytree is a complete, exactly resumable snapshot
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import flax.struct
@@ -86,12 +87,23 @@ def _init(model, tx, sample_x, seed):
     """Parameters, other variables, optimiser state and run key, as one compiled program (eager
     initialisation would dispatch, and compile, every small op on its own)."""
     init_key, run_key = jax.random.split(jax.random.key(seed))
-    variables = dict(model.init(init_key, sample_x, train=False))
+    variables = dict(model.init(init_key, sample_x, **mode_kwargs(model, False)))
     params = variables.pop("params")
     # Three distinct zero counters (step, epoch, batch_in_epoch): one shared buffer could not be
     # donated three times.
     counters = tuple(jnp.zeros((), jnp.int32) + i * 0 for i in range(3))
     return params, variables, tx.init(params), run_key, counters
+
+
+def mode_kwargs(model, train: bool) -> dict:
+    """``{"train": train}`` when ``model.__call__`` takes a ``train`` argument (jaxnet's models
+    do: dropout and batch statistics depend on it), else ``{}``: any Flax module can be trained."""
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return {"train": train}
+    takes = "train" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"train": train} if takes else {}
 
 
 def split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -130,10 +142,10 @@ def make_train_step(loss_fn: LossFn, *, l1: float = 0.0, l2: float = 0.0,
         variables = {"params": params, **state.model_state}
         rngs = {"dropout": key}
         if state.model_state:  # e.g. batch statistics, updated by the forward pass
-            pred, new_model_state = state.apply_fn(variables, batch["x"], train=True, rngs=rngs,
-                                                   mutable=list(state.model_state))
+            pred, new_model_state = state.apply_fn(variables, batch["x"], rngs=rngs, mutable=list(state.model_state),
+                                                   **mode_kwargs(state.model, True))
         else:
-            pred, new_model_state = state.apply_fn(variables, batch["x"], train=True, rngs=rngs), {}
+            pred, new_model_state = state.apply_fn(variables, batch["x"], rngs=rngs, **mode_kwargs(state.model, True)), {}
         data_loss = loss_fn(pred, batch["y"], reduction="mean", mask=batch.get("mask"))
         penalty = regularizers.penalty(params, l1=l1, l2=l2, filter=reg_filter or regularizers.is_weight)
         return data_loss + penalty, (data_loss, penalty, dict(new_model_state))
@@ -213,7 +225,7 @@ def make_eval_step(loss_fn: LossFn, metrics: dict[str, Callable] | None = None) 
     metrics = dict(metrics or {})
 
     def eval_step(state: TrainState, batch: Batch):
-        pred = state.apply_fn(state.variables, batch["x"], train=False)
+        pred = state.apply_fn(state.variables, batch["x"], **mode_kwargs(state.model, False))
         y = batch["y"]
         weight = jnp.ones(pred.shape[:1], jnp.float32)
         if batch.get("mask") is not None:
