@@ -221,8 +221,6 @@ def test_plan_figures_agree_with_the_model(tmp_path):
     assert "all-gather" not in dp["collective_bytes_per_device"]
     assert abs(fsdp["collective_bytes_per_device"]["all-gather"] / param_bytes - 1) < 0.1
     assert fsdp["per_device_arguments_bytes"] < 0.3 * dp["per_device_arguments_bytes"]
-    tight = plan(PlanConfig(model="lm", mesh="data=4", strategy="fsdp", batch_size=8, device_memory_gb=0.01))
-    assert not tight["fits"]
 
 
 def test_plan_command_prints_a_verdict_and_one_json_line():
