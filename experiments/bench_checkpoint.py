@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -37,14 +35,6 @@ class Config:
     fit_repeats: int = 3
     # Steps between checkpoints (the experiments' default).
     every: int = CHECKPOINT_EVERY
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
 
 
 def _states():
@@ -163,11 +153,13 @@ def main(argv=None) -> dict:
                                  trains=False)
     import jax
 
+    from jaxnet.runtime import cpu_model
+
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        result = {"benchmark": "checkpoint", "cpu": _cpu_model(), "jax": jax.__version__,
+        result = {"benchmark": "checkpoint", "cpu": cpu_model(), "jax": jax.__version__,
                   "per_save": _per_save(config, root), "fit": _end_to_end(config, root)}
-    return finish(result, flags.workdir)
+    return finish(result, flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

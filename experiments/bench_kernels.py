@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
     prepare_process()
     config, flags = parse_config(Config, argv, name="bench_kernels", description=__doc__.splitlines()[0],
                                  trains=False)
-    return finish(benchmark(config, flags.workdir), flags.workdir)
+    return finish(benchmark(config, flags.workdir), flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

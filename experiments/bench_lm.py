@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
     prepare_process(single_arena=True)
     config, flags = parse_config(Config, argv, name="bench_lm", description=__doc__.splitlines()[0], trains=False)
     enable_compilation_cache()
-    return finish(benchmark(config), flags.workdir)
+    return finish(benchmark(config), flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def main(argv=None) -> dict:
     jax.config.update("jax_num_cpu_devices", config.devices)
     import optax
 
-    from experiments.bench_checkpoint import _cpu_model
     from jaxnet import losses, parallel
+    from jaxnet.runtime import cpu_model
     from jaxnet.train import TrainState, make_train_step
     from kernels.timing import interleaved_medians
 
@@ -93,8 +93,8 @@ def main(argv=None) -> dict:
         rows.append({"model": name, "one_device_ms": round(one * 1e3, 3),
                      "sharded_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
                      "ratio": {k: round(v / one, 3) for k, v in med.items()}})
-    return finish({"benchmark": "parallel", "cpu": _cpu_model(), "jax": jax.__version__,
-                   "fake_devices": config.devices, "models": rows}, flags.workdir)
+    return finish({"benchmark": "parallel", "cpu": cpu_model(), "jax": jax.__version__,
+                   "fake_devices": config.devices, "models": rows}, flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

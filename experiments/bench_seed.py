@@ -171,7 +171,7 @@ def benchmark(config: Config) -> dict:
 def main(argv=None) -> dict:
     prepare_process()
     config, flags = parse_config(Config, argv, name="bench_seed", description=__doc__.splitlines()[0], trains=False)
-    return finish(benchmark(config), flags.workdir)
+    return finish(benchmark(config), flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

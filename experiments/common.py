@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import sys
 import types
 import typing
 
@@ -64,6 +65,8 @@ class RunFlags:
     # A device mesh ("data=4", "data=2,model=2"; None: one device) and how the model is laid on it.
     mesh: str | None = None
     strategy: str = "dp"
+    # The command-line arguments the run was given (recorded in its result).
+    argv: tuple[str, ...] = ()
 
     @property
     def fit_options(self) -> dict:
@@ -291,13 +294,17 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
     parser.add_argument("--config", metavar="FILE.json", default=None,
                         help="start from this JSON config (field names as keys, nested configs as objects; "
-                             "a checkpoint's config/metadata works); the other flags override it")
+                             "a checkpoint's config/metadata and a run's result.json work); the other flags "
+                             "override it")
     skip = frozenset(getattr(config_cls, "derived", ()))
     defaults = config_cls()
     config_file = _config_file(argv)
     if config_file is not None:
         try:
-            defaults = config_from_dict(config_cls, json.loads(pathlib.Path(config_file).read_text()))
+            loaded = json.loads(pathlib.Path(config_file).read_text())
+            if isinstance(loaded, dict) and "config" in loaded and "run" in loaded:  # a result.json
+                loaded = loaded["config"]
+            defaults = config_from_dict(config_cls, loaded)
         except (OSError, ValueError) as e:
             parser.error(f"--config {config_file}: {e}")
     _add_fields(parser, config_cls, defaults, "", skip)
@@ -325,7 +332,8 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
     flags = RunFlags(workdir=pathlib.Path(args.pop("workdir")), tensorboard=args.pop("tensorboard", False),
                      profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None,
                      checkpoint_every=args.pop("checkpoint_every", 0), resume=args.pop("resume", False),
-                     mesh=args.pop("mesh", None), strategy=args.pop("strategy", "dp"))
+                     mesh=args.pop("mesh", None), strategy=args.pop("strategy", "dp"),
+                     argv=tuple(sys.argv[1:] if argv is None else argv))
     if flags.mesh is not None:
         import jax
 
@@ -354,11 +362,21 @@ def _config_file(argv) -> str | None:
     return known.config
 
 
-def finish(result: dict, workdir: pathlib.Path) -> dict:
+def finish(result: dict, workdir: pathlib.Path, config=None, argv: tuple[str, ...] = ()) -> dict:
     """Saves ``result`` as ``<workdir>/result.json`` and prints it as the last line (process 0
-    of a multi-process job only)."""
-    from jaxnet.parallel import is_main_process
+    of a multi-process job only).
 
+    With ``config``, the result also records it in full (``"config"``: the run repeats with
+    ``--config result.json``) and where it ran (``"run"``: package versions, the CPU, the
+    command-line arguments ``argv``).
+    """
+    from jaxnet import runtime
+    from jaxnet.parallel import is_main_process
+    from jaxnet.train.checkpoint import config_to_json
+
+    if config is not None:
+        result = {**result, "config": config_to_json(config),
+                  "run": {"versions": runtime.versions(), "cpu": runtime.cpu_model(), "argv": list(argv)}}
     if not is_main_process():
         return result
     workdir.mkdir(parents=True, exist_ok=True)

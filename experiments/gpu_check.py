@@ -101,7 +101,7 @@ def _benchmark(config: Config, lowering: str, dtype, problems, start: float, row
 def main(argv=None) -> dict:
     prepare_process()
     config, flags = parse_config(Config, argv, name="gpu_check", description=__doc__.splitlines()[0], trains=False)
-    return finish(check(config, flags.workdir), flags.workdir)
+    return finish(check(config, flags.workdir), flags.workdir, config, flags.argv)
 
 
 def check(config: Config, workdir) -> dict:

@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
                       progress=config.progress, workdir=flags.workdir, **flags.fit_options)
     if result["loss_curve_png"]:
         print(f"loss curve: {result['loss_curve_png']}", file=sys.stderr)
-    return finish(result, flags.workdir)
+    return finish(result, flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     prepare_process()
     config, flags = parse_config(Config, argv, name="vision", description=__doc__.splitlines()[0])
     enable_compilation_cache()
-    return finish(run(config, flags.workdir, **flags.fit_options), flags.workdir)
+    return finish(run(config, flags.workdir, **flags.fit_options), flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ class Outer:
 def test_nested_fields_are_prefixed_flags_and_untouched_ones_keep_the_outer_default():
     config, flags = common.parse_config(Outer, ["--model.width", "32", "--steps", "3"], name="t")
     assert config == Outer(steps=3, model=Inner(width=32))
-    assert flags == common.RunFlags(workdir=flags.workdir) and str(flags.workdir) == "runs/t"
+    assert flags == common.RunFlags(workdir=flags.workdir, argv=("--model.width", "32", "--steps", "3"))
+    assert str(flags.workdir) == "runs/t"
     config, _ = common.parse_config(Outer, ["--model.no-use-bias", "--model.sizes", "4", "5", "6",
                                             "--model.dtype", "bfloat16", "--verbose"], name="t")
     assert config.model == Inner(width=16, use_bias=False, sizes=(4, 5, 6), dtype=jnp.bfloat16)
@@ -293,3 +294,16 @@ def test_bench_lm_runs_both_sides(tmp_path):
     assert result["params"] == result["pytorch_params"]
     assert result["jaxnet_tokens_per_s"] > 0 and result["speedup_vs_pytorch"] > 0
     assert result["dtype"] == "float32" and result["block_size"] == 8
+
+
+def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path, monkeypatch):
+    from experiments import seed_simple_net
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    first = seed_simple_net.main(["--epochs", "40", "--learning-rate", "0.02", "--log-every", "0",
+                                  "--checkpoint-every", "0", "--workdir", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert saved["config"]["epochs"] == 40 and saved["config"]["learning_rate"] == 0.02 and "seed" in saved["config"]
+    assert saved["run"]["versions"]["jax"] and saved["run"]["cpu"] and "--epochs" in saved["run"]["argv"]
+    again = seed_simple_net.main(["--config", str(tmp_path / "a" / "result.json"), "--workdir", str(tmp_path / "b")])
+    assert again["final_loss"] == first["final_loss"] and again["config"] == first["config"]

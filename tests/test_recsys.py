@@ -215,3 +215,18 @@ def test_recsys_experiment_end_to_end_on_a_small_generator(tmp_path):
     for res in implicit["models"].values():
         assert 0 <= res["test"]["hr@10"] <= 1 and 0 <= res["val"]["ndcg@10"] <= 1
     assert 0 < implicit["popularity_test"]["hr@10"] < 1 and "oracle_test" in implicit
+
+
+def test_the_experiment_runs_on_the_shipped_sample_and_reports_undefined_ratios(tmp_path, monkeypatch):
+    """On ratings.csv the popularity baseline hits nothing: the ratio to it is undefined (None),
+    not a ZeroDivisionError, and the run writes its result."""
+    from experiments import recsys
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    result = recsys.main(["--data", str(DATA / "ratings.csv"), "--task", "implicit", "--implicit-models", "mf",
+                          "--implicit-epochs", "2", "--no-progress", "--checkpoint-every", "0",
+                          "--workdir", str(tmp_path)])
+    models = result["implicit"]["models"]
+    assert result["implicit"]["popularity_test"]["hr@10"] == 0
+    assert all(m["hr@10_over_popularity"] is None for m in models.values())
+    assert (tmp_path / "result.json").exists()

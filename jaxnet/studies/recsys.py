@@ -210,7 +210,9 @@ def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None 
         for split in candidates:
             grid = pair_grid(split)
             res[split] = ranking_scores(predict(grid.reshape(-1, 2)).reshape(grid.shape[:2]), k)
-        res[f"hr@{k}_over_popularity"] = res["test"][f"hr@{k}"] / out["popularity_test"][f"hr@{k}"]
+        popular = out["popularity_test"][f"hr@{k}"]
+        # Undefined when popularity hits nothing (small data): reported as None, not divided by zero.
+        res[f"hr@{k}_over_popularity"] = res["test"][f"hr@{k}"] / popular if popular > 0 else None
         out["models"][name] = res
         print(f"implicit {name}: test {res['test']}  ({res['train_wall_s']} s)", file=sys.stderr, flush=True)
     return out
