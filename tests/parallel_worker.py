@@ -1,8 +1,9 @@
 """One process of the multi-process tests: ``python tests/parallel_worker.py OUT CKPT [--die]``.
 
 Started by ``python -m jaxnet.launch`` (which sets the JAXNET_* variables): joins the job, trains
-the MLP of tests/test_parallel.py under ``data=4`` / fsdp with checkpoints into CKPT, and process 0
-writes the final parameters to OUT (``.npz``). With ``--die`` process 1 dies (status
+the MLP of tests/test_parallel.py under ``data=4`` / fsdp with checkpoints into CKPT, then again
+with each process passing only its half of the rows; process 0 writes the final parameters to OUT
+and OUT's ``_local`` twin (``.npz``). With ``--die`` process 1 dies (status
 3) after joining the job. Not collected by pytest.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("checkpoint_dir")
     p.add_argument("--die", action="store_true")
-    p.add_argument("--local-data", action="store_true", help="each process passes only its half of the rows")
+
     args = p.parse_args(argv)
     from jaxnet import parallel
 
@@ -53,12 +54,15 @@ def main(argv=None):
           flush=True)
     if args.die and index == 1:
         os._exit(3)  # dies at once, as a crash would (sys.exit would first wait at JAX's shutdown barrier)
-    rows = (index, jax.process_count()) if args.local_data else None
-    out = run(args.checkpoint_dir, parallel.make_mesh("data=4"), rows)
-    params = {n: np.asarray(multihost_utils.process_allgather(a, tiled=True))
-              for n, a in zip(parameter_names(out.state.params), jax.tree.leaves(out.state.params))}
-    if index == 0:
-        np.savez(args.out, step=int(out.state.step), **params)
+    # Two runs in one job (one start-up): every process with all the data (and checkpoints),
+    # then each with only its share of the rows (process_local) into OUT's "_local" twin.
+    for rows, out_path, ckpt in ((None, args.out, args.checkpoint_dir),
+                                 ((index, jax.process_count()), args.out.replace(".npz", "_local.npz"), None)):
+        out = run(ckpt, parallel.make_mesh("data=4"), rows)
+        params = {n: np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                  for n, a in zip(parameter_names(out.state.params), jax.tree.leaves(out.state.params))}
+        if index == 0:
+            np.savez(out_path, step=int(out.state.step), **params)
     print("done", int(out.state.step), flush=True)
 
 

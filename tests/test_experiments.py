@@ -307,3 +307,19 @@ def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path
     assert saved["run"]["versions"]["jax"] and saved["run"]["cpu"] and "--epochs" in saved["run"]["argv"]
     again = seed_simple_net.main(["--config", str(tmp_path / "a" / "result.json"), "--workdir", str(tmp_path / "b")])
     assert again["final_loss"] == first["final_loss"] and again["config"] == first["config"]
+
+
+def test_import_jaxnet_exposes_its_subpackages_without_importing_jax():
+    code = ("import sys, jaxnet\nassert 'jax' not in sys.modules, 'import jaxnet imported jax'\n"
+            "from jaxnet import models\nassert jaxnet.models.MLP and jaxnet.optim.make_optimizer and jaxnet.train.fit\n"
+            "assert set(jaxnet.SUBPACKAGES) <= set(dir(jaxnet))\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_bad_model_choice_fails_at_parsing(capsys):
+    from experiments import vision
+
+    with pytest.raises(SystemExit):
+        vision.main(["--model", "resnet"])
+    assert "model must be 'cnn' or 'mlp', got 'resnet'" in capsys.readouterr().err

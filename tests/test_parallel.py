@@ -163,29 +163,30 @@ def test_a_custom_kernel_runs_on_each_block_and_agrees(backend, spec, strategy, 
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("local", [False, True], ids=["all-data", "process-local-data"])
-def test_two_processes_on_loopback_equal_one_process(tmp_path, local):
+def test_two_processes_on_loopback_equal_one_process(tmp_path):
     """python -m jaxnet.launch: 2 processes x 2 CPU devices (gloo) train under data=4 / fsdp with
-    checkpoints, each passing all the data or only its half of the rows (process_local); the
-    result equals this process's 4-device run (tolerance as above), and the checkpoint the job
-    wrote verifies and restores here."""
+    checkpoints, each passing all the data, then each passing only its half of the rows
+    (process_local); both results equal this process's 4-device run (tolerance as above), and
+    the checkpoint the job wrote verifies and restores here."""
     import subprocess
 
     import parallel_worker
 
     out, ckpt = tmp_path / "out.npz", tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--",
-           sys.executable, str(WORKER), str(out), str(ckpt), *(["--local-data"] if local else [])]
+           sys.executable, str(WORKER), str(out), str(ckpt)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "[0] process 0 of 2, 2 of 4 devices" in done.stdout and "[1] done 18" in done.stdout
     want = parallel_worker.run(None, parallel.make_mesh("data=4"))
-    got = np.load(out)
     tol = 18 * 10 * 0.05 * 96 * np.finfo(np.float32).eps
-    for name, leaf in zip(parameter_names(want.state.params), jax.tree.leaves(want.state.params)):
-        np.testing.assert_allclose(got[name], np.asarray(leaf), rtol=0, atol=tol, err_msg=name)
+    for path in (out, tmp_path / "out_local.npz"):
+        got = np.load(path)
+        for name, leaf in zip(parameter_names(want.state.params), jax.tree.leaves(want.state.params)):
+            np.testing.assert_allclose(got[name], np.asarray(leaf), rtol=0, atol=tol, err_msg=f"{path.name}: {name}")
     assert checkpoint.steps(ckpt) == [10, 15, 18]
     restored = checkpoint.restore(ckpt, like=want.state)
+    got = np.load(out)
     for name, leaf in zip(parameter_names(restored.params), jax.tree.leaves(restored.params)):
         assert np.asarray(leaf).tobytes() == got[name].tobytes(), name
 

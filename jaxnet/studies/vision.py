@@ -50,6 +50,10 @@ class Config:
     backend: str = "xla"
     progress: bool = False
 
+    def __post_init__(self):  # checked when the flags are parsed, before any data is loaded
+        if self.model not in ("cnn", "mlp"):
+            raise ValueError(f"model must be 'cnn' or 'mlp', got {self.model!r}")
+
 
 def load(config: Config):
     """``(train, test, val or None)`` as ``ImageData`` with pixels as loaded ([0, 1])."""
