@@ -21,7 +21,9 @@ def _add_verify(sub) -> None:
     p.add_argument("--backend", action="append", metavar="B",
                    help="a backend to verify (repeatable; default: every available backend)")
     p.add_argument("--candidate", action="append", metavar="MODULE:FN",
-                   help="also verify a function of your own with the fused_dense signature (repeatable)")
+                   help="verify a function of your own with the fused_dense signature, found in an installed "
+                        "module or one in the current directory (repeatable); only the candidates are checked "
+                        "unless --backend names backends too")
     p.add_argument("--examples", type=int, metavar="N", help="examples per search (default: the profile's)")
     p.add_argument("--profile", choices=("ci", "thorough"),
                    help="Hypothesis profile (default: $JAXNET_HYPOTHESIS_PROFILE or ci)")

@@ -55,3 +55,15 @@ def test_verify_refuses_float64_without_x64():
     assert not jax.config.jax_enable_x64
     with pytest.raises(ValueError, match="x64 mode is off"):
         verify(lambda x, w, b=None, activation="relu": x, dtypes=("float64",))
+
+
+def test_a_candidate_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    import sys
+
+    from jaxnet.testing import candidates
+
+    (tmp_path / "my_kernel_in_cwd.py").write_text("def fused(x, w, b=None, *, activation='relu'):\n    return x\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    fn = candidates.resolve("my_kernel_in_cwd:fused")
+    assert fn.__name__ == "fused" and sys.path[-1] == str(tmp_path)  # searched last: it shadows nothing

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 from typing import Any, Callable
 
 
@@ -24,7 +26,8 @@ def label(candidate: Any) -> str:
 
 def resolve(candidate: Any) -> Callable:
     """The function a ``"module:function"`` spec names (``function`` may be dotted); a callable is
-    returned as it is.
+    returned as it is. A module in the current directory is found too (searched after the
+    installed ones, so a file there cannot shadow them).
 
     Raises:
       ValueError: a spec without ``:``; ImportError, AttributeError: what the import raised.
@@ -34,6 +37,9 @@ def resolve(candidate: Any) -> Callable:
     module, _, attr = candidate.partition(":")
     if not attr:
         raise ValueError(f"candidate {candidate!r}: expected 'module:function'")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
