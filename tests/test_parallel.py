@@ -252,3 +252,21 @@ def test_process_local_data_in_one_process_is_all_the_data(one_device):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=tol)
     with pytest.raises(ValueError, match="process_local=True needs a mesh"):
         fit(_mlp_state(d.x), (d.x, d.y), loss_fn=losses.mse, epochs=1, progress=False, process_local=True)
+
+
+def test_process_local_tokens_in_one_process_are_the_whole_stream():
+    """fit_stream(process_local=True) in one process: its tokens are the stream, split over
+    data=4 instead of replicated; the run equals the replicated one (tolerance as above)."""
+    cfg = TransformerConfig(vocab_size=24, block_size=8, num_layers=1, num_heads=2, embed_dim=16, mlp_ratio=2)
+    tokens = np.random.default_rng(0).integers(0, 24, 600).astype(np.int32)
+
+    def run(**kw):
+        state = TrainState.create(model=TransformerLM(cfg), tx=_sgd(), sample_x=tokens[None, :8], seed=1)
+        return fit_stream(state, tokens, steps=3, batch_size=8, block_size=8, log_every=3, progress=False,
+                          mesh=parallel.make_mesh("data=4"), strategy="fsdp", **kw)
+
+    a, b = run(), run(process_local=True)
+    tol = 3 * 10 * 0.05 * 64 * np.finfo(np.float32).eps
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=tol)
+    assert b.history[-1]["epoch"] == a.history[-1]["epoch"]  # epochs over the whole stream

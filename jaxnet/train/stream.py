@@ -186,6 +186,7 @@ def fit_stream(
     mesh=None,
     strategy: str = "dp",
     accumulate: int = 1,
+    process_local: bool = False,
 ) -> StreamResult:
     """Trains ``state`` until it has made ``steps`` updates (a resumed state continues).
 
@@ -214,7 +215,10 @@ def fit_stream(
       profile_steps: ``(start, stop)``: a ``jax.profiler`` trace under ``<workdir>/profile/`` of
         updates ``start + 1 .. stop`` (``state.step`` going from ``start`` to ``stop``).
       checkpoint_dir, checkpoint_every, keep, resume, config, on_nonfinite, mesh, strategy, accumulate: as in
-        ``fit`` (with a mesh, each step's windows are split over ``data``). A
+        ``fit`` (with a mesh, each step's windows are split over ``data``).
+      process_local: with a mesh over several processes, each process passes only its own
+        contiguous part of ``train_tokens`` (equal lengths, process 0's first): together they are
+        the stream, split over ``data``, and windows are drawn from all of it. A
         resumed run ends bit-identical to an uninterrupted one unless ``budget_s`` or
         ``before_step`` make the updates depend on the clock.
 
@@ -233,7 +237,11 @@ def fit_stream(
 
         layout = Layout.for_state(state, mesh, strategy, sample_x=np.zeros((1, block_size), np.int32))
         state = layout.place(state)
-        tokens = layout.replicate(tokens)
+        tokens = (layout.from_process_local(tokens, "train_tokens") if process_local
+                  else layout.replicate(tokens))
+    elif process_local:
+        raise ValueError("process_local=True needs a mesh: the processes' tokens make one array over its data axis")
+    n_train = int(tokens.shape[0])  # the whole stream's length (all processes' parts)
     step_fn = _stream_step(loss_fn, batch_size, block_size, on_nonfinite, layout, accumulate)
     ckpt, state = open_for_run(state, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                                keep=keep, resume=resume, config=config)
