@@ -148,16 +148,23 @@ def _fit(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+def mesh_spec(names, shape, mesh, strategy: str) -> PartitionSpec:
+    """The mesh axes of an array whose dimensions have the logical ``names`` (None: unnamed), by
+    ``strategy``'s rules; a mesh axis that does not divide its dimension is dropped. No names:
+    replicated (``PartitionSpec()``)."""
+    names = tuple(names)
+    if not names:
+        return PartitionSpec()
+    rules = [(name, axis) for name, axis in RULES[strategy] if axis in mesh.shape]
+    return _fit(nn.logical_to_mesh_axes(names, rules), shape, mesh)
+
+
 def param_shardings(params, specs, mesh, strategy: str):
     """NamedShardings for ``params`` from their logical ``specs`` under ``strategy``'s rules."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-    rules = [(name, axis) for name, axis in RULES[strategy] if axis in mesh.shape]
-    def one(p, logical):
-        axes = nn.logical_to_mesh_axes(tuple(logical), rules) if len(logical) else PartitionSpec()
-        return NamedSharding(mesh, _fit(axes, np.shape(p), mesh))
-
-    return jax.tree.map(one, params, specs)
+    return jax.tree.map(lambda p, logical: NamedSharding(mesh, mesh_spec(logical, np.shape(p), mesh, strategy)),
+                        params, specs)
 
 
 _ACTIVE = contextvars.ContextVar("jaxnet_active_layout", default=None)
@@ -192,11 +199,9 @@ def batch_split(x, layout: "Layout"):
 def gathered(param, axes, layout: "Layout"):
     """Inside a step: ``param`` (named ``axes``) with its ``data`` split undone, the rest kept:
     fsdp gathers each weight where a layer uses it, instead of leaving XLA to move activations."""
-    rules = [(name, axis) for name, axis in RULES[layout.strategy] if axis in layout.mesh.shape]
-    if not any(axis == "data" for _, axis in rules):
+    if "data" not in layout.mesh.shape or not any(axis == "data" for _, axis in RULES[layout.strategy]):
         return param
-    names = tuple(a or "_unnamed" for a in axes)
-    spec = _fit(nn.logical_to_mesh_axes(names, rules), param.shape, layout.mesh)
+    spec = mesh_spec(axes, param.shape, layout.mesh, layout.strategy)
     kept = PartitionSpec(*(None if axis == "data" else axis for axis in spec))
     return jax.lax.with_sharding_constraint(param, NamedSharding(layout.mesh, kept))
 
@@ -216,9 +221,7 @@ def sharded_dense(x, kernel, bias, *, axes, activation: str, backend: str, layou
     from kernels.activations import get as get_activation
 
     mesh = layout.mesh
-    rules = [(name, axis) for name, axis in RULES[layout.strategy] if axis in mesh.shape]
-    named = nn.logical_to_mesh_axes(tuple(a or "_unnamed" for a in axes), rules) if rules else PartitionSpec()
-    k_spec = _fit(named, kernel.shape, mesh)
+    k_spec = mesh_spec(axes, kernel.shape, mesh, layout.strategy)
     k_in, k_out = (tuple(k_spec) + (None, None))[:2]
     data = mesh.shape.get("data", 1)
     batch_axis = "data" if data > 1 and x.ndim > 1 and x.shape[0] % data == 0 else None
@@ -367,6 +370,6 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "gathered", "initialize", "is_main_process",
-           "sharded_dense", "logical_specs", "make_mesh", "param_shardings",
-           "parse_mesh_spec", "put", "run_info"]
+__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "gathered",
+           "initialize", "is_main_process", "logical_specs", "make_mesh", "mesh_spec", "param_shardings",
+           "parse_mesh_spec", "put", "run_info", "sharded_dense"]

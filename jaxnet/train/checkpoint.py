@@ -31,6 +31,7 @@ import pathlib
 import shutil
 import signal
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -51,11 +52,15 @@ class CheckpointError(Exception):
 # The state as named arrays
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def path_name(path) -> str:
+    """A pytree key path as a dotted name: ``params.fc1.kernel``, ``opt_state.0.mu.fc1.kernel``."""
+    def one(key):
+        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return ".".join(one(k) for k in path)
 
 
 def _is_key(x) -> bool:
@@ -65,7 +70,7 @@ def _is_key(x) -> bool:
 def _leaves(tree) -> tuple[list[tuple[str, Any]], Any]:
     """``([(dotted path, leaf), ...], treedef)``; paths must be unique."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    named = [(".".join(_key_name(k) for k in path) or "value", leaf) for path, leaf in with_paths]
+    named = [(path_name(path) or "value", leaf) for path, leaf in with_paths]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -505,8 +510,6 @@ class Checkpointer:
         return self.interrupted is not None or (self.every is not None and step > 0 and step % self.every == 0)
 
     def save(self, state) -> None:
-        import time
-
         t0 = time.perf_counter()
         save(self.directory, state, config=self.config, keep=self.keep)
         self.save_s.append(time.perf_counter() - t0)
@@ -542,4 +545,5 @@ class Checkpointer:
 
 
 __all__ = ["CheckpointError", "Checkpointer", "array_hash", "config_differences", "config_to_json",
-           "latest_step", "load_config", "open_for_run", "restore", "run_options", "save", "steps", "verify_files"]
+           "latest_step", "load_config", "open_for_run", "path_name", "restore", "run_options", "save", "steps",
+           "verify_files"]

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxnet.data.checks import check_same_length, check_supervised
-from jaxnet.train.checkpoint import Checkpointer, open_for_run
+from jaxnet.train.checkpoint import Checkpointer, open_for_run, path_name
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, mode_kwargs, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
@@ -264,8 +264,7 @@ def check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], 
 
 def parameter_names(params) -> list[str]:
     """Dotted paths of ``jax.tree.leaves(params)``, in that order (``fc1.kernel``)."""
-    return [".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def summarize_steps(m: dict, weights=None) -> dict:
@@ -316,6 +315,11 @@ class _Best:
         return self.patience is not None and self.since >= self.patience
 
 
+def _stacked(per_step: list[dict]) -> dict:
+    """Per-step metric dicts on the device as ``{name: [steps]}`` on the host (one transfer)."""
+    return jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step))
+
+
 def _checkpoint(ckpt: Checkpointer | None, step: int, state) -> None:
     """Saves when a checkpoint is due at ``step`` (or a signal arrived), then honours the signal."""
     if ckpt is not None and ckpt.due(step):
@@ -361,10 +365,10 @@ def _minibatch_epochs(state, data, epoch_order, minibatch_step, log: RunLog, *, 
             log.after(step, state)
             per_step.append(m)
             if b + 1 < num_batches and ckpt is not None and ckpt.due(step):  # mid-epoch; the last: below
-                check_finite(jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step)), first_step,
-                             lambda s, e=epoch: e + 1, param_names)  # never checkpoint a diverged state
+                # never checkpoint a diverged state
+                check_finite(_stacked(per_step), first_step, lambda s, e=epoch: e + 1, param_names)
                 _checkpoint(ckpt, step, state)
-        m = jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *per_step))
+        m = _stacked(per_step)
         check_finite(m, first_step, lambda s, e=epoch: e + 1, param_names)
         # Each batch's mean loss weighs by its number of real examples.
         sizes = np.array([min(batch_size, n - b * batch_size) for b in range(start_batch, num_batches)], np.float64)
