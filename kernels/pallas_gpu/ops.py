@@ -285,8 +285,13 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig |
     return _fused_nd(x, w, b, activation=activation, plan=plan)
 
 
+# The GPU that lower_for_gpu targets where this process has none: JAX >= 0.11 reads the compute
+# capability from an abstract device (0.10 assumed sm_90 itself). The lent GPU machine is an H200.
+ABSTRACT_GPU = "NVIDIA H200"
+
+
 def lower_for_gpu(x, w, b=None, *, activation: str = "relu", config: BlockConfig | None = None,
-                  grad: bool = True):
+                  grad: bool = True, device_kind: str = ABSTRACT_GPU):
     """Lowers the forward (and, with ``grad``, the backward) for CUDA through the Triton lowering,
     on any machine: the check, without a GPU, that every primitive in the kernels has a Pallas
     Triton lowering rule and the block specs are accepted. Compiling the Triton IR to PTX happens
@@ -294,6 +299,8 @@ def lower_for_gpu(x, w, b=None, *, activation: str = "relu", config: BlockConfig
 
     Args:
       x, w, b: arrays or ``jax.ShapeDtypeStruct``s (b may be None).
+      device_kind: the GPU to lower for when this process has none (a ``jax.Device.device_kind``
+        such as "NVIDIA H100"), given to JAX as an abstract device; on a GPU, the GPU itself.
 
     Returns:
       The ``jax.stages.Lowered`` program; its text holds one ``__gpu$xla.gpu.triton`` custom call
@@ -308,4 +315,9 @@ def lower_for_gpu(x, w, b=None, *, activation: str = "relu", config: BlockConfig
         y, vjp = jax.vjp(lambda x, w, b: _fused_nd(x, w, b, activation=activation, plan=plan), x, w, b)
         return y, vjp(y)
 
-    return jax.jit(f).trace(x, w, b).lower(lowering_platforms=("cuda",))
+    if jax.default_backend() == "gpu":
+        return jax.jit(f).trace(x, w, b).lower(lowering_platforms=("cuda",))
+    # Traced under the abstract mesh too: lowering takes the mesh the trace recorded.
+    target = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=target)):
+        return jax.jit(f).trace(x, w, b).lower(lowering_platforms=("cuda",))
