@@ -6,6 +6,8 @@ log-sum-exp over C classes of logits up to M in size is good to about (M + C)·E
 (the shift by the max and the exp/log each cost a few ulps of their operands). The factors of
 4-8 below cover the few extra operations (divide by the count, weights) on top of those bounds.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,17 +254,114 @@ def test_distillation_sends_no_gradient_to_the_teacher():
     np.testing.assert_array_equal(g, 0.0)
 
 
-def test_out_of_range_labels_give_nan_unless_masked():
+def test_traced_out_of_range_labels_give_nan_loss_and_nan_gradient():
+    # Under jit the labels are tracers: no host check, so the loss *and* the gradient must show it
+    # (a NaN loss with a zero gradient for the row would let training go on without the example).
+    def totals(z, y, w):  # one total per reduction, (3,)
+        return jnp.stack([jnp.sum(losses.cross_entropy(z, y, reduction=r, weights=w)) for r in losses.REDUCTIONS])
+
+    values_and_grads = jax.jit(lambda z, y, w: (totals(z, y, w), jax.jacrev(totals)(z, y, w)))
+    logits, labels = jnp.zeros((3, 4)), jnp.array([1, 4, -1])
+    # A zero weight does not hide the bad label either: 0 · NaN is NaN, for the loss and the gradient.
+    for weights in (jnp.ones(3), jnp.array([1.0, 0.0, 1.0])):
+        values, grads = values_and_grads(logits, labels, weights)  # (3,), (3, 3, 4)
+        assert np.all(np.isnan(values))
+        assert np.all(np.isfinite(grads[:, 0])) and np.all(np.isnan(grads[:, 1:]))
+    per_example = jax.jit(losses.cross_entropy, static_argnames="reduction")(logits, labels, reduction="none")
+    assert np.isfinite(per_example[0]) and np.all(np.isnan(per_example[1:]))
+
+
+def test_masked_out_of_range_labels_are_padding():
     logits = jnp.zeros((3, 4))
     labels = jnp.array([1, 4, -1])
-    for fn in (losses.cross_entropy, jax.jit(losses.cross_entropy, static_argnames="reduction")):
-        per_example = fn(logits, labels, reduction="none")
-        assert np.isfinite(per_example[0]) and np.isnan(per_example[1]) and np.isnan(per_example[2])
-    # Padding labels (-1) under a mask are fine, values and gradients alike.
     mask = jnp.array([True, False, False])
-    value, grad = jax.value_and_grad(losses.cross_entropy)(logits, labels, mask=mask)
+    # Concrete labels: the host check skips masked ones (no error).
+    np.testing.assert_allclose(losses.cross_entropy(logits, labels, mask=mask), np.log(4), rtol=4 * EPS)
+    # Traced labels: the NaN guard skips masked ones (finite loss, zero gradient for them).
+    value, grad = jax.jit(jax.value_and_grad(losses.cross_entropy))(logits, labels, mask=mask)
     np.testing.assert_allclose(value, np.log(4), rtol=4 * EPS)
     assert np.all(np.isfinite(grad)) and np.all(grad[1:] == 0)
+
+
+@pytest.mark.parametrize("labels,index,value", [
+    (np.array([1, 4, -1]), "(1,)", "4"),
+    (jnp.array([[0, 1, 2], [3, 0, -7]]), "(1, 2)", "-7"),
+    ([0, 1, 2, 3, 99], "(4,)", "99"),
+])
+def test_concrete_out_of_range_labels_raise_naming_index_and_value(labels, index, value):
+    logits = jnp.zeros((*np.shape(labels), 4))
+    pattern = rf"cross_entropy: targets .*\[0, 4\).* index {re.escape(index)} = {value}(?:\s|$)"
+    with pytest.raises(ValueError, match=pattern):
+        losses.cross_entropy(logits, labels)
+    # Concrete labels under grad (logits traced, labels not) are checked too.
+    with pytest.raises(ValueError, match=pattern):
+        jax.grad(losses.cross_entropy)(logits, labels)
+
+
+@pytest.mark.parametrize("make", [np.float32, np.float16, jnp.float32, jnp.bfloat16, np.array, jnp.array])
+@pytest.mark.parametrize("fn,name,bad", [
+    ("cross_entropy", "label_smoothing", 1.5),
+    ("cross_entropy", "label_smoothing", -0.25),
+    ("distillation", "temperature", -2.0),
+    ("distillation", "temperature", 0.0),
+    ("distillation", "temperature", float("inf")),
+])
+def test_numpy_and_jax_scalars_get_the_python_number_checks(make, fn, name, bad):
+    x = jnp.ones((3, 4))
+    y = jnp.zeros(3, jnp.int32) if fn == "cross_entropy" else x
+    with pytest.raises(ValueError, match=rf"{fn}: {name} must be .*, got {bad}(?:\s|$)"):
+        losses.get(fn)(x, y, **{name: make(bad)})
+
+
+def test_traced_scalar_arguments_are_used_unchecked():
+    # Documented: a traced label_smoothing cannot be checked; in range it gives the eager result.
+    logits, labels = jnp.array([[2.0, -1.0, 0.5]]), jnp.array([1])
+    jitted = jax.jit(lambda e: losses.cross_entropy(logits, labels, label_smoothing=e))
+    np.testing.assert_allclose(jitted(jnp.float32(0.25)), losses.cross_entropy(logits, labels, label_smoothing=0.25),
+                               rtol=4 * EPS)
+    with pytest.raises(TypeError, match="label_smoothing must be a real scalar"):
+        losses.cross_entropy(logits, labels, label_smoothing=np.array([0.1, 0.2]))
+    with pytest.raises(TypeError, match="temperature must be a real scalar"):
+        losses.distillation(logits, logits, temperature="x" * 500)
+
+
+_X = np.zeros((3, 2), np.float32)
+_LABELS = np.zeros(3, np.int32)
+
+
+@pytest.mark.parametrize("call,argument,index,value", [
+    (lambda: losses.binary_cross_entropy(_X, np.array([[0, 1], [1, 1.5], [0, 0]])), "targets", "(1, 1)", "1.5"),
+    (lambda: losses.binary_cross_entropy(_X, jnp.array([[0, 1], [1, 1], [-0.5, 0]])), "targets", "(2, 0)", "-0.5"),
+    (lambda: losses.binary_cross_entropy(_X, np.array([[0, np.nan], [1, 1], [0, 0]])), "targets", "(0, 1)", "nan"),
+    (lambda: losses.binary_cross_entropy(_X, np.array([[0, 1], [1, 2], [0, 0]], np.int32)), "targets", "(1, 1)", "2"),
+    (lambda: losses.mse(_X, _X, weights=np.array([1.0, -1.0, 2.0])), "weights", "(1,)", "-1.0"),
+    (lambda: losses.mae(_X, _X, weights=jnp.array([1.0, 1.0, jnp.nan])), "weights", "(2,)", "nan"),
+    (lambda: losses.cross_entropy(_X, _LABELS, weights=np.array([np.inf])), "weights", "(0,)", "inf"),
+    (lambda: losses.cross_entropy(_X, _LABELS, mask=np.array([1.0, 0.5, 0.0])), "mask", "(1,)", "0.5"),
+    (lambda: losses.mse(_X, _X, mask=jnp.array([0, 1, 2])), "mask", "(2,)", "2"),
+    (lambda: losses.distillation(_X, _X, mask=np.array([1.0, np.nan, 1.0])), "mask", "(1,)", "nan"),
+])
+def test_bad_concrete_values_raise_naming_argument_index_and_value(call, argument, index, value):
+    with pytest.raises(ValueError, match=rf": {argument} must be .* index {re.escape(index)} = {value}(?:\s|$)") as e:
+        call()
+    assert len(str(e.value)) < 160
+
+
+def test_masked_padding_targets_may_hold_anything():
+    targets = np.array([[0.0, 1.0], [np.nan, 7.0], [0.5, 0.5]])
+    mask = np.array([True, False, True])
+    value = losses.binary_cross_entropy(_X, targets, mask=mask)
+    np.testing.assert_allclose(value, np.log(2), rtol=4 * EPS)
+    # A traced mask leaves the host unable to tell padding apart, so concrete targets pass too.
+    jitted = jax.jit(lambda m: losses.binary_cross_entropy(_X, targets, mask=m))
+    np.testing.assert_allclose(jitted(mask), np.log(2), rtol=4 * EPS)
+
+
+def test_traced_values_are_not_checked_on_the_host():
+    # Inside jit nothing host-side runs per step: bad traced values go through as given.
+    jitted = jax.jit(lambda t, w: losses.binary_cross_entropy(_X, t, weights=w, reduction="sum"))
+    value = jitted(jnp.full((3, 2), 1.5), jnp.array([1.0, -1.0, 1.0]))
+    np.testing.assert_allclose(value, np.log(2), rtol=4 * EPS)  # (1 + (-1) + 1) · log 2, the 1.5 cancels
 
 
 # --- reduction, weights and mask ----------------------------------------------------------------
