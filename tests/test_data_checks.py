@@ -1,8 +1,12 @@
 """Data checks and the synthetic regression set."""
+import codecs
+import re
+
 import numpy as np
 import pytest
 
 from jaxnet.data import as_float_array, check_same_length, make_regression, train_val_split
+from jaxnet.data.checks import read_text, snippet
 
 
 def test_synthetic_regression_is_seeded_and_shaped():
@@ -47,3 +51,30 @@ def test_check_same_length():
     assert check_same_length(x=np.zeros((3, 2)), y=np.zeros(3)) == 3
     with pytest.raises(ValueError, match=r"x.shape=\(3, 2\), y.shape=\(4,\)"):
         check_same_length(x=np.zeros((3, 2)), y=np.zeros(4))
+
+
+def test_snippet_cuts_long_input_and_says_how_long_it_was():
+    assert snippet("a\tb") == "'a\\tb'"
+    long = snippet("x" * 10_000_000)
+    assert long == repr("x" * 80) + "... (10000000 characters)"
+    assert snippet(list(range(1000))).endswith("...") and len(snippet(list(range(1000)))) == 83
+
+
+def test_read_text_drops_a_bom_and_names_file_and_line_of_bad_bytes(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(codecs.BOM_UTF8 + "héllo\nworld\n".encode())
+    assert read_text(path) == "héllo\nworld\n"
+    path.write_bytes("ok\nd\xe9j\xe0 vu\n".encode("latin-1"))
+    where = re.escape(str(path))
+    with pytest.raises(ValueError, match=rf"^{where}:2: byte 4 is not valid utf-8; .*encoding='latin-1'"):
+        read_text(path)
+    assert read_text(path, encoding="latin-1") == "ok\ndéjà vu\n"
+    path.write_bytes("one\ntwo\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=rf"^{where}:1: .*UTF-16 byte-order mark: pass encoding='utf-16'"):
+        read_text(path)
+    assert read_text(path, encoding="utf-16") == "one\ntwo\n"
+    path.write_bytes(b"text\nwith a \x00 inside\n")
+    with pytest.raises(ValueError, match=rf"^{where}:2: NUL character"):
+        read_text(path)
+    with pytest.raises(ValueError, match="unknown encoding 'klingon'"):
+        read_text(path, encoding="klingon")

@@ -1,6 +1,7 @@
 """Text data: vocabularies, the Penn Treebank loader on its shipped sample, the default corpus's
 split, and (batch, time) windows."""
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -68,6 +69,22 @@ def test_ptb_loader_char_level_and_missing_files(tmp_path):
         text.load_ptb(tmp_path)
     with pytest.raises(ValueError, match="level"):
         text.load_ptb(PTB_SAMPLE, level="byte")
+
+
+def test_ptb_loader_drops_a_bom_and_names_bad_files(tmp_path):
+    for fname in text.PTB_FILES.values():
+        (tmp_path / fname).write_text("\ufeffthe cat\nsat\n", encoding="utf-8")
+    corpus = text.load_ptb(tmp_path)
+    assert corpus.vocab.decode(corpus.train) == "the cat <eos> sat <eos>"  # not '\ufeffthe'
+    assert "\ufeff" not in text.load_ptb(tmp_path, level="char").vocab.tokens
+    valid = tmp_path / "ptb.valid.txt"
+    valid.write_bytes("a b\nc\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(valid))}:2: byte 5 is not valid utf-8"):
+        text.load_ptb(tmp_path)
+    assert text.load_ptb(tmp_path, encoding="latin-1").val.shape == (5,)
+    valid.write_text("\n \n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(valid))}: no words"):
+        text.load_ptb(tmp_path)
 
 
 # --- the default corpus ------------------------------------------------------------------------------

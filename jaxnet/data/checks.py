@@ -1,5 +1,9 @@
-"""Input checks for data entering training: clear errors instead of silent wrong results."""
+"""Input checks for data entering training and for the loaders reading it: clear, short errors
+instead of silent wrong results."""
 from __future__ import annotations
+
+import codecs
+import pathlib
 
 import numpy as np
 
@@ -60,3 +64,41 @@ def check_supervised(x, y, *, x_name: str = "x", y_name: str = "y", y_float: boo
             raise TypeError(f"{y_name}: expected integer class labels, got dtype {y.dtype} with shape {y.shape}")
     check_same_length(**{x_name: x, y_name: y})
     return x, y
+
+
+def snippet(value, limit: int = 80) -> str:
+    """``repr`` of ``value`` cut to about ``limit`` characters, for echoing input in an error
+    message (a 10 MB bad line must not become a 10 MB message)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_text(path, encoding: str = "utf-8") -> str:
+    """The text of the file ``path`` decoded with ``encoding``, a leading byte-order mark removed.
+
+    Raises:
+      ValueError: for an unknown encoding, bytes that are not valid in ``encoding`` or a NUL
+        character (a binary file, or UTF-16 read as UTF-8), naming the file and the line.
+    """
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError) as e:
+        raise ValueError(f"{path}: unknown encoding {encoding!r}") from e
+    data = pathlib.Path(path).read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        hint = "pass the file's encoding, e.g. encoding='latin-1'"
+        if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            hint = "it starts with a UTF-16 byte-order mark: pass encoding='utf-16'"
+        raise ValueError(f"{path}:{line}: byte {e.start} is not valid {encoding}; {hint}") from e
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise ValueError(f"{path}:{text.count(chr(10), 0, nul) + 1}: NUL character: a binary file, or text "
+                         f"in another encoding than {encoding}")
+    return text

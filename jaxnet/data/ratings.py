@@ -17,6 +17,8 @@ import pathlib
 
 import numpy as np
 
+from jaxnet.data.checks import read_text, snippet
+
 
 @dataclasses.dataclass(frozen=True)
 class Ratings:
@@ -50,6 +52,9 @@ class Ratings:
     @property
     def pairs(self) -> np.ndarray:
         """``int32 [n, 2]``: (user, item) per interaction, the input of the recommenders."""
+        if len(self) and max(self.user.max(), self.item.max()) > np.iinfo(np.int32).max:
+            raise ValueError(f"ids up to {max(self.user.max(), self.item.max())} do not fit int32: "
+                             "reindex(ratings) makes them dense first")
         return np.stack([self.user, self.item], axis=1).astype(np.int32)
 
     def subset(self, index) -> "Ratings":
@@ -63,34 +68,113 @@ def _from_columns(user, item, rating, timestamp) -> Ratings:
                    int(user.max()) + 1 if user.size else 0, int(item.max()) + 1 if item.size else 0)
 
 
-def load_movielens(path: str | pathlib.Path) -> Ratings:
+def load_movielens(path: str | pathlib.Path, *, encoding: str = "utf-8") -> Ratings:
     """Reads a MovieLens ratings file, keeping the file's ids (``reindex`` makes them dense).
 
     - ``u.data`` (ml-100k): tab-separated ``user item rating timestamp``, no header;
       also ``ratings.dat`` (ml-1m), ``::``-separated.
     - ``ratings.csv`` (ml-latest, ml-20m/25m): comma-separated with a header
       ``userId,movieId,rating,timestamp``.
+
+    The file is decoded with ``encoding`` (a byte-order mark is dropped); blank lines are skipped.
+    Every row must hold the header's number of fields (4 without a header; only the first 4 are
+    read): user and item ids written as integers in ``[0, 2**63 - 1)``, a finite rating (within
+    float32's range) and a timestamp written as an integer (int64).
+
+    Raises:
+      ValueError: naming the file and the line (echoing at most 80 characters of it) for a row
+        that breaks those rules or a wrong header; naming the file for undecodable bytes and for
+        a file with no ratings (empty, or a header only).
     """
     path = pathlib.Path(path)
-    text = path.read_text()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"{path}: no ratings")
-    if "::" in lines[0]:
-        rows, sep = lines, "::"
-    elif "\t" in lines[0]:
-        rows, sep = lines, "\t"
+    lines = read_text(path, encoding).splitlines()
+    rows = [ln for ln in lines if ln.strip()]
+    if not rows:
+        raise ValueError(f"{path}: empty file, no ratings")
+    first = 0
+    if "::" in rows[0]:
+        sep, n_fields = "::", 4
+    elif "\t" in rows[0]:
+        sep, n_fields = "\t", 4
     else:
-        header = [h.strip() for h in lines[0].split(",")]
+        header = [h.strip() for h in rows[0].split(",")]
         expected = ["userId", "movieId", "rating", "timestamp"]
         if header[:4] != expected:
-            raise ValueError(f"{path}: expected a header {','.join(expected)}, got {lines[0]!r}")
-        rows, sep = lines[1:], ","
+            raise ValueError(f"{path}:{_line_of(lines, 0)}: expected a header {','.join(expected)}, "
+                             f"got {snippet(rows[0])}")
+        sep, n_fields, first = ",", len(header), 1
+    rows = rows[first:]
+    if not rows:
+        raise ValueError(f"{path}: a header but no ratings")
+
+    def fail(k, message):  # k: index into rows
+        raise ValueError(f"{path}:{_line_of(lines, first + k)}: {message}: {snippet(rows[k])}")
+
+    columns = _parse_fast(rows, sep) if n_fields == 4 else None
+    if columns is None:
+        columns = _parse_rows(rows, sep, n_fields, fail)
+    for what, values in zip(_FIELDS, columns):
+        bad = np.flatnonzero(~_RULES[what][1](values))  # NaN compares False: caught here
+        if bad.size:
+            fail(int(bad[0]), f"{what} must be {_RULES[what][2]}")
+    return _from_columns(*columns)
+
+
+_FIELDS = ("user id", "item id", "rating", "timestamp")
+_INT64 = np.iinfo(np.int64)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a Python float: compared with one, not cast to float32
+# field: (how Python parses one, the range it must lie in, that rule in words). Ids must leave room
+# for num_users = max id + 1.
+_RULES = {
+    "user id": (int, lambda n: (n >= 0) & (n < _INT64.max), "an integer in [0, 2**63 - 1)"),
+    "item id": (int, lambda n: (n >= 0) & (n < _INT64.max), "an integer in [0, 2**63 - 1)"),
+    "rating": (float, lambda r: abs(r) <= _FLOAT32_MAX, "a finite number (float32)"),
+    "timestamp": (int, lambda t: (t >= _INT64.min) & (t <= _INT64.max), "an integer (int64)"),
+}
+
+
+def _parse_fast(rows: list[str], sep: str):
+    """The four columns as arrays by NumPy's C parser, or None where it refuses a row (then
+    ``_parse_rows`` finds and names it). NumPy accepts a subset of what Python's ``int`` and
+    ``float`` do, and parses it to the same values."""
+    if sep == "::":
+        rows = (row.replace("::", ":") for row in rows)  # a one-character delimiter for loadtxt
+    dtype = [("user", np.int64), ("item", np.int64), ("rating", np.float64), ("timestamp", np.int64)]
     try:
-        table = np.array([[float(v) for v in row.split(sep)[:4]] for row in rows], np.float64).reshape(-1, 4)
-    except ValueError as e:
-        raise ValueError(f"{path}: cannot parse a row as user{sep}item{sep}rating{sep}timestamp ({e})") from e
-    return _from_columns(table[:, 0], table[:, 1], table[:, 2], table[:, 3])
+        table = np.loadtxt(rows, dtype=dtype, delimiter=sep[0], comments=None, quotechar=None, ndmin=1)
+    except ValueError:
+        return None
+    return [table[name] for name, _ in dtype]
+
+
+def _parse_rows(rows: list[str], sep: str, n_fields: int, fail) -> list[np.ndarray]:
+    """The four columns parsed in Python, row by row; ``fail(row, message)`` at the first bad row."""
+    columns = ([], [], [], [])
+    for k, row in enumerate(rows):
+        fields = row.split(sep)
+        if len(fields) != n_fields:
+            fail(k, f"expected {n_fields} fields separated by {sep!r}, got {len(fields)}")
+        for what, column, field in zip(_FIELDS, columns, fields):
+            parse, in_range, must = _RULES[what]
+            try:
+                value = parse(field)
+                ok = in_range(value)
+            except ValueError:
+                ok = False
+            if not ok:
+                fail(k, f"{what} must be {must}")
+            column.append(value)
+    return [np.asarray(c, np.float64 if w == "rating" else np.int64) for w, c in zip(_FIELDS, columns)]
+
+
+def _line_of(lines: list[str], k: int) -> int:
+    """1-based line number of the ``k``-th non-blank line (only on the error path: it scans)."""
+    seen = -1
+    for i, ln in enumerate(lines):
+        seen += bool(ln.strip())
+        if seen == k:
+            return i + 1
+    return len(lines)
 
 
 def reindex(data: Ratings) -> tuple[Ratings, np.ndarray, np.ndarray]:

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.data.checks import read_text
+
 UNK, EOS = "<unk>", "<eos>"
 SPECIALS = (UNK, EOS)
 PTB_FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
@@ -147,21 +149,31 @@ def pydoc_corpus(val_fraction: float = 0.1) -> Corpus:
     return char_corpus(pydoc_text(), val_fraction, name="pydoc_data.topics")
 
 
-def read_lines(path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+def read_lines(path, encoding: str = "utf-8") -> list[str]:
+    """The lines of a text file decoded with ``encoding``, a leading byte-order mark dropped.
+
+    Raises:
+      ValueError: naming the file and line of bytes that are not valid in ``encoding`` (or of a
+        NUL character: a binary file).
+    """
+    return read_text(path, encoding).splitlines()
 
 
-def load_ptb(data_dir, *, level: str = "word") -> Corpus:
+def load_ptb(data_dir, *, level: str = "word", encoding: str = "utf-8") -> Corpus:
     """Penn Treebank language-modelling files (Mikolov's ``ptb.{train,valid,test}.txt``).
 
     One sentence a line, lower case, numbers as ``N``, rare words already ``<unk>`` (10k word
     vocabulary). ``level="word"``: words with ``<eos>`` after each line; ``level="char"``:
-    characters, each line ending in ``\\n``. The vocabulary comes from the training file.
+    characters, each line ending in ``\\n``. The vocabulary comes from the training file. Files
+    are decoded with ``encoding``; a byte-order mark is not part of the first word.
 
     Raises:
       FileNotFoundError: naming the missing file.
+      ValueError: for an unknown ``level``, a file with no words (naming it), or one that does not
+        decode (naming the file and line).
     """
+    if level not in ("word", "char"):
+        raise ValueError(f"level must be 'word' or 'char', got {level!r}")
     data_dir = pathlib.Path(data_dir)
     splits = {}
     for split, fname in PTB_FILES.items():
@@ -169,15 +181,15 @@ def load_ptb(data_dir, *, level: str = "word") -> Corpus:
         if not path.is_file():
             raise FileNotFoundError(f"Penn Treebank file {path} not found (need {', '.join(PTB_FILES.values())} "
                                     f"in {data_dir})")
-        splits[split] = read_lines(path)
+        splits[split] = read_lines(path, encoding)
+        if not any(line.strip() for line in splits[split]):
+            raise ValueError(f"{path}: no words (an empty Penn Treebank file)")
     if level == "word":
         vocab = word_vocab(splits["train"])
         enc = {k: vocab.encode(word_tokens(v)) for k, v in splits.items()}
-    elif level == "char":
+    else:
         vocab = char_vocab("\n".join(splits["train"]) + "\n")
         enc = {k: vocab.encode("\n".join(v) + "\n") for k, v in splits.items()}
-    else:
-        raise ValueError(f"level must be 'word' or 'char', got {level!r}")
     return Corpus(vocab, enc["train"], enc["valid"], enc["test"], name=f"ptb ({level})")
 
 
