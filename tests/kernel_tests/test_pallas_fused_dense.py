@@ -29,8 +29,9 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason=f"needs a GPU; jax.default_back
 
 
 def triton_deprecation(fn):
-    """JAX 0.11 deprecates the Pallas Triton lowering (DeprecationWarning from JAX, re-issued once by
-    kernels.pallas_gpu as a FutureWarning); the kernels still use it there, so those two are allowed."""
+    """JAX 0.11 deprecates the Pallas Triton lowering (a DeprecationWarning at each lowering, checked in
+    test_jax_versions.py; one raised by the import would be re-issued by kernels.pallas_gpu as a
+    FutureWarning); the kernels still use it there, so those two are allowed."""
     fn = pytest.mark.filterwarnings("ignore:.*[Tt]riton.*:DeprecationWarning")(fn)
     return pytest.mark.filterwarnings("ignore:kernels.pallas_gpu uses the Pallas Triton lowering:FutureWarning")(fn)
 
@@ -173,7 +174,8 @@ def test_gpu_dispatch_auto_picks_pallas_and_autotune_caches():
                          + [("gelu", "float32"), ("relu", "float16")])
 def test_kernels_lower_through_the_triton_lowering(activation, dtype):
     """Without a GPU: every primitive of the three kernels has a Pallas Triton lowering rule (lax.erf,
-    for one, has none), with GPU-sized blocks and partial blocks on every axis."""
+    for one, has none), with GPU-sized blocks and partial blocks on every axis. Lowered for an
+    abstract H200 (``lower_for_gpu``), which JAX >= 0.11 needs where there is no GPU."""
     x = jax.ShapeDtypeStruct((2, 150, 200), dtype)
     w, b = jax.ShapeDtypeStruct((200, 130), dtype), jax.ShapeDtypeStruct((130,), dtype)
     text = fd_module.lower_for_gpu(x, w, b, activation=activation, config=BlockConfig(64, 64, 32)).as_text()
