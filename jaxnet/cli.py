@@ -15,9 +15,14 @@ import time
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify", help="property-test every kernel backend against the reference",
-        description="Runs jaxnet.testing's harness (forward, jit, vmap, gradients, malformed calls) on "
-                    "every available backend of kernels.fused_dense and prints a table of checks per "
-                    "backend, then each failure's smallest counterexample. Exit status 1 on any failure.")
+        description="Runs jaxnet.testing's harness on every available backend of kernels.fused_dense (or on "
+                    "the backends and candidates named): first one targeted call per activation and dtype "
+                    "(pre-activations on a grid over [-8, 8]: values and gradients), then a Hypothesis "
+                    "search over shapes, dtypes, activations and values checking forward, jit, vmap and the "
+                    "three gradients, then malformed calls that must raise. Each backend or candidate runs in "
+                    "a child process (started with python -P), so a crash, an exit or a hang is reported as "
+                    "a failure of the check it happened in. Prints a table of checks per backend, then each "
+                    "failure's smallest counterexample. Exit status 1 on any failure, 2 on a usage error.")
     p.add_argument("--backend", action="append", metavar="B",
                    help="a backend to verify (repeatable; default: every available backend)")
     p.add_argument("--candidate", action="append", metavar="MODULE:FN",
@@ -30,16 +35,17 @@ def _add_verify(sub) -> None:
     p.add_argument("--shrink", type=int, default=30, metavar="N",
                    help="examples spent shrinking each failure to its smallest form (default 30; 0: off)")
     p.add_argument("--dtypes", nargs="+", metavar="D", help="dtypes to draw (default: float32 bfloat16 float16; float64 turns on JAX's x64 mode)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds one check (or one malformed call) may take before it counts as hung (default 120)")
     p.add_argument("--no-bad-inputs", action="store_true", help="skip the malformed-call checks (subprocesses)")
 
 
 def _run_verify(args) -> int:
     import functools
 
-    import jax
-
     import kernels
-    from jaxnet.testing import candidates, check_bad_inputs, profiles, strategies, verify
+    from jaxnet.testing import check_bad_inputs, profiles, strategies
+    from jaxnet.testing.isolated import CandidateError, verify_isolated
     from jaxnet.testing.report import format_table
 
     profile = profiles.profile_name(args.profile)
@@ -49,38 +55,48 @@ def _run_verify(args) -> int:
     if unknown:
         print(f"jaxnet verify: backend(s) {unknown} not available here; available: {available}", file=sys.stderr)
         return 2
+    if args.timeout <= 0:
+        print(f"jaxnet verify: --timeout must be positive, got {args.timeout:g}", file=sys.stderr)
+        return 2
+    # A backend goes to the child processes as a partial, a --candidate as its import path.
     targets = [(b, functools.partial(kernels.fused_dense, backend=b)) for b in backends]
+    targets += [(spec, spec) for spec in args.candidate or []]
     for spec in args.candidate or []:
-        try:
-            targets.append((spec, candidates.resolve(spec)))
-        except (ImportError, AttributeError, ValueError) as e:
-            print(f"jaxnet verify: cannot import candidate {spec!r}: {e}", file=sys.stderr)
+        if ":" not in spec:
+            print(f"jaxnet verify: candidate {spec!r}: expected MODULE:FN", file=sys.stderr)
             return 2
     dtypes = tuple(args.dtypes or strategies.DEFAULT_DTYPES)
     n = args.examples or profiles.get_profile(profile).max_examples
     print(f"jaxnet verify: profile {profile}, {n} examples per search, dtypes {' '.join(dtypes)}; "
           f"reference kernels.reference.fused_dense; verifying {', '.join(t for t, _ in targets)}", flush=True)
-    rows = []
-    for label, fn in targets:
+    rows, errors = [], {}
+    for label, target in targets:
         t0 = time.perf_counter()
         print(f"  {label}: searching ...", end="", flush=True)
-        # float64 needs JAX's x64 mode (without it, float64 inputs would run as float32).
-        with jax.enable_x64("float64" in dtypes or jax.config.jax_enable_x64):
-            report = verify(fn, kernels.reference.fused_dense, dtypes=dtypes, max_examples=args.examples,
-                            profile=profile, shrink=args.shrink, keep_going=True, name=label)
+        try:
+            report = verify_isolated(target, name=label, timeout=args.timeout, dtypes=dtypes,
+                                     max_examples=args.examples, profile=profile, shrink=args.shrink,
+                                     keep_going=True)
+        except CandidateError as e:
+            errors[label] = str(e)
+            print(" FAIL (could not load it)", flush=True)
+            rows.append((label, None, None))
+            continue
         bad = None
         if not args.no_bad_inputs:
             print(" malformed calls ...", end="", flush=True)
-            # A --candidate goes to the worker subprocess as its import path; a backend as a partial.
-            bad = check_bad_inputs(label if label in (args.candidate or []) else fn, raise_on_failure=False)
+            bad = check_bad_inputs(target, timeout=args.timeout, raise_on_failure=False)
         ok = report.ok and (bad is None or bad.ok)
         print(f" {'ok' if ok else 'FAIL'} ({time.perf_counter() - t0:.1f}s)", flush=True)
         rows.append((label, report, bad))
     print()
     print(format_table(rows))
-    failed = [(label, rep, bad) for label, rep, bad in rows if not rep.ok or (bad and not bad.ok)]
+    failed = [(label, rep, bad) for label, rep, bad in rows if rep is None or not rep.ok or (bad and not bad.ok)]
     for label, rep, bad in failed:
         print(f"\n=== {label} ===")
+        if rep is None:
+            print(errors[label])
+            continue
         if not rep.ok:
             print(rep.format())
         if bad is not None and not bad.ok:

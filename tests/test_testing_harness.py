@@ -65,7 +65,7 @@ def test_rejects_mutant(name):
     report = verify(mutants.MUTANTS[name], kernels.reference.fused_dense, shrink=0, keep_going=False)
     assert not report.ok, f"the harness passed the broken kernel {name}"
     failed = {f.check for f in report.failures}
-    assert EXPECTED[name] in failed or (name == "relu_grad_at_zero" and failed & {"grad_w", "grad_b"}), failed
+    assert EXPECTED[name] in failed or (name == "bias_wrong_axis" and "grad_b" in failed) or (name == "relu_grad_at_zero" and failed & {"grad_w", "grad_b"}), failed
     if name == "jit_only":
         assert failed == {"forward"}  # right under jit, vmap and grad: only the eager check sees it
     if name == "low_precision_acc":
@@ -76,7 +76,7 @@ def test_relu_derivative_at_zero_is_checked_exactly():
     """Only exact-zero pre-activations tell ``z >= 0`` from the reference's convention."""
     report = verify(mutants.relu_grad_at_zero, activations=("relu",), check_vmap=False, shrink=0, keep_going=False)
     f = report.failures[0]
-    assert f.check.startswith("grad_") and ("values='zeros'" in repr(f.call) or "values='kink'" in repr(f.call))
+    assert f.check.startswith("grad_") and any(s in repr(f.call) for s in ("values='zeros'", "values='kink'", "probe_call"))
 
 
 def test_failure_message_shows_the_smallest_counterexample():
@@ -132,3 +132,58 @@ def test_compare_reports_shape_dtype_and_non_finite():
     ref = e.copy()
     ref[1, 2] = np.inf  # not compared where the reference itself overflowed
     assert compare("forward", got, ref, 1e-6)[0] is None
+
+
+# --- the default run's strength: targeted probes, look-alikes -------------------------------
+
+def test_probe_calls_cover_every_activation_and_dtype_on_an_exact_grid():
+    from jaxnet.testing import strategies
+
+    assert strategies.most_precise(("bfloat16", "float16", "float32")) == "float32"
+    calls = strategies.probe_calls()
+    assert {(c.kwargs["activation"], str(c.args[0].dtype)) for c in calls} == {
+        (a, d) for a in strategies.ACTIVATIONS for d in strategies.DEFAULT_DTYPES}
+    for call in calls:  # z = x @ w + b is the grid, exactly, in every dtype
+        x, w, b = (np.asarray(a, np.float64) for a in call.args)
+        assert w.shape == (1, 1) and w[0, 0] == 1 and b.shape == (1,) and b[0] != 0
+        grid = x[:, 0] + b[0]
+        assert np.array_equal(grid.astype(call.args[0].dtype).astype(np.float64), grid)
+        assert grid.min() == -8 and grid.max() == 8 and 0.0 in grid and 1.0 in grid and -2.0 in grid
+        assert np.all((np.abs(grid) >= 0.25) | (grid == 0))
+
+
+@pytest.mark.parametrize("name", sorted(mutants.LOOKALIKE_MUTANTS))
+def test_the_default_run_rejects_look_alike_activations(name):
+    """An approximation of gelu or silu fails in values and gradients; the probes catch it when
+    the search does not (the issue's gelu-as-tanh passed 20 random examples without them). The
+    default run includes the probes: see the rewrite test below and test_cli_verify."""
+    report = verify(mutants.LOOKALIKE_MUTANTS[name], check_jit=False, check_vmap=False, max_examples=1, shrink=0)
+    failed = {f.check: f for f in report.failures}
+    assert {"forward", "grad_x"} <= set(failed), report.format()
+    if name.startswith("gelu"):
+        assert repr(failed["forward"].call) == "probe_call('gelu', 'float32')"
+    assert report.results["forward"].worst_ratio > 100  # the table's "worst" says how far out it is
+
+
+def test_the_default_run_accepts_an_exactly_equal_rewrite():
+    """tanh written as 2 sigmoid(2z) - 1, with every default: the ci profile's search, then the probe."""
+    from jaxnet.testing import profiles
+
+    report = assert_matches_reference(mutants.tanh_via_sigmoid, activations=("tanh",))
+    assert report.examples == profiles.get_profile("ci").max_examples + 1  # same search as `jaxnet verify`
+    assert max(r.worst_ratio for r in report.results.values()) <= 1.0
+
+
+def test_an_exit_or_a_non_array_result_is_a_failure_not_a_pass():
+    import sys
+
+    def exits(x, w, b=None, *, activation="relu"):
+        sys.exit(0)
+
+    def returns_list(x, w, b=None, *, activation="relu"):
+        return [0.0]
+
+    for fn, says in ((exits, "raised SystemExit"), (returns_list, "returned list, not an array")):
+        report = verify(fn, dtypes=("float32",), activations=("relu",), check_vmap=False, check_grads=False,
+                        max_examples=1, shrink=0)
+        assert not report.ok and says in report.failures[0].message

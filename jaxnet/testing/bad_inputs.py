@@ -1,6 +1,6 @@
 """``check_bad_inputs``: a kernel must refuse malformed calls with a Python exception.
 
-Each malformed call runs in a worker subprocess, so that a kernel which crashes the process
+Each malformed call runs in a worker subprocess (``jaxnet.testing.worker``), so that a kernel which crashes the process
 (a segfault in native code, an abort) or hangs is caught and reported, not fatal to the caller.
 Outcomes per call:
 
@@ -13,26 +13,21 @@ One worker runs the calls in order; after a crash or a hang it is replaced and t
 so a kernel pays the interpreter start-up (importing jax) once, not once per call.
 
 The candidate must be importable in the worker: pass ``"module:function"``, or a picklable
-callable (a top-level function, or ``functools.partial`` of one). ``sys.path`` is passed on.
+callable (a top-level function, or ``functools.partial`` of one). ``sys.path`` is passed on,
+without the current directory (a module there is imported only when a spec names it).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pickle
-import queue
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from jaxnet.testing import candidates
+from jaxnet.testing.worker import Worker, child_channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,82 +124,45 @@ def check_bad_inputs(candidate: Any, calls: Sequence[BadCall] | None = None, *, 
 
 
 def _run_worker(payload: bytes, first: int, calls, timeout, startup_timeout) -> list[BadResult]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from jaxnet.testing.bad_inputs import _worker; _worker()", str(first)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True)
-        lines: queue.Queue = queue.Queue()
-
-        def pump():
-            for line in proc.stdout:
-                lines.put(line.decode(errors="replace"))
-            lines.put(None)
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        proc.stdin.write(payload)
-        proc.stdin.close()
-
-        out: list[BadResult] = []
-        current, deadline = None, time.monotonic() + startup_timeout
-        try:
-            while True:
-                try:
-                    line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-                except queue.Empty:
-                    _kill(proc)
-                    if current is None:
-                        raise RuntimeError(f"check_bad_inputs: worker did not start within {startup_timeout}s")
-                    c = calls[current]
-                    out.append(BadResult(c.name, "hung", f"no answer within {timeout:g}s", c.why))
-                    return out
-                if line is None:  # the worker died
-                    rc = proc.wait()
-                    if current is None:
-                        err.seek(0)
-                        tail = err.read().decode(errors="replace").strip()[-2000:]
-                        raise RuntimeError(f"check_bad_inputs: worker failed to start (exit {rc}):\n{tail}")
-                    c = calls[current]
-                    how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
-                    out.append(BadResult(c.name, "crashed", f"the process died ({how})", c.why))
-                    return out
-                msg = json.loads(line)
-                if msg["event"] == "begin":
-                    current, deadline = msg["index"], time.monotonic() + timeout
-                elif msg["event"] == "end":
-                    c = calls[msg["index"]]
-                    out.append(BadResult(c.name, msg["outcome"], msg["detail"], c.why))
-                    current, deadline = None, time.monotonic() + timeout
-                elif msg["event"] == "done":
-                    proc.wait()
-                    return out
-        finally:
-            if proc.poll() is None:
-                _kill(proc)
-            reader.join(timeout=10)  # EOF follows the exit; then the pipe can be closed
-            proc.stdout.close()
-
-
-def _kill(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and nothing else
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    out: list[BadResult] = []
+    current = None
+    with Worker("jaxnet.testing.bad_inputs:_worker", payload, (str(first),)) as proc:
+        wait = startup_timeout
+        while True:
+            try:
+                msg = proc.next_event(wait)
+            except TimeoutError:
+                if current is None:
+                    raise RuntimeError(f"check_bad_inputs: worker did not start within {startup_timeout}s") from None
+                c = calls[current]
+                out.append(BadResult(c.name, "hung", f"no answer within {timeout:g}s", c.why))
+                return out
+            if msg is None:  # the worker died
+                if current is None:
+                    raise RuntimeError(f"check_bad_inputs: worker failed to start (it {proc.exit_description}):\n"
+                                       f"{proc.stderr_tail()}")
+                c = calls[current]
+                out.append(BadResult(c.name, "crashed", f"the process died (it {proc.exit_description})", c.why))
+                return out
+            wait = timeout
+            if msg["event"] == "begin":
+                current = msg["index"]
+            elif msg["event"] == "end":
+                c = calls[msg["index"]]
+                out.append(BadResult(c.name, msg["outcome"], msg["detail"], c.why))
+                current = None
+            elif msg["event"] == "done":
+                return out
 
 
 def _worker() -> None:
     """Subprocess side: unpickle (candidate, calls), run calls from argv[1] on, report as JSON lines."""
     first = int(sys.argv[1])
-    candidate, calls = pickle.loads(sys.stdin.buffer.read())
+    payload, emit = child_channel()
+    candidate, calls = pickle.loads(payload)
     fn = candidates.resolve(candidate)
     import jax
     import jax.numpy as jnp
-
-    def emit(**msg):
-        sys.stdout.write(json.dumps(msg) + "\n")
-        sys.stdout.flush()
 
     for i in range(first, len(calls)):
         c = calls[i]
@@ -213,6 +171,7 @@ def _worker() -> None:
             args = tuple(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in c.args)
             out = jax.block_until_ready(fn(*args, **c.kwargs))
         except Exception as e:  # noqa: BLE001 - any Python exception is the right answer here
+            # (SystemExit is not one: a kernel must not end the caller's program on a bad call.)
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             emit(event="end", index=i, outcome="raised", detail=f"{type(e).__name__}: {first_line}")
         else:

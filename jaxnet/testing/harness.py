@@ -14,6 +14,11 @@ When an example fails, Hypothesis shrinks it to the smallest failing call it can
 failure is recorded with the checks it broke, those checks are set aside, and the search starts
 again for the rest. So a report says, per check, "passed N examples" or the smallest
 counterexample -- not only the first thing that went wrong.
+
+For the fused-dense contract, targeted calls follow the search: per activation, one call in the
+most precise dtype drawn whose pre-activations are a fixed grid over [-8, 8]
+(``strategies.probe_call``), where an activation and a look-alike (gelu and its tanh
+approximation) differ by far more than that dtype's tolerance. They check values and gradients.
 """
 from __future__ import annotations
 
@@ -71,7 +76,7 @@ def _group(check: str) -> str:
 class CheckResult:
     name: str
     examples: int = 0
-    worst_ratio: float = 0.0  # max |err| / tol over passing examples
+    worst_ratio: float = 0.0  # max |err| / tol over every example checked (> 1: out of tolerance)
     failure: Failure | None = None
 
     @property
@@ -127,6 +132,8 @@ def compare(check: str, got, expected, tol) -> tuple[str | None, float]:
     Both sides are upcast to float64 (bfloat16 included) before subtracting. Elements where the
     expected value is not finite are not compared; elsewhere a non-finite result fails.
     """
+    if not (hasattr(got, "shape") and hasattr(got, "dtype")):
+        return f"returned {type(got).__name__}, not an array", np.inf
     if tuple(np.shape(got)) != tuple(np.shape(expected)):
         return f"shape {tuple(np.shape(got))} != expected {tuple(np.shape(expected))}", np.inf
     if np.dtype(got.dtype) != np.dtype(expected.dtype):
@@ -203,9 +210,10 @@ class _Runner:
     NumPy on the host, so no eager jax op compiles anything but the candidate's own.
     """
 
-    def __init__(self, candidate, reference, fused: bool, tolerance):
+    def __init__(self, candidate, reference, fused: bool, tolerance, progress=None):
         self.candidate, self.reference = candidate, reference
         self.fused, self.tolerance = fused, tolerance
+        self.progress = progress
 
     def _jit(self, role: str, kind: str, kwargs: dict, extra=()):
         return _jitted(self.candidate if role == "candidate" else self.reference, kind, kwargs, extra)
@@ -231,10 +239,12 @@ class _Runner:
         failures, ratios = [], {}
 
         def record(check, fn, expected, tol, **info):
+            if self.progress is not None:
+                self.progress(check, call)
             try:
                 got = jax.block_until_ready(fn())
                 msg, r = compare(check, got, expected, tol)
-            except Exception as e:  # the candidate raising on a valid call is a failure of that check
+            except (Exception, SystemExit) as e:  # raising on a valid call (even exit) fails that check
                 msg, r = _short(e), np.inf
             ratios[check] = r
             if msg:
@@ -307,18 +317,23 @@ def verify(candidate: Callable, reference: Callable | None = None, *, args=None,
            max_examples: int | None = None, profile: str | None = None, check_grads: bool = True,
            check_jit: bool = True, check_vmap: bool = True, shrink: int = 30, tolerance=None,
            max_elements: int = jst.DEFAULT_MAX_ELEMENTS, keep_going: bool = True,
-           name: str | None = None) -> Report:
+           name: str | None = None, skip: Iterable[str] = (),
+           progress: Callable[[str, jst.Call], None] | None = None) -> Report:
     """Runs the checks and returns a ``Report`` (does not raise on mismatches).
 
     Same arguments as ``assert_matches_reference``, and:
       keep_going: after a failure, search again for counterexamples to the checks that have not
         failed yet, so the report has a verdict per check (default). False: stop at the first.
       name: the candidate's name in the report.
+      skip: checks not to run (e.g. ``("vmap", "grad_b")``); they are absent from the report.
+      progress: called as ``progress(check, call)`` just before each check runs the candidate
+        (``jaxnet verify`` uses it to know which check a crashed or hung candidate was in).
     """
     if reference is None:
         from kernels import reference as kref
         reference = kref.fused_dense
     fused = args is None or tolerance == "fused_dense"
+    args_given = args
     if args is None and "float64" in tuple(dtypes) and not jax.config.jax_enable_x64:
         # JAX would run float64 inputs as float32 and report float32 rounding as mismatches.
         raise ValueError("dtypes include float64 but JAX's x64 mode is off: run under "
@@ -330,29 +345,42 @@ def verify(candidate: Callable, reference: Callable | None = None, *, args=None,
         tolerance = None if fused else GenericTolerance()
     elif isinstance(tolerance, (int, float)):
         tolerance = GenericTolerance(int(tolerance))
-    runner = _Runner(candidate, reference, fused, tolerance)
+    runner = _Runner(candidate, reference, fused, tolerance, progress)
 
     groups = {"forward"} | ({"jit"} if check_jit else set()) | ({"vmap"} if check_vmap else set())
     groups |= {"grad"} if check_grads else set()
     names = [g for g in ("forward", "jit", "vmap") if g in groups]
     if check_grads and fused:
         names += [f"grad_{n}" for n in ARG_NAMES]
-    results = {c: CheckResult(c) for c in names}
-    base = profiles.get_profile(profile) if profile else settings()
+    skip = set(skip)
+    results = {c: CheckResult(c) for c in names if c not in skip}
+    base = profiles.get_profile(profile)
     phases = tuple(p for p in base.phases if shrink > 0 or p != Phase.shrink)
     run_settings = settings(
         base, max_examples=max_examples or base.max_examples, deadline=None, database=None,
         report_multiple_bugs=False, print_blob=False, phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
     )
-    done: set = set()  # checks that already have their counterexample
+    done: set = set(skip)  # checks that already have their counterexample (or are not run)
     examples = 0
     start = time.perf_counter()
     notes = []
 
+    def tally(ratios):
+        for c, r in ratios.items():
+            res = results.setdefault(c, CheckResult(c))
+            res.worst_ratio = max(res.worst_ratio, r)
+            res.examples += r <= 1.0
+
+    def retire(failures):
+        for f in failures:
+            results.setdefault(f.check, CheckResult(f.check)).failure = f
+            done.add(f.check)
+
     for _ in range(len(CHECK_GROUPS) + 8):  # each round retires at least one check
         failing: set = set()  # the calls seen failing this round
         shrunk = 0
+        smallest: list = []  # [(elements, failures)] of the smallest call seen failing this round
 
         @run_settings
         @given(st.data())
@@ -371,13 +399,12 @@ def verify(candidate: Callable, reference: Callable | None = None, *, args=None,
                 shrunk += 1
             failures, ratios = runner.evaluate(call, groups, done, extra)
             examples += 1
-            for c, r in ratios.items():
-                res = results.setdefault(c, CheckResult(c))
-                if r <= 1.0:
-                    res.examples += 1
-                    res.worst_ratio = max(res.worst_ratio, r)
+            tally(ratios)
             if failures:
                 failing.add(key)
+                size = sum(int(np.size(a)) for a in call.args if a is not None)
+                if not smallest or size < smallest[0][0]:
+                    smallest[:] = [(size, failures)]
                 raise _Counterexample(call, failures)
 
         try:
@@ -389,10 +416,22 @@ def verify(candidate: Callable, reference: Callable | None = None, *, args=None,
                 raise
             if ce is not e:
                 notes.append(f"flaky: {type(e).__name__} (failed once, then passed on replay)")
-            for f in ce.failures:
-                results.setdefault(f.check, CheckResult(f.check)).failure = f
-                done.add(f.check)
+            # Hypothesis's "simplest" is by its choice sequence; ours is the fewest elements.
+            retire(smallest[0][1] if smallest else ce.failures)
             if set(results) <= done or not keep_going:
+                break
+    # Then the targeted calls: a grid a random search may never reach. After the search, so that
+    # what the search finds is reported shrunk; the probes catch what it missed.
+    if fused and args_given is None and (keep_going or not any(r.failure for r in results.values())):
+        for call in jst.probe_calls((jst.most_precise(dtypes),), tuple(activations)):
+            if set(results) <= done:
+                break
+            # The math only: how jit and vmap trace the kernel is the random search's job.
+            failures, ratios = runner.evaluate(call, groups & {"forward", "grad"}, done, {"cotangent_seed": 0})
+            examples += 1
+            tally(ratios)
+            retire(failures)
+            if failures and not keep_going:
                 break
     return Report(name or candidates.name(candidate), candidates.name(reference), results, examples,
                   time.perf_counter() - start, notes)
@@ -425,8 +464,10 @@ def assert_matches_reference(candidate: Callable, reference: Callable | None = N
         checked with the tolerance model of ``jaxnet.testing.tolerances``. Positional arguments
         must be arrays or None (they are traced); put strings and flags in kwargs.
       dtypes, activations: what the default strategy draws.
-      max_examples: examples per search (default: the active Hypothesis profile's).
-      profile: "ci" or "thorough" (default: the active Hypothesis profile).
+      max_examples: examples per search (default: the profile's).
+      profile: "ci" or "thorough" (default: ``$JAXNET_HYPOTHESIS_PROFILE``, else "ci": the same
+        search as ``jaxnet verify``). After the search, the default contract runs one targeted
+        call per activation in the most precise of ``dtypes`` (``strategies.probe_call``).
       check_grads, check_jit, check_vmap: turn checks off (forward always runs). The vmap and
         gradient checks run under ``jax.jit`` whatever ``check_jit`` says.
       shrink: how many examples Hypothesis may spend shrinking a failure towards the smallest

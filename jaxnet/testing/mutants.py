@@ -14,6 +14,12 @@ functions, so ``check_bad_inputs`` can import them in a subprocess.
   unchecked            no argument checks: malformed calls broadcast or run instead of raising.
   unsafe_native        unchecked, and crashes (SIGSEGV) on integer inputs and hangs on a wrong K.
 
+Look-alikes, kernels whose activation is a well-known approximation of the contract's (each
+differs from the exact one by 1e-4 to 1e-2 at |z| ~ 1-3, far beyond float32's tolerance):
+``gelu_as_tanh`` (gelu computed by the tanh approximation), ``gelu_as_sigmoid`` (x sigmoid(1.702 x)),
+``silu_scaled`` (x sigmoid(1.1 x)); and a control, ``tanh_via_sigmoid`` (2 sigmoid(2z) - 1, equal
+to tanh exactly, rounded differently), which the harness must accept.
+
 Controls, correct but written differently from the reference (the harness must accept them):
 ``k_blocked`` (K tiled by 16, float32 accumulator) and ``hand_written_vjp`` (custom_vjp).
 """
@@ -186,6 +192,31 @@ def unsafe_native(x, w, b=None, *, activation="relu"):
     return unchecked(x, w, b, activation=activation)
 
 
+def _with_activation(name: str, replacement):
+    """A correct kernel except that activation ``name`` is computed by ``replacement(z)``."""
+    def kernel(x, w, b=None, *, activation="relu"):
+        check_fused_dense_args(x, w, b, activation)
+        z = _dot(x, w)
+        if b is not None:
+            z = z + b.astype(z.dtype)
+        act = replacement if activation == name else activations.get(activation)
+        return act(z).astype(x.dtype)
+    return kernel
+
+
+gelu_as_tanh = _with_activation("gelu", activations.get("gelu_tanh"))
+gelu_as_tanh.__doc__ = "Exact gelu replaced by its tanh approximation (0.5 z (1 + tanh(...)))."
+gelu_as_sigmoid = _with_activation("gelu", lambda z: z * jax.nn.sigmoid(1.702 * z))
+gelu_as_sigmoid.__doc__ = "Exact gelu replaced by z * sigmoid(1.702 z)."
+silu_scaled = _with_activation("silu", lambda z: z * jax.nn.sigmoid(1.1 * z))
+silu_scaled.__doc__ = "silu with the wrong slope: z * sigmoid(1.1 z)."
+tanh_via_sigmoid = _with_activation("tanh", lambda z: 2.0 * jax.nn.sigmoid(2.0 * z) - 1.0)
+tanh_via_sigmoid.__doc__ = "Control (correct): tanh written as 2 sigmoid(2z) - 1."
+for _f, _n in ((gelu_as_tanh, "gelu_as_tanh"), (gelu_as_sigmoid, "gelu_as_sigmoid"),
+               (silu_scaled, "silu_scaled"), (tanh_via_sigmoid, "tanh_via_sigmoid")):
+    _f.__name__ = _f.__qualname__ = _n  # importable by name, so check_bad_inputs can pickle them
+
+
 MUTANTS = {
     "bias_wrong_axis": bias_wrong_axis,
     "relu_grad_at_zero": relu_grad_at_zero,
@@ -196,5 +227,8 @@ MUTANTS = {
 }
 # Correct kernels written differently from the reference: the harness must accept these.
 CONTROLS = {"k_blocked": k_blocked, "hand_written_vjp": hand_written_vjp}
+# Approximations of an activation that a default run must reject, and an exact rewrite it must accept.
+LOOKALIKE_MUTANTS = {"gelu_as_tanh": gelu_as_tanh, "gelu_as_sigmoid": gelu_as_sigmoid, "silu_scaled": silu_scaled}
+LOOKALIKE_CONTROLS = {"tanh_via_sigmoid": tanh_via_sigmoid}
 # Broken only for malformed calls (correct on valid ones): for check_bad_inputs.
 BAD_INPUT_MUTANTS = {"unchecked": unchecked, "unsafe_native": unsafe_native}

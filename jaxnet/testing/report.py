@@ -16,8 +16,9 @@ def format_table(rows) -> str:
     """``rows``: ``(label, Report, BadInputsReport or None)`` triples; returns an aligned table.
 
     A cell is "ok N" (passed on N examples), "FAIL" (see the counterexample below the table) or
-    "-" (not run). "worst" is the largest |err|/tol seen on passing examples: how close the
-    candidate came to its tolerance (1.0 would be on the edge).
+    "-" (not run). "worst" is the largest |err|/tol seen on any example: under 1, how close a
+    passing candidate came to its tolerance; over 1, how far a failing one is out ("inf": it
+    raised, crashed, hung or gave a non-finite or misshapen result).
     """
     extra_cols = sorted({c for _, rep, _ in rows if rep for c in rep.results if c not in COLUMNS})
     cols = list(COLUMNS) + extra_cols
@@ -31,7 +32,7 @@ def format_table(rows) -> str:
         else:
             cells.append(f"{bad.passed}/{len(bad.results)}" + ("" if bad.ok else " FAIL"))
         worst = max((r.worst_ratio for r in rep.results.values()), default=0.0) if rep else 0.0
-        cells += [f"{worst:.2g}" if rep else "-", str(rep.examples) if rep else "-",
+        cells += [f"{worst:.3g}" if rep else "-", str(rep.examples) if rep else "-",
                   f"{(rep.seconds if rep else 0) + (bad.seconds if bad else 0):.1f}s"]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -45,7 +46,7 @@ def format_report(report) -> str:
              f"({report.examples} examples, {report.seconds:.1f}s)"]
     for r in report.results.values():
         if r.failure is None:
-            lines.append(f"  {r.name}: " + (f"ok on {r.examples} examples (worst |err|/tol {r.worst_ratio:.2g})"
+            lines.append(f"  {r.name}: " + (f"ok on {r.examples} examples (worst |err|/tol {r.worst_ratio:.3g})"
                                              if r.examples else "not run"))
     for f in report.failures:
         lines.append("")

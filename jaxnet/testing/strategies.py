@@ -211,6 +211,46 @@ def fused_dense_calls(draw, *, dtypes=DEFAULT_DTYPES, activations=ACTIVATIONS, v
                                  values=kind, seed=seed, specials=tuple(specials))
 
 
+# Probe grid: pre-activations every 1/16 over [-8, 8] (exact in every dtype drawn), where the
+# activations and their look-alikes differ most (gelu vs its tanh or sigmoid approximations at
+# |z| ~ 1-3, silu vs x*sigmoid(1.1x) everywhere but 0), and relu's kink at 0.
+PROBE_STEP = 1.0 / 16
+PROBE_LIMIT = 8.0
+PROBE_MIN = 0.25  # below it (0 aside), see probe_call
+PROBE_BIAS = 0.5
+
+
+def probe_call(activation: str, dtype: str = "float32") -> Call:
+    """One targeted call per activation and dtype: ``x`` is ``[P, 1]``, ``w = [[1]]``, ``b = [0.5]``
+    and ``x = z - 0.5``, so the pre-activations ``z`` are exactly a fixed grid over [-8, 8]
+    (``PROBE_STEP``; every point exact in bfloat16 too), where the activation, its derivative and
+    the bias add before it are checked at points a random search may never reach.
+
+    ``0 < |z| < PROBE_MIN`` is left to the random search: with ``z`` this exact the tolerance is
+    relative to ``|x| + |b|``, and an exactly equal rewrite such as ``tanh(z) = 2 sigmoid(2z) - 1``
+    loses more than that to cancellation there.
+    """
+    npd = _np_dtype(dtype)
+    z = np.arange(-PROBE_LIMIT, PROBE_LIMIT + PROBE_STEP / 2, PROBE_STEP)
+    z = z[(np.abs(z) >= PROBE_MIN) | (z == 0)]
+    x = (z - PROBE_BIAS)[:, None].astype(npd)
+    w = np.ones((1, 1), npd)
+    b = np.full((1,), PROBE_BIAS, npd)
+    return Call((x, w, b), {"activation": activation}, f"probe_call({activation!r}, {dtype!r})")
+
+
+def most_precise(dtypes) -> str:
+    """The dtype with the smallest epsilon: where the tolerance is tightest, so a look-alike
+    activation shows (in bfloat16 gelu and its tanh approximation round to the same values)."""
+    import jax.numpy as jnp
+    return min(dtypes, key=lambda d: float(jnp.finfo(d).eps))
+
+
+def probe_calls(dtypes=DEFAULT_DTYPES, activations=ACTIVATIONS) -> list[Call]:
+    """``probe_call`` for every activation and dtype, activation-major (the order they run in)."""
+    return [probe_call(a, d) for a in activations for d in dtypes]
+
+
 def as_call(drawn: Any) -> Call:
     """Accepts what an argument strategy draws: a ``Call``, or an ``(args, kwargs)`` pair."""
     if isinstance(drawn, Call):

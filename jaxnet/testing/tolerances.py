@@ -27,8 +27,11 @@ a tolerance relative to ``|y|`` would be far too tight and a global ``atol`` far
   ``tol_y = D1 * K_eff * u_acc * M + act_err + u_out * |y_ref| + floor``
 
   When every input is an integer and ``M < 2**mantissa_bits(acc)``, every partial sum is exact in
-  any order, so the accumulation term is 0 (only the activation and store terms remain). This is
-  what lets the harness check an activation's derivative *at* its kink exactly (below).
+  any order, so the accumulation term is 0 (only the activation and store terms remain). The
+  same holds scaled by powers of two: x, w and b multiples of ``2**-e_x``, ``2**-e_w``,
+  ``2**-e_b`` and ``M * 2**max(e_x + e_w, e_b) < 2**mantissa_bits(acc)`` (the probe grid of
+  ``strategies.probe_call``, multiples of 1/16). This is what lets the harness check an
+  activation's derivative *at* its kink exactly (below).
 
 Gradients, for a cotangent ``g`` (shape of ``y``): ``dz = g * act'(z)``, ``grad_x = dz @ w.T``
 (``N`` terms), ``grad_w = x.T @ dz`` and ``grad_b = sum(dz)`` (``R`` terms, R = rows of x). The
@@ -49,7 +52,7 @@ matmul's own accumulation (``n u_acc`` times ``|g| D1`` pushed the same way), pl
 Kinks. relu's derivative jumps at ``z = 0``; there, which side a rounded ``z`` falls on is an
 accident of summation order, so wherever ``|z| <= 4 E_z`` (and ``z`` is not exact) the
 cotangent is set to 0 before the VJP: no check depends on the ambiguous sign. Where ``z`` is
-exactly the kink and computed exactly (integer inputs; all-zero rows), the cotangent is kept and
+exactly the kink and computed exactly (integer or dyadic inputs as above; all-zero rows), the cotangent is kept and
 the kernel must follow the reference's convention for the derivative *at* the kink.
 
 A safety factor ``SAFETY = 2`` multiplies the accumulation terms: they are worst-case bounds
@@ -125,8 +128,31 @@ def _as64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
-def _is_integral(*arrays) -> bool:
-    return all(a is None or bool(np.all(np.isfinite(a) & (a == np.round(a)))) for a in arrays)
+def _binary_places(a: np.ndarray | None, limit: int) -> int | None:
+    """The least ``e <= limit`` with every ``a * 2**e`` an integer (0 for None), else None.
+    Scaling by a power of two is exact in float64, so the test itself cannot round."""
+    if a is None:
+        return 0
+    if not np.all(np.isfinite(a)):
+        return None
+    for e in range(limit + 1):
+        scaled = a * 2.0 ** e
+        if np.all(scaled == np.round(scaled)):
+            return e
+    return None
+
+
+def _exact_sums(x64, w64, b64, m, acc) -> bool:
+    """Every product and partial sum of ``x @ w + b`` is exactly representable in ``acc``: all
+    inputs are integer multiples of ``2**-e`` (x, w, b each their own e) and the largest sum of
+    magnitudes ``m``, counted in units of the products' ``2**-(e_x + e_w)``, stays below
+    ``2**mantissa_bits(acc)``."""
+    bits = mantissa_bits(acc)
+    ex, ew, eb = (_binary_places(a, bits) for a in (x64, w64, b64))
+    if ex is None or ew is None or eb is None:
+        return False
+    unit = max(ex + ew, eb)
+    return bool(np.all(m * 2.0 ** unit < 2.0 ** bits))
 
 
 @dataclasses.dataclass
@@ -158,7 +184,7 @@ class FusedDenseBounds:
             m = np.abs(x64) @ np.abs(w64) + (0.0 if b64 is None else np.abs(b64))
         acc = accumulator(dtype)
         k_eff = w64.shape[0] + 1
-        exact = _is_integral(x64, w64, b64) and bool(np.all(m < 2.0 ** mantissa_bits(acc)))
+        exact = _exact_sums(x64, w64, b64, m, acc)
         if exact:
             err_z = np.zeros_like(m)
         else:  # all-zero terms (m == 0) sum to exactly 0 in any order
