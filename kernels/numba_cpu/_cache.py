@@ -20,9 +20,15 @@ _lock = threading.Lock()
 _checked: list[pathlib.Path] = []
 
 
+# Modules of this package that no compiled function reads (pure Python around the kernels):
+# editing them keeps the cache, whose cold rebuild takes minutes.
+NOT_COMPILED = frozenset({"__init__.py", "_batching.py", "_cache.py", "backend.py"})
+
+
 def sources() -> list[pathlib.Path]:
-    """The files whose contents the compiled kernels depend on."""
-    return sorted(_HERE.glob("*.py")) + [_HERE.parent / "activations.py"]
+    """The files whose contents the compiled kernels depend on: every module of this package
+    but ``NOT_COMPILED`` (a new module counts until listed there), and the activation codes."""
+    return sorted(p for p in _HERE.glob("*.py") if p.name not in NOT_COMPILED) + [_HERE.parent / "activations.py"]
 
 
 def digest() -> str:

@@ -7,8 +7,10 @@ dtypes: float32 and float64 run natively. bfloat16/float16 operands are upcast t
 outside the kernel (the kernel accumulates in float32) and the result is cast back to x's dtype,
 as the reference does. Mixed dtypes compute in the widest of them (at least float32).
 
-vmap: the FFI calls use ``vmap_method="broadcast_all"``: every operand gets the batch in front
-(broadcast where it was unbatched) and the handlers loop over it.
+vmap: each FFI call has a ``custom_vmap`` rule (``_batching``). A batch over x alone (w and b
+unbatched) folds into M: one forward call on ``[B*M, K]`` and one backward call for dx, no copy
+of w, nested vmaps included; dw and db, per element under vmap, come from XLA (``_backward_call``
+says why). A batched b runs one call per element (``lax.map``), a batched w ``broadcast_all``.
 
 Threads: problems of at least ``PARALLEL_MIN_MACS`` multiply-adds set the attribute ``share``
 to 1, so that the kernel shares its blocks with XLA's intra-op thread pool; smaller ones run on
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.activations import ACTIVATIONS
+from kernels.numba_cpu import _batching
 
 _PREFIX = "jaxnet_numba_fused_dense"
 # Problems with fewer multiply-adds than this run on the calling thread: below it, handing
@@ -121,14 +124,29 @@ def _share(m, k, n):
 def _forward(x2, w, b, activation, save):
     """FFI forward on ``x2: [M, K]``; returns ``(y, s)`` with ``s`` None unless ``save``: then
     ``s`` is z ``[M, N]``, or for relu its tie flag ``[1]`` (see ``_kernels``' module docstring)."""
+    res = _forward_call(x2, w, *(() if b is None else (b,)), activation=activation, save=save)
+    return res[0], (res[1] if save else None)
+
+
+def _forward_call(x2, w, *b, activation, save):
+    """The forward's results (a list) for operands ``(x2, w[, b])``. Under vmap with w and b
+    unbatched, x's batch folds into M (one call); otherwise ``_batching.unfolded``."""
     m, n = x2.shape[0], w.shape[1]
     out = _result((m, n), x2)
-    saved = _result((1,), x2) if activation == "relu" else out
-    call = jax.ffi.ffi_call(_target("forward", x2.dtype.name), (out, saved) if save else (out,),
-                            vmap_method="broadcast_all")
-    operands = (x2, w) if b is None else (x2, w, b)
-    res = call(*operands, act=np.int64(ACTIVATIONS[activation].code), share=_share(m, x2.shape[1], n))
-    return res[0], (res[1] if save else None)
+    relu = activation == "relu"
+    outs = (out, _result((1,), x2) if relu else out) if save else (out,)
+    ffi = functools.partial(jax.ffi.ffi_call(_target("forward", x2.dtype.name), outs, vmap_method="broadcast_all"),
+                            act=np.int64(ACTIVATIONS[activation].code), share=_share(m, x2.shape[1], n))
+    again = functools.partial(_forward_call, activation=activation, save=save)
+    per_row = (True, not relu)[:len(outs)]  # relu's tie flag: one for the whole (folded) call
+
+    def rule(axis_size, in_batched, *ops):
+        if any(in_batched[1:]):
+            return _batching.unfolded(ffi, again, 1, in_batched, ops)
+        res = again(_batching.rows(ops[0], True, axis_size), *ops[1:])
+        return ([_batching.unrows(a, axis_size, ops[0].shape[1]) if f else a for a, f in zip(res, per_row)],
+                list(per_row))
+    return _batching.call(ffi, (x2, w, *b), rule)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -148,17 +166,66 @@ def _dense_fwd(x2, w, b, activation):
 def _dense_bwd(activation, res, dy):
     x2, w, r, ties, b = res
     has_bias = b is not None
-    m, k, n = x2.shape[0], x2.shape[1], w.shape[1]
-    outs = [_result((m, k), x2), _result((k, n), x2)]
-    if has_bias:
-        outs.append(_result((n,), x2))
-    call = jax.ffi.ffi_call(_target("backward", x2.dtype.name), tuple(outs), vmap_method="broadcast_all")
     # Identity needs no residual; dy stands in (the kernel does not read it as one).
     operands = [dy, x2, w, dy if r is None else r]
     if activation == "relu":  # y's tie flag, and b to recompute z when there were ties
         operands += [ties] + ([b] if has_bias else [])
-    grads = call(*operands, act=np.int64(ACTIVATIONS[activation].code), share=_share(m, k, n))
+    grads = _backward_call(*operands, activation=activation, has_bias=has_bias)
     return grads[0], grads[1], (grads[2] if has_bias else None)
+
+
+def _backward_call(dy, x2, w, r, *rest, activation, has_bias):
+    """The backward's results ``[dx, dw(, db)]`` for operands ``(dy, x2, w, r[, t[, b]])``.
+
+    Under vmap with w (and relu's t and b) unbatched, dx folds into one call on the
+    ``[B*M, ...]`` rows. dw and db are per element under vmap (``vmap(grad(...))`` returns them;
+    for ``grad(vmap(...))`` JAX batches this backward and then sums them): they come from XLA,
+    an ``einsum`` of x and ``g = dy * act'(z)``, which XLA fuses with that sum (M = 1) or drops
+    when unused, where the kernel's per-element outputs would always be a ``[B, K, N]`` array.
+    The folded call's own dw and db (sums over the batch) are discarded. Other batchings:
+    ``_batching.unfolded``.
+    """
+    m, k, n = x2.shape[0], x2.shape[1], w.shape[1]
+    outs = [_result((m, k), x2), _result((k, n), x2)] + ([_result((n,), x2)] if has_bias else [])
+    ffi = functools.partial(jax.ffi.ffi_call(_target("backward", x2.dtype.name), tuple(outs),
+                                             vmap_method="broadcast_all"),
+                            act=np.int64(ACTIVATIONS[activation].code), share=_share(m, k, n))
+    again = functools.partial(_backward_call, activation=activation, has_bias=has_bias)
+
+    def rule(axis_size, in_batched, *ops):
+        if in_batched[2] or any(in_batched[4:]):  # w, relu's tie flag or b
+            return _batching.unfolded(ffi, again, 2, in_batched, ops)
+        dy, x, w, r, *rest = ops
+        if not in_batched[0]:  # (B, M, N): the cotangent is per element from here on
+            dy = jnp.broadcast_to(dy, (axis_size, *dy.shape))
+        dx = again(_batching.rows(dy, True, axis_size), _batching.rows(x, in_batched[1], axis_size), w,
+                   _batching.rows(r, in_batched[3], axis_size), *rest)[0]
+        g = _dz(dy, x, w, r, *rest, activation=activation)  # (B, M, N)
+        grads = [_batching.unrows(dx, axis_size, x.shape[-2]),
+                 jnp.einsum("bmk,bmn->bkn" if in_batched[1] else "mk,bmn->bkn", x, g, precision="highest")]
+        return grads + ([g.sum(1)] if has_bias else []), [True] * (len(grads) + has_bias)
+    return _batching.call(ffi, (dy, x2, w, r, *rest), rule)
+
+
+def _dz(dy, x, w, r, ties=None, b=None, *, activation):
+    """``dy * act'(z)`` in XLA from the forward's residual r (z, y, or dy itself for identity).
+
+    dy: ``[B, M, N]``, r: ``[B, M, N]`` or ``[M, N]``, x: ``[B, M, K]`` or ``[M, K]``; relu's
+    tie flag ``ties: [1]`` and b only for relu, whose z is computed again when the forward met a
+    z exactly 0 (relu'(0) = 1/2, as in ``_kernels``).
+    """
+    act = ACTIVATIONS[activation]
+    if act.saves == "none":
+        return dy
+    if act.saves == "z":
+        return dy * act.grad(r)
+    if activation != "relu":
+        return dy * act.grad_from_y(r)
+
+    def z_again():
+        z = jnp.matmul(x, w, precision="highest") + (0 if b is None else b)
+        return jnp.broadcast_to(act.grad(z), dy.shape)
+    return dy * jax.lax.cond(ties[0] != 0, z_again, lambda: jnp.broadcast_to(act.grad_from_y(r), dy.shape))
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)

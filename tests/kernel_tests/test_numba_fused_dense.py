@@ -1,7 +1,8 @@
 """Property tests of ``kernels.fused_dense(..., backend="numba")``: values and all three gradients
 against the jax.numpy reference and an independent float64 NumPy reference, over shapes, dtypes,
-activations and value ranges; transforms (jit, vmap, checkpoint, shard_map); trace counts; bad
-inputs (in a subprocess); and a model trained on the kernel against the same model on XLA.
+activations and value ranges; transforms (jit, vmap, checkpoint, shard_map; vmap's batchings in
+full in test_numba_vmap.py); trace counts; bad inputs (in a subprocess); and a model trained on
+the kernel against the same model on XLA.
 """
 from __future__ import annotations
 
@@ -336,17 +337,6 @@ def test_jit_and_eager_grad(jit):
     _close(g(x, w, b), jax.grad(_loss(_f("xla")), (0, 1, 2))(x, w, b))
 
 
-@pytest.mark.parametrize("in_axes", [(0, None, None), (None, 0, None), (0, 0, 0), (1, None, None)])
-def test_vmap_values_and_grads(in_axes):
-    x, w, b = _data()
-    ws, bs = jnp.stack([w * (i + 1) for i in range(6)]), jnp.stack([b - i for i in range(6)])
-    xs = x if in_axes[0] != 1 else jnp.swapaxes(x, 0, 1)
-    args = (xs, ws if in_axes[1] == 0 else w, bs if in_axes[2] == 0 else b)
-    for fn in (lambda f: f, lambda f: jax.grad(_loss(f), (0, 1, 2))):
-        got = jax.jit(jax.vmap(fn(_f("numba")), in_axes))(*args)
-        _close(got, jax.vmap(fn(_f("xla")), in_axes)(*args))
-
-
 def test_nested_vmap_and_checkpoint():
     x, w, b = _data((3, 5, 2, 33))
     f2 = lambda f: jax.vmap(jax.vmap(jax.checkpoint(f), (0, None, None)), (0, None, None))  # noqa: E731
@@ -440,6 +430,23 @@ def test_stale_numba_cache_is_dropped(tmp_path):
     from kernels.numba_cpu import backend
     backend._target("forward", "float32")
     assert (_cache.cache_dir() / "numba_sources.sha256").read_text() == _cache.digest()
+
+
+def test_modules_outside_the_cache_digest_hold_no_compiled_function():
+    # Editing these modules keeps Numba's cache (a cold rebuild takes minutes): safe only while
+    # nothing compiled lives in them.
+    import importlib
+
+    from numba.core.ccallback import CFunc
+    from numba.core.registry import CPUDispatcher
+
+    from kernels.numba_cpu import _cache
+
+    assert "backend.py" in _cache.NOT_COMPILED and "_kernels.py" in {p.name for p in _cache.sources()}
+    for name in _cache.NOT_COMPILED:
+        module = importlib.import_module("kernels.numba_cpu" + ("" if name == "__init__.py" else "." + name[:-3]))
+        compiled = [k for k, v in vars(module).items() if isinstance(v, (CPUDispatcher, CFunc))]
+        assert not compiled, (name, compiled)
 
 
 def test_share_is_a_flag_and_the_task_a_link_time_symbol():
