@@ -1,6 +1,6 @@
 """Benchmark: ``kernels.fused_dense`` under ``jax.vmap`` over x with w and b shared (issue 20).
 
-    python -m experiments.bench_vmap            # B = 256, M = 1, K = N = 1024: ~30 s on 2 cores
+    python -m experiments.bench_vmap            # B = 256, M = 1, K = N = 1024: ~1 minute on 2 cores
     python -m experiments.bench_vmap --m 8      # a bigger M per element
 
 x is ``[B, M, K]`` vmapped over B, w ``[K, N]`` and b ``[N]`` unbatched, activation relu,
