@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from jaxnet.arguments import check_int
 
 
 _NAMING = contextvars.ContextVar("jaxnet_logical_axes", default=False)
@@ -92,6 +93,9 @@ class FusedDense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        name = self.name or type(self).__name__
+        check_int(self.features, f"{name}: features", minimum=1)
+        check_int(self.in_features, f"{name}: in_features", minimum=1, allow_none=True)
         k = x.shape[-1]
         if self.in_features is not None and k != self.in_features:
             raise ValueError(

@@ -335,7 +335,7 @@ def test_early_stopping_can_watch_any_validation_metric():
         assert len(acc) - 1 - int(np.argmax(acc)) == 3
     with pytest.raises(ValueError, match=r"monitor='val_f1' is not a validation figure of this run; choose one of "
                                          r"\['val_loss', 'val_accuracy'\]"):
-        fit(state, (x, y), val_data=(x, y), loss_fn=losses.cross_entropy, epochs=1, progress=False,
+        fit(run.state, (x, y), val_data=(x, y), loss_fn=losses.cross_entropy, epochs=1, progress=False,
             metrics={"accuracy": metrics.accuracy}, monitor="val_f1")
 
 

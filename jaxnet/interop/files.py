@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 
@@ -23,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from jaxnet.files import atomic_path
 
 
 class UnsafeFileError(ValueError):
@@ -128,14 +129,8 @@ def save_safetensors(path, variables_or_state_dict, *, metadata: dict[str, str] 
         raise TypeError(f"metadata must map strings to strings; got {metadata!r}")
     # asarray(order="C"), not ascontiguousarray, which turns 0-d arrays (a step, a scale) into [1].
     flat = {name: np.asarray(to_numpy(v, name), order="C") for name, v in flatten(variables_or_state_dict).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=metadata)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:  # readers see the old file or the new one, never half
+        save_file(flat, str(tmp), metadata=metadata)
 
 
 def _natural_key(name: str):

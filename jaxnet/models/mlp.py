@@ -14,6 +14,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxnet.arguments import check_int
 from jaxnet.nn import FusedDense
 
 
@@ -64,6 +65,8 @@ class MLP(nn.Module):
     def __call__(self, x, train: bool = False):
         if not self.features:
             raise ValueError("MLP needs at least one layer in `features`")
+        for i, width in enumerate(self.features):
+            check_int(width, f"MLP features[{i}]", minimum=1)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         for i, width in enumerate(self.features):

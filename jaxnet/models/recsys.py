@@ -50,6 +50,12 @@ class MatrixFactorization(nn.Module):
     offset: float = 0.0
     init_std: float = 0.1
 
+    @property
+    def id_limits(self) -> tuple[int, int]:
+        """Exclusive bounds of the id columns of ``x``: (user, item); ``fit`` and ``evaluate``
+        check ids against them before training (an id past a table reads a clamped row)."""
+        return self.num_users, self.num_items
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
@@ -84,6 +90,12 @@ class NCF(nn.Module):
     dropout_rate: float = 0.0
     init_std: float = 0.01
     backend: str = "xla"
+
+    @property
+    def id_limits(self) -> tuple[int, int]:
+        """Exclusive bounds of the id columns of ``x``: (user, item); ``fit`` and ``evaluate``
+        check ids against them before training (an id past a table reads a clamped row)."""
+        return self.num_users, self.num_items
 
     @nn.compact
     def __call__(self, x, train: bool = False):

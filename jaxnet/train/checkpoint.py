@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.files import write_atomic
+
 FILES_MANIFEST = "jaxnet_files.json"
 FORMAT = 1
 _SHOWN = 8  # differing paths listed in a mismatch error
@@ -131,21 +133,6 @@ def _hash_files(step_dir: pathlib.Path) -> dict[str, dict]:
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != FILES_MANIFEST):
         files[str(path.relative_to(step_dir))] = {"size": path.stat().st_size, "sha256": _file_hash(path)}
     return files
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write, flush to disk, rename over: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def steps(directory) -> list[int]:
@@ -290,7 +277,7 @@ def save(directory, state, *, config=None, keep: int | None = None) -> pathlib.P
         manager.save(step, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
     if jax.process_index() == 0:  # one writer of the manifest and the deletions
-        _write_atomic(step_dir / FILES_MANIFEST,
+        write_atomic(step_dir / FILES_MANIFEST,
                       json.dumps({"format": FORMAT, "step": step, "files": _hash_files(step_dir)}, indent=1))
         _prune(directory, keep)
     _sync(f"jaxnet_checkpoint_done_{step}")

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.checks import check_same_length, check_supervised
 from jaxnet.train.checkpoint import Checkpointer, open_for_run, path_name
-from jaxnet.train.step import TrainState, make_eval_step, make_train_step, mode_kwargs, split_keys
+from jaxnet.train.step import TrainState, check_live, make_eval_step, make_train_step, mode_kwargs, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
 
@@ -180,14 +181,21 @@ def evaluate(state: TrainState, data, eval_step: Callable | None = None, batch_s
     Either ``eval_step`` (from ``make_eval_step``) or ``loss_fn`` (and ``metrics``, name ->
     ``fn(pred, y) -> [B]``) says what to compute; ``batch_size`` bounds the examples per call.
     """
+    check_live(state, "evaluate")
+    batch_size = check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     if not isinstance(data, dict):
         x, y = _xy(data, "data")
         data = {"x": x, "y": y}
-    if eval_step is None:
+    n = int(np.shape(data["x"])[0])
+    if n == 0:
+        raise ValueError("evaluate: data has no examples")
+    if eval_step is None:  # (fit passes its eval_step, with the data checked already)
         if loss_fn is None:
             raise ValueError("evaluate needs eval_step or loss_fn (and metrics)")
+        labels = (getattr(loss_fn, "__name__", "") in _CLASSIFICATION_LOSSES
+                  and np.issubdtype(np.asarray(data["y"]).dtype, np.integer))
+        check_ids_and_labels(state, data, "data", "labels" if labels else "float")
         eval_step = _eval_step(loss_fn, tuple(sorted((metrics or {}).items())))
-    n = data["x"].shape[0]
     size = n if batch_size is None else min(batch_size, n)
     totals = None
     for start in range(0, n, size):
@@ -212,8 +220,10 @@ def _predictor(model):
 def predict(state: TrainState, x, batch_size: int | None = None) -> np.ndarray:
     """The model's outputs for ``x: [n, ...]`` (``train=False``), in batches of ``batch_size``
     (all at once when None): ``[n, ...outputs]`` as a NumPy array."""
+    check_live(state, "predict")
+    batch_size = check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     n = int(np.shape(x)[0])
-    size = n if batch_size is None else max(1, min(batch_size, n))
+    size = n if batch_size is None else min(batch_size, n)
     apply = _predictor(state.model)
     outs = [np.asarray(apply(state.variables, x[start:start + size])) for start in range(0, n, size)]
     return np.concatenate(outs) if outs else np.zeros((0,))
@@ -229,6 +239,32 @@ def check_labels(y, num_classes: int, name: str) -> None:
         shown = int(index[0]) if len(index) == 1 else tuple(int(i) for i in index)
         raise ValueError(f"{name} targets: label {y[index]} at index {shown} is outside [0, {num_classes}): the "
                          f"model has {num_classes} outputs ({int(bad.sum())} labels out of range in all)")
+
+
+def check_ids(ids, limits: Sequence[int], name: str) -> None:
+    """Raises ``ValueError`` at the first id outside ``[0, limits[j])`` in column ``j`` of
+    ``ids: [n, len(limits)]``, naming its row, column and value."""
+    ids = np.asarray(ids)
+    for j, limit in enumerate(limits):
+        col = ids[:, j]
+        bad = (col < 0) | (col >= limit)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(f"{name} inputs: id {col[row]} at row {row}, column {j} is outside [0, {limit}): the "
+                             f"model's table has {limit} rows ({int(bad.sum())} ids of column {j} out of range)")
+
+
+def check_ids_and_labels(state: TrainState, data: dict, name: str, target_kind: str) -> None:
+    """Host-side range checks before any step: integer ``x`` against the model's ``id_limits``
+    (recommenders) and, with ``target_kind="labels"``, class labels against its output width."""
+    x, y = data["x"], data["y"]
+    limits = getattr(state.model, "id_limits", None)
+    if limits is not None and np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) == 2:
+        check_ids(x, limits, name)
+    if target_kind == "labels":
+        out = jax.eval_shape(lambda v, x: state.apply_fn(v, x, **mode_kwargs(state.model, False)),
+                             state.variables, x[:1])
+        check_labels(y, int(out.shape[-1]), name)
 
 
 def check_finite(metrics: dict, first_step: int, epoch_of_step: Callable[[int], int],
@@ -490,8 +526,18 @@ def fit(
       FloatingPointError: the loss or gradient turned NaN/Inf, naming the step and epoch.
       jaxnet.train.checkpoint.CheckpointError: ``resume`` into a run of another config.
     """
-    if epochs < 0 or eval_every < 1:
-        raise ValueError(f"need epochs >= 0 and eval_every >= 1, got epochs={epochs}, eval_every={eval_every}")
+    check_live(state, "fit")
+    epochs = check_int(epochs, "epochs", minimum=0)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, allow_none=True)
+    eval_every = check_int(eval_every, "eval_every", minimum=1)
+    patience = check_int(patience, "patience", minimum=1, allow_none=True)
+    epochs_per_call = check_int(epochs_per_call, "epochs_per_call", minimum=1, allow_none=True)
+    log_every = check_int(log_every, "log_every", minimum=1, allow_none=True)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1, allow_none=True)
+    keep = check_int(keep, "keep", minimum=1, allow_none=True)
+    accumulate = check_int(accumulate, "accumulate", minimum=1)
+    l1, l2 = check_number(l1, "l1", minimum=0.0), check_number(l2, "l2", minimum=0.0)
+    check_choice(on_nonfinite, "on_nonfinite", ("raise", "skip"))
     if patience is not None and val_data is None:
         raise ValueError(f"patience={patience} needs val_data: early stopping watches the validation loss")
     t_start = time.perf_counter()
@@ -503,14 +549,14 @@ def fit(
         raise ValueError(f"monitor={monitor!r} is not a validation figure of this run; choose one of {watchable}")
     data = _as_xy(train_data, "train", target_kind, x_kind)
     val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
-    if target_kind == "labels":  # a label the model has no output for is a data error, before training
-        out = jax.eval_shape(lambda v, x: state.apply_fn(v, x, **mode_kwargs(state.model, False)),
-                             state.variables, data["x"][:1])
-        for split, d in (("train", data), ("validation", val)):
-            if d is not None:
-                check_labels(d["y"], int(out.shape[-1]), split)
     if int(data["x"].shape[0]) == 0:
         raise ValueError("train_data has no examples")
+    if val is not None and int(val["x"].shape[0]) == 0:
+        raise ValueError("val_data has no examples (pass None for no validation)")
+    # A label the model has no output for, or an id past its table, is a data error, before training.
+    for split, d in (("train", data), ("validation", val)):
+        if d is not None:
+            check_ids_and_labels(state, d, split, target_kind)
     if process_local and mesh is None:
         raise ValueError("process_local=True needs a mesh: the processes' rows make one array over its data axis")
     layout = None
@@ -524,9 +570,7 @@ def fit(
         val = None if val is None else spread(val, "val_data")
     n = int(data["x"].shape[0])
     full_batch = batch_size is None or batch_size >= n
-    bs = n if full_batch else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bs = n if full_batch else batch_size
     run_epochs, epoch_order, minibatch_step, eval_step, num_batches = _runners(
         loss_fn, float(l1), float(l2), reg_filter, tuple(sorted((metrics or {}).items())), n, bs, shuffle,
         on_nonfinite, layout, accumulate)
@@ -535,7 +579,7 @@ def fit(
     param_names = parameter_names(state.params)
 
     log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,
-                 profile_steps=profile_steps, writers=writers)
+                 profile_steps=profile_steps, writers=writers, resume=resume)
     if full_batch:
         per_call = epochs_per_call or (eval_every if val is not None else (log_every or max(epochs, 1)))
         epochs_run = _full_batch_epochs(state, data, run_epochs, log, epochs=epochs, per_call=per_call,

@@ -82,6 +82,17 @@ class TrainState:
         return {"params": self.params, **self.model_state}
 
 
+def check_live(state: TrainState, name: str) -> None:
+    """``ValueError`` if ``state``'s arrays were donated to an earlier ``fit`` / ``fit_stream``
+    (their buffers now belong to the state it returned); ``name`` is the caller, for the message."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"{name} needs a jaxnet.train.TrainState, got {type(state).__name__}")
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    if any(isinstance(a, jax.Array) and a.is_deleted() for a in leaves):
+        raise ValueError(f"{name}: this TrainState was donated to an earlier fit or fit_stream, which consumed "
+                         f"its arrays; use the state that call returned (result.state)")
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _init(model, tx, sample_x, seed):
     """Parameters, other variables, optimiser state and run key, as one compiled program (eager

@@ -30,10 +30,11 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxnet import losses
+from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.text import random_windows, stream_windows
 from jaxnet.train.checkpoint import open_for_run
 from jaxnet.train.loop import check_finite, parameter_names, summarize_steps
-from jaxnet.train.step import TrainState, make_train_step, split_keys
+from jaxnet.train.step import TrainState, check_live, make_train_step, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
 
@@ -228,6 +229,19 @@ def fit_stream(
       FloatingPointError: the loss or gradient turned NaN/Inf.
       jaxnet.train.checkpoint.CheckpointError: ``resume`` into a run of another config.
     """
+    check_live(state, "fit_stream")
+    steps = check_int(steps, "steps", minimum=0)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    block_size = check_int(block_size, "block_size", minimum=1)
+    log_every = check_int(log_every, "log_every", minimum=1)
+    eval_every = check_int(eval_every, "eval_every", minimum=1, allow_none=True)
+    eval_stride = check_int(eval_stride, "eval_stride", minimum=1, allow_none=True)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1, allow_none=True)
+    keep = check_int(keep, "keep", minimum=1, allow_none=True)
+    accumulate = check_int(accumulate, "accumulate", minimum=1)
+    time_limit_s = check_number(time_limit_s, "time_limit_s", minimum=0.0, allow_none=True)
+    budget_s = check_number(budget_s, "budget_s", minimum=0.0, allow_none=True)
+    check_choice(on_nonfinite, "on_nonfinite", ("raise", "skip"))
     t_start = time.perf_counter()
     tokens = jnp.asarray(train_tokens, jnp.int32)
     n_train = int(tokens.shape[0])
@@ -248,7 +262,7 @@ def fit_stream(
     param_names = parameter_names(state.params)
     epoch_of = lambda s: s * batch_size * block_size // n_train + 1  # noqa: E731
     log = RunLog(workdir, start_step=int(state.step), title=title, plot=plot, tensorboard=tensorboard,
-                 profile_steps=profile_steps, writers=writers)
+                 profile_steps=profile_steps, writers=writers, resume=resume)
 
     history: list[dict] = list(log.previous)  # a resumed run's earlier records first
     first_interval = True  # its first step compiles

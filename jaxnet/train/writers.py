@@ -28,6 +28,8 @@ from typing import Mapping, Protocol, Sequence
 
 import jax
 
+from jaxnet.files import atomic_path, check_not_symlink, open_log, write_atomic
+
 
 class Writer(Protocol):
     """Anything with ``write_scalars``; the loops call nothing else on a caller's writer."""
@@ -44,17 +46,27 @@ class JsonlWriter:
 
     def __init__(self, path: str | pathlib.Path, *, append: bool = False, after_step: int | None = None):
         """``append``: continue the file; with ``after_step``, first drop its records of later steps
-        (a run resumed from a checkpoint logs those steps again)."""
+        (a run resumed from a checkpoint logs those steps again). Without ``append`` the file must
+        not exist yet: an earlier run's log is never overwritten. A symbolic link is never followed.
+
+        Raises:
+          FileExistsError: not appending, and ``path`` exists.
+          ValueError: ``path`` is a symbolic link.
+        """
         self.path = pathlib.Path(path)
         self.files = {"metrics": str(self.path)}
         self.previous: list[dict] = []  # the records kept from before, when appending
+        check_not_symlink(self.path, "metrics log")
         if append and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
                     if after_step is None or _record_step(line) <= after_step]
             if after_step is not None:
-                self.path.write_text("".join(kept))
+                write_atomic(self.path, "".join(kept))
             self.previous = [json.loads(line) for line in kept if line.strip()]
-        self._file = open(self.path, "a" if append else "w")
+        elif not append and self.path.exists():
+            raise FileExistsError(f"{self.path} exists: it holds an earlier run's metrics, which a new run does not "
+                                  f"overwrite; choose another workdir, remove it, or resume that run")
+        self._file = open_log(self.path, append=append)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         record = dict(scalars)
@@ -178,6 +190,10 @@ class RunLog:
         None writes no files.
       start_step: the step the run starts from; above 0 (a resumed run), ``metrics.jsonl`` is
         continued, without its records of later steps, instead of started anew.
+      resume: the run was asked to resume: a ``metrics.jsonl`` already there (of the run that
+        is being resumed) is continued, or started anew when no checkpoint was found
+        (``start_step`` 0). Otherwise an existing ``metrics.jsonl`` is an error: a new run does
+        not overwrite an earlier one.
       title: the loss curve's title.
       plot: the PNG: never when False; when matplotlib is installed when None; when True, or say
         on stderr why not.
@@ -194,7 +210,8 @@ class RunLog:
 
     def __init__(self, workdir: str | pathlib.Path | None, *, start_step: int, title: str,
                  plot: bool | None = None, tensorboard: bool = False,
-                 profile_steps: tuple[int, int] | None = None, writers: Sequence[Writer] = ()):
+                 profile_steps: tuple[int, int] | None = None, writers: Sequence[Writer] = (),
+                 resume: bool = False):
         if workdir is not None and jax.process_index() != 0:  # several processes: process 0 writes
             workdir, tensorboard, profile_steps = None, False, None
         if workdir is None and (tensorboard or profile_steps is not None):
@@ -207,8 +224,10 @@ class RunLog:
             workdir.mkdir(parents=True, exist_ok=True)
             if tensorboard:  # first: a missing tensorboardX raises before any file is open
                 self._own.append(TensorBoardWriter(workdir / "tensorboard"))
-            self._own.append(JsonlWriter(workdir / "metrics.jsonl", append=start_step > 0,
-                                         after_step=start_step))
+            metrics = workdir / "metrics.jsonl"
+            if resume and start_step == 0 and metrics.exists() and not metrics.is_symlink():
+                metrics.unlink()  # the resumed run found no checkpoint: it starts again from step 0
+            self._own.append(JsonlWriter(metrics, append=start_step > 0, after_step=start_step))
             if plot is not False:
                 self._own.append(LossCurveWriter(workdir / "loss_curve.png", title, quiet=plot is None))
         self._writers = [*self._own, *writers]
@@ -273,7 +292,8 @@ def save_loss_curve(history: Sequence[Mapping[str, float]], path: str | pathlib.
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a kill mid-write leaves the previous curve, never half a PNG
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
 
