@@ -30,8 +30,9 @@ from experiments.common import CHECKPOINT_EVERY, finish, parse_config, prepare_p
 class Config:
     # Timed repeats of each save, restore and step (medians are reported).
     repeats: int = 5
-    # Updates of the end-to-end fit, with and without checkpoints, and its timed repeats.
+    # Updates of the end-to-end fit, run with and without checkpoints, >= 1.
     steps: int = 3000
+    # Timed repeats of that fit, each way (medians are reported), >= 1.
     fit_repeats: int = 3
     # Steps between checkpoints (the experiments' default).
     every: int = CHECKPOINT_EVERY

@@ -32,8 +32,11 @@ import math
 import statistics
 import subprocess
 import sys
+from typing import Literal
 
 from experiments.common import finish, parse_config, prepare_process
+from kernels import activations
+from kernels.dispatch import BackendName
 
 # (M, K, N): square sweeps 8..2048, tall/wide/deep, and the shapes of this project's models
 # (SimpleNet 10-5-1 and an MLP on 8x8 digits at batch 256, a transformer MLP block d=256).
@@ -52,17 +55,20 @@ class Config:
     # A 6-shape grid instead of the full one.
     quick: bool = False
     # Backends besides the XLA baseline ("pallas" runs interpreted on CPU: very slow).
-    backends: tuple[str, ...] = ("numba",)
-    activation: str = "relu"
-    # "float32" or "float64" (the Numba kernels' native dtypes; float64 turns on jax_enable_x64).
-    dtype: str = "float32"
+    backends: tuple[BackendName, ...] = ("numba",)
+    # The activation fused into every timed call.
+    activation: Literal[activations.NAMES] = "relu"
+    # The Numba kernels' native dtypes (float64 turns on jax_enable_x64).
+    dtype: Literal["float32", "float64"] = "float32"
     # Timed samples per shape and backend (medians reported), after `warmup` untimed calls.
     repeats: int = 15
+    # Untimed calls per shape and backend before the timed ones (the first compiles).
     warmup: int = 3
     # Times the whole grid is run, one run after another (see the module docstring).
     runs: int = 1
     # Each sample repeats the call until it lasts at least this long (small shapes).
     min_sample_s: float = 0.002
+    # Seeds the random x, w and b.
     seed: int = 0
 
 

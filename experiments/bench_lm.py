@@ -41,9 +41,11 @@ class Config:
     derived: ClassVar[tuple[str, ...]] = ("model.vocab_size",)
     # Windows per step (each model.block_size tokens long).
     batch_size: int = 32
-    # Timed steps per repeat, repeats per side (alternating), untimed warm-up steps per side.
+    # Timed steps per repeat, >= 1.
     steps: int = 4
+    # Timed repeats per side, jaxnet and PyTorch alternating (medians are reported), >= 1.
     repeats: int = 7
+    # Untimed warm-up steps per side before the timed ones (jaxnet's first compiles).
     warmup: int = 2
     # PyTorch threads (0: os.cpu_count()).
     threads: int = 0

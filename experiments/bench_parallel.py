@@ -24,8 +24,9 @@ CASES = (("data=4", "dp"), ("data=4", "fsdp"), ("data=2,model=2", "tp"), ("model
 class Config:
     # Fake CPU devices (the meshes below use 4).
     devices: int = 4
-    # Timed rounds (medians are reported), each a few steps of every case in turn.
+    # Timed rounds (medians are reported), each steps_per_sample steps of every case in turn.
     repeats: int = 7
+    # Steps per case in a round (one timed sample: their mean), >= 1.
     steps_per_sample: int = 5
 
 

@@ -34,11 +34,13 @@ from kernels.timing import median_of, median_seconds
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # Rows of the seed's synthetic data set and epochs of its loop.
+    # Rows of the seed's synthetic data set.
     n_samples: int = 256
+    # Epochs (full-batch updates) of the seed's loop, >= 1.
     epochs: int = 1000
-    # Timed repeats (medians are reported) of the steady-state loops and of each fresh process.
+    # Timed repeats of the steady-state loops (medians are reported).
     repeats: int = 7
+    # Timed repeats of each fresh process, end to end (medians are reported).
     process_repeats: int = 5
     # PyTorch intra-op thread counts to try (0: PyTorch's default, one per core); the fastest is
     # the baseline, so a thread setting that suffers on a busy machine cannot flatter jaxnet.

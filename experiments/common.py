@@ -58,7 +58,8 @@ class RunFlags:
     tensorboard: bool = False
     # (start, stop): a jax.profiler trace of those training steps under <workdir>/profile.
     profile_steps: tuple[int, int] | None = None
-    # Steps between checkpoints under <workdir>/.../checkpoints (0: none); also at the end and on SIGTERM/SIGINT.
+    # Steps between checkpoints under <workdir>/.../checkpoints (0: none during training); also on
+    # SIGTERM/SIGINT, and the final weights always (the studies save them).
     checkpoint_every: int = CHECKPOINT_EVERY
     # Continue from the newest checkpoint that verifies (the config must be the same).
     resume: bool = False
@@ -102,13 +103,15 @@ def _dtype(text: str):
 
 
 def _is_dtype(value) -> bool:
+    if not (isinstance(value, type) or hasattr(value, "kind")):  # a name ("a", "float32") is a str field
+        return False
     try:
         import numpy as np
 
         np.dtype(value)
     except (TypeError, ValueError):
         return False
-    return isinstance(value, type) or hasattr(value, "kind")
+    return True
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -160,24 +163,54 @@ def _add_fields(parser, cls, defaults, prefix: str, skip: frozenset[str]) -> Non
             continue
         name = field.name.replace("_", "-")
         flag = f"--{prefix}{name}"
-        text = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
+        text = comments.get(field.name, "")
+        # argparse formats help with %: the comment and the default are escaped, not expanded.
+        help_text = f"{text} (default: {_shown(default)})".lstrip().replace("%", "%%")
         if hint is bool:
             negative = f"--{prefix}no-{name}"
             group.add_argument(flag, negative, action=_Bool, negative=negative, dest=path, default=default,
-                               help=f"{text} (default: {'on' if default else 'off'})".lstrip())
+                               help=help_text)
             continue
-        kwargs: dict = {"dest": path, "default": default, "help": f"{text} (default: %(default)s)".lstrip()}
+        kwargs: dict = {"dest": path, "default": default, "help": help_text}
         if typing.get_origin(hint) is tuple:
             elem = typing.get_args(hint)[0]
-            kwargs.update(type=_parse_bool if elem is bool else elem, nargs="+", metavar=elem.__name__.upper())
+            kwargs.update(nargs="+", **_value_kwargs(elem))
+            if elem is bool:
+                kwargs["type"] = _parse_bool
         elif _is_dtype(default):
-            import numpy as np
-
-            kwargs.update(type=_dtype, metavar="DTYPE", help=f"{text} (default: {np.dtype(default).name})".lstrip())
+            kwargs.update(type=_dtype, metavar="DTYPE")
         else:
-            kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-            kwargs.update(type=str if kind is typing.Any else kind, metavar=getattr(kind, "__name__", "X").upper())
+            kind = hint
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: an X
+                kind = next(a for a in typing.get_args(hint) if a is not type(None))
+            kwargs.update(_value_kwargs(str if kind is typing.Any else kind))
         group.add_argument(flag, **kwargs)
+
+
+def _shown(default) -> str:
+    """A default as it would be typed: ``on``/``off``, a dtype's name, a tuple's values space-separated."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None:
+        return "none"
+    if isinstance(default, tuple):
+        return " ".join(_shown(v) for v in default) or "(none)"
+    if isinstance(default, str):
+        return default if default.strip() == default and default else repr(default)
+    if _is_dtype(default):
+        import numpy as np
+
+        return np.dtype(default).name
+    return str(default)
+
+
+def _value_kwargs(kind) -> dict:
+    """``type`` and ``metavar`` (or ``choices``, shown as ``{a,b}`` and checked by argparse) for
+    one value of type ``kind``: a ``Literal[...]`` allows only its values."""
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        return {"type": type(choices[0]), "choices": choices}
+    return {"type": kind, "metavar": getattr(kind, "__name__", "X").upper()}
 
 
 def _build(cls, defaults, values: dict, prefix: str):
@@ -201,7 +234,9 @@ def _build(cls, defaults, values: dict, prefix: str):
 def _coerce(value, hint, default, path: str):
     """One JSON value as a field of type ``hint``; a ``ValueError`` naming ``path`` when it is not one."""
     def bad(expected: str):
-        return ValueError(f"config key {path!r}: expected {expected}, got {value!r} ({type(value).__name__})")
+        from jaxnet.data.checks import snippet
+
+        return ValueError(f"config key {path!r}: expected {expected}, got {snippet(value)} ({type(value).__name__})")
 
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -209,6 +244,10 @@ def _coerce(value, hint, default, path: str):
             return None
         hint = next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        if value not in args:
+            raise bad(f"one of {list(args)}")
+        return value
     if _is_dtype(default):
         if not isinstance(value, str):
             raise bad("a dtype name such as 'float32'")
@@ -273,7 +312,60 @@ def config_from_dict(config_cls, data: dict, *, defaults=None, prefix: str = "")
         raise ValueError(f"config{' ' + prefix.rstrip('.') if prefix else ''}: {e}") from None
 
 
-def parse_config(config_cls, argv=None, *, name: str, description: str | None = None, trains: bool = True):
+def make_parser(config_cls, argv=None, *, name: str, description: str | None = None, trains: bool = True,
+                defaults=None) -> argparse.ArgumentParser:
+    """The ``argparse`` parser ``parse_config`` uses: a flag per field of ``config_cls``, with the
+    comment above the field as its help, then the default and, for a ``Literal`` field, its values.
+
+    ``defaults``: the config the flags start from (``config_cls()`` when None); a ``--config``
+    file in ``argv`` (read first) applies on top of it.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
+    parser.add_argument("--config", metavar="FILE.json", default=None,
+                        help="start from this JSON config (field names as keys, nested configs as objects; "
+                             "a checkpoint's config/metadata and a run's result.json work); the other flags "
+                             "override it (default: none, the defaults below)")
+    skip = frozenset(getattr(config_cls, "derived", ()))
+    defaults = config_cls() if defaults is None else defaults
+    config_file = _config_file(argv)
+    if config_file is not None:
+        try:
+            loaded = json.loads(pathlib.Path(config_file).read_text())
+            if isinstance(loaded, dict) and "config" in loaded and "run" in loaded:  # a result.json
+                loaded = loaded["config"]
+            defaults = config_from_dict(config_cls, loaded, defaults=defaults)
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {config_file}: {e}")
+    parser.set_defaults(_config=defaults)  # what parse_config builds on (no flag sets it)
+    _add_fields(parser, config_cls, defaults, "", skip)
+    run = parser.add_argument_group("outputs")
+    run.add_argument("--workdir", default=f"runs/{name}", help="where outputs go (default: %(default)s)")
+    if trains:
+        run.add_argument("--tensorboard", action=_Bool, negative="--no-tensorboard", default=False,
+                         help="also write TensorBoard event files under <workdir>/tensorboard (needs tensorboardX) "
+                              "(default: off)")
+        run.add_argument("--profile-steps", type=int, nargs=2, metavar=("START", "STOP"), default=None,
+                         help="a jax.profiler trace of training steps START+1..STOP under <workdir>/profile, "
+                              "0 <= START < STOP (default: none)")
+        run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
+                         help="steps between checkpoints under the workdir's checkpoints/ folders, >= 0 (0: none "
+                              "during training); one is also written when SIGTERM or SIGINT arrives, and the final "
+                              "weights always are (their path is the result's \"weights\") (default: %(default)s)")
+        run.add_argument("--resume", action=_Bool, negative="--no-resume", default=False,
+                         help="continue from the newest checkpoint in the workdir that verifies; the run ends as "
+                              "it would have without the interruption. The config must be the one saved with it "
+                              "(default: off)")
+        run.add_argument("--mesh", default=None, metavar="SPEC",
+                         help="train on a device mesh: 'data=4', 'data=2,model=2' (default: one device; on the "
+                              "CPU, JAX_NUM_CPU_DEVICES=N gives N devices)")
+        run.add_argument("--strategy", default="dp", choices=("dp", "fsdp", "tp", "fsdp+tp"),
+                         help="how parameters lie on the mesh: replicated (dp), split over data (fsdp), layers "
+                              "split over model (tp), or both (default: %(default)s); see docs/scaling.md")
+    return parser
+
+
+def parse_config(config_cls, argv=None, *, name: str, description: str | None = None, trains: bool = True,
+                 defaults=None):
     """Builds ``config_cls`` from command-line flags named after its fields.
 
     Every field is a flag ``--field-name`` with the field's default and the comment above it as
@@ -282,53 +374,20 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
     outer config holds; fields listed in ``config_cls.derived`` (a ``ClassVar`` of dotted paths,
     e.g. ``("model.vocab_size",)``) are set by the experiment from its data and are not flags.
     Booleans take ``--flag`` / ``--no-flag`` (nested: ``--model.no-use-bias``), tuples several
-    values, dtypes a name (``bfloat16``). Unknown flags and bad values exit with a usage error.
+    values, dtypes a name (``bfloat16``), ``Literal[...]`` fields one of their values. Unknown
+    flags, bad values and bad choices exit with a usage error, before the experiment loads anything.
 
     Also ``--workdir`` (default ``runs/NAME``), and for experiments that train (``trains``)
-    ``--tensorboard``, ``--profile-steps START STOP``, ``--checkpoint-every STEPS`` and
-    ``--resume``, for ``fit`` / ``fit_stream``.
+    ``--tensorboard``, ``--profile-steps START STOP``, ``--checkpoint-every STEPS``, ``--resume``,
+    ``--mesh`` and ``--strategy``, for ``fit`` / ``fit_stream``. ``defaults``: as in ``make_parser``.
 
     Returns:
       ``(config, flags)``: the config and a ``RunFlags``.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
-    parser.add_argument("--config", metavar="FILE.json", default=None,
-                        help="start from this JSON config (field names as keys, nested configs as objects; "
-                             "a checkpoint's config/metadata and a run's result.json work); the other flags "
-                             "override it")
-    skip = frozenset(getattr(config_cls, "derived", ()))
-    defaults = config_cls()
-    config_file = _config_file(argv)
-    if config_file is not None:
-        try:
-            loaded = json.loads(pathlib.Path(config_file).read_text())
-            if isinstance(loaded, dict) and "config" in loaded and "run" in loaded:  # a result.json
-                loaded = loaded["config"]
-            defaults = config_from_dict(config_cls, loaded)
-        except (OSError, ValueError) as e:
-            parser.error(f"--config {config_file}: {e}")
-    _add_fields(parser, config_cls, defaults, "", skip)
-    run = parser.add_argument_group("outputs")
-    run.add_argument("--workdir", default=f"runs/{name}", help="where outputs go (default: %(default)s)")
-    if trains:
-        run.add_argument("--tensorboard", action=_Bool, negative="--no-tensorboard", default=False,
-                         help="also write TensorBoard event files under <workdir>/tensorboard (needs tensorboardX)")
-        run.add_argument("--profile-steps", type=int, nargs=2, metavar=("START", "STOP"), default=None,
-                         help="a jax.profiler trace of training steps START+1..STOP under <workdir>/profile")
-        run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
-                         help="steps between checkpoints under the workdir's checkpoints/ folders (0: none); one "
-                              "is also written at the end and when SIGTERM or SIGINT arrives (default: %(default)s)")
-        run.add_argument("--resume", action=_Bool, negative="--no-resume", default=False,
-                         help="continue from the newest checkpoint in the workdir that verifies; the run ends as "
-                              "it would have without the interruption. The config must be the one saved with it")
-        run.add_argument("--mesh", default=None, metavar="SPEC",
-                         help="train on a device mesh: 'data=4', 'data=2,model=2' (default: one device; on the "
-                              "CPU, JAX_NUM_CPU_DEVICES=N gives N devices)")
-        run.add_argument("--strategy", default="dp", choices=("dp", "fsdp", "tp", "fsdp+tp"),
-                         help="how parameters lie on the mesh: replicated (dp), split over data (fsdp), layers "
-                              "split over model (tp), or both (default: %(default)s); see docs/scaling.md")
+    parser = make_parser(config_cls, argv, name=name, description=description, trains=trains, defaults=defaults)
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    defaults = args.pop("_config")
     flags = RunFlags(workdir=pathlib.Path(args.pop("workdir")), tensorboard=args.pop("tensorboard", False),
                      profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None,
                      checkpoint_every=args.pop("checkpoint_every", 0), resume=args.pop("resume", False),

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Literal
 
 from experiments.common import finish, parse_config, prepare_process
 
@@ -44,11 +45,14 @@ class Config:
     # Autotune block sizes per shape (GPU only) while the elapsed time is under time_budget_s,
     # among the first `candidates` of kernels.pallas_gpu.GPU_CANDIDATES.
     autotune: bool = True
+    # Block-size candidates the autotuner tries (the first of GPU_CANDIDATES), >= 1.
     candidates: int = 3
     # Timed runs per measurement (the median is reported), after `warmup` untimed ones.
     repeats: int = 10
+    # Untimed runs before each measurement (the first compiles).
     warmup: int = 2
-    dtype: str = "bfloat16"
+    # The dtype of x, w and b in the benchmark.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Seconds after which no new shape is autotuned, so the whole check stays within 5 minutes.
     time_budget_s: float = 150.0
     # Limit for the pytest subprocess.

@@ -4,6 +4,7 @@
     python -m experiments.lm --steps 300              # a quick look (~1-2 min)
     python -m experiments.lm --data-dir data/ptb      # Penn Treebank, word level (perplexity)
     python -m experiments.lm --model.dtype bfloat16   # bf16 matmuls with f32 accumulation
+    python -m experiments.lm --generate --prompt "The " --max-new-tokens 200   # text from the saved weights
 
 Data: the English text of Python's ``pydoc_data.topics`` (464,970 characters, topics sorted by
 name), the last 10% held out (46,497 characters), the 103-character vocabulary (+ ``<unk>``,
@@ -20,7 +21,12 @@ context). The study itself is ``jaxnet.studies.lm``.
 
 Prints progress, samples (temperature and top-k) and one JSON line: held-out bits/char, the
 n-gram baseline's on the same split, tokens/s, model FLOPs; writes ``metrics.jsonl``,
-``loss_curve.png`` (train and held-out loss, nats/char, against epochs) and ``result.json``.
+``loss_curve.png`` (train and held-out loss, nats/char, against epochs), the final weights
+(``checkpoints/<step>``, the result's ``"weights"``) and ``result.json``. ``--generate`` trains
+nothing: it rebuilds the model of the run in ``--workdir`` from the config saved with its newest
+checkpoint (flags given now override it: ``--prompt``, ``--max-new-tokens``, ``--temperature``,
+``--top-k``, ``--seed``), loads the weights and prints the prompt and its continuation
+(``jaxnet.models.transformer.generate``, with a key-value cache).
 Measured (docs/benchmarks.md "Language", 2 cores): 1.591 held-out bits/char, 1,942 steps (19
 epochs, the cap) at 20,478 tokens/s, 6 min 49 s for the whole run; Kneser–Ney order 9: 1.668.
 Training ends at ``max_epochs`` or at the time budget, whichever comes first (a slow machine
@@ -28,10 +34,22 @@ gets fewer steps).
 """
 from __future__ import annotations
 
-from experiments.common import enable_compilation_cache, finish, parse_config, prepare_process
-from jaxnet.studies.lm import Config, run
+import dataclasses
+import sys
 
-__all__ = ["Config", "main"]
+from experiments.common import config_from_dict, enable_compilation_cache, finish, parse_config, prepare_process
+from jaxnet.studies import lm
+
+__all__ = ["Config", "generate", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(lm.Config):
+    # Train nothing: print text generated from the weights a finished run saved in --workdir (its
+    # model rebuilt from the config saved with them; flags given now override that config).
+    generate: bool = False
+    # --generate: the text to continue (words, for a word-level model).
+    prompt: str = "The "
 
 
 def main(argv=None) -> dict:
@@ -39,8 +57,30 @@ def main(argv=None) -> dict:
     # threads, and only the main heap can keep a block that large (kernels/host_memory.py).
     prepare_process(single_arena=True)
     config, flags = parse_config(Config, argv, name="lm", description=__doc__.splitlines()[0])
+    if config.generate:
+        return generate(argv, flags.workdir)
     enable_compilation_cache()
-    return finish(run(config, flags.workdir, **flags.fit_options), flags.workdir, config, flags.argv)
+    return finish(lm.run(config, flags.workdir, **flags.fit_options), flags.workdir, config, flags.argv)
+
+
+def generate(argv, workdir) -> dict:
+    """``--generate``: the run in ``workdir`` rebuilt from its newest checkpoint's config, ``argv``
+    over it; prints the prompt and its continuation. Returns ``{"prompt", "text", "weights"}``."""
+    from jaxnet.train import checkpoint
+
+    directory = workdir / "checkpoints"
+    step = checkpoint.latest_step(directory)
+    if step is None:
+        sys.exit(f"--generate: no checkpoint in {directory}; train first (python -m experiments.lm --workdir {workdir})")
+    try:
+        saved = config_from_dict(Config, checkpoint.load_config(directory, step=step) or {})
+    except (ValueError, checkpoint.CheckpointError) as e:
+        sys.exit(f"--generate: the config saved in {directory / str(step)}: {e}")
+    config, _ = parse_config(Config, argv, name="lm", description=__doc__.splitlines()[0], defaults=saved)
+    model, params, vocab = lm.restore_model(config, directory, step=step)
+    text = lm.samples(model, params, vocab, config, [config.prompt])[0]
+    print(text, flush=True)
+    return {"prompt": config.prompt, "text": text, "weights": str(directory / str(step))}
 
 
 if __name__ == "__main__":

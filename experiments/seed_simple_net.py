@@ -5,7 +5,8 @@
 
 Data: 256 seeded synthetic rows, ``y = sin(x·u) + 0.5 x·v + 0.1 noise`` (jaxnet.data.make_regression).
 Prints the loss every 100 epochs and ends with one JSON line; writes ``metrics.jsonl``,
-``loss_curve.png`` and ``result.json`` into ``--workdir`` (default ``runs/seed_simple_net/``).
+``loss_curve.png``, the final weights (``checkpoints/<step>``, the result's ``"weights"``) and
+``result.json`` into ``--workdir`` (default ``runs/seed_simple_net/``).
 The flags are ``jaxnet.seed.SeedConfig``'s fields and three of this command's own; the run is
 ``jaxnet.seed.run``.
 Expected (measured, see docs/benchmarks.md): final MSE ≈ 0.082 from ≈ 0.45 at the start, with the
@@ -24,7 +25,7 @@ from jaxnet import seed
 class Config(seed.SeedConfig):
     # Also run the seed's own PyTorch loop from the same initial weights and data and compare.
     compare_torch: bool = False
-    # Print the loss every this many epochs (the seed prints every 100).
+    # Print the loss every this many epochs (the seed prints every 100; 0: never).
     log_every: int = 100
     # Show a progress bar on stderr.
     progress: bool = False
@@ -33,7 +34,7 @@ class Config(seed.SeedConfig):
 def main(argv=None) -> dict:
     prepare_process()
     config, flags = parse_config(Config, argv, name="seed_simple_net", description=__doc__.splitlines()[0])
-    result = seed.run(config, compare_torch=config.compare_torch, log_every=config.log_every,
+    result = seed.run(config, compare_torch=config.compare_torch, log_every=config.log_every or None,
                       progress=config.progress, workdir=flags.workdir, **flags.fit_options)
     if result["loss_curve_png"]:
         print(f"loss curve: {result['loss_curve_png']}", file=sys.stderr)

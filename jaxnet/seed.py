@@ -16,7 +16,9 @@ from jaxnet import losses, optim, parallel
 from jaxnet.data import RegressionData, make_regression
 from jaxnet.interop import export_torch_state_dict
 from jaxnet.models import SimpleNet
+from jaxnet.studies import save_weights
 from jaxnet.train import FitResult, TrainState, checkpoint, fit
+from kernels.dispatch import BackendName
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,13 +27,14 @@ class SeedConfig:
     n_samples: int = 256
     # Standard deviation of the target noise; noise_std**2 is the MSE floor on fresh data.
     noise_std: float = 0.1
-    # The seed's optimiser: plain SGD, full batch, this learning rate, this many epochs.
+    # Learning rate of the seed's optimiser: plain SGD on the full batch.
     learning_rate: float = 0.01
+    # Passes over the data, one update each (full batch), >= 1.
     epochs: int = 1000
     # Seeds the data and the initial weights.
     seed: int = 0
-    # Kernel backend of the dense layers ("xla", or any of kernels.available_backends()).
-    backend: str = "xla"
+    # Kernel backend of the dense layers ("auto": the fastest available here).
+    backend: BackendName = "xla"
 
     def replace(self, **changes) -> "SeedConfig":
         return dataclasses.replace(self, **changes)
@@ -80,6 +83,8 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         ``float32_curve_tolerance``).
       log_every, progress, workdir, tensorboard, profile_steps: as in ``fit``.
       checkpoint_every, resume: as ``jaxnet.train.checkpoint.run_options`` (needs ``workdir``).
+        With a ``workdir`` the final state is saved under ``<workdir>/checkpoints`` whatever
+        ``checkpoint_every`` is; the result's ``"weights"`` names its folder.
       mesh, strategy: as in ``fit``.
     """
     data = make_data(config)
@@ -107,6 +112,8 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         "loss_curve_png": out.files.get("loss_curve"),
         **parallel.run_info(mesh, strategy),
     }
+    if workdir is not None:
+        result["weights"] = save_weights(workdir, out.state, config)
     if compare_torch:
         torch_curve, torch_wall = train_torch(config, data, init_params)
         gap = curve_gap(curve, torch_curve)

@@ -8,7 +8,7 @@ it owns its gradient wiring (``jax.custom_vjp``), so everything above it is back
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Literal
 
 import jax
 
@@ -25,6 +25,10 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+
+# The names a config or a command-line flag may give: the backends kernels registers, and "auto"
+# (register_backend may add others, for use from Python).
+BackendName = Literal["auto", "xla", "numba", "pallas"]
 
 
 def register_backend(name: str, fn: Callable, *, is_available: Callable[[], bool] = lambda: True,

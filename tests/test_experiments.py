@@ -82,7 +82,7 @@ def test_help_lists_nested_fields_with_their_defaults_and_comments(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--model.width INT Width of the thing. (default: 16)" in out
     assert "--model.use-bias, --model.no-use-bias (default: on)" in out
-    assert "--model.dtype DTYPE (default: float32)" in out and "(default: (1, 2))" in out
+    assert "--model.dtype DTYPE (default: float32)" in out and "(default: 1 2)" in out
     assert "--steps INT How many steps. (default: 10)" in out
     assert "--tensorboard" in out and "--profile-steps START STOP" in out
     assert "--model.vocab" not in out
@@ -234,22 +234,38 @@ def test_recsys_generator_is_nested_and_task_is_checked(capsys):
     assert config.generator.num_items == recsys.Config().generator.num_items
     with pytest.raises(SystemExit):
         common.parse_config(recsys.Config, ["--task", "both-ways"], name="recsys")
-    assert "task must be both, explicit or implicit" in capsys.readouterr().err
+    assert "invalid choice: 'both-ways' (choose from 'both', 'explicit', 'implicit')" in capsys.readouterr().err
 
 
-def test_lm_experiment_end_to_end_on_the_ptb_sample(tmp_path, monkeypatch):
+def test_lm_experiment_end_to_end_on_the_ptb_sample_then_generates_from_its_saved_weights(tmp_path, monkeypatch,
+                                                                                          capsys):
     from experiments import lm
+    from jaxnet.train import checkpoint
 
     monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
     result = lm.main(["--data-dir", "tests/data/ptb", "--model.num-layers", "1", "--model.embed-dim", "16",
                       "--model.num-heads", "2", "--model.block-size", "8", "--batch-size", "4", "--steps", "20",
                       "--warmup-steps", "2", "--eval-every", "10", "--log-every", "10", "--eval-stride", "4",
-                      "--sample-length", "4", "--no-progress", "--workdir", str(tmp_path)])
+                      "--max-new-tokens", "4", "--temperature", "0", "--no-progress", "--checkpoint-every", "0",
+                      "--workdir", str(tmp_path)])
     assert result["level"] == "word" and result["steps"] == 20 and result["params"] > 0
     assert math.isfinite(result["val_perplexity"]) and math.isfinite(result["test_perplexity"])
     assert result["ngram_kn3_val_perplexity"] > 1
     assert json.loads((tmp_path / "result.json").read_text()) == result
     assert (tmp_path / "loss_curve.png").exists() and (tmp_path / "metrics.jsonl").exists()
+    # The final weights are saved even with --checkpoint-every 0, and the result names them.
+    assert result["weights"] == str(tmp_path / "checkpoints" / "20") and checkpoint.steps(tmp_path / "checkpoints") == [20]
+
+    # --generate with no model flags: the tiny model must come back from the saved config, and with
+    # the trained weights its greedy continuation (temperature 0, also from the saved config) is the
+    # one the run printed after training, cut to the --max-new-tokens given now.
+    capsys.readouterr()
+    out = lm.main(["--generate", "--workdir", str(tmp_path), "--prompt", "the company said", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.strip() == out["text"]
+    assert out["text"].split() == result["samples"][0].split()[:3 + 2]
+    assert out["weights"] == result["weights"]
+    with pytest.raises(SystemExit, match="no checkpoint in .*nothing.checkpoints; train first"):
+        lm.main(["--generate", "--workdir", str(tmp_path / "nothing")])
 
 
 def test_lm_time_budget_follows_the_clock_schedule(tmp_path, monkeypatch):
@@ -262,7 +278,7 @@ def test_lm_time_budget_follows_the_clock_schedule(tmp_path, monkeypatch):
     config = lm.Config(data_dir="tests/data/ptb", model=TransformerConfig(num_layers=1, embed_dim=16, num_heads=2,
                                                                           block_size=8),
                        batch_size=4, max_epochs=2, warmup_steps=2, eval_every=100, log_every=4, eval_stride=4,
-                       sample_length=2, progress=False)
+                       max_new_tokens=2, progress=False)
     result = lm.run(config, tmp_path)
     assert result["schedule"].startswith("time") and not result["stopped_by_time"]
     assert result["steps"] == math.ceil(2 * result["n_train"] / (4 * 8)) and result["epochs"] >= 2
@@ -298,6 +314,7 @@ def test_bench_lm_runs_both_sides(tmp_path):
 
 def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path, monkeypatch):
     from experiments import seed_simple_net
+    from jaxnet.train import checkpoint
 
     monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
     first = seed_simple_net.main(["--epochs", "40", "--learning-rate", "0.02", "--log-every", "0",
@@ -305,6 +322,9 @@ def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path
     saved = json.loads((tmp_path / "a" / "result.json").read_text())
     assert saved["config"]["epochs"] == 40 and saved["config"]["learning_rate"] == 0.02 and "seed" in saved["config"]
     assert saved["run"]["versions"]["jax"] and saved["run"]["cpu"] and "--epochs" in saved["run"]["argv"]
+    # --checkpoint-every 0: no checkpoints while training, but the final weights, named in the result
+    assert saved["weights"] == str(tmp_path / "a" / "checkpoints" / "40")
+    assert checkpoint.steps(tmp_path / "a" / "checkpoints") == [40]
     again = seed_simple_net.main(["--config", str(tmp_path / "a" / "result.json"), "--workdir", str(tmp_path / "b")])
     assert again["final_loss"] == first["final_loss"] and again["config"] == first["config"]
 
@@ -322,4 +342,4 @@ def test_a_bad_model_choice_fails_at_parsing(capsys):
 
     with pytest.raises(SystemExit):
         vision.main(["--model", "resnet"])
-    assert "model must be 'cnn' or 'mlp', got 'resnet'" in capsys.readouterr().err
+    assert "argument --model: invalid choice: 'resnet' (choose from 'cnn', 'mlp')" in capsys.readouterr().err

@@ -230,3 +230,9 @@ def test_the_experiment_runs_on_the_shipped_sample_and_reports_undefined_ratios(
     assert result["implicit"]["popularity_test"]["hr@10"] == 0
     assert all(m["hr@10_over_popularity"] is None for m in models.values())
     assert (tmp_path / "result.json").exists()
+    # the final weights, saved with --checkpoint-every 0 too, named in the result
+    from jaxnet.train import checkpoint
+
+    weights = pathlib.Path(models["mf"]["weights"])
+    assert weights.parent == tmp_path / "implicit_mf" / "checkpoints"
+    assert checkpoint.steps(weights.parent) == [int(weights.name)]

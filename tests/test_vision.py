@@ -194,10 +194,15 @@ def test_vision_experiment_end_to_end_on_a_tiny_npz(tmp_path):
     np.savez(tmp_path / "tiny.npz", x=x, y=y)
     result = vision.main(["--data", str(tmp_path / "tiny.npz"), "--seeds", "2", "--epochs", "2",
                           "--features", "4", "--head", "8", "--batch-size", "8", "--no-baselines",
-                          "--workdir", str(tmp_path / "run")])
+                          "--checkpoint-every", "0", "--workdir", str(tmp_path / "run")])
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert saved["n_test"] == 6 and len(saved["test_accuracy_per_seed"]) == 2
     assert len(saved["per_class_accuracy"]) == 3
     assert (tmp_path / "run" / "confusion_matrix.png").stat().st_size > 0
     assert (tmp_path / "run" / "seed0" / "loss_curve.png").exists()
+    # each seed's final weights (3 updates an epoch), saved with --checkpoint-every 0 too
+    from jaxnet.train import checkpoint
+
+    assert saved["weights"] == [str(tmp_path / "run" / f"seed{k}" / "checkpoints" / "6") for k in range(2)]
+    assert all(checkpoint.steps(tmp_path / "run" / f"seed{k}" / "checkpoints") == [6] for k in range(2))

@@ -277,14 +277,19 @@ def ranking_candidates(test: Ratings, exclude: np.ndarray, num_negatives: int = 
 class GeneratorConfig:
     """A users x items world with known structure. Variants by ``dataclasses.replace``."""
 
+    # Users in the world.
     num_users: int = 2000
+    # Items in the world (more than ratings_per_user).
     num_items: int = 1000
     # Mean interactions per user (each user's count: log-normal around it, within [20, num_items / 2]).
     ratings_per_user: int = 200
     # Rank of the true preference: rating = mu + b_u + b_i + p_u . q_i + noise.
     rank: int = 8
+    # mu: the mean rating.
     global_mean: float = 3.5
+    # Standard deviation of the user biases b_u, >= 0.
     user_bias_std: float = 0.3
+    # Standard deviation of the item biases b_i, >= 0.
     item_bias_std: float = 0.3
     # Standard deviation of p_u . q_i (the personal part of a rating).
     affinity_std: float = 0.8
@@ -295,6 +300,7 @@ class GeneratorConfig:
     # How strongly a user's preference (b_i + p_u . q_i, in units of its std) decides which items
     # they interact with, beside popularity: logit = log exposure + selection_strength * preference.
     selection_strength: float = 3.0
+    # Seeds everything generated (the same seed, the same world).
     seed: int = 0
 
 

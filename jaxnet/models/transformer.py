@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.nn import FusedDense, named_init
-from kernels import xla
+from kernels import activations, xla
+from kernels.dispatch import BackendName
 
 POSITIONS = ("learned", "rotary")
 
@@ -40,14 +41,16 @@ class TransformerConfig:
     vocab_size: int = 256
     # Longest sequence (context) the model sees; learned position tables have this many rows.
     block_size: int = 128
+    # Transformer blocks (attention + MLP), >= 1.
     num_layers: int = 4
+    # Attention heads per block, >= 1; must divide embed_dim.
     num_heads: int = 4
     # Width C of the residual stream; C // num_heads per head.
     embed_dim: int = 192
     # MLP hidden width as a multiple of C.
     mlp_ratio: int = 4
     # Activation fused into the MLP's first matmul ("gelu_tanh" is GPT-2's, and cheaper than erf).
-    activation: str = "gelu_tanh"
+    activation: Literal[activations.NAMES] = "gelu_tanh"
     # Dropout on the embeddings and on each residual branch (train=True only).
     dropout_rate: float = 0.1
     # Dropout on the attention probabilities (costs a [B, H, T, T] mask per layer; 0 skips it).
@@ -55,24 +58,27 @@ class TransformerConfig:
     # "rotary" (RoPE on q and k: relative positions from the first step; on the pydoc corpus it
     # learned much faster than a table, 1.71 vs 2.27 nats after 300 steps of a small model) or
     # "learned" (a [block_size, C] table added to the embeddings, GPT-2).
-    positions: str = "rotary"
+    positions: Literal[POSITIONS] = "rotary"
+    # Rotary positions: the base of their frequencies (pair i turns by position * base^(-2i/head width)).
     rope_base: float = 10_000.0
     # Biases in the dense layers.
     use_bias: bool = True
     # Output logits from the token embedding's transpose (no separate [C, V] matrix), scaled by
     # 1/sqrt(C) (Flax lm1b) so that unit-variance embeddings give unit-scale logits.
     tie_embeddings: bool = True
-    # Standard deviation of the token (and learned position) embeddings at init. 1.0 keeps the
+    # Standard deviation of the token embeddings at init. 1.0 keeps the
     # token's identity on the residual stream as large as the blocks' O(1) outputs (their dense
     # layers start LeCun-normal); GPT-2's 0.02 lets the first attention average drown it.
     embed_init_std: float = 1.0
+    # Standard deviation of the learned position table at init (positions="learned" only).
     pos_init_std: float = 1.0
     # Initial scale of the final LayerNorm. 0.0 makes the untrained model's logits exactly 0 (loss
     # log V, no initial guess to unlearn); the scale gets its gradient at the first step.
     final_norm_scale_init: float = 1.0
-    # Kernel backend of the dense layers ("xla", "numba", "pallas", "auto").
-    backend: str = "xla"
-    # Activation dtype (parameters stay float32); softmax, LayerNorm and logits run in float32.
+    # Kernel backend of the dense layers ("auto": the fastest available here).
+    backend: BackendName = "xla"
+    # Activation dtype: float32, bfloat16 or float16 (parameters stay float32); softmax, LayerNorm
+    # and logits run in float32.
     dtype: Any = jnp.float32
     # Recompute each block's activations in the backward pass (jax.checkpoint) instead of keeping
     # them: memory for one block's instead of every block's, for about one more forward pass.

@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 
 from jaxnet.models.transformer import TransformerConfig
+from jaxnet.studies import save_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,46 +30,71 @@ class Config:
     # Penn Treebank directory (ptb.train.txt, ptb.valid.txt, ptb.test.txt): word level. Empty: the
     # default offline corpus, character level.
     data_dir: str = ""
-    # Held-out fraction of the default corpus (its last characters).
+    # Held-out fraction of the default corpus (its last characters), in (0, 1).
     val_fraction: float = 0.1
     # The network: 4 layers, 192 wide, 4 heads, 128 context, rotary positions, tanh-GELU MLPs
     # through FusedDense, tied embeddings (1.80M parameters on the default corpus).
     model: TransformerConfig = TransformerConfig(dropout_rate=0.15)
     # Set from the corpus, not by flags.
     derived: ClassVar[tuple[str, ...]] = ("model.vocab_size",)
+
     # --- training: AdamW, linear warm-up then cosine decay to final_lr_fraction over all steps ---
+
     # Updates in all, with a warm-up + cosine schedule over them. 0: train for train_budget_s
     # seconds of training steps instead, the cosine following the fraction of that time used (so
     # it ends at the budget whatever the shared machine's speed; warm-up still counts steps).
     steps: int = 0
+    # With steps 0: seconds of training steps (compilation and evaluation excluded) the run trains for.
     train_budget_s: float = 510.0
     # With the time budget: also stop (and end the cosine) after this many passes over the
     # training text; more overfits the 418k-character corpus (docs/benchmarks.md). 0: no cap.
     max_epochs: float = 19.0
+    # Windows per update (each model.block_size tokens, drawn at random from the training text), >= 1.
     batch_size: int = 32
     # Gradient accumulation: each update's batch runs as this many micro-batches in sequence
-    # (same update up to rounding, 1/accumulate of the activation memory).
+    # (same update up to rounding, 1/accumulate of the activation memory); divides batch_size.
     accumulate: int = 1
+    # AdamW's peak learning rate, after the warm-up, > 0.
     learning_rate: float = 5e-3
+    # Updates of linear warm-up from 0 to learning_rate, >= 0.
     warmup_steps: int = 100
+    # The learning rate at the end of the cosine, as a fraction of the peak, in [0, 1].
     final_lr_fraction: float = 0.05
+    # AdamW's decoupled weight decay, >= 0.
     weight_decay: float = 0.1
+    # AdamW's second-moment decay rate, in (0, 1).
     b2: float = 0.99
+    # Gradients are scaled down to at most this global norm before each update, > 0.
     clip_norm: float = 1.0
     # Stop training after this many seconds even if steps remain (a backstop for the 10 minutes).
     time_limit_s: float = 585.0
+    # Updates between held-out evaluations (and one at the end), >= 1.
     eval_every: int = 400
+    # Updates between progress records (metrics.jsonl, the loss curve), >= 1.
     log_every: int = 50
-    # Held-out evaluation windows start every eval_stride tokens (block_size: no overlap).
+    # Held-out evaluation windows start every eval_stride tokens (block_size: no overlap), >= 1.
     eval_stride: int = 32
+
     # --- baseline and samples ---
-    # Order of the interpolated Kneser–Ney n-gram (character level; words use min(order, 3)).
+
+    # Order of the interpolated Kneser–Ney n-gram (character level; words use min(order, 3)), >= 1.
     ngram_order: int = 9
-    sample_length: int = 300
+    # Tokens each sample adds to its prompt (the samples printed after training, and --generate),
+    # at most the context left after the prompt (model.block_size minus its length); 0: that many.
+    max_new_tokens: int = 0
+    # Sampling temperature: the logits are divided by it before sampling; 0: always the likeliest token.
     temperature: float = 0.8
+    # Sample among the top_k likeliest tokens only (0: among all).
     top_k: int = 20
+    # Seeds the initial weights, the training windows, dropout and the samples.
     seed: int = 0
+    # Show a progress bar while training (on stderr).
     progress: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"need max_new_tokens, temperature and top_k >= 0; got "
+                             f"{self.max_new_tokens}, {self.temperature}, {self.top_k}")
 
 
 def load(config: Config):
@@ -95,21 +121,59 @@ def ngram_baseline(config: Config, corpus) -> dict:
 
 
 def samples(model, params, vocab, config: Config, prompts) -> list[str]:
-    """One continuation per prompt (temperature and top-k sampling), decoded."""
+    """One continuation of each prompt by ``config.max_new_tokens`` tokens (0, or more than fit:
+    up to the end of the model's context; temperature and top-k sampling), decoded with the prompt
+    in front.
+
+    Raises:
+      ValueError: a prompt with no tokens, or one that fills the model's context already.
+    """
     import jax
     import jax.numpy as jnp
 
+    from jaxnet.data.checks import snippet
     from jaxnet.models.transformer import generate
 
     out = []
     for i, prompt in enumerate(prompts):
         ids = vocab.encode(prompt.split() if vocab.level == "word" else prompt)
         room = config.model.block_size - len(ids)
+        if len(ids) == 0 or room < 1:
+            raise ValueError(f"prompt {snippet(prompt)} has {len(ids)} tokens; the model continues 1 to "
+                             f"{config.model.block_size - 1} (its block_size {config.model.block_size} less one)")
+        if config.max_new_tokens > room:
+            print(f"max_new_tokens {config.max_new_tokens} cut to {room}: the prompt's {len(ids)} tokens and the "
+                  f"new ones fill the model's {config.model.block_size}-token context", file=sys.stderr)
         new = generate(model, params, jnp.asarray(ids)[None], jax.random.key(config.seed + i),
-                       max_new_tokens=min(config.sample_length, room), temperature=config.temperature,
-                       top_k=config.top_k)
+                       max_new_tokens=min(config.max_new_tokens or room, room), temperature=config.temperature,
+                       top_k=config.top_k or None, greedy=config.temperature == 0)
         out.append(vocab.decode(np.asarray(new[0])))
     return out
+
+
+def restore_model(config: Config, checkpoint_dir, *, step: int | None = None):
+    """A trained run's network, rebuilt from its ``config`` (the one saved with its weights).
+
+    The vocabulary comes from the corpus again (``load(config)``), so the model is the one the
+    run trained; the weights are the checkpoint's (``step``: the newest when None).
+
+    Returns:
+      ``(model, params, vocab)``: a ``TransformerLM``, its parameters, the corpus's ``Vocab``.
+
+    Raises:
+      jaxnet.train.checkpoint.CheckpointError: no checkpoint, a damaged one, or one whose arrays
+        do not fit the model this config builds (listing the differing ones).
+    """
+    import jax.numpy as jnp
+
+    from jaxnet.models.transformer import TransformerLM
+    from jaxnet.train import TrainState, checkpoint
+
+    vocab = load(config).vocab
+    model = TransformerLM(config.model.replace(vocab_size=len(vocab)))
+    like = TrainState.create(model=model, tx=make_optimizer(config),
+                             sample_x=jnp.zeros((1, config.model.block_size), jnp.int32), seed=config.seed)
+    return model, checkpoint.restore(checkpoint_dir, like, step=step).params, vocab
 
 
 def make_optimizer(config: Config):
@@ -134,8 +198,10 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Trains and evaluates the model and the n-gram baseline; returns the final metrics.
 
-    Prints progress and samples on stderr; writes ``metrics.jsonl`` and ``loss_curve.png`` (train
-    and held-out loss, nats per token, against epochs) into ``workdir``.
+    Prints progress and samples on stderr; writes ``metrics.jsonl``, ``loss_curve.png`` (train
+    and held-out loss, nats per token, against epochs) and the final weights (``checkpoints/<step>``,
+    whatever ``checkpoint_every`` is; the result's ``"weights"``, read by ``restore_model``) into
+    ``workdir``.
     ``tensorboard``, ``profile_steps``: as in ``fit_stream``; ``checkpoint_every``, ``resume``: as
     ``jaxnet.train.checkpoint.run_options`` (checkpoints under ``<workdir>/checkpoints``); ``mesh``,
     ``strategy``: as in ``fit_stream``.
@@ -171,6 +237,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         accumulate=config.accumulate,
         **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config),
         title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
+    weights = save_weights(workdir, fit.state, config)  # the final weights, whatever checkpoint_every says
     test_nll = None
     if corpus.test is not None:
         test_nll = evaluate_stream(fit.state, corpus.test, block_size=block, stride=config.eval_stride)
@@ -184,6 +251,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     result = metrics(fit, corpus, model_cfg, baseline, test_nll, schedule=schedule)
     result["samples"] = texts
     result["loss_curve_png"] = fit.files.get("loss_curve")
+    result["weights"] = weights
     result.update(parallel.run_info(mesh, strategy))
     result.update(dtype=jnp.dtype(model_cfg.dtype).name, remat=model_cfg.remat, accumulate=config.accumulate)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -233,4 +301,4 @@ def metrics(fit, corpus, model_cfg: TransformerConfig, baseline: dict, test_nll:
     return result
 
 
-__all__ = ["Config", "load", "make_optimizer", "metrics", "ngram_baseline", "run", "samples"]
+__all__ = ["Config", "load", "make_optimizer", "metrics", "ngram_baseline", "restore_model", "run", "samples"]

@@ -13,17 +13,25 @@ import dataclasses
 import pathlib
 import sys
 import time
+import typing
+from typing import Literal
 
 import numpy as np
 
 from jaxnet.data.ratings import GeneratorConfig
+from jaxnet.studies import save_weights
+from kernels.dispatch import BackendName
+
+Task = Literal["both", "explicit", "implicit"]
+# The implicit-feedback models make_implicit_model builds.
+ImplicitModel = Literal["mf", "ncf", "two_tower"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # "both", "explicit" or "implicit".
-    task: str = "both"
-    # A MovieLens ratings file instead of the generator ("" = generator).
+    # Which task to run: both, explicit (ratings, RMSE) or implicit (ranking, HR@k and NDCG@k).
+    task: Task = "both"
+    # A MovieLens ratings file (u.data, ratings.dat or ratings.csv) instead of the generator ("": generator).
     data: str = ""
     # The generated world (--generator.num-users ...), when no data file is given.
     generator: GeneratorConfig = GeneratorConfig()
@@ -32,28 +40,43 @@ class Config:
     # Hold validation data out of training (explicit: 10% of the training ratings; implicit: each
     # user's latest training interaction) and report the metrics on it.
     validate: bool = False
-    # Explicit: biased MF, Adam with cosine decay, minibatches, L2 on the factors.
+    # Explicit: the random fraction of ratings held out as the test set, in (0, 1).
     test_fraction: float = 0.1
+    # Explicit: width of the biased MF's user and item factors, >= 1.
     mf_dim: int = 8
+    # Explicit: passes over the training ratings (Adam, cosine decay over all of them), >= 1.
     explicit_epochs: int = 30
+    # Explicit: Adam's initial learning rate, > 0.
     explicit_lr: float = 2e-2
+    # Explicit: weight of the L2 penalty on the parameters, >= 0.
     explicit_l2: float = 0.0
-    # Implicit: models, negatives per interaction, epochs, learning rate, batch size.
-    implicit_models: tuple[str, ...] = ("mf", "ncf", "two_tower")
+    # Implicit: the models to train, each on its own (mf, ncf, two_tower).
+    implicit_models: tuple[ImplicitModel, ...] = ("mf", "ncf", "two_tower")
+    # Implicit: sampled unseen items per training interaction (negatives, fresh each epoch), >= 1.
     num_negatives: int = 4
+    # Implicit: sampled unseen items each test item is ranked among, >= 1.
     eval_negatives: int = 99
+    # Implicit: the cut-off k of HR@k and NDCG@k, >= 1.
     top_k: int = 10
+    # Implicit: passes over the training interactions, >= 1.
     implicit_epochs: int = 8
+    # Implicit: Adam's initial learning rate (cosine decay over all updates), > 0.
     implicit_lr: float = 1e-2
+    # Implicit: width of every model's embeddings (NCF: both branches; two-tower: towers 2d, d), >= 1.
     implicit_dim: int = 32
+    # Examples per update, both tasks, >= 1.
     batch_size: int = 8192
-    # Kernel backend of the dense layers (NCF, two-tower).
-    backend: str = "xla"
+    # Kernel backend of the dense layers of NCF and two-tower ("auto": the fastest available here).
+    backend: BackendName = "xla"
+    # Show a progress bar on stderr while the explicit model trains.
     progress: bool = False
 
-    def __post_init__(self):
-        if self.task not in ("both", "explicit", "implicit"):
-            raise ValueError(f"task must be both, explicit or implicit, got {self.task!r}")
+    def __post_init__(self):  # for Config(...) in Python; the flags are checked when parsed
+        if self.task not in typing.get_args(Task):
+            raise ValueError(f"task must be one of {typing.get_args(Task)}, got {self.task!r}")
+        unknown = [m for m in self.implicit_models if m not in typing.get_args(ImplicitModel)]
+        if unknown:
+            raise ValueError(f"implicit_models: unknown {unknown}; choose from {typing.get_args(ImplicitModel)}")
 
 
 def load(config: Config):
@@ -114,6 +137,7 @@ def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None 
         if val is not None:
             out["val_rmse_over_sigma"] = out["val_rmse"] / sigma
     out["loss_curve_png"] = run.files.get("loss_curve")
+    out["weights"] = save_weights(workdir / "explicit", run.state, config)
     return out
 
 
@@ -206,7 +230,8 @@ def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None 
             losses_by_epoch.append(run.history[-1]["loss"])
         predict = _predictor(state)
         res = {"train_loss_first_last": [losses_by_epoch[0], losses_by_epoch[-1]],
-               "train_wall_s": round(time.perf_counter() - start, 2)}
+               "train_wall_s": round(time.perf_counter() - start, 2),
+               "weights": save_weights(workdir / f"implicit_{name}", state, config)}
         for split in candidates:
             grid = pair_grid(split)
             res[split] = ranking_scores(predict(grid.reshape(-1, 2)).reshape(grid.shape[:2]), k)
@@ -223,7 +248,8 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Both tasks (or the one ``config.task`` names); returns the final metrics.
 
-    Writes ``explicit/`` and ``implicit_<model>/`` logs (and ``checkpoints/``) into ``workdir``.
+    Writes ``explicit/`` and ``implicit_<model>/`` logs and ``checkpoints/`` into ``workdir``; each
+    model's final weights are saved there whatever ``checkpoint_every`` is (its ``"weights"``).
     ``tensorboard``, ``profile_steps``, ``mesh``, ``strategy``: as in ``fit``; ``checkpoint_every``,
     ``resume``: as
     ``jaxnet.train.checkpoint.run_options``.

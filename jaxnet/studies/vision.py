@@ -13,46 +13,64 @@ import dataclasses
 import pathlib
 import sys
 import time
+import typing
+from typing import Literal
 
 import numpy as np
+
+from jaxnet.studies import save_weights
+from kernels.dispatch import BackendName
+
+# The networks make_model builds.
+Model = Literal["cnn", "mlp"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # "cnn" (jaxnet.models.CNN) or "mlp" (jaxnet.models.MLP on flattened pixels).
-    model: str = "cnn"
-    # Independent training runs (init, dropout and data order from seeds 0..seeds-1).
+    # The network: cnn (jaxnet.models.CNN) or mlp (jaxnet.models.MLP on flattened pixels).
+    model: Model = "cnn"
+    # Independent training runs, >= 1 (init, dropout and data order from seeds 0..seeds-1).
     seeds: int = 3
-    # Adam-W with a warm-up (5% of updates) and cosine decay over all epochs.
+    # Passes over the training images, >= 1; AdamW warms up over the first 5% of updates, then
+    # decays by a cosine over the rest.
     epochs: int = 30
+    # Images per update, >= 1.
     batch_size: int = 64
+    # AdamW's peak learning rate, > 0.
     learning_rate: float = 3e-3
+    # AdamW's decoupled weight decay, >= 0.
     weight_decay: float = 1e-4
     # CNN: channels per block (two 3x3 conv + BatchNorm + ReLU, then 2x2 max pooling).
     features: tuple[int, ...] = (32, 64)
-    # Hidden widths of the dense head (CNN) or of the whole network (MLP).
+    # CNN: hidden widths of the dense head.
     head: tuple[int, ...] = (128,)
+    # MLP: hidden widths (the output layer has one unit per class).
     mlp_hidden: tuple[int, ...] = (256,)
+    # Dropout rate between the dense layers while training, in [0, 1).
     dropout_rate: float = 0.5
     # Random shifts of up to this many pixels while training (0: off; 1 scored lower on the
     # validation split, the 8x8 digits are already centred).
     augment_shift: int = 0
-    # > 0: train on the rest of the training split and report accuracy on this stratified part
-    # of it (for choosing settings); the test split is still evaluated but must not guide choices.
+    # In [0, 1); > 0: train on the rest of the training split and report accuracy on this
+    # stratified part of it (for choosing settings); the test split is still evaluated but must
+    # not guide choices.
     val_fraction: float = 0.0
     # Fit and score the scikit-learn anchors on the same split in this run.
     baselines: bool = True
-    # Your images instead of the digits: an .npz with x, y or a folder of class folders.
+    # Your images instead of the digits: an .npz with x, y or a folder of class folders ("": the digits).
     data: str = ""
+    # Stratified fraction of the images held out as the test split, in (0, 1).
     test_fraction: float = 0.25
+    # Seeds the test split (and, +1, the validation split).
     split_seed: int = 0
-    # Kernel backend of the dense layers.
-    backend: str = "xla"
+    # Kernel backend of the dense layers ("auto": the fastest available here).
+    backend: BackendName = "xla"
+    # Show a progress bar per seed on stderr.
     progress: bool = False
 
-    def __post_init__(self):  # checked when the flags are parsed, before any data is loaded
-        if self.model not in ("cnn", "mlp"):
-            raise ValueError(f"model must be 'cnn' or 'mlp', got {self.model!r}")
+    def __post_init__(self):  # for Config(...) in Python; the flags are checked when parsed
+        if self.model not in typing.get_args(Model):
+            raise ValueError(f"model must be one of {typing.get_args(Model)}, got {self.model!r}")
 
 
 def load(config: Config):
@@ -121,11 +139,11 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Trains ``config.seeds`` models, evaluates them (and the anchors); returns the final metrics.
 
-    Writes each seed's ``seed<k>/metrics.jsonl`` and ``loss_curve.png`` and the summed
-    ``confusion_matrix.png`` into ``workdir``. ``checkpoint_every``, ``resume``: as
-    ``jaxnet.train.checkpoint.run_options``. ``tensorboard``, ``profile_steps``, ``mesh``,
-    ``strategy``: as in ``fit``
-    (each seed's under its own folder).
+    Writes each seed's ``seed<k>/metrics.jsonl``, ``loss_curve.png`` and final weights
+    (``seed<k>/checkpoints/<step>``, whatever ``checkpoint_every`` is; listed in the result's
+    ``"weights"``) and the summed ``confusion_matrix.png`` into ``workdir``.
+    ``checkpoint_every``, ``resume``: as ``jaxnet.train.checkpoint.run_options``. ``tensorboard``,
+    ``profile_steps``, ``mesh``, ``strategy``: as in ``fit`` (each seed's under its own folder).
     """
     import jax
 
@@ -149,7 +167,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     predict = jax.jit(lambda state, x: state.apply_fn(state.variables, x, train=False).argmax(-1))
 
     start = time.perf_counter()
-    test_acc, val_acc, cm = [], [], np.zeros((train.num_classes,) * 2, np.int64)
+    test_acc, val_acc, finals, cm = [], [], [], np.zeros((train.num_classes,) * 2, np.int64)
     for seed in range(config.seeds):
         state = TrainState.create(model=model, tx=tx, sample_x=xtr[:1], seed=seed)
         out = fit(state, (xtr, train.y), loss_fn=losses.cross_entropy, epochs=config.epochs,
@@ -160,6 +178,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
                   tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
                   **checkpoint.run_options(workdir / f"seed{seed}", checkpoint_every=checkpoint_every,
                                            resume=resume, config=config))
+        finals.append(out.state)
         pred = np.asarray(predict(out.state, xte))
         test_acc.append(float(np.mean(pred == test.y)))
         cm += metrics.confusion_matrix(test.y, pred, train.num_classes)
@@ -169,6 +188,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
             line += f", validation accuracy {val_acc[-1]:.4f}"
         print(line, f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     train_wall = time.perf_counter() - start
+    weights = [save_weights(workdir / f"seed{seed}", state, config) for seed, state in enumerate(finals)]
 
     result = {
         "experiment": "vision",
@@ -182,6 +202,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         "test_accuracy_per_seed": test_acc,
         "per_class_accuracy": [round(float(a), 4) for a in metrics.per_class_accuracy(cm)],
         "train_wall_s": round(train_wall, 2),
+        "weights": weights,
         **parallel.run_info(mesh, strategy),
     }
     if val is not None:
