@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The demo replaces its previous run (experiments refuse a workdir holding one without --overwrite).
 demo: $(STAMP)
-	$(PY) -m experiments.seed_simple_net
+	$(PY) -m experiments.seed_simple_net --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -15,9 +15,12 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 import types
 import typing
+
+from jaxnet.files import write_atomic
 
 
 def prepare_process(*, single_arena: bool = False) -> bool:
@@ -46,6 +49,27 @@ def prepare_process(*, single_arena: bool = False) -> bool:
 
 # Experiments checkpoint by default: a killed run resumes with --resume.
 CHECKPOINT_EVERY = 1000
+# What a run writes, at any depth of its workdir (a study may keep one run per sub-folder).
+RUN_FILES = ("metrics.jsonl", "loss_curve.png", "result.json", "checkpoints", "tensorboard", "profile")
+
+
+def earlier_run_files(workdir: pathlib.Path, depth: int = 2) -> list[pathlib.Path]:
+    """The ``RUN_FILES`` in ``workdir`` and its sub-folders down to ``depth`` levels."""
+    found, level = [], [workdir]
+    for _ in range(depth + 1):
+        found += [d / name for d in level for name in RUN_FILES if os.path.lexists(d / name)]
+        level = [c for d in level if d.is_dir() and not d.is_symlink() for c in d.iterdir()
+                 if c.is_dir() and not c.is_symlink() and c.name not in RUN_FILES]
+    return found
+
+
+def clear_earlier_run(files: list[pathlib.Path]) -> None:
+    """Removes what ``earlier_run_files`` found (a symbolic link itself, never what it points to)."""
+    for path in files:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +87,8 @@ class RunFlags:
     checkpoint_every: int = CHECKPOINT_EVERY
     # Continue from the newest checkpoint that verifies (the config must be the same).
     resume: bool = False
+    # Replace an earlier run's files in the workdir (RUN_FILES) instead of refusing to start.
+    overwrite: bool = False
     # A device mesh ("data=4", "data=2,model=2"; None: one device) and how the model is laid on it.
     mesh: str | None = None
     strategy: str = "dp"
@@ -355,6 +381,10 @@ def make_parser(config_cls, argv=None, *, name: str, description: str | None = N
                          help="continue from the newest checkpoint in the workdir that verifies; the run ends as "
                               "it would have without the interruption. The config must be the one saved with it "
                               "(default: off)")
+        run.add_argument("--overwrite", action=_Bool, negative="--no-overwrite", default=False,
+                         help="replace an earlier run's files in the workdir (" + ", ".join(RUN_FILES) + "); "
+                              "without it (or --resume) a workdir holding them is refused before anything "
+                              "loads (default: off)")
         run.add_argument("--mesh", default=None, metavar="SPEC",
                          help="train on a device mesh: 'data=4', 'data=2,model=2' (default: one device; on the "
                               "CPU, JAX_NUM_CPU_DEVICES=N gives N devices)")
@@ -391,6 +421,7 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
     flags = RunFlags(workdir=pathlib.Path(args.pop("workdir")), tensorboard=args.pop("tensorboard", False),
                      profile_steps=tuple(p) if (p := args.pop("profile_steps", None)) is not None else None,
                      checkpoint_every=args.pop("checkpoint_every", 0), resume=args.pop("resume", False),
+                     overwrite=args.pop("overwrite", False),
                      mesh=args.pop("mesh", None), strategy=args.pop("strategy", "dp"),
                      argv=tuple(sys.argv[1:] if argv is None else argv))
     if flags.mesh is not None:
@@ -410,7 +441,23 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
         config = _build(config_cls, defaults, args, "")
     except ValueError as e:  # a config's own check (e.g. TransformerConfig's head width)
         parser.error(str(e))
+    if flags.resume and flags.overwrite:
+        parser.error("--resume continues the run in the workdir and --overwrite replaces it: choose one")
+    # A new run never overwrites an earlier one's files unless told to (lm --generate only reads them).
+    if trains and not flags.resume and not getattr(config, "generate", False):
+        earlier = earlier_run_files(flags.workdir)
+        if earlier and not flags.overwrite:
+            shown = ", ".join(str(p) for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+            parser.error(f"--workdir {flags.workdir} holds an earlier run ({shown}); pass --resume to continue it, "
+                         f"--overwrite to replace it, or another --workdir")
+        if earlier and _process_index() == 0:  # one process clears; only process 0 writes files
+            clear_earlier_run(earlier)
     return config, flags
+
+
+def _process_index() -> int:
+    """This process's index in a multi-process job (0 alone), from ``jaxnet.launch``'s variable."""
+    return int(os.environ.get("JAXNET_PROCESS_ID", "0"))
 
 
 def _config_file(argv) -> str | None:
@@ -440,7 +487,7 @@ def finish(result: dict, workdir: pathlib.Path, config=None, argv: tuple[str, ..
         return result
     workdir.mkdir(parents=True, exist_ok=True)
     line = json.dumps(result, sort_keys=False)
-    (workdir / "result.json").write_text(line + "\n")
+    write_atomic(workdir / "result.json", line + "\n")  # whole or not at all; never through a link
     print(line, flush=True)
     return result
 

@@ -343,3 +343,24 @@ def test_a_bad_model_choice_fails_at_parsing(capsys):
     with pytest.raises(SystemExit):
         vision.main(["--model", "resnet"])
     assert "argument --model: invalid choice: 'resnet' (choose from 'cnn', 'mlp')" in capsys.readouterr().err
+
+
+def test_a_workdir_with_an_earlier_run_is_refused_before_loading_unless_told(tmp_path, capsys):
+    """A new run never overwrites an earlier one's files: refused at parsing; --overwrite replaces
+    them (only the run files: anything else in the folder stays), --resume continues."""
+    from experiments import seed_simple_net
+    from experiments.common import parse_config
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "result.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    args = ["--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        parse_config(seed_simple_net.Config, args, name="seed_simple_net")
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--overwrite" in err and "--resume" in err
+    assert (tmp_path / "result.json").exists()
+    parse_config(seed_simple_net.Config, args + ["--resume"], name="seed_simple_net")
+    assert (tmp_path / "result.json").exists()
+    parse_config(seed_simple_net.Config, args + ["--overwrite"], name="seed_simple_net")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
