@@ -124,3 +124,18 @@ def test_atomic_writes_replace_a_symlink_instead_of_writing_through_it(tmp_path)
     write_atomic(tmp_path / "result.json", "{}\n")  # the rename replaces the link itself
     assert target.read_text() == "keep me\n" and (tmp_path / "result.json").read_text() == "{}\n"
     assert not (tmp_path / "result.json").is_symlink() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_fit_stream_evaluates_a_model_without_a_train_argument():
+    import flax.linen as nn
+
+    class Bigram(nn.Module):  # ids [B, T] -> logits [B, T, V]; no `train` argument
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Embed(8, 8)(ids)
+
+    state = TrainState.create(model=Bigram(), tx=optax.sgd(0.1), sample_x=np.zeros((1, 4), np.int32), seed=0)
+    tokens = np.arange(64) % 8
+    run = fit_stream(state, tokens, val_tokens=tokens, steps=2, batch_size=2, block_size=4, log_every=1,
+                     eval_every=1, progress=False)
+    assert np.isfinite(run.history[-1]["val_loss"])

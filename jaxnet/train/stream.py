@@ -34,7 +34,7 @@ from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.text import random_windows, stream_windows
 from jaxnet.train.checkpoint import open_for_run
 from jaxnet.train.loop import check_finite, parameter_names, summarize_steps
-from jaxnet.train.step import TrainState, check_live, make_train_step, split_keys
+from jaxnet.train.step import TrainState, check_live, make_train_step, mode_kwargs, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
 
@@ -76,7 +76,7 @@ def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfini
 def _nll_sums():
     @jax.jit
     def nll(state: TrainState, x, y, score):
-        logits = state.apply_fn(state.variables, x, train=False)  # (B, T, V)
+        logits = state.apply_fn(state.variables, x, **mode_kwargs(state.model, False))  # (B, T, V)
         per_token = losses.cross_entropy(logits, y, reduction="none", mask=score)  # (B, T)
         return jnp.sum(per_token), jnp.sum(score)
 
