@@ -1,5 +1,7 @@
 """The "xla" backend of ``kernels.fused_dense`` (the default of every model) and the einsums of
-the transformer: XLA ops with a custom VJP whose backward dots run like the forward one.
+the transformer: XLA ops with custom derivative rules whose backward dots run like the forward
+one (a ``custom_jvp`` whose tangent transposes to ``_einsum_bwd``, see ``kernels.autodiff``; so
+forward mode and second derivatives work too).
 
 - ``fused_dense``: the reference's forward (``act(x @ w + b)``, f32 accumulation, bias and
   activation in f32); its backward rounds the cotangent of ``x @ w`` once to the operands' dtype
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import activations, reference
+from kernels.autodiff import linear_map
 from kernels.dispatch import register_backend
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -51,13 +54,23 @@ def _parse(spec: str) -> tuple[str, str, str]:
     return a, b, out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _einsum_vjp(spec: str, a, b):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _einsum_lp(spec: str, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
 
 
-def _einsum_fwd(spec, a, b):
-    return _einsum_vjp(spec, a, b), (a, b)
+def _einsum_tangent(spec, a, b, da, db):
+    """Forward mode: ``einsum(da, b) + einsum(a, db)``, dots like the forward's."""
+    return [_einsum_lp(spec, da, b) + _einsum_lp(spec, a, db)]
+
+
+@_einsum_lp.defjvp
+def _einsum_jvp(spec, primals, tangents):
+    """The tangent's transpose (reverse mode) is ``_einsum_bwd``, through ``kernels.autodiff.linear_map``."""
+    a, b = primals
+    y = _einsum_lp(spec, a, b)
+    return y, linear_map(functools.partial(_einsum_tangent, spec), functools.partial(_einsum_bwd, spec),
+                         (a, b), tangents, [jax.typeof(y)])[0]
 
 
 def _transposed_copy(a, perm):
@@ -114,17 +127,14 @@ def _einsum_f32(sa: str, sb: str, so: str, a, b):
     return jnp.transpose(out, [got.index(i) for i in so])
 
 
-def _einsum_bwd(spec, res, g):
-    a, b = res
+def _einsum_bwd(spec, a, b, g):
+    """Reverse mode: ``[grad_a, grad_b]`` for the cotangent g of ``einsum(spec, a, b)``."""
     sa, sb, so = _parse(spec)
     # The one rounding of the cotangent (none for f32): both backward dots then run like the forward.
     g = g.astype(a.dtype)
     ga = _einsum_f32(so, sb, sa, g, b).astype(a.dtype)
     gb = _einsum_f32(so, sa, sb, g, a).astype(b.dtype)
-    return ga, gb
-
-
-_einsum_vjp.defvjp(_einsum_fwd, _einsum_bwd)
+    return [ga, gb]
 
 
 def einsum(spec: str, a, b):
@@ -143,7 +153,7 @@ def einsum(spec: str, a, b):
         raise TypeError(f"kernels.xla.einsum: operands must share a dtype, got {a.dtype} and {b.dtype}")
     if is_low_precision(a.dtype):
         _parse(spec)
-        return _einsum_vjp(spec, a, b)
+        return _einsum_lp(spec, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
@@ -166,7 +176,7 @@ def fused_dense(x, w, b=None, *, activation: str = "relu"):
         return reference.fused_dense(x, w, b, activation=activation)
     act = activations.get(activation)
     lead = x.shape[:-1]
-    z = _einsum_vjp("mk,kn->mn", x.reshape(-1, x.shape[-1]), w)  # (M, N) float32
+    z = _einsum_lp("mk,kn->mn", x.reshape(-1, x.shape[-1]), w)  # (M, N) float32
     if b is not None:
         z = z + b.astype(jnp.float32)
     return act(z).astype(x.dtype).reshape(*lead, w.shape[1])

@@ -14,8 +14,9 @@ the helpers here) see which operands are batched:
 - **broadcast** (w batched): ``broadcast_all``, the handlers looping over the batch; what gets
   copied is an unbatched x or b, one element's worth each.
 
-The FFI calls have no derivatives of their own (``backend``'s ``custom_vjp`` calls them only in
-its forward and backward), so ``custom_vmap``, which supports no reverse-mode AD, is safe here.
+The FFI calls have no derivatives of their own (``backend`` differentiates them through
+``kernels.autodiff.with_reference_jvp``, outside this ``custom_vmap``), so ``custom_vmap``, which
+supports no reverse-mode AD, is safe here.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """The "numba" backend of ``kernels.fused_dense``: Numba kernels called from XLA through its FFI.
 
 ``fused_dense(x, w, b, activation)`` flattens x to ``[M, K]``, calls the forward handler with
-``jax.ffi.ffi_call`` and wires gradients with ``jax.custom_vjp`` to the fused backward handler.
+``jax.ffi.ffi_call``; its derivatives come from ``kernels.autodiff``: a ``jax.custom_jvp`` whose
+tangent is computed in ``jnp`` (forward mode) and transposes to the fused backward handler
+(reverse mode, as fast as before).
 
 dtypes: float32 and float64 run natively. bfloat16/float16 operands are upcast to float32
 outside the kernel (the kernel accumulates in float32) and the result is cast back to x's dtype,
@@ -25,8 +27,10 @@ malloc on every call; with glibc's default thresholds a large layer's scratch co
 pages every call. The backend leaves malloc alone: entry points that care (benchmarks,
 experiments) call ``jaxnet.runtime.keep_host_memory()`` themselves.
 
-Not supported: forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) and second derivatives
-(``custom_vjp`` defines one reverse-mode rule whose kernels are not themselves differentiable).
+Forward mode and second derivatives (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``,
+Hessian-vector products) work: the kernels give the values, and derivatives of the kernels'
+own results (the forward's residuals, the backward's gradients) use the reference's arithmetic
+in ``jnp`` (``_forward_reference``, ``_backward_reference``), not a kernel.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.activations import ACTIVATIONS
+from kernels.autodiff import linear_map, with_reference_jvp
 from kernels.numba_cpu import _batching
 
 _PREFIX = "jaxnet_numba_fused_dense"
@@ -96,7 +101,7 @@ def _match_varying(*arrays):
     """Marks every array as varying over the union of the arrays' varying mesh axes.
 
     Inside ``shard_map`` the FFI call needs operands of one manual-axis type, and the backward
-    pass then produces cotangents of that type; doing the cast here, outside ``custom_vjp``,
+    pass then produces cotangents of that type; doing the cast here, outside the custom rules,
     lets JAX transpose it (a psum for an invariant ``w``).
     """
     vma = frozenset().union(*(_varying(a) for a in arrays if a is not None))
@@ -149,29 +154,84 @@ def _forward_call(x2, w, *b, activation, save):
     return _batching.call(ffi, (x2, w, *b), rule)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense(x2, w, b, activation):
+def _forward_reference(activation, save, x2, w, b):
+    """``_forward`` in ``jnp``: its derivatives (relu's tie flag has none)."""
+    z = jnp.matmul(x2, w, precision="highest") + (0 if b is None else b)
+    y = ACTIVATIONS[activation].fn(z)
+    if not save:
+        return y, None
+    return y, (jnp.any(z == 0).astype(z.dtype)[None] if activation == "relu" else z)
+
+
+_forward_d = with_reference_jvp(lambda activation, save, x2, w, b: _forward(x2, w, b, activation, save),
+                                _forward_reference, nondiff_argnums=(0, 1))
+
+
+def _residuals(activation, x2, w, b):
+    """``y`` and what the backward reads (a flat list of arrays; see ``_backward``)."""
+    kind = ACTIVATIONS[activation].saves
+    relu = activation == "relu"
+    y, s = _forward_d(activation, kind == "z" or relu, x2, w, b)
+    r = {"z": s, "y": y, "none": None}[kind]
+    return y, [x2, w] + ([] if r is None else [r]) + ([s] if relu else []) + ([] if b is None else [b])
+
+
+def _unpack(activation, has_bias, res):
+    """``_residuals``' list back to ``(x2, w, r, ties, b)`` (None where absent)."""
+    x2, w, *rest = res
+    r = rest.pop(0) if ACTIVATIONS[activation].saves != "none" else None
+    ties = rest.pop(0) if activation == "relu" else None
+    return x2, w, r, ties, (rest.pop(0) if has_bias else None)
+
+
+def _backward(activation, has_bias, *args):
+    """The fused backward: ``args = (*residuals, dy)`` -> ``[dx, dw(, db)]``."""
+    x2, w, r, ties, b = _unpack(activation, has_bias, args[:-1])
+    dy = args[-1]
+    operands = [dy, x2, w, dy if r is None else r]  # identity: dy stands in for r (not read)
+    if activation == "relu":  # the tie flag, and b to recompute z when there were ties
+        operands += [ties] + ([b] if has_bias else [])
+    return _backward_call(*operands, activation=activation, has_bias=has_bias)
+
+
+def _backward_reference(activation, has_bias, *args):
+    """``_backward`` in ``jnp``: its derivatives (second order)."""
+    x2, w, r, ties, b = _unpack(activation, has_bias, args[:-1])
+    g = _dz(args[-1], x2, w, r, ties, b, activation=activation)  # (M, N)
+    grads = [jnp.matmul(g, w.T, precision="highest"), jnp.matmul(x2.T, g, precision="highest")]
+    return grads + ([g.sum(0)] if has_bias else [])
+
+
+_backward_d = with_reference_jvp(_backward, _backward_reference, nondiff_argnums=(0, 1))
+
+
+def _tangent(activation, has_bias, *args):
+    """The forward-mode tangent ``act'(z) * (dx @ w + x @ dw + db)`` in ``jnp``; ``args`` are
+    ``(*residuals, dx, dw(, db))``."""
+    n_lin = 3 if has_bias else 2
+    res, lin = args[:-n_lin], args[-n_lin:]
+    x2, w, r, ties, b = _unpack(activation, has_bias, res)
+    dz = jnp.matmul(lin[0], w, precision="highest") + jnp.matmul(x2, lin[1], precision="highest")
+    if has_bias:
+        dz = dz + lin[2]
+    return [_dz(dz, x2, w, r, ties, b, activation=activation)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dense(activation, x2, w, b):
     return _forward(x2, w, b, activation, save=False)[0]
 
 
-def _dense_fwd(x2, w, b, activation):
-    kind = ACTIVATIONS[activation].saves
-    relu = activation == "relu"
-    y, s = _forward(x2, w, b, activation, save=kind == "z" or relu)
-    r = {"z": s, "y": y, "none": None}[kind]
-    # b: whether there is one (None: no leaves), and for relu the operand of z's recomputation.
-    return y, (x2, w, r, s if relu else None, b)
-
-
-def _dense_bwd(activation, res, dy):
-    x2, w, r, ties, b = res
+@_dense.defjvp
+def _dense_jvp(activation, primals, tangents):
+    """Tangent in ``jnp`` (forward mode); its transpose is the fused backward (reverse mode)."""
+    x2, w, b = primals
     has_bias = b is not None
-    # Identity needs no residual; dy stands in (the kernel does not read it as one).
-    operands = [dy, x2, w, dy if r is None else r]
-    if activation == "relu":  # y's tie flag, and b to recompute z when there were ties
-        operands += [ties] + ([b] if has_bias else [])
-    grads = _backward_call(*operands, activation=activation, has_bias=has_bias)
-    return grads[0], grads[1], (grads[2] if has_bias else None)
+    y, res = _residuals(activation, x2, w, b)
+    lin = list(tangents[:2]) + ([tangents[2]] if has_bias else [])
+    fun = functools.partial(_tangent, activation, has_bias)
+    fun_t = functools.partial(_backward_d, activation, has_bias)
+    return y, linear_map(fun, fun_t, res, lin, [jax.typeof(y)])[0]
 
 
 def _backward_call(dy, x2, w, r, *rest, activation, has_bias):
@@ -228,9 +288,6 @@ def _dz(dy, x, w, r, ties=None, b=None, *, activation):
     return dy * jax.lax.cond(ties[0] != 0, z_again, lambda: jnp.broadcast_to(act.grad_from_y(r), dy.shape))
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
 def fused_dense(x, w, b, activation):
     """``act(x @ w + b)`` on the Numba kernels; arguments already checked by ``kernels.dispatch``.
 
@@ -248,5 +305,5 @@ def fused_dense(x, w, b, activation):
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
     x2 = jnp.reshape(x, (math.prod(lead), k)).astype(compute)  # (M, K)
     x2, w, b = _match_varying(x2, w.astype(compute), None if b is None else b.astype(compute))
-    y = _dense(x2, w, b, activation)
+    y = _dense(activation, x2, w, b)
     return jnp.reshape(y, (*lead, n)).astype(x.dtype)

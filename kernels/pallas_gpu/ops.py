@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import reference
+from kernels import activations, reference
+from kernels.autodiff import linear_map, with_reference_jvp
 from kernels.checks import check_fused_dense_args
 from kernels.pallas_gpu import _kernels, blocks
 from kernels.pallas_gpu.blocks import GPU_DEFAULT, BlockConfig
@@ -218,25 +219,58 @@ def _backward_dw(x, dy, d, plan: _Plan):
     return dw, db_rows[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused_padded(x, w, b, activation, plan):
+def _forward_reference(activation: str, plan: _Plan, save: bool, x, w, b):
+    """``_forward`` in ``jnp``: its derivatives."""
+    del plan
+    act = activations.get(activation)
+    z = jnp.matmul(x, w, preferred_element_type=_acc_dtype(x.dtype), precision=jax.lax.Precision.HIGHEST) + b
+    return act.fn(z).astype(x.dtype), (act.grad(z) if save and activation != "identity" else None)
+
+
+_forward_d = with_reference_jvp(lambda activation, plan, save, x, w, b: _forward(x, w, b, activation, plan, save),
+                                _forward_reference, nondiff_argnums=(0, 1, 2))
+
+
+def _backward(plan: _Plan, x, w, *rest):
+    """The fused backward: ``rest = ([d,] dy)``, d = act'(z) (absent for identity) -> ``[dx, dw, db]``."""
+    d, dy = (None, rest[0]) if len(rest) == 1 else rest
+    return [_backward_dx(dy, d, w, plan), *_backward_dw(x, dy, d, plan)]
+
+
+def _backward_reference(plan: _Plan, x, w, *rest):
+    """``_backward`` in ``jnp``: its derivatives (second order)."""
+    del plan
+    d, dy = (None, rest[0]) if len(rest) == 1 else rest
+    g = dy.astype(_acc_dtype(x.dtype)) * (1 if d is None else d)
+    hi = jax.lax.Precision.HIGHEST
+    return [jnp.matmul(g, w.T, precision=hi).astype(w.dtype), jnp.matmul(x.T, g, precision=hi).astype(x.dtype),
+            g.sum(0).astype(x.dtype)]
+
+
+_backward_d = with_reference_jvp(_backward, _backward_reference, nondiff_argnums=(0,))
+
+
+def _tangent(x, w, *rest):
+    """The forward-mode tangent ``act'(z) * (dx @ w + x @ dw + db)`` in ``jnp``; ``rest = ([d,] dx, dw, db)``."""
+    d, (dx, dw, db) = (None, rest) if len(rest) == 3 else (rest[0], rest[1:])
+    acc, hi = _acc_dtype(x.dtype), jax.lax.Precision.HIGHEST
+    dz = (jnp.matmul(dx, w, preferred_element_type=acc, precision=hi)
+          + jnp.matmul(x, dw, preferred_element_type=acc, precision=hi) + db)
+    return [(dz if d is None else d * dz).astype(x.dtype)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _fused_padded(activation, plan, x, w, b):
     return _forward(x, w, b, activation, plan, save_residual=False)[0]
 
 
-def _fused_padded_fwd(x, w, b, activation, plan):
-    y, d = _forward(x, w, b, activation, plan, save_residual=True)
-    return y, (x, w, d)
-
-
-def _fused_padded_bwd(activation, plan, res, dy):
-    del activation  # already applied: the residual is act'(z)
-    x, w, d = res
-    dx = _backward_dx(dy, d, w, plan)
-    dw, db = _backward_dw(x, dy, d, plan)
-    return dx, dw, db
-
-
-_fused_padded.defvjp(_fused_padded_fwd, _fused_padded_bwd)
+@_fused_padded.defjvp
+def _fused_padded_jvp(activation, plan, primals, tangents):
+    """Tangent in ``jnp`` (forward mode); its transpose is the fused backward (reverse mode)."""
+    x, w, b = primals
+    y, d = _forward_d(activation, plan, True, x, w, b)
+    res = [x, w] + ([] if d is None else [d])
+    return y, linear_map(_tangent, functools.partial(_backward_d, plan), res, tangents, [jax.typeof(y)])[0]
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "plan"))
@@ -253,13 +287,16 @@ def _fused_nd(x, w, b, *, activation: str, plan: _Plan):
     x2 = jnp.pad(x.reshape(m, k).astype(cdt), ((0, mp - m), (0, kp - k)))
     w2 = jnp.pad(w.astype(cdt), ((0, kp - k), (0, np_ - n)))
     b2 = jnp.zeros((np_,), cdt) if b is None else jnp.pad(b.astype(cdt), (0, np_ - n))
-    y = _fused_padded(x2, w2, b2, activation, plan)[:m, :n]
+    y = _fused_padded(activation, plan, x2, w2, b2)[:m, :n]
     return y.reshape(*lead, n).astype(x.dtype)
 
 
 def fused_dense(x, w, b=None, *, activation: str = "relu", config: BlockConfig | None = None,
                 lowering: str = "auto"):
-    """``y = act(x @ w + b)`` with the Pallas kernels; differentiable in x, w, b (custom_vjp).
+    """``y = act(x @ w + b)`` with the Pallas kernels; differentiable in x, w, b in both modes.
+
+    Reverse mode runs the backward kernels; forward mode computes the tangent in ``jnp`` and
+    second derivatives differentiate the reference's arithmetic (``kernels.autodiff``).
 
     Args:
       x: ``[..., K]`` float16/bfloat16/float32 (float64 in interpret mode only).
