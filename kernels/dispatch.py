@@ -3,7 +3,8 @@
 Each backend module registers itself here on import with ``register_backend``: "xla"
 (``kernels.xla``, always there), "numba" (``kernels.numba_cpu``), "pallas" (``kernels.pallas_gpu``). A backend's
 function takes ``(x, w, b, activation)`` with the arguments already checked and returns ``y``;
-it owns its gradient wiring (``jax.custom_vjp``), so everything above it is backend-agnostic.
+it owns its derivative rules (``kernels.autodiff``: reverse mode through its fused backward,
+forward mode and second derivatives too), so everything above it is backend-agnostic.
 """
 from __future__ import annotations
 

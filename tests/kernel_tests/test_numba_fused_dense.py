@@ -290,7 +290,7 @@ def test_check_grads_float64(act):
         if act == "relu":  # keep |z| away from relu's kink, where finite differences are meaningless
             w, b = 0.05 * w, b + 3.0 * jnp.sign(b)
         f = lambda x, w, b: kernels.fused_dense(x, w, b, activation=act, backend="numba")  # noqa: E731
-        # Reverse mode only: custom_vjp defines no JVP (forward mode is not supported).
+        # Reverse mode, the fused backward (forward mode and second order: test_forward_mode.py).
         check_grads(f, (x, w, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
         check_grads(jax.jit(f), (x, w, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
