@@ -67,7 +67,8 @@ def fused_dense_vjp_numpy(x, w, b, dy, *, activation: str = "relu"):
     z = _z_numpy(x64, w64, b)
     with np.errstate(over="ignore"):
         y = act.np_fn(z)
-        dz = (dy64 * act.np_grad(z)).reshape(-1, w64.shape[1])  # (M, N)
-    x2 = x64.reshape(-1, w64.shape[0])  # (M, K)
+        rows = int(np.prod(x64.shape[:-1]))  # M; reshape(-1, ...) cannot infer it when K or N is 0
+        dz = (dy64 * act.np_grad(z)).reshape(rows, w64.shape[1])  # (M, N)
+    x2 = x64.reshape(rows, w64.shape[0])  # (M, K)
     db = None if b is None else dz.sum(axis=0)
     return y, (dz @ w64.T).reshape(x64.shape), x2.T @ dz, db

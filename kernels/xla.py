@@ -21,6 +21,7 @@ docs/benchmarks.md ("Mixed precision").
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -176,7 +177,7 @@ def fused_dense(x, w, b=None, *, activation: str = "relu"):
         return reference.fused_dense(x, w, b, activation=activation)
     act = activations.get(activation)
     lead = x.shape[:-1]
-    z = _einsum_lp("mk,kn->mn", x.reshape(-1, x.shape[-1]), w)  # (M, N) float32
+    z = _einsum_lp("mk,kn->mn", x.reshape(math.prod(lead), x.shape[-1]), w)  # (M, N) float32; -1 fails at K=0
     if b is not None:
         z = z + b.astype(jnp.float32)
     return act(z).astype(x.dtype).reshape(*lead, w.shape[1])

@@ -231,3 +231,21 @@ def test_bfloat16_lm_loss_and_gradients_follow_float32():
     v16 = np.concatenate([np.ravel(t) for t in jax.tree.leaves(g16)]).astype(np.float64)
     assert np.linalg.norm(v16 - v32) <= 0.05 * np.linalg.norm(v32)
     assert v16 @ v32 / (np.linalg.norm(v16) * np.linalg.norm(v32)) > 0.99
+
+
+@pytest.mark.parametrize("x_shape", [(0,), (3, 0), (0, 0)])
+def test_empty_contraction_and_rows_give_the_references_values_and_grads(x_shape):
+    """K = 0 (z is the bias) and M = 0: reshape(-1, K) cannot infer M there (ZeroDivisionError)."""
+    x = jnp.zeros(x_shape, jnp.float32)
+    w = jnp.zeros((x_shape[-1], 2), jnp.float32)
+    b = jnp.asarray([0.5, -1.0], jnp.float32)
+
+    def loss(fn):
+        return lambda x, w, b: jnp.sum(fn(x, w, b, activation="gelu") ** 2)
+
+    got = jax.jit(jax.value_and_grad(loss(kernels.xla.fused_dense), argnums=(0, 1, 2)))(x, w, b)
+    want = jax.value_and_grad(loss(kernels.reference.fused_dense), argnums=(0, 1, 2))(x, w, b)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-7)
+    _, dx, dw, db = kernels.reference.fused_dense_vjp_numpy(x, w, b, np.ones(x_shape[:-1] + (2,)), activation="gelu")
+    assert dx.shape == x_shape and dw.shape == w.shape
