@@ -32,13 +32,17 @@ BACKENDS = ("numba", "xla")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # The vmapped batch B, and each element's x: [M, K]; w: [K, N] (issue 20's shape).
+    # The vmapped batch B (issue 20's shape: 256).
     b: int = 256
+    # Rows M of each batch element's x: [M, K].
     m: int = 1
+    # Contraction size K: x is [M, K], w is [K, N].
     k: int = 1024
+    # Outputs N: w is [K, N], b is [N].
     n: int = 1024
-    # Timed calls per (backend, mode) after the untimed warm-up calls (the first compiles).
+    # Timed calls per (backend, mode), after the warm-up calls.
     repeats: int = 5
+    # Untimed calls before the timed ones (the first compiles).
     warmup: int = 2
 
 
