@@ -450,14 +450,12 @@ def parse_config(config_cls, argv=None, *, name: str, description: str | None = 
             shown = ", ".join(str(p) for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
             parser.error(f"--workdir {flags.workdir} holds an earlier run ({shown}); pass --resume to continue it, "
                          f"--overwrite to replace it, or another --workdir")
-        if earlier and _process_index() == 0:  # one process clears; only process 0 writes files
-            clear_earlier_run(earlier)
+        if earlier:
+            import jax
+
+            if jax.process_index() == 0:  # one process clears; only process 0 writes files
+                clear_earlier_run(earlier)
     return config, flags
-
-
-def _process_index() -> int:
-    """This process's index in a multi-process job (0 alone), from ``jaxnet.launch``'s variable."""
-    return int(os.environ.get("JAXNET_PROCESS_ID", "0"))
 
 
 def _config_file(argv) -> str | None:

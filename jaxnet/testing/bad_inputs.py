@@ -125,34 +125,29 @@ def check_bad_inputs(candidate: Any, calls: Sequence[BadCall] | None = None, *, 
 
 def _run_worker(payload: bytes, first: int, calls, timeout, startup_timeout) -> list[BadResult]:
     out: list[BadResult] = []
-    current = None
+    current = None  # the call in progress
     with Worker("jaxnet.testing.bad_inputs:_worker", payload, (str(first),)) as proc:
-        wait = startup_timeout
-        while True:
-            try:
-                msg = proc.next_event(wait)
-            except TimeoutError:
-                if current is None:
-                    raise RuntimeError(f"check_bad_inputs: worker did not start within {startup_timeout}s") from None
+        for msg in proc.events(startup_timeout, timeout):
+            kind = msg["event"]
+            if kind in ("hung", "exited") and current is None:
+                how = (f"did not start within {startup_timeout}s" if kind == "hung"
+                       else f"failed to start (it {proc.exit_description}):\n{proc.stderr_tail()}")
+                raise RuntimeError(f"check_bad_inputs: worker {how}")
+            if kind == "hung":
                 c = calls[current]
                 out.append(BadResult(c.name, "hung", f"no answer within {timeout:g}s", c.why))
-                return out
-            if msg is None:  # the worker died
-                if current is None:
-                    raise RuntimeError(f"check_bad_inputs: worker failed to start (it {proc.exit_description}):\n"
-                                       f"{proc.stderr_tail()}")
+            elif kind == "exited":
                 c = calls[current]
                 out.append(BadResult(c.name, "crashed", f"the process died (it {proc.exit_description})", c.why))
-                return out
-            wait = timeout
-            if msg["event"] == "begin":
+            elif kind == "begin":
                 current = msg["index"]
-            elif msg["event"] == "end":
+            elif kind == "end":
                 c = calls[msg["index"]]
                 out.append(BadResult(c.name, msg["outcome"], msg["detail"], c.why))
                 current = None
-            elif msg["event"] == "done":
-                return out
+            elif kind == "done":
+                break
+    return out
 
 
 def _worker() -> None:

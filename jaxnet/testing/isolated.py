@@ -76,32 +76,29 @@ def verify_isolated(candidate: Any, *, name: str | None = None, timeout: float =
 
 def _follow(child: Worker, label: str, timeout: float, startup_timeout: float):
     """Reads one child's events: ``(report, None)`` when it finished, else ``(None, failure)``."""
-    last = None
-    wait = startup_timeout
-    while True:
-        try:
-            event = child.next_event(wait)
-        except TimeoutError:
+    last = None  # the check in progress
+    for event in child.events(startup_timeout, timeout):
+        kind = event["event"]
+        if kind == "hung":
             if last is None:
                 raise CandidateError(f"candidate {label}: no answer within {startup_timeout:g}s of starting "
-                                     f"(importing it hangs?)") from None
+                                     f"(importing it hangs?)")
             return None, _ended(last, f"no answer within {timeout:g}s: the candidate hung (or is slower "
                                       f"than --timeout)")
-        if event is None:
+        if kind == "exited":
             if last is None:
                 raise CandidateError(f"candidate {label}: its process {child.exit_description} before the "
                                      f"first check\n{child.stderr_tail()}")
             tail = child.stderr_tail(600)
             return None, _ended(last, f"the candidate's process {child.exit_description} during this check"
                                       + (f"; its stderr ended with:\n{tail}" if tail else ""))
-        wait = timeout
-        kind = event["event"]
         if kind == "check":
             last = event
         elif kind == "error":
             raise CandidateError(f"candidate {label}: {event['message']}")
         elif kind == "report":
             return pickle.loads(base64.b64decode(event["report"])), None
+    raise AssertionError("unreachable: events() ends with 'hung' or 'exited'")
 
 
 def _ended(event: dict, message: str) -> Failure:

@@ -35,7 +35,8 @@ class Worker:
     """``python -P -c "from MODULE import FUNCTION; FUNCTION()"`` fed ``payload`` on stdin.
 
     ``next_event(timeout)`` returns the next event (a dict), ``None`` once the child has exited,
-    or raises ``TimeoutError`` after ``timeout`` seconds without one.
+    or raises ``TimeoutError`` after ``timeout`` seconds without one; ``events(...)`` iterates
+    over them with the timeouts applied.
     """
 
     def __init__(self, entry: str, payload: bytes, argv: tuple[str, ...] = ()):
@@ -72,6 +73,23 @@ class Worker:
                 return json.loads(line)
             except json.JSONDecodeError:
                 continue  # not ours (cannot happen unless the candidate writes to the private fd)
+
+    def events(self, startup_timeout: float, timeout: float):
+        """Yields the child's events: the first within ``startup_timeout`` seconds, each next
+        within ``timeout``. Ends with ``{"event": "hung"}`` when one does not come in time, or
+        ``{"event": "exited"}`` when the child has ended (the caller says how: ``exit_description``)."""
+        wait = startup_timeout
+        while True:
+            try:
+                event = self.next_event(wait)
+            except TimeoutError:
+                yield {"event": "hung"}
+                return
+            if event is None:
+                yield {"event": "exited"}
+                return
+            yield event
+            wait = timeout
 
     @property
     def exit_description(self) -> str:
