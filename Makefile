@@ -47,7 +47,7 @@ $(COMPAT_VENV)/.jax-choice: FORCE | $(COMPAT_PY)
 
 # --upgrade: an empty COMPAT_JAX moves an existing venv to the newest JAX the pins allow.
 $(COMPAT_STAMP): pyproject.toml $(COMPAT_VENV)/.jax-choice
-	$(COMPAT_PY) -m pip install --quiet --upgrade -e ".[test,plots,data,logs]" $(COMPAT_JAX)
+	$(COMPAT_PY) -m pip install --quiet --upgrade -e ".[test,plots,data,logs,compress,explain]" $(COMPAT_JAX)
 	touch $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)
