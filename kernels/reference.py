@@ -1,6 +1,7 @@
-"""The definition of correct for ``fused_dense``: plain ``jax.numpy``.
+"""The definition of correct for ``fused_dense`` and ``quantized_dense``: plain ``jax.numpy``.
 
-``fused_dense`` here is what every backend (the "xla" one included) is checked against; ``fused_dense_numpy`` and ``fused_dense_vjp_numpy`` are the independent float64 NumPy
+``fused_dense`` and ``quantized_dense`` here are what every backend (the "xla" one included) is
+checked against; ``fused_dense_numpy`` and ``fused_dense_vjp_numpy`` are the independent float64 NumPy
 forward and backward the tests check both against (the activations come from the one table,
 ``kernels.activations``).
 """
@@ -12,6 +13,7 @@ import numpy as np
 
 from kernels import activations
 from kernels.checks import check_fused_dense_args
+from kernels.quantized import check_quantized_dense_args, compute_dtype, quantize_rows, scale_row
 
 
 def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "reference"):
@@ -39,6 +41,43 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "refer
     if b is not None:
         z = z + b.astype(acc)
     return act(z).astype(x.dtype)
+
+
+def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quant=None,
+                    backend: str = "reference"):
+    """``act(x @ (w_q * scale) + b)`` in plain jax.numpy, the contract of ``kernels.quantized``.
+
+    Args:
+      x: ``[..., K]`` float array.
+      w_q: ``[K, N]`` int8.
+      scale: ``[N]``, ``[1]`` or ``[]`` float (per channel or per tensor).
+      b: ``[N]`` float or None.
+      activation: a name from ``kernels.activations.ACTIVATIONS``.
+      act_quant: None: the weights are dequantised (``w_q * scale`` in acc, the compute dtype
+        ``promote(x.dtype, float32)``) and multiplied with x as given. "int8": x is quantised per
+        row (``kernels.quantized.quantize_rows``), the int8 dot accumulates exactly in int32 and
+        ``z = acc * scale_x[:, None] * scale[None, :]``.
+      backend: must be "reference" (signature compatibility with ``kernels.quantized_dense``).
+
+    Returns:
+      ``[..., N]`` in x's dtype; the bias and activation are applied in acc before the cast.
+    """
+    if backend != "reference":
+        raise ValueError(f"kernels.reference.quantized_dense is the reference, not a backend: pass "
+                         f"backend='reference' or call kernels.quantized_dense(backend={backend!r:.80})")
+    check_quantized_dense_args(x, w_q, scale, b, activation, act_quant)
+    acc = compute_dtype(x)
+    s = scale_row(scale, w_q.shape[1], acc)  # (N,)
+    if act_quant is None:
+        w = w_q.astype(acc) * s  # (K, N)
+        z = jnp.matmul(x.astype(acc), w, precision=jax.lax.Precision.HIGHEST)
+    else:
+        q, sx = quantize_rows(x)  # (..., K) int8, (...,)
+        dot = jax.lax.dot_general(q, w_q, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        z = dot.astype(acc) * sx[..., None] * s
+    if b is not None:
+        z = z + b.astype(acc)
+    return activations.get(activation)(z).astype(x.dtype)
 
 
 def _z_numpy(x, w, b):

@@ -1,0 +1,206 @@
+"""``quantized_dense``: a dense layer on int8 weights, ``y = act(x @ (w_q * scale) + b)``.
+
+Shapes: ``x: [..., K]`` float (float32, bfloat16, float16; float64 under x64), ``w_q: [K, N]``
+int8, ``scale: [N]`` (one per output channel) or ``[]``/``[1]`` (one for the whole tensor, the
+same as that value repeated N times), ``b: [N]`` or None; ``y: [..., N]`` in x's dtype. The
+arithmetic runs in ``promote(x.dtype, float32)`` ("acc"), as ``fused_dense`` does.
+
+Modes (``act_quant``):
+
+- ``None``, weight-only: x stays float; ``z = x @ (w_q * scale) + b``.
+- ``"int8"``, w8a8: each row of x is quantised first (``quantize_rows``: symmetric,
+  ``scale_x = max|x_row| / 127``, round half to even, clip to [-127, 127]), the int8 x int8 dot
+  accumulates exactly in int32, and ``z = acc * scale_x[:, None] * scale[None, :] + b``.
+
+Backends: "xla" (here) and "auto", which takes per mode what ``AUTO`` says measured fastest on
+this platform (docs/benchmarks.md, "Quantized dense"). The definition of correct is
+``kernels.reference.quantized_dense``.
+
+Gradients. Quantised inference is the use, but the weight-only layer is a smooth function of
+x, scale and b, and is differentiable in them (XLA's autodiff). w8a8 rounds x, so y is
+piecewise constant in x: its derivative in x is 0 almost everywhere and useless, and a
+straight-through estimate would be a different function's gradient. Differentiating w8a8 in x
+raises ``TypeError`` (``quantize_rows``); in scale and b it works. ``w_q`` is an integer array:
+JAX has no gradient for it.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import activations
+
+QMAX = 127  # symmetric int8, [-127, 127]: -x quantises to -q (no lone -128)
+ACT_QUANT = (None, "int8")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# What "auto" runs on the CPU, per mode: the fastest at every shape measured in
+# docs/benchmarks.md ("Quantized dense"). Other platforms run "xla".
+AUTO = {None: "xla", "int8": "xla"}
+
+NOT_DIFFERENTIABLE = ("quantized_dense(act_quant='int8') is not differentiable in x: x is rounded to "
+                      "int8, so y is piecewise constant in x; differentiate act_quant=None or the float layer")
+
+
+def _name(a) -> str:
+    return jnp.dtype(a.dtype).name
+
+
+def check_quantized_dense_args(x, w_q, scale, b, activation: str, act_quant) -> None:
+    """Raises ``TypeError``/``ValueError`` naming the argument, its shape and dtype when the call is
+    malformed. A non-finite scale is refused when ``scale`` is concrete (not under a trace)."""
+    activations.get(activation)
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"quantized_dense: act_quant must be None or 'int8', got {act_quant!r:.80}")
+    for name, a in (("x", x), ("w_q", w_q), ("scale", scale), ("b", b)):
+        if a is not None and (not hasattr(a, "shape") or not hasattr(a, "dtype")):
+            raise TypeError(f"quantized_dense: {name} must be an array, got {type(a).__name__}")
+    if w_q.dtype != jnp.int8:
+        raise TypeError(f"quantized_dense: w_q must be int8 [K, N] (jaxnet.compress.quantize_weight), "
+                        f"got {_name(w_q)}{list(w_q.shape)}")
+    for name, a in (("x", x), ("scale", scale), ("b", b)):
+        if a is not None and _name(a) not in FLOAT_DTYPES:
+            raise TypeError(f"quantized_dense: {name} has dtype {_name(a)} (shape {list(a.shape)}); "
+                            f"expected one of {FLOAT_DTYPES}")
+    if x.ndim < 1:
+        raise ValueError(f"quantized_dense: x must be [..., K], got shape {list(x.shape)}")
+    if w_q.ndim != 2:
+        raise ValueError(f"quantized_dense: w_q must be [K, N], got shape {list(w_q.shape)}")
+    k, n = w_q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"quantized_dense: x has K={x.shape[-1]} (x.shape={list(x.shape)}) but w_q has "
+                         f"K={k} (w_q.shape={list(w_q.shape)})")
+    if tuple(scale.shape) not in ((n,), (1,), ()):
+        raise ValueError(f"quantized_dense: scale must be [N]=[{n}] (per channel) or [] / [1] (per tensor) "
+                         f"for w_q.shape={list(w_q.shape)}, got scale.shape={list(scale.shape)}")
+    if b is not None and tuple(b.shape) != (n,):
+        raise ValueError(f"quantized_dense: b must be [N]=[{n}] for w_q.shape={list(w_q.shape)}, "
+                         f"got b.shape={list(b.shape)}")
+    _check_finite_scale(scale)
+
+
+def _check_finite_scale(scale) -> None:
+    try:
+        host = np.asarray(scale, np.float64)
+    except jax.errors.TracerArrayConversionError:  # traced: only its shape and dtype are known
+        return
+    bad = np.flatnonzero(~np.isfinite(host.reshape(-1)))
+    if bad.size:
+        raise ValueError(f"quantized_dense: scale holds NaN/Inf at {bad.size} of {host.size} channels, "
+                         f"first {bad[:8].tolist()}")
+
+
+def compute_dtype(x):
+    """The dtype the layer computes in: ``promote(x.dtype, float32)``."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+@jax.custom_jvp
+def quantize_rows(x):
+    """Per-row symmetric int8 quantisation of activations, the w8a8 contract.
+
+    ``x: [..., K]`` float -> ``(q: [..., K] int8, scale_x: [...] in compute_dtype(x))`` with
+    ``scale_x = max|x_row| / 127`` and ``q = clip(round(x / scale_x), -127, 127)``, rounding half
+    to even, so ``|x - q * scale_x| <= scale_x / 2``. An all-zero row (and K = 0) has
+    ``scale_x = 0`` and ``q = 0``; a row holding NaN or Inf gets a non-finite ``scale_x`` (its
+    outputs are NaN). Every backend quantises through this one function, so all of them feed the
+    same integers to the dot.
+
+    Not differentiable: ``jax.grad`` through x raises ``TypeError`` (see the module docstring).
+    """
+    xa = x.astype(compute_dtype(x))
+    sx = jnp.max(jnp.abs(xa), axis=-1, initial=0) / QMAX  # (...,)
+    safe = jnp.where(sx > 0, sx, 1)  # all-zero rows: 0 / 1 = 0
+    q = jnp.clip(jnp.round(xa / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)  # (..., K)
+    return q, sx
+
+
+@quantize_rows.defjvp
+def _quantize_rows_jvp(primals, tangents):
+    # Called only when x carries a tangent (JAX skips the rule for symbolic zeros), so
+    # derivatives in scale and b still work.
+    raise TypeError(NOT_DIFFERENTIABLE)
+
+
+def scale_row(scale, n: int, dtype):
+    """``scale`` ([N], [1] or []) as an ``[N]`` row in ``dtype``."""
+    return jnp.broadcast_to(jnp.reshape(scale, (-1,)), (n,)).astype(dtype)
+
+
+def int8_dot(q, w_q):
+    """``q @ w_q`` for int8 ``q: [M, K]``, ``w_q: [K, N]``, exact in int32 ``[M, N]`` (without
+    ``preferred_element_type`` XLA returns int8, which wraps around)."""
+    return jax.lax.dot_general(q, w_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def _precision(dtype):
+    """HIGHEST for float32 operands (no TF32 or bf16 passes on GPUs); bf16 and f16 products of
+    int8 values are exact in the f32 accumulator anyway."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) in (jnp.float32, jnp.float64) else None
+
+
+def _xla(x, w_q, scale, b, activation: str, act_quant):
+    """The "xla" backend; arguments already checked.
+
+    Weight-only is the dot in x's dtype with ``w_q`` cast to it (exact: int8 fits every float
+    dtype's significand), accumulated in acc, then scaled per column: measured faster than
+    dequantising w first (docs/benchmarks.md, "Quantized dense"), and the same function up to
+    the rounding of one product.
+    """
+    acc = compute_dtype(x)
+    lead, (k, n) = x.shape[:-1], w_q.shape
+    x2 = x.reshape(math.prod(lead), k)  # (M, K); -1 would fail at K = 0
+    s = scale_row(scale, n, acc)
+    if act_quant is None:
+        z = jnp.matmul(x2, w_q.astype(x.dtype), preferred_element_type=acc, precision=_precision(x.dtype)) * s
+    else:
+        q, sx = quantize_rows(x2)
+        z = int8_dot(q, w_q).astype(acc) * sx[:, None] * s
+    if b is not None:
+        z = z + b.astype(acc)
+    return activations.get(activation)(z).astype(x.dtype).reshape(*lead, n)
+
+
+_IMPLS = {"xla": (_xla, lambda: True)}
+
+
+def resolve(backend: str, act_quant) -> str:
+    """The backend that runs: ``backend`` itself, or for "auto" the ``AUTO`` entry of the mode
+    (CPU only; elsewhere "xla"). ``ValueError`` for unknown or unavailable names."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _IMPLS):
+        raise ValueError(f"quantized_dense: unknown backend {backend!r:.80}; choose 'auto' or one of {sorted(_IMPLS)}")
+    if backend == "auto":
+        backend = AUTO[act_quant] if jax.default_backend() == "cpu" else "xla"
+        return backend if _IMPLS[backend][1]() else "xla"
+    if not _IMPLS[backend][1]():
+        raise ValueError(f"quantized_dense: backend {backend!r} is not available in this process")
+    return backend
+
+
+def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quant=None, backend: str = "auto"):
+    """``act(x @ (w_q * scale) + b)`` with int8 weights (and, with ``act_quant="int8"``, int8 rows of x).
+
+    Args:
+      x: ``[..., K]`` float array (float32, bfloat16, float16; float64 under x64).
+      w_q: ``[K, N]`` int8 (``jaxnet.compress.quantize_weight``).
+      scale: ``[N]`` float per output channel, or ``[]``/``[1]`` for one per tensor.
+      b: ``[N]`` float or None.
+      activation: a name from ``kernels.activations.ACTIVATIONS``.
+      act_quant: None (weight-only) or "int8" (w8a8, x quantised per row: ``quantize_rows``).
+      backend: "xla" or "auto" (``AUTO``: the fastest measured per mode).
+
+    Returns:
+      ``[..., N]`` in x's dtype. Differentiable in x, scale and b for ``act_quant=None``; in
+      scale and b only for "int8" (``TypeError`` in x: see the module docstring).
+
+    Raises:
+      TypeError, ValueError: at trace time, naming the argument, its shape and dtype.
+    """
+    check_quantized_dense_args(x, w_q, scale, b, activation, act_quant)
+    return _IMPLS[resolve(backend, act_quant)][0](x, w_q, scale, b, activation, act_quant)
+
+
+__all__ = ["ACT_QUANT", "AUTO", "QMAX", "check_quantized_dense_args", "compute_dtype", "int8_dot",
+           "quantize_rows", "quantized_dense", "resolve", "scale_row"]
