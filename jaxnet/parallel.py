@@ -21,11 +21,12 @@ XLA's partitioner (GSPMD/Shardy) inserts the collectives.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -118,13 +119,84 @@ def make_mesh(spec: str | None = None, *, devices=None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
-def run_info(mesh, strategy: str) -> dict:
+def run_info(mesh, strategy: str, shard: "DataShard | None" = None) -> dict:
     """What a result records of a sharded run: ``{"mesh": "data=2,model=2", "strategy": ...,
-    "devices": 4}`` (``{}`` without a mesh)."""
+    "devices": 4}`` and, given the run's ``shard`` (``process_shard``), ``"process_local"`` and
+    ``"data_split"`` (why) (``{}`` without a mesh)."""
     if mesh is None:
         return {}
     spec = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
-    return {"mesh": spec, "strategy": strategy, "devices": int(mesh.size)}
+    return {"mesh": spec, "strategy": strategy, "devices": int(mesh.size), **(shard.info() if shard else {})}
+
+
+class DataShard(NamedTuple):
+    """What ``process_shard`` returns: the data this process passes to ``fit`` / ``fit_stream``,
+    the ``process_local`` argument that goes with them, and why (for the run's result)."""
+
+    data: Any
+    process_local: bool
+    reason: str
+
+    def info(self) -> dict:
+        """``{"process_local": bool, "data_split": reason}``, for a run's result."""
+        return {"process_local": self.process_local, "data_split": self.reason}
+
+
+def process_shard(data, mesh, *, name: str = "data") -> DataShard:
+    """This process's rows of every array in ``data``, for ``fit(..., process_local=True)``.
+
+    ``data`` is a pytree of arrays ``[n_i, ...]`` holding all their rows (``(x, y)``,
+    ``{"train": (x, y), "val": (x, y)}``, a token stream ``[N]`` for ``fit_stream``); every
+    process passes the same. ``NamedSharding(mesh, P("data"))`` gives the rows of data position
+    ``p`` of ``D`` to the devices there, rows ``[p n/D, (p + 1) n/D)``; each array is cut to the
+    positions this process's devices hold, in order (on a mesh from ``make_mesh``: process ``i``
+    of ``P`` keeps rows ``[i n/P, (i + 1) n/P)``), so the global array ``fit`` builds from the
+    processes' parts is the original one, row for row, and training matches one process.
+
+    When that cannot be done, ``data`` comes back unchanged with ``process_local=False`` (every
+    process holds all rows, as without this call) and the reason: no mesh, one process, no
+    ``data`` axis across the processes, an array whose rows do not divide by ``D``, or processes
+    that share data positions (e.g. ``model`` across processes).
+
+    Raises:
+      ValueError: ``data`` has no arrays, or one without a row axis (naming ``name``).
+    """
+    leaves = jax.tree.leaves(data)
+    if not leaves or any(np.ndim(a) == 0 for a in leaves):
+        raise ValueError(f"process_shard: {name} must hold arrays with a row axis; got "
+                         f"{[np.shape(a) for a in leaves][:4]}")
+    whole = lambda why: DataShard(data, False, f"{why}: every process holds all rows")  # noqa: E731
+    if mesh is None:
+        return DataShard(data, False, "no mesh: one device holds all rows")
+    owners = np.vectorize(lambda d: d.process_index, otypes=[int])(np.asarray(mesh.devices))
+    processes = len(set(owners.flat))
+    if processes == 1:
+        return DataShard(data, False, "one process: it holds all rows")
+    spec = ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    if mesh.shape.get("data", 1) == 1:
+        return whole(f"the mesh {spec} has no data axis across its {processes} processes")
+    # Per data position, the processes whose devices sit there: each must have exactly one, and
+    # every process the same number of positions, or the processes' parts overlap or differ.
+    by_position = np.moveaxis(owners, list(mesh.axis_names).index("data"), 0).reshape(mesh.shape["data"], -1)
+    position_owner = [set(row) for row in by_position.tolist()]
+    held = collections.Counter(min(o) for o in position_owner)
+    mine = [p for p, o in enumerate(position_owner) if o == {jax.process_index()}]
+    if any(len(o) > 1 for o in position_owner) or len(set(held.values())) != 1 or not mine:
+        return whole(f"the processes share or unevenly hold the data positions of the mesh {spec}")
+    positions = len(position_owner)
+    for a in leaves:
+        if np.shape(a)[0] % positions:
+            return whole(f"{name}: {np.shape(a)[0]} rows do not divide over the mesh's data axis (size "
+                         f"{positions}, on {processes} processes)")
+
+    def cut(a):
+        block = np.shape(a)[0] // positions
+        if mine == list(range(mine[0], mine[-1] + 1)):  # contiguous: a view, not a copy
+            return a[mine[0] * block:(mine[-1] + 1) * block]
+        return np.concatenate([a[p * block:(p + 1) * block] for p in mine])
+
+    return DataShard(jax.tree.map(cut, data), True,
+                     f"{name}: each of {processes} processes passes only its own 1/{processes} of the rows")
 
 
 def logical_specs(model: nn.Module, sample_x) -> Any:
@@ -370,6 +442,6 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "gathered",
+__all__ = ["AXES", "DataShard", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "gathered",
            "initialize", "is_main_process", "logical_specs", "make_mesh", "mesh_spec", "param_shardings",
-           "parse_mesh_spec", "put", "run_info", "sharded_dense"]
+           "parse_mesh_spec", "process_shard", "put", "run_info", "sharded_dense"]

@@ -61,14 +61,23 @@ def train_jaxnet(config: SeedConfig, data: RegressionData, state: TrainState | N
 
     ``tensorboard``, ``profile_steps``, ``mesh``, ``strategy``: as in ``fit``; ``checkpoint_every``,
     ``resume``: as
-    ``jaxnet.train.checkpoint.run_options`` (under ``<workdir>/checkpoints``).
+    ``jaxnet.train.checkpoint.run_options`` (under ``<workdir>/checkpoints``). On a mesh over
+    several processes each passes only its rows of ``data`` where they divide
+    (``parallel.process_shard``; ``train_data_shard`` says what happened).
     """
     state = make_state(config, data) if state is None else state
-    return fit(state, (data.x, data.y), loss_fn=losses.mse, epochs=config.epochs, log_every=log_every,
+    shard = train_data_shard(data, mesh)
+    return fit(state, shard.data, loss_fn=losses.mse, epochs=config.epochs, log_every=log_every,
                progress=progress, workdir=workdir, epochs_per_call=epochs_per_call,
                title="seed SimpleNet, MSE, SGD", tensorboard=tensorboard, profile_steps=profile_steps,
-               mesh=mesh, strategy=strategy,
+               mesh=mesh, strategy=strategy, process_local=shard.process_local,
                **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config))
+
+
+def train_data_shard(data: RegressionData, mesh) -> parallel.DataShard:
+    """What ``train_jaxnet`` passes to ``fit``: ``(x, y)``, this process's rows of them where
+    ``parallel.process_shard`` can split them over ``mesh``'s processes."""
+    return parallel.process_shard((data.x, data.y), mesh, name="train_data")
 
 
 def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | None = None,
@@ -110,7 +119,7 @@ def run(config: SeedConfig, *, compare_torch: bool = False, log_every: int | Non
         "noise_floor_mse": config.noise_std**2,
         "jaxnet_wall_s": round(wall, 4),
         "loss_curve_png": out.files.get("loss_curve"),
-        **parallel.run_info(mesh, strategy),
+        **parallel.run_info(mesh, strategy, train_data_shard(data, mesh)),
     }
     if workdir is not None:
         result["weights"] = save_weights(workdir, out.state, config)

@@ -2,9 +2,9 @@
 
 Started by ``python -m jaxnet.launch`` (which sets the JAXNET_* variables): joins the job, trains
 the MLP of tests/test_parallel.py under ``data=4`` / fsdp with checkpoints into CKPT, then again
-with each process passing only its half of the rows; process 0 writes the final parameters to OUT
-and OUT's ``_local`` twin (``.npz``). With ``--die`` process 1 dies (status
-3) after joining the job. Not collected by pytest.
+with each process passing only its rows (``jaxnet.parallel.process_shard``: its half); process 0
+writes the final parameters to OUT and OUT's ``_local`` twin (``.npz``). With ``--die`` process 1
+dies (status 3) after joining the job. Not collected by pytest.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import argparse
 import os
 
 
-def run(checkpoint_dir=None, mesh=None, rows=None):
+def run(checkpoint_dir=None, mesh=None, local=False):
     """The run both sides compare: 3 epochs, batch 16, momentum SGD, on ``mesh`` under fsdp.
-    ``rows``: ``(process, processes)``: pass only this process's share of the examples."""
-    from jaxnet import losses, optim
+    ``local``: pass only this process's rows (``process_shard``), which must split them."""
+    from jaxnet import losses, optim, parallel
     from jaxnet.data import make_regression
     from jaxnet.models import MLP
     from jaxnet.train import TrainState, fit
@@ -24,13 +24,12 @@ def run(checkpoint_dir=None, mesh=None, rows=None):
     tx = optim.make_optimizer(optim.OptimizerConfig(name="momentum", learning_rate=0.05))
     state = TrainState.create(model=MLP((32, 32, 1), dropout_rate=0.1), tx=tx, sample_x=d.x[:1], seed=0)
     extra = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir, "checkpoint_every": 5}
-    x, y = d.x, d.y
-    if rows is not None:
-        index, count = rows
-        share = len(x) // count
-        x, y = x[index * share:(index + 1) * share], y[index * share:(index + 1) * share]
-        extra["process_local"] = True
-    return fit(state, (x, y), loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, mesh=mesh,
+    data = (d.x, d.y)
+    if local:
+        split = parallel.process_shard(data, mesh, name="train_data")
+        assert split.process_local and len(split.data[0]) == len(d.x) // 2, split.reason
+        data, extra["process_local"] = split.data, split.process_local
+    return fit(state, data, loss_fn=losses.mse, epochs=3, batch_size=16, progress=False, mesh=mesh,
                strategy="fsdp", **extra)
 
 
@@ -56,9 +55,9 @@ def main(argv=None):
         os._exit(3)  # dies at once, as a crash would (sys.exit would first wait at JAX's shutdown barrier)
     # Two runs in one job (one start-up): every process with all the data (and checkpoints),
     # then each with only its share of the rows (process_local) into OUT's "_local" twin.
-    for rows, out_path, ckpt in ((None, args.out, args.checkpoint_dir),
-                                 ((index, jax.process_count()), args.out.replace(".npz", "_local.npz"), None)):
-        out = run(ckpt, parallel.make_mesh("data=4"), rows)
+    for local, out_path, ckpt in ((False, args.out, args.checkpoint_dir),
+                                  (True, args.out.replace(".npz", "_local.npz"), None)):
+        out = run(ckpt, parallel.make_mesh("data=4"), local)
         params = {n: np.asarray(multihost_utils.process_allgather(a, tiled=True))
                   for n, a in zip(parameter_names(out.state.params), jax.tree.leaves(out.state.params))}
         if index == 0:

@@ -165,9 +165,10 @@ def test_a_custom_kernel_runs_on_each_block_and_agrees(backend, spec, strategy, 
 
 def test_two_processes_on_loopback_equal_one_process(tmp_path):
     """python -m jaxnet.launch: 2 processes x 2 CPU devices (gloo) train under data=4 / fsdp with
-    checkpoints, each passing all the data, then each passing only its half of the rows
-    (process_local); both results equal this process's 4-device run (tolerance as above), and
-    the checkpoint the job wrote verifies and restores here."""
+    checkpoints, each passing all the data, then each passing only the half of the rows
+    ``parallel.process_shard`` gives it (process_local); both results equal this process's
+    4-device run (tolerance as above: the batches are shuffled, so rows in another global order
+    would differ by updates), and the checkpoint the job wrote verifies and restores here."""
     import subprocess
 
     import parallel_worker
@@ -270,3 +271,109 @@ def test_process_local_tokens_in_one_process_are_the_whole_stream():
     for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=tol)
     assert b.history[-1]["epoch"] == a.history[-1]["epoch"]  # epochs over the whole stream
+
+
+def _fake_mesh(owners, axes):
+    """A stand-in for a mesh over several processes (one process cannot make one): ``owners``
+    nests the process index of each device in the mesh's layout, ``axes`` names its axes."""
+    import types
+
+    owners = np.asarray(owners)
+    devices = np.vectorize(lambda i: types.SimpleNamespace(process_index=int(i)), otypes=[object])(owners)
+    return types.SimpleNamespace(devices=devices, axis_names=axes, shape=dict(zip(axes, owners.shape)))
+
+
+@pytest.mark.parametrize("owners, axes", [
+    ([0, 0, 1, 1], ("data",)),                  # make_mesh's order: process 0's devices first
+    ([0, 1, 0, 1], ("data",)),                  # each process at every other position: two blocks each
+    ([[0, 0], [1, 1]], ("data", "model")),      # model inside a process
+    ([[0, 1], [0, 1]], ("model", "data")),      # data as the second axis
+    ([0, 1, 2], ("data",)),                     # 3 processes
+])
+def test_process_shard_gives_each_process_the_rows_its_devices_hold(owners, axes, monkeypatch):
+    """Each process keeps 1/P of the rows of every array, and putting the processes' parts
+    where jax.make_array_from_process_local_data puts them (a process's data positions in
+    order, each taking the next block of its rows) gives back the data, row for row."""
+    mesh = _fake_mesh(owners, axes)
+    data = {"x": np.arange(24.0).reshape(12, 2), "y": np.arange(12) * 10, "tokens": np.arange(24)}
+    by_position = np.moveaxis(np.asarray(owners), list(axes).index("data"), 0).reshape(mesh.shape["data"], -1)
+    processes = int(np.max(owners)) + 1
+    rebuilt = {k: [None] * mesh.shape["data"] for k in data}
+    for me in range(processes):
+        monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+        split = parallel.process_shard(data, mesh, name="train_data")
+        assert split.process_local, split.reason
+        assert split.reason == f"train_data: each of {processes} processes passes only its own 1/{processes} of the rows"
+        mine = [p for p in range(mesh.shape["data"]) if by_position[p, 0] == me]
+        for k, a in split.data.items():
+            assert len(a) == len(data[k]) // processes
+            for i, p in enumerate(np.array_split(np.arange(len(a)), len(mine))):
+                rebuilt[k][mine[i]] = a[p]
+    for k in data:
+        np.testing.assert_array_equal(np.concatenate(rebuilt[k]), data[k])
+
+
+@pytest.mark.parametrize("owners, axes, rows, reason", [
+    ([0, 1, 2], ("data",), 1000, "train_data: 1000 rows do not divide over the mesh's data axis (size 3, on 3 "
+                                 "processes): every process holds all rows"),
+    ([[0, 1], [0, 1]], ("data", "model"), 8, "the processes share or unevenly hold the data positions of the "
+                                             "mesh data=2,model=2: every process holds all rows"),
+    ([0, 0, 1], ("data",), 9, "the processes share or unevenly hold the data positions of the mesh data=3"),
+    ([[0, 1]], ("data", "model"), 8, "the mesh data=1,model=2 has no data axis across its 2 processes"),
+])
+def test_process_shard_keeps_all_rows_where_they_cannot_split(owners, axes, rows, reason, monkeypatch):
+    """Rows that do not divide, processes that share data positions or hold unequal numbers of
+    them, no data axis: every process keeps all the data (the same object), process_local=False,
+    and the reason; the result records both."""
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    data = (np.zeros((rows, 3)), np.zeros(rows))
+    split = parallel.process_shard(data, _fake_mesh(owners, axes), name="train_data")
+    assert split.data is data and not split.process_local and split.reason.startswith(reason)
+    assert parallel.run_info(parallel.make_mesh("data=4"), "dp", split) == {
+        "mesh": "data=4", "strategy": "dp", "devices": 4, "process_local": False, "data_split": split.reason}
+
+
+def test_process_shard_in_one_process_is_the_data_unchanged():
+    x = np.arange(8.0)
+    for mesh, reason in ((parallel.make_mesh("data=4"), "one process: it holds all rows"),
+                         (None, "no mesh: one device holds all rows")):
+        split = parallel.process_shard((x, x), mesh)
+        assert split.data[0] is x and split.process_local is False and split.reason == reason
+    with pytest.raises(ValueError, match=r"process_shard: train_data must hold arrays with a row axis; got \[\(\)\]"):
+        parallel.process_shard(np.float32(1), None, name="train_data")
+
+
+@pytest.mark.slow  # ~25 s: two processes start JAX and compile
+def test_the_seed_experiment_on_two_processes_reads_half_the_rows_each_and_equals_one_process(tmp_path):
+    """python -m jaxnet.launch --nproc 2 -- python -m experiments.seed_simple_net --mesh data=2:
+    each process passes fit its 128 of the 256 rows (the result says process_local and why), and
+    the final loss and weights equal this process's one-device run. Full-batch SGD (lr 0.01), so
+    as in the MLP test above without momentum's factor: each of T updates moves by at most
+    lr * 256 * eps (sums over the 256 rows reassociated), and the loss by that (its gradient is
+    below 1 here) plus its own sum's 256 * eps * loss. Process 1 holding no rows, or all of
+    them twice over, changes the gradient by a percent-level amount."""
+    import json
+    import subprocess
+
+    from jaxnet import seed
+
+    epochs = 40
+    cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "1", "--",
+           sys.executable, "-m", "experiments.seed_simple_net", "--mesh", "data=2", "--epochs", str(epochs),
+           "--log-every", "0", "--workdir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert result["process_local"] is True and result["mesh"] == "data=2", result
+    assert result["data_split"] == "train_data: each of 2 processes passes only its own 1/2 of the rows"
+
+    config = seed.SeedConfig(epochs=epochs)
+    data = seed.make_data(config)
+    one = seed.train_jaxnet(config, data)
+    tol = epochs * config.learning_rate * config.n_samples * np.finfo(np.float32).eps
+    loss = one.history[-1]["loss"]
+    assert abs(result["final_loss"] - loss) <= tol + config.n_samples * np.finfo(np.float32).eps * loss
+    weights = pathlib.Path(result["weights"])
+    two = checkpoint.restore(weights.parent, like=seed.make_state(config, data), step=int(weights.name))
+    for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)

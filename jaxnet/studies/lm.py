@@ -204,7 +204,9 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     ``workdir``.
     ``tensorboard``, ``profile_steps``: as in ``fit_stream``; ``checkpoint_every``, ``resume``: as
     ``jaxnet.train.checkpoint.run_options`` (checkpoints under ``<workdir>/checkpoints``); ``mesh``,
-    ``strategy``: as in ``fit_stream``.
+    ``strategy``: as in ``fit_stream``. On a mesh over several processes each passes ``fit_stream``
+    only its part of the training tokens where they divide (``parallel.process_shard``; the
+    result's ``"data_split"`` says); every process evaluates the held-out tokens whole.
     """
     import jax.numpy as jnp
 
@@ -228,13 +230,14 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     by_time = not config.steps
     step_cap = (math.ceil(config.max_epochs * len(corpus.train) / (config.batch_size * block))
                 if config.max_epochs > 0 else 10**7)
+    shard = parallel.process_shard(corpus.train, mesh, name="training tokens")
     fit = fit_stream(
-        state, corpus.train, steps=step_cap if by_time else config.steps, batch_size=config.batch_size,
+        state, shard.data, steps=step_cap if by_time else config.steps, batch_size=config.batch_size,
         block_size=block, val_tokens=corpus.val, eval_every=config.eval_every, eval_stride=config.eval_stride,
         log_every=config.log_every, time_limit_s=config.time_limit_s,
         budget_s=config.train_budget_s if by_time else None, progress=config.progress, workdir=workdir,
         tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
-        accumulate=config.accumulate,
+        process_local=shard.process_local, accumulate=config.accumulate,
         **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config),
         title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
     weights = save_weights(workdir, fit.state, config)  # the final weights, whatever checkpoint_every says
@@ -252,7 +255,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     result["samples"] = texts
     result["loss_curve_png"] = fit.files.get("loss_curve")
     result["weights"] = weights
-    result.update(parallel.run_info(mesh, strategy))
+    result.update(parallel.run_info(mesh, strategy, shard))
     result.update(dtype=jnp.dtype(model_cfg.dtype).name, remat=model_cfg.remat, accumulate=config.accumulate)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     return result

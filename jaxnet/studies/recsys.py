@@ -97,9 +97,11 @@ def rmse(pred, target) -> float:
 def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None = None, **fit_options) -> dict:
     """Biased MF on a random split of the ratings: test RMSE beside the baselines' (and σ's).
 
-    ``checkpoints``: ``jaxnet.train.checkpoint.run_options`` keywords (none when None).
+    ``checkpoints``: ``jaxnet.train.checkpoint.run_options`` keywords (none when None). On a
+    ``mesh`` over several processes each passes ``fit`` only its rows of the training and
+    validation ratings where they divide (``parallel.process_shard``; ``"data_split"`` says).
     """
-    from jaxnet import losses, optim
+    from jaxnet import losses, optim, parallel
     from jaxnet.baselines.ratings import bias_baseline
     from jaxnet.data.ratings import random_split
     from jaxnet.models import MatrixFactorization
@@ -116,9 +118,12 @@ def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None 
     model = MatrixFactorization(data.num_users, data.num_items, dim=config.mf_dim, offset=mu)
     start = time.perf_counter()
     state = TrainState.create(model=model, tx=tx, sample_x=train.pairs[:1], seed=config.seed)
-    run = fit(state, (train.pairs, train.rating), loss_fn=losses.mse, x_kind="ids",
+    shard = parallel.process_shard({"train": (train.pairs, train.rating),
+                                    "val": None if val is None else (val.pairs, val.rating)},
+                                   fit_options.get("mesh"), name="train and validation ratings")
+    run = fit(state, shard.data["train"], loss_fn=losses.mse, x_kind="ids",
               epochs=config.explicit_epochs, batch_size=config.batch_size, l2=config.explicit_l2,
-              val_data=None if val is None else (val.pairs, val.rating), eval_every=5,
+              val_data=shard.data["val"], eval_every=5, process_local=shard.process_local,
               progress=config.progress, workdir=workdir / "explicit", title="biased MF, MSE",
               **checkpoint.run_options(workdir / "explicit", **(checkpoints or {"checkpoint_every": None})),
               **fit_options)
@@ -138,6 +143,8 @@ def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None 
             out["val_rmse_over_sigma"] = out["val_rmse"] / sigma
     out["loss_curve_png"] = run.files.get("loss_curve")
     out["weights"] = save_weights(workdir / "explicit", run.state, config)
+    if fit_options.get("mesh") is not None:
+        out.update(shard.info())
     return out
 
 
@@ -179,8 +186,12 @@ def ranking_scores(scores: np.ndarray, k: int) -> dict:
 
 
 def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None = None, **fit_options) -> dict:
-    """Each implicit model, leave-one-out: HR@k and NDCG@k beside popularity (and the oracle)."""
-    from jaxnet import losses, optim
+    """Each implicit model, leave-one-out: HR@k and NDCG@k beside popularity (and the oracle).
+
+    On a ``mesh`` over several processes each passes ``fit`` only its rows of every epoch's
+    examples where they divide (``parallel.process_shard``; ``"data_split"`` says).
+    """
+    from jaxnet import losses, optim, parallel
     from jaxnet.baselines.ratings import popularity
     from jaxnet.data import ratings as R
     from jaxnet.train import TrainState, checkpoint, fit
@@ -220,8 +231,10 @@ def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None 
             # Fresh negatives every epoch; the example count is constant, so fit reuses its compilation.
             pairs, labels = R.implicit_examples(train, config.num_negatives, exclude,
                                                 seed=config.seed * 100_003 + epoch)
-            run = fit(state, (pairs, labels), loss_fn=losses.binary_cross_entropy, x_kind="ids",
+            shard = parallel.process_shard((pairs, labels), fit_options.get("mesh"), name="implicit examples")
+            run = fit(state, shard.data, loss_fn=losses.binary_cross_entropy, x_kind="ids",
                       epochs=epoch + 1, batch_size=config.batch_size, progress=False, plot=False,
+                      process_local=shard.process_local,
                       workdir=workdir / f"implicit_{name}", title=f"{name}, implicit",
                       **checkpoint.run_options(workdir / f"implicit_{name}",
                                                **(checkpoints or {"checkpoint_every": None})),
@@ -239,6 +252,8 @@ def run_implicit(config: Config, data, world, workdir, checkpoints: dict | None 
         # Undefined when popularity hits nothing (small data): reported as None, not divided by zero.
         res[f"hr@{k}_over_popularity"] = res["test"][f"hr@{k}"] / popular if popular > 0 else None
         out["models"][name] = res
+        if fit_options.get("mesh") is not None:
+            out.update(shard.info())  # the same every epoch and model: the example count is fixed
         print(f"implicit {name}: test {res['test']}  ({res['train_wall_s']} s)", file=sys.stderr, flush=True)
     return out
 

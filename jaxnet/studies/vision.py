@@ -143,7 +143,9 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     (``seed<k>/checkpoints/<step>``, whatever ``checkpoint_every`` is; listed in the result's
     ``"weights"``) and the summed ``confusion_matrix.png`` into ``workdir``.
     ``checkpoint_every``, ``resume``: as ``jaxnet.train.checkpoint.run_options``. ``tensorboard``,
-    ``profile_steps``, ``mesh``, ``strategy``: as in ``fit`` (each seed's under its own folder).
+    ``profile_steps``, ``mesh``, ``strategy``: as in ``fit`` (each seed's under its own folder); on a
+    mesh over several processes each passes ``fit`` only its rows of the training and validation
+    images where they divide (``parallel.process_shard``; the result's ``"data_split"`` says).
     """
     import jax
 
@@ -165,17 +167,20 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         name="adamw", learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         schedule="warmup_cosine", warmup_steps=max(1, steps // 20), total_steps=steps))
     predict = jax.jit(lambda state, x: state.apply_fn(state.variables, x, train=False).argmax(-1))
+    # Split after standardising: the statistics are the whole training split's in every process.
+    shard = parallel.process_shard({"train": (xtr, train.y), "val": None if val is None else (xval, val.y)},
+                                   mesh, name="train and validation images")
 
     start = time.perf_counter()
     test_acc, val_acc, finals, cm = [], [], [], np.zeros((train.num_classes,) * 2, np.int64)
     for seed in range(config.seeds):
         state = TrainState.create(model=model, tx=tx, sample_x=xtr[:1], seed=seed)
-        out = fit(state, (xtr, train.y), loss_fn=losses.cross_entropy, epochs=config.epochs,
-                  batch_size=config.batch_size, target_kind="labels",
-                  val_data=None if val is None else (xval, val.y), eval_every=5,
+        out = fit(state, shard.data["train"], loss_fn=losses.cross_entropy, epochs=config.epochs,
+                  batch_size=config.batch_size, target_kind="labels", val_data=shard.data["val"], eval_every=5,
                   metrics={"accuracy": metrics.accuracy}, progress=config.progress,
                   workdir=workdir / f"seed{seed}", title=f"{config.model} on digits, seed {seed}",
                   tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
+                  process_local=shard.process_local,
                   **checkpoint.run_options(workdir / f"seed{seed}", checkpoint_every=checkpoint_every,
                                            resume=resume, config=config))
         finals.append(out.state)
@@ -203,7 +208,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         "per_class_accuracy": [round(float(a), 4) for a in metrics.per_class_accuracy(cm)],
         "train_wall_s": round(train_wall, 2),
         "weights": weights,
-        **parallel.run_info(mesh, strategy),
+        **parallel.run_info(mesh, strategy, shard),
     }
     if val is not None:
         result.update(val_accuracy_mean=float(np.mean(val_acc)), val_accuracy_per_seed=val_acc, n_val=len(val.y))
@@ -215,10 +220,12 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         result["anchors_wall_s"] = round(time.perf_counter() - start, 2)
         result["beats_every_anchor"] = result["test_accuracy_mean"] > max(
             a["test_accuracy"] for a in result["anchors"].values())
-    workdir.mkdir(parents=True, exist_ok=True)
-    result["confusion_matrix_png"] = save_confusion_png(
-        cm, train.class_names, workdir / "confusion_matrix.png",
-        f"{config.model}: test confusion, {config.seeds} seeds summed")
+    result["confusion_matrix_png"] = None
+    if parallel.is_main_process():  # several processes: process 0 writes
+        workdir.mkdir(parents=True, exist_ok=True)
+        result["confusion_matrix_png"] = save_confusion_png(
+            cm, train.class_names, workdir / "confusion_matrix.png",
+            f"{config.model}: test confusion, {config.seeds} seeds summed")
     return result
 
 
