@@ -102,6 +102,9 @@ class FusedDense(nn.Module):
                 f"{self.name or type(self).__name__}: expected inputs with {self.in_features} features "
                 f"[..., {self.in_features}], got shape {tuple(x.shape)}"
             )
+        if self.has_variable("params", "w_q"):  # a tree from jaxnet.compress.quantize
+            raise ValueError(f"{name}: its params are quantised (w_q, scale); run the model with "
+                             "jaxnet.compress.apply_quantized")
         if self.has_variable("params", "kernel"):
             # Applying: read the parameters directly. (``self.param`` would re-trace the
             # initialiser under eval_shape on every trace just to compare shapes; we compare here.)
@@ -139,3 +142,51 @@ class FusedDense(nn.Module):
             return sharded_dense(x, kernel, bias, axes=self.axes, activation=self.activation, backend=self.backend,
                                  layout=layout)
         return kernels.fused_dense(x, kernel, bias, activation=self.activation, backend=self.backend)
+
+
+class QuantizedDense(nn.Module):
+    """Inference from int8 weights: ``y = act(x @ (w_q * scale) + bias)`` through
+    ``kernels.quantized_dense``; with ``act_quant="int8"`` each row of x is quantised to int8 first
+    (w8a8). Parameters come from ``jaxnet.compress.quantize``; ``init`` makes zeros (w_q, bias) and
+    ones (scale) of the right shapes, to be replaced.
+
+    Attributes:
+      features: N, the number of outputs.
+      activation: an activation name of the fused-dense contract ("identity" for a plain Linear).
+      use_bias: whether the layer has a bias.
+      act_quant: None (weight-only) or "int8" (dynamic per-row activation scales).
+      backend: a ``kernels.quantized_dense`` backend ("auto": the fastest here).
+      in_features: K when the layer has a fixed input width (checked), else taken from the input.
+
+    Shapes: ``x: [..., K]`` float -> ``[..., N]``. Parameters: ``w_q: int8 [K, N]``,
+    ``scale: float32 [N]``, ``bias: [N]``.
+    """
+
+    features: int
+    activation: str = "identity"
+    use_bias: bool = True
+    act_quant: str | None = None
+    backend: str = "auto"
+    in_features: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        name = self.name or type(self).__name__
+        check_int(self.features, f"{name}: features", minimum=1)
+        check_int(self.in_features, f"{name}: in_features", minimum=1, allow_none=True)
+        k = x.shape[-1]
+        if self.in_features is not None and k != self.in_features:
+            raise ValueError(f"{name}: expected inputs with {self.in_features} features [..., {self.in_features}], "
+                             f"got shape {tuple(x.shape)}")
+        if self.has_variable("params", "w_q"):  # read directly, as FusedDense does (no init re-trace)
+            w_q, scale = self.get_variable("params", "w_q"), self.get_variable("params", "scale")
+            bias = self.get_variable("params", "bias") if self.use_bias else None
+            if tuple(w_q.shape) != (k, self.features):
+                raise ValueError(f"{name}: inputs have K={k} features (x.shape={tuple(x.shape)}) and the layer "
+                                 f"N={self.features} outputs, but w_q has shape {tuple(w_q.shape)}")
+        else:
+            w_q = self.param("w_q", nn.initializers.zeros, (k, self.features), jnp.int8)
+            scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        return kernels.quantized_dense(x, w_q, scale, bias, activation=self.activation, act_quant=self.act_quant,
+                                       backend=self.backend)
