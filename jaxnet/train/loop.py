@@ -120,6 +120,28 @@ def _as_xy(data, name: str, target_kind: str, x_kind: str = "float"):
     return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
 
 
+def check_data(state: TrainState, train_data, val_data=None, *, loss_fn: Callable, target_kind: str = "auto",
+               x_kind: str = "float") -> tuple[dict, dict | None]:
+    """``fit``'s checks of its data, before any step: ``(train, val)`` as ``{"x", "y"}`` device
+    arrays (``val`` None without ``val_data``); ``target_kind``, ``x_kind`` as in ``fit``.
+
+    Raises ``TypeError`` / ``ValueError`` naming the array: dtypes, NaN/Inf, lengths, no
+    examples, labels or ids out of the model's range.
+    """
+    target_kind = _resolve_target_kind(target_kind, _xy(train_data, "train_data")[1], loss_fn, "train")
+    data = _as_xy(train_data, "train", target_kind, x_kind)
+    val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
+    if int(data["x"].shape[0]) == 0:
+        raise ValueError("train_data has no examples")
+    if val is not None and int(val["x"].shape[0]) == 0:
+        raise ValueError("val_data has no examples (pass None for no validation)")
+    # A label the model has no output for, or an id past its table, is a data error, before training.
+    for split, d in (("train", data), ("validation", val)):
+        if d is not None:
+            check_ids_and_labels(state, d, split, target_kind)
+    return data, val
+
+
 @functools.lru_cache(maxsize=64)
 def _runners(loss_fn, l1, l2, reg_filter, metrics_items, n, batch_size, shuffle, on_nonfinite="raise",
              layout=None, micro_batches=1):
@@ -541,22 +563,12 @@ def fit(
     if patience is not None and val_data is None:
         raise ValueError(f"patience={patience} needs val_data: early stopping watches the validation loss")
     t_start = time.perf_counter()
-    target_kind = _resolve_target_kind(target_kind, _xy(train_data, "train_data")[1], loss_fn, "train")
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     watchable = ["val_loss"] + [f"val_{name}" for name in (metrics or {})]
     if monitor not in watchable:
         raise ValueError(f"monitor={monitor!r} is not a validation figure of this run; choose one of {watchable}")
-    data = _as_xy(train_data, "train", target_kind, x_kind)
-    val = None if val_data is None else _as_xy(val_data, "validation", target_kind, x_kind)
-    if int(data["x"].shape[0]) == 0:
-        raise ValueError("train_data has no examples")
-    if val is not None and int(val["x"].shape[0]) == 0:
-        raise ValueError("val_data has no examples (pass None for no validation)")
-    # A label the model has no output for, or an id past its table, is a data error, before training.
-    for split, d in (("train", data), ("validation", val)):
-        if d is not None:
-            check_ids_and_labels(state, d, split, target_kind)
+    data, val = check_data(state, train_data, val_data, loss_fn=loss_fn, target_kind=target_kind, x_kind=x_kind)
     if process_local and mesh is None:
         raise ValueError("process_local=True needs a mesh: the processes' rows make one array over its data axis")
     layout = None

@@ -1,0 +1,149 @@
+"""fit_many: model i of a sweep is a single fit of its seed and hyperparameters (both modes, with
+early stopping), the hyperparameters reach their own models, chunks change nothing, and what a
+sweep cannot honour is refused by name."""
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnet import losses
+from jaxnet.models import MLP
+from jaxnet.train import TrainState, fit, fit_many, sweep
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(20, 3)).astype(np.float32)
+Y = (np.sin(X[:, :1]) + 0.3 * RNG.normal(size=(20, 1))).astype(np.float32)
+XV = RNG.normal(size=(7, 3)).astype(np.float32)
+YV = (np.sin(XV[:, :1]) + 0.3 * RNG.normal(size=(7, 1))).astype(np.float32)
+MODEL = MLP((6, 1))
+# One transformation for every model: each state carries its own rate in opt_state, so the single
+# fits below share compiled programs (a new tx per call would compile each one afresh).
+TX = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+SEEDS, RATES = [0, 1], [0.03, 0.3]
+EPOCHS = 16
+
+
+def state_fn(seed, learning_rate):
+    state = TrainState.create(model=MODEL, tx=TX, sample_x=X[:1], seed=seed)
+    hyper = dict(state.opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def options(batch_size):
+    return dict(loss_fn=losses.mse, epochs=EPOCHS, batch_size=batch_size, val_data=(XV, YV), patience=2,
+                progress=False)
+
+
+def assert_close(got, want, steps, what):
+    """Within ``sweep.tolerance(steps)`` relative, of each leaf's scale (its largest magnitude)."""
+    tol = sweep.tolerance(steps)
+    for path, a, b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got), jax.tree.leaves(want)):
+        b = np.asarray(b, np.float64)
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol * max(np.abs(b).max(), 1e-30),
+                                   err_msg=f"{what} {jax.tree_util.keystr(path[0])}")
+
+
+@pytest.mark.parametrize("batch_size", [None, 8], ids=["full_batch", "minibatch"])
+def test_each_model_is_a_single_fit_of_its_seed_and_rate_with_early_stopping(batch_size):
+    runs = fit_many(state_fn, (X, Y), seeds=SEEDS, hparams={"learning_rate": RATES}, **options(batch_size))
+    grid = sweep.model_grid(SEEDS, {"learning_rate": RATES})
+    assert [(s, hp["learning_rate"]) for s, hp in grid] == [(0, 0.03), (0, 0.3), (1, 0.03), (1, 0.3)]
+    # The models stop at different epochs, so each model's own stop (the masked update) is exercised.
+    assert len({len(r.history) for r in runs}) > 1 and any(r.stopped_early for r in runs)
+    steps_per_epoch = 1 if batch_size is None else 3
+    for (seed, hp), run in zip(grid, runs):
+        one = fit(state_fn(seed, **hp), (X, Y), **options(batch_size))
+        assert (len(run.history), run.best_epoch, run.stopped_early) == (len(one.history), one.best_epoch,
+                                                                          one.stopped_early), (seed, hp)
+        steps = len(one.history) * steps_per_epoch
+        # The whole state: a model that stopped must not have trained on (restore_best alone would
+        # hide that in the parameters, not in the step count or the momentum).
+        assert (int(run.state.step), int(run.state.epoch)) == (int(one.state.step), int(one.state.epoch))
+        assert_close((run.state.params, run.state.opt_state), (one.state.params, one.state.opt_state), steps,
+                     f"state of seed {seed}, {hp}:")
+        for name in ("loss", "grad_norm", "val_loss"):
+            assert_close(run.column(name), one.column(name), steps, f"{name} of seed {seed}, {hp}:")
+        assert [set(r) for r in run.history] == [set(r) for r in one.history]
+        assert float(run.state.opt_state.hyperparams["learning_rate"]) == np.float32(hp["learning_rate"])
+    # Same seed, other rate: far apart, so the equalities above could not hold with one rate for all.
+    gap = np.abs(np.asarray(runs[0].state.params["layers_0"]["kernel"]) - runs[1].state.params["layers_0"]["kernel"])
+    assert gap.max() > 1e3 * sweep.tolerance(EPOCHS * steps_per_epoch)
+
+
+def test_chunks_from_a_tiny_memory_budget_give_the_unchunked_results(monkeypatch):
+    planned = []
+    plan = sweep.plan_chunks
+    monkeypatch.setattr(sweep, "plan_chunks", lambda *a: planned.append(plan(*a)) or planned[-1])
+    kwargs = dict(seeds=[0, 1, 2], hparams={"learning_rate": [0.1]}, loss_fn=losses.mse, epochs=5, progress=False)
+    whole = fit_many(state_fn, (X, Y), **kwargs)
+    chunked = fit_many(state_fn, (X, Y), memory_budget=1, **kwargs)
+    assert [len(p) for p in planned] == [1, 3]  # one chunk of 3, then 3 of one model each
+    for a, b in zip(chunked, whole):
+        assert_close(a.state.params, b.state.params, 5, "params:")
+        assert_close(a.column("loss"), b.column("loss"), 5, "loss:")
+
+
+def test_plan_chunks_balances_and_always_trains():
+    assert sweep.plan_chunks(10, 100, 50, 10_000) == [range(0, 10)]
+    assert sweep.plan_chunks(10, 100, 50, 450) == [range(0, 4), range(4, 8), range(8, 10)]  # 4 fit, 3 chunks
+    assert sweep.plan_chunks(3, 100, 50, 1) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+def test_model_grid_orders_seeds_then_combinations():
+    hp = {"learning_rate": [1e-3, 3e-3], "weight_decay": [0, 1e-4]}
+    assert sweep.model_grid([7], hp) == [(7, {"learning_rate": 1e-3, "weight_decay": 0}),
+                                         (7, {"learning_rate": 1e-3, "weight_decay": 1e-4}),
+                                         (7, {"learning_rate": 3e-3, "weight_decay": 0}),
+                                         (7, {"learning_rate": 3e-3, "weight_decay": 1e-4})]
+    assert sweep.model_grid([1, 2], hp, combine="zip") == [
+        (1, {"learning_rate": 1e-3, "weight_decay": 0}), (1, {"learning_rate": 3e-3, "weight_decay": 1e-4}),
+        (2, {"learning_rate": 1e-3, "weight_decay": 0}), (2, {"learning_rate": 3e-3, "weight_decay": 1e-4})]
+    assert sweep.model_grid(range(2)) == [(0, {}), (1, {})]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(hparams={"learning_rate": [0.1, 0.2], "momentum": [0.9]}, combine="zip"), ValueError,
+     "combine='zip' needs lists of one length, got lengths {'learning_rate': 2, 'momentum': 1}"),
+    (dict(hparams={"lr": [0.1]}), ValueError, "takes no hyperparameter 'lr'"),
+    (dict(hparams={"learning_rate": []}), ValueError, "hparams['learning_rate'] is empty"),
+    (dict(hparams={"learning_rate": ["fast"]}), TypeError, "hparams['learning_rate'][0] must be a number"),
+    (dict(seeds=[]), ValueError, "seeds is empty"),
+    (dict(seeds=[0, 1.5]), TypeError, "seeds[1] must be an integer"),
+    (dict(checkpoint_dir="ckpt"), ValueError, "fit_many does not take checkpoint_dir='ckpt'"),
+    (dict(mesh="data=2"), ValueError, "fit_many does not take mesh='data=2': fit_many runs on one device"),
+    (dict(workdir="runs/x"), ValueError, "fit_many does not take workdir="),
+    (dict(epoch=3), TypeError, "unexpected keyword argument 'epoch'"),
+    (dict(combine="outer"), ValueError, "combine must be one of ['product', 'zip']"),
+])
+def test_bad_arguments_are_refused_by_name(kwargs, error, message):
+    call = dict(seeds=[0], hparams={"learning_rate": [0.1]}, loss_fn=losses.mse, epochs=1, progress=False)
+    with pytest.raises(error) as info:
+        fit_many(state_fn, (X, Y), **{**call, **kwargs})
+    assert message in str(info.value)
+
+
+def test_a_hyperparameter_the_optimiser_state_does_not_carry_is_refused():
+    def baked_in(seed, **hp):  # the rate closed over, not injected: every model would get the same
+        return TrainState.create(model=MODEL, tx=optax.sgd(0.1), sample_x=X[:1], seed=seed)
+
+    with pytest.raises(ValueError, match="'learning_rate' is not in the optimiser state state_fn builds"):
+        fit_many(baked_in, (X, Y), seeds=[0], hparams={"learning_rate": [0.1]}, loss_fn=losses.mse, epochs=1,
+                 progress=False)
+
+
+def test_every_fit_argument_is_honoured_or_refused():
+    fit_args = {n for n, p in inspect.signature(fit).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(sweep.HONOURED) | set(sweep.REFUSED) == fit_args
+    assert not set(sweep.HONOURED) & set(sweep.REFUSED)
+
+
+def test_a_state_fn_that_gives_every_model_the_first_value_is_refused():
+    def first_rate_only(seed, learning_rate):  # injected, but not this model's value
+        return state_fn(seed, RATES[0])
+
+    with pytest.raises(ValueError, match=r"asked learning_rate=0.3 but its optimiser state holds 0.03"):
+        fit_many(first_rate_only, (X, Y), seeds=[0], hparams={"learning_rate": RATES}, loss_fn=losses.mse, epochs=1,
+                 progress=False)
