@@ -12,7 +12,7 @@ import pytest
 from experiments import common
 
 EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_parallel", "bench_seed", "bench_vmap",
-               "gpu_check", "lm", "recsys", "seed_simple_net", "vision")
+               "gpu_check", "lm", "recsys", "seed_simple_net", "sweep", "vision")
 # Flags whose values are a fixed set.
 CHOICES = {
     "bench_kernels": ("--backends", "--activation", "--dtype"),
