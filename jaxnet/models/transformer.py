@@ -256,6 +256,8 @@ class CausalSelfAttention(nn.Module):
         allowed = key_positions[None, :] <= positions[:, None]  # (S, L): causal
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # (B, H, S, L)
+        # For jaxnet.explain.attention: kept only when "intermediates" is mutable, else a no-op.
+        self.sow("intermediates", "attention_weights", probs)
         if cfg.attention_dropout_rate > 0:
             probs = Dropout(cfg.attention_dropout_rate, deterministic=not train)(probs)
         y = xla.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).astype(x.dtype).reshape(b, s, c)
