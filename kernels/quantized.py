@@ -12,12 +12,14 @@ Modes (``act_quant``):
   ``scale_x = max|x_row| / 127``, round half to even, clip to [-127, 127]), the int8 x int8 dot
   accumulates exactly in int32, and ``z = acc * scale_x[:, None] * scale[None, :] + b``.
 
-Backends: "xla" (here) and "auto", which takes per mode what ``AUTO`` says measured fastest on
-this platform (docs/benchmarks.md, "Quantized dense"). The definition of correct is
+Backends: "xla" (here), "numba" (``kernels.numba_cpu.quantized``: CPU kernels through the XLA
+FFI) and "auto", which takes per mode (and number of rows) what ``AUTO`` says measured fastest
+on this platform (docs/benchmarks.md, "Quantized dense"). The definition of correct is
 ``kernels.reference.quantized_dense``.
 
 Gradients. Quantised inference is the use, but the weight-only layer is a smooth function of
-x, scale and b, and is differentiable in them (XLA's autodiff). w8a8 rounds x, so y is
+x, scale and b, and is differentiable in them on every backend (XLA's autodiff; the numba
+kernels take their derivatives from the reference's ``jnp`` arithmetic). w8a8 rounds x, so y is
 piecewise constant in x: its derivative in x is 0 almost everywhere and useless, and a
 straight-through estimate would be a different function's gradient. Differentiating w8a8 in x
 raises ``TypeError`` (``quantize_rows``); in scale and b it works. ``w_q`` is an integer array:
@@ -36,9 +38,10 @@ from kernels import activations
 QMAX = 127  # symmetric int8, [-127, 127]: -x quantises to -q (no lone -128)
 ACT_QUANT = (None, "int8")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-# What "auto" runs on the CPU, per mode: the fastest at every shape measured in
-# docs/benchmarks.md ("Quantized dense"). Other platforms run "xla".
-AUTO = {None: "xla", "int8": "xla"}
+# What "auto" runs on the CPU, per mode: ((most rows of x, backend), ...), the first entry whose
+# row limit (None: any) covers the call; the fastest measured in docs/benchmarks.md ("Quantized
+# dense"). Other platforms run "xla".
+AUTO = {None: ((64, "numba"), (None, "xla")), "int8": ((None, "numba"),)}
 
 NOT_DIFFERENTIABLE = ("quantized_dense(act_quant='int8') is not differentiable in x: x is rounded to "
                       "int8, so y is piecewise constant in x; differentiate act_quant=None or the float layer")
@@ -102,18 +105,21 @@ def quantize_rows(x):
     """Per-row symmetric int8 quantisation of activations, the w8a8 contract.
 
     ``x: [..., K]`` float -> ``(q: [..., K] int8, scale_x: [...] in compute_dtype(x))`` with
-    ``scale_x = max|x_row| / 127`` and ``q = clip(round(x / scale_x), -127, 127)``, rounding half
-    to even, so ``|x - q * scale_x| <= scale_x / 2``. An all-zero row (and K = 0) has
-    ``scale_x = 0`` and ``q = 0``; a row holding NaN or Inf gets a non-finite ``scale_x`` (its
-    outputs are NaN). Every backend quantises through this one function, so all of them feed the
-    same integers to the dot.
+    ``scale_x = max|x_row| * (1/127)`` and ``q = clip(round(x * (1 / scale_x)), -127, 127)``,
+    rounding half to even, so ``|x - q * scale_x| <= scale_x / 2`` (to rounding). Written with
+    reciprocals because XLA turns a division by a constant or a broadcast into that product
+    anyway: spelt out, the integers are a function of x alone, the same in every program and in
+    NumPy. An all-zero row (and K = 0) has ``scale_x = 0`` and ``q = 0``; a row holding NaN or
+    Inf gets a non-finite ``scale_x`` (its outputs are NaN). Every backend quantises through this
+    one function.
 
     Not differentiable: ``jax.grad`` through x raises ``TypeError`` (see the module docstring).
     """
-    xa = x.astype(compute_dtype(x))
-    sx = jnp.max(jnp.abs(xa), axis=-1, initial=0) / QMAX  # (...,)
-    safe = jnp.where(sx > 0, sx, 1)  # all-zero rows: 0 / 1 = 0
-    q = jnp.clip(jnp.round(xa / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)  # (..., K)
+    acc = compute_dtype(x)
+    xa = x.astype(acc)
+    sx = jnp.max(jnp.abs(xa), axis=-1, initial=0) * jnp.asarray(1 / QMAX, acc)  # (...,)
+    inv = 1 / jnp.where(sx > 0, sx, 1)  # all-zero rows: 0 * 1 = 0
+    q = jnp.clip(jnp.round(xa * inv[..., None]), -QMAX, QMAX).astype(jnp.int8)  # (..., K)
     return q, sx
 
 
@@ -141,7 +147,7 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) in (jnp.float32, jnp.float64) else None
 
 
-def _xla(x, w_q, scale, b, activation: str, act_quant):
+def xla(x, w_q, scale, b, activation: str, act_quant):
     """The "xla" backend; arguments already checked.
 
     Weight-only is the dot in x's dtype with ``w_q`` cast to it (exact: int8 fits every float
@@ -163,16 +169,31 @@ def _xla(x, w_q, scale, b, activation: str, act_quant):
     return activations.get(activation)(z).astype(x.dtype).reshape(*lead, n)
 
 
-_IMPLS = {"xla": (_xla, lambda: True)}
+def _numba(x, w_q, scale, b, activation: str, act_quant):
+    from kernels.numba_cpu import quantized  # compiles nothing until its first call
+
+    return quantized.quantized_dense(x, w_q, scale, b, activation, act_quant)
 
 
-def resolve(backend: str, act_quant) -> str:
-    """The backend that runs: ``backend`` itself, or for "auto" the ``AUTO`` entry of the mode
-    (CPU only; elsewhere "xla"). ``ValueError`` for unknown or unavailable names."""
+def _numba_available() -> bool:
+    from kernels.numba_cpu import is_available
+
+    return is_available()
+
+
+# name -> (function, is_available)
+_IMPLS = {"xla": (xla, lambda: True), "numba": (_numba, _numba_available)}
+
+
+def resolve(backend: str, act_quant, rows: int) -> str:
+    """The backend that runs ``rows`` rows of x: ``backend`` itself, or for "auto" the ``AUTO``
+    entry of the mode (CPU only; elsewhere "xla"). ``ValueError`` for unknown or unavailable names."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in _IMPLS):
         raise ValueError(f"quantized_dense: unknown backend {backend!r:.80}; choose 'auto' or one of {sorted(_IMPLS)}")
     if backend == "auto":
-        backend = AUTO[act_quant] if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        backend = next(name for limit, name in AUTO[act_quant] if limit is None or rows <= limit)
         return backend if _IMPLS[backend][1]() else "xla"
     if not _IMPLS[backend][1]():
         raise ValueError(f"quantized_dense: backend {backend!r} is not available in this process")
@@ -189,7 +210,8 @@ def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quan
       b: ``[N]`` float or None.
       activation: a name from ``kernels.activations.ACTIVATIONS``.
       act_quant: None (weight-only) or "int8" (w8a8, x quantised per row: ``quantize_rows``).
-      backend: "xla" or "auto" (``AUTO``: the fastest measured per mode).
+      backend: "xla", "numba" (CPU) or "auto" (``AUTO``: the fastest measured per mode and
+        number of rows).
 
     Returns:
       ``[..., N]`` in x's dtype. Differentiable in x, scale and b for ``act_quant=None``; in
@@ -199,7 +221,8 @@ def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quan
       TypeError, ValueError: at trace time, naming the argument, its shape and dtype.
     """
     check_quantized_dense_args(x, w_q, scale, b, activation, act_quant)
-    return _IMPLS[resolve(backend, act_quant)][0](x, w_q, scale, b, activation, act_quant)
+    name = resolve(backend, act_quant, math.prod(x.shape[:-1]))
+    return _IMPLS[name][0](x, w_q, scale, b, activation, act_quant)
 
 
 __all__ = ["ACT_QUANT", "AUTO", "QMAX", "check_quantized_dense_args", "compute_dtype", "int8_dot",

@@ -219,11 +219,15 @@ class _Runner:
         return _jitted(self.candidate if role == "candidate" else self.reference, kind, kwargs, extra)
 
     def _bounds(self, args, kw):
+        """Per-call bounds (``forward``, ``grads``, ``kink_mask``), or None for a tolerance of ``expected`` alone."""
+        if not self.fused:
+            from_inputs = getattr(self.tolerance, "from_inputs", None)
+            return None if from_inputs is None else from_inputs(args, kw)
         x, w, b = args
         return FusedDenseBounds.from_inputs(x, w, b, kw.get("activation", "relu"))
 
     def _forward_tol(self, bounds, y_ref):
-        return bounds.forward(y_ref) if self.fused else self.tolerance(y_ref)
+        return bounds.forward(y_ref) if bounds is not None else self.tolerance(y_ref)
 
     def _reference(self, args, kw, g, diff):
         """Reference value (and gradients if ``g`` is given) as NumPy."""
@@ -250,7 +254,7 @@ class _Runner:
             if msg:
                 failures.append(Failure(check, call, msg, info))
 
-        bounds = self._bounds(args, kw) if self.fused else None
+        bounds = self._bounds(args, kw)
         names = ARG_NAMES if self.fused else tuple(f"arg{i}" for i in range(len(args)))
         diff = tuple(i for i, a in enumerate(args) if _is_float_array(a))
         want_grads = "grad" in groups and any(f"grad_{names[i]}" not in done for i in diff)
@@ -289,7 +293,7 @@ class _Runner:
             second = args
             in_axes = tuple(0 if hasattr(a, "shape") else None for a in args)
         y2, _ = self._reference(second, kw, g, diff)
-        tol2 = self._forward_tol(self._bounds(second, kw) if self.fused else None, y2)
+        tol2 = self._forward_tol(self._bounds(second, kw), y2)
         stacked = tuple(a if ax is None else np.stack([a, s]) for a, s, ax in zip(args, second, in_axes))
         expected = np.stack([y_ref, y2])
         record("vmap", lambda: self._jit("candidate", "vmap", kw, in_axes)(*stacked), expected,
@@ -473,7 +477,10 @@ def assert_matches_reference(candidate: Callable, reference: Callable | None = N
       shrink: how many examples Hypothesis may spend shrinking a failure towards the smallest
         call (each costs compiles); 0 reports the first failing call as found.
       tolerance: for non-default ``args``: an accumulation length (int), a ``GenericTolerance``,
-        a callable ``expected -> per-element tol``, or "fused_dense" for calls of that contract.
+        a callable ``expected -> per-element tol``, "fused_dense" for calls of that contract, or
+        an object whose ``from_inputs(args, kwargs)`` returns the call's bounds, with the methods
+        of ``tolerances.FusedDenseBounds`` (``forward(y_ref)``, ``grads(g, grads_ref)`` keyed
+        "arg0", "arg1", ..., ``kink_mask()``): tolerances derived from the inputs.
       max_elements: memory budget per call for the default strategy (x + w + y elements).
       keep_going: after the first failure, keep searching for the checks that still pass, so
         the message has a verdict per check (slower; ``verify`` and ``jaxnet verify`` do).

@@ -1,0 +1,598 @@
+"""Numba kernels and FFI handlers of ``quantized_dense``: int8 weights, float32 or int8 rows of x.
+
+Two handlers, each compiled (or loaded from Numba's cache) at its first call, not before, and
+apart from the fused-dense ones (``_handlers``), whose cold compile they do not wait for:
+
+  weight-only: args (x f32 [M, K], w_q s8 [K, N], scale f32 [N], b f32 [N]?)  rets (y f32 [M, N])
+  w8a8:        args (q s8 [M, K], scale_x f32 [M], w_q s8 [K, N], scale f32 [N], b f32 [N]?)
+               rets (y f32 [M, N])
+  attribute ``act`` (int64): identity's or relu's code in ``kernels.activations``, applied on
+  each tile as it is stored. The other activations run in XLA after the call (one elementwise
+  pass over y; ``kernels.numba_cpu.quantized``): the fused kernels' transcendental epilogue
+  would add seconds to each handler's cold compile.
+
+The inner loops are LLVM IR written here (``_wo_tile``, ``_dot4_tile``): a tile of accumulator
+vectors held in registers across the whole reduction, with no reliance on the loop vectoriser.
+
+- Weight-only reads w_q in place, 64 columns (one cache line) at a time, converts them to
+  float32 in registers and multiplies them with 1, 2 or 4 rows of x (fused multiply-add).
+  Memory-bound at small M: a quarter of the bytes a float32 weight would move.
+- w8a8 multiplies 4 consecutive k at once: ``vpdpbusd`` (AVX512-VNNI) adds four u8 x s8 products
+  into each int32 lane. It needs one unsigned operand, so the weights go in as ``w + 128`` (a
+  flip of the sign bit) and ``128 * sum_k q[i, k]`` is taken off each row after. int32 sums
+  wrap modulo 2**32, so the result is the exact dot whenever that fits in int32 (K <= 133,144:
+  the limit of any int32 accumulation, XLA's included), whatever the offset's own size. The
+  4 x 32 bytes of a step are interleaved from 4 rows of w_q in registers (no packed copy: two
+  byte permutes a step, beside 16 ``vpdpbusd``). Without VNNI the same IR multiplies widened
+  vectors (LLVM's own lowering).
+
+Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored.
+Blocks of the output are shared with XLA's intra-op thread pool from ``PARALLEL_MIN_MACS`` on
+(``run``). Measurements in docs/benchmarks.md ("Quantized dense").
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import carray, cfunc, float32, int8, int32, njit, types
+from numba.core import config
+from numba.core.codegen import get_host_cpu_features
+from numba.extending import intrinsic, overload
+
+from kernels.activations import CODES
+from kernels.numba_cpu import _cache, _ffi
+from kernels.numba_cpu._ffi import arg, as_pointer, as_shape, data, dim, dtype, make_error, rank, ret
+
+DTYPE_S8 = 2  # XLA_FFI_DataType S8
+# The activations applied in the kernels (others run in XLA after the call: ``quantized``).
+IDENTITY, RELU = CODES["identity"], CODES["relu"]
+WO_NR = 64  # weight-only: columns per tile (one 64-byte line of w_q, 4 float32 vectors)
+WO_MR = 4  # weight-only: rows per tile (16 accumulator vectors)
+Q_NR = 32  # w8a8: columns per tile (2 int32 vectors)
+Q_MR = 8  # w8a8: rows per tile (16 accumulator vectors)
+
+_WO_TILE = WO_MR * WO_NR  # literals for stack_buffer
+_Q_TILE = Q_MR * Q_NR
+WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
+
+# No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
+# are hand-written IR).
+_OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
+
+
+def has_vnni() -> bool:
+    """Whether Numba compiles for a CPU with AVX512-VNNI (its target features, as Numba sets them)."""
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return "+avx512vnni" in features.split(",")
+
+
+def _i64(context, builder, value, ty):
+    return context.cast(builder, value, ty, types.int64)
+
+
+def _data(context, builder, ty, value):
+    return context.make_array(ty)(context, builder, value).data
+
+
+def _splat(builder, scalar, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    one = builder.insert_element(undef, scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), None))
+
+
+def _reduction_loop(builder, count, inits, body):
+    """``acc = body(l, acc)`` for l in [0, count), the accumulators (LLVM values) as phis; returns
+    the final ones (the inits when count <= 0)."""
+    i64 = ir.IntType(64)
+    pre = builder.block
+    loop = builder.append_basic_block("q.loop")
+    done = builder.append_basic_block("q.done")
+    builder.cbranch(builder.icmp_signed(">", count, i64(0)), loop, done)
+    builder.position_at_end(loop)
+    l = builder.phi(i64)
+    accs = [builder.phi(v.type) for v in inits]
+    new = body(l, accs)
+    l1 = builder.add(l, i64(1))
+    end = builder.block
+    builder.cbranch(builder.icmp_signed("<", l1, count), loop, done)
+    l.add_incoming(i64(0), pre)
+    l.add_incoming(l1, end)
+    for a, v0, v1 in zip(accs, inits, new):
+        a.add_incoming(v0, pre)
+        a.add_incoming(v1, end)
+    builder.position_at_end(done)
+    out = []
+    for v0, v1 in zip(inits, new):
+        p = builder.phi(v0.type)
+        p.add_incoming(v0, pre)
+        p.add_incoming(v1, end)
+        out.append(p)
+    return out
+
+
+@intrinsic(prefer_literal=True)
+def _wo_tile(typingctx, x, xo, ldx, rows, w, wo, ldw, k, out):
+    """``out[r*64 + c] = sum_l x[xo + r*ldx + l] * float(w[wo + l*ldw + c])`` for r < rows,
+    c < 64, l < k. x: float32 1-D, w: int8 1-D, out: float32 1-D (rows * 64); rows a literal."""
+    if not isinstance(rows, types.IntegerLiteral):
+        return None
+    nrows = rows.literal_value
+
+    def codegen(context, builder, sig, args):
+        xa, xo_, ldx_, _, wa, wo_, ldw_, k_, oa = args
+        xo_, ldx_, wo_, ldw_, k_ = (_i64(context, builder, v, t) for v, t in zip(
+            (xo_, ldx_, wo_, ldw_, k_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
+        xp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, xa), (4, wa), (8, oa)))
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        vf, vb = ir.VectorType(f32, 16), ir.VectorType(ir.IntType(8), 16)
+        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+            builder.module, ir.FunctionType(vf, [vf] * 3), "llvm.fma.v16f32")
+
+        def body(l, accs):
+            row = builder.gep(wp, [builder.add(wo_, builder.mul(l, ldw_))], inbounds=True)
+            wv = [builder.sitofp(builder.load(builder.bitcast(builder.gep(row, [i64(16 * c)], inbounds=True),
+                                                                vb.as_pointer()), align=1), vf) for c in range(4)]
+            new = []
+            for r in range(nrows):
+                at = builder.add(builder.add(xo_, builder.mul(i64(r), ldx_)), l)
+                xb = _splat(builder, builder.load(builder.gep(xp, [at], inbounds=True)), vf)
+                new += [builder.call(fma, [xb, wv[c], accs[4 * r + c]]) for c in range(4)]
+            return new
+
+        final = _reduction_loop(builder, k_, [ir.Constant(vf, None)] * (4 * nrows), body)
+        for i, v in enumerate(final):
+            builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+    u = types.unliteral
+    return types.none(x, u(xo), u(ldx), rows, w, u(wo), u(ldw), u(k), out), codegen
+
+
+def _dot4(builder, acc, xb, wv, vnni):
+    """``acc[lane] += sum_{i<4} u8(wv)[4 lane + i] * s8(xb)[4 lane + i]`` (16 int32 lanes)."""
+    v32 = ir.VectorType(ir.IntType(32), 16)
+    if vnni:
+        name = "llvm.x86.avx512.vpdpbusd.512"
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(v32, [v32] * 3), name)
+        return builder.call(fn, [acc, builder.bitcast(wv, v32), xb])
+    v64 = ir.VectorType(ir.IntType(32), 64)
+    prod = builder.mul(builder.zext(wv, v64), builder.sext(builder.bitcast(xb, wv.type), v64))
+    for i in range(4):
+        part = builder.shuffle_vector(prod, ir.Constant(v64, ir.Undefined),
+                                      ir.Constant(v32, [4 * lane + i for lane in range(16)]))
+        acc = builder.add(acc, part)
+    return acc
+
+
+@intrinsic(prefer_literal=True)
+def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
+    """``out[r*32 + c] += sum_{l < 4 nq} (w[wo + l*ldw + c] + 128) * q[qo + r*ldq + l]`` for
+    r < rows, c < 32 (int32, exact). q, w: int8 1-D; out: int32 1-D (rows * 32); rows a literal.
+
+    Each step reads 32 bytes from each of 4 rows of w and interleaves them so that every int32
+    lane holds one column's 4 consecutive k (``vpdpbusd``'s layout)."""
+    if not isinstance(rows, types.IntegerLiteral):
+        return None
+    nrows, vnni = rows.literal_value, has_vnni()
+
+    def codegen(context, builder, sig, args):
+        qa, qo_, ldq_, _, wa, wo_, ldw_, nq_, oa = args
+        qo_, ldq_, wo_, ldw_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
+            (qo_, ldq_, wo_, ldw_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
+        qp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (8, oa)))
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        v32, b32, b64 = ir.VectorType(i32, 16), ir.VectorType(i8, 32), ir.VectorType(i8, 64)
+        concat = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
+        # Byte 4c + i of a half is column c of row i (rows 0-1 in the first operand, 2-3 in the second).
+        halves = [ir.Constant(ir.VectorType(i32, 64), [(i % 2) * 32 + (i // 2) * 64 + c + 16 * h
+                                                        for c in range(16) for i in range(4)]) for h in range(2)]
+        flip = ir.Constant(b64, [-128] * 64)  # the sign bit: s8 w -> u8 w + 128
+        inits = []
+        for i in range(2 * nrows):
+            inits.append(builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()),
+                                      align=4))
+
+        def body(l, accs):
+            k0 = builder.mul(l, i64(4))
+            rows4 = []
+            for i in range(4):
+                at = builder.add(wo_, builder.mul(builder.add(k0, i64(i)), ldw_))
+                rows4.append(builder.load(builder.bitcast(builder.gep(wp, [at], inbounds=True), b32.as_pointer()),
+                                          align=1))
+            r01 = builder.shuffle_vector(rows4[0], rows4[1], concat)
+            r23 = builder.shuffle_vector(rows4[2], rows4[3], concat)
+            wv = [builder.xor(builder.shuffle_vector(r01, r23, halves[h]), flip) for h in range(2)]
+            new = []
+            for r in range(nrows):
+                at = builder.add(builder.add(qo_, builder.mul(i64(r), ldq_)), k0)
+                word = builder.load(builder.bitcast(builder.gep(qp, [at], inbounds=True), i32.as_pointer()), align=1)
+                xb = _splat(builder, word, v32)
+                new += [_dot4(builder, accs[2 * r + h], xb, wv[h], vnni) for h in range(2)]
+            return new
+
+        final = _reduction_loop(builder, nq_, inits, body)
+        for i, v in enumerate(final):
+            builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    u = types.unliteral
+    return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out), codegen
+
+
+@njit(**_OPTS)
+def _padded_columns(wq, j0, width):
+    """``w_q[:, j0:]`` zero-padded to ``width`` columns, flat ``[K * width]``: the last, partial
+    tile's columns (reading them in place would run past the end of w_q)."""
+    K, N = wq.shape
+    out = np.zeros(K * width, np.int8)
+    for k in range(K):
+        for c in range(N - j0):
+            out[k * width + c] = wq[k, j0 + c]
+    return out
+
+
+# Work is cut into blocks of at most BLOCK_ROWS rows x BLOCK_COLS columns of y; from
+# PARALLEL_MIN_MACS multiply-adds on, the blocks are shared with helper tasks on XLA's intra-op
+# thread pool (as the fused kernels do, see ``_kernels``): claimed through an atomic counter, so
+# any number of helpers (none included) is correct, and the job freed by whoever lets go last.
+BLOCK_ROWS = 64
+BLOCK_COLS = 256
+PARALLEL_MIN_MACS = 1 << 19
+
+
+@njit(**_OPTS)
+def _grid(M, N):
+    """``(column blocks, blocks)`` of an ``[M, N]`` output."""
+    ncb = (N + BLOCK_COLS - 1) // BLOCK_COLS
+    return ncb, ((M + BLOCK_ROWS - 1) // BLOCK_ROWS) * ncb
+
+
+@njit(**_OPTS)
+def _store(y, i, j0, cols, acc, factor, s, b, has_bias, relu):
+    """``y[i, j0:j0+cols] = act(acc[:cols] * factor * s[j0:] + b[j0:])``, act relu or identity
+    (relu keeps NaN, as ``jnp.maximum`` does)."""
+    yr = y[i]
+    for c in range(cols):
+        v = float32(acc[c]) * factor * s[j0 + c] + (b[j0 + c] if has_bias else float32(0))
+        yr[j0 + c] = v if not relu or v > 0 or v != v else float32(0)
+
+
+@njit(**_OPTS)
+def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
+    """Block ``t`` of weight-only: ``y = (x @ w_q) * s + b`` (relu'd) on its rows and columns.
+
+    Column tiles of 64 outer (a tile's K x 64 bytes of w_q stay in cache while the row tiles
+    read them), row tiles of 4 (then 2, 1) inner. ``sx``, ``rowsum``: unused (w8a8's).
+    """
+    M, N = y.shape
+    ncb, _ = _grid(M, N)
+    i0, p0 = (t // ncb) * BLOCK_ROWS, (t % ncb) * (BLOCK_COLS // WO_NR)
+    i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // WO_NR, (N + WO_NR - 1) // WO_NR)
+    nfull = N // WO_NR
+    tile = carray(_ffi.stack_buffer(_WO_TILE, float32), _WO_TILE)
+    for p in range(p0, p1):
+        j0 = p * WO_NR
+        src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, WO_NR)
+        r0 = i0
+        while r0 < i1:
+            rows = min(WO_MR, i1 - r0)
+            if rows == 4:
+                _wo_tile(xf, r0 * K, K, 4, src, wo, ldw, K, tile)
+            elif rows >= 2:
+                rows = 2
+                _wo_tile(xf, r0 * K, K, 2, src, wo, ldw, K, tile)
+            else:
+                _wo_tile(xf, r0 * K, K, 1, src, wo, ldw, K, tile)
+            for r in range(rows):
+                _store(y, r0 + r, j0, min(WO_NR, N - j0), tile[r * WO_NR:], float32(1), s, b, has_bias, relu)
+            r0 += rows
+
+
+@njit(**_OPTS)
+def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
+    """Block ``t`` of w8a8: ``y = (q @ w_q) * sx[:, None] * s + b`` (relu'd) on its rows and columns.
+
+    The first ``4 * (K // 4)`` k go through ``_dot4_tile`` (which adds ``128 * rowsum``, taken
+    off here), the last K % 4 through a plain loop.
+    """
+    M, N = y.shape
+    ncb, _ = _grid(M, N)
+    i0, p0 = (t // ncb) * BLOCK_ROWS, (t % ncb) * (BLOCK_COLS // Q_NR)
+    i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // Q_NR, (N + Q_NR - 1) // Q_NR)
+    nfull = N // Q_NR
+    nq = K // 4
+    tile = carray(_ffi.stack_buffer(_Q_TILE, int32), _Q_TILE)
+    for p in range(p0, p1):
+        j0 = p * Q_NR
+        cols = min(Q_NR, N - j0)
+        src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
+        r0 = i0
+        while r0 < i1:
+            rows = min(Q_MR, i1 - r0)
+            tile[:] = 0
+            if rows == 8:
+                _dot4_tile(qf, r0 * K, K, 8, src, wo, ldw, nq, tile)
+            elif rows >= 4:
+                rows = 4
+                _dot4_tile(qf, r0 * K, K, 4, src, wo, ldw, nq, tile)
+            else:
+                rows = 1
+                _dot4_tile(qf, r0 * K, K, 1, src, wo, ldw, nq, tile)
+            for r in range(rows):
+                i = r0 + r
+                acc = tile[r * Q_NR:(r + 1) * Q_NR]
+                off = int32(128) * rowsum[i]
+                for c in range(Q_NR):
+                    acc[c] -= off
+                for k in range(4 * nq, K):  # the last K % 4 k
+                    qv = int32(qf[i * K + k])
+                    for c in range(cols):
+                        acc[c] += qv * int32(src[wo + k * ldw + c])
+                _store(y, i, j0, cols, acc, sx[i], s, b, has_bias, relu)
+            r0 += rows
+
+
+def _block(t, ops):
+    """Block ``t`` of the kernel that ``ops`` is for (chosen when typing, so that each handler
+    compiles only its own kernel)."""
+
+
+@overload(_block, jit_options=_OPTS)
+def _block_typed(t, ops):
+    kernel = _wo_block if ops[0].dtype == types.float32 else _q_block
+    return lambda t, ops: kernel(t, *ops)
+
+
+# The job: int64 slots in a malloc'd block. ``ops`` (x or q, K, w_q, tail, s, b, has_bias, relu,
+# y, sx, rowsum) travels as pointers and sizes.
+_J_NEXT, _J_DONE, _J_REFS, _J_NBLOCKS, _J_M, _J_K, _J_N, _J_TAIL_N = 0, 8, 16, 24, 32, 40, 48, 56
+_J_X, _J_W, _J_TAIL, _J_S, _J_B, _J_FLAGS, _J_Y, _J_SX, _J_ROWSUM, _J_SX_N = 64, 72, 80, 88, 96, 104, 112, 120, 128, 136
+_J_BYTES = 144
+# The helper tasks' link-time names, by kind (see ``_task_address``).
+TASK_SYMBOLS = ("jaxnet_numba_quantized_task_weight_only", "jaxnet_numba_quantized_task_w8a8")
+
+
+@njit(**_OPTS)
+def _claim(job, nblocks, ops):
+    """Runs blocks of the job until none is left unclaimed."""
+    while True:
+        t = _ffi.atomic_add(job + _J_NEXT, 1)
+        if t >= nblocks:
+            return
+        _block(t, ops)
+        _ffi.atomic_add(job + _J_DONE, 1)
+
+
+@njit(**_OPTS)
+def _release(job):
+    if _ffi.atomic_add(job + _J_REFS, -1) == 1:
+        _ffi.c_free(job)
+
+
+@njit(**_OPTS)
+def run_job(job, xtype):
+    """A helper task's body: the operands back from the job (x's element type ``xtype``: float32
+    weight-only, int8 w8a8), blocks claimed, the job let go."""
+    ld = _ffi.load_i64
+    m, k, n = ld(job + _J_M), ld(job + _J_K), ld(job + _J_N)
+    flags, nsx = ld(job + _J_FLAGS), ld(job + _J_SX_N)
+    ops = (carray(as_pointer(ld(job + _J_X), xtype), m * k), k, carray(as_pointer(ld(job + _J_W), int8), k * n),
+           carray(as_pointer(ld(job + _J_TAIL), int8), ld(job + _J_TAIL_N)),
+           carray(as_pointer(ld(job + _J_S), float32), n), carray(as_pointer(ld(job + _J_B), float32), n),
+           flags & 1 != 0, flags & 2 != 0, carray(as_pointer(ld(job + _J_Y), float32), (m, n)),
+           carray(as_pointer(ld(job + _J_SX), float32), nsx), carray(as_pointer(ld(job + _J_ROWSUM), int32), nsx))
+    _claim(job, ld(job + _J_NBLOCKS), ops)
+    _release(job)
+
+
+@intrinsic
+def _task_address(typingctx, kind):
+    """The address of ``kind``'s helper task, resolved when the code is linked into the process
+    (``handler`` registers its symbol first): an address in an attribute would be baked into
+    executables that JAX's persistent compilation cache can hand to another process."""
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    name = TASK_SYMBOLS[kind.literal_value]
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i64]),
+                                                               name)
+        return builder.ptrtoint(fn, i64)
+    return types.int64(kind), codegen
+
+
+@njit(**_OPTS)
+def _helpers(frame, nblocks):
+    """How many helper tasks to schedule: one per pool thread but the caller's, at most one per
+    block beyond the first (0 when the pool cannot be asked)."""
+    n = _ffi.threadpool_num_threads(frame)
+    if n < 0:
+        _ffi.destroy_error(frame, -n)
+        return 0
+    return max(0, min(n - 1, nblocks - 1))
+
+
+@njit(**_OPTS)
+def _wait(job, nblocks, ops):
+    """After the caller ran out of blocks: waits for the helpers' blocks, lets go of the job.
+    Takes ``ops`` so that the scratch the helpers read (tail, rowsum) outlives them (Numba
+    frees an array after its last use)."""
+    while _ffi.atomic_load(job + _J_DONE) < nblocks:
+        _ffi.cpu_yield()
+    _release(job)
+    return ops[3].size + ops[10].size
+
+
+@njit(**_OPTS)
+def run(frame, task, ops):
+    """All blocks of one call: on the calling thread alone, or shared with helpers running
+    ``task`` (an address)."""
+    x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum = ops
+    M, N = y.shape
+    _, nblocks = _grid(M, N)
+    helpers = _helpers(frame, nblocks) if M * K * N >= PARALLEL_MIN_MACS else 0
+    job = _ffi.c_malloc(_J_BYTES) if helpers > 0 else 0
+    if job == 0:
+        for t in range(nblocks):
+            _block(t, ops)
+        return
+    st = _ffi.store_i64
+    st(job + _J_NEXT, 0)
+    st(job + _J_DONE, 0)
+    st(job + _J_REFS, helpers + 1)
+    st(job + _J_NBLOCKS, nblocks)
+    st(job + _J_M, M)
+    st(job + _J_K, K)
+    st(job + _J_N, N)
+    st(job + _J_TAIL_N, tail.size)
+    st(job + _J_FLAGS, (1 if has_bias else 0) | (2 if relu else 0))
+    st(job + _J_X, np.int64(x.ctypes.data))
+    st(job + _J_W, np.int64(wf.ctypes.data))
+    st(job + _J_TAIL, np.int64(tail.ctypes.data))
+    st(job + _J_S, np.int64(s.ctypes.data))
+    st(job + _J_B, np.int64(b.ctypes.data))
+    st(job + _J_Y, np.int64(y.ctypes.data))
+    st(job + _J_SX, np.int64(sx.ctypes.data))
+    st(job + _J_ROWSUM, np.int64(rowsum.ctypes.data))
+    st(job + _J_SX_N, sx.size)  # rowsum's too: M for w8a8, 0 for weight-only
+    for _ in range(helpers):
+        err = _ffi.threadpool_schedule(frame, task, job)
+        if err != 0:  # that helper will never run: drop its reference
+            _ffi.destroy_error(frame, err)
+            _ffi.atomic_add(job + _J_REFS, -1)
+    _claim(job, nblocks, ops)
+    _wait(job, nblocks, ops)
+
+
+@njit(**_OPTS)
+def weight_only(frame, x, wq, s, b, has_bias, relu, y):
+    """``y = act((x @ w_q) * s + b)``, act relu or identity: x [M, K] f32, w_q [K, N] int8,
+    s, b [N] f32, y [M, N] f32."""
+    K, N = wq.shape
+    tail = _padded_columns(wq, N // WO_NR * WO_NR, WO_NR) if N % WO_NR else np.zeros(0, np.int8)
+    run(frame, _task_address(WEIGHT_ONLY), (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, s, b, has_bias, relu,
+                                            y, np.zeros(0, np.float32), np.zeros(0, np.int32)))
+
+
+@njit(**_OPTS)
+def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y):
+    """``y = act((q @ w_q) * sx[:, None] * s + b)``, act relu or identity: q [M, K] int8, w_q
+    [K, N] int8, sx [M] f32, s, b [N] f32, y [M, N] f32; the dot exact in int32 (modulo 2**32,
+    see the module docstring)."""
+    M, K = q.shape
+    N = wq.shape[1]
+    k4 = K // 4 * 4
+    rowsum = np.zeros(M, np.int32)  # sum_{k < k4} q[i, k]: the offset the flipped w adds, / 128
+    for i in range(M):
+        acc = int32(0)
+        for k in range(k4):
+            acc += int32(q[i, k])
+        rowsum[i] = acc
+    tail = _padded_columns(wq, N // Q_NR * Q_NR, Q_NR) if N % Q_NR else np.zeros(0, np.int8)
+    run(frame, _task_address(W8A8), (as_shape(q, q.size), K, as_shape(wq, wq.size), tail, s, b, has_bias, relu, y,
+                                     sx, rowsum))
+
+
+@njit
+def _view(buf, nbtype, shape):
+    """The buffer's data as a C-contiguous array of ``shape`` (no copy)."""
+    return carray(as_pointer(data(buf), nbtype), shape)
+
+
+@njit
+def _matrix(buf, code):
+    """``(rows, cols)`` of a rank-2 buffer of dtype ``code``, or ``(-1, -1)``."""
+    if rank(buf) != 2 or dtype(buf) != code:
+        return -1, -1
+    return dim(buf, 0), dim(buf, 1)
+
+
+@njit
+def _vector(buf, n):
+    """Whether ``buf`` is a float32 ``[n]``."""
+    return rank(buf) == 1 and dtype(buf) == _ffi.DTYPE_F32 and dim(buf, 0) == n
+
+
+@njit(inline="always")
+def _prologue(frame, n_rows_args):
+    """Common checks: returns ``(error or 0, relu, has_bias)``; error -1 means "answered XLA's
+    metadata query" (return 0)."""
+    q = _ffi.answer_metadata(frame)
+    if q >= 0:
+        return (-1 if q == 0 else q), False, False
+    nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
+    if nargs != n_rows_args + 2 and nargs != n_rows_args + 3 or _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE) != 1:
+        return make_error(frame, "quantized_dense: wrong number of operands or results"), False, False
+    act = _ffi.scalar_attr_i64(frame, 0)
+    if act != IDENTITY and act != RELU:
+        return make_error(frame, "quantized_dense: attribute 'act' must be identity's or relu's code"), False, False
+    return 0, act == RELU, nargs == n_rows_args + 3
+
+
+def weight_only_f32(frame):
+    err, relu, has_bias = _prologue(frame, 1)
+    if err != 0:
+        return 0 if err == -1 else err
+    xb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), ret(frame, 0)
+    bb = arg(frame, 3) if has_bias else sb
+    m, k = _matrix(xb, _ffi.DTYPE_F32)
+    k2, n = _matrix(wb, DTYPE_S8)
+    m2, n2 = _matrix(yb, _ffi.DTYPE_F32)
+    if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sb, n) or not _vector(bb, n):
+        return make_error(frame, "quantized_dense: weight-only takes x f32 [M, K], w_q s8 [K, N], scale f32 [N], "
+                                 "b f32 [N] and returns y f32 [M, N]")
+    weight_only(frame, _view(xb, float32, (m, k)), _view(wb, int8, (k, n)), _view(sb, float32, n),
+                _view(bb, float32, n), has_bias, relu, _view(yb, float32, (m, n)))
+    return 0
+
+
+def w8a8_f32(frame):
+    err, relu, has_bias = _prologue(frame, 2)
+    if err != 0:
+        return 0 if err == -1 else err
+    qb, sxb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3), ret(frame, 0)
+    bb = arg(frame, 4) if has_bias else sb
+    m, k = _matrix(qb, DTYPE_S8)
+    k2, n = _matrix(wb, DTYPE_S8)
+    m2, n2 = _matrix(yb, _ffi.DTYPE_F32)
+    if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sxb, m) or not _vector(sb, n) or not _vector(bb, n):
+        return make_error(frame, "quantized_dense: w8a8 takes q s8 [M, K], scale_x f32 [M], w_q s8 [K, N], scale "
+                                 "f32 [N], b f32 [N] and returns y f32 [M, N]")
+    w8a8(frame, _view(qb, int8, (m, k)), _view(wb, int8, (k, n)), _view(sxb, float32, m), _view(sb, float32, n),
+         _view(bb, float32, n), has_bias, relu, _view(yb, float32, (m, n)))
+    return 0
+
+
+def task_weight_only(job):
+    run_job(job, float32)
+
+
+def task_w8a8(job):
+    run_job(job, int8)
+
+
+# kind -> (handler, its helper task, the task's symbol)
+_SOURCES = {"weight_only": (weight_only_f32, task_weight_only, TASK_SYMBOLS[WEIGHT_ONLY]),
+            "w8a8": (w8a8_f32, task_w8a8, TASK_SYMBOLS[W8A8])}
+_SIG = types.int64(types.int64)  # XLA_FFI_Error* (*)(XLA_FFI_CallFrame*), pointers as int64
+_TASK_SIG = types.void(types.int64)  # XLA_FFI_Task: void (*)(void* data)
+_lock = threading.Lock()
+# Compiled cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
+_COMPILED: dict[str, object] = {}
+
+
+def handler(kind: str):
+    """The FFI handler cfunc of ``kind`` ("weight_only" or "w8a8"), compiled (or loaded from
+    Numba's cache, after ``_cache.drop_if_stale``) on first use, after the helper task whose
+    symbol it links against."""
+    with _lock:
+        if kind not in _COMPILED:
+            source, task, symbol = _SOURCES[kind]
+            _cache.drop_if_stale()
+            compiled = cfunc(_TASK_SIG, cache=True)(task)
+            llvm.add_symbol(symbol, compiled.address)
+            _COMPILED["task_" + kind] = compiled
+            _COMPILED[kind] = cfunc(_SIG, cache=True)(source)
+        return _COMPILED[kind]

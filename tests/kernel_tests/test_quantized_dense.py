@@ -1,0 +1,439 @@
+"""``kernels.quantized_dense`` (int8 weights; w8a8) on every CPU backend against
+``kernels.reference.quantized_dense``, with tolerances derived from the inputs; the activation
+quantisation against its NumPy definition; the quantised layer against the float layer within the
+quantisation bound; gradients (and their refusal for w8a8 in x); vmap; bad input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+import kernels
+from kernels import quantized as q8
+from kernels import reference
+from kernels.activations import ACTIVATIONS
+from jaxnet.testing import assert_matches_reference, tolerances
+from jaxnet.testing.strategies import Call, fused_dense_shapes, make_fused_dense_call
+from jaxnet.testing.tolerances import SAFETY, FusedDenseBounds, accumulator, eps, tiny
+
+BACKENDS = ("xla", "numba")
+# Few examples per search in the default ("ci") run: every new shape compiles the candidate and
+# the reference; the "thorough" profile takes its own count.
+EXAMPLES = None if os.environ.get("JAXNET_HYPOTHESIS_PROFILE") == "thorough" else 3
+MAX_ELEMENTS = 1 << 12  # x + w_q + y elements per drawn call
+MAX_SIZE = 70  # past the kernels' 32- and 64-column tiles, with ragged edges and K % 4 tails
+
+
+# --- Tolerances -------------------------------------------------------------------------------
+# Both sides compute the same quantised function; they differ only in float rounding, bounded as
+# in jaxnet.testing.tolerances (Higham 3.1: a sum of n terms in any order is within ~n*eps/2 of
+# exact, relative to the sum of the terms' magnitudes M; two such sums within n*eps*M; SAFETY 2):
+#
+#   weight-only: n = K + 2 terms: the K products, one rounding of w_q * scale (the reference
+#     dequantises first; the "xla" and "numba" backends scale the dot after) and the bias add;
+#     M = |x| @ |w_q * scale| + |b|, with w_q * scale exact in float64.
+#   w8a8: the int32 dot is exact on both sides (the same integers from quantize_rows), so only
+#     n = 4 roundings remain: int32 -> float, * scale_x, * scale, + b; M = |acc| scale_x scale + |b|.
+#
+# eps is the accumulator's (float32 for bfloat16/float16 x); the activation, the final cast to
+# x's dtype and the gradients' tolerances are FusedDenseBounds' (forward, grads). The gradient
+# in scale, d/ds_j = sum_k grad_w[k, j] w_q[k, j], is grad_w's tolerance pushed through |w_q| plus
+# that K-term sum's own rounding (and, per tensor, the N-term sum over channels).
+DOT_ROUNDINGS = {None: 2, "int8": 4}  # terms besides the K products (weight-only) / all (w8a8)
+
+
+def quantize_rows_numpy(x):
+    """The w8a8 activation contract in NumPy float32 (round half to even): the independent
+    definition ``kernels.quantized.quantize_rows`` is checked against, bit for bit."""
+    xa = np.asarray(x, np.float32)
+    sx = np.max(np.abs(xa), axis=-1, initial=0).astype(np.float32) * np.float32(1 / q8.QMAX)
+    inv = np.float32(1) / np.where(sx > 0, sx, np.float32(1))
+    q = np.clip(np.round(xa * inv[..., None]), -q8.QMAX, q8.QMAX).astype(np.int8)
+    return q, sx
+
+
+@dataclasses.dataclass
+class QuantizedBounds:
+    """Per-call tolerances for ``quantized_dense(x, w_q, scale, b, activation=, act_quant=)``
+    (the harness's ``tolerance.from_inputs`` protocol; arguments "arg0".."arg3")."""
+    fused: FusedDenseBounds
+    w_q: np.ndarray  # (K, N) float64
+    scale_shape: tuple
+
+    @classmethod
+    def from_inputs(cls, args, kwargs) -> "QuantizedBounds":
+        x, w_q, scale, b = args
+        dtype = np.dtype(x.dtype)
+        acc = accumulator(dtype)
+        k, n = w_q.shape
+        s64 = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
+        wq64 = np.asarray(w_q, np.float64)
+        w64 = wq64 * s64  # exact: 8 + 24 significant bits
+        x64 = np.asarray(x, np.float64)
+        b64 = None if b is None else np.asarray(b, np.float64)
+        bias = 0.0 if b64 is None else b64
+        if kwargs["act_quant"] is None:
+            z, m = x64 @ w64 + bias, np.abs(x64) @ np.abs(w64) + np.abs(bias)
+            n_terms = k + DOT_ROUNDINGS[None]
+        else:
+            q, sx = quantize_rows_numpy(x)
+            dot = q.astype(np.int64) @ w_q.astype(np.int64)  # exact
+            scaled = dot * np.asarray(sx, np.float64)[..., None] * s64
+            z, m = scaled + bias, np.abs(scaled) + np.abs(bias)
+            n_terms = DOT_ROUNDINGS["int8"]
+        err_z = np.where(m == 0, 0.0, SAFETY * n_terms * eps(acc) * m + n_terms * tiny(acc))
+        fused = FusedDenseBounds(x64, w64, b64, kwargs["activation"], dtype, z, m, err_z, exact=False)
+        return cls(fused, wq64, tuple(np.shape(scale)))
+
+    def forward(self, y_ref):
+        return self.fused.forward(y_ref)
+
+    def kink_mask(self):
+        return self.fused.kink_mask()
+
+    def grads(self, g, grads_ref: dict) -> dict:
+        f = self.fused
+        base = f.grads(g, {"x": grads_ref["arg0"], "w": np.zeros_like(f.w),
+                           **({"b": grads_ref["arg3"]} if "arg3" in grads_ref else {})})
+        tols = {"arg0": base["x"]}
+        if "arg3" in grads_ref:
+            tols["arg3"] = base["b"]
+        if "arg2" in grads_ref:
+            k, n = f.w.shape
+            u, out = eps(accumulator(f.dtype)), np.dtype(grads_ref["arg2"].dtype)
+            m = math.prod(f.x.shape[:-1])  # reshape(-1, 0) cannot infer it at K or N = 0
+            rows = f.x.reshape(m, k)
+            scale_g = tolerances.activation_bounds(f.activation).d1 * np.abs(np.asarray(g, np.float64)).reshape(m, n)
+            terms = (np.abs(rows).T @ scale_g) * np.abs(self.w_q)  # (K, N): |x| |g| |w_q| per k
+            tol = (base["w"] * np.abs(self.w_q)).sum(0) + SAFETY * (k + 1) * u * terms.sum(0)
+            if self.scale_shape != (n,):  # one scale: the N channels summed
+                tol = np.reshape(tol.sum() + SAFETY * (n + 1) * u * terms.sum(), self.scale_shape)
+            tols["arg2"] = tol + eps(out) * np.abs(np.asarray(grads_ref["arg2"], np.float64)) + tiny(out)
+        return tols
+
+
+# --- Calls ------------------------------------------------------------------------------------
+
+def quantize_columns(w, per_tensor=False):
+    """Symmetric per-column int8 quantisation of a float ``[K, N]`` w in NumPy: ``(w_q, scale
+    [N])``, or with ``per_tensor`` one scale ``[1]``; ``|w - w_q * scale| <= scale / 2``; an
+    all-zero column (or tensor) gets scale 1."""
+    w = np.asarray(w, np.float64)
+    amax = np.max(np.abs(w), axis=None if per_tensor else 0, initial=0.0, keepdims=per_tensor)
+    scale = np.where(amax > 0, amax / q8.QMAX, 1.0).astype(np.float32).reshape(-1)
+    w_q = np.clip(np.round(w / scale.astype(np.float64)), -q8.QMAX, q8.QMAX).astype(np.int8)
+    return w_q, scale
+
+
+SCALE_KINDS = ("channel", "tensor", "scalar")  # scale [N], [1], []
+
+
+def make_quantized_call(batch=(), k=1, n=1, *, dtype="float32", act_quant=None, activation="relu", bias=True,
+                        scale_kind="channel", weights="quantized", values="normal", seed=0) -> Call:
+    """One ``quantized_dense`` call, built deterministically: x and b as ``make_fused_dense_call``
+    draws them (its value kinds), w_q and scale either quantised from its float w ("quantized") or
+    any int8 values, -128 included, with log-uniform scales ("raw")."""
+    x, w, b = make_fused_dense_call(batch, k, n, dtype=dtype, activation=activation, bias=bias, values=values,
+                                    seed=seed).args
+    if weights == "raw":
+        rng = np.random.default_rng(seed + 1)
+        w_q = rng.integers(-128, 128, (k, n)).astype(np.int8)
+        scale = (10.0 ** rng.uniform(-4, 0, n if scale_kind == "channel" else 1)).astype(np.float32)
+    else:
+        w_q, scale = quantize_columns(w, per_tensor=scale_kind != "channel")
+    scale = scale[0] if scale_kind == "scalar" else scale  # [N], [1] or []
+    spec = (f"make_quantized_call(batch={tuple(batch)}, k={k}, n={n}, dtype={dtype!r}, act_quant={act_quant!r}, "
+            f"activation={activation!r}, bias={bias}, scale_kind={scale_kind!r}, weights={weights!r}, "
+            f"values={values!r}, seed={seed})")
+    return Call((x, w_q, np.asarray(scale, np.float32), b), {"activation": activation, "act_quant": act_quant}, spec)
+
+
+@st.composite
+def quantized_calls(draw, act_quant=(None, "int8"), dtypes=("float32", "bfloat16", "float16")):
+    """Calls of ``quantized_dense`` in the modes ``act_quant`` (one, or a tuple to draw from)."""
+    batch, k, n = draw(fused_dense_shapes(max_elements=MAX_ELEMENTS, max_size=MAX_SIZE), label="shapes")
+    modes = act_quant if isinstance(act_quant, tuple) else (act_quant,)
+    return make_quantized_call(
+        batch, k, n, act_quant=draw(st.sampled_from(modes), label="act_quant"),
+        dtype=draw(st.sampled_from(dtypes), label="dtype"),
+        activation=draw(st.sampled_from(tuple(ACTIVATIONS)), label="activation"),
+        bias=draw(st.sampled_from((True, True, False)), label="bias"),
+        scale_kind=draw(st.sampled_from(SCALE_KINDS), label="scale"),
+        weights=draw(st.sampled_from(("quantized", "raw")), label="weights"),
+        values=draw(st.sampled_from(("normal", "wide", "large", "zeros", "near_kink")), label="values"),
+        seed=draw(st.integers(0, 2**16 - 1), label="seed"))
+
+
+def _backend(name):
+    return functools.partial(kernels.quantized_dense, backend=name)
+
+
+# --- The property searches --------------------------------------------------------------------
+
+def test_numba_weight_only_matches_the_reference():
+    """Values (eager, jit, vmap over every argument) and the gradients in x, scale and b."""
+    assert_matches_reference(_backend("numba"), reference.quantized_dense, args=quantized_calls(None),
+                             tolerance=QuantizedBounds, max_examples=EXAMPLES)
+
+
+def test_numba_w8a8_matches_the_reference():
+    """Values (eager, jit, vmap); no gradients: w8a8 refuses them in x (tested below)."""
+    assert_matches_reference(_backend("numba"), reference.quantized_dense, args=quantized_calls("int8"),
+                             tolerance=QuantizedBounds, max_examples=EXAMPLES, check_grads=False)
+
+
+def test_xla_matches_the_reference():
+    """Both modes drawn, values (eager, jit, vmap); the xla gradients: see below."""
+    assert_matches_reference(_backend("xla"), reference.quantized_dense, args=quantized_calls(),
+                             tolerance=QuantizedBounds, max_examples=EXAMPLES, check_grads=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act_quant", (None, "int8"))
+def test_sweep(backend, act_quant):
+    """The searches above, longer (the "ci" profile's 20 examples, or "thorough"'s)."""
+    assert_matches_reference(_backend(backend), reference.quantized_dense, args=quantized_calls(act_quant),
+                             tolerance=QuantizedBounds, check_grads=act_quant is None)
+
+
+def _half_away_from_zero(x, w_q, scale, b=None, *, activation="relu", act_quant=None):
+    """w8a8 with x rounded half away from zero (0.5 -> 1, -2.5 -> -3): one step off at ties."""
+    xs = x.astype(jnp.float32)
+    sx = jnp.max(jnp.abs(xs), axis=-1, initial=0) / 127
+    t = xs / jnp.where(sx > 0, sx, 1)[..., None]
+    q = jnp.clip(jnp.sign(t) * jnp.floor(jnp.abs(t) + 0.5), -127, 127).astype(jnp.int8)
+    dot = jax.lax.dot_general(q, w_q, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    z = dot * sx[..., None] * jnp.broadcast_to(scale.reshape(-1), w_q.shape[1:]) + (0 if b is None else b)
+    return ACTIVATIONS[activation].fn(z).astype(x.dtype)
+
+
+def _bfloat16_scale(x, w_q, scale, b=None, **kwargs):
+    """Weight-only with the scales rounded to bfloat16 (a relative error up to 2**-9)."""
+    return reference.quantized_dense(x, w_q, scale.astype(jnp.bfloat16).astype(jnp.float32), b, **kwargs)
+
+
+def test_the_tolerances_reject_a_wrong_kernel():
+    """The derived bounds see one quantisation step at a tie and scales rounded to bfloat16."""
+    ties = st.just(Call((np.array([[127.0, 0.5, 1.5, -2.5]], np.float32), np.eye(4, dtype=np.int8),
+                         np.ones((4,), np.float32), None), {"activation": "identity", "act_quant": "int8"}))
+    once = dict(tolerance=QuantizedBounds, check_grads=False, check_vmap=False, check_jit=False, shrink=0)
+    with pytest.raises(AssertionError, match="check: forward"):
+        assert_matches_reference(_half_away_from_zero, reference.quantized_dense, args=ties, max_examples=1, **once)
+    with pytest.raises(AssertionError, match="check: forward"):
+        assert_matches_reference(_bfloat16_scale, reference.quantized_dense, args=quantized_calls(None, ("float32",)),
+                                 max_examples=3, **once)
+
+
+# --- The activation quantisation ------------------------------------------------------------
+
+def test_quantize_rows_is_its_definition():
+    """Round half to even (0.5 -> 0, 1.5 -> 2, -2.5 -> -2), the row's largest |x| -> +-127,
+    |x - q scale_x| <= scale_x / 2, all-zero rows -> q = 0 and scale_x = 0; equal to the NumPy
+    definition element for element, on random rows of every dtype."""
+    q, sx = q8.quantize_rows(jnp.array([[127.0, 0.5, 1.5, -2.5, -127.0], [0.0, 0.0, -0.0, 0.0, 0.0]]))
+    assert q.dtype == jnp.int8 and sx.dtype == jnp.float32
+    np.testing.assert_array_equal(q, [[127, 0, 2, -2, -127], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(sx, [1.0, 0.0])
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = (rng.standard_normal((300, 37)) * 10.0 ** rng.uniform(-3, 3, (300, 1))).astype(dtype)
+        q, sx = jax.jit(q8.quantize_rows)(x)
+        q_np, sx_np = quantize_rows_numpy(np.asarray(x, np.float32))
+        np.testing.assert_array_equal(q, q_np)
+        np.testing.assert_array_equal(sx, sx_np)
+        x64, sx64 = np.asarray(x, np.float64), np.asarray(sx, np.float64)[:, None]
+        # Half a step, give or take the two roundings in scale_x (2**-23 relative) times |q| <= 127.
+        assert np.all(np.abs(x64 - np.asarray(q, np.float64) * sx64) <= sx64 / 2 * (1 + 2.0**-14))
+        assert np.all(np.abs(np.asarray(q)).max(axis=1) == 127)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_w8a8_accumulates_exactly_in_int32(backend):
+    """127 * 127 * K overflows int8 and int16 (and w_q = -128 the unsigned trick of the numba
+    kernel): the result is the exact integer dot times the scales, to float32 rounding."""
+    k, n = 67, 37  # K % 4 = 3 and N % 32 = 5: every tail of the numba kernel
+    x = np.full((3, k), 2.0, np.float32)
+    x[1] = -2.0
+    x[2, ::2] = -2.0
+    w_q = np.full((k, n), 127, np.int8)
+    w_q[:, 1::3] = -128
+    scale = np.full((n,), 0.25, np.float32)
+    y = kernels.quantized_dense(jnp.asarray(x), jnp.asarray(w_q), jnp.asarray(scale), activation="identity",
+                                act_quant="int8", backend=backend)
+    exact = (np.sign(x) * 127).astype(np.int64) @ w_q.astype(np.int64) * (2.0 / 127) * 0.25  # scale_x = 2/127
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=4 * 2.0**-23, atol=0)
+
+
+@pytest.mark.parametrize("act_quant", (None, "int8"))
+def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
+    """A call past ``PARALLEL_MIN_MACS`` with several blocks (2 x 2), ragged edges (N % 64, K % 4)
+    and rows left over from the 4- and 8-row tiles: split between the caller and XLA's intra-op
+    threads, it still matches the reference within the derived bounds."""
+    from kernels.numba_cpu import _quantized
+
+    for activation in ("relu", "silu"):
+        call = make_quantized_call((130,), 201, 300, act_quant=act_quant, activation=activation, seed=3)
+        assert 130 * 201 * 300 >= _quantized.PARALLEL_MIN_MACS and 300 > _quantized.BLOCK_COLS
+        got = jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*call.args)
+        want = reference.quantized_dense(*call.args, **call.kwargs)
+        tol = QuantizedBounds.from_inputs(call.args, call.kwargs).forward(np.asarray(want))
+        assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)) <= tol)
+
+
+# --- Against the float layer ------------------------------------------------------------------
+
+@pytest.mark.parametrize("act_quant", (None, "int8"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_approximates_the_float_layer_within_the_quantisation_bound(backend, act_quant):
+    """With ``w = w_q * s + e_w``, ``|e_w| <= s / 2`` (and for w8a8 ``x = q * s_x + e_x``,
+    ``|e_x| <= s_x / 2`` per row), ``x @ w - (q s_x) @ (w_q s) = x @ e_w + e_x @ w - e_x @ e_w``, so
+    per output ``|z_q - z| <= |x| @ (s/2) + s_x/2 * sum_k (|w| + s/2)`` (the e_x terms: w8a8 only),
+    through the activation's Lipschitz constant, plus float32 rounding of both layers."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((9, 70)).astype(np.float32)
+    w = (rng.standard_normal((70, 45)) / np.sqrt(70)).astype(np.float32)
+    b = rng.standard_normal(45).astype(np.float32)
+    w_q, s = quantize_columns(w)
+    for activation in ("identity", "gelu", "tanh"):
+        y = kernels.quantized_dense(jnp.asarray(x), jnp.asarray(w_q), jnp.asarray(s), jnp.asarray(b),
+                                    activation=activation, act_quant=act_quant, backend=backend)
+        y_float = reference.fused_dense_numpy(x, w, b, activation=activation)
+        half = s.astype(np.float64) / 2
+        bound = np.abs(x) @ np.broadcast_to(half, w.shape)
+        if act_quant == "int8":
+            sx = np.abs(x).max(axis=1, keepdims=True) / 127
+            bound = bound + sx / 2 * (np.abs(w).sum(0) + w.shape[0] * half)
+        rounding = 4 * 72 * 2.0**-23 * (np.abs(x) @ np.abs(w) + np.abs(b))
+        bound = ACTIVATIONS[activation].d1 * (bound + rounding)
+        err = np.abs(np.asarray(y, np.float64) - y_float)
+        assert np.all(err <= bound), (activation, float((err / bound).max()))
+        assert err.max() > 0.05 * bound.max()  # the bound is not vacuous: the error reaches near it
+
+
+# --- Gradients, vmap, dispatch ----------------------------------------------------------------
+
+def _small(seed=2, m=3, k=9, n=5):
+    call = make_quantized_call((m,), k, n, seed=seed)
+    return [jnp.asarray(a) for a in call.args]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_w8a8_refuses_gradients_in_x_but_gives_them_in_scale_and_b(backend):
+    x, w_q, s, b = _small()
+    f = functools.partial(kernels.quantized_dense, activation="gelu", act_quant="int8", backend=backend)
+    with pytest.raises(TypeError, match="not differentiable in x"):
+        jax.grad(lambda x: f(x, w_q, s, b).sum())(x)
+    got = jax.jit(jax.grad(lambda s, b: f(x, w_q, s, b).sum(), argnums=(0, 1)))(s, b)
+    want = jax.grad(lambda s, b: reference.quantized_dense(x, w_q, s, b, activation="gelu", act_quant="int8").sum(),
+                    argnums=(0, 1))(s, b)
+    for g_got, g_want in zip(got, want):
+        np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_xla_weight_only_gradients_match_the_reference():
+    """Gradients in x, scale (per channel and per tensor) and b, within the derived bounds."""
+    for scale_kind in ("channel", "tensor"):
+        call = make_quantized_call((4, 3), 37, 70, dtype="float32", activation="gelu", scale_kind=scale_kind, seed=4)
+        x, w_q, s, b = (jnp.asarray(a) for a in call.args)
+        g = np.random.default_rng(0).standard_normal((4, 3, 70)).astype(np.float32)
+
+        def grads(f):
+            y, pull = jax.vjp(lambda x, s, b: f(x, w_q, s, b, activation="gelu"), x, s, b)
+            return dict(zip(("arg0", "arg2", "arg3"), (np.asarray(t) for t in pull(jnp.asarray(g)))))
+        got, want = grads(jax.jit(_backend("xla"), static_argnames="activation")), grads(reference.quantized_dense)
+        tols = QuantizedBounds.from_inputs(call.args, {"activation": "gelu", "act_quant": None}).grads(g, want)
+        for name in want:
+            assert np.all(np.abs(got[name].astype(np.float64) - want[name]) <= tols[name]), (scale_kind, name)
+
+
+def test_numba_folds_a_batch_of_x_into_one_call():
+    """vmap over x alone (and vmap of vmap) runs one FFI call on the stacked rows, and gives
+    what the calls one by one give."""
+    x, w_q, s, b = _small(m=4)
+    for act_quant in (None, "int8"):
+        f = functools.partial(kernels.quantized_dense, w_q=w_q, scale=s, b=b, act_quant=act_quant, backend="numba")
+        xs = jnp.stack([x, -x, 2 * x]).reshape(3, 2, 2, x.shape[-1])
+        nested = jax.jit(jax.vmap(jax.vmap(f)))
+        want = np.stack([np.stack([np.asarray(f(xs[i, j])) for j in range(2)]) for i in range(3)])
+        np.testing.assert_array_equal(nested(xs), want)
+        hlo = nested.lower(xs).as_text()
+        assert hlo.count("stablehlo.custom_call") == 1 and "while" not in hlo
+
+
+def test_per_tensor_scale_is_the_per_channel_scale_repeated():
+    x, w_q, s, b = _small()
+    for backend in BACKENDS:
+        for act_quant in (None, "int8"):
+            f = functools.partial(kernels.quantized_dense, x, w_q, b=b, act_quant=act_quant, backend=backend)
+            want = f(jnp.full(w_q.shape[1], s[0]))
+            np.testing.assert_array_equal(f(s[:1]), want)
+            np.testing.assert_array_equal(f(s[0]), want)
+
+
+def test_auto_runs_the_backend_the_table_names_per_mode_and_rows():
+    assert set(q8.AUTO) == set(q8.ACT_QUANT)
+    for act_quant, entries in q8.AUTO.items():
+        assert entries[-1][0] is None  # every number of rows has a backend
+        low = 1
+        for limit, name in entries:
+            assert name in BACKENDS
+            for rows in (low, limit) if limit else (low, 10**6):
+                assert q8.resolve("auto", act_quant, rows) == name
+            low = (limit or 0) + 1
+
+
+@pytest.mark.parametrize("shape", ((0, 5, 3), (2, 0, 3), (2, 5, 0), (1, 1, 1)))
+def test_numba_takes_empty_and_unit_shapes(shape):
+    m, k, n = shape
+    x, w_q, s, b = jnp.ones((m, k)), jnp.ones((k, n), jnp.int8), jnp.ones(n), jnp.full(n, 0.5)
+    for act_quant in (None, "int8"):
+        got = kernels.quantized_dense(x, w_q, s, b, act_quant=act_quant, backend="numba")
+        np.testing.assert_array_equal(got, reference.quantized_dense(x, w_q, s, b, act_quant=act_quant))
+
+
+# --- Bad input --------------------------------------------------------------------------------
+
+BAD = {
+    "float w_q": (dict(w_q=np.ones((9, 5), np.float32)), TypeError, "w_q must be int8 .*float32\\[9, 5\\]"),
+    "uint8 w_q": (dict(w_q=np.ones((9, 5), np.uint8)), TypeError, "w_q must be int8 .*uint8"),
+    "scale of N - 1": (dict(scale=np.ones(4, np.float32)), ValueError, "scale must be \\[N\\]=\\[5\\].*\\[4\\]"),
+    "int scale": (dict(scale=np.ones(5, np.int32)), TypeError, "scale has dtype int32"),
+    "NaN scale": (dict(scale=np.array([1, 1, np.nan, 1, 1], np.float32)), ValueError, "scale holds NaN/Inf .*\\[2\\]"),
+    "unknown act_quant": (dict(act_quant="int4"), ValueError, "act_quant must be None or 'int8', got 'int4'"),
+    "long act_quant": (dict(act_quant="x" * 500), ValueError, "got 'x{79}$"),
+    "K mismatch": (dict(x=np.ones((3, 8), np.float32)), ValueError, "x has K=8 .*w_q has K=9"),
+    "b of N + 1": (dict(b=np.ones(6, np.float32)), ValueError, "b must be \\[N\\]=\\[5\\]"),
+    "int x": (dict(x=np.ones((3, 9), np.int8)), TypeError, "x has dtype int8"),
+    "scalar x": (dict(x=np.float32(1)), ValueError, "x must be \\[..., K\\]"),
+    "unknown activation": (dict(activation="swish"), ValueError, "unknown activation 'swish'"),
+    "unknown backend": (dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+}
+
+
+@pytest.mark.parametrize("fn", ("xla", "numba", "reference"))
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_refused_naming_the_argument(fn, case):
+    if fn == "reference" and case == "unknown backend":
+        pytest.skip("the reference takes backend='reference' only (its own test below)")
+    x, w_q, s, b = _small()
+    kwargs = dict(x=x, w_q=w_q, scale=s, b=b, activation="relu", act_quant=None)
+    change, error, match = BAD[case]
+    kwargs.update({k: (jnp.asarray(v) if isinstance(v, np.ndarray | np.generic) else v) for k, v in change.items()})
+    call = reference.quantized_dense if fn == "reference" else functools.partial(kernels.quantized_dense, backend=fn)
+    with pytest.raises(error, match=match):
+        call(**kwargs)
+
+
+def test_the_reference_is_not_a_backend():
+    x, w_q, s, b = _small()
+    with pytest.raises(ValueError, match="is the reference, not a backend"):
+        reference.quantized_dense(x, w_q, s, b, backend="xla")
