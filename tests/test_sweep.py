@@ -2,6 +2,7 @@
 early stopping), the hyperparameters reach their own models, chunks change nothing, and what a
 sweep cannot honour is refused by name."""
 import inspect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 
 from jaxnet import losses
 from jaxnet.models import MLP
-from jaxnet.train import TrainState, fit, fit_many, sweep
+from jaxnet.train import FitResult, TrainState, fit, fit_many, sweep
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(20, 3)).astype(np.float32)
@@ -77,13 +78,15 @@ def test_chunks_from_a_tiny_memory_budget_give_the_unchunked_results(monkeypatch
     planned = []
     plan = sweep.plan_chunks
     monkeypatch.setattr(sweep, "plan_chunks", lambda *a: planned.append(plan(*a)) or planned[-1])
-    kwargs = dict(seeds=[0, 1, 2], hparams={"learning_rate": [0.1]}, loss_fn=losses.mse, epochs=5, progress=False)
+    # The first test's sweep (its compiled programs are reused), then one model per chunk.
+    kwargs = dict(seeds=SEEDS, hparams={"learning_rate": RATES}, **options(None))
     whole = fit_many(state_fn, (X, Y), **kwargs)
     chunked = fit_many(state_fn, (X, Y), memory_budget=1, **kwargs)
-    assert [len(p) for p in planned] == [1, 3]  # one chunk of 3, then 3 of one model each
+    assert [len(p) for p in planned] == [1, 4]  # one chunk of 4, then 4 of one model each
     for a, b in zip(chunked, whole):
-        assert_close(a.state.params, b.state.params, 5, "params:")
-        assert_close(a.column("loss"), b.column("loss"), 5, "loss:")
+        assert (len(a.history), a.best_epoch) == (len(b.history), b.best_epoch)
+        assert_close((a.state.params, a.state.opt_state), (b.state.params, b.state.opt_state), EPOCHS, "state:")
+        assert_close(a.column("val_loss"), b.column("val_loss"), EPOCHS, "val_loss:")
 
 
 def test_plan_chunks_balances_and_always_trains():
@@ -147,3 +150,20 @@ def test_a_state_fn_that_gives_every_model_the_first_value_is_refused():
     with pytest.raises(ValueError, match=r"asked learning_rate=0.3 but its optimiser state holds 0.03"):
         fit_many(first_rate_only, (X, Y), seeds=[0], hparams={"learning_rate": RATES}, loss_fn=losses.mse, epochs=1,
                  progress=False)
+
+
+def test_not_one_program_names_what_only_fit_does():
+    assert sweep.not_one_program(100, checkpoint_every=1000) is None  # only the final weights: a study saves them
+    assert sweep.not_one_program(100, checkpoint_every=0) is None
+    why = sweep.not_one_program(100, mesh=object(), resume=True, checkpoint_every=10)
+    assert why == "mesh, resume, checkpoint_every asked for (fit_many does not take them)"
+
+
+def test_write_logs_writes_what_fit_would_into_the_folder(tmp_path):
+    history = [{"epoch": 1, "step": 2, "loss": 0.5, "time_s": 0.1}, {"epoch": 2, "step": 4, "loss": 0.25, "val_loss": 0.3,
+                                                                  "time_s": 0.2}]
+    result = FitResult(None, history, 2, False, 0.2, {})
+    files = sweep.write_logs(result, tmp_path / "seed0", title="t", plot=False)
+    lines = (tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == history
+    assert not (tmp_path / "seed0" / "loss_curve.png").exists() and "loss_curve" not in files

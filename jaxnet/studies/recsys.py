@@ -50,6 +50,9 @@ class Config:
     explicit_lr: float = 2e-2
     # Explicit: weight of the L2 penalty on the parameters, >= 0.
     explicit_l2: float = 0.0
+    # Explicit: initialisations of the MF (seeds seed, seed+1, ...) trained on the one split as one
+    # sweep (jaxnet.train.fit_many), >= 1; the RMSEs are their mean (each in *_per_seed).
+    explicit_seeds: int = 1
     # Implicit: the models to train, each on its own (mf, ncf, two_tower).
     implicit_models: tuple[ImplicitModel, ...] = ("mf", "ncf", "two_tower")
     # Implicit: sampled unseen items per training interaction (negatives, fresh each epoch), >= 1.
@@ -74,6 +77,8 @@ class Config:
     def __post_init__(self):  # for Config(...) in Python; the flags are checked when parsed
         if self.task not in typing.get_args(Task):
             raise ValueError(f"task must be one of {typing.get_args(Task)}, got {self.task!r}")
+        if self.explicit_seeds < 1:
+            raise ValueError(f"explicit_seeds must be >= 1, got {self.explicit_seeds}")
         unknown = [m for m in self.implicit_models if m not in typing.get_args(ImplicitModel)]
         if unknown:
             raise ValueError(f"implicit_models: unknown {unknown}; choose from {typing.get_args(ImplicitModel)}")
@@ -105,7 +110,7 @@ def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None 
     from jaxnet.baselines.ratings import bias_baseline
     from jaxnet.data.ratings import random_split
     from jaxnet.models import MatrixFactorization
-    from jaxnet.train import TrainState, checkpoint, fit
+    from jaxnet.train import TrainState, checkpoint, fit, fit_many, sweep
 
     train, test = random_split(data, test_fraction=config.test_fraction, seed=config.seed)
     val = None
@@ -117,32 +122,50 @@ def run_explicit(config: Config, data, sigma, workdir, checkpoints: dict | None 
                                                     schedule="cosine", total_steps=steps))
     model = MatrixFactorization(data.num_users, data.num_items, dim=config.mf_dim, offset=mu)
     start = time.perf_counter()
-    state = TrainState.create(model=model, tx=tx, sample_x=train.pairs[:1], seed=config.seed)
     shard = parallel.process_shard({"train": (train.pairs, train.rating),
                                     "val": None if val is None else (val.pairs, val.rating)},
                                    fit_options.get("mesh"), name="train and validation ratings")
-    run = fit(state, shard.data["train"], loss_fn=losses.mse, x_kind="ids",
-              epochs=config.explicit_epochs, batch_size=config.batch_size, l2=config.explicit_l2,
-              val_data=shard.data["val"], eval_every=5, process_local=shard.process_local,
-              progress=config.progress, workdir=workdir / "explicit", title="biased MF, MSE",
-              **checkpoint.run_options(workdir / "explicit", **(checkpoints or {"checkpoint_every": None})),
-              **fit_options)
-    predict = _predictor(run.state)
+    seeds = range(config.seed, config.seed + config.explicit_seeds)
+    folders = [workdir / "explicit"] if len(seeds) == 1 else [workdir / "explicit" / f"seed{s}" for s in seeds]
+    options = dict(loss_fn=losses.mse, x_kind="ids", epochs=config.explicit_epochs, batch_size=config.batch_size,
+                   l2=config.explicit_l2, eval_every=5, progress=config.progress, title="biased MF, MSE")
+    checkpoints = checkpoints or {"checkpoint_every": None}
+    why_not = sweep.not_one_program(steps, mesh=fit_options.get("mesh"), resume=checkpoints.get("resume", False),
+                                    tensorboard=fit_options.get("tensorboard", False),
+                                    profile_steps=fit_options.get("profile_steps"),
+                                    checkpoint_every=checkpoints.get("checkpoint_every"))
+    if why_not is None:  # the seeds as one program, each model as its own fit would train it
+        runs = fit_many(lambda s: TrainState.create(model=model, tx=tx, sample_x=train.pairs[:1], seed=s),
+                        shard.data["train"], seeds=seeds, val_data=shard.data["val"], **options)
+        files = [sweep.write_logs(r, folder, title=options["title"]) for r, folder in zip(runs, folders)]
+    else:
+        runs = [fit(TrainState.create(model=model, tx=tx, sample_x=train.pairs[:1], seed=s), shard.data["train"],
+                    val_data=shard.data["val"], process_local=shard.process_local, workdir=folder,
+                    **checkpoint.run_options(folder, **checkpoints), **options, **fit_options)
+                for s, folder in zip(seeds, folders)]
+        files = [r.files for r in runs]
+    train_wall = time.perf_counter() - start
+    predicts = [_predictor(r.state) for r in runs]
+    mean_rmse = lambda pairs, rating: float(np.mean([rmse(p(pairs), rating) for p in predicts]))  # noqa: E731
     out = {"model": "mf", "n_train": len(train), "n_test": len(test),
-           "test_rmse": rmse(predict(test.pairs), test.rating), "train_wall_s": round(time.perf_counter() - start, 2)}
+           "test_rmse": mean_rmse(test.pairs, test.rating), "train_wall_s": round(train_wall, 2),
+           "trained_as": "one sweep (fit_many)" if why_not is None else f"one fit per seed: {why_not}"}
+    if len(seeds) > 1:
+        out["test_rmse_per_seed"] = [rmse(p(test.pairs), test.rating) for p in predicts]
     baseline = bias_baseline(train)
     out["baseline_global_mean_rmse"] = rmse(np.full(len(test), mu), test.rating)
     out["baseline_biases_rmse"] = rmse(baseline(test.user, test.item), test.rating)
     if val is not None:
-        out["val_rmse"] = rmse(predict(val.pairs), val.rating)
+        out["val_rmse"] = mean_rmse(val.pairs, val.rating)
         out["baseline_biases_val_rmse"] = rmse(baseline(val.user, val.item), val.rating)
     if sigma is not None:
         out["sigma"] = sigma
         out["test_rmse_over_sigma"] = out["test_rmse"] / sigma
         if val is not None:
             out["val_rmse_over_sigma"] = out["val_rmse"] / sigma
-    out["loss_curve_png"] = run.files.get("loss_curve")
-    out["weights"] = save_weights(workdir / "explicit", run.state, config)
+    out["loss_curve_png"] = files[0].get("loss_curve")
+    weights = [save_weights(folder, r.state, config) for r, folder in zip(runs, folders)]
+    out["weights"] = weights[0] if len(seeds) == 1 else weights
     if fit_options.get("mesh") is not None:
         out.update(shard.info())
     return out

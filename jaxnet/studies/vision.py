@@ -139,6 +139,12 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
     """Trains ``config.seeds`` models, evaluates them (and the anchors); returns the final metrics.
 
+    The seeds train as one sweep (``jaxnet.train.fit_many``: one compiled program, each model as
+    its own ``fit`` would train it) unless an option needs ``fit`` itself (a mesh, ``resume``,
+    ``tensorboard``, ``profile_steps``, checkpoints during training) or the model is the CNN on
+    the CPU (vmapped convolutions are slower there than a loop): then one ``fit`` per seed. The
+    result's ``"trained_as"`` says which.
+
     Writes each seed's ``seed<k>/metrics.jsonl``, ``loss_curve.png`` and final weights
     (``seed<k>/checkpoints/<step>``, whatever ``checkpoint_every`` is; listed in the result's
     ``"weights"``) and the summed ``confusion_matrix.png`` into ``workdir``.
@@ -152,7 +158,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     from jaxnet import losses, metrics, optim
     from jaxnet.data.images import standardize
     from jaxnet import parallel
-    from jaxnet.train import TrainState, checkpoint, fit
+    from jaxnet.train import TrainState, checkpoint, fit, fit_many, sweep
 
     workdir = pathlib.Path(workdir)
     train, test, val = load(config)
@@ -171,18 +177,31 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     shard = parallel.process_shard({"train": (xtr, train.y), "val": None if val is None else (xval, val.y)},
                                    mesh, name="train and validation images")
 
+    options = dict(loss_fn=losses.cross_entropy, epochs=config.epochs, batch_size=config.batch_size,
+                   target_kind="labels", eval_every=5, metrics={"accuracy": metrics.accuracy}, progress=config.progress)
+    why_not = sweep.not_one_program(steps, mesh=mesh, resume=resume, tensorboard=tensorboard,
+                                    profile_steps=profile_steps, checkpoint_every=checkpoint_every)
+    if config.model == "cnn" and jax.default_backend() == "cpu":
+        # Per-model kernels vmap into grouped convolutions, which XLA's CPU backend runs ~4.5x
+        # slower per model than one model's convolutions (docs/benchmarks.md, "Sweeps").
+        why_not = "the CNN on the CPU (vmapped convolutions are slower than one model's)"
     start = time.perf_counter()
+    if why_not is None:  # the seeds as one program (jaxnet.train.fit_many); the same runs as below
+        outs = fit_many(lambda seed: TrainState.create(model=model, tx=tx, sample_x=xtr[:1], seed=seed),
+                        shard.data["train"], seeds=range(config.seeds), val_data=shard.data["val"],
+                        title=f"{config.model} on digits, {config.seeds} seeds", **options)
+        for seed, out in enumerate(outs):
+            sweep.write_logs(out, workdir / f"seed{seed}", title=f"{config.model} on digits, seed {seed}")
+    else:
+        outs = (fit(TrainState.create(model=model, tx=tx, sample_x=xtr[:1], seed=seed), shard.data["train"],
+                    val_data=shard.data["val"], workdir=workdir / f"seed{seed}",
+                    title=f"{config.model} on digits, seed {seed}", tensorboard=tensorboard,
+                    profile_steps=profile_steps, mesh=mesh, strategy=strategy, process_local=shard.process_local,
+                    **checkpoint.run_options(workdir / f"seed{seed}", checkpoint_every=checkpoint_every,
+                                             resume=resume, config=config), **options)
+                for seed in range(config.seeds))
     test_acc, val_acc, finals, cm = [], [], [], np.zeros((train.num_classes,) * 2, np.int64)
-    for seed in range(config.seeds):
-        state = TrainState.create(model=model, tx=tx, sample_x=xtr[:1], seed=seed)
-        out = fit(state, shard.data["train"], loss_fn=losses.cross_entropy, epochs=config.epochs,
-                  batch_size=config.batch_size, target_kind="labels", val_data=shard.data["val"], eval_every=5,
-                  metrics={"accuracy": metrics.accuracy}, progress=config.progress,
-                  workdir=workdir / f"seed{seed}", title=f"{config.model} on digits, seed {seed}",
-                  tensorboard=tensorboard, profile_steps=profile_steps, mesh=mesh, strategy=strategy,
-                  process_local=shard.process_local,
-                  **checkpoint.run_options(workdir / f"seed{seed}", checkpoint_every=checkpoint_every,
-                                           resume=resume, config=config))
+    for seed, out in enumerate(outs):
         finals.append(out.state)
         pred = np.asarray(predict(out.state, xte))
         test_acc.append(float(np.mean(pred == test.y)))
@@ -207,6 +226,7 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         "test_accuracy_per_seed": test_acc,
         "per_class_accuracy": [round(float(a), 4) for a in metrics.per_class_accuracy(cm)],
         "train_wall_s": round(train_wall, 2),
+        "trained_as": "one sweep (fit_many)" if why_not is None else f"one fit per seed: {why_not}",
         "weights": weights,
         **parallel.run_info(mesh, strategy, shard),
     }

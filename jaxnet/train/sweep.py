@@ -166,6 +166,29 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def not_one_program(steps: int, *, mesh=None, resume: bool = False, tensorboard: bool = False,
+                    profile_steps=None, checkpoint_every: int | None = None) -> str | None:
+    """Why a study's run options need one ``fit`` per model rather than a sweep (None: they do
+    not). ``steps``: the updates of each model; checkpoints only at the end (``checkpoint_every``
+    0, None or >= steps) are the final weights, which a study saves itself."""
+    wants = {"mesh": mesh is not None, "resume": resume, "tensorboard": tensorboard,
+             "profile_steps": profile_steps is not None,
+             "checkpoint_every": bool(checkpoint_every) and checkpoint_every < steps}
+    asked = [name for name, on in wants.items() if on]
+    return f"{', '.join(asked)} asked for (fit_many does not take them)" if asked else None
+
+
+def write_logs(result: FitResult, folder, *, title: str, plot: bool | None = None) -> dict[str, str]:
+    """Writes one model's history as ``fit(..., workdir=folder, plot=plot)`` would have:
+    ``metrics.jsonl`` and ``loss_curve.png``; returns the files by name."""
+    from jaxnet.train.writers import RunLog
+
+    log = RunLog(folder, start_step=0, title=title, plot=plot)
+    for record in result.history:
+        log.write(record)
+    return log.close()
+
+
 def _bytes(tree) -> int:
     return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
