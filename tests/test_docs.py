@@ -20,7 +20,7 @@ import shutil
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GUIDES = ("training.md", "language-models.md", "recommendation.md", "data.md")
+GUIDES = ("training.md", "language-models.md", "recommendation.md", "data.md", "sweeps.md")
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 PROMISE = re.compile(r"#\s*->\s*(.+?)\s*$", re.M)
 
@@ -92,9 +92,9 @@ def _documented():
     from jaxnet.data import images, ratings, text
     from jaxnet.models import NCF, MatrixFactorization, TransformerConfig, TwoTower
     from jaxnet.models.transformer import generate
-    from jaxnet.train import fit, fit_stream
+    from jaxnet.train import fit, fit_many, fit_stream
 
-    return {f.__name__: f for f in (fit, fit_stream, generate, TransformerConfig, MatrixFactorization, NCF, TwoTower,
+    return {f.__name__: f for f in (fit, fit_many, fit_stream, generate, TransformerConfig, MatrixFactorization, NCF, TwoTower,
                                     ratings.load_movielens, ratings.GeneratorConfig, text.load_ptb, images.load_npz,
                                     images.load_folder)}
 
