@@ -167,3 +167,9 @@ def test_write_logs_writes_what_fit_would_into_the_folder(tmp_path):
     lines = (tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == history
     assert not (tmp_path / "seed0" / "loss_curve.png").exists() and "loss_curve" not in files
+
+
+def test_a_diverging_model_stops_the_sweep_naming_it():
+    with pytest.raises(FloatingPointError, match=r"^model 1 \(seed 0, \{'learning_rate': 1000000.0\}\): training "
+                                                 r"diverged: loss became"):
+        fit_many(state_fn, (X, Y), seeds=SEEDS, hparams={"learning_rate": [0.03, 1e6]}, **options(None))
