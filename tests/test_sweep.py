@@ -160,8 +160,8 @@ def test_not_one_program_names_what_only_fit_does():
 
 
 def test_write_logs_writes_what_fit_would_into_the_folder(tmp_path):
-    history = [{"epoch": 1, "step": 2, "loss": 0.5, "time_s": 0.1}, {"epoch": 2, "step": 4, "loss": 0.25, "val_loss": 0.3,
-                                                                  "time_s": 0.2}]
+    history = [{"epoch": 1, "step": 2, "loss": 0.5, "time_s": 0.1},
+               {"epoch": 2, "step": 4, "loss": 0.25, "val_loss": 0.3, "time_s": 0.2}]
     result = FitResult(None, history, 2, False, 0.2, {})
     files = sweep.write_logs(result, tmp_path / "seed0", title="t", plot=False)
     lines = (tmp_path / "seed0" / "metrics.jsonl").read_text().splitlines()

@@ -364,7 +364,8 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
         raise ValueError(f"patience={patience} needs val_data: early stopping watches the validation loss")
     watchable = ["val_loss"] + [f"val_{name}" for name in metrics]
     if opts["monitor"] not in watchable:
-        raise ValueError(f"monitor={opts['monitor']!r} is not a validation figure of this run; choose one of {watchable}")
+        raise ValueError(f"monitor={opts['monitor']!r} is not a validation figure of this run; "
+                         f"choose one of {watchable}")
     try:
         params = inspect.signature(state_fn).parameters
     except (TypeError, ValueError):
@@ -488,7 +489,8 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
         steps_per_epoch = 1 if full_batch else num_batches
         now = round(time.perf_counter() - t_start, 4)
         columns = {k: v.tolist() for k, v in summary.items()}
-        evaluate_now = val is not None and (full_batch or (epoch + length) % eval_every == 0 or epoch + length == epochs)
+        evaluate_now = val is not None and (full_batch or (epoch + length) % eval_every == 0
+                                            or epoch + length == epochs)
         val_means = _evaluate(evaluate, states, val, None if full_batch else bs) if evaluate_now else {}
         # One dict per model and epoch, as fit's records (built in bulk: a sweep has millions).
         keys = ("epoch", "step", *columns, "time_s")
