@@ -10,7 +10,8 @@ Modes (``act_quant``):
 - ``None``, weight-only: x stays float; ``z = x @ (w_q * scale) + b``.
 - ``"int8"``, w8a8: each row of x is quantised first (``quantize_rows``: symmetric,
   ``scale_x = max|x_row| / 127``, round half to even, clip to [-127, 127]), the int8 x int8 dot
-  accumulates exactly in int32, and ``z = acc * scale_x[:, None] * scale[None, :] + b``.
+  accumulates exactly in int32 (|acc| <= K * 127**2 < 2**31 for K <= 133,144), and
+  ``z = acc * scale_x[:, None] * scale[None, :] + b``.
 
 Backends: "xla" (here), "numba" (``kernels.numba_cpu.quantized``: CPU kernels through the XLA
 FFI) and "auto", which takes per mode (and number of rows) what ``AUTO`` says measured fastest
@@ -55,7 +56,7 @@ def check_quantized_dense_args(x, w_q, scale, b, activation: str, act_quant) -> 
     """Raises ``TypeError``/``ValueError`` naming the argument, its shape and dtype when the call is
     malformed. A non-finite scale is refused when ``scale`` is concrete (not under a trace)."""
     activations.get(activation)
-    if act_quant not in ACT_QUANT:
+    if not (act_quant is None or (isinstance(act_quant, str) and act_quant == "int8")):
         raise ValueError(f"quantized_dense: act_quant must be None or 'int8', got {act_quant!r:.80}")
     for name, a in (("x", x), ("w_q", w_q), ("scale", scale), ("b", b)):
         if a is not None and (not hasattr(a, "shape") or not hasattr(a, "dtype")):
@@ -85,10 +86,10 @@ def check_quantized_dense_args(x, w_q, scale, b, activation: str, act_quant) -> 
 
 
 def _check_finite_scale(scale) -> None:
-    try:
-        host = np.asarray(scale, np.float64)
-    except jax.errors.TracerArrayConversionError:  # traced: only its shape and dtype are known
+    # Traced (only its shape and dtype are known) or partly on other processes: not checked.
+    if isinstance(scale, jax.core.Tracer) or not getattr(scale, "is_fully_addressable", True):
         return
+    host = np.asarray(scale, np.float64)
     bad = np.flatnonzero(~np.isfinite(host.reshape(-1)))
     if bad.size:
         raise ValueError(f"quantized_dense: scale holds NaN/Inf at {bad.size} of {host.size} channels, "

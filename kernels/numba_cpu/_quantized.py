@@ -55,7 +55,7 @@ Q_NR = 32  # w8a8: columns per tile (2 int32 vectors)
 Q_MR = 8  # w8a8: rows per tile (16 accumulator vectors)
 
 _WO_TILE = WO_MR * WO_NR  # literals for stack_buffer
-_Q_TILE = Q_MR * Q_NR
+KC_QUADS = 64  # w8a8: quads of k per pass over a block's row tiles (256 k)
 WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
 
 # No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
@@ -239,6 +239,7 @@ def _padded_columns(wq, j0, width):
 BLOCK_ROWS = 64
 BLOCK_COLS = 256
 PARALLEL_MIN_MACS = 1 << 19
+_Q_BLOCK_ACC = BLOCK_ROWS * Q_NR  # a literal for stack_buffer
 
 
 @njit(**_OPTS)
@@ -293,8 +294,10 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
 def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
     """Block ``t`` of w8a8: ``y = (q @ w_q) * sx[:, None] * s + b`` (relu'd) on its rows and columns.
 
-    The first ``4 * (K // 4)`` k go through ``_dot4_tile`` (which adds ``128 * rowsum``, taken
-    off here), the last K % 4 through a plain loop.
+    Per column tile, the reduction runs in passes of ``KC_QUADS`` quads of k over every row
+    tile of the block (the tile's rows of w_q, one 64-byte line each, stay in L1 meanwhile),
+    accumulating in a block-high int32 scratch. The first ``4 * (K // 4)`` k go through
+    ``_dot4_tile`` (which adds ``128 * rowsum``, taken off here), the last K % 4 through a plain loop.
     """
     M, N = y.shape
     ncb, _ = _grid(M, N)
@@ -302,35 +305,38 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // Q_NR, (N + Q_NR - 1) // Q_NR)
     nfull = N // Q_NR
     nq = K // 4
-    tile = carray(_ffi.stack_buffer(_Q_TILE, int32), _Q_TILE)
+    acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (BLOCK_ROWS, Q_NR)
     for p in range(p0, p1):
         j0 = p * Q_NR
         cols = min(Q_NR, N - j0)
         src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
-        r0 = i0
-        while r0 < i1:
-            rows = min(Q_MR, i1 - r0)
-            tile[:] = 0
-            if rows == 8:
-                _dot4_tile(qf, r0 * K, K, 8, src, wo, ldw, nq, tile)
-            elif rows >= 4:
-                rows = 4
-                _dot4_tile(qf, r0 * K, K, 4, src, wo, ldw, nq, tile)
-            else:
-                rows = 1
-                _dot4_tile(qf, r0 * K, K, 1, src, wo, ldw, nq, tile)
-            for r in range(rows):
-                i = r0 + r
-                acc = tile[r * Q_NR:(r + 1) * Q_NR]
-                off = int32(128) * rowsum[i]
-                for c in range(Q_NR):
-                    acc[c] -= off
-                for k in range(4 * nq, K):  # the last K % 4 k
-                    qv = int32(qf[i * K + k])
-                    for c in range(cols):
-                        acc[c] += qv * int32(src[wo + k * ldw + c])
-                _store(y, i, j0, cols, acc, sx[i], s, b, has_bias, relu)
-            r0 += rows
+        acc[:] = 0
+        for c0 in range(0, nq, KC_QUADS):
+            nqc = min(KC_QUADS, nq - c0)
+            qo, woc = 4 * c0, wo + 4 * c0 * ldw
+            r0 = i0
+            while r0 < i1:
+                rows = min(Q_MR, i1 - r0)
+                dst = acc[(r0 - i0) * Q_NR:]
+                if rows == 8:
+                    _dot4_tile(qf, r0 * K + qo, K, 8, src, woc, ldw, nqc, dst)
+                elif rows >= 4:
+                    rows = 4
+                    _dot4_tile(qf, r0 * K + qo, K, 4, src, woc, ldw, nqc, dst)
+                else:
+                    rows = 1
+                    _dot4_tile(qf, r0 * K + qo, K, 1, src, woc, ldw, nqc, dst)
+                r0 += rows
+        for i in range(i0, i1):
+            a = acc[(i - i0) * Q_NR:(i - i0 + 1) * Q_NR]
+            off = int32(128) * rowsum[i]
+            for c in range(Q_NR):
+                a[c] -= off
+            for k in range(4 * nq, K):  # the last K % 4 k
+                qv = int32(qf[i * K + k])
+                for c in range(cols):
+                    a[c] += qv * int32(src[wo + k * ldw + c])
+            _store(y, i, j0, cols, a, sx[i], s, b, has_bias, relu)
 
 
 def _block(t, ops):

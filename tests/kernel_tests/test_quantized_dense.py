@@ -275,14 +275,16 @@ def test_w8a8_accumulates_exactly_in_int32(backend):
 
 @pytest.mark.parametrize("act_quant", (None, "int8"))
 def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
-    """A call past ``PARALLEL_MIN_MACS`` with several blocks (2 x 2), ragged edges (N % 64, K % 4)
-    and rows left over from the 4- and 8-row tiles: split between the caller and XLA's intra-op
-    threads, it still matches the reference within the derived bounds."""
+    """A call past ``PARALLEL_MIN_MACS`` with several blocks (2 x 2), ragged edges (N % 64, K % 4),
+    rows left over from the 4- and 8-row tiles and three passes over K (w8a8's ``KC_QUADS``):
+    split between the caller and XLA's intra-op threads, it still matches the reference within
+    the derived bounds."""
     from kernels.numba_cpu import _quantized
 
     for activation in ("relu", "silu"):
-        call = make_quantized_call((130,), 201, 300, act_quant=act_quant, activation=activation, seed=3)
-        assert 130 * 201 * 300 >= _quantized.PARALLEL_MIN_MACS and 300 > _quantized.BLOCK_COLS
+        call = make_quantized_call((130,), 601, 300, act_quant=act_quant, activation=activation, seed=3)
+        assert 130 * 601 * 300 >= _quantized.PARALLEL_MIN_MACS and 300 > _quantized.BLOCK_COLS
+        assert 601 // 4 > 2 * _quantized.KC_QUADS
         got = jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*call.args)
         want = reference.quantized_dense(*call.args, **call.kwargs)
         tol = QuantizedBounds.from_inputs(call.args, call.kwargs).forward(np.asarray(want))
