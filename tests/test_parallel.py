@@ -3,6 +3,7 @@ the layers' logical axis names, and training under every strategy equal to one d
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -377,3 +378,107 @@ def test_the_seed_experiment_on_two_processes_reads_half_the_rows_each_and_equal
     two = checkpoint.restore(weights.parent, like=seed.make_state(config, data), step=int(weights.name))
     for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=tol)
+
+
+class _Bigram(nn.Module):
+    """The smallest language model fit_stream trains (quick to compile): ids [B, T] -> logits [B, T, 8]."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Embed(8, 8)(x)
+
+
+_BIGRAM = _Bigram(), _sgd()  # one model and optimiser, so that every run reuses the compiled step
+
+
+def _bigram_state():
+    return TrainState.create(model=_BIGRAM[0], tx=_BIGRAM[1], sample_x=np.zeros((1, 4), np.int32), seed=0)
+
+
+def test_the_training_loops_wait_for_the_step_max_in_flight_back(monkeypatch):
+    """fit and fit_stream, reading no result for 40 steps, wait as they dispatch for the step
+    jaxnet.train.pacing.MAX_IN_FLIGHT places back (seen on one device: a wait per step past the
+    first MAX_IN_FLIGHT). Unbounded, such a run queued more programs than XLA's CPU client admits
+    per device (32), which deadlocked a mesh in one process (issue 18; tests/test_recsys.py runs
+    into it on data=4)."""
+    from jaxnet.train.pacing import MAX_IN_FLIGHT
+
+    waits = []
+    wait = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(1) or wait(x))
+    d = make_regression(160, 4, seed=0)
+    state = TrainState.create(model=MLP((8, 1)), tx=_sgd(), sample_x=d.x[:1], seed=0)
+    out = fit(state, (d.x, d.y), loss_fn=losses.mse, epochs=1, batch_size=4, progress=False)
+    assert int(out.state.step) == 40 and len(waits) >= 40 - MAX_IN_FLIGHT
+    waits.clear()
+    tokens = np.arange(200) % 8
+    run = fit_stream(_bigram_state(), tokens, steps=40, batch_size=2, block_size=4, log_every=40, progress=False)
+    assert int(run.state.step) == 40 and len(waits) >= 40 - MAX_IN_FLIGHT
+
+
+class _Clock:
+    """Stands in for the time module in jaxnet.train.stream: each reading is ``tick`` s later."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_time_budget_stops_every_process_at_process_0s_step(monkeypatch):
+    """fit_stream(budget_s=) on two processes whose clocks disagree, simulated in one: process 1's
+    clock reads 3x process 0's seconds, and its broadcasts (jaxnet.train.stream.agree) return what
+    process 0 broadcast at the same call. Both hand every update the same fraction and stop after
+    the same step; process 1 on its own clock stops sooner (then process 0, still training, waited
+    in its next collective for good)."""
+    from jaxnet.train import stream
+
+    tokens, sent = np.arange(200) % 8, []
+
+    def run(tick, agree):
+        monkeypatch.setattr(stream, "time", _Clock(tick))
+        monkeypatch.setattr(stream, "agree", agree)
+        fractions = []
+        out = fit_stream(_bigram_state(), tokens, steps=10**4, batch_size=2, block_size=4, log_every=4,
+                         budget_s=1.0, before_step=lambda s, f: fractions.append(f) or s, progress=False)
+        return int(out.state.step), fractions, out
+
+    def process_0(values):
+        sent.append(np.asarray(values, np.float64))
+        return sent[-1]
+
+    steps0, fractions0, out0 = run(0.05, process_0)
+    from_0 = iter(sent)
+    steps1, fractions1, out1 = run(0.15, lambda values: next(from_0))
+    assert next(from_0, None) is None  # process 1 took part in every broadcast process 0 made
+    assert out0.stopped_by_time and out1.stopped_by_time and 4 < steps0 < 10**4
+    assert (steps1, fractions1, out1.train_s) == (steps0, fractions0, out0.train_s)
+    alone, _, _ = run(0.15, lambda values: np.asarray(values, np.float64))
+    assert alone < steps0
+
+
+@pytest.mark.slow  # ~20 s: two processes start JAX and compile
+def test_a_time_budget_on_two_processes_with_skewed_clocks_stops_both_after_one_step():
+    """python -m jaxnet.launch --nproc 2 -- python tests/budget_worker.py: fit_stream(budget_s=2)
+    under data=4 with process 1's clock 3x as fast as process 0's. Both stop after the same step
+    with the same fractions (process 0's clock decided); each on its own clock, process 1 stopped
+    about 3x sooner and process 0 waited in its next collective for good (the timeout below)."""
+    import os
+    import re
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--",
+           sys.executable, str(WORKER.parent / "budget_worker.py"), "2"]
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # its own process group: a hung job is killed whole
+    try:
+        out, _ = job.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, _ = job.communicate()
+    ends = dict(re.findall(r"^\[(\d)\] process \1: (\d+ steps, fractions \w+)$", out, re.M))
+    assert len(ends) == 2 and ends["0"] == ends["1"], out[-3000:]
+    assert job.returncode == 0, out[-3000:]

@@ -236,3 +236,21 @@ def test_the_experiment_runs_on_the_shipped_sample_and_reports_undefined_ratios(
     weights = pathlib.Path(models["mf"]["weights"])
     assert weights.parent == tmp_path / "implicit_mf" / "checkpoints"
     assert checkpoint.steps(weights.parent) == [int(weights.name)]
+
+
+def test_the_implicit_task_on_a_mesh_of_this_process_devices_finishes(tmp_path):
+    """Issue 18: ``--mesh data=2 --task implicit`` in one process with 2 CPU devices aborted in XLA
+    ("Termination timeout ... all reduce"): an epoch queued more steps than XLA's CPU client admits
+    unfinished per device (32) and its launch threads deadlocked (jaxnet.train.pacing). Here 90
+    steps an epoch on data=4; on a regression XLA aborts this process after its 40 s timeout."""
+    from experiments import recsys
+
+    result = recsys.main(["--generator.num-users", "60", "--generator.num-items", "50",
+                          "--generator.ratings-per-user", "20", "--task", "implicit", "--implicit-models", "mf",
+                          "--implicit-epochs", "1", "--batch-size", "64", "--mesh", "data=4",
+                          "--workdir", str(tmp_path)])
+    implicit = result["implicit"]
+    steps = -(-implicit["n_train"] * 5 // 64)  # (1 + 4 negatives) examples per interaction
+    assert steps > 32 and result["devices"] == 4
+    assert pathlib.Path(implicit["models"]["mf"]["weights"]).name == str(steps)
+    assert 0 <= implicit["models"]["mf"]["test"]["hr@10"] <= 1

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.checks import check_same_length, check_supervised
 from jaxnet.train.checkpoint import Checkpointer, open_for_run, path_name
+from jaxnet.train.pacing import RunAhead
 from jaxnet.train.step import TrainState, check_live, make_eval_step, make_train_step, mode_kwargs, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
@@ -416,12 +417,13 @@ def _minibatch_epochs(state, data, epoch_order, minibatch_step, log: RunLog, *, 
         start_batch = int(state.batch_in_epoch)
         first_step = step = int(state.step)
         per_step = []
+        ahead = RunAhead()  # unbounded run-ahead deadlocks XLA CPU meshes (jaxnet.train.pacing)
         for b in range(start_batch, num_batches):
             log.before(step, step + 1)
             state, m = minibatch_step(state, data, order)
             step += 1
             log.after(step, state)
-            per_step.append(m)
+            per_step.append(ahead.add(m))
             if b + 1 < num_batches and ckpt is not None and ckpt.due(step):  # mid-epoch; the last: below
                 # never checkpoint a diverged state
                 check_finite(_stacked(per_step), first_step, lambda s, e=epoch: e + 1, param_names)

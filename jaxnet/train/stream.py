@@ -34,6 +34,7 @@ from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.text import random_windows, stream_windows
 from jaxnet.train.checkpoint import open_for_run
 from jaxnet.train.loop import check_finite, parameter_names, summarize_steps
+from jaxnet.train.pacing import RunAhead
 from jaxnet.train.step import TrainState, check_live, make_train_step, mode_kwargs, split_keys
 from jaxnet.train.writers import RunLog, Writer
 
@@ -156,6 +157,22 @@ def set_clock_fraction(opt_state, fraction):
     return jax.tree.map(lambda s: s._replace(fraction=fraction) if is_clock(s) else s, opt_state, is_leaf=is_clock)
 
 
+def agree(values) -> np.ndarray:
+    """``values`` (float [k], e.g. clock readings) as process 0 has them, the same in every process.
+
+    With several processes, one broadcast from process 0 (a small collective that waits for every
+    process, so call it where all of them do, at the same step); the values travel as float32
+    (x64 is off), which every process then uses alike. With one process, ``values`` as float64,
+    no collective and no wait.
+    """
+    values = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(values.astype(np.float32)), np.float64)
+
+
 def fit_stream(
     state: TrainState,
     train_tokens,
@@ -204,6 +221,14 @@ def fit_stream(
         have taken this long, checked every step; ``steps`` is then an upper bound. For a fixed
         time on a shared machine. Each step is then waited for before the next is dispatched, so
         the time used is the time really spent.
+
+        Several processes: process 0's clock decides, for all of them. The training time it
+        reads after each step (with ``budget_s``) and the wall and training times at each log
+        point (with ``time_limit_s`` or ``budget_s``) reach every process by one broadcast
+        (``agree``), so all stop after the same step and hand every update the same
+        ``fraction``; each clock alone would stop them at different steps, and the ones still
+        training would wait in their next collective for good. One process: no broadcast, and
+        nothing else changes either.
 
         Every update is handed ``fraction``, the larger of the parts of ``budget_s`` and of
         ``steps`` used so far: a ``clock_schedule`` in the optimiser takes it as data, so the
@@ -278,16 +303,17 @@ def fit_stream(
                 n = min(log_every - done % log_every, steps - done)  # records on multiples of log_every
                 t0 = t_begin = time.perf_counter()
                 per_step = []
+                ahead = RunAhead()  # unbounded run-ahead deadlocks XLA CPU meshes (jaxnet.train.pacing)
+                used = train_s  # training seconds so far by process 0's clock (agree)
                 for _ in range(n):
                     step = done + len(per_step)
-                    by_time = min((train_s + time.perf_counter() - t0) / budget_s, 1.0) if budget_s else 0.0
-                    fraction = max(by_time, step / steps)
+                    fraction = max(min(used / budget_s, 1.0) if budget_s else 0.0, step / steps)
                     if before_step is not None:
                         state = before_step(state, fraction)
                     log.before(step, step + 1)
                     state, m = step_fn(state, tokens, np.float32(fraction))
                     log.after(step + 1, state)
-                    per_step.append(m)
+                    per_step.append(ahead.add(m))
                     if first_interval and len(per_step) == 1:
                         # A call's first step includes compilation: the clock (budget, schedule,
                         # throughput) restarts after it, and it counts as an average step below.
@@ -295,8 +321,10 @@ def fit_stream(
                         t0 = time.perf_counter()
                     elif before_step is not None or budget_s is not None:
                         jax.block_until_ready(m)
-                        if budget_s is not None and train_s + time.perf_counter() - t0 >= budget_s:
-                            break
+                        if budget_s is not None:
+                            used = float(agree([train_s + time.perf_counter() - t0])[0])
+                            if used >= budget_s:
+                                break
                     if ckpt is not None and ckpt.due(step + 1) and len(per_step) < n:  # the last: below
                         check_finite(_stack(jax.device_get(per_step)), done, epoch_of, param_names)
                         ckpt.save(state)
@@ -316,8 +344,10 @@ def fit_stream(
                 done += n
                 rec = {"step": done, "epoch": done * batch_size * block_size / n_train,
                        **summarize_steps(stacked), "tokens_per_s": tokens_per_s}
-                stopped = ((time_limit_s is not None and time.perf_counter() - t_start >= time_limit_s)
-                           or (budget_s is not None and train_s >= budget_s))
+                if time_limit_s is not None or budget_s is not None:  # process 0's clock decides
+                    wall, train_s = (float(v) for v in agree([time.perf_counter() - t_start, train_s]))
+                    stopped = ((time_limit_s is not None and wall >= time_limit_s)
+                               or (budget_s is not None and train_s >= budget_s))
                 if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
                                                                or done >= steps or stopped):
                     rec["val_loss"] = evaluate_stream(state, val_tokens, block_size=block_size,
@@ -341,5 +371,5 @@ def fit_stream(
                         (done - first) * batch_size * block_size, stopped, files)
 
 
-__all__ = ["ClockScheduleState", "StreamResult", "clock_factor", "clock_schedule", "evaluate_stream", "fit_stream",
-           "set_clock_fraction"]
+__all__ = ["ClockScheduleState", "StreamResult", "agree", "clock_factor", "clock_schedule", "evaluate_stream",
+           "fit_stream", "set_clock_fraction"]
