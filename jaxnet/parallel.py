@@ -75,7 +75,26 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
                                initialization_timeout=timeout_s)
+    _exit_on_uncaught_exception()
     return jax.process_index()
+
+
+def _exit_on_uncaught_exception() -> None:
+    """Makes an uncaught exception end this process at once (status 1, after the traceback):
+    otherwise it would wait in JAX's shutdown barrier for peers blocked in a collective, the
+    launcher would never see it exit, and the job would hang."""
+    import os
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    sys.excepthook = hook
 
 
 def is_main_process() -> bool:

@@ -4,7 +4,9 @@ Started by ``python -m jaxnet.launch`` (which sets the JAXNET_* variables): join
 the MLP of tests/test_parallel.py under ``data=4`` / fsdp with checkpoints into CKPT, then again
 with each process passing only its rows (``jaxnet.parallel.process_shard``: its half); process 0
 writes the final parameters to OUT and OUT's ``_local`` twin (``.npz``). With ``--die`` process 1
-dies (status 3) after joining the job. Not collected by pytest.
+dies (status 3) after joining the job; with ``--raise`` it raises an exception there instead (an
+uncaught error: ``jaxnet.parallel.initialize`` makes it end the process with status 1). Not
+collected by pytest.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def main(argv=None):
     p.add_argument("out")
     p.add_argument("checkpoint_dir")
     p.add_argument("--die", action="store_true")
+    p.add_argument("--raise", dest="raise_", action="store_true")
 
     args = p.parse_args(argv)
     from jaxnet import parallel
@@ -53,6 +56,8 @@ def main(argv=None):
           flush=True)
     if args.die and index == 1:
         os._exit(3)  # dies at once, as a crash would (sys.exit would first wait at JAX's shutdown barrier)
+    if args.raise_ and index == 1:
+        raise RuntimeError("process 1 fails on purpose")
     # Two runs in one job (one start-up): every process with all the data (and checkpoints),
     # then each with only its share of the rows (process_local) into OUT's "_local" twin.
     for local, out_path, ckpt in ((False, args.out, args.checkpoint_dir),

@@ -193,16 +193,21 @@ def test_two_processes_on_loopback_equal_one_process(tmp_path):
         assert np.asarray(leaf).tobytes() == got[name].tobytes(), name
 
 
-def test_a_process_that_dies_stops_the_job_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("how, status", [("--die", 3), ("--raise", 1)])
+def test_a_process_that_dies_stops_the_job_with_a_clear_message(tmp_path, how, status):
+    """A process that crashes (--die) or raises (--raise: without initialize's hook it would wait in
+    JAX's shutdown barrier while process 0 waits in a collective, and the job would hang)."""
     import subprocess
     import time
 
     cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--grace-s", "5",
-           "--", sys.executable, str(WORKER), str(tmp_path / "out.npz"), str(tmp_path / "ckpt"), "--die"]
+           "--", sys.executable, str(WORKER), str(tmp_path / "out.npz"), str(tmp_path / "ckpt"), how]
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 3, done.stdout[-3000:]
-    assert "[launch] process 1 exited with status 3; stopping the other 1" in done.stdout
+    assert done.returncode == status, done.stdout[-3000:]
+    assert f"[launch] process 1 exited with status {status}; stopping the other 1" in done.stdout
+    if how == "--raise":
+        assert "RuntimeError: process 1 fails on purpose" in done.stdout + done.stderr
     assert time.monotonic() - start < 120
     assert not (tmp_path / "out.npz").exists()
 
