@@ -1,6 +1,8 @@
 """Cheaper models: post-training int8 quantisation of dense layers (``quantize``, run by
-``apply_quantized``; guide: docs/compression.md)."""
+``apply_quantized``) and knowledge distillation into a smaller student (``WithTeacher``,
+``DistillLoss``); guide: docs/compression.md."""
 from jaxnet.compress.apply import apply_quantized, quantized
+from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state, student_variables
 from jaxnet.compress.quantize import (
     QuantRule,
     as_rule,
@@ -13,15 +15,19 @@ from jaxnet.compress.quantize import (
 from jaxnet.compress.store import load_quantized, save_quantized
 
 __all__ = [
+    "DistillLoss",
     "QuantRule",
+    "WithTeacher",
     "apply_quantized",
     "as_rule",
     "bytes_before_after",
     "check_quantized",
     "dense_layers",
+    "distill_state",
     "load_quantized",
     "quantize",
     "quantize_weight",
     "quantized",
     "save_quantized",
+    "student_variables",
 ]

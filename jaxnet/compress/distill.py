@@ -1,0 +1,174 @@
+"""Knowledge distillation (Hinton et al., 2015): a small student trained on a frozen teacher's
+softened outputs as well as on the labels, with the ordinary training loops.
+
+    model = WithTeacher(student, teacher)            # the student, with the teacher run beside it
+    state = distill_state(model, teacher_variables, tx=tx, sample_x=x[:1], seed=0)
+    run = fit(state, (x, labels), loss_fn=DistillLoss(temperature=4.0, alpha=0.9),
+              target_kind="labels", epochs=30, batch_size=64)
+    student_vars = student_variables(run.state)      # {"params": ...}: loads into ``student`` as it is
+
+The objective (``DistillLoss``), per example, with student logits ``s``, teacher logits ``t``,
+label ``y`` and temperature ``T``::
+
+    alpha * T² * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
+
+``alpha`` weighs the soft (teacher) term and ``1 - alpha`` the hard-label term (Hinton et al.'s
+"weighted average of two objectives"; some libraries call the hard weight alpha instead). The T²
+keeps the soft term's gradient on the scale of the hard one's as T changes, so alpha need not be
+retuned with T. The soft term is ``jaxnet.losses.distillation`` and the hard one
+``jaxnet.losses.cross_entropy``: this module adds no loss arithmetic of its own.
+
+How the teacher stays frozen: ``WithTeacher`` keeps the teacher's variables in a collection of
+its own, ``"teacher"``, not in ``"params"``. The training step differentiates ``"params"`` only,
+so the optimiser never sees the teacher; its logits also pass through ``stop_gradient``, so no
+other caller can push a gradient into it either. The teacher always runs in evaluation mode
+(no dropout, BatchNorm on its stored statistics). Because ``fit``'s loss sees only the model's
+output and the targets, the model hands the loss both logits: with ``train=True`` it returns
+``(student_logits, teacher_logits)``; with ``train=False`` (evaluation, prediction,
+``fit``'s validation, ``evaluate_stream``) the student's logits alone, and the teacher does
+not run. So nothing in ``jaxnet.train`` changes, and a validation loss is the student's plain
+cross-entropy.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxnet import losses
+from jaxnet.arguments import check_number
+from jaxnet.train.step import TrainState, mode_kwargs
+
+TEACHER = "teacher"  # the collection holding the teacher's variables (one entry, "variables")
+
+
+class WithTeacher(nn.Module):
+    """The student, with a frozen teacher beside it while training.
+
+    Both see the same input ``x``. The student's variables are the wrapper's own (``nn.share_scope``):
+    ``params`` has exactly the student's tree, so trained params load into ``student`` unchanged.
+    The teacher's whole variables dict (params, batch statistics) is one entry of the collection
+    ``"teacher"``; ``distill_state`` puts the trained teacher there.
+
+    Attributes:
+      student: the Flax module being trained (takes ``train`` if it has dropout or BatchNorm).
+      teacher: the teacher's Flax module, as it was trained; its logits must have the student's shape.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """``x``: what both models take, e.g. ``[B, ...]`` images or ``[B, T]`` token ids.
+
+        Returns the student's logits ``[..., C]`` (``train=False``), or the pair
+        ``(student_logits, teacher_logits)``, both ``[..., C]`` (``train=True``).
+        """
+        nn.share_scope(self, self.student)
+        student_logits = self.student(x, **mode_kwargs(self.student, train))
+        # An unbound copy: the teacher runs on its own variables, not as a child of this scope.
+        teacher = self.teacher.clone(parent=None)
+        held = self.variable(TEACHER, "variables",
+                             lambda: teacher.init(self.make_rng("params"), x, **mode_kwargs(teacher, False)))
+        if not train:
+            return student_logits
+        teacher_logits = teacher.apply(jax.lax.stop_gradient(held.value), x, **mode_kwargs(teacher, False))
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"WithTeacher: teacher logits {tuple(teacher_logits.shape)} and student logits "
+                             f"{tuple(student_logits.shape)} must have the same shape")
+        return student_logits, teacher_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLoss:
+    """``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, a ``fit`` loss.
+
+    A frozen dataclass, so equal settings are equal losses and share ``fit``'s compiled steps.
+
+    Attributes:
+      temperature: T, finite and > 0; larger T softens both distributions (Hinton et al. used 1 to 20).
+      alpha: the soft term's weight, in [0, 1]; 0 is plain cross-entropy on the labels, 1 ignores them.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def __post_init__(self):
+        if check_number(self.temperature, "DistillLoss: temperature") <= 0:
+            raise ValueError(f"DistillLoss: temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= check_number(self.alpha, "DistillLoss: alpha") <= 1.0:
+            raise ValueError(f"DistillLoss: alpha must be in [0, 1], got {self.alpha}")
+
+    def __call__(self, pred, labels, *, reduction: str = "mean", weights=None, mask=None):
+        """The loss of ``pred`` against integer ``labels``.
+
+        Args:
+          pred: ``(student_logits, teacher_logits)``, both ``[..., C]`` (``WithTeacher`` in training),
+            or the student's logits ``[..., C]`` alone (evaluation), which gives ``CE(s, y)``.
+          labels: integer ``[...]`` class labels (``logits.shape[:-1]``).
+          reduction, weights, mask: as in ``jaxnet.losses`` (per-example shape ``[...]``).
+        """
+        if not isinstance(pred, tuple):
+            return losses.cross_entropy(pred, labels, reduction=reduction, weights=weights, mask=mask)
+        if len(pred) != 2:
+            raise ValueError(f"DistillLoss: pred must be (student_logits, teacher_logits), got {len(pred)} arrays")
+        student_logits, teacher_logits = pred
+        hard = losses.cross_entropy(student_logits, labels, reduction=reduction, weights=weights, mask=mask)
+        soft = losses.distillation(student_logits, teacher_logits, temperature=self.temperature,
+                                   reduction=reduction, weights=weights, mask=mask)
+        return self.alpha * soft + (1.0 - self.alpha) * hard
+
+
+def distill_state(model: WithTeacher, teacher_variables, *, tx, sample_x, seed: int = 0) -> TrainState:
+    """A ``TrainState`` for ``fit`` / ``fit_stream`` that trains ``model.student`` from ``seed`` beside
+    the trained teacher.
+
+    Args:
+      model: ``WithTeacher(student, teacher)``.
+      teacher_variables: the trained teacher's variables (``{"params": ..., "batch_stats": ...}``,
+        e.g. ``TrainState.variables`` of its run); held as they are, never updated.
+      tx: the student's Optax optimiser.
+      sample_x: ``[B, ...]``, shows both models the input shape.
+      seed: the student's initialisation, dropout and data order (as ``TrainState.create``).
+
+    Raises:
+      TypeError: ``model`` is not a ``WithTeacher``. ValueError: ``teacher_variables`` do not have
+      the tree, shapes and dtypes of ``model.teacher``'s (naming the first that differs).
+    """
+    if not isinstance(model, WithTeacher):
+        raise TypeError(f"distill_state: model must be a WithTeacher(student, teacher), got {type(model).__name__}")
+    teacher = model.teacher
+    like = _by_path(jax.eval_shape(lambda x: teacher.init(jax.random.key(0), x, **mode_kwargs(teacher, False)),
+                                   jnp.asarray(sample_x)))
+    given = {path: jnp.asarray(leaf) for path, leaf in _by_path(teacher_variables).items()}
+    if set(given) != set(like):
+        first = min(set(like) ^ set(given))
+        raise ValueError(f"distill_state: teacher_variables do not fit {type(model.teacher).__name__}: "
+                         f"{len(given)} arrays for its {len(like)}, first differing {first}")
+    for path, a in like.items():
+        b = given[path]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"distill_state: teacher_variables{path} is {b.dtype}{list(b.shape)}; "
+                             f"{type(model.teacher).__name__} has {a.dtype}{list(a.shape)}")
+    state = TrainState.create(model=model, tx=tx, sample_x=sample_x, seed=seed)
+    # A copy: fit donates the state's arrays, which would delete the caller's teacher.
+    teacher = jax.tree.map(lambda a: jnp.array(a, copy=True), teacher_variables)
+    return state.replace(model_state={**state.model_state, TEACHER: {"variables": teacher}})
+
+
+def _by_path(tree) -> dict:
+    """``{"['params']['fc1']['kernel']": array, ...}`` of a variables tree (dicts or FrozenDicts)."""
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def student_variables(state) -> dict:
+    """The student's own variables (``{"params": ..., "batch_stats": ...}``) from a ``WithTeacher``
+    run's ``TrainState`` or variables dict: what ``model.student.apply`` takes."""
+    variables = state.variables if isinstance(state, TrainState) else state
+    return {k: v for k, v in variables.items() if k != TEACHER}
+
+
+__all__ = ["DistillLoss", "TEACHER", "WithTeacher", "distill_state", "student_variables"]

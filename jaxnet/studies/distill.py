@@ -1,0 +1,317 @@
+"""Knowledge distillation: a teacher, a small student from scratch and the same student distilled
+(``jaxnet.compress.distill``), on the digits and on the character language model.
+
+    result = run(Config(), "runs/distill")         # what ``python -m experiments.distill`` runs
+
+Per task, three models and one figure: the teacher, the student trained on the labels alone
+("scratch"), the same student trained with ``DistillLoss`` beside the frozen teacher
+("distilled"; same seed, data, updates and optimiser as scratch: the teacher is the only
+difference), and the fraction of the gap between scratch and the teacher that distillation closes:
+``(distilled - scratch) / (teacher - scratch)`` in accuracy or in bits per character (``gap_closed``).
+
+Digits: a CNN teacher (``experiments.vision``'s recipe) and an MLP student on the flattened
+pixels. The students train on a transfer set, every training image seen at each whole-pixel
+shift up to ``transfer_shift`` (Hinton et al.'s transfer set; Beyer et al. 2022, "a good teacher
+is patient and consistent": the teacher labels every view the student sees). On the unshifted
+images alone the soft targets add little: the teacher fits them almost one-hot. The MLP from
+scratch on the shifted views is worse than on the plain images, so a third student, scratch on
+the plain images for as many updates, is trained too and the gap is also reported against the
+better of the two scratch students (``gap_closed``: the conservative figure).
+
+Language model: ``TransformerLM`` teacher and student on the pydoc corpus (``jaxnet.studies.lm``'s
+data), trained for a fixed number of updates on random windows (``fit_stream``); held-out bits per
+character on every held-out character once (a sliding window).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import sys
+import time
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from jaxnet.models.transformer import TransformerConfig
+from jaxnet.studies import save_weights
+
+Task = Literal["digits", "lm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsConfig:
+    # The teacher: jaxnet.models.CNN, channels per block (two 3x3 conv + BatchNorm + ReLU, then pooling).
+    teacher_features: tuple[int, ...] = (32, 64)
+    # The teacher's dense head, hidden widths.
+    teacher_head: tuple[int, ...] = (128,)
+    # Dropout in the teacher's head while training, in [0, 1).
+    teacher_dropout: float = 0.5
+    # Passes of the teacher over the training images (AdamW, warm-up and cosine decay), >= 1.
+    teacher_epochs: int = 30
+    # The student: an MLP on the flattened pixels (CNN(features=()): its dense head alone), hidden widths.
+    student_hidden: tuple[int, ...] = (32,)
+    # Dropout in the student while training, in [0, 1).
+    student_dropout: float = 0.0
+    # Passes of each student over the transfer set, >= 1 (scratch on the plain images: as many
+    # updates). The distilled student kept improving up to 40 (Beyer et al.'s patient teacher):
+    # 98.1% after 20, 98.4% after 40, 98.2% after 80 (docs/benchmarks.md).
+    student_epochs: int = 40
+    # The transfer set: each training image at every shift of up to this many pixels in each
+    # direction, (2s+1)^2 views, edges repeated; 0: the training images alone.
+    transfer_shift: int = 1
+    # Images per update, >= 1.
+    batch_size: int = 64
+    # AdamW's peak learning rate (teacher and students), > 0.
+    learning_rate: float = 3e-3
+    # AdamW's decoupled weight decay, >= 0.
+    weight_decay: float = 1e-4
+    # Distillation temperature T, > 0.
+    temperature: float = 2.0
+    # Weight of the soft (teacher) term, in [0, 1]; 1 - alpha weighs the labels' cross-entropy.
+    alpha: float = 0.9
+    # Students of each kind, from seeds 0..seeds-1, accuracies averaged (one test digit is 0.22 points).
+    seeds: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    # The teacher network (its vocab_size comes from the corpus).
+    teacher: TransformerConfig = TransformerConfig(num_layers=2, embed_dim=128, num_heads=4, dropout_rate=0.0)
+    # The student network; its block_size must be the teacher's.
+    student: TransformerConfig = TransformerConfig(num_layers=2, embed_dim=64, num_heads=2, dropout_rate=0.0)
+    # Updates of the teacher, >= 1 (AdamW, warm-up then cosine decay).
+    teacher_steps: int = 400
+    # Updates of each student, >= 1.
+    student_steps: int = 300
+    # Windows of block_size tokens per update, >= 1.
+    batch_size: int = 32
+    # AdamW's peak learning rate (teacher and students), > 0.
+    learning_rate: float = 5e-3
+    # Distillation temperature T, > 0.
+    temperature: float = 1.0
+    # Weight of the soft (teacher) term, in [0, 1] (1: the teacher's distributions alone; 0.5 did
+    # slightly worse here).
+    alpha: float = 1.0
+    # Held-out evaluation windows start every eval_stride tokens, in [1, block_size].
+    eval_stride: int = 64
+    # Held-out fraction of the corpus (its last characters), in (0, 1).
+    val_fraction: float = 0.1
+    # Seeds the teacher (the students use seed + 1).
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.teacher.block_size != self.student.block_size:
+            raise ValueError(f"teacher.block_size {self.teacher.block_size} and student.block_size "
+                             f"{self.student.block_size} must be equal: both read the same windows")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Which tasks to run.
+    tasks: tuple[Task, ...] = ("digits", "lm")
+    # The digits task.
+    digits: DigitsConfig = DigitsConfig()
+    # The character language-model task.
+    lm: LMConfig = LMConfig()
+    # Set from the corpus, not by flags.
+    derived: ClassVar[tuple[str, ...]] = ("lm.teacher.vocab_size", "lm.student.vocab_size")
+
+
+def gap_closed(scratch: float, distilled: float, teacher: float) -> float | None:
+    """``(distilled - scratch) / (teacher - scratch)`` for a figure where higher is better (pass
+    bits per character negated): 1 when the student matches the teacher, 0 when distillation
+    changed nothing, negative when it hurt; None unless the teacher beats scratch (no gap to close)."""
+    gap = teacher - scratch
+    return float((distilled - scratch) / gap) if gap > 0 else None
+
+
+def shifted_views(x: np.ndarray, max_shift: int) -> np.ndarray:
+    """Every whole-pixel shift of every image: ``x: [n, H, W, C]`` -> ``[(2s+1)^2 * n, H, W, C]``,
+    view by view (the unshifted images are view ``(2s+1)^2 // 2``); vacated pixels take the
+    smallest value of ``x`` (the digits' blank background)."""
+    s = max_shift
+    if s == 0:
+        return x
+    h, w = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), constant_values=x.min())
+    return np.concatenate([padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * s + 1) for dx in range(2 * s + 1)])
+
+
+def _optimizer(learning_rate: float, weight_decay: float, steps: int, warmup: int, **extra):
+    from jaxnet import optim
+
+    return optim.make_optimizer(optim.OptimizerConfig(
+        name="adamw", learning_rate=learning_rate, weight_decay=weight_decay, schedule="warmup_cosine",
+        warmup_steps=max(1, min(warmup, steps - 1)), total_steps=steps, **extra))
+
+
+def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=None, resume=False,
+               **fit_options) -> dict:
+    """The digits task: test accuracies of the teacher and the mean of each kind of student."""
+    import jax
+
+    from jaxnet import losses
+    from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state, student_variables
+    from jaxnet.data.digits import digits_split
+    from jaxnet.data.images import standardize
+    from jaxnet.models import CNN
+    from jaxnet.train import TrainState, checkpoint, fit
+
+    train, test = digits_split()
+    xtr, xte = standardize(train.x, test.x)  # [n, 8, 8, 1] float32
+    views = (2 * config.transfer_shift + 1) ** 2
+    x_transfer, y_transfer = shifted_views(xtr, config.transfer_shift), np.tile(train.y, views)
+    accuracy = jax.jit(lambda model, variables: model.apply(variables, xte, train=False).argmax(-1), static_argnums=0)
+
+    def score(model, variables) -> float:
+        return float(np.mean(np.asarray(accuracy(model, variables)) == test.y))
+
+    def train_one(name, state, data, epochs, **kwargs):
+        folder = workdir / name
+        out = fit(state, data, epochs=epochs, batch_size=config.batch_size, target_kind="labels", progress=False,
+                  workdir=folder, title=f"digits: {name}", **fit_options,
+                  **checkpoint.run_options(folder, checkpoint_every=checkpoint_every, resume=resume, config=config),
+                  **kwargs)
+        return out.state, save_weights(folder, out.state, config)
+
+    def tx(n, epochs):
+        steps = epochs * -(-n // config.batch_size)
+        return _optimizer(config.learning_rate, config.weight_decay, steps, steps // 20)
+
+    start = time.perf_counter()
+    teacher = CNN(num_classes=train.num_classes, features=config.teacher_features, head=config.teacher_head,
+                  dropout_rate=config.teacher_dropout)
+    state = TrainState.create(model=teacher, tx=tx(len(xtr), config.teacher_epochs), sample_x=xtr[:1], seed=0)
+    teacher_state, weights = train_one("teacher", state, (xtr, train.y), config.teacher_epochs,
+                                       loss_fn=losses.cross_entropy)
+    result = {"teacher_accuracy": score(teacher, teacher_state.variables), "weights": {"teacher": weights}}
+    print(f"digits: teacher {result['teacher_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+    student = CNN(num_classes=train.num_classes, features=(), head=config.student_hidden,
+                  dropout_rate=config.student_dropout)
+    tx_student = tx(len(x_transfer), config.student_epochs)
+    kinds = {"scratch": [], "scratch_plain": [], "distilled": []}
+    for seed in range(config.seeds):
+        runs = {
+            "scratch": (TrainState.create(model=student, tx=tx_student, sample_x=xtr[:1], seed=seed),
+                        (x_transfer, y_transfer), config.student_epochs, losses.cross_entropy),
+            # The same updates on the plain images: the views are what cost the MLP.
+            "scratch_plain": (TrainState.create(model=student, tx=tx_student, sample_x=xtr[:1], seed=seed),
+                              (xtr, train.y), config.student_epochs * views, losses.cross_entropy),
+            "distilled": (distill_state(WithTeacher(student, teacher), teacher_state.variables, tx=tx_student,
+                                        sample_x=xtr[:1], seed=seed),
+                          (x_transfer, y_transfer), config.student_epochs,
+                          DistillLoss(temperature=config.temperature, alpha=config.alpha)),
+        }
+        if config.transfer_shift == 0:
+            del runs["scratch_plain"]  # the same run as scratch
+        for kind, (state, data, epochs, loss_fn) in runs.items():
+            final, weights = train_one(f"{kind}/seed{seed}", state, data, epochs, loss_fn=loss_fn)
+            kinds[kind].append(score(student, student_variables(final)))
+            result["weights"][f"{kind}_seed{seed}"] = weights
+        print(f"digits: seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in kinds.items() if v)
+              + f" ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    if not kinds["scratch_plain"]:
+        kinds["scratch_plain"] = kinds["scratch"]
+    mean = {k: float(np.mean(v)) for k, v in kinds.items()}
+    best_scratch = max(mean["scratch"], mean["scratch_plain"])
+    result.update({
+        "scratch_accuracy": mean["scratch"],
+        "scratch_plain_accuracy": mean["scratch_plain"],
+        "distilled_accuracy": mean["distilled"],
+        "per_seed": kinds,
+        "gap_closed_same_data": gap_closed(mean["scratch"], mean["distilled"], result["teacher_accuracy"]),
+        "gap_closed": gap_closed(best_scratch, mean["distilled"], result["teacher_accuracy"]),
+        "teacher_params": _count(teacher_state.params),
+        "student_params": _count(final.params),
+        "transfer_images": len(x_transfer),
+        "wall_s": round(time.perf_counter() - start, 1),
+    })
+    return result
+
+
+def run_lm(config: LMConfig, workdir: pathlib.Path, *, checkpoint_every=None, resume=False, **fit_options) -> dict:
+    """The language-model task: held-out bits per character of the teacher and both students."""
+    import jax.numpy as jnp
+
+    from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state
+    from jaxnet.data import text
+    from jaxnet.models.transformer import TransformerLM
+    from jaxnet.train import TrainState, checkpoint
+    from jaxnet.train.stream import evaluate_stream, fit_stream
+
+    start = time.perf_counter()
+    corpus = text.pydoc_corpus(config.val_fraction)
+    block = config.teacher.block_size
+    teacher = TransformerLM(config.teacher.replace(vocab_size=len(corpus.vocab)))
+    student = TransformerLM(config.student.replace(vocab_size=len(corpus.vocab)))
+    sample_x = jnp.zeros((1, block), jnp.int32)
+
+    def tx(steps):
+        return _optimizer(config.learning_rate, 0.1, steps, min(100, steps // 10), b2=0.99, clip_norm=1.0,
+                          final_lr_fraction=0.05)
+
+    def train_one(name, state, steps, **kwargs):
+        folder = workdir / name
+        out = fit_stream(state, corpus.train, steps=steps, batch_size=config.batch_size, block_size=block,
+                         progress=False, workdir=folder, title=f"lm: {name} (loss: nats/char)", **fit_options,
+                         **checkpoint.run_options(folder, checkpoint_every=checkpoint_every, resume=resume,
+                                                  config=config), **kwargs)
+        bits = evaluate_stream(out.state, corpus.val, block_size=block, stride=config.eval_stride) / math.log(2)
+        print(f"lm: {name} {bits:.4f} bits/char, {out.tokens / max(out.train_s, 1e-9):,.0f} tokens/s "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        return out.state, bits, save_weights(folder, out.state, config)
+
+    teacher_state, teacher_bits, w_teacher = train_one(
+        "teacher", TrainState.create(model=teacher, tx=tx(config.teacher_steps), sample_x=sample_x, seed=config.seed),
+        config.teacher_steps)
+    tx_student = tx(config.student_steps)
+    _, scratch_bits, w_scratch = train_one(
+        "scratch", TrainState.create(model=student, tx=tx_student, sample_x=sample_x, seed=config.seed + 1),
+        config.student_steps)
+    distilled, distilled_bits, w_distilled = train_one(
+        "distilled", distill_state(WithTeacher(student, teacher), teacher_state.variables, tx=tx_student,
+                                   sample_x=sample_x, seed=config.seed + 1),
+        config.student_steps, loss_fn=DistillLoss(temperature=config.temperature, alpha=config.alpha))
+    return {
+        "teacher_bits_per_char": round(teacher_bits, 4),
+        "scratch_bits_per_char": round(scratch_bits, 4),
+        "distilled_bits_per_char": round(distilled_bits, 4),
+        "gap_closed": gap_closed(-scratch_bits, -distilled_bits, -teacher_bits),
+        "teacher_params": _count(teacher_state.params),
+        "student_params": _count(distilled.params),
+        "weights": {"teacher": w_teacher, "scratch": w_scratch, "distilled": w_distilled},
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def _count(params) -> int:
+    import jax
+
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
+
+
+def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,
+        profile_steps: tuple[int, int] | None = None, checkpoint_every: int | None = None,
+        resume: bool = False, mesh=None, strategy: str = "dp") -> dict:
+    """Runs ``config.tasks``; returns ``{"experiment": "distill", "digits": {...}, "lm": {...}, ...}``
+    with each task's figures and ``"gap_closed_target_met"`` (>= half the gap closed, per task).
+
+    Every model's run (metrics.jsonl, loss_curve.png, final weights under ``checkpoints/``) goes
+    into ``<workdir>/<task>/<model>[/seed<k>]``; the keywords are ``fit``'s / ``fit_stream``'s, as
+    in the other studies.
+    """
+    workdir = pathlib.Path(workdir)
+    options = dict(tensorboard=tensorboard, profile_steps=profile_steps, checkpoint_every=checkpoint_every,
+                   resume=resume, mesh=mesh, strategy=strategy)
+    result: dict = {"experiment": "distill"}
+    if "digits" in config.tasks:
+        result["digits"] = run_digits(config.digits, workdir / "digits", **options)
+    if "lm" in config.tasks:
+        result["lm"] = run_lm(config.lm, workdir / "lm", **options)
+    result["gap_closed_target_met"] = {task: (result[task]["gap_closed"] or 0.0) >= 0.5 for task in config.tasks}
+    return result
+
+
+__all__ = ["Config", "DigitsConfig", "LMConfig", "gap_closed", "run", "run_digits", "run_lm", "shifted_views"]

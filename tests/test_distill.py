@@ -1,0 +1,209 @@
+"""jaxnet.compress.distill: the Hinton loss (its T=1 one-hot limit, its T^2 scaling), the frozen
+teacher beside the student in ``fit``, and the distill / compress experiments on tiny settings."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnet import losses
+from jaxnet.compress import DistillLoss, WithTeacher, distill_state, student_variables
+from jaxnet.models import MLP
+from jaxnet.train import fit
+
+
+def _log_softmax(z):  # float64 reference
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _case(shape, classes, seed):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(0, 3, (*shape, classes)).astype(np.float32)
+    labels = rng.integers(0, classes, shape)
+    return student, labels
+
+
+@pytest.mark.parametrize("shape, classes", [((5,), 3), ((2, 7), 11)])  # digits-like [B, C] and LM-like [B, T, V]
+def test_at_temperature_1_a_one_hot_teacher_gives_cross_entropy(shape, classes):
+    student, labels = _case(shape, classes, seed=classes)
+    # Logits -1e4 away from the label: softmax is exactly one-hot in float32.
+    one_hot_teacher = np.where(np.arange(classes) == labels[..., None], 0.0, -1e4).astype(np.float32)
+    ce = losses.cross_entropy(student, labels)
+    np.testing.assert_allclose(losses.distillation(student, one_hot_teacher, temperature=1.0), ce, rtol=1e-6)
+    for alpha in (0.0, 0.3, 1.0):
+        got = DistillLoss(temperature=1.0, alpha=alpha)((jnp.asarray(student), jnp.asarray(one_hot_teacher)), labels)
+        np.testing.assert_allclose(got, ce, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature, alpha", [(0.5, 0.9), (2.0, 0.5), (4.0, 1.0)])
+def test_the_loss_is_the_documented_t_squared_mixture(temperature, alpha):
+    student, labels = _case((6,), 5, seed=1)
+    teacher = np.random.default_rng(2).normal(0, 3, student.shape).astype(np.float32)
+    log_p, log_q = _log_softmax(teacher / temperature), _log_softmax(student / temperature)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)  # (B,)
+    ce = -np.take_along_axis(_log_softmax(student), labels[:, None], -1)[:, 0]
+    expect = np.mean(alpha * temperature**2 * kl + (1 - alpha) * ce)
+    got = DistillLoss(temperature=temperature, alpha=alpha)((jnp.asarray(student), jnp.asarray(teacher)), labels)
+    np.testing.assert_allclose(got, expect, rtol=2e-5)
+    # Evaluation (the student's logits alone) is the labels' cross-entropy.
+    np.testing.assert_allclose(DistillLoss(temperature, alpha)(jnp.asarray(student), labels), np.mean(ce), rtol=2e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"temperature": 0.0}, "temperature must be > 0"),
+                                             ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
+                                             ({"temperature": float("nan")}, "temperature must be finite")])
+def test_bad_loss_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillLoss(**kwargs)
+
+
+def _pair(x):
+    teacher, student = MLP((16, 3)), MLP((4, 3))
+    teacher_vars = jax.jit(teacher.init)(jax.random.key(7), x)  # one compilation, not one per op
+    return WithTeacher(student, teacher), student, teacher_vars
+
+
+def test_the_teacher_is_frozen_and_the_student_trains():
+    x = np.random.default_rng(0).normal(size=(32, 5)).astype(np.float32)
+    y = np.arange(32) % 3
+    model, student, teacher_vars = _pair(x)
+    state = distill_state(model, teacher_vars, tx=optax.adam(1e-2), sample_x=x[:1], seed=0)
+    # The params are the student's own tree: the teacher is not among what the optimiser updates.
+    assert jax.tree.structure(state.params) == jax.tree.structure(student.init(jax.random.key(0), x)["params"])
+
+    # No gradient reaches the teacher's variables, even when asked for directly.
+    def loss_of(teacher_vars):
+        variables = {**state.variables, "teacher": {"variables": teacher_vars}}
+        pred, _ = model.apply(variables, x, train=True, mutable=["teacher"])
+        return DistillLoss(2.0, 0.5)(pred, y)
+
+    grads = jax.jit(jax.grad(loss_of))(teacher_vars)
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+
+    before = jax.tree.map(np.array, (state.params, teacher_vars))
+    out = fit(state, (x, y), loss_fn=DistillLoss(2.0, 0.5), target_kind="labels", epochs=2, batch_size=None,
+              progress=False)
+    after_teacher = out.state.model_state["teacher"]["variables"]
+    jax.tree.map(np.testing.assert_array_equal, after_teacher, before[1])
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(before[0])))
+    # The caller's teacher arrays survive fit's donation, and the trained student runs on its own.
+    jax.tree.map(np.testing.assert_array_equal, teacher_vars, before[1])
+    logits = student.apply(student_variables(out.state), x)
+    np.testing.assert_array_equal(logits, out.state.model.apply(out.state.variables, x))
+
+
+def test_training_mode_hands_the_loss_both_logits_and_evaluation_the_student_alone():
+    x = np.ones((2, 5), np.float32)
+    model, student, teacher_vars = _pair(x)
+    state = distill_state(model, teacher_vars, tx=optax.sgd(0.1), sample_x=x[:1])
+    (s, t), _ = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["teacher"]))(state.variables)
+    np.testing.assert_allclose(t, jax.jit(model.teacher.apply)(teacher_vars, x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(model.apply)(state.variables, x), s, rtol=1e-6)
+
+
+def test_teacher_variables_of_another_model_are_refused_naming_the_array():
+    x = np.ones((2, 5), np.float32)
+    model, _, teacher_vars = _pair(x)
+    wrong = jax.jit(MLP((8, 3)).init)(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"teacher_variables\['params'\]\['layers_0'\]\['bias'\] is float32\[8\]; "
+                                         r"MLP has float32\[16\]"):
+        distill_state(model, wrong, tx=optax.sgd(0.1), sample_x=x[:1])
+    with pytest.raises(ValueError, match="1 arrays for its 4, first differing"):
+        distill_state(model, {"params": {"layers_0": {"bias": teacher_vars["params"]["layers_0"]["bias"]}}},
+                      tx=optax.sgd(0.1), sample_x=x[:1])
+    with pytest.raises(TypeError, match="model must be a WithTeacher"):
+        distill_state(MLP((3,)), teacher_vars, tx=optax.sgd(0.1), sample_x=x[:1])
+
+
+def test_gap_closed_and_the_transfer_views():
+    from jaxnet.studies.distill import gap_closed, shifted_views
+
+    assert gap_closed(0.96, 0.975, 0.99) == pytest.approx(0.5)
+    assert gap_closed(-2.6, -2.2, -1.8) == pytest.approx(0.5)  # bits per character, negated
+    assert gap_closed(0.99, 0.99, 0.95) is None  # a teacher worse than scratch: no gap to close
+    x = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 1)
+    views = shifted_views(x, 1)
+    assert views.shape == (18, 3, 3, 1)
+    np.testing.assert_array_equal(views[8:10], x)  # view 4 of 9: unshifted
+    np.testing.assert_array_equal(views[0, 1:, 1:], x[0, :-1, :-1])  # down-right by one
+    np.testing.assert_array_equal(views[0, 0], x.min())  # vacated pixels: the background
+
+
+def test_compress_study_measures_every_mode_on_a_tiny_mlp():
+    from jaxnet.compress import quantize
+    from jaxnet.studies.compress import Config, dense_bytes, dequantized, measure, summary
+
+    x = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
+    model = MLP((32, 10))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    q = quantize(variables)
+    np.testing.assert_allclose(dequantized(q)["params"]["layers_0"]["kernel"],
+                               q["params"]["layers_0"]["w_q"] * q["params"]["layers_0"]["scale"])
+    assert dense_bytes(variables["params"]) == 4 * (64 * 32 + 32 + 32 * 10 + 10)
+    assert dense_bytes(q["params"]) == 64 * 32 + 8 * 32 + 32 * 10 + 8 * 10
+    labels = np.asarray(model.apply(variables, x)).argmax(-1)
+
+    def agreement(apply, tree):
+        return float(np.mean(np.asarray(apply(tree, x)).argmax(-1) == labels))
+
+    config = Config(repeats=1, warmup=1, min_sample_s=0.0, backend="xla")
+    measured = measure(model, variables, agreement, {16: x}, config)  # one shape: one compilation per mode
+    assert measured["modes"]["float32"]["quality"] == 1.0 and measured["modes"]["int8"]["quality"] > 0.8
+    assert measured["dense_bytes_ratio"] == pytest.approx(dense_bytes(variables["params"]) / dense_bytes(q["params"]))
+    row = summary({"mlp": measured})["mlp"]
+    assert row["dense_bytes_met"] is False  # 3.6x: at K = 64 and 32 the scales and biases weigh
+    assert set(measured["modes"]["w8a8"]["latency_s"]) == {16} and measured["dequant_latency_s"] > 0
+
+
+@pytest.mark.slow  # ~1-2 min on 2 busy cores: both experiments end to end, every model trained briefly
+def test_distill_and_compress_experiments_end_to_end(tmp_path, monkeypatch):
+    from experiments import compress, distill
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    tiny_lm = ["--lm.num-layers", "1", "--lm.embed-dim", "16", "--lm.num-heads", "2", "--lm.block-size", "16"]
+    result = compress.main(["--digits-epochs", "1", "--lm-steps", "3", "--lm-eval-stride", "16", "--repeats", "1",
+                            "--warmup", "1", "--batches", "1", "8", "--checkpoint-every", "0",
+                            "--workdir", str(tmp_path / "c"), *tiny_lm])
+    assert set(result) >= {"mlp", "cnn", "lm"} and (tmp_path / "c" / "table.md").exists()
+    assert json.loads((tmp_path / "c" / "table.json").read_text())["lm"]["modes"]["w8a8"]["quality"] > 0
+    result = distill.main(["--digits.teacher-features", "4", "--digits.teacher-head", "8", "--digits.teacher-epochs",
+                           "1", "--digits.student-epochs", "1", "--digits.seeds", "1", "--lm.teacher.num-layers", "1",
+                           "--lm.teacher.embed-dim", "16", "--lm.student.embed-dim", "8", "--lm.teacher.block-size",
+                           "16", "--lm.student.block-size", "16", "--lm.teacher-steps", "3", "--lm.student-steps",
+                           "2", "--lm.eval-stride", "16", "--checkpoint-every", "0", "--workdir", str(tmp_path / "d")])
+    assert set(result["gap_closed_target_met"]) == {"digits", "lm"}
+    assert result["lm"]["distilled_bits_per_char"] > 0 and 0 <= result["digits"]["distilled_accuracy"] <= 1
+    assert json.loads((tmp_path / "d" / "result.json").read_text())["digits"] == result["digits"]
+
+
+@pytest.mark.parametrize("name, target, argv", [
+    ("distill", "jaxnet.train.fit", ["--tasks", "digits"]),
+    ("compress", "jaxnet.train.stream.fit_stream", ["--models", "lm", "--lm.embed-dim", "16"]),
+])
+def test_the_run_flags_reach_every_training_loop(name, target, argv, monkeypatch, tmp_path):
+    import importlib
+
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise Reached
+
+    monkeypatch.setattr(target, stop)
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    with pytest.raises(Reached):
+        importlib.import_module(f"experiments.{name}").main(
+            argv + ["--tensorboard", "--profile-steps", "1", "3", "--checkpoint-every", "7", "--resume",
+                    "--mesh", "data=2,model=2", "--strategy", "fsdp+tp", "--workdir", str(tmp_path)])
+    assert seen["tensorboard"] is True and seen["profile_steps"] == (1, 3)
+    assert seen["checkpoint_every"] == 7 and seen["resume"] is True and seen["config"] is not None
+    assert str(seen["workdir"]).startswith(str(tmp_path))
+    assert str(seen["checkpoint_dir"]).startswith(str(seen["workdir"]))
+    assert dict(seen["mesh"].shape) == {"data": 2, "model": 2} and seen["strategy"] == "fsdp+tp"
