@@ -19,8 +19,9 @@
   terms): the inputs of the tolerance model in ``jaxnet.testing.tolerances``.
 
 Adding an activation means one entry here plus its branch in each native kernel that switches on
-``code`` (``kernels/numba_cpu/_kernels.py``'s epilogue and ``activation_grad``); the Pallas
-kernels, the XLA paths, the hypothesis strategies, tolerances, mutants and tests read this table.
+``code`` (``kernels/numba_cpu/_kernels.py``: its epilogue and derivative functions, called from
+``activate_unit`` and ``gradient_unit``); the Pallas kernels, the XLA paths, the hypothesis
+strategies, tolerances, mutants and tests read this table.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def cache_dir() -> pathlib.Path:
 
     from kernels.numba_cpu import _handlers
 
-    return pathlib.Path(FunctionCache(_handlers.forward_f32).cache_path)
+    return pathlib.Path(FunctionCache(_handlers.handler).cache_path)  # any function of this package
 
 
 def drop_if_stale(directory: pathlib.Path | None = None) -> bool:

@@ -1,7 +1,28 @@
-"""The XLA FFI handlers: one Numba ``cfunc`` per dtype and kernel, serving every shape.
+"""The XLA FFI handlers of the numba backend, and the units they are built from.
 
-``handler(kind, dtype)`` compiles (or loads from Numba's on-disk cache) one handler on first use,
-with its dtype's helper task; importing this module compiles nothing.
+A handler serves one (kind, dtype, activation) and every shape: ``handler(kind, dtype,
+activation)`` compiles it (or loads it from Numba's on-disk cache) on first use, with the units
+it calls; importing this module compiles nothing.
+
+Units (``_link``): C-callable cfuncs that call each other by link-time name, so that each is
+compiled, optimised and code-generated once, not again inside every caller:
+
+  per dtype:  ``blocks`` (claims and runs a GEMM job's blocks), ``gemm_nt`` and ``panel_gemm``
+              (the two GEMMs), ``forward`` and ``backward`` (on one matrix), whose sources are
+              the factories ``_kernels.*_unit``; here ``task`` (the helper task scheduled on XLA's
+              pool: ``blocks``, then let go of the job) and ``forward_entry`` and
+              ``backward_entry`` (read and check the call frame, loop over the batch);
+  per dtype and activation (not identity): ``activate_<name>`` (the forward's epilogue) and
+              ``gradient_<name>`` (act' times dy), the activation's code a constant there;
+  handlers:   the registered targets, one line each: the entry with the handler's activation
+              and the address of that activation's unit.
+
+So a relu call compiles relu's two units and none of the other activations'. ``UNITS`` gives
+each unit's callees, compiled and registered before it (their names must resolve when it is
+linked). The helper task is reached the same way: an entry passes on its address, not an
+attribute, so each process links its own address into the cached machine code; an address in an
+attribute would be baked into the executable, which JAX's persistent compilation cache can hand
+to another process.
 
 Calling conventions (all buffers row-major; a leading batch, from ``vmap_method="broadcast_all"``,
 may precede the matrix dims and must have the same size on every operand):
@@ -13,14 +34,8 @@ may precede the matrix dims and must have the same size on every operand):
             rets (dx [..., M, K], dw [..., K, N], db [..., N]?)
             relu passes r = y, t, and b when there is a bias (db); other activations only r.
   attributes (sorted by name, as XLA passes them): ``act`` (int64), the activation's ``code`` in
-  ``kernels.activations``; ``share`` (int64), 1 to share the GEMM blocks with XLA's intra-op
-  thread pool, 0 to stay on the calling thread.
-
-The helper task scheduled on XLA's pool is reached through a symbol, not an attribute: before a
-handler is compiled or loaded from Numba's cache, its dtype's task is registered with LLVM's
-symbol table (``TASK_SYMBOLS``), and the handler refers to it by name, so each process links its
-own address into the cached machine code. An address in an attribute would be baked into the
-executable, which JAX's persistent compilation cache can hand to another process.
+  ``kernels.activations``, which must be the handler's; ``share`` (int64), 1 to share the GEMM
+  blocks with XLA's intra-op thread pool, 0 to stay on the calling thread.
 
 A shape, dtype or attribute that does not fit these conventions returns an XLA error (never a
 crash).
@@ -30,43 +45,34 @@ from __future__ import annotations
 import threading
 
 from llvmlite import binding as llvm
-from llvmlite import ir
 from numba import carray, cfunc, float32, float64, njit, types
-from numba.extending import intrinsic
 
 from kernels.activations import ACTIVATIONS
-from kernels.numba_cpu import _cache, _ffi
+from kernels.numba_cpu import _cache, _ffi, _kernels, _link
 from kernels.numba_cpu._ffi import arg, as_pointer, data, dim, dtype, leading, make_error, rank, ret
-from kernels.numba_cpu._kernels import RELU, backward, forward, run_job
+from kernels.numba_cpu._ffi import nonliteral as _nl  # constant indices: one compile of each reader, not one each
+from kernels.numba_cpu._kernels import IDENTITY, RELU
 
-_N_ACTS = len(ACTIVATIONS)
-# The helper tasks' link-time names, by dtype.
-TASK_SYMBOLS = {"float32": "jaxnet_numba_task_f32", "float64": "jaxnet_numba_task_f64"}
-
-
-@intrinsic
-def _task_address(typingctx, nbtype):
-    """The address of ``nbtype``'s helper task (``TASK_SYMBOLS``), resolved when the code is
-    linked into the process (the symbol must be registered by then: see ``handler``)."""
-    name = {types.float32: TASK_SYMBOLS["float32"], types.float64: TASK_SYMBOLS["float64"]}.get(nbtype.instance_type)
-    if name is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i64]),
-                                                               name)
-        return builder.ptrtoint(fn, i64)
-    return types.int64(nbtype), codegen
+_NBTYPES = {"float32": float32, "float64": float64}
+_DTYPE_CODES = {"float32": _ffi.DTYPE_F32, "float64": _ffi.DTYPE_F64}
 
 
 @njit
-def _task(frame, nbtype):
-    """The helper task's address if attribute 1 (``share``) is 1, 0 if it is 0, else -1."""
-    share = _ffi.scalar_attr_i64(frame, 1)
-    if share == 1:
-        return _task_address(nbtype)
-    return 0 if share == 0 else -1
+def _begin(frame, act, nbtype):
+    """An entry's first checks: ``(answer, task, nargs, nrets)``. ``answer >= 0`` is what the
+    handler returns at once (XLA's registration query answered, or an error naming a bad
+    attribute); otherwise ``task`` is the helper task's address if attribute 1 (``share``) is 1, 0
+    if it is 0, and ``nargs``, ``nrets`` count the call's operands and results."""
+    q = _ffi.answer_metadata(frame)
+    if q >= 0:
+        return q, 0, 0, 0
+    if _ffi.scalar_attr_i64(frame, _nl(0)) != act:
+        return make_error(frame, "int64 attribute 'act' missing or not the handler's activation"), 0, 0, 0
+    share = _ffi.scalar_attr_i64(frame, _nl(1))
+    if share != 0 and share != 1:
+        return make_error(frame, "missing int64 attribute 'share' (0 or 1)"), 0, 0, 0
+    task = _link.address("task", nbtype) if share == 1 else 0
+    return -1, task, _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE), _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
 
 
 @njit
@@ -75,195 +81,210 @@ def _view(buf, nbtype, shape):
     return carray(as_pointer(data(buf), nbtype), shape)
 
 
-@njit(inline="always", cache=True, nogil=True)
-def _forward_call(frame, nbtype, code):
-    q = _ffi.answer_metadata(frame)
-    if q >= 0:
-        return q
-    nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
-    nrets = _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
-    if nargs < 2 or nargs > 3 or nrets < 1 or nrets > 2:
-        return make_error(frame, "forward takes (x, w[, b]) and returns (y[, z or relu's tie flag])")
-    act = _ffi.scalar_attr_i64(frame, 0)
-    if act < 0 or act >= _N_ACTS:
-        return make_error(frame, "missing or unknown int64 attribute 'act'")
-    task = _task(frame, nbtype)
-    if task < 0:
-        return make_error(frame, "missing int64 attribute 'share' (0 or 1)")
-    xb, wb, yb = arg(frame, 0), arg(frame, 1), ret(frame, 0)
-    has_bias = nargs == 3
-    save_z = nrets == 2 and act != RELU
-    save_ties = nrets == 2 and act == RELU
-    bb = arg(frame, 2) if has_bias else yb
-    zb = ret(frame, 1) if save_z else yb
-    tb = ret(frame, 1) if save_ties else yb
-    for buf in (xb, wb, yb, bb, zb, tb):
-        if dtype(buf) != code:
-            return make_error(frame, "forward: operand dtypes differ from the handler's")
-    nb = leading(xb, 2)
-    if nb < 0 or leading(wb, 2) != nb or leading(yb, 2) != nb or leading(zb, 2) != nb:
-        return make_error(frame, "forward: operand ranks or batch sizes differ")
-    if save_ties and (leading(tb, 1) != nb or dim(tb, rank(tb) - 1) != 1):
-        return make_error(frame, "forward: relu's tie flag must be [1]")
-    m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
-    n = dim(wb, rank(wb) - 1)
-    if dim(wb, rank(wb) - 2) != k or dim(yb, rank(yb) - 2) != m or dim(yb, rank(yb) - 1) != n:
-        return make_error(frame, "forward: x [M, K], w [K, N] and y [M, N] do not agree")
-    if dim(zb, rank(zb) - 2) != m or dim(zb, rank(zb) - 1) != n:
-        return make_error(frame, "forward: z must be [M, N]")
-    if has_bias and (leading(bb, 1) != nb or dim(bb, rank(bb) - 1) != n):
-        return make_error(frame, "forward: b must be [N]")
-    xs = _view(xb, nbtype, (nb, m, k))
-    ws = _view(wb, nbtype, (nb, k, n))
-    ys = _view(yb, nbtype, (nb, m, n))
-    zs = _view(zb, nbtype, (nb, m, n))
-    # Without a bias the view aliases y and is never read.
-    bs = _view(bb, nbtype, (nb, n))
-    # Without save_ties the view aliases y and is never written.
-    ts = _view(tb, nbtype, (nb, 1))
-    for i in range(nb):
-        ties = forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, frame, task)
-        if save_ties:
-            ts[i, 0] = 1 if ties else 0
-    return 0
+def _forward_entry_unit(nbtype, code):
+    """The unit ``forward_entry`` of ``nbtype``: ``forward_entry(frame, act, act_unit)`` checks the
+    call frame of a forward handler for the activation ``act`` (its unit at ``act_unit``), then
+    runs ``forward`` on each matrix of the batch."""
+    dtype_code = _DTYPE_CODES[str(nbtype)]
+
+    def forward_entry(frame, act, act_unit):
+        answer, task, nargs, nrets = _begin(frame, act, nbtype)
+        if answer >= 0:
+            return answer
+        if nargs < 2 or nargs > 3 or nrets < 1 or nrets > 2:
+            return make_error(frame, "forward takes (x, w[, b]) and returns (y[, z or relu's tie flag])")
+        xb, wb, yb = arg(frame, _nl(0)), arg(frame, _nl(1)), ret(frame, _nl(0))
+        has_bias = nargs == 3
+        save_z = nrets == 2 and act != RELU
+        save_ties = nrets == 2 and act == RELU
+        bb = arg(frame, _nl(2)) if has_bias else yb
+        zb = ret(frame, _nl(1)) if save_z else yb
+        tb = ret(frame, _nl(1)) if save_ties else yb
+        for buf in (xb, wb, yb, bb, zb, tb):
+            if dtype(buf) != dtype_code:
+                return make_error(frame, "forward: operand dtypes differ from the handler's")
+        nb = leading(xb, _nl(2))
+        if nb < 0 or leading(wb, _nl(2)) != nb or leading(yb, _nl(2)) != nb or leading(zb, _nl(2)) != nb:
+            return make_error(frame, "forward: operand ranks or batch sizes differ")
+        if save_ties and (leading(tb, _nl(1)) != nb or dim(tb, rank(tb) - 1) != 1):
+            return make_error(frame, "forward: relu's tie flag must be [1]")
+        m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
+        n = dim(wb, rank(wb) - 1)
+        if dim(wb, rank(wb) - 2) != k or dim(yb, rank(yb) - 2) != m or dim(yb, rank(yb) - 1) != n:
+            return make_error(frame, "forward: x [M, K], w [K, N] and y [M, N] do not agree")
+        if dim(zb, rank(zb) - 2) != m or dim(zb, rank(zb) - 1) != n:
+            return make_error(frame, "forward: z must be [M, N]")
+        if has_bias and (leading(bb, _nl(1)) != nb or dim(bb, rank(bb) - 1) != n):
+            return make_error(frame, "forward: b must be [N]")
+        xs = _view(xb, nbtype, (nb, m, k))
+        ws = _view(wb, nbtype, (nb, k, n))
+        ys = _view(yb, nbtype, (nb, m, n))
+        zs = _view(zb, nbtype, (nb, m, n))
+        # Without a bias the view aliases y and is never read.
+        bs = _view(bb, nbtype, (nb, n))
+        # Without save_ties the view aliases y and is never written.
+        ts = _view(tb, nbtype, (nb, _nl(1)))
+        for i in range(nb):
+            ties = _kernels.call_forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, act_unit, frame,
+                                         task)
+            if save_ties:
+                ts[i, 0] = 1 if ties else 0
+        return 0
+    return forward_entry
 
 
-@njit(inline="always", cache=True, nogil=True)
-def _backward_call(frame, nbtype, code):
-    q = _ffi.answer_metadata(frame)
-    if q >= 0:
-        return q
-    nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
-    nrets = _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
-    if nrets < 2 or nrets > 3:
-        return make_error(frame, "backward returns (dx, dw[, db])")
-    act = _ffi.scalar_attr_i64(frame, 0)
-    if act < 0 or act >= _N_ACTS:
-        return make_error(frame, "missing or unknown int64 attribute 'act'")
-    has_bias = nrets == 3
-    relu = act == RELU
-    if nargs != ((5 + has_bias) if relu else 4):
-        return make_error(frame, "backward takes (dy, x, w, r), and for relu (dy, x, w, y, t[, b])")
-    task = _task(frame, nbtype)
-    if task < 0:
-        return make_error(frame, "missing int64 attribute 'share' (0 or 1)")
-    dyb, xb, wb, rb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3)
-    dxb, dwb = ret(frame, 0), ret(frame, 1)
-    dbb = ret(frame, 2) if has_bias else dwb
-    tb = arg(frame, 4) if relu else dyb
-    bb = arg(frame, 5) if relu and has_bias else dbb
-    for buf in (dyb, xb, wb, rb, dxb, dwb, dbb, tb, bb):
-        if dtype(buf) != code:
-            return make_error(frame, "backward: operand dtypes differ from the handler's")
-    nb = leading(xb, 2)
-    for buf in (dyb, wb, rb, dxb, dwb):
-        if leading(buf, 2) != nb:
-            return make_error(frame, "backward: operand ranks or batch sizes differ")
-    if nb < 0:
-        return make_error(frame, "backward: operands must have rank >= 2")
-    m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
-    n = dim(wb, rank(wb) - 1)
-    if dim(wb, rank(wb) - 2) != k:
-        return make_error(frame, "backward: x [M, K] and w [K, N] do not agree")
-    for buf in (dyb, rb):
-        if dim(buf, rank(buf) - 2) != m or dim(buf, rank(buf) - 1) != n:
-            return make_error(frame, "backward: dy and r must be [M, N]")
-    if dim(dxb, rank(dxb) - 2) != m or dim(dxb, rank(dxb) - 1) != k:
-        return make_error(frame, "backward: dx must be [M, K]")
-    if dim(dwb, rank(dwb) - 2) != k or dim(dwb, rank(dwb) - 1) != n:
-        return make_error(frame, "backward: dw must be [K, N]")
-    if has_bias and (leading(dbb, 1) != nb or dim(dbb, rank(dbb) - 1) != n):
-        return make_error(frame, "backward: db must be [N]")
-    if relu and (leading(tb, 1) != nb or dim(tb, rank(tb) - 1) != 1):
-        return make_error(frame, "backward: relu's tie flag must be [1]")
-    if relu and has_bias and (leading(bb, 1) != nb or dim(bb, rank(bb) - 1) != n):
-        return make_error(frame, "backward: b must be [N]")
-    dys = _view(dyb, nbtype, (nb, m, n))
-    xs = _view(xb, nbtype, (nb, m, k))
-    ws = _view(wb, nbtype, (nb, k, n))
-    rs = _view(rb, nbtype, (nb, m, n))
-    dxs = _view(dxb, nbtype, (nb, m, k))
-    dws = _view(dwb, nbtype, (nb, k, n))
-    # Without a bias the view aliases dw and is never written.
-    dbs = _view(dbb, nbtype, (nb, n))
-    # Unless relu: both views alias dy or db, and are never read.
-    ts = _view(tb, nbtype, (nb, 1))
-    bs = _view(bb, nbtype, (nb, n))
-    for i in range(nb):
-        backward(dys[i], xs[i], ws[i], bs[i], rs[i], relu and ts[i, 0] != 0, act, dxs[i], dws[i], dbs[i], has_bias,
-                 frame, task)
-    return 0
+def _backward_entry_unit(nbtype, code):
+    """The unit ``backward_entry`` of ``nbtype``: ``backward_entry(frame, act, grad_unit)`` checks
+    the call frame of a backward handler for the activation ``act`` (its unit at ``grad_unit``),
+    then runs ``backward`` on each matrix of the batch."""
+    dtype_code = _DTYPE_CODES[str(nbtype)]
+
+    def backward_entry(frame, act, grad_unit):
+        answer, task, nargs, nrets = _begin(frame, act, nbtype)
+        if answer >= 0:
+            return answer
+        if nrets < 2 or nrets > 3:
+            return make_error(frame, "backward returns (dx, dw[, db])")
+        has_bias = nrets == 3
+        relu = act == RELU
+        if nargs != ((5 + has_bias) if relu else 4):
+            return make_error(frame, "backward takes (dy, x, w, r), and for relu (dy, x, w, y, t[, b])")
+        dyb, xb, wb, rb = arg(frame, _nl(0)), arg(frame, _nl(1)), arg(frame, _nl(2)), arg(frame, _nl(3))
+        dxb, dwb = ret(frame, _nl(0)), ret(frame, _nl(1))
+        dbb = ret(frame, _nl(2)) if has_bias else dwb
+        tb = arg(frame, _nl(4)) if relu else dyb
+        bb = arg(frame, _nl(5)) if relu and has_bias else dbb
+        for buf in (dyb, xb, wb, rb, dxb, dwb, dbb, tb, bb):
+            if dtype(buf) != dtype_code:
+                return make_error(frame, "backward: operand dtypes differ from the handler's")
+        nb = leading(xb, _nl(2))
+        for buf in (dyb, wb, rb, dxb, dwb):
+            if leading(buf, _nl(2)) != nb:
+                return make_error(frame, "backward: operand ranks or batch sizes differ")
+        if nb < 0:
+            return make_error(frame, "backward: operands must have rank >= 2")
+        m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
+        n = dim(wb, rank(wb) - 1)
+        if dim(wb, rank(wb) - 2) != k:
+            return make_error(frame, "backward: x [M, K] and w [K, N] do not agree")
+        for buf in (dyb, rb):
+            if dim(buf, rank(buf) - 2) != m or dim(buf, rank(buf) - 1) != n:
+                return make_error(frame, "backward: dy and r must be [M, N]")
+        if dim(dxb, rank(dxb) - 2) != m or dim(dxb, rank(dxb) - 1) != k:
+            return make_error(frame, "backward: dx must be [M, K]")
+        if dim(dwb, rank(dwb) - 2) != k or dim(dwb, rank(dwb) - 1) != n:
+            return make_error(frame, "backward: dw must be [K, N]")
+        if has_bias and (leading(dbb, _nl(1)) != nb or dim(dbb, rank(dbb) - 1) != n):
+            return make_error(frame, "backward: db must be [N]")
+        if relu and (leading(tb, _nl(1)) != nb or dim(tb, rank(tb) - 1) != 1):
+            return make_error(frame, "backward: relu's tie flag must be [1]")
+        if relu and has_bias and (leading(bb, _nl(1)) != nb or dim(bb, rank(bb) - 1) != n):
+            return make_error(frame, "backward: b must be [N]")
+        dys = _view(dyb, nbtype, (nb, m, n))
+        xs = _view(xb, nbtype, (nb, m, k))
+        ws = _view(wb, nbtype, (nb, k, n))
+        rs = _view(rb, nbtype, (nb, m, n))
+        dxs = _view(dxb, nbtype, (nb, m, k))
+        dws = _view(dwb, nbtype, (nb, k, n))
+        # Without a bias the view aliases dw and is never written.
+        dbs = _view(dbb, nbtype, (nb, n))
+        # Unless relu: both views alias dy or db, and are never read.
+        ts = _view(tb, nbtype, (nb, _nl(1)))
+        bs = _view(bb, nbtype, (nb, n))
+        for i in range(nb):
+            dy, x, w, r, dx, dw, db = dys[i], xs[i], ws[i], rs[i], dxs[i], dws[i], dbs[i]
+            _link.call("backward", nbtype, (dy.ctypes.data, x.ctypes.data, w.ctypes.data, bs[i].ctypes.data,
+                                            r.ctypes.data, dx.ctypes.data, dw.ctypes.data, db.ctypes.data, m, k, n,
+                                            relu and ts[i, 0] != 0, act, grad_unit, has_bias, frame, task))
+        return 0
+    return backward_entry
 
 
-# The handlers' C signature is XLA_FFI_Error* (*)(XLA_FFI_CallFrame*); both pointers travel as
-# int64 (same registers in the x86-64 and AArch64 C ABIs). The functions below become cfuncs
-# only in ``handler``: compiling all of them up front made a first call wait for every dtype.
-_SIG = types.int64(types.int64)
-# XLA_FFI_Task: void (*)(void* data), the job.
-_TASK_SIG = types.void(types.int64)
+def _task_unit(nbtype, code):
+    """The unit ``task`` of ``nbtype``, the helper task that ``gemm_nt`` and ``panel_gemm`` schedule
+    on XLA's pool: runs ``blocks``, then lets go of the job."""
+    def task(job):  # XLA_FFI_Task: void (*)(void* data), the job
+        _link.call("blocks", nbtype, (job,))
+        _kernels.release(job)
+    return task
 
 
-def forward_f32(frame):
-    return _forward_call(frame, float32, _ffi.DTYPE_F32)
+def _handler_source(kind, name, nbtype, code):
+    """The FFI handler of ``kind``, the activation ``name`` (its ``code``) and ``nbtype``: the entry,
+    told the handler's activation and the address of that activation's unit."""
+    entry = kind + "_entry"
+    own = ("activate_" if kind == "forward" else "gradient_") + name
+
+    if code == IDENTITY:  # no unit of its own
+        def handler(frame):
+            return _link.call(entry, nbtype, (frame, code, 0))
+    else:
+        def handler(frame):
+            return _link.call(entry, nbtype, (frame, code, _link.address(own, nbtype)))
+    return handler
 
 
-def forward_f64(frame):
-    return _forward_call(frame, float64, _ffi.DTYPE_F64)
-
-
-def backward_f32(frame):
-    return _backward_call(frame, float32, _ffi.DTYPE_F32)
-
-
-def backward_f64(frame):
-    return _backward_call(frame, float64, _ffi.DTYPE_F64)
-
-
-def task_f32(job):
-    run_job(job, float32)
-
-
-def task_f64(job):
-    run_job(job, float64)
-
-
-_SOURCES = {
-    ("forward", "float32"): forward_f32,
-    ("forward", "float64"): forward_f64,
-    ("backward", "float32"): backward_f32,
-    ("backward", "float64"): backward_f64,
+# unit -> (factory, the units it calls). A factory takes the dtype's Numba type and the
+# activation's code (-1 but for the per-activation units) and returns the function to compile:
+# closures, so that one source serves every dtype and activation (Numba keys its cache on the
+# closure's values too); its ``options`` (``_kernels``) are those of the code it inlines.
+UNITS = {
+    "blocks": (_kernels.blocks_unit, ()),
+    "task": (_task_unit, ("blocks",)),
+    "gemm_nt": (_kernels.gemm_nt_unit, ("blocks",)),
+    "panel_gemm": (_kernels.panel_gemm_unit, ("blocks",)),
+    "forward": (_kernels.forward_unit, ("gemm_nt", "panel_gemm")),
+    "backward": (_kernels.backward_unit, ("gemm_nt", "panel_gemm", "forward")),
+    "forward_entry": (_forward_entry_unit, ("forward", "task")),
+    "backward_entry": (_backward_entry_unit, ("backward", "task")),
+    "activate": (_kernels.activate_unit, ()),
+    "gradient": (_kernels.gradient_unit, ()),
 }
-_TASK_SOURCES = {"float32": task_f32, "float64": task_f64}
 
-_lock = threading.Lock()
-# Compiled cfuncs, kept referenced for the life of the process: XLA holds only their addresses.
-_COMPILED: dict[tuple[str, str], object] = {}
+_lock = threading.RLock()
+# Compiled cfuncs, kept referenced for the life of the process: XLA and the units' callers hold
+# only their addresses.
+_COMPILED: dict[tuple, object] = {}
 
 
-def task(dtype_name: str):
-    """The helper task cfunc of ``dtype_name`` ("float32"/"float64"), compiled on first use and
-    registered under its ``TASK_SYMBOLS`` name."""
+def _compile(fn, returns, options, qualname):
+    """``fn`` as a cfunc ``returns(int64, ...)``: pointers, sizes and flags all travel as int64 (the
+    same registers in the x86-64 and AArch64 C ABIs)."""
+    fn.__qualname__ = qualname  # its own index file in Numba's cache
+    sig = returns(*[types.int64] * fn.__code__.co_argcount)
+    return cfunc(sig, **{**options, "cache": True})(fn)
+
+
+def unit(name: str, dtype_name: str):
+    """The unit ``name`` ("blocks", "forward", "activate_gelu", ...) of ``dtype_name``, compiled (or
+    loaded from Numba's cache) and registered under ``_link.symbol(name, dtype_name)`` on first
+    use, after the units it calls."""
     with _lock:
-        return _task_locked(dtype_name)
+        key = (name, dtype_name)
+        if key not in _COMPILED:
+            base, _, act = name.partition("_") if name.startswith(("activate_", "gradient_")) else (name, "", "")
+            factory, calls = UNITS[base]
+            for callee in calls:
+                unit(callee, dtype_name)
+            _cache.drop_if_stale()
+            fn = factory(_NBTYPES[dtype_name], ACTIVATIONS[act].code if act else -1)
+            compiled = _compile(fn, types.void if base == "task" else types.int64, getattr(factory, "options", {}),
+                                f"{name}_{dtype_name}")
+            llvm.add_symbol(_link.symbol(name, dtype_name), compiled.address)
+            _COMPILED[key] = compiled
+        return _COMPILED[key]
 
 
-def _task_locked(dtype_name):
-    key = ("task", dtype_name)
-    if key not in _COMPILED:
-        _cache.drop_if_stale()
-        t = cfunc(_TASK_SIG, cache=True)(_TASK_SOURCES[dtype_name])
-        llvm.add_symbol(TASK_SYMBOLS[dtype_name], t.address)
-        _COMPILED[key] = t
-    return _COMPILED[key]
-
-
-def handler(kind: str, dtype_name: str):
-    """The FFI handler cfunc for ``kind`` ("forward"/"backward") and ``dtype_name``, compiled (or
-    loaded from Numba's cache) on first use, after its dtype's helper task."""
-    key = (kind, dtype_name)
+def handler(kind: str, dtype_name: str, activation: str):
+    """The FFI handler cfunc for ``kind`` ("forward"/"backward"), ``dtype_name`` and ``activation``,
+    compiled (or loaded from Numba's cache) on first use, after the units it calls."""
+    key = ("handler", kind, dtype_name, activation)
     with _lock:
         if key not in _COMPILED:
-            source = _SOURCES[key]
-            _task_locked(dtype_name)  # the symbol the handler links against
-            _COMPILED[key] = cfunc(_SIG, cache=True)(source)
+            code = ACTIVATIONS[activation].code
+            unit(kind + "_entry", dtype_name)
+            if code != IDENTITY:
+                unit(("activate_" if kind == "forward" else "gradient_") + activation, dtype_name)
+            source = _handler_source(kind, activation, _NBTYPES[dtype_name], code)
+            _COMPILED[key] = _compile(source, types.int64, {}, f"{kind}_{activation}_{dtype_name}")
         return _COMPILED[key]

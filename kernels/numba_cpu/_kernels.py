@@ -21,21 +21,24 @@ Big problems split into blocks that are shared, through an atomic counter, with 
 on XLA's own intra-op thread pool (``XLA_FFI_ThreadPool_Schedule``): no second thread pool
 competes with XLA's for the cores, and nothing here holds a lock or global state.
 
-An activation's ``code`` in ``kernels.activations`` selects the epilogue; its ``saves`` says what
-the backward pass needs: the pre-activation ``z`` (gelu, gelu_tanh, silu), the output ``y`` (tanh,
-sigmoid: their derivatives are ``1 - y**2`` and ``y * (1 - y)``; relu, see below), or nothing
-(identity).
+An activation's ``code`` in ``kernels.activations`` selects its epilogue and derivative; its
+``saves`` says what the backward pass needs: the pre-activation ``z`` (gelu, gelu_tanh, silu), the
+output ``y`` (tanh, sigmoid: their derivatives are ``1 - y**2`` and ``y * (1 - y)``; relu, see
+below), or nothing (identity).
 
 relu keeps ``jnp.maximum``'s derivative, 1/2 at z = 0, which y alone cannot tell from z < 0. Its
-forward therefore reports whether any z was exactly 0 (a "tie", from ``epilogue``); without
+forward therefore reports whether any z was exactly 0 (a "tie", from ``activate``); without
 ties the backward takes relu' from y, and with them it recomputes z (one more GEMM). Saving
 z instead would cost a second [M, N] output on every call and twice the residual memory.
 
-Compile time: every ``njit`` function that another one calls is optimised again inside each
-caller's module, so a cold compile grows with the depth of the call tree and with the number
-of specialisations. Thin wrappers are therefore ``inline="always"`` (one level fewer), and
-constant arguments that buy no speed go through ``_ffi.nonliteral`` (one specialisation per
-dtype instead of one per call site).
+Compile time: the GEMM blocks, the two GEMMs, the forward, the backward and each activation's
+epilogue and derivative are separate C-callable units (the factories ``*_unit``, compiled by
+``_handlers``) that call each other by link-time name (``_link``), so that each is compiled once:
+Numba would otherwise link, optimise and code-generate every callee again inside each caller. An
+activation's units have its ``code`` as a constant, so a call compiles its own activation only.
+Within a unit, thin wrappers are ``inline="always"`` (one level fewer), and constant arguments
+that buy no speed go through ``_ffi.nonliteral`` (one specialisation per dtype instead of one per
+call site).
 
 Measured figures behind the thresholds and layouts here are in docs/benchmarks.md.
 """
@@ -48,7 +51,7 @@ from numba import carray, njit
 
 from kernels.activations import CODES
 from kernels.numba_cpu import _fastmath as _fm
-from kernels.numba_cpu import _ffi
+from kernels.numba_cpu import _ffi, _link
 from kernels.numba_cpu._ffi import nonliteral as _nl
 
 # The activation codes the epilogues switch on, from the one table (module-level ints: Numba
@@ -72,6 +75,16 @@ _OPTS = dict(cache=True, fastmath=True, boundscheck=False, error_model="numpy", 
 # Transcendental epilogues keep strict IEEE semantics (no fastmath): inf/nan inputs must give the
 # reference's answers (e.g. sigmoid(-inf) = 0, tanh(inf) = 1).
 _STRICT = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
+
+
+def _unit(**options):
+    """Marks a unit's factory: ``factory(nbtype, code)`` returns the function that ``_handlers``
+    compiles as the unit, with these Numba options (those of the code it inlines)."""
+    def mark(factory):
+        factory.options = options
+        return factory
+    return mark
+
 
 # Cache blocking of ``gemm_nt`` (elements): a block is MB rows of a by NB rows of b (the unit of
 # work shared between threads); the reduction runs in LB-long passes.
@@ -122,128 +135,231 @@ def _relu_range(src, dst, lo, hi):
     return ties
 
 
+# One function per activation and direction, ``out[j - ob] = act(src[j])`` for j in [lo, hi) and
+# ``g[j] = dy[j] * act'(r[j])`` on 1-D arrays: a unit compiles only its own (``activate``,
+# ``gradient``). float32 uses the vectorisable ``_fastmath`` functions (computed in float64, a
+# few float32 ulps); float64 uses libm.
 @njit(**_STRICT)
-def epilogue(z, y, bias, has_bias, act, i0, i1, j0, j1):
+def _gelu(src, out, ob, lo, hi):
+    fast = _fm.is_float32(out)
+    for j in range(lo, hi):
+        v = np.float64(src[j])
+        out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
+
+
+@njit(**_STRICT)
+def _gelu_tanh(src, out, ob, lo, hi):
+    fast = _fm.is_float32(out)
+    for j in range(lo, hi):
+        v = np.float64(src[j])
+        out[j - ob] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
+
+
+@njit(**_STRICT)
+def _silu(src, out, ob, lo, hi):
+    fast = _fm.is_float32(out)
+    for j in range(lo, hi):
+        v = np.float64(src[j])
+        out[j - ob] = v * _sigmoid(v, fast)
+
+
+@njit(**_STRICT)
+def _tanh_act(src, out, ob, lo, hi):
+    fast = _fm.is_float32(out)
+    for j in range(lo, hi):
+        out[j - ob] = _tanh(np.float64(src[j]), fast)
+
+
+@njit(**_STRICT)
+def _sigmoid_act(src, out, ob, lo, hi):
+    fast = _fm.is_float32(out)
+    for j in range(lo, hi):
+        out[j - ob] = _sigmoid(np.float64(src[j]), fast)
+
+
+@njit(**_STRICT)
+def _relu_grad(dy, r, g, from_y):
+    """relu' from z (``jnp.maximum``'s: 1, 0 and 1/2 at the tie) or, ``from_y``, from y when no
+    z was 0 (y > 0 exactly where z > 0; nan: 0, as from z)."""
+    # Constants in g's dtype: float64 ones would widen every float32 element and back.
+    one, half, zero = g.dtype.type(1), g.dtype.type(0.5), g.dtype.type(0)
+    if from_y:
+        for j in range(np.uint64(g.size)):
+            g[j] = dy[j] * (one if r[j] > zero else zero)
+        return
+    for j in range(np.uint64(g.size)):
+        v = r[j]
+        g[j] = dy[j] * (one if v > zero else (half if v == zero else zero))
+
+
+@njit(**_STRICT)
+def _gelu_grad(dy, z, g):
+    fast = _fm.is_float32(g)
+    for j in range(np.uint64(g.size)):
+        v = np.float64(z[j])
+        g[j] = dy[j] * (0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast))
+
+
+@njit(**_STRICT)
+def _gelu_tanh_grad(dy, z, g):
+    fast = _fm.is_float32(g)
+    for j in range(np.uint64(g.size)):
+        v = np.float64(z[j])
+        t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
+        g[j] = dy[j] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v))
+
+
+@njit(**_STRICT)
+def _silu_grad(dy, z, g):
+    fast = _fm.is_float32(g)
+    for j in range(np.uint64(g.size)):
+        v = np.float64(z[j])
+        sg = _sigmoid(v, fast)
+        g[j] = dy[j] * (sg * (1.0 + v * (1.0 - sg)))
+
+
+@njit(**_STRICT)
+def _tanh_grad(dy, y, g):
+    for j in range(np.uint64(g.size)):
+        yv = y[j]
+        g[j] = dy[j] * (1.0 - yv * yv)
+
+
+@njit(**_STRICT)
+def _sigmoid_grad(dy, y, g):
+    for j in range(np.uint64(g.size)):
+        yv = y[j]
+        g[j] = dy[j] * (yv * (1.0 - yv))
+
+
+@njit(**_STRICT)
+def _rows(ld, i0, i1, j0, j1):
+    """``(ld, runs, width)``, unsigned: the block ``[i0:i1, j0:j1]`` of an array with rows of ``ld``
+    elements as ``runs`` ranges of ``width`` elements of the flattened array, one range when it
+    holds whole rows (per-row overhead dominates a small block)."""
+    ldu = np.uint64(ld)
+    if j0 == 0 and j1 == ld:
+        return ldu, np.uint64(1), np.uint64(i1 - i0) * ldu
+    return ldu, np.uint64(i1 - i0), np.uint64(j1 - j0)
+
+
+@_unit(**_STRICT)
+def activate_unit(nbtype, code):
+    """The unit ``activate_<name>`` of ``nbtype`` for the activation ``code`` (not identity; a
+    constant, so Numba drops the other activations' branches unread): ``activate(z, y, rows, ld,
+    i0, i1, j0, j1)`` sets ``y = act(z)`` on the block ``[i0:i1, j0:j1]`` of the ``[rows, ld]``
+    arrays at z and y (y may be z: in place) and returns 1 if relu met a z that is exactly 0.
+
+    Rows are ranges of the flattened arrays, not views: a row view costs as much as a narrow
+    row's work, and a flat range with bounds keeps the unit stride LLVM needs to vectorise. In
+    place, relu reads and writes one array (``_relu_range``) and a costly activation goes
+    through a scratch range, as LLVM's runtime overlap check would send a loop between two
+    aliasing views to its scalar version.
+    """
+    def activate(z, y, rows, ld, i0, i1, j0, j1):
+        same = z == y
+        zf = carray(_ffi.as_pointer(z, nbtype), rows * ld)
+        yf = carray(_ffi.as_pointer(y, nbtype), rows * ld)
+        ldu, nruns, width = _rows(ld, i0, i1, j0, j1)
+        if code == RELU:  # no scratch: even an empty allocation is a large part of a small relu
+            ties = False
+            for r in range(nruns):
+                start = (np.uint64(i0) + r) * ldu + np.uint64(j0)
+                if same:
+                    ties |= _relu_range(zf, zf, start, start + width)
+                else:
+                    ties |= _relu_range(zf, yf, start, start + width)
+            return 1 if ties else 0
+        # In place, the scratch covers one chunk of a range, not the whole block (which can be all
+        # of a tall narrow layer's output).
+        step = max(min(width, np.uint64(EPI_CHUNK)) if same else width, np.uint64(1))
+        tmp = np.empty(np.int64(step) if same else 0, yf.dtype)
+        for r in range(nruns):
+            start = (np.uint64(i0) + r) * ldu + np.uint64(j0)
+            for lo in range(start, start + width, step):
+                hi = min(lo + step, start + width)
+                # In place: the activation goes to tmp[j - lo] (out) and is copied back.
+                out, ob = (tmp, lo) if same else (yf, np.uint64(0))
+                if code == GELU:
+                    _gelu(zf, out, ob, lo, hi)
+                elif code == GELU_TANH:
+                    _gelu_tanh(zf, out, ob, lo, hi)
+                elif code == SILU:
+                    _silu(zf, out, ob, lo, hi)
+                elif code == TANH:
+                    _tanh_act(zf, out, ob, lo, hi)
+                elif code == SIGMOID:
+                    _sigmoid_act(zf, out, ob, lo, hi)
+                if same:
+                    for j in range(lo, hi):
+                        zf[j] = tmp[j - lo]
+        return 0
+    return activate
+
+
+@_unit(**_STRICT)
+def gradient_unit(nbtype, code):
+    """The unit ``gradient_<name>`` of ``nbtype`` for the activation ``code`` (not identity; a
+    constant): ``gradient(dy, r, g, n, act)`` sets ``g = dy * act'(.)`` on n elements from the
+    residual r; ``act``: relu's ``RELU`` (r is z) or ``RELU_FROM_Y``."""
+    def gradient(dy, r, g, n, act):
+        dys, rs, gs = (carray(_ffi.as_pointer(dy, nbtype), n), carray(_ffi.as_pointer(r, nbtype), n),
+                       carray(_ffi.as_pointer(g, nbtype), n))
+        if code == RELU:
+            _relu_grad(dys, rs, gs, act == RELU_FROM_Y)
+        elif code == GELU:
+            _gelu_grad(dys, rs, gs)
+        elif code == GELU_TANH:
+            _gelu_tanh_grad(dys, rs, gs)
+        elif code == SILU:
+            _silu_grad(dys, rs, gs)
+        elif code == TANH:
+            _tanh_grad(dys, rs, gs)
+        elif code == SIGMOID:
+            _sigmoid_grad(dys, rs, gs)
+        return 0
+    return gradient
+
+
+@njit(**_STRICT)
+def epilogue(z, y, bias, has_bias, act, act_unit, i0, i1, j0, j1):
     """``z += bias`` and ``y = act(z)`` on the block ``[i0:i1, j0:j1]``; ``y`` may be ``z``.
     Returns whether relu met a z that is exactly 0 (always False for other activations).
 
-    One call per block, not per row: a Numba call costs as much as the work of a short row.
-    Rows are ranges of the flattened arrays, not views: a row view costs as much as a narrow
-    row's work, and a flat range with bounds keeps the unit stride LLVM needs to vectorise. A
-    block of whole rows is one range (per-row overhead dominates a small relu). In place, relu
-    reads and writes one view (``_relu_range``) and
-    a costly activation goes through a scratch range, as LLVM's runtime overlap check would
-    send a loop between two aliasing views to its scalar version.
-    float32 uses the vectorisable ``_fastmath`` functions (computed in float64, a few float32
-    ulps); float64 uses libm.
+    The activation itself is the unit at address ``act_unit`` (``activate_unit``; unused for
+    identity). One call per block, not per row: a call costs as much as the work of a short row.
     """
-    fast = _fm.is_float32(y)
     zf, yf = _ffi.as_shape(z, z.size), _ffi.as_shape(y, y.size)
-    ld = np.uint64(z.shape[1])
+    ld, nruns, width = _rows(z.shape[1], i0, i1, j0, j1)
     if has_bias:
         for i in range(np.uint64(i0), np.uint64(i1)):
             base = i * ld
             for j in range(base + np.uint64(j0), base + np.uint64(j1)):
                 zf[j] += bias[j - base]
-    if act == IDENTITY and z is y:
-        return False
-    if j0 == 0 and j1 == z.shape[1]:  # whole rows: one range
-        nruns, width = np.uint64(1), np.uint64(i1 - i0) * ld
-    else:
-        nruns, width = np.uint64(i1 - i0), np.uint64(j1 - j0)
-    if act == RELU:  # no scratch: even an empty allocation is a large part of a small relu
-        ties = False
+    same = z.ctypes.data == y.ctypes.data
+    if act != IDENTITY:
+        return _link.call_address(act_unit, (z.ctypes.data, y.ctypes.data, z.shape[0], z.shape[1], i0, i1, j0,
+                                             j1)) != 0
+    if not same:
         for r in range(nruns):
             start = (np.uint64(i0) + r) * ld + np.uint64(j0)
-            if z is y:
-                ties |= _relu_range(zf, zf, start, start + width)
-            else:
-                ties |= _relu_range(zf, yf, start, start + width)
-        return ties
-    inplace = z is y and act != IDENTITY and act != RELU
-    # In place, the scratch covers one chunk of a range, not the whole block (which can be all
-    # of a tall narrow layer's output).
-    step = max(min(width, np.uint64(EPI_CHUNK)) if inplace else width, np.uint64(1))
-    tmp = np.empty(np.int64(step) if inplace else 0, y.dtype)
-    for r in range(nruns):
-        start = (np.uint64(i0) + r) * ld + np.uint64(j0)
-        for lo in range(start, start + width, step):
-            hi = min(lo + step, start + width)
-            # In place: the activation goes to tmp[j - lo] (out) and is copied back.
-            out, ob = (tmp, lo) if inplace else (yf, np.uint64(0))
-            if act == GELU:
-                for j in range(lo, hi):
-                    v = np.float64(zf[j])
-                    out[j - ob] = 0.5 * v * (1.0 + _erf(v * _INV_SQRT_2, fast))
-            elif act == GELU_TANH:
-                for j in range(lo, hi):
-                    v = np.float64(zf[j])
-                    out[j - ob] = 0.5 * v * (1.0 + _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast))
-            elif act == SILU:
-                for j in range(lo, hi):
-                    v = np.float64(zf[j])
-                    out[j - ob] = v * _sigmoid(v, fast)
-            elif act == TANH:
-                for j in range(lo, hi):
-                    out[j - ob] = _tanh(np.float64(zf[j]), fast)
-            elif act == SIGMOID:
-                for j in range(lo, hi):
-                    out[j - ob] = _sigmoid(np.float64(zf[j]), fast)
-            else:  # identity into y (z is not y here)
-                for j in range(lo, hi):
-                    yf[j] = zf[j]
-            if inplace:
-                for j in range(lo, hi):
-                    zf[j] = tmp[j - lo]
+            for j in range(start, start + width):
+                yf[j] = zf[j]
     return False
 
 
 @njit(**_STRICT)
-def activation_grad(dy, r, g, act):
+def activation_grad(dy, r, g, act, grad_unit):
     """``g = dy * act'(.)`` from the residual ``r`` (z or y, the activation's ``saves``; relu: z, or y
     with ``act = RELU_FROM_Y``); all [M, N], processed as flat arrays (no per-row views, see
-    ``epilogue``)."""
-    fast = _fm.is_float32(g)
-    n = np.uint64(dy.size)
-    dyr, rr, gr = _ffi.as_shape(dy, dy.size), _ffi.as_shape(r, r.size), _ffi.as_shape(g, g.size)
-    if act == RELU:
-        # Constants in g's dtype: float64 ones would widen every float32 element and back.
-        one, half, zero = g.dtype.type(1), g.dtype.type(0.5), g.dtype.type(0)
-        for j in range(n):
-            v = rr[j]
-            # d max(z, 0)/dz as jnp.maximum defines it: 1, 0 and 1/2 at the tie.
-            gr[j] = dyr[j] * (one if v > zero else (half if v == zero else zero))
-    elif act == RELU_FROM_Y:  # no z was 0: y > 0 exactly where z > 0 (nan: 0, as from z)
-        one, zero = g.dtype.type(1), g.dtype.type(0)
-        for j in range(n):
-            gr[j] = dyr[j] * (one if rr[j] > zero else zero)
-    elif act == GELU:
-        for j in range(n):
-            v = np.float64(rr[j])
-            d = 0.5 * (1.0 + _erf(v * _INV_SQRT_2, fast)) + v * _INV_SQRT_2PI * _exp(-0.5 * v * v, fast)
-            gr[j] = dyr[j] * d
-    elif act == GELU_TANH:
-        for j in range(n):
-            v = np.float64(rr[j])
-            t = _tanh(_SQRT_2_OVER_PI * (v + _GELU_C * v * v * v), fast)
-            d = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * v * v)
-            gr[j] = dyr[j] * d
-    elif act == SILU:
-        for j in range(n):
-            v = np.float64(rr[j])
-            sg = _sigmoid(v, fast)
-            gr[j] = dyr[j] * (sg * (1.0 + v * (1.0 - sg)))
-    elif act == TANH:
-        for j in range(n):
-            yv = rr[j]
-            gr[j] = dyr[j] * (1.0 - yv * yv)
-    elif act == SIGMOID:
-        for j in range(n):
-            yv = rr[j]
-            gr[j] = dyr[j] * (yv * (1.0 - yv))
-    else:
-        for j in range(n):
-            gr[j] = dyr[j]
+    ``activate_unit``). act' is the unit at address ``grad_unit`` (``gradient_unit``; unused for
+    identity)."""
+    if act != IDENTITY:
+        _link.call_address(grad_unit, (dy.ctypes.data, r.ctypes.data, g.ctypes.data, dy.size, act))
+        return
+    dyr, gr = _ffi.as_shape(dy, dy.size), _ffi.as_shape(g, g.size)
+    for j in range(np.uint64(dy.size)):
+        gr[j] = dyr[j]
 
 
 @njit(**_OPTS)
@@ -343,7 +459,7 @@ def _tile11(a, b, c, i, j, l0, l1, acc):
     c[i, j] = s + c[i, j] if acc else s
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _block(a, b, c, i0, i1, j0, j1, lb):
     """``c[i0:i1, j0:j1] = a[i0:i1] @ b[j0:j1].T`` (a: [M, L], b: [N, L], both row-major).
 
@@ -386,14 +502,16 @@ def _grid_block(a, b, c, t, nbj, mb, nb, lb):
     _block(a, b, c, i0, min(i0 + mb, M), j0, min(j0 + nb, N), lb)
 
 
-# A parallel GEMM is a "job" in a malloc'd block of int64 slots, shared by the calling thread
-# and the helper tasks it schedules on XLA's intra-op pool. Blocks are claimed with an atomic
-# counter, so any number of helpers (none, if the pool runs tasks inline or late) is correct;
-# the last party to let go of the job frees it, so a helper that starts after the work is done
-# touches only the job, never the (by then released) buffers. Slots after the header describe
-# the operands, per kind: 0 = ``gemm_nt`` blocks, 1 = ``panel_gemm`` blocks.
+# A GEMM's blocks are a "job": a block of int64 slots that describes the operands, read by the
+# unit ``blocks`` (``blocks_unit``), which claims blocks with an atomic counter until none is left.
+# On the calling thread alone the job lives on its stack. Shared, it is malloc'd and also run by
+# helper tasks scheduled on XLA's intra-op pool; any number of helpers (none, if the pool runs
+# tasks inline or late) is correct, and the last party to let go of the job frees it, so a
+# helper that starts after the work is done touches only the job, never the (by then released)
+# buffers. Slots after the header, per kind: 0 = ``gemm_nt`` blocks, 1 = ``panel_gemm`` blocks.
 _J_NEXT, _J_DONE, _J_REFS, _J_KIND, _J_NBLOCKS = 0, 8, 16, 24, 32
 _J_BYTES = 256
+_J_SLOTS = _J_BYTES // 8  # a literal for stack_buffer
 # shared: operand sizes (kind 0: c [M, N] = a [M, L] @ b [N, L].T; kind 1: y [M, N], w [L, N])
 _J_M, _J_N, _J_L, _J_B = 80, 88, 96, 48
 # kind 0 (gemm_nt)
@@ -402,6 +520,12 @@ _J_A, _J_C, _J_NBJ, _J_MB, _J_NB, _J_LB = 40, 56, 120, 128, 136, 144
 _J_BIAS, _J_Y, _J_HAS_BIAS, _J_ACT = 64, 72, 104, 112
 _J_XF, _J_SR, _J_SL, _J_WP, _J_PACKED, _J_Z, _J_SAVE_Z, _J_NGROUPS = 152, 160, 168, 176, 184, 192, 200, 208
 _J_TIES = 216  # kind 1: nonzero once a block's relu met a z that is exactly 0
+_J_ACT_UNIT = 224  # kind 1: the activation's unit (``epilogue``)
+_ADDRESS = (1 << 56) - 1  # a shared job's address, below the helper count (``_start_job``)
+# The slots each kind's unit fills, in the order of the values it passes to ``_put``.
+_NT_SLOTS = (_J_A, _J_B, _J_C, _J_M, _J_N, _J_L, _J_NBJ, _J_MB, _J_NB, _J_LB)
+_PANEL_SLOTS = (_J_XF, _J_SR, _J_SL, _J_B, _J_WP, _J_PACKED, _J_BIAS, _J_HAS_BIAS, _J_Y, _J_Z, _J_M, _J_N, _J_L,
+                _J_SAVE_Z, _J_ACT, _J_ACT_UNIT, _J_NGROUPS)
 
 
 @njit(inline="always", **_OPTS)
@@ -416,36 +540,40 @@ def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
 
 
 @njit(inline="always", **_OPTS)
-def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, nblocks, ngroups):
+def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, nblocks, ngroups):
     """Runs ``panel_gemm`` blocks of the job until none is left unclaimed; a block's relu tie
     is recorded in the job (before the block counts as done)."""
     while True:
         t = _ffi.atomic_add(job + _J_NEXT, 1)
         if t >= nblocks:
             return
-        if _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t, ngroups):
+        if _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups):
             _ffi.atomic_add(job + _J_TIES, 1)
         _ffi.atomic_add(job + _J_DONE, 1)
 
 
 @njit(inline="always", **_OPTS)
-def _release(job):
+def release(job):
+    """Lets go of a shared job; the last party frees it."""
     if _ffi.atomic_add(job + _J_REFS, -1) == 1:
         _ffi.c_free(job)
 
 
-@njit(inline="always", **_OPTS)
-def run_job(job, nbtype):
-    """The body of a helper task (``_handlers.task_*``): claim blocks, then let go of the job."""
-    ld = _ffi.load_i64
-    m, n, l = ld(job + _J_M), ld(job + _J_N), ld(job + _J_L)
-    if ld(job + _J_KIND) == 0:
-        a = carray(_ffi.as_pointer(ld(job + _J_A), nbtype), (m, l))
-        b = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (n, l))
-        c = carray(_ffi.as_pointer(ld(job + _J_C), nbtype), (m, n))
-        _claim_nt(job, a, b, c, ld(job + _J_NBLOCKS), ld(job + _J_NBJ), ld(job + _J_MB), ld(job + _J_NB),
-                  ld(job + _J_LB))
-    else:
+@_unit(**_OPTS)
+def blocks_unit(nbtype, code):
+    """The unit ``blocks`` of ``nbtype``: ``blocks(job)``, run by the calling thread and by each
+    helper task, claims the job's blocks until none is left (the caller or the task then lets go
+    of the job)."""
+    def blocks(job):
+        ld = _ffi.load_i64
+        m, n, l = ld(job + _J_M), ld(job + _J_N), ld(job + _J_L)
+        if ld(job + _J_KIND) == 0:
+            a = carray(_ffi.as_pointer(ld(job + _J_A), nbtype), (m, l))
+            b = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (n, l))
+            c = carray(_ffi.as_pointer(ld(job + _J_C), nbtype), (m, n))
+            _claim_nt(job, a, b, c, ld(job + _J_NBLOCKS), ld(job + _J_NBJ), ld(job + _J_MB), ld(job + _J_NB),
+                      ld(job + _J_LB))
+            return 0
         y = carray(_ffi.as_pointer(ld(job + _J_Y), nbtype), (m, n))
         bias = carray(_ffi.as_pointer(ld(job + _J_BIAS), nbtype), (n,))
         packed = ld(job + _J_PACKED) == 1
@@ -455,99 +583,107 @@ def run_job(job, nbtype):
         wp = carray(_ffi.as_pointer(ld(job + _J_WP), nbtype), ((n + NR - 1) // NR if packed else 1, l, NR))
         z = carray(_ffi.as_pointer(ld(job + _J_Z), nbtype), (m, n))
         _claim_panel(job, xf, ld(job + _J_SR), ld(job + _J_SL), w, wp, packed, bias, ld(job + _J_HAS_BIAS) == 1, y,
-                     z, ld(job + _J_SAVE_Z) == 1, ld(job + _J_ACT), ld(job + _J_NBLOCKS), ld(job + _J_NGROUPS))
-    _release(job)
+                     z, ld(job + _J_SAVE_Z) == 1, ld(job + _J_ACT), ld(job + _J_ACT_UNIT), ld(job + _J_NBLOCKS),
+                     ld(job + _J_NGROUPS))
+        return 0
+    return blocks
+
+
+@njit(inline="always", **_OPTS)
+def _init_job(job, refs, kind, nblocks):
+    st = _ffi.store_i64
+    st(job + _J_NEXT, 0)
+    st(job + _J_DONE, 0)
+    st(job + _J_REFS, refs)
+    st(job + _J_KIND, kind)
+    st(job + _J_NBLOCKS, nblocks)
+    st(job + _J_TIES, 0)
+    return job
+
+
+@njit(inline="always", **_OPTS)
+def _put(job, slots, values):
+    """``job[slots[i]] = values[i]`` (int64 tuples)."""
+    for i in range(len(slots)):
+        _ffi.store_i64(job + slots[i], values[i])
 
 
 @njit(inline="always", **_OPTS)
 def _start_job(frame, task, nblocks, kind):
-    """A job for ``nblocks`` blocks with helpers scheduled on XLA's pool, or 0 to run serially."""
+    """The job for ``nblocks`` blocks: slots on the calling unit's stack when they run on the
+    calling thread only, else a malloc'd job with the number of helpers to schedule in the top
+    byte of its address (addresses are < 2**56; ``_ADDRESS`` masks it off)."""
+    local = _link.address_of(_ffi.stack_buffer(_J_SLOTS, np.int64))
     if task == 0 or nblocks < 2:
-        return 0
+        return _init_job(local, 1, kind, nblocks)
     helpers = _ffi.threadpool_num_threads(frame)
     if helpers < 0:
         _ffi.destroy_error(frame, -helpers)
-        return 0
+        return _init_job(local, 1, kind, nblocks)
     # The calling thread works too: with as many helpers as pool threads, one more thread than
     # cores would contend for them.
     helpers = min(helpers - 1, nblocks - 1)
     if helpers <= 0:
-        return 0
+        return _init_job(local, 1, kind, nblocks)
     job = _ffi.c_malloc(_J_BYTES)
     if job == 0:
-        return 0
-    _ffi.store_i64(job + _J_NEXT, 0)
-    _ffi.store_i64(job + _J_DONE, 0)
-    _ffi.store_i64(job + _J_REFS, helpers + 1)
-    _ffi.store_i64(job + _J_KIND, kind)
-    _ffi.store_i64(job + _J_NBLOCKS, nblocks)
-    _ffi.store_i64(job + _J_TIES, 0)
-    return job | (helpers << 56)  # helpers travel in the top byte (addresses are < 2**56)
+        return _init_job(local, 1, kind, nblocks)
+    return _init_job(job, helpers + 1, kind, nblocks) | (helpers << 56)
 
 
 @njit(inline="always", **_OPTS)
-def _schedule(frame, task, tagged):
-    """Schedules the helpers of a job made by ``_start_job``; returns the job's address."""
-    job, helpers = tagged & ((1 << 56) - 1), tagged >> 56
+def _run_job(frame, task, tagged, like):
+    """Schedules the helpers of a job made by ``_start_job`` (if any), then runs blocks on the
+    calling thread (the unit ``blocks`` of ``like``'s dtype); returns the job's address."""
+    job, helpers = tagged & _ADDRESS, tagged >> 56
     for _ in range(helpers):
         err = _ffi.threadpool_schedule(frame, task, job)
         if err != 0:  # that helper will never run: drop its reference
             _ffi.destroy_error(frame, err)
             _ffi.atomic_add(job + _J_REFS, -1)
+    _link.call("blocks", like, (job,))
     return job
 
 
 @njit(**_OPTS)
-def _finish_job(job, nblocks, keepalive):
-    """After the calling thread ran out of blocks: waits for the helpers' blocks, lets go.
-    Returns whether a block recorded a relu tie (``_J_TIES``; panel jobs only).
-
-    ``keepalive``: scratch the helpers read. Numba frees an array after its last use in a
-    function, so a caller's own scratch must be passed here to outlive the helpers' blocks.
+def _finish_job(job, shared, nblocks):
+    """After the calling thread ran out of blocks: waits for the helpers' blocks and lets go of
+    a ``shared`` job. Returns whether a block recorded a relu tie (``_J_TIES``; panel jobs only).
+    The caller's own scratch that the blocks read must stay alive until then (``_link.keep``).
     """
     while _ffi.atomic_load(job + _J_DONE) < nblocks:
         _ffi.cpu_yield()
     ties = _ffi.atomic_load(job + _J_TIES) != 0
-    _release(job)
+    if shared:
+        release(job)
     return ties
 
 
-@njit(**_OPTS)
-def gemm_nt(a, b, c, frame, task):
-    """``c = a @ b.T``, block by block: a: [M, L], b: [N, L], c: [M, N], all row-major.
+@_unit(**_OPTS)
+def gemm_nt_unit(nbtype, code):
+    """The unit ``gemm_nt`` of ``nbtype``: ``gemm_nt(a, b, c, M, N, L, frame, task)`` sets
+    ``c = a @ b.T`` (a: [M, L], b: [N, L], c: [M, N], all row-major) in MB x NB blocks.
 
     With ``task`` (the address of the dtype's helper task, 0 for none) the blocks are shared
     with helpers on XLA's intra-op thread pool, reached through the call ``frame``.
     """
-    gemm_nt_blocked(a, b, c, frame, task, _nl(MB), _nl(NB), _nl(LB))
+    def gemm_nt(a, b, c, M, N, L, frame, task):
+        nbj = (N + NB - 1) // NB
+        nblocks = ((M + MB - 1) // MB) * nbj
+        tagged = _start_job(frame, task, nblocks, 0)
+        job = tagged & _ADDRESS
+        _put(job, _NT_SLOTS, (a, b, c, M, N, L, nbj, np.int64(MB), np.int64(NB), np.int64(LB)))
+        _finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
+        return 0
+    return gemm_nt
 
 
 @njit(inline="always", **_OPTS)
-def gemm_nt_blocked(a, b, c, frame, task, mb, nb, lb):
-    """``gemm_nt`` with explicit block sizes (rows of a, rows of b, reduction length)."""
-    M, N = c.shape
-    nbj = (N + nb - 1) // nb
-    nblocks = ((M + mb - 1) // mb) * nbj
-    tagged = _start_job(frame, task, nblocks, 0)
-    if tagged == 0:
-        for t in range(nblocks):
-            _grid_block(a, b, c, t, nbj, mb, nb, lb)
-        return
-    job = tagged & ((1 << 56) - 1)
-    st = _ffi.store_i64
-    st(job + _J_A, np.int64(a.ctypes.data))
-    st(job + _J_B, np.int64(b.ctypes.data))
-    st(job + _J_C, np.int64(c.ctypes.data))
-    st(job + _J_M, M)
-    st(job + _J_N, N)
-    st(job + _J_L, a.shape[1])
-    st(job + _J_NBJ, nbj)
-    st(job + _J_MB, mb)
-    st(job + _J_NB, nb)
-    st(job + _J_LB, lb)
-    job = _schedule(frame, task, tagged)
-    _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb)
-    _finish_job(job, nblocks, c)
+def call_gemm_nt(a, b, c, frame, task):
+    """``gemm_nt`` (its unit) on C-contiguous arrays."""
+    _link.call("gemm_nt", c, (a.ctypes.data, b.ctypes.data, c.ctypes.data, c.shape[0], c.shape[1], a.shape[1], frame,
+                              task))
+    _link.keep((a, b, c))
 
 
 # Panel GEMM: ``c = X @ w`` with w packed into column panels of NR (zero-padded), X read in place
@@ -563,11 +699,11 @@ _TILE = MR * NR  # a literal for stack_buffer
 
 
 @njit(**_OPTS)
-def pack_panels(w, wp):
-    """``wp[p, k, jj] = w[k, p * NR + jj]``, zero past N. w: [K, N], wp: [ceil(N / NR), K, NR]."""
+def pack_panels(w, wp, c0):
+    """``wp[p, k, jj] = w[k, c0 + p * NR + jj]``, zero past N. w: [K, N], wp: [ceil((N - c0) / NR), K, NR]."""
     K, N = w.shape
     for p in range(wp.shape[0]):
-        j0 = p * NR
+        j0 = c0 + p * NR
         cols = min(NR, N - j0)
         for k in range(np.uint64(K)):
             wk, dst = w[k], wp[p, k]
@@ -579,7 +715,7 @@ def pack_panels(w, wp):
 
 @njit(**_OPTS)
 def pack_panels_t(wt, wp):
-    """``pack_panels(wt.T, wp)`` without forming the transpose: wt: [N, K], wp: [ceil(N / NR), K, NR].
+    """``pack_panels(wt.T, wp, 0)`` without forming the transpose: wt: [N, K], wp: [ceil(N / NR), K, NR].
 
     Each panel is the transpose of NR rows of wt (``_transpose_tile``), zero-padded.
     """
@@ -684,8 +820,8 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
                     d[j0 + jj] = edge[r, jj] + d[j0 + jj] if acc_in else edge[r, jj]
 
 
-@njit(**_OPTS)
-def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t, ngroups):
+@njit(inline="always", **_OPTS)
+def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups):
     """Block ``t`` of ``panel_gemm`` (at most PMB rows x PG panels, all blocks of one size),
     then its epilogue; returns whether relu met a tie (``epilogue``).
 
@@ -716,7 +852,7 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t
             _panel_tiles(xf, sr, sl, i0, i1, wpf, _nl(0), _nl(NR), nfull, p1, k0, k1, acc, k0 > 0, bias, has_bias)
     if act != IDENTITY or save_z:
         j0, j1 = p0 * NR, min(p1 * NR, N)
-        return epilogue(acc, y, bias, _nl(False), act, i0, i1, j0, j1)
+        return epilogue(acc, y, bias, _nl(False), act, act_unit, i0, i1, j0, j1)
     return False
 
 
@@ -750,61 +886,57 @@ def _read_in_place(m, w):
     return m <= UNPACKED_MAX_M or (m <= UNPACKED_MAX_M_SMALL_W and w.nbytes <= _unpacked_max_w_bytes(w))
 
 
-@njit(**_OPTS)
-def panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, frame, task, w_t=False):
-    """``y = act(X @ W + b)`` (and ``z = X @ W + b`` if ``save_z``); ``X: [M, K]`` is read as
-    ``xf[r * sr + l * sl]``; W: [K, N] is ``w``, or ``w.T`` if ``w_t`` (w: [N, K], packed
-    straight from its rows). Blocks shared with XLA's pool as in ``gemm_nt``. Returns whether
-    relu met a tie (``epilogue``)."""
-    M, N = y.shape
-    K = w.shape[1] if w_t else w.shape[0]
-    npan = (N + NR - 1) // NR
-    # W is read in place only when it is not transposed and M is small (so ``w``'s shape, as
-    # the helpers rebuild it, matters only then).
-    packed = w_t or not _read_in_place(M, w)
-    if w_t:
-        wp = np.empty((npan, K, NR), w.dtype)  # (panels, K, NR)
-        pack_panels_t(w, wp)
-    elif packed:
-        wp = np.empty((npan, K, NR), w.dtype)  # (panels, K, NR)
-        pack_panels(w, wp)
-    elif N % NR:  # only the partial last panel
-        wp = np.empty((1, K, NR), w.dtype)
-        pack_panels(w[:, N // NR * NR:], wp)
-    else:  # nothing to pack: a view of w stands in for wp (never read; no allocation)
-        wp = _ffi.as_shape(w, (1, K, N))
-    ngroups = (npan + PG - 1) // PG
-    if task != 0 and M <= PMB and ngroups == 1:
-        # One panel a block, so that a problem of one row block still has blocks to share.
-        ngroups = npan
-    nblocks = ((M + PMB - 1) // PMB) * ngroups
-    tagged = _start_job(frame, task, nblocks, 1)
-    if tagged == 0:
-        ties = False
-        for t in range(nblocks):
-            ties |= _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, t, ngroups)
-        return ties
-    job = tagged & ((1 << 56) - 1)
-    st = _ffi.store_i64
-    st(job + _J_XF, np.int64(xf.ctypes.data))
-    st(job + _J_SR, sr)
-    st(job + _J_SL, sl)
-    st(job + _J_B, np.int64(w.ctypes.data))
-    st(job + _J_WP, np.int64(wp.ctypes.data))
-    st(job + _J_PACKED, 1 if packed else 0)
-    st(job + _J_BIAS, np.int64(bias.ctypes.data))
-    st(job + _J_Y, np.int64(y.ctypes.data))
-    st(job + _J_Z, np.int64(z.ctypes.data))
-    st(job + _J_M, M)
-    st(job + _J_N, N)
-    st(job + _J_L, K)
-    st(job + _J_HAS_BIAS, 1 if has_bias else 0)
-    st(job + _J_SAVE_Z, 1 if save_z else 0)
-    st(job + _J_ACT, act)
-    st(job + _J_NGROUPS, ngroups)
-    job = _schedule(frame, task, tagged)
-    _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, nblocks, ngroups)
-    return _finish_job(job, nblocks, wp)  # wp: this function's scratch
+@_unit(**_OPTS)
+def panel_gemm_unit(nbtype, code):
+    """The unit ``panel_gemm`` of ``nbtype``: ``panel_gemm(xf, sr, sl, w, w_rows, w_cols, bias,
+    has_bias, y, z, M, N, save_z, act, act_unit, frame, task, w_t)`` sets ``y = act(X @ W + b)``
+    (and ``z = X @ W + b`` if ``save_z``), ``y, z: [M, N]``, and returns 1 if relu met a tie
+    (``epilogue``). ``X: [M, K]`` is read as ``xf[r * sr + l * sl]``; W: [K, N] is the
+    ``[w_rows, w_cols]`` array w, or its transpose if ``w_t`` (packed straight from its rows); the
+    bias b: [N]. Blocks shared with XLA's pool as in ``gemm_nt_unit``.
+    """
+    def panel_gemm(xf, sr, sl, w, w_rows, w_cols, bias, has_bias, y, z, M, N, save_z, act, act_unit, frame, task,
+                   w_t):
+        wa, w_t = carray(_ffi.as_pointer(w, nbtype), (w_rows, w_cols)), w_t != 0
+        K = w_cols if w_t else w_rows
+        npan = (N + NR - 1) // NR
+        # W is read in place only when it is not transposed and M is small (so ``w``'s shape, as
+        # the helpers rebuild it, matters only then).
+        packed = w_t or not _read_in_place(M, wa)
+        if w_t:
+            wp = np.empty((npan, K, NR), wa.dtype)  # (panels, K, NR)
+            pack_panels_t(wa, wp)
+        elif packed:
+            wp = np.empty((npan, K, NR), wa.dtype)  # (panels, K, NR)
+            pack_panels(wa, wp, _nl(0))
+        elif N % NR:  # only the partial last panel
+            wp = np.empty((1, K, NR), wa.dtype)
+            pack_panels(wa, wp, N // NR * NR)
+        else:  # nothing to pack: a view of w stands in for wp (never read; no allocation)
+            wp = _ffi.as_shape(wa, (1, K, N))
+        ngroups = (npan + PG - 1) // PG
+        if task != 0 and M <= PMB and ngroups == 1:
+            # One panel a block, so that a problem of one row block still has blocks to share.
+            ngroups = npan
+        nblocks = ((M + PMB - 1) // PMB) * ngroups
+        tagged = _start_job(frame, task, nblocks, 1)
+        job = tagged & _ADDRESS
+        _put(job, _PANEL_SLOTS, (xf, sr, sl, w, np.int64(wp.ctypes.data), np.int64(1 if packed else 0), bias, has_bias,
+                                 y, z, M, N, K, save_z, act, act_unit, np.int64(ngroups)))
+        ties = _finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
+        _link.keep((wp,))  # this function's scratch, read by the blocks
+        return 1 if ties else 0
+    return panel_gemm
+
+
+@njit(inline="always", **_OPTS)
+def call_panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, act_unit, frame, task, w_t):
+    """``panel_gemm`` (its unit) on C-contiguous arrays: xf flat, w 2-D, bias [N], y and z [M, N]."""
+    ties = _link.call("panel_gemm", y, (xf.ctypes.data, sr, sl, w.ctypes.data, w.shape[0], w.shape[1],
+                                        bias.ctypes.data, has_bias, y.ctypes.data, z.ctypes.data, y.shape[0],
+                                        y.shape[1], save_z, act, act_unit, frame, task, w_t))
+    _link.keep((xf, w, bias, y, z))
+    return ties != 0
 
 
 @njit(inline="always", **_OPTS)
@@ -871,7 +1003,7 @@ TINY_W = 64
 
 
 @njit(**_OPTS)
-def _column_forward(x, w, b, has_bias, y, z, save_z, act):
+def _column_forward(x, w, b, has_bias, y, z, save_z, act, act_unit):
     """``forward`` for one column (N = 1) and a tiny w: a dot product of each row of x with w,
     four rows at a time (four independent sums in flight), no transposes or scratch: the
     transposed layout of ``_tiny_forward`` spends most of its time transposing x.
@@ -906,13 +1038,13 @@ def _column_forward(x, w, b, has_bias, y, z, save_z, act):
             s0 += xf[r0 + l] * wf[l]
         out[i] = s0 + b0
     if save_z or act != IDENTITY:
-        return epilogue(_ffi.as_shape(out, (1, M)), _ffi.as_shape(y, (1, M)), b, _nl(False), act, _nl(0), _nl(1), _nl(0),
-                        M)
+        return epilogue(_ffi.as_shape(out, (1, M)), _ffi.as_shape(y, (1, M)), b, _nl(False), act, act_unit, _nl(0),
+                        _nl(1), _nl(0), M)
     return False
 
 
 @njit(**_OPTS)
-def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
+def _tiny_forward(x, w, b, has_bias, y, z, save_z, act, act_unit):
     """``forward`` for a tiny w (K * N <= ``TINY_W``) of more than one column (one column:
     ``_column_forward``), in the transposed layout: ``y.T[j]`` is a sum of K scaled rows of x.T,
     then bias and activation along those rows, so every inner loop runs along M (loops along K
@@ -943,7 +1075,7 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
         transpose(at, z)
     ties = False
     if act != IDENTITY:  # elementwise: row by row of at
-        ties = epilogue(at, at, b, _nl(False), act, _nl(0), N, _nl(0), M)
+        ties = epilogue(at, at, b, _nl(False), act, act_unit, _nl(0), N, _nl(0), M)
     transpose(at, y)
     return ties
 
@@ -953,32 +1085,50 @@ def _tiny_forward(x, w, b, has_bias, y, z, save_z, act):
 NARROW_N = 16
 
 
-@njit(**_OPTS)
-def forward(x, w, b, has_bias, y, z, save_z, act, frame, task):
-    """``y = act(x @ w + b)`` and, if ``save_z``, ``z = x @ w + b``; returns whether relu met a
-    z that is exactly 0 (False for other activations).
+@_unit(**_OPTS)
+def forward_unit(nbtype, code):
+    """The unit ``forward`` of ``nbtype``: ``forward(x, w, b, y, z, M, K, N, has_bias, save_z, act,
+    act_unit, frame, task)`` sets ``y = act(x @ w + b)`` and, if ``save_z``, ``z = x @ w + b``, and
+    returns 1 if relu met a z that is exactly 0.
 
-    x: [M, K], w: [K, N], b: [N] (ignored unless ``has_bias``), y: [M, N], z: [M, N] or unused.
+    x: [M, K], w: [K, N], b: [N] (ignored unless ``has_bias``), y: [M, N], z: [M, N] or unused;
+    ``act_unit``: the address of the activation's unit (``epilogue``).
     w is packed once into NR-wide column panels (unless ``_read_in_place``); x is read in place; bias
     and activation are applied to each block right after it is computed. For N below
     ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small);
     for a tiny w, ``_column_forward`` (one column) or ``_tiny_forward``.
     """
+    def forward(x, w, b, y, z, M, K, N, has_bias, save_z, act, act_unit, frame, task):
+        x, w, b = (carray(_ffi.as_pointer(x, nbtype), (M, K)), carray(_ffi.as_pointer(w, nbtype), (K, N)),
+                   carray(_ffi.as_pointer(b, nbtype), N))
+        y, z = carray(_ffi.as_pointer(y, nbtype), (M, N)), carray(_ffi.as_pointer(z, nbtype), (M, N))
+        has_bias, save_z = has_bias != 0, save_z != 0
+        if K * N <= TINY_W:
+            if N == 1:
+                return 1 if _column_forward(x, w, b, has_bias, y, z, save_z, act, act_unit) else 0
+            return 1 if _tiny_forward(x, w, b, has_bias, y, z, save_z, act, act_unit) else 0
+        if N < NARROW_N:
+            acc = z if save_z else y
+            wt = np.empty((N, K), w.dtype)  # (N, K)
+            transpose(w, wt)
+            call_gemm_nt(x, wt, acc, frame, task)
+            if has_bias or act != IDENTITY or save_z:
+                return 1 if epilogue(acc, y, b, has_bias, act, act_unit, _nl(0), M, _nl(0), N) else 0
+            return 0
+        ties = call_panel_gemm(_ffi.as_shape(x, M * K), K, 1, w, b, has_bias, y, z, save_z, act, act_unit, frame, task,
+                               False)
+        return 1 if ties else 0
+    return forward
+
+
+@njit(inline="always", **_OPTS)
+def call_forward(x, w, b, has_bias, y, z, save_z, act, act_unit, frame, task):
+    """``forward`` (its unit) on C-contiguous arrays."""
     M, K = x.shape
-    N = w.shape[1]
-    if K * N <= TINY_W:
-        if N == 1:
-            return _column_forward(x, w, b, has_bias, y, z, save_z, act)
-        return _tiny_forward(x, w, b, has_bias, y, z, save_z, act)
-    if N < NARROW_N:
-        acc = z if save_z else y
-        wt = np.empty((N, K), w.dtype)  # (N, K)
-        transpose(w, wt)
-        gemm_nt(x, wt, acc, frame, task)
-        if has_bias or act != IDENTITY or save_z:
-            return epilogue(acc, y, b, has_bias, act, _nl(0), M, _nl(0), N)
-        return False
-    return panel_gemm(_ffi.as_shape(x, M * K), K, _nl(1), w, b, has_bias, y, z, save_z, act, frame, task, _nl(False))
+    ties = _link.call("forward", x, (x.ctypes.data, w.ctypes.data, b.ctypes.data, y.ctypes.data, z.ctypes.data, M, K,
+                                     w.shape[1], has_bias, save_z, act, act_unit, frame, task))
+    _link.keep((x, w, b, y, z))
+    return ties != 0
 
 
 # Up to this many rows of w (K), a one-column backward runs as ``_column_backward``; above,
@@ -988,7 +1138,7 @@ _COLUMN_ACC = COLUMN_MAX_K + 1  # a literal for stack_buffer
 
 
 @njit(**_OPTS)
-def _column_backward(dy, x, w, r, act, dx, dw, db, has_bias):
+def _column_backward(dy, x, w, r, act, grad_unit, dx, dw, db, has_bias):
     """``backward`` for one column (N = 1) and K <= ``COLUMN_MAX_K``, in one pass over the rows
     of x and dx, eight at a time: ``dw[l]`` gains eight products per pass (one dependency chain
     step per eight rows) and ``dx[i, l] = g[i] * w[l]`` is stored beside it; no transposes
@@ -996,7 +1146,7 @@ def _column_backward(dy, x, w, r, act, dx, dw, db, has_bias):
     """
     M, K = x.shape
     g = np.empty(M, dy.dtype)  # (M,)
-    activation_grad(_ffi.as_shape(dy, (1, M)), _ffi.as_shape(r, (1, M)), _ffi.as_shape(g, (1, M)), act)
+    activation_grad(_ffi.as_shape(dy, (1, M)), _ffi.as_shape(r, (1, M)), _ffi.as_shape(g, (1, M)), act, grad_unit)
     zero = dy.dtype.type(0)
     if has_bias:
         s = zero
@@ -1036,7 +1186,7 @@ def _column_backward(dy, x, w, r, act, dx, dw, db, has_bias):
 
 
 @njit(**_OPTS)
-def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
+def _tiny_backward(dy, x, w, r, act, grad_unit, dx, dw, db, has_bias):
     """``backward`` for a tiny w (K * N <= ``TINY_W``), in the transposed layout of
     ``_tiny_forward``: ``g.T = dy.T * act'(r.T)`` row by row, ``db[j]`` the sum of row j,
     ``dw[l, j]`` a dot product of two rows and ``dx.T[l]`` a sum of N scaled rows. With N = 1
@@ -1053,7 +1203,7 @@ def _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias):
     else:
         dyt, rt = _ffi.as_shape(dy, (1, M)), _ffi.as_shape(r, (1, M))
     gt = np.empty((N, M), dy.dtype)  # (N, M)
-    activation_grad(dyt, rt, gt, act)
+    activation_grad(dyt, rt, gt, act, grad_unit)
     if has_bias:
         for j in range(N):
             gj = gt[j]
@@ -1121,10 +1271,12 @@ def _column_sums(gf, M, N, db):
             db[j] += gf[base + j]
 
 
-@njit(inline="always", **_OPTS)
-def backward(dy, x, w, b, r, ties, act, dx, dw, db, has_bias, frame, task):
-    """Gradients of ``y = act(x @ w + b)`` given ``dy`` and the residual ``r`` (what the
-    activation ``saves``).
+@_unit(**_OPTS)
+def backward_unit(nbtype, code):
+    """The unit ``backward`` of ``nbtype``: ``backward(dy, x, w, b, r, dx, dw, db, M, K, N, ties, act,
+    grad_unit, has_bias, frame, task)`` sets the gradients of ``y = act(x @ w + b)`` given ``dy``
+    and the residual ``r`` (what the activation ``saves``); ``grad_unit``: the address of the
+    activation's unit (``activation_grad``).
 
     dy, r: [M, N]; x: [M, K]; w: [K, N]; b: [N] (read only for relu with ties, if
     ``has_bias``); dx: [M, K]; dw: [K, N]; db: [N] (if ``has_bias``).
@@ -1142,36 +1294,41 @@ def backward(dy, x, w, b, r, ties, act, dx, dw, db, has_bias, frame, task):
     forms do the same multiply-adds in the same order. A tiny w goes to
     ``_column_backward`` (one column, K <= ``COLUMN_MAX_K``) or ``_tiny_backward``.
     """
-    M, N = dy.shape
-    K = x.shape[1]
-    if act == RELU:
-        if ties:
-            z = np.empty((M, N), dy.dtype)  # (M, N)
-            forward(x, w, b, has_bias, z, z, _nl(False), _nl(IDENTITY), frame, task)
-            r = z
+    def backward(dy, x, w, b, r, dx, dw, db, M, K, N, ties, act, grad_unit, has_bias, frame, task):
+        dy, r = carray(_ffi.as_pointer(dy, nbtype), (M, N)), carray(_ffi.as_pointer(r, nbtype), (M, N))
+        x, dx = carray(_ffi.as_pointer(x, nbtype), (M, K)), carray(_ffi.as_pointer(dx, nbtype), (M, K))
+        w, dw = carray(_ffi.as_pointer(w, nbtype), (K, N)), carray(_ffi.as_pointer(dw, nbtype), (K, N))
+        b, db = carray(_ffi.as_pointer(b, nbtype), N), carray(_ffi.as_pointer(db, nbtype), N)
+        has_bias = has_bias != 0
+        if act == RELU:
+            if ties:
+                z = np.empty((M, N), dy.dtype)  # (M, N)
+                call_forward(x, w, b, has_bias, z, z, False, IDENTITY, 0, frame, task)
+                r = z
+            else:
+                act = RELU_FROM_Y
+        if N == 1 and K <= COLUMN_MAX_K:
+            _column_backward(dy, x, w, r, act, grad_unit, dx, dw, db, has_bias)
+            return 0
+        if K * N <= TINY_W:
+            _tiny_backward(dy, x, w, r, act, grad_unit, dx, dw, db, has_bias)
+            return 0
+        g = np.empty((M, N), dy.dtype)  # (M, N)
+        activation_grad(dy, r, g, act, grad_unit)
+        gf = _ffi.as_shape(g, M * N)
+        if has_bias:
+            _column_sums(gf, M, N, db)
+        if N < DOT_MIN_N or M >= DX_PANEL_MIN_M or (M >= DX_PANEL_MIN_M_SMALL_W and K * N <= DX_PANEL_SMALL_W):
+            call_panel_gemm(gf, N, 1, w, db, False, dx, dx, False, IDENTITY, 0, frame, task, True)
         else:
-            act = RELU_FROM_Y
-    if N == 1 and K <= COLUMN_MAX_K:
-        _column_backward(dy, x, w, r, act, dx, dw, db, has_bias)
-        return
-    if K * N <= TINY_W:
-        _tiny_backward(dy, x, w, r, act, dx, dw, db, has_bias)
-        return
-    g = np.empty((M, N), dy.dtype)  # (M, N)
-    activation_grad(dy, r, g, act)
-    gf = _ffi.as_shape(g, M * N)
-    if has_bias:
-        _column_sums(gf, M, N, db)
-    if N < DOT_MIN_N or M >= DX_PANEL_MIN_M or (M >= DX_PANEL_MIN_M_SMALL_W and K * N <= DX_PANEL_SMALL_W):
-        panel_gemm(gf, N, _nl(1), w, db, _nl(False), dx, dx, _nl(False), _nl(IDENTITY), frame, task, _nl(True))
-    else:
-        gemm_nt(g, w, dx, frame, task)
-    if N <= NR:
-        dwt = np.empty((N, K), x.dtype)  # (N, K)
-        panel_gemm(gf, _nl(1), N, x, db, _nl(False), dwt, dwt, _nl(False), _nl(IDENTITY), frame, task, _nl(False))
-        transpose(dwt, dw)
-    else:
-        # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
-        # adjacent elements of one row of x), g as the panels.
-        panel_gemm(_ffi.as_shape(x, M * K), _nl(1), K, g, db, _nl(False), dw, dw, _nl(False), _nl(IDENTITY), frame, task,
-                   _nl(False))
+            call_gemm_nt(g, w, dx, frame, task)
+        if N <= NR:
+            dwt = np.empty((N, K), x.dtype)  # (N, K)
+            call_panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, IDENTITY, 0, frame, task, False)
+            transpose(dwt, dw)
+        else:
+            # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
+            # adjacent elements of one row of x), g as the panels.
+            call_panel_gemm(_ffi.as_shape(x, M * K), 1, K, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False)
+        return 0
+    return backward

@@ -19,8 +19,9 @@ to 1, so that the kernel shares its blocks with XLA's intra-op thread pool; smal
 the calling thread only. The attribute is a flag, not an address, so executables stay valid in
 JAX's persistent compilation cache (see ``_handlers``).
 
-Each (kernel, dtype) handler is compiled (or loaded from Numba's cache) and registered with XLA
-at its first use, not on ``import kernels``.
+Each (kernel, dtype, activation) handler is compiled (or loaded from Numba's cache) and
+registered with XLA at its first use, not on ``import kernels``: a call compiles its own
+activation's code only (``_handlers``).
 
 Scratch memory: the kernels allocate their scratch (packed panels, transposes, ``g``) with
 malloc on every call; with glibc's default thresholds a large layer's scratch comes from fresh
@@ -51,7 +52,7 @@ _PREFIX = "jaxnet_numba_fused_dense"
 # blocks to XLA's thread pool costs more than the other cores save (docs/benchmarks.md).
 PARALLEL_MIN_MACS = 1 << 19
 _lock = threading.Lock()
-# Registered handlers (cfuncs), kept referenced for the life of the process: XLA holds only
+# Registered handlers (cfuncs) by (kind, dtype, activation), kept referenced for the life of the process: XLA holds only
 # their addresses.
 _REGISTERED: dict[tuple[str, str], object] = {}
 
@@ -66,29 +67,32 @@ def is_available() -> bool:
     return True
 
 
-def _target(kind: str, dtype: str) -> str:
-    """The FFI target name for ``kind`` ("forward"/"backward") and ``dtype``, compiling and
-    registering that handler on first use."""
-    name = f"{_PREFIX}_{kind}_{dtype}"
-    if (kind, dtype) not in _REGISTERED:
+def _target(kind: str, dtype: str, activation: str) -> str:
+    """The FFI target name for ``kind`` ("forward"/"backward"), ``dtype`` and ``activation``,
+    compiling and registering that handler on first use."""
+    key = (kind, dtype, activation)
+    name = f"{_PREFIX}_{kind}_{dtype}_{activation}"
+    if key not in _REGISTERED:
         with _lock:
-            if (kind, dtype) not in _REGISTERED:
+            if key not in _REGISTERED:
                 from kernels.numba_cpu import _ffi, _handlers
 
-                handler = _handlers.handler(kind, dtype)
+                handler = _handlers.handler(kind, dtype, activation)
                 _ffi.register(name, handler)
-                _REGISTERED[(kind, dtype)] = handler
+                _REGISTERED[key] = handler
     return name
 
 
-def precompile(dtypes=("float32", "float64"), kinds=("forward", "backward")) -> None:
+def precompile(dtypes=("float32", "float64"), kinds=("forward", "backward"), activations=tuple(ACTIVATIONS)) -> None:
     """Compiles (or loads from Numba's cache) and registers the handlers of ``kinds`` x ``dtypes``
-    now rather than at their first call: e.g. to fill Numba's on-disk cache once before several
-    processes start (the test suite does, see tests/conftest.py). Nothing else calls it.
+    x ``activations`` now rather than at their first call: e.g. to fill Numba's on-disk cache
+    once before several processes start (the test suite does, see tests/conftest.py). Nothing
+    else calls it.
     """
     for dtype in dtypes:
-        for kind in kinds:
-            _target(kind, dtype)
+        for activation in activations:
+            for kind in kinds:
+                _target(kind, dtype, activation)
 
 
 def _varying(a) -> frozenset:
@@ -140,7 +144,8 @@ def _forward_call(x2, w, *b, activation, save):
     out = _result((m, n), x2)
     relu = activation == "relu"
     outs = (out, _result((1,), x2) if relu else out) if save else (out,)
-    ffi = functools.partial(jax.ffi.ffi_call(_target("forward", x2.dtype.name), outs, vmap_method="broadcast_all"),
+    ffi = functools.partial(jax.ffi.ffi_call(_target("forward", x2.dtype.name, activation), outs,
+                                             vmap_method="broadcast_all"),
                             act=np.int64(ACTIVATIONS[activation].code), share=_share(m, x2.shape[1], n))
     again = functools.partial(_forward_call, activation=activation, save=save)
     per_row = (True, not relu)[:len(outs)]  # relu's tie flag: one for the whole (folded) call
@@ -247,7 +252,7 @@ def _backward_call(dy, x2, w, r, *rest, activation, has_bias):
     """
     m, k, n = x2.shape[0], x2.shape[1], w.shape[1]
     outs = [_result((m, k), x2), _result((k, n), x2)] + ([_result((n,), x2)] if has_bias else [])
-    ffi = functools.partial(jax.ffi.ffi_call(_target("backward", x2.dtype.name), tuple(outs),
+    ffi = functools.partial(jax.ffi.ffi_call(_target("backward", x2.dtype.name, activation), tuple(outs),
                                              vmap_method="broadcast_all"),
                             act=np.int64(ACTIVATIONS[activation].code), share=_share(m, k, n))
     again = functools.partial(_backward_call, activation=activation, has_bias=has_bias)

@@ -412,6 +412,37 @@ def test_first_use_leaves_malloc_alone():
     assert proc.stdout.split() == ["None"]
 
 
+FIRST_CALL = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp
+    import kernels
+    from kernels.numba_cpu import _handlers
+    f = lambda x, w, b: jnp.sum(kernels.fused_dense(x, w, b, activation="relu", backend="numba"))
+    jax.block_until_ready(jax.jit(jax.value_and_grad(f, (0, 1, 2)))(jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones(4)))
+    print(json.dumps({"_".join(key): compiled.cache_hits for key, compiled in _handlers._COMPILED.items()}))
+""")
+
+
+def test_first_call_compiles_only_its_activation_and_the_next_process_loads_it():
+    # A float32 relu forward and backward compiles float32's shared units and relu's own, none
+    # of another activation or of float64; a second process loads every one from Numba's cache.
+    import json
+
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    units = set(runs[0])
+    assert set(runs[1]) == units, runs
+    assert {"blocks_float32", "task_float32", "forward_float32", "backward_float32", "handler_forward_float32_relu",
+            "handler_backward_float32_relu"} <= units, units
+    assert {u for u in units if u.startswith(("activate_", "gradient_"))} == {"activate_relu_float32",
+                                                                             "gradient_relu_float32"}, units
+    assert not [u for u in units if "float64" in u], units
+    assert all(hits == 1 for hits in runs[1].values()), runs[1]
+
+
 def test_stale_numba_cache_is_dropped(tmp_path):
     from kernels.numba_cpu import _cache
 
@@ -428,7 +459,7 @@ def test_stale_numba_cache_is_dropped(tmp_path):
     assert len(list(fresh.iterdir())) == 3
     # The package's own cache was checked before its first handler was compiled or loaded.
     from kernels.numba_cpu import backend
-    backend._target("forward", "float32")
+    backend._target("forward", "float32", "relu")
     assert (_cache.cache_dir() / "numba_sources.sha256").read_text() == _cache.digest()
 
 
@@ -453,16 +484,16 @@ def test_share_is_a_flag_and_the_task_a_link_time_symbol():
     # The executable carries share = 0/1, never an address; the handler finds its dtype's task
     # through a symbol this process registered (so cached machine code is right in any process).
     import numba
-    from kernels.numba_cpu import _handlers
+    from kernels.numba_cpu import _handlers, _link
 
     x, w = jnp.ones((512, 256)), jnp.ones((256, 128))
     for m, want in ((512, "share = 1"), (4, "share = 0")):
         text = jax.jit(lambda x, w: kernels.fused_dense(x, w, backend="numba")).lower(x[:m], w).as_text()
         assert want in text and "task" not in text
     for dtype, nbtype in (("float32", numba.float32), ("float64", numba.float64)):
-        _handlers.handler("forward", dtype)
-        address = numba.njit(lambda: _handlers._task_address(nbtype))()
-        assert address == _handlers.task(dtype).address != 0
+        _handlers.handler("forward", dtype, "relu")
+        address = numba.njit(lambda: _link.address("task", nbtype))()
+        assert address == _handlers.unit("task", dtype).address != 0
 
 
 SHARED_IN_A_NEW_PROCESS = textwrap.dedent("""
@@ -657,30 +688,34 @@ BAD_INPUTS = textwrap.dedent("""
     # never a crash.
     f32 = jax.ShapeDtypeStruct
     raw = {
-        "shapes": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+        "shapes": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
             jnp.ones((3, 4)), jnp.ones((5, 2)), act=np.int64(1), share=np.int64(0)),
-        "dtype": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+        "dtype": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
             jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)), act=np.int64(1), share=np.int64(0)),
-        "attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+        "attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
             jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(99), share=np.int64(0)),
-        "arity": lambda: jax.ffi.ffi_call(nb._target("backward", "float32"), f32((3, 2), jnp.float32))(
+        "another activation's code": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"),
+                                                             f32((3, 2), jnp.float32))(
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(2), share=np.int64(0)),
+        "arity": lambda: jax.ffi.ffi_call(nb._target("backward", "float32", "relu"), f32((3, 2), jnp.float32))(
             jnp.ones((3, 4)), act=np.int64(1), share=np.int64(0)),
-        "no share attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+        "no share attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"),
+                                                       f32((3, 2), jnp.float32))(
             jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1)),
-        "share not 0 or 1": lambda: jax.ffi.ffi_call(nb._target("backward", "float32"),
+        "share not 0 or 1": lambda: jax.ffi.ffi_call(nb._target("backward", "float32", "gelu"),
                                                      (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32)))(
             jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), act=np.int64(2),
             share=np.int64(140000000000)),
-        "rank": lambda: jax.ffi.ffi_call(nb._target("forward", "float32"), f32((3, 2), jnp.float32))(
+        "rank": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
             jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1), share=np.int64(0)),
         "relu tie flag shape": lambda: jax.ffi.ffi_call(
-            nb._target("forward", "float32"), (f32((3, 2), jnp.float32), f32((2,), jnp.float32)))(
+            nb._target("forward", "float32", "relu"), (f32((3, 2), jnp.float32), f32((2,), jnp.float32)))(
             jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1), share=np.int64(0)),
         "relu backward without tie flag": lambda: jax.ffi.ffi_call(
-            nb._target("backward", "float32"), (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32)))(
+            nb._target("backward", "float32", "relu"), (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32)))(
             jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), act=np.int64(1), share=np.int64(0)),
         "relu backward bias shape": lambda: jax.ffi.ffi_call(
-            nb._target("backward", "float32"),
+            nb._target("backward", "float32", "relu"),
             (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32), f32((2,), jnp.float32)))(
             jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), jnp.ones((1,)), jnp.ones((5,)),
             act=np.int64(1), share=np.int64(0)),
@@ -705,6 +740,8 @@ def test_bad_inputs_raise_at_trace_time_in_a_subprocess():
     # The shape errors name the shapes.
     assert any("K mismatch" in ln and "(3, 4)" in ln and "(5, 2)" in ln for ln in lines), proc.stdout
     assert any(ln.startswith("OK raw shapes") and "do not agree" in ln for ln in lines), proc.stdout
+    assert any(ln.startswith("OK raw another activation's code") and "not the handler's activation" in ln
+               for ln in lines), proc.stdout
     assert any(ln.startswith("OK raw relu tie flag shape") and "tie flag must be [1]" in ln for ln in lines), proc.stdout
     assert any(ln.startswith("OK raw relu backward without tie flag") and "(dy, x, w, y, t[, b])" in ln
                for ln in lines), proc.stdout
