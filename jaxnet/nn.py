@@ -61,6 +61,18 @@ def fan_in_uniform(fan_in: int) -> Callable:
     return init
 
 
+def _layer_input(layer, x) -> tuple[str, int]:
+    """Checks a dense layer's ``features``/``in_features`` and ``x: [..., K]``; returns (name, K)."""
+    name = layer.name or type(layer).__name__
+    check_int(layer.features, f"{name}: features", minimum=1)
+    check_int(layer.in_features, f"{name}: in_features", minimum=1, allow_none=True)
+    k = x.shape[-1]
+    if layer.in_features is not None and k != layer.in_features:
+        raise ValueError(f"{name}: expected inputs with {layer.in_features} features [..., {layer.in_features}], "
+                         f"got shape {tuple(x.shape)}")
+    return name, k
+
+
 class FusedDense(nn.Module):
     """``y = act(x @ kernel + bias)`` through ``kernels.fused_dense``.
 
@@ -93,15 +105,7 @@ class FusedDense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        name = self.name or type(self).__name__
-        check_int(self.features, f"{name}: features", minimum=1)
-        check_int(self.in_features, f"{name}: in_features", minimum=1, allow_none=True)
-        k = x.shape[-1]
-        if self.in_features is not None and k != self.in_features:
-            raise ValueError(
-                f"{self.name or type(self).__name__}: expected inputs with {self.in_features} features "
-                f"[..., {self.in_features}], got shape {tuple(x.shape)}"
-            )
+        name, k = _layer_input(self, x)
         if self.has_variable("params", "w_q"):  # a tree from jaxnet.compress.quantize
             raise ValueError(f"{name}: its params are quantised (w_q, scale); run the model with "
                              "jaxnet.compress.apply_quantized")
@@ -171,13 +175,7 @@ class QuantizedDense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        name = self.name or type(self).__name__
-        check_int(self.features, f"{name}: features", minimum=1)
-        check_int(self.in_features, f"{name}: in_features", minimum=1, allow_none=True)
-        k = x.shape[-1]
-        if self.in_features is not None and k != self.in_features:
-            raise ValueError(f"{name}: expected inputs with {self.in_features} features [..., {self.in_features}], "
-                             f"got shape {tuple(x.shape)}")
+        name, k = _layer_input(self, x)
         if self.has_variable("params", "w_q"):  # read directly, as FusedDense does (no init re-trace)
             w_q, scale = self.get_variable("params", "w_q"), self.get_variable("params", "scale")
             bias = self.get_variable("params", "bias") if self.use_bias else None
