@@ -378,16 +378,17 @@ def test_concurrent_calls_from_threads(pool):
 IMPORT_ONLY = textwrap.dedent("""
     import pathlib, sys
     numba_cache, in_tree = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-    # Numba's cache files (Python's own .pyc, written by any first import, are not the point).
-    listing = lambda d: sorted((p.name, p.stat().st_mtime_ns) for p in d.iterdir()
-                               if p.suffix != ".pyc") if d.is_dir() else None
+    # Numba's in-tree cache files: none may be deleted (the old import-time clean-up did that).
+    # Other test processes may add files there meanwhile (the compile checks above and below
+    # cover this import writing any).
+    listing = lambda d: {p.name for p in d.iterdir() if p.suffix in (".nbi", ".nbc")} if d.is_dir() else set()
     before = listing(in_tree)
     import jaxnet, kernels, kernels.numba_cpu
     from kernels import host_memory
     loaded = [m for m in ("kernels.numba_cpu._kernels", "kernels.numba_cpu._handlers") if m in sys.modules]
     assert not loaded, loaded
     assert not any(numba_cache.iterdir()), list(numba_cache.iterdir())
-    assert listing(in_tree) == before
+    assert before <= listing(in_tree), sorted(before - listing(in_tree))[:5]
     assert host_memory._state["applied"] is None
     print("OK")
 """)
