@@ -222,7 +222,10 @@ def _final_params_equal(out: pathlib.Path, want, context: str) -> None:
         assert got[name].tobytes() == np.asarray(leaf).tobytes(), f"{context}: {name}"
 
 
-@pytest.mark.parametrize("mode", ["minibatch", "fullbatch", "stream"])
+# One loop kind by default (stream: the longest path, with its clock and token windows); the other
+# two are slow (~20 s each; the suite's 600 s budget), run with JAXNET_SLOW=1.
+@pytest.mark.parametrize("mode", [pytest.param("minibatch", marks=pytest.mark.slow),
+                                  pytest.param("fullbatch", marks=pytest.mark.slow), "stream"])
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path, mode, worker_env):
     """The run is killed (SIGKILL) at a random moment after its first checkpoint, resumed, and
     compared bit for bit with an uninterrupted run of the same seed (no checkpoints at all)."""
