@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import jax
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
@@ -470,6 +470,12 @@ def dtype(buf):
 @njit
 def data(buf):
     return load_i64(buf + BUFFER_DATA)
+
+
+@njit
+def view(buf, nbtype, shape):
+    """The buffer's data as a C-contiguous array of ``shape`` (no copy)."""
+    return carray(as_pointer(data(buf), nbtype), shape)
 
 
 @njit

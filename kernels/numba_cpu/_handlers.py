@@ -45,11 +45,11 @@ from __future__ import annotations
 import threading
 
 from llvmlite import binding as llvm
-from numba import carray, cfunc, float32, float64, njit, types
+from numba import cfunc, float32, float64, njit, types
 
 from kernels.activations import ACTIVATIONS
 from kernels.numba_cpu import _cache, _ffi, _kernels, _link
-from kernels.numba_cpu._ffi import arg, as_pointer, data, dim, dtype, leading, make_error, rank, ret
+from kernels.numba_cpu._ffi import arg, dim, dtype, leading, make_error, rank, ret, view
 from kernels.numba_cpu._ffi import nonliteral as _nl  # constant indices: one compile of each reader, not one each
 from kernels.numba_cpu._kernels import IDENTITY, RELU
 
@@ -73,12 +73,6 @@ def _begin(frame, act, nbtype):
         return make_error(frame, "missing int64 attribute 'share' (0 or 1)"), 0, 0, 0
     task = _link.address("task", nbtype) if share == 1 else 0
     return -1, task, _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE), _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
-
-
-@njit
-def _view(buf, nbtype, shape):
-    """The buffer's data as a C-contiguous array of ``shape`` (no copy)."""
-    return carray(as_pointer(data(buf), nbtype), shape)
 
 
 def _forward_entry_unit(nbtype, code):
@@ -116,14 +110,14 @@ def _forward_entry_unit(nbtype, code):
             return make_error(frame, "forward: z must be [M, N]")
         if has_bias and (leading(bb, _nl(1)) != nb or dim(bb, rank(bb) - 1) != n):
             return make_error(frame, "forward: b must be [N]")
-        xs = _view(xb, nbtype, (nb, m, k))
-        ws = _view(wb, nbtype, (nb, k, n))
-        ys = _view(yb, nbtype, (nb, m, n))
-        zs = _view(zb, nbtype, (nb, m, n))
+        xs = view(xb, nbtype, (nb, m, k))
+        ws = view(wb, nbtype, (nb, k, n))
+        ys = view(yb, nbtype, (nb, m, n))
+        zs = view(zb, nbtype, (nb, m, n))
         # Without a bias the view aliases y and is never read.
-        bs = _view(bb, nbtype, (nb, n))
+        bs = view(bb, nbtype, (nb, n))
         # Without save_ties the view aliases y and is never written.
-        ts = _view(tb, nbtype, (nb, _nl(1)))
+        ts = view(tb, nbtype, (nb, _nl(1)))
         for i in range(nb):
             ties = _kernels.call_forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, act_unit, frame,
                                          task)
@@ -180,17 +174,17 @@ def _backward_entry_unit(nbtype, code):
             return make_error(frame, "backward: relu's tie flag must be [1]")
         if relu and has_bias and (leading(bb, _nl(1)) != nb or dim(bb, rank(bb) - 1) != n):
             return make_error(frame, "backward: b must be [N]")
-        dys = _view(dyb, nbtype, (nb, m, n))
-        xs = _view(xb, nbtype, (nb, m, k))
-        ws = _view(wb, nbtype, (nb, k, n))
-        rs = _view(rb, nbtype, (nb, m, n))
-        dxs = _view(dxb, nbtype, (nb, m, k))
-        dws = _view(dwb, nbtype, (nb, k, n))
+        dys = view(dyb, nbtype, (nb, m, n))
+        xs = view(xb, nbtype, (nb, m, k))
+        ws = view(wb, nbtype, (nb, k, n))
+        rs = view(rb, nbtype, (nb, m, n))
+        dxs = view(dxb, nbtype, (nb, m, k))
+        dws = view(dwb, nbtype, (nb, k, n))
         # Without a bias the view aliases dw and is never written.
-        dbs = _view(dbb, nbtype, (nb, n))
+        dbs = view(dbb, nbtype, (nb, n))
         # Unless relu: both views alias dy or db, and are never read.
-        ts = _view(tb, nbtype, (nb, _nl(1)))
-        bs = _view(bb, nbtype, (nb, n))
+        ts = view(tb, nbtype, (nb, _nl(1)))
+        bs = view(bb, nbtype, (nb, n))
         for i in range(nb):
             dy, x, w, r, dx, dw, db = dys[i], xs[i], ws[i], rs[i], dxs[i], dws[i], dbs[i]
             _link.call("backward", nbtype, (dy.ctypes.data, x.ctypes.data, w.ctypes.data, bs[i].ctypes.data,

@@ -44,7 +44,7 @@ from numba.extending import intrinsic, overload
 
 from kernels.activations import CODES
 from kernels.numba_cpu import _cache, _ffi
-from kernels.numba_cpu._ffi import arg, as_pointer, as_shape, data, dim, dtype, make_error, rank, ret
+from kernels.numba_cpu._ffi import arg, as_pointer, as_shape, dim, dtype, make_error, rank, ret, view
 
 DTYPE_S8 = 2  # XLA_FFI_DataType S8
 # The activations applied in the kernels (others run in XLA after the call: ``quantized``).
@@ -502,12 +502,6 @@ def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y):
 
 
 @njit
-def _view(buf, nbtype, shape):
-    """The buffer's data as a C-contiguous array of ``shape`` (no copy)."""
-    return carray(as_pointer(data(buf), nbtype), shape)
-
-
-@njit
 def _matrix(buf, code):
     """``(rows, cols)`` of a rank-2 buffer of dtype ``code``, or ``(-1, -1)``."""
     if rank(buf) != 2 or dtype(buf) != code:
@@ -549,8 +543,8 @@ def weight_only_f32(frame):
     if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sb, n) or not _vector(bb, n):
         return make_error(frame, "quantized_dense: weight-only takes x f32 [M, K], w_q s8 [K, N], scale f32 [N], "
                                  "b f32 [N] and returns y f32 [M, N]")
-    weight_only(frame, _view(xb, float32, (m, k)), _view(wb, int8, (k, n)), _view(sb, float32, n),
-                _view(bb, float32, n), has_bias, relu, _view(yb, float32, (m, n)))
+    weight_only(frame, view(xb, float32, (m, k)), view(wb, int8, (k, n)), view(sb, float32, n),
+                view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)))
     return 0
 
 
@@ -566,8 +560,8 @@ def w8a8_f32(frame):
     if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sxb, m) or not _vector(sb, n) or not _vector(bb, n):
         return make_error(frame, "quantized_dense: w8a8 takes q s8 [M, K], scale_x f32 [M], w_q s8 [K, N], scale "
                                  "f32 [N], b f32 [N] and returns y f32 [M, N]")
-    w8a8(frame, _view(qb, int8, (m, k)), _view(wb, int8, (k, n)), _view(sxb, float32, m), _view(sb, float32, n),
-         _view(bb, float32, n), has_bias, relu, _view(yb, float32, (m, n)))
+    w8a8(frame, view(qb, int8, (m, k)), view(wb, int8, (k, n)), view(sxb, float32, m), view(sb, float32, n),
+         view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)))
     return 0
 
 
