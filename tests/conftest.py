@@ -11,8 +11,8 @@
   Results stay within every derived tolerance (they assume any summation order); the experiments
   and benchmarks run at XLA's default level. Set the flag in XLA_FLAGS to test at another level.
 - With pytest-xdist (``make test`` runs ``-n auto``), the controller fills Numba's on-disk cache
-  before the workers start, one process per dtype in parallel, so that no two workers compile
-  the same handler (a cold compile is tens of seconds per dtype).
+  before the workers start (one process per dtype and one for the int8 handlers, in parallel), so
+  that no two workers compile the same handler (a cold compile is tens of seconds each).
 """
 import os
 import subprocess
@@ -47,9 +47,11 @@ def pytest_configure(config):
 
 def _precompile_numba_handlers():
     """Best effort: a failure here is reported by the tests that call the numba backend."""
-    code = "from kernels.numba_cpu import precompile; precompile(({!r},))"
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(dtype)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for dtype in ("float32", "float64")]
+    codes = ["from kernels.numba_cpu import precompile; precompile(('float32',))",
+             "from kernels.numba_cpu import precompile; precompile(('float64',))",
+             "from kernels.numba_cpu.quantized import precompile; precompile()"]
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for code in codes]
     for proc in procs:
         try:
             proc.wait(timeout=600)

@@ -115,4 +115,12 @@ def quantized_dense(x, w_q, scale, b, activation: str, act_quant):
     return y.astype(x.dtype).reshape(*lead, n)
 
 
-__all__ = ["quantized_dense"]
+def precompile(kinds=("weight_only", "w8a8")) -> None:
+    """Compiles (or loads from Numba's cache) and registers the int8 handlers of ``kinds`` now
+    rather than at their first call (the test suite fills the on-disk cache this way before its
+    workers start, see tests/conftest.py). Nothing else calls it."""
+    for kind in kinds:
+        _target(kind)
+
+
+__all__ = ["precompile", "quantized_dense"]
