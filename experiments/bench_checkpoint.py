@@ -154,11 +154,11 @@ def main(argv=None) -> dict:
                                  trains=False)
     import jax
 
-    from jaxnet.runtime import cpu_model
+    from jaxnet.runtime import cpu_model, machine
 
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        result = {"benchmark": "checkpoint", "cpu": cpu_model(), "jax": jax.__version__,
+        result = {"benchmark": "checkpoint", "cpu": cpu_model(), "machine": machine(), "jax": jax.__version__,
                   "per_save": _per_save(config, root), "fit": _end_to_end(config, root)}
     return finish(result, flags.workdir, config, flags.argv)
 

@@ -14,6 +14,12 @@ the same kernel through ``jax.pure_callback`` (a baseline only; the backend neve
 Also the cold start of the Numba backend in a fresh process (import, handler load from Numba's
 cache and registration, first call).
 
+With "auto" among ``--backends`` (``--backends numba auto``), the grid's shapes are tuned first
+(``kernels.autotune.tune``: what "auto" runs per shape is measured, or read from the tuning
+cache), then "auto" is timed like any backend; each row also gives the backend it ran
+(``auto_runs``) and ``auto_vs_best`` (the fastest other backend's time over auto's: 1 when auto
+chose the fastest, < 1 when it did not), the summary the worst, ``auto_vs_best_min``.
+
 Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
 ends with one JSON line of summary metrics, also saved as ``result.json``. Figures in
 docs/benchmarks.md.
@@ -54,7 +60,8 @@ QUICK_GRID = ((8, 8, 8), (64, 64, 64), (256, 256, 256), (512, 512, 512), (1024, 
 class Config:
     # A 6-shape grid instead of the full one.
     quick: bool = False
-    # Backends besides the XLA baseline ("pallas" runs interpreted on CPU: very slow).
+    # Backends besides the XLA baseline ("pallas" runs interpreted on CPU: very slow; "auto": the
+    # per-shape choice, against the best of the others).
     backends: tuple[BackendName, ...] = ("numba",)
     # The activation fused into every timed call.
     activation: Literal[activations.NAMES] = "relu"
@@ -109,18 +116,25 @@ def _away_from_kinks(args, activation: str):
     return x, w, b, jnp.where(mask, jnp.zeros_like(dy), dy)
 
 
-def _fns(backend: str, activation: str):
-    import jax
+def _tune(grid, config: Config) -> None:
+    """Settles what "auto" runs at each shape of ``grid`` before anything is timed."""
+    from kernels import autotune
 
-    import kernels
+    if autotune.policy() == "rank":
+        print("auto: JAXNET_AUTO=rank, nothing measured", flush=True)
+        return
+    for (m, k, n), e in autotune.tune(grid, config.dtype, config.activation).items():
+        print(f"auto {m}x{k}x{n} ({autotune.bucket(m, k, n, config.dtype, config.activation)}): "
+              f"fwd {e['fwd']}, fwd+bwd {e['fwd+bwd']}, µs {json.dumps(e['us'])}", flush=True)
 
-    f = lambda x, w, b: kernels.fused_dense(x, w, b, activation=activation, backend=backend)  # noqa: E731
 
-    def fwd_bwd(x, w, b, dy):
-        y, vjp = jax.vjp(f, x, w, b)
-        return y, vjp(dy)
+def _auto_columns(row: dict, t: dict, config: Config) -> None:
+    """Adds to ``row`` (one shape and mode) the backend "auto" ran and its speed against the best other."""
+    from kernels.dispatch import auto_choice
 
-    return jax.jit(lambda x, w, b, dy: f(x, w, b)), jax.jit(fwd_bwd)
+    fwd, train = auto_choice(row["M"], row["K"], row["N"], config.dtype, config.activation)
+    row["auto_runs"] = fwd if row["mode"] == "fwd" else train
+    row["auto_vs_best"] = round(min(v for be, v in t.items() if be != "auto") / t["auto"], 3)
 
 
 def _overhead(config: Config) -> dict:
@@ -129,10 +143,11 @@ def _overhead(config: Config) -> dict:
     import numpy as np
 
     from kernels import reference
+    from kernels.autotune import step_functions
 
     x, w, b, _ = _problem((8, 8, 8), config)
-    numba_fwd, _ = _fns("numba", config.activation)
-    xla_fwd, _ = _fns("xla", config.activation)
+    numba_fwd, _ = step_functions("numba", config.activation)
+    xla_fwd, _ = step_functions("xla", config.activation)
 
     def host(x, w, b):  # the same arithmetic on the host, float64 NumPy, cast back
         return reference.fused_dense_numpy(x, w, b, activation=config.activation).astype(x.dtype)
@@ -183,13 +198,18 @@ def run(config: Config) -> tuple[list[dict], dict]:
     import jax
     import numpy as np
 
+    from kernels.autotune import step_functions
+
     prepare_dtype(config)
     backends = ("xla", *[b for b in config.backends if b != "xla"])
+    grid = QUICK_GRID if config.quick else GRID
+    if "auto" in backends:
+        _tune(grid, config)
     rows = []
-    for shape in QUICK_GRID if config.quick else GRID:
+    for shape in grid:
         m, k, n = shape
         args = _away_from_kinks(_problem(shape, config), config.activation)
-        fns = {be: _fns(be, config.activation) for be in backends}
+        fns = {be: step_functions(be, config.activation) for be in backends}
         # Each backend must agree with XLA before it is timed.
         ref = jax.device_get(fns["xla"][1](*args))
         for be in backends[1:]:
@@ -205,6 +225,8 @@ def run(config: Config) -> tuple[list[dict], dict]:
                 row[f"{be}_gflops"] = round(flops / t[be] / 1e9, 2)
                 if be != "xla":
                     row[f"{be}_vs_xla"] = round(t["xla"] / t[be], 3)
+            if "auto" in backends:
+                _auto_columns(row, t, config)
             rows.append(row)
             print(json.dumps(row), flush=True)
     overhead = _overhead(config)
@@ -225,6 +247,10 @@ def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> d
             summary[f"{be}_{mode}_geomean_vs_xla"] = round(math.exp(statistics.fmean(map(math.log, ratios.values()))), 3)
             summary[f"{be}_{mode}_min_vs_xla_small"] = min(small) if small else None
             summary[f"{be}_{mode}_min_vs_xla_512_2048"] = min(mid) if mid else None
+            if be == "auto":
+                summary[f"auto_{mode}_min_vs_best"] = min(r["auto_vs_best"] for r in rows if r["mode"] == mode)
+    if "auto" in config.backends:
+        summary["auto_vs_best_min"] = min(r["auto_vs_best"] for r in rows)
     summary.update({f"overhead_{k}_us": v for k, v in overhead.items()})
     summary["numba_overhead_vs_xla_tiny_op"] = round(overhead["numba"] / overhead["xla_tiny_op"], 3)
     summary.update({f"cold_{k}": v for k, v in cold.items()})
@@ -237,7 +263,7 @@ def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, co
     per_run = [summarize(rows, ov, cold, config) for rows, ov in zip(runs, overheads)]
     summary = dict(per_run[0], runs=len(runs))
     for key in per_run[0]:
-        if "_vs_xla" in key:
+        if "_vs_xla" in key or "_vs_best" in key:
             values = [s[key] for s in per_run]
             summary[key + "_per_run"] = values
             if None not in values:
@@ -260,6 +286,8 @@ def spread(runs: list[list[dict]], config: Config) -> list[dict]:
             ratios = [r[f"{be}_vs_xla"] for r in same]
             row.update({f"{be}_vs_xla_min": min(ratios), f"{be}_vs_xla_median": statistics.median(ratios),
                         f"{be}_vs_xla_max": max(ratios)})
+        if "auto" in bes:
+            row["auto_vs_best_min"] = min(r["auto_vs_best"] for r in same)
         out.append(row)
     return out
 
@@ -268,17 +296,20 @@ def spread_table(rows: list[dict], config: Config, nruns: int) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA µs (median)"] + [f"{b} µs (median)" for b in bes]
     head += [f"{b}/XLA min / median / max of {nruns}" for b in bes]
+    head += [f"auto/best, worst of {nruns}"] if "auto" in bes else []
     cells = [[r["M"], r["K"], r["N"], r["mode"], r["xla_us"]] + [r[f"{b}_us"] for b in bes]
              + [f"{r[f'{b}_vs_xla_min']:.2f}x / {r[f'{b}_vs_xla_median']:.2f}x / {r[f'{b}_vs_xla_max']:.2f}x"
-                for b in bes] for r in rows]
+                for b in bes] + ([f"{r['auto_vs_best_min']:.2f}x"] if "auto" in bes else []) for r in rows]
     return _markdown(head, cells)
 
 
 def table(rows: list[dict], config: Config) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA GFLOP/s"] + [f"{b} GFLOP/s" for b in bes] + [f"{b}/XLA" for b in bes]
+    head += ["auto runs", "auto/best"] if "auto" in bes else []
     cells = [[r["M"], r["K"], r["N"], r["mode"], r["xla_gflops"]] + [r[f"{b}_gflops"] for b in bes]
-             + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes] for r in rows]
+             + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes]
+             + ([r["auto_runs"], f"{r['auto_vs_best']:.2f}x"] if "auto" in bes else []) for r in rows]
     return _markdown(head, cells)
 
 

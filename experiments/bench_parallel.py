@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     import optax
 
     from jaxnet import losses, parallel
-    from jaxnet.runtime import cpu_model
+    from jaxnet.runtime import cpu_model, machine
     from jaxnet.train import TrainState, make_train_step
     from kernels.timing import interleaved_medians
 
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         rows.append({"model": name, "one_device_ms": round(one * 1e3, 3),
                      "sharded_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
                      "ratio": {k: round(v / one, 3) for k, v in med.items()}})
-    return finish({"benchmark": "parallel", "cpu": cpu_model(), "jax": jax.__version__,
+    return finish({"benchmark": "parallel", "cpu": cpu_model(), "machine": machine(), "jax": jax.__version__,
                    "fake_devices": config.devices, "models": rows}, flags.workdir, config, flags.argv)
 
 

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from jaxnet.runtime import cpu_model
+    from jaxnet.runtime import cpu_model, machine
 
     rows = {}
     for mode in MODES:
@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
                       "numba_peak_rss_gb": nb["peak_rss_gb"], "xla_peak_rss_gb": xla["peak_rss_gb"],
                       "rss_ratio_numba_over_xla": round(nb["peak_rss_gb"] / xla["peak_rss_gb"], 2)}
         print(mode, json.dumps(rows[mode]), flush=True)
-    result = {"benchmark": "vmap", "cpu": cpu_model(), "jax": jax.__version__, "load_average": os.getloadavg(),
+    result = {"benchmark": "vmap", "cpu": cpu_model(), "machine": machine(), "jax": jax.__version__,
+              "load_average": os.getloadavg(),
               "shape": {"B": config.b, "M": config.m, "K": config.k, "N": config.n}, "modes": rows}
     return finish(result, flags.workdir, config, flags.argv)
 

@@ -472,7 +472,8 @@ def finish(result: dict, workdir: pathlib.Path, config=None, argv: tuple[str, ..
 
     With ``config``, the result also records it in full (``"config"``: the run repeats with
     ``--config result.json``) and where it ran (``"run"``: package versions, the CPU, the
-    command-line arguments ``argv``).
+    command-line arguments ``argv``) and the machine (``jaxnet.runtime.machine()``: CPU model, ISA
+    features, cores, cache sizes).
     """
     from jaxnet import runtime
     from jaxnet.parallel import is_main_process
@@ -480,7 +481,8 @@ def finish(result: dict, workdir: pathlib.Path, config=None, argv: tuple[str, ..
 
     if config is not None:
         result = {**result, "config": config_to_json(config),
-                  "run": {"versions": runtime.versions(), "cpu": runtime.cpu_model(), "argv": list(argv)}}
+                  "run": {"versions": runtime.versions(), "cpu": runtime.cpu_model(),
+                          "machine": runtime.machine(), "argv": list(argv)}}
     if not is_main_process():
         return result
     workdir.mkdir(parents=True, exist_ok=True)

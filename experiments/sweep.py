@@ -174,7 +174,8 @@ def run(config: Config) -> dict:
         "speedup_vs_fit_loop": ratio(loop_ms, per_model["warm"]),
         "max_rel_gap_vs_fit": fit_gap, "fit_tolerance": sweep.tolerance(config.epochs),
         "max_rel_gap_vs_torch": torch_gap, "torch_tolerance": seed.float32_curve_tolerance(config.epochs),
-        "cpu": runtime.cpu_model(), "cpus": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
+        "cpu": runtime.cpu_model(), "machine": runtime.machine(), "cpus": os.cpu_count(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "jax": jax.__version__,
     }
 

@@ -5,10 +5,15 @@ Each backend module registers itself here on import with ``register_backend``: "
 function takes ``(x, w, b, activation)`` with the arguments already checked and returns ``y``;
 it owns its derivative rules (``kernels.autodiff``: reverse mode through its fused backward,
 forward mode and second derivatives too), so everything above it is backend-agnostic.
+
+"auto" on the CPU runs, per shape, the backend measured fastest there (``kernels.autotune``'s
+table), one for a forward pass alone and one when the call is differentiated; on other platforms,
+and with ``JAXNET_AUTO=rank``, the backend of best ``auto_rank``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Literal
 
 import jax
@@ -21,7 +26,8 @@ class Backend:
     name: str
     fn: Callable  # fn(x, w, b, activation) -> y
     is_available: Callable[[], bool]
-    # Platforms ("cpu", "gpu") where "auto" may pick this backend; lower rank wins.
+    # Platforms ("cpu", "gpu") where "auto" may pick this backend; lower rank wins, except that on
+    # the CPU "auto" measures every ranked backend per shape (kernels.autotune).
     auto_rank: dict[str, int]
 
 
@@ -43,15 +49,18 @@ def available_backends() -> list[str]:
     return [name for name, be in _BACKENDS.items() if be.is_available()]
 
 
+def auto_candidates(platform: str) -> list[str]:
+    """The available backends "auto" may pick on ``platform`` ("cpu", "gpu"), best-ranked first."""
+    ranked = sorted((be.auto_rank[platform], name) for name, be in _BACKENDS.items()
+                    if platform in be.auto_rank and be.is_available())
+    return [name for _, name in ranked] or ["xla"]
+
+
 def resolve(backend: str) -> Backend:
-    """Maps a backend name (or "auto") to a usable ``Backend``; raises ``ValueError`` otherwise."""
+    """Maps a backend name to a usable ``Backend``; raises ``ValueError`` otherwise. "auto" maps to
+    the best-ranked backend of the platform (``fused_dense`` refines it per shape on the CPU)."""
     if backend == "auto":
-        platform = jax.default_backend()
-        ranked = sorted(
-            (be.auto_rank[platform], name) for name, be in _BACKENDS.items()
-            if platform in be.auto_rank and be.is_available()
-        )
-        return _BACKENDS[ranked[0][1] if ranked else "xla"]
+        return _BACKENDS[auto_candidates(jax.default_backend())[0]]
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(_BACKENDS)}")
     be = _BACKENDS[backend]
@@ -70,7 +79,8 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "auto"
       w: ``[K, N]`` float array.
       b: ``[N]`` float array or None.
       activation: "identity", "relu", "gelu" (exact), "gelu_tanh", "silu", "tanh" or "sigmoid".
-      backend: "xla", "numba", "pallas" or "auto" (the fastest available for the platform).
+      backend: "xla", "numba", "pallas" or "auto": on the CPU the backend measured fastest for this
+        shape, dtype and activation (``auto_choice``), elsewhere the best-ranked one (a GPU's: "pallas").
 
     Returns:
       ``[..., N]`` in x's dtype. Differentiable in x, w and b under jit, grad and vmap.
@@ -82,4 +92,37 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "auto"
         raise ValueError(f"backend must be a string, got {backend!r}")
     be = resolve(backend)
     check_fused_dense_args(x, w, b, activation)
+    if backend == "auto":
+        return _auto(x, w, b, activation)
     return be.fn(x, w, b, activation)
+
+
+def auto_choice(m: int, k: int, n: int, dtype, activation: str) -> tuple[str, str]:
+    """The backends "auto" runs for ``x: [m, k] @ w: [k, n]`` (one dtype): ``(forward alone, when
+    differentiated)``. On the CPU the ones measured fastest at this shape (``kernels.autotune``);
+    the best-ranked one on other platforms and with ``JAXNET_AUTO=rank``."""
+    from kernels import autotune  # it runs the backends through this module
+
+    platform = jax.default_backend()
+    names = auto_candidates(platform)
+    if platform != "cpu" or len(names) < 2 or autotune.policy() == "rank":
+        return names[0], names[0]
+    fwd, train = (autotune.choose(m, k, n, dtype, activation, names, mode=mode) for mode in autotune.MODES)
+    return fwd, train
+
+
+def _auto(x, w, b, activation: str):
+    if len({a.dtype for a in (x, w, b) if a is not None}) > 1:  # mixed dtypes: nothing measured
+        return resolve("auto").fn(x, w, b, activation)
+    fwd, train = (_BACKENDS[name] for name in auto_choice(math.prod(x.shape[:-1]), *w.shape, x.dtype, activation))
+    if fwd is train:
+        return fwd.fn(x, w, b, activation)
+    return _by_mode(fwd, train, activation)(x, w, b)
+
+
+def _by_mode(fwd: Backend, train: Backend, activation: str) -> Callable:
+    """``f(x, w, b)``: ``fwd``'s kernel when the call is not differentiated; when it is (grad, vjp,
+    jvp), ``train``'s forward and derivative rules, as if ``train`` had been called."""
+    f = jax.custom_jvp(lambda x, w, b: fwd.fn(x, w, b, activation))
+    f.defjvp(lambda primals, tangents: jax.jvp(lambda x, w, b: train.fn(x, w, b, activation), primals, tangents))
+    return f

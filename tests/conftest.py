@@ -14,15 +14,22 @@
   before the workers start (one process per dtype and one for the int8 handlers, in parallel), so
   that no two workers compile the same handler (a cold compile is tens of seconds each).
 """
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# backend="auto" (kernels.autotune) stores what it measures in this session's folder, not ~/.cache.
+if not os.environ.get("JAXNET_TUNING_DIR"):
+    os.environ["JAXNET_TUNING_DIR"] = tempfile.mkdtemp(prefix="jaxnet-test-tuning-")
+    atexit.register(shutil.rmtree, os.environ["JAXNET_TUNING_DIR"], ignore_errors=True)
 
 import pytest
 

@@ -97,3 +97,21 @@ def test_median_seconds_waits_for_each_call_after_at_least_one_warm_up():
     calls.clear()
     sample = timing.timed_call(fn, (1.0,), min_sample_s=0.0)
     assert calls == [] and sample() >= 0 and len(calls) == 1
+
+
+def test_auto_is_compared_with_the_best_other_backend_per_shape_and_the_worst_is_summarized(monkeypatch):
+    monkeypatch.setenv("JAXNET_AUTO", "rank")  # what auto runs without measuring: xla
+    config = bench_kernels.Config(backends=("numba", "auto"))
+    rows = []
+    for (m, k, n), t_auto in (((64, 64, 64), 1.25), ((512, 512, 512), 0.9)):
+        for mode in ("fwd", "fwd+bwd"):
+            row = {"M": m, "K": k, "N": n, "mode": mode}
+            bench_kernels._auto_columns(row, {"xla": 2.0, "numba": 1.0, "auto": t_auto}, config)
+            rows.append(dict(row, xla_gflops=1.0, numba_gflops=2.0, auto_gflops=1.6, numba_vs_xla=2.0,
+                             auto_vs_xla=round(2.0 / t_auto, 3)))
+    assert rows[0]["auto_runs"] == "xla" and rows[0]["auto_vs_best"] == 0.8  # numba's 1.0 over auto's 1.25
+    assert rows[2]["auto_vs_best"] == round(1.0 / 0.9, 3)
+    summary = bench_kernels.summarize(rows, {"numba": 4.4, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0},
+                                      {}, config)
+    assert summary["auto_vs_best_min"] == 0.8 and summary["auto_fwd_min_vs_best"] == 0.8
+    assert "| 64 | 64 | 64 | fwd | 1.0 | 2.0 | 1.6 | 2.00x | 1.60x | xla | 0.80x |" in bench_kernels.table(rows, config)

@@ -322,6 +322,9 @@ def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path
     saved = json.loads((tmp_path / "a" / "result.json").read_text())
     assert saved["config"]["epochs"] == 40 and saved["config"]["learning_rate"] == 0.02 and "seed" in saved["config"]
     assert saved["run"]["versions"]["jax"] and saved["run"]["cpu"] and "--epochs" in saved["run"]["argv"]
+    cpu = saved["run"]["machine"]  # what every benchmark's result records too (experiments.common.finish)
+    assert cpu["model"] == saved["run"]["cpu"] and isinstance(cpu["isa"], list) and cpu["cores"] >= 1
+    assert {"l1d_bytes", "l2_bytes", "l3_bytes", "vector_bits"} <= set(cpu)
     # --checkpoint-every 0: no checkpoints while training, but the final weights, named in the result
     assert saved["weights"] == str(tmp_path / "a" / "checkpoints" / "40")
     assert checkpoint.steps(tmp_path / "a" / "checkpoints") == [40]

@@ -10,6 +10,7 @@ drops a Numba cache written by older sources of this package.
 from kernels.dispatch import register_backend
 from kernels.numba_cpu.backend import fused_dense, is_available, precompile
 
-register_backend("numba", fused_dense, is_available=is_available)
+# A CPU rank behind XLA's: "auto" measures it against XLA per shape (kernels.autotune); JAXNET_AUTO=rank keeps XLA.
+register_backend("numba", fused_dense, is_available=is_available, auto_rank={"cpu": 200})
 
 __all__ = ["fused_dense", "is_available", "precompile"]

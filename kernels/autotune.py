@@ -1,0 +1,170 @@
+"""The CPU dispatch table of ``fused_dense(..., backend="auto")``: per shape, the backend measured fastest here.
+
+    choose(256, 784, 128, "float32", "relu", ["xla", "numba"])                 # -> "numba" (say)
+    choose(256, 784, 128, "float32", "relu", ["xla", "numba"], mode="fwd")     # inference alone
+    tune([(512, 512, 512), (8, 4096, 4096)], "float32", "relu")                 # measure up front
+
+A *bucket* is (M, K, N each rounded up to a power of two, dtype, activation); M is x's rows (the
+product of its leading dimensions). The first time a process meets a bucket that no earlier
+process measured on this machine, each candidate's forward and forward+backward (the VJP: y, dx,
+dW, db, as ``experiments.bench_kernels`` times it) run on fresh arrays of the bucket's shape,
+interleaved, medians of a few samples (``kernels.timing``): about a second for small buckets,
+seconds for the largest. The fastest per mode is kept in memory and in
+``TuningCache("fused_dense_auto")`` (``kernels.machine``: keyed by the CPU and the versions of
+jaxnet, jax, jaxlib and numba), so later processes read it instead of measuring. An entry that
+does not name one of today's candidates (a hand edit, a corrupted file, a backend gone) is
+measured again, never trusted.
+
+``JAXNET_AUTO=rank`` turns measuring off: "auto" then takes the best-ranked backend
+(``kernels.dispatch.auto_candidates``; XLA on the CPU), the same every run. ``forget()`` drops
+this process's copy of the table; ``kernels.machine.reset()`` deletes the files.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import timing
+from kernels.dispatch import auto_candidates, fused_dense
+from kernels.machine import TuningCache, tuning_dir
+
+KIND = "fused_dense_auto"
+POLICY_ENV = "JAXNET_AUTO"
+MODES = ("fwd", "fwd+bwd")
+# Samples per candidate and mode (medians kept), each looping calls for at least MIN_SAMPLE_S:
+# enough to split backends that differ by more than the machine's noise, cheap at small shapes.
+REPEATS = 5
+MIN_SAMPLE_S = 0.001
+# Another backend replaces the preferred (best-ranked) one only when it is faster by more than
+# this fraction: a tie within the noise goes to the same backend every run.
+MARGIN = 0.03
+
+_lock = threading.Lock()
+_tables: dict[str, dict] = {}  # tuning_dir() -> {bucket: entry}, this process's copy
+
+
+def policy() -> str:
+    """``$JAXNET_AUTO``: "measure" (the default) or "rank"."""
+    value = os.environ.get(POLICY_ENV, "") or "measure"
+    if value not in ("measure", "rank"):
+        raise ValueError(f"{POLICY_ENV} must be 'measure' or 'rank', got {value[:80]!r}")
+    return value
+
+
+def bucket(m: int, k: int, n: int, dtype, activation: str) -> str:
+    """The table's key, e.g. ``"256x1024x128 float32 relu"`` for m=200, k=784, n=100."""
+    m, k, n = (1 << max(0, int(d) - 1).bit_length() for d in (m, k, n))
+    return f"{m}x{k}x{n} {jnp.dtype(dtype).name} {activation}"
+
+
+def step_functions(backend: str, activation: str):
+    """``(fwd, fwd_bwd)``, jitted, both of ``(x, w, b, dy)``: ``y``, and ``(y, (dx, dw, db))`` from
+    the VJP with cotangent ``dy``; what the table and ``experiments.bench_kernels`` time."""
+    f = lambda x, w, b: fused_dense(x, w, b, activation=activation, backend=backend)  # noqa: E731
+
+    def fwd_bwd(x, w, b, dy):
+        y, vjp = jax.vjp(f, x, w, b)
+        return y, vjp(dy)
+
+    return jax.jit(lambda x, w, b, dy: f(x, w, b)), jax.jit(fwd_bwd)
+
+
+def _measure(key: str, candidates: Sequence[str]) -> dict:
+    """A table entry for ``key``: each candidate's median µs per mode and the fastest per mode."""
+    dims, dtype, activation = key.split()
+    m, k, n = (int(d) for d in dims.split("x"))
+    rng = np.random.default_rng(0)
+    # Concrete arrays and calls even when "auto" is met while tracing a caller's jit or grad.
+    with jax.ensure_compile_time_eval():
+        x, w, b, dy = (jnp.asarray(rng.standard_normal(s) / scale, dtype)
+                       for s, scale in (((m, k), 1), ((k, n), math.sqrt(k)), ((n,), 1), ((m, n), 1)))
+        samplers = {}
+        for name in candidates:
+            for mode, fn in zip(MODES, step_functions(name, activation)):
+                samplers[f"{name} {mode}"] = timing.timed_call(fn, (x, w, b, dy), min_sample_s=MIN_SAMPLE_S)
+        t = timing.interleaved_medians(samplers, REPEATS, warmup=1)
+    us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in MODES} for name in candidates}
+    best = {}
+    for mode in MODES:
+        fastest = min(candidates, key=lambda name: us[name][mode])
+        best[mode] = fastest if us[fastest][mode] < (1 - MARGIN) * us[candidates[0]][mode] else candidates[0]
+    return {**best, "candidates": sorted(candidates), "us": us}
+
+
+def _trusted(entry, candidates: Sequence[str]) -> bool:
+    return (isinstance(entry, dict) and entry.get("candidates") == sorted(candidates)
+            and all(entry.get(mode) in candidates for mode in MODES))
+
+
+def _stored(cache: TuningCache) -> dict:
+    value = cache.get()
+    return value if isinstance(value, dict) else {}
+
+
+def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str]) -> dict:
+    """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}}}``:
+    from this process's table, else from disk, else measured now and stored."""
+    key = bucket(m, k, n, dtype, activation)
+    with _lock:
+        table = _tables.setdefault(str(tuning_dir()), {})
+        if _trusted(table.get(key), candidates):
+            return table[key]
+        cache = TuningCache(KIND)
+        found = _stored(cache).get(key)
+        if not _trusted(found, candidates):
+            found = _measure(key, candidates)
+            on_disk = _stored(cache)  # another process may have added buckets meanwhile
+            on_disk[key] = found
+            try:
+                cache.put(on_disk)
+            except OSError as e:  # a read-only home: this process still uses what it measured
+                warnings.warn(f"kernels.autotune: cannot store the dispatch table in {cache.path}: {e}",
+                              RuntimeWarning, stacklevel=2)
+        table[key] = found
+        return found
+
+
+def choose(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str], *,
+           mode: str = "fwd+bwd") -> str:
+    """The candidate measured fastest for ``x: [m, k] @ w: [k, n]`` in ``mode`` ("fwd" or "fwd+bwd").
+
+    Args:
+      m, k, n: x's rows (product of its leading dimensions), K and N.
+      dtype: the operands' dtype; activation: an activation name.
+      candidates: backend names, the preferred first: it is returned without measuring when it
+        is the only one or a dimension is 0, and kept unless another is faster by over ``MARGIN``.
+    """
+    candidates = list(candidates)
+    if mode not in MODES:
+        raise ValueError(f"kernels.autotune.choose: mode must be one of {MODES}, got {str(mode)[:80]!r}")
+    if not candidates:
+        raise ValueError("kernels.autotune.choose: candidates is empty")
+    if len(candidates) == 1 or min(m, k, n) == 0:
+        return candidates[0]
+    return entry(m, k, n, dtype, activation, candidates)[mode]
+
+
+def tune(shapes: Iterable[tuple[int, int, int]], dtype="float32", activation: str = "relu",
+         candidates: Sequence[str] | None = None) -> dict[tuple[int, int, int], dict]:
+    """Measures (or reads) the entries of ``shapes`` ((M, K, N) each) now, before anything is timed.
+
+    ``candidates`` defaults to the CPU's (``kernels.dispatch.auto_candidates("cpu")``).
+    """
+    names = list(candidates or auto_candidates("cpu"))
+    return {tuple(s): entry(*s, dtype, activation, names) for s in shapes}
+
+
+def forget() -> None:
+    """Drops this process's copy of the table (the files stay: ``kernels.machine.reset()``)."""
+    with _lock:
+        _tables.clear()
+
+
+__all__ = ["KIND", "MODES", "POLICY_ENV", "bucket", "choose", "entry", "forget", "policy", "step_functions", "tune"]

@@ -1,0 +1,172 @@
+"""``backend="auto"`` on the CPU (``kernels.autotune``): the backend measured fastest per shape bucket
+and mode, correct in values and gradients, measured once and read back from disk, keyed by the
+machine and versions, never trusting a corrupted table; ``JAXNET_AUTO=rank`` keeps the static rule.
+
+Every test but the first fakes the timing (``kernels.timing``), so the choices are known and
+nothing is compiled to be timed; each writes its table into its own ``tmp_path``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from jaxnet.testing.tolerances import FusedDenseBounds
+from kernels import autotune, dispatch, machine, reference, timing
+
+CPU = dispatch.auto_candidates("cpu")  # ["xla", "numba"]: the preferred first
+
+
+@pytest.fixture(autouse=True)
+def tuning_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(machine.TUNING_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(autotune.POLICY_ENV, raising=False)
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+@pytest.fixture
+def fake_timing(monkeypatch):
+    """Measurements that run nothing: ``times["numba fwd"]`` etc. are the medians; ``calls`` counts them."""
+    state = {"calls": 0, "times": {}}
+
+    def medians(samplers, repeats, warmup=0):
+        state["calls"] += 1
+        return {name: state["times"][name] for name in samplers}
+
+    monkeypatch.setattr(timing, "timed_call", lambda fn, args, **kw: lambda: 0.0)
+    monkeypatch.setattr(timing, "interleaved_medians", medians)
+    return state
+
+
+def _times(fwd: dict, train: dict) -> dict:
+    return {f"{be} {mode}": t[be] for mode, t in (("fwd", fwd), ("fwd+bwd", train)) for be in t}
+
+
+def _uses_numba(fn, *args) -> bool:
+    """Whether tracing ``fn`` now (a fresh wrapper: no trace cached) calls a numba kernel."""
+    return "jaxnet_numba_fused_dense" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+
+def test_auto_runs_a_measured_backend_and_matches_the_reference(monkeypatch):
+    calls = []
+    real = timing.interleaved_medians
+    monkeypatch.setattr(timing, "interleaved_medians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (2, 5, 24))  # M = 10 rows
+    w, b = jax.random.normal(keys[1], (24, 12)) / 5, jax.random.normal(keys[2], (12,))
+    bounds = FusedDenseBounds.from_inputs(np.asarray(x), np.asarray(w), np.asarray(b), "relu")
+    dy = jnp.where(bounds.kink_mask(), 0.0, jax.random.normal(keys[3], (2, 5, 12)))
+
+    def fwd_bwd(fn):
+        y, vjp = jax.vjp(fn, x, w, b)
+        return y, vjp(dy)
+
+    # Measured inside the trace of the caller's jit, on first use of the bucket.
+    y, (gx, gw, gb) = jax.jit(lambda: fwd_bwd(lambda x, w, b: kernels.fused_dense(x, w, b)))()
+    assert len(calls) == 1
+    choice = autotune.entry(10, 24, 12, "float32", "relu", CPU)
+    assert {choice["fwd"], choice["fwd+bwd"]} <= set(kernels.available_backends())
+    assert set(choice["us"]) == set(CPU) and all(t > 0 for c in choice["us"].values() for t in c.values())
+    y_ref, (gx_ref, gw_ref, gb_ref) = fwd_bwd(reference.fused_dense)
+    assert np.all(np.abs(np.asarray(y) - y_ref) <= bounds.forward(y_ref))
+    tols = bounds.grads(np.asarray(dy), {"x": gx_ref, "w": gw_ref, "b": gb_ref})
+    for name, got, want in (("x", gx, gx_ref), ("w", gw, gw_ref), ("b", gb, gb_ref)):
+        assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= tols[name]), name
+    # Another shape of the same bucket (M = 12 -> 16) reuses the measurement.
+    kernels.fused_dense(jnp.ones((12, 24)), w, b).block_until_ready()
+    assert len(calls) == 1
+
+
+def test_choice_per_mode_is_the_fastest_and_ties_go_to_the_preferred(fake_timing):
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 1.0, "numba": 0.99})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU, mode="fwd") == "numba"
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla"  # 1% faster: within MARGIN
+    assert fake_timing["calls"] == 1  # one measurement serves both modes
+    with pytest.raises(ValueError, match="mode"):
+        autotune.choose(64, 64, 64, "float32", "relu", CPU, mode="train")
+    with pytest.raises(ValueError, match="candidates"):
+        autotune.choose(64, 64, 64, "float32", "relu", [])
+
+
+def test_auto_runs_each_mode_s_choice_through_jit_grad_and_jvp(fake_timing):
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 1.0, "numba": 2.0})
+    x, w, b = jnp.ones((8, 16)), jnp.full((16, 4), 0.1), jnp.arange(4.0) - 2  # z = 1.6 + b: off relu's kink
+    f = lambda x, w, b: kernels.fused_dense(x, w, b)  # noqa: E731
+    assert _uses_numba(f, x, w, b)  # forward alone: numba
+    loss = lambda x, w, b: jnp.sum(f(x, w, b) ** 2)  # noqa: E731
+    assert not _uses_numba(jax.grad(loss, (0, 1, 2)), x, w, b)  # differentiated: xla
+    ref = lambda x, w, b: jnp.sum(reference.fused_dense(x, w, b) ** 2)  # noqa: E731
+    for got, want in zip(jax.jit(jax.grad(loss, (0, 1, 2)))(x, w, b), jax.grad(ref, (0, 1, 2))(x, w, b)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    t = jax.jvp(lambda x: f(x, w, b), (x,), (x,))[1]
+    np.testing.assert_allclose(t, jax.jvp(lambda x: reference.fused_dense(x, w, b), (x,), (x,))[1],
+                               rtol=2e-5, atol=2e-5)
+    assert fake_timing["calls"] == 1
+
+
+def test_the_table_is_read_back_from_disk_without_measuring(fake_timing, tuning_dir):
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
+    assert autotune.choose(100, 30, 7, "float32", "gelu", CPU) == "numba"
+    path, = tuning_dir.glob(f"{autotune.KIND}-*.json")
+    stored = json.loads(path.read_text())["value"]
+    assert stored["128x32x8 float32 gelu"]["us"]["numba"] == {"fwd": 1e6, "fwd+bwd": 1e6}
+    autotune.forget()  # as a new process: nothing in memory
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
+    assert autotune.choose(128, 17, 5, "float32", "gelu", CPU) == "numba"  # the stored choice
+    assert fake_timing["calls"] == 1
+    assert autotune.choose(128, 17, 5, "bfloat16", "gelu", CPU) == "xla"  # another bucket: measured
+    assert fake_timing["calls"] == 2
+
+
+def test_entries_are_keyed_by_machine_and_versions(fake_timing, monkeypatch):
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
+    autotune.choose(64, 64, 64, "float32", "relu", CPU)
+    assert "64x64x64 float32 relu" in machine.TuningCache(autotune.KIND).get()
+    other = dataclasses.replace(machine.describe(), model="Other CPU", l2=3 << 20)
+    assert machine.TuningCache(autotune.KIND, machine=other).get() is None
+    monkeypatch.setattr(machine, "versions", lambda: {"jaxnet": "9.9", "jax": "0.0", "jaxlib": "0.0", "numba": "0.0"})
+    assert machine.TuningCache(autotune.KIND).get() is None
+    autotune.forget()
+    autotune.choose(64, 64, 64, "float32", "relu", CPU)  # other versions: measured again
+    assert fake_timing["calls"] == 2
+
+
+@pytest.mark.parametrize("damage", ["not json", "bad entry", "other candidates"])
+def test_a_corrupted_table_is_measured_again_not_trusted(fake_timing, damage):
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
+    autotune.choose(64, 64, 64, "float32", "relu", CPU)
+    cache = machine.TuningCache(autotune.KIND)
+    if damage == "not json":
+        cache.path.write_text('{"key": {"kind": ')
+    else:
+        value = cache.get()
+        entry = value["64x64x64 float32 relu"]
+        entry.update({"fwd+bwd": "bogus"} if damage == "bad entry" else {"candidates": ["numba", "pallas", "xla"]})
+        cache.put(value)
+    autotune.forget()
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla"  # the new measurement
+    assert fake_timing["calls"] == 2
+    assert cache.get()["64x64x64 float32 relu"]["fwd+bwd"] == "xla"  # and the file mended
+
+
+def test_rank_policy_keeps_the_static_rule_and_measures_nothing(fake_timing, monkeypatch):
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
+    x, w = jnp.ones((64, 64)), jnp.ones((64, 64))
+    f = lambda x, w: kernels.fused_dense(x, w)  # noqa: E731
+    monkeypatch.setenv(autotune.POLICY_ENV, "rank")
+    assert dispatch.auto_choice(64, 64, 64, "float32", "relu") == ("xla", "xla")
+    assert not _uses_numba(f, x, w) and not _uses_numba(jax.grad(lambda x: f(x, w).sum()), x)
+    assert fake_timing["calls"] == 0
+    monkeypatch.setenv(autotune.POLICY_ENV, "measure")
+    assert _uses_numba(f, x, w) and fake_timing["calls"] == 1
+    monkeypatch.setenv(autotune.POLICY_ENV, "fastest")
+    with pytest.raises(ValueError, match="JAXNET_AUTO"):
+        f(x, w)
