@@ -9,6 +9,7 @@ fields (``--epochs 500``, ``--compare-torch``), a nested config's fields take it
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import inspect
 import json
@@ -187,6 +188,8 @@ def _add_fields(parser, cls, defaults, prefix: str, skip: frozenset[str]) -> Non
         if dataclasses.is_dataclass(hint):
             _add_fields(parser, hint, default, path + ".", skip)
             continue
+        if _is_callable(hint):  # code (OptimizerConfig.decay_filter), not a value a flag can give
+            continue
         name = field.name.replace("_", "-")
         flag = f"--{prefix}{name}"
         text = comments.get(field.name, "")
@@ -283,6 +286,12 @@ def _coerce(value, hint, default, path: str):
             raise bad("a dtype name such as 'float32'") from None
     if hint is typing.Any:
         return value
+    if _is_callable(hint):  # saved by name (config_to_json); a config file cannot name other code
+        from jaxnet.train.checkpoint import config_to_json
+
+        if value != config_to_json(default):
+            raise bad(f"{config_to_json(default)!r} (a function is set in code, not in a config file)")
+        return default
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list):
             raise bad("a list")
@@ -306,11 +315,29 @@ def _coerce(value, hint, default, path: str):
     return value
 
 
+def _is_callable(hint) -> bool:
+    return typing.get_origin(hint) is collections.abc.Callable
+
+
+def _moved(data: dict, moved: dict[str, str]) -> dict:
+    """``data`` with each old top-level key of ``moved`` put at its new place ``"outer.name"``."""
+    out = dict(data)
+    for old, new in moved.items():
+        outer, name = new.split(".")
+        if old in out and isinstance(out.get(outer, {}), dict):
+            if name in out.get(outer, {}):
+                raise ValueError(f"config has both {old!r} (its old place) and {new!r}: give one")
+            out[outer] = {**out.get(outer, {}), name: out.pop(old)}
+    return out
+
+
 def config_from_dict(config_cls, data: dict, *, defaults=None, prefix: str = ""):
     """``config_cls`` from JSON values (e.g. a saved ``config/metadata`` or a ``--config`` file).
 
     Keys are field names (nested configs as nested objects); missing keys keep ``defaults``
-    (``config_cls()``). Nothing is executed: values are checked against the field types.
+    (``config_cls()``). Nothing is executed: values are checked against the field types. Keys a
+    config saved before a field moved into a nested config (``config_cls.moved``, a ``ClassVar``
+    of old key -> ``"outer.name"``) are read at their new place.
 
     Raises:
       ValueError: an unknown key (listing the valid ones) or an ill-typed value (naming the key,
@@ -319,6 +346,7 @@ def config_from_dict(config_cls, data: dict, *, defaults=None, prefix: str = "")
     defaults = config_cls() if defaults is None else defaults
     if not isinstance(data, dict):
         raise ValueError(f"config {prefix.rstrip('.') or ''}: expected a JSON object, got {type(data).__name__}")
+    data = _moved(data, getattr(config_cls, "moved", {}))
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(data) - fields)

@@ -2,6 +2,7 @@
 
     python -m experiments.lm                          # default: char LM on pydoc_data.topics, <= 10 min
     python -m experiments.lm --steps 300              # a quick look (~1-2 min)
+    python -m experiments.lm --optimizer.learning-rate 3e-3   # the optimiser's fields: --optimizer.*
     python -m experiments.lm --data-dir data/ptb      # Penn Treebank, word level (perplexity)
     python -m experiments.lm --model.dtype bfloat16   # bf16 matmuls with f32 accumulation
     python -m experiments.lm --generate --prompt "The " --max-new-tokens 200   # text from the saved weights
@@ -13,8 +14,9 @@ words with ``<eos>`` after each sentence, reported as perplexity on valid and te
 
 Model (``--model.*``, a ``TransformerConfig``): ``jaxnet.models.TransformerLM`` (4 layers, 192
 wide, 4 heads, 128 context, rotary positions, tanh-GELU MLPs through ``FusedDense``, tied
-embeddings, 1.80M parameters), AdamW with warm-up and cosine decay (by default over a time budget
-or 19 epochs, whichever ends first), trained on random windows (``jaxnet.train.stream.fit_stream``).
+embeddings, 1.80M parameters); optimiser (``--optimizer.*``, a ``jaxnet.optim.OptimizerConfig``):
+AdamW with warm-up and cosine decay (by default over a time budget or 19 epochs, whichever ends
+first); trained on random windows (``jaxnet.train.stream.fit_stream``).
 Held-out bits per character are measured on every held-out character once, with a sliding window
 (stride ``eval_stride``: each character predicted from at least 96 of the 128 characters of
 context). The study itself is ``jaxnet.studies.lm``.

@@ -21,13 +21,17 @@ through the momentum or Adam's normalisation. The decay mask selects weights, no
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
 import optax
 
 from jaxnet import regularizers
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
+# Literal types, so that an experiment's flags list and check the names (experiments/common.py).
+Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"]
+Schedule = Literal["constant", "step", "cosine", "warmup_cosine"]
+OPTIMIZERS = get_args(Optimizer)
+SCHEDULES = get_args(Schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +40,14 @@ class OptimizerConfig:
 
     # One of OPTIMIZERS. "sgd": -lr·g; "momentum"/"nesterov": heavy-ball / Nesterov trace;
     # "adam"/"adamw": Adam (adamw adds decoupled weight decay); "rmsprop": g / sqrt(ν + eps).
-    name: str = "sgd"
+    name: Optimizer = "sgd"
     # Peak learning rate: the constant value, the start of "step" and "cosine", the top of warm-up.
     learning_rate: float = 1e-2
 
     # --- schedule ---
-    # One of SCHEDULES.
-    schedule: str = "constant"
+
+    # One of SCHEDULES: how the rate changes over the updates (make_schedule).
+    schedule: Schedule = "constant"
     # "cosine", "warmup_cosine": length of the whole schedule in updates (warm-up included);
     # the rate stays at its final value afterwards.
     total_steps: int | None = None
@@ -50,17 +55,21 @@ class OptimizerConfig:
     warmup_steps: int = 0
     # "cosine", "warmup_cosine": the final rate as a fraction of learning_rate.
     final_lr_fraction: float = 0.0
-    # "step": multiply the rate by decay_rate every `decay_every` updates (staircase), or at each
-    # update count in `boundaries` (piecewise constant). Set exactly one of the two.
+    # "step": the factor the rate is multiplied by at each decay.
     decay_rate: float = 0.1
+    # "step": decay every this many updates (staircase). Set this or boundaries, not both.
     decay_every: int | None = None
+    # "step": decay when the update count reaches each of these (piecewise constant). Set this or
+    # decay_every, not both.
     boundaries: tuple[int, ...] = ()
 
     # --- optimiser ---
+
     # "momentum", "nesterov": trace decay β in v ← g + β v (Optax's `trace`, PyTorch's convention).
     momentum: float = 0.9
-    # "adam", "adamw": moment decays and epsilon (outside the sqrt, as in the Adam paper).
+    # "adam", "adamw": decay of the running mean of g (first moment).
     b1: float = 0.9
+    # "adam", "adamw": decay of the running mean of g² (second moment).
     b2: float = 0.999
     # "adam", "adamw": added to sqrt(ν̂); "rmsprop": added to ν inside the sqrt (Optax's default).
     eps: float = 1e-8
@@ -69,6 +78,7 @@ class OptimizerConfig:
     # Decoupled weight decay wd (update -= lr·wd·w) on the leaves decay_filter selects. Refused for
     # "adam", where it is ambiguous (PyTorch's Adam couples it): use "adamw".
     weight_decay: float = 0.0
+    # The leaves weight decay applies to, filter(path, leaf) -> bool: weights, not biases.
     decay_filter: regularizers.Filter = regularizers.is_weight
     # Clip the gradients to this global L2 norm before anything else; None for no clipping.
     clip_norm: float | None = None

@@ -245,7 +245,7 @@ def test_lm_experiment_end_to_end_on_the_ptb_sample_then_generates_from_its_save
     monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
     result = lm.main(["--data-dir", "tests/data/ptb", "--model.num-layers", "1", "--model.embed-dim", "16",
                       "--model.num-heads", "2", "--model.block-size", "8", "--batch-size", "4", "--steps", "20",
-                      "--warmup-steps", "2", "--eval-every", "10", "--log-every", "10", "--eval-stride", "4",
+                      "--optimizer.warmup-steps", "2", "--eval-every", "10", "--log-every", "10", "--eval-stride", "4",
                       "--max-new-tokens", "4", "--temperature", "0", "--no-progress", "--checkpoint-every", "0",
                       "--workdir", str(tmp_path)])
     assert result["level"] == "word" and result["steps"] == 20 and result["params"] > 0
@@ -264,6 +264,13 @@ def test_lm_experiment_end_to_end_on_the_ptb_sample_then_generates_from_its_save
     assert capsys.readouterr().out.strip() == out["text"]
     assert out["text"].split() == result["samples"][0].split()[:3 + 2]
     assert out["weights"] == result["weights"]
+    # A run saved before the optimiser was nested has its fields flat: they load into optimizer.
+    saved = checkpoint.load_config(tmp_path / "checkpoints")
+    flat = {**{k: v for k, v in saved.items() if k != "optimizer"},
+            **{k: saved["optimizer"][k] for k in lm.Config.moved}}
+    monkeypatch.setattr(checkpoint, "load_config", lambda *a, **k: flat)
+    old = lm.main(["--generate", "--workdir", str(tmp_path), "--prompt", "the company said", "--max-new-tokens", "2"])
+    assert old["text"] == out["text"]
     with pytest.raises(SystemExit, match="no checkpoint in .*nothing.checkpoints; train first"):
         lm.main(["--generate", "--workdir", str(tmp_path / "nothing")])
 
@@ -277,11 +284,79 @@ def test_lm_time_budget_follows_the_clock_schedule(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
     config = lm.Config(data_dir="tests/data/ptb", model=TransformerConfig(num_layers=1, embed_dim=16, num_heads=2,
                                                                           block_size=8),
-                       batch_size=4, max_epochs=2, warmup_steps=2, eval_every=100, log_every=4, eval_stride=4,
+                       batch_size=4, max_epochs=2, optimizer=lm.Config().optimizer.replace(warmup_steps=2), eval_every=100, log_every=4, eval_stride=4,
                        max_new_tokens=2, progress=False)
     result = lm.run(config, tmp_path)
     assert result["schedule"].startswith("time") and not result["stopped_by_time"]
     assert result["steps"] == math.ceil(2 * result["n_train"] / (4 * 8)) and result["epochs"] >= 2
+
+
+def _lm_updates(tx, n: int) -> np.ndarray:
+    """``n`` updates of ``tx`` on a tiny tree (gradient norm 3: clipping acts), the clock at t/n."""
+    import jax
+    from jaxnet.train.stream import set_clock_fraction
+
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    grads = {"kernel": jnp.full((2, 2), 0.5), "bias": jnp.full(2, -2.0)}
+
+    def body(state, t):
+        updates, state = tx.update(grads, set_clock_fraction(state, t / n), params)
+        return state, updates
+
+    updates = jax.lax.scan(body, tx.init(params), jnp.arange(n))[1]
+    return np.concatenate([u.reshape(n, -1) for u in jax.tree.leaves(updates)], axis=1)  # [n, 6]
+
+
+def test_lm_optimizer_is_the_nested_config_and_builds_the_same_updates_as_before(tmp_path):
+    """Before the nesting, lm built AdamW (5e-3, wd 0.1, b2 0.99, clip 1) with warm-up 100 and a
+    cosine to 0.05, over `steps` or (steps 0) the clock: the same updates must come out."""
+    import optax
+
+    from experiments import lm as lm_experiment
+    from jaxnet import optim
+    from jaxnet.studies import lm
+    from jaxnet.train.checkpoint import config_to_json
+    from jaxnet.train.stream import clock_schedule
+
+    def before(lr, steps):
+        base = optim.OptimizerConfig(name="adamw", learning_rate=lr, weight_decay=0.1, b2=0.99, clip_norm=1.0)
+        if not steps:
+            return optax.chain(optim.make_optimizer(base), clock_schedule(100, 0.05))
+        return optim.make_optimizer(base.replace(schedule="warmup_cosine", warmup_steps=min(100, steps - 1),
+                                                 total_steps=steps, final_lr_fraction=0.05))
+
+    for steps in (0, 150):
+        np.testing.assert_array_equal(_lm_updates(lm.make_optimizer(lm.Config(steps=steps)), 150),
+                                      _lm_updates(before(5e-3, steps), 150))
+    config, _ = common.parse_config(lm_experiment.Config, ["--optimizer.learning-rate", "0.02", "--steps", "150",
+                                                           "--workdir", str(tmp_path)], name="lm")
+    assert config.optimizer == lm.Config().optimizer.replace(learning_rate=0.02)
+    np.testing.assert_array_equal(_lm_updates(lm.make_optimizer(config), 150), _lm_updates(before(0.02, 150), 150))
+    with pytest.raises(ValueError, match="steps 0 .* needs optimizer.schedule 'warmup_cosine'.*got 'constant'"):
+        lm.Config(optimizer=lm.Config().optimizer.replace(schedule="constant"))
+    help_text = common.make_parser(lm_experiment.Config, [], name="lm").format_help()
+    assert "--optimizer.weight-decay" in help_text and "--learning-rate" not in help_text
+    assert "--optimizer.total-steps" not in help_text and "decay-filter" not in help_text  # from steps; code
+    assert "---" not in help_text  # OptimizerConfig's "# --- schedule ---" headings describe no field
+    # The decay filter is saved by name (its str() holds an address, which would differ on --resume).
+    assert config_to_json(lm.Config())["optimizer"]["decay_filter"] == "jaxnet.regularizers.is_weight"
+
+
+def test_a_flat_lm_config_from_before_the_nesting_loads_into_optimizer():
+    from experiments import lm as lm_experiment
+    from jaxnet.train.checkpoint import config_to_json
+
+    new = lm_experiment.Config()
+    assert common.config_from_dict(lm_experiment.Config, config_to_json(new)) == new
+    config = common.config_from_dict(lm_experiment.Config, {"steps": 20, "learning_rate": 0.01, "warmup_steps": 2,
+                                                            "final_lr_fraction": 0.1, "weight_decay": 0.0,
+                                                            "b2": 0.9, "clip_norm": 2.0})
+    assert config.optimizer == new.optimizer.replace(learning_rate=0.01, warmup_steps=2, final_lr_fraction=0.1,
+                                                     weight_decay=0.0, b2=0.9, clip_norm=2.0)
+    with pytest.raises(ValueError, match="both 'b2' .* and 'optimizer.b2'"):
+        common.config_from_dict(lm_experiment.Config, {"b2": 0.9, "optimizer": {"b2": 0.95}})
+    with pytest.raises(ValueError, match="'optimizer.decay_filter': expected 'jaxnet.regularizers.is_weight'"):
+        common.config_from_dict(lm_experiment.Config, {"optimizer": {"decay_filter": "os.system"}})
 
 
 def test_the_pytorch_lm_baseline_has_the_same_parameters_and_refuses_what_it_lacks():

@@ -5,10 +5,11 @@
 Data: the English text of Python's ``pydoc_data.topics`` at character level, the last
 ``val_fraction`` held out; or, with ``data_dir``, Mikolov's Penn Treebank files at word level
 (valid and test reported as perplexity). Model: ``TransformerLM(config.model)`` (its
-``vocab_size`` from the corpus), AdamW with warm-up and cosine decay, trained on random windows
-(``fit_stream``); by default the decay follows a time budget (``clock_schedule``), ending at the
-budget or at ``max_epochs`` passes over the text, whichever comes first. Held-out loss is measured
-on every held-out token once, with a sliding window (stride ``eval_stride``).
+``vocab_size`` from the corpus); optimiser: ``config.optimizer`` (AdamW with warm-up and cosine
+decay, ``make_optimizer``); trained on random windows (``fit_stream``); by default the decay
+follows a time budget (``clock_schedule``), ending at the budget or at ``max_epochs`` passes over
+the text, whichever comes first. Held-out loss is measured on every held-out token once, with a
+sliding window (stride ``eval_stride``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from jaxnet.models.transformer import TransformerConfig
+from jaxnet.optim import OptimizerConfig
 from jaxnet.studies import save_weights
 
 
@@ -35,14 +37,17 @@ class Config:
     # The network: 4 layers, 192 wide, 4 heads, 128 context, rotary positions, tanh-GELU MLPs
     # through FusedDense, tied embeddings (1.80M parameters on the default corpus).
     model: TransformerConfig = TransformerConfig(dropout_rate=0.15)
-    # Set from the corpus, not by flags.
-    derived: ClassVar[tuple[str, ...]] = ("model.vocab_size",)
+    # Not flags: set from the corpus and from steps.
+    derived: ClassVar[tuple[str, ...]] = ("model.vocab_size", "optimizer.total_steps")
+    # Keys of configs saved before the optimiser was nested (flat), and where they live now.
+    moved: ClassVar[dict[str, str]] = {k: f"optimizer.{k}" for k in (
+        "learning_rate", "warmup_steps", "final_lr_fraction", "weight_decay", "b2", "clip_norm")}
 
-    # --- training: AdamW, linear warm-up then cosine decay to final_lr_fraction over all steps ---
+    # --- training: linear warm-up then cosine decay to optimizer.final_lr_fraction ---
 
-    # Updates in all, with a warm-up + cosine schedule over them. 0: train for train_budget_s
-    # seconds of training steps instead, the cosine following the fraction of that time used (so
-    # it ends at the budget whatever the shared machine's speed; warm-up still counts steps).
+    # Updates in all, with the optimiser's schedule over them (its total_steps). 0: train for
+    # train_budget_s seconds of training steps instead, the cosine following the fraction of that
+    # time used (so it ends at the budget whatever the shared machine's speed; warm-up still counts steps).
     steps: int = 0
     # With steps 0: seconds of training steps (compilation and evaluation excluded) the run trains for.
     train_budget_s: float = 510.0
@@ -54,18 +59,12 @@ class Config:
     # Gradient accumulation: each update's batch runs as this many micro-batches in sequence
     # (same update up to rounding, 1/accumulate of the activation memory); divides batch_size.
     accumulate: int = 1
-    # AdamW's peak learning rate, after the warm-up, > 0.
-    learning_rate: float = 5e-3
-    # Updates of linear warm-up from 0 to learning_rate, >= 0.
-    warmup_steps: int = 100
-    # The learning rate at the end of the cosine, as a fraction of the peak, in [0, 1].
-    final_lr_fraction: float = 0.05
-    # AdamW's decoupled weight decay, >= 0.
-    weight_decay: float = 0.1
-    # AdamW's second-moment decay rate, in (0, 1).
-    b2: float = 0.99
-    # Gradients are scaled down to at most this global norm before each update, > 0.
-    clip_norm: float = 1.0
+    # The optimiser: AdamW peaking at 5e-3 after 100 warm-up updates, cosine to 5% of that, weight
+    # decay 0.1, b2 0.99, gradients clipped to global norm 1. With steps 0 its schedule must be
+    # warmup_cosine (the clock then drives the cosine); its total_steps is set from steps.
+    optimizer: OptimizerConfig = OptimizerConfig(name="adamw", learning_rate=5e-3, schedule="warmup_cosine",
+                                                 warmup_steps=100, final_lr_fraction=0.05, weight_decay=0.1,
+                                                 b2=0.99, clip_norm=1.0)
     # Stop training after this many seconds even if steps remain (a backstop for the 10 minutes).
     time_limit_s: float = 585.0
     # Updates between held-out evaluations (and one at the end), >= 1.
@@ -95,6 +94,11 @@ class Config:
         if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
             raise ValueError(f"need max_new_tokens, temperature and top_k >= 0; got "
                              f"{self.max_new_tokens}, {self.temperature}, {self.top_k}")
+        if self.optimizer.total_steps is not None:
+            raise ValueError(f"optimizer.total_steps is set from steps; leave it None, got {self.optimizer.total_steps}")
+        if not self.steps and self.optimizer.schedule != "warmup_cosine":
+            raise ValueError(f"steps 0 (the time budget) needs optimizer.schedule 'warmup_cosine', whose warm-up "
+                             f"and cosine the clock drives; got {self.optimizer.schedule!r}")
 
 
 def load(config: Config):
@@ -177,20 +181,20 @@ def restore_model(config: Config, checkpoint_dir, *, step: int | None = None):
 
 
 def make_optimizer(config: Config):
-    """AdamW with a warm-up + cosine schedule over ``config.steps`` updates, or (``steps == 0``) a
-    constant rate scaled by ``clock_schedule``, which ``fit_stream`` feeds the budget used."""
+    """``config.optimizer`` with its schedule over ``config.steps`` updates, or (``steps == 0``) at
+    a constant rate scaled by ``clock_schedule`` (its warm-up and cosine, with the optimiser's
+    ``warmup_steps`` and ``final_lr_fraction``), which ``fit_stream`` feeds the budget used."""
     import optax
 
     from jaxnet import optim
     from jaxnet.train.stream import clock_schedule
 
-    base = optim.OptimizerConfig(name="adamw", learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                 b2=config.b2, clip_norm=config.clip_norm)
+    opt = config.optimizer
     if not config.steps:
-        return optax.chain(optim.make_optimizer(base), clock_schedule(config.warmup_steps, config.final_lr_fraction))
-    return optim.make_optimizer(base.replace(
-        schedule="warmup_cosine", warmup_steps=min(config.warmup_steps, config.steps - 1),
-        total_steps=config.steps, final_lr_fraction=config.final_lr_fraction))
+        return optax.chain(optim.make_optimizer(opt.replace(schedule="constant")),
+                           clock_schedule(opt.warmup_steps, opt.final_lr_fraction))
+    return optim.make_optimizer(opt.replace(total_steps=config.steps,
+                                            warmup_steps=min(opt.warmup_steps, config.steps - 1)))
 
 
 def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = False,

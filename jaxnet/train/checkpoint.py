@@ -188,8 +188,8 @@ def _prune(directory: pathlib.Path, keep: int | None) -> None:
 
 
 def config_to_json(config) -> Any:
-    """A config (dataclass, dict, ...) as plain JSON values: dtypes by name, paths and other objects
-    as strings, tuples as lists."""
+    """A config (dataclass, dict, ...) as plain JSON values: dtypes and functions by name, paths and
+    other objects as strings, tuples as lists."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {f.name: config_to_json(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, dict):
@@ -205,6 +205,8 @@ def config_to_json(config) -> Any:
             return np.dtype(config).name
         except TypeError:
             pass
+    if callable(config) and hasattr(config, "__qualname__"):  # by name: its str() holds an address
+        return f"{config.__module__}.{config.__qualname__}"
     return str(config)
 
 
