@@ -33,9 +33,13 @@ may precede the matrix dims and must have the same size on every operand):
   backward: args (dy [..., M, N], x [..., M, K], w [..., K, N], r [..., M, N], t?, b?)
             rets (dx [..., M, K], dw [..., K, N], db [..., N]?)
             relu passes r = y, t, and b when there is a bias (db); other activations only r.
-  attributes (sorted by name, as XLA passes them): ``act`` (int64), the activation's ``code`` in
-  ``kernels.activations``, which must be the handler's; ``share`` (int64), 1 to share the GEMM
-  blocks with XLA's intra-op thread pool, 0 to stay on the calling thread.
+  attributes (int64, sorted by name, as XLA passes them; ``ATTRIBUTES``): ``act``, the
+  activation's ``code`` in ``kernels.activations``, which must be the handler's; the cache
+  blocking ``kc``, ``lb``, ``mb``, ``nb``, ``pg``, ``pmb`` (``_kernels.BLOCKING_FIELDS``; each >= 1,
+  pmb a multiple of ``_kernels.MR``; ``blocking.py``); ``share``, 1 to share the GEMM blocks with
+  XLA's intra-op thread pool, 0 to stay on the calling thread. All are values in the HLO, never
+  addresses. The entry copies the blocking into a record on its stack and passes its address
+  down (``_kernels``).
 
 A shape, dtype or attribute that does not fit these conventions returns an XLA error (never a
 crash).
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 from llvmlite import binding as llvm
 from numba import cfunc, float32, float64, njit, types
 
@@ -55,22 +60,36 @@ from kernels.numba_cpu._kernels import IDENTITY, RELU
 
 _NBTYPES = {"float32": float32, "float64": float64}
 _DTYPE_CODES = {"float32": _ffi.DTYPE_F32, "float64": _ffi.DTYPE_F64}
+# The handlers' attributes in the order XLA passes them (sorted by name).
+ATTRIBUTES = tuple(sorted(("act", "share", *_kernels.BLOCKING_FIELDS)))
+_ACT, _SHARE = ATTRIBUTES.index("act"), ATTRIBUTES.index("share")
+# The attribute of each slot of the blocking record, in slot order.
+_BLOCKING_ATTRS = tuple(ATTRIBUTES.index(name) for name in _kernels.BLOCKING_FIELDS)
+_PMB_SLOT = _kernels.BLOCKING_FIELDS.index("pmb")
+_BLK_SLOTS = _kernels.BLK_SLOTS  # a literal for stack_buffer (a global of this module)
 
 
 @njit
-def _begin(frame, act, nbtype):
+def _begin(frame, act, nbtype, blk):
     """An entry's first checks: ``(answer, task, nargs, nrets)``. ``answer >= 0`` is what the
     handler returns at once (XLA's registration query answered, or an error naming a bad
-    attribute); otherwise ``task`` is the helper task's address if attribute 1 (``share``) is 1, 0
-    if it is 0, and ``nargs``, ``nrets`` count the call's operands and results."""
+    attribute); otherwise ``task`` is the helper task's address if the attribute ``share`` is 1,
+    0 if it is 0, ``nargs``, ``nrets`` count the call's operands and results, and the blocking
+    record ``blk`` (the entry's ``BLK_SLOTS`` int64s) holds the blocking attributes."""
     q = _ffi.answer_metadata(frame)
     if q >= 0:
         return q, 0, 0, 0
-    if _ffi.scalar_attr_i64(frame, _nl(0)) != act:
+    if _ffi.scalar_attr_i64(frame, _nl(_ACT)) != act:
         return make_error(frame, "int64 attribute 'act' missing or not the handler's activation"), 0, 0, 0
-    share = _ffi.scalar_attr_i64(frame, _nl(1))
+    share = _ffi.scalar_attr_i64(frame, _nl(_SHARE))
     if share != 0 and share != 1:
         return make_error(frame, "missing int64 attribute 'share' (0 or 1)"), 0, 0, 0
+    for s in range(len(_BLOCKING_ATTRS)):
+        v = _ffi.scalar_attr_i64(frame, _BLOCKING_ATTRS[s])
+        if v < 1 or (s == _PMB_SLOT and v % _kernels.MR != 0):
+            bad = make_error(frame, "int64 attributes kc, lb, mb, nb, pg, pmb must be >= 1, pmb a multiple of 8")
+            return bad, 0, 0, 0
+        blk[s] = v
     task = _link.address("task", nbtype) if share == 1 else 0
     return -1, task, _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE), _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE)
 
@@ -82,7 +101,8 @@ def _forward_entry_unit(nbtype, code):
     dtype_code = _DTYPE_CODES[str(nbtype)]
 
     def forward_entry(frame, act, act_unit):
-        answer, task, nargs, nrets = _begin(frame, act, nbtype)
+        blk = _ffi.stack_buffer(_BLK_SLOTS, np.int64)
+        answer, task, nargs, nrets = _begin(frame, act, nbtype, blk)
         if answer >= 0:
             return answer
         if nargs < 2 or nargs > 3 or nrets < 1 or nrets > 2:
@@ -120,7 +140,7 @@ def _forward_entry_unit(nbtype, code):
         ts = view(tb, nbtype, (nb, _nl(1)))
         for i in range(nb):
             ties = _kernels.call_forward(xs[i], ws[i], bs[i], has_bias, ys[i], zs[i], save_z, act, act_unit, frame,
-                                         task)
+                                         task, _link.address_of(blk))
             if save_ties:
                 ts[i, 0] = 1 if ties else 0
         return 0
@@ -134,7 +154,8 @@ def _backward_entry_unit(nbtype, code):
     dtype_code = _DTYPE_CODES[str(nbtype)]
 
     def backward_entry(frame, act, grad_unit):
-        answer, task, nargs, nrets = _begin(frame, act, nbtype)
+        blk = _ffi.stack_buffer(_BLK_SLOTS, np.int64)
+        answer, task, nargs, nrets = _begin(frame, act, nbtype, blk)
         if answer >= 0:
             return answer
         if nrets < 2 or nrets > 3:
@@ -189,7 +210,8 @@ def _backward_entry_unit(nbtype, code):
             dy, x, w, r, dx, dw, db = dys[i], xs[i], ws[i], rs[i], dxs[i], dws[i], dbs[i]
             _link.call("backward", nbtype, (dy.ctypes.data, x.ctypes.data, w.ctypes.data, bs[i].ctypes.data,
                                             r.ctypes.data, dx.ctypes.data, dw.ctypes.data, db.ctypes.data, m, k, n,
-                                            relu and ts[i, 0] != 0, act, grad_unit, has_bias, frame, task))
+                                            relu and ts[i, 0] != 0, act, grad_unit, has_bias, frame, task,
+                                            _link.address_of(blk)))
         return 0
     return backward_entry
 

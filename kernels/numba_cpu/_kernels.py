@@ -86,13 +86,18 @@ def _unit(**options):
     return mark
 
 
-# Cache blocking of ``gemm_nt`` (elements): a block is MB rows of a by NB rows of b (the unit of
-# work shared between threads); the reduction runs in LB-long passes.
-# A 4-row strip of a (4 x LB) stays in L1 while the NB x LB panel of b (512 KiB in float32)
-# stays in L2. Long passes amortise each 4 x 4 tile's 16 horizontal sums.
-MB = 128
-NB = 128
-LB = 1024
+# Cache blocking (elements), a run-time record of int64 slots at the address ``blk`` that the
+# handlers fill from the call's attributes: the values depend on the machine (``blocking.py``
+# derives them), and Numba would freeze module globals into the compiled code and cache it keyed
+# on the source alone. The register tile (MR x NR below) stays a constant: its accumulators must
+# stay in registers.
+# ``gemm_nt``: a block is mb rows of a by nb rows of b (the unit of work shared between threads),
+# the reduction in lb-long passes (a 4 x lb strip of a in L1, the nb x lb panel of b in L2; long
+# passes amortise each 4 x 4 tile's 16 horizontal sums).
+# ``panel_gemm``: reduction blocks of kc, blocks of at most pmb rows (a multiple of MR) x pg panels.
+BLOCKING_FIELDS = ("kc", "pg", "pmb", "mb", "nb", "lb")  # the record's slots, in order
+BLK_KC, BLK_PG, BLK_PMB, BLK_MB, BLK_NB, BLK_LB = (8 * i for i in range(len(BLOCKING_FIELDS)))
+BLK_SLOTS = len(BLOCKING_FIELDS)  # a literal for stack_buffer
 
 
 @njit(inline="always", **_STRICT)
@@ -521,11 +526,12 @@ _J_BIAS, _J_Y, _J_HAS_BIAS, _J_ACT = 64, 72, 104, 112
 _J_XF, _J_SR, _J_SL, _J_WP, _J_PACKED, _J_Z, _J_SAVE_Z, _J_NGROUPS = 152, 160, 168, 176, 184, 192, 200, 208
 _J_TIES = 216  # kind 1: nonzero once a block's relu met a z that is exactly 0
 _J_ACT_UNIT = 224  # kind 1: the activation's unit (``epilogue``)
+_J_KC, _J_PMB = 232, 240  # kind 1: the blocking (``panel_gemm``)
 _ADDRESS = (1 << 56) - 1  # a shared job's address, below the helper count (``_start_job``)
 # The slots each kind's unit fills, in the order of the values it passes to ``_put``.
 _NT_SLOTS = (_J_A, _J_B, _J_C, _J_M, _J_N, _J_L, _J_NBJ, _J_MB, _J_NB, _J_LB)
 _PANEL_SLOTS = (_J_XF, _J_SR, _J_SL, _J_B, _J_WP, _J_PACKED, _J_BIAS, _J_HAS_BIAS, _J_Y, _J_Z, _J_M, _J_N, _J_L,
-                _J_SAVE_Z, _J_ACT, _J_ACT_UNIT, _J_NGROUPS)
+                _J_SAVE_Z, _J_ACT, _J_ACT_UNIT, _J_NGROUPS, _J_KC, _J_PMB)
 
 
 @njit(inline="always", **_OPTS)
@@ -540,14 +546,15 @@ def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
 
 
 @njit(inline="always", **_OPTS)
-def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, nblocks, ngroups):
+def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, nblocks, ngroups, kc,
+                 pmb):
     """Runs ``panel_gemm`` blocks of the job until none is left unclaimed; a block's relu tie
     is recorded in the job (before the block counts as done)."""
     while True:
         t = _ffi.atomic_add(job + _J_NEXT, 1)
         if t >= nblocks:
             return
-        if _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups):
+        if _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups, kc, pmb):
             _ffi.atomic_add(job + _J_TIES, 1)
         _ffi.atomic_add(job + _J_DONE, 1)
 
@@ -584,7 +591,7 @@ def blocks_unit(nbtype, code):
         z = carray(_ffi.as_pointer(ld(job + _J_Z), nbtype), (m, n))
         _claim_panel(job, xf, ld(job + _J_SR), ld(job + _J_SL), w, wp, packed, bias, ld(job + _J_HAS_BIAS) == 1, y,
                      z, ld(job + _J_SAVE_Z) == 1, ld(job + _J_ACT), ld(job + _J_ACT_UNIT), ld(job + _J_NBLOCKS),
-                     ld(job + _J_NGROUPS))
+                     ld(job + _J_NGROUPS), ld(job + _J_KC), ld(job + _J_PMB))
         return 0
     return blocks
 
@@ -661,28 +668,30 @@ def _finish_job(job, shared, nblocks):
 
 @_unit(**_OPTS)
 def gemm_nt_unit(nbtype, code):
-    """The unit ``gemm_nt`` of ``nbtype``: ``gemm_nt(a, b, c, M, N, L, frame, task)`` sets
-    ``c = a @ b.T`` (a: [M, L], b: [N, L], c: [M, N], all row-major) in MB x NB blocks.
+    """The unit ``gemm_nt`` of ``nbtype``: ``gemm_nt(a, b, c, M, N, L, frame, task, blk)`` sets
+    ``c = a @ b.T`` (a: [M, L], b: [N, L], c: [M, N], all row-major) in mb x nb blocks of the
+    blocking record at ``blk``.
 
     With ``task`` (the address of the dtype's helper task, 0 for none) the blocks are shared
     with helpers on XLA's intra-op thread pool, reached through the call ``frame``.
     """
-    def gemm_nt(a, b, c, M, N, L, frame, task):
-        nbj = (N + NB - 1) // NB
-        nblocks = ((M + MB - 1) // MB) * nbj
+    def gemm_nt(a, b, c, M, N, L, frame, task, blk):
+        mb, nb, lb = _ffi.load_i64(blk + BLK_MB), _ffi.load_i64(blk + BLK_NB), _ffi.load_i64(blk + BLK_LB)
+        nbj = (N + nb - 1) // nb
+        nblocks = ((M + mb - 1) // mb) * nbj
         tagged = _start_job(frame, task, nblocks, 0)
         job = tagged & _ADDRESS
-        _put(job, _NT_SLOTS, (a, b, c, M, N, L, nbj, np.int64(MB), np.int64(NB), np.int64(LB)))
+        _put(job, _NT_SLOTS, (a, b, c, M, N, L, nbj, mb, nb, lb))
         _finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
         return 0
     return gemm_nt
 
 
 @njit(inline="always", **_OPTS)
-def call_gemm_nt(a, b, c, frame, task):
+def call_gemm_nt(a, b, c, frame, task, blk):
     """``gemm_nt`` (its unit) on C-contiguous arrays."""
     _link.call("gemm_nt", c, (a.ctypes.data, b.ctypes.data, c.ctypes.data, c.shape[0], c.shape[1], a.shape[1], frame,
-                              task))
+                              task, blk))
     _link.keep((a, b, c))
 
 
@@ -690,11 +699,10 @@ def call_gemm_nt(a, b, c, frame, task):
 # through strides (x itself, or x transposed). The MR x NR accumulator tile lives in registers
 # (a stack buffer indexed only by constants); each step of the reduction broadcasts MR values of
 # X and streams one contiguous NR-wide row of the panel. No transpose of anything is needed.
+# The cache blocks around it (kc, pg, pmb) come from the blocking record: a tile's strip of X
+# (MR x kc) stays in L1, a block's packed panels (kc x pg*NR) in L2.
 NR = 32  # columns per panel: 2 AVX-512 vectors of float32 (4 of float64)
 MR = 8  # rows per register tile: 8 x 32 float32 = 16 AVX-512 accumulators (float64: ``_mr``)
-KC = 512  # reduction block: a tile's strip of X (MR x KC) stays in L1
-PG = 8  # panels per block: the block's packed panels (KC x PG*NR; 512 KiB in float32) stay in L2
-PMB = 64  # rows per block
 _TILE = MR * NR  # a literal for stack_buffer
 
 
@@ -821,9 +829,10 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
 
 
 @njit(inline="always", **_OPTS)
-def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups):
-    """Block ``t`` of ``panel_gemm`` (at most PMB rows x PG panels, all blocks of one size),
-    then its epilogue; returns whether relu met a tie (``epilogue``).
+def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups, kc, pmb):
+    """Block ``t`` of ``panel_gemm`` (at most ``pmb`` rows, a multiple of MR, x ``ngroups``'s
+    share of the panels; all blocks of one size), reduced in ``kc``-long passes, then its
+    epilogue; returns whether relu met a tie (``epilogue``).
 
     Accumulates in z (if ``save_z``) or y; w is read from its packed panels ``wp`` or, when not
     ``packed``, in place (only the last, partial panel is packed, as ``wp[0]``).
@@ -833,16 +842,17 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, a
     npan = (N + NR - 1) // NR
     nfull = N // NR
     acc = z if save_z else y
-    # Blocks of equal size (rows in whole register tiles), at most PMB rows x PG panels: with
-    # PMB-row blocks, 80 rows had split 64 + 16 between two threads.
-    nrb = (M + PMB - 1) // PMB
-    pmb = ((M + nrb - 1) // nrb + MR - 1) // MR * MR
+    # Blocks of equal size (rows in whole register tiles), at most pmb rows x pg panels: with
+    # pmb-row blocks, 80 rows had split 64 + 16 between two threads. As pmb is a multiple of MR,
+    # the rounding up to whole tiles never leaves a block empty.
+    nrb = (M + pmb - 1) // pmb
+    rows = ((M + nrb - 1) // nrb + MR - 1) // MR * MR
     pg = (npan + ngroups - 1) // ngroups
-    i0, p0 = (t // ngroups) * pmb, (t % ngroups) * pg
-    i1, p1 = min(i0 + pmb, M), min(p0 + pg, npan)
+    i0, p0 = (t // ngroups) * rows, (t % ngroups) * pg
+    i1, p1 = min(i0 + rows, M), min(p0 + pg, npan)
     wpf = _ffi.as_shape(wp, wp.size)
-    for k0 in range(0, max(K, 1), KC):
-        k1 = min(k0 + KC, K)
+    for k0 in range(0, max(K, 1), kc):
+        k1 = min(k0 + kc, K)
         if packed:
             _panel_tiles(xf, sr, sl, i0, i1, wpf, K * NR, _nl(NR), p0, p1, k0, k1, acc, k0 > 0, bias, has_bias)
             continue
@@ -889,14 +899,16 @@ def _read_in_place(m, w):
 @_unit(**_OPTS)
 def panel_gemm_unit(nbtype, code):
     """The unit ``panel_gemm`` of ``nbtype``: ``panel_gemm(xf, sr, sl, w, w_rows, w_cols, bias,
-    has_bias, y, z, M, N, save_z, act, act_unit, frame, task, w_t)`` sets ``y = act(X @ W + b)``
+    has_bias, y, z, M, N, save_z, act, act_unit, frame, task, w_t, blk)`` sets ``y = act(X @ W + b)``
     (and ``z = X @ W + b`` if ``save_z``), ``y, z: [M, N]``, and returns 1 if relu met a tie
     (``epilogue``). ``X: [M, K]`` is read as ``xf[r * sr + l * sl]``; W: [K, N] is the
     ``[w_rows, w_cols]`` array w, or its transpose if ``w_t`` (packed straight from its rows); the
-    bias b: [N]. Blocks shared with XLA's pool as in ``gemm_nt_unit``.
+    bias b: [N]. Blocks (kc, pg, pmb of the blocking record at ``blk``) shared with XLA's pool as
+    in ``gemm_nt_unit``.
     """
     def panel_gemm(xf, sr, sl, w, w_rows, w_cols, bias, has_bias, y, z, M, N, save_z, act, act_unit, frame, task,
-                   w_t):
+                   w_t, blk):
+        kc, pg, pmb = _ffi.load_i64(blk + BLK_KC), _ffi.load_i64(blk + BLK_PG), _ffi.load_i64(blk + BLK_PMB)
         wa, w_t = carray(_ffi.as_pointer(w, nbtype), (w_rows, w_cols)), w_t != 0
         K = w_cols if w_t else w_rows
         npan = (N + NR - 1) // NR
@@ -914,15 +926,15 @@ def panel_gemm_unit(nbtype, code):
             pack_panels(wa, wp, N // NR * NR)
         else:  # nothing to pack: a view of w stands in for wp (never read; no allocation)
             wp = _ffi.as_shape(wa, (1, K, N))
-        ngroups = (npan + PG - 1) // PG
-        if task != 0 and M <= PMB and ngroups == 1:
+        ngroups = (npan + pg - 1) // pg
+        if task != 0 and M <= pmb and ngroups == 1:
             # One panel a block, so that a problem of one row block still has blocks to share.
             ngroups = npan
-        nblocks = ((M + PMB - 1) // PMB) * ngroups
+        nblocks = ((M + pmb - 1) // pmb) * ngroups
         tagged = _start_job(frame, task, nblocks, 1)
         job = tagged & _ADDRESS
         _put(job, _PANEL_SLOTS, (xf, sr, sl, w, np.int64(wp.ctypes.data), np.int64(1 if packed else 0), bias, has_bias,
-                                 y, z, M, N, K, save_z, act, act_unit, np.int64(ngroups)))
+                                 y, z, M, N, K, save_z, act, act_unit, np.int64(ngroups), kc, pmb))
         ties = _finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
         _link.keep((wp,))  # this function's scratch, read by the blocks
         return 1 if ties else 0
@@ -930,11 +942,11 @@ def panel_gemm_unit(nbtype, code):
 
 
 @njit(inline="always", **_OPTS)
-def call_panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, act_unit, frame, task, w_t):
+def call_panel_gemm(xf, sr, sl, w, bias, has_bias, y, z, save_z, act, act_unit, frame, task, w_t, blk):
     """``panel_gemm`` (its unit) on C-contiguous arrays: xf flat, w 2-D, bias [N], y and z [M, N]."""
     ties = _link.call("panel_gemm", y, (xf.ctypes.data, sr, sl, w.ctypes.data, w.shape[0], w.shape[1],
                                         bias.ctypes.data, has_bias, y.ctypes.data, z.ctypes.data, y.shape[0],
-                                        y.shape[1], save_z, act, act_unit, frame, task, w_t))
+                                        y.shape[1], save_z, act, act_unit, frame, task, w_t, blk))
     _link.keep((xf, w, bias, y, z))
     return ties != 0
 
@@ -1088,17 +1100,18 @@ NARROW_N = 16
 @_unit(**_OPTS)
 def forward_unit(nbtype, code):
     """The unit ``forward`` of ``nbtype``: ``forward(x, w, b, y, z, M, K, N, has_bias, save_z, act,
-    act_unit, frame, task)`` sets ``y = act(x @ w + b)`` and, if ``save_z``, ``z = x @ w + b``, and
+    act_unit, frame, task, blk)`` sets ``y = act(x @ w + b)`` and, if ``save_z``, ``z = x @ w + b``, and
     returns 1 if relu met a z that is exactly 0.
 
     x: [M, K], w: [K, N], b: [N] (ignored unless ``has_bias``), y: [M, N], z: [M, N] or unused;
-    ``act_unit``: the address of the activation's unit (``epilogue``).
+    ``act_unit``: the address of the activation's unit (``epilogue``); ``blk``: the address of
+    the blocking record.
     w is packed once into NR-wide column panels (unless ``_read_in_place``); x is read in place; bias
     and activation are applied to each block right after it is computed. For N below
     ``NARROW_N``, dot products of x's rows with w's columns (w transposed once, it is small);
     for a tiny w, ``_column_forward`` (one column) or ``_tiny_forward``.
     """
-    def forward(x, w, b, y, z, M, K, N, has_bias, save_z, act, act_unit, frame, task):
+    def forward(x, w, b, y, z, M, K, N, has_bias, save_z, act, act_unit, frame, task, blk):
         x, w, b = (carray(_ffi.as_pointer(x, nbtype), (M, K)), carray(_ffi.as_pointer(w, nbtype), (K, N)),
                    carray(_ffi.as_pointer(b, nbtype), N))
         y, z = carray(_ffi.as_pointer(y, nbtype), (M, N)), carray(_ffi.as_pointer(z, nbtype), (M, N))
@@ -1111,22 +1124,22 @@ def forward_unit(nbtype, code):
             acc = z if save_z else y
             wt = np.empty((N, K), w.dtype)  # (N, K)
             transpose(w, wt)
-            call_gemm_nt(x, wt, acc, frame, task)
+            call_gemm_nt(x, wt, acc, frame, task, blk)
             if has_bias or act != IDENTITY or save_z:
                 return 1 if epilogue(acc, y, b, has_bias, act, act_unit, _nl(0), M, _nl(0), N) else 0
             return 0
         ties = call_panel_gemm(_ffi.as_shape(x, M * K), K, 1, w, b, has_bias, y, z, save_z, act, act_unit, frame, task,
-                               False)
+                               False, blk)
         return 1 if ties else 0
     return forward
 
 
 @njit(inline="always", **_OPTS)
-def call_forward(x, w, b, has_bias, y, z, save_z, act, act_unit, frame, task):
+def call_forward(x, w, b, has_bias, y, z, save_z, act, act_unit, frame, task, blk):
     """``forward`` (its unit) on C-contiguous arrays."""
     M, K = x.shape
     ties = _link.call("forward", x, (x.ctypes.data, w.ctypes.data, b.ctypes.data, y.ctypes.data, z.ctypes.data, M, K,
-                                     w.shape[1], has_bias, save_z, act, act_unit, frame, task))
+                                     w.shape[1], has_bias, save_z, act, act_unit, frame, task, blk))
     _link.keep((x, w, b, y, z))
     return ties != 0
 
@@ -1274,7 +1287,7 @@ def _column_sums(gf, M, N, db):
 @_unit(**_OPTS)
 def backward_unit(nbtype, code):
     """The unit ``backward`` of ``nbtype``: ``backward(dy, x, w, b, r, dx, dw, db, M, K, N, ties, act,
-    grad_unit, has_bias, frame, task)`` sets the gradients of ``y = act(x @ w + b)`` given ``dy``
+    grad_unit, has_bias, frame, task, blk)`` sets the gradients of ``y = act(x @ w + b)`` given ``dy``
     and the residual ``r`` (what the activation ``saves``); ``grad_unit``: the address of the
     activation's unit (``activation_grad``).
 
@@ -1294,7 +1307,7 @@ def backward_unit(nbtype, code):
     forms do the same multiply-adds in the same order. A tiny w goes to
     ``_column_backward`` (one column, K <= ``COLUMN_MAX_K``) or ``_tiny_backward``.
     """
-    def backward(dy, x, w, b, r, dx, dw, db, M, K, N, ties, act, grad_unit, has_bias, frame, task):
+    def backward(dy, x, w, b, r, dx, dw, db, M, K, N, ties, act, grad_unit, has_bias, frame, task, blk):
         dy, r = carray(_ffi.as_pointer(dy, nbtype), (M, N)), carray(_ffi.as_pointer(r, nbtype), (M, N))
         x, dx = carray(_ffi.as_pointer(x, nbtype), (M, K)), carray(_ffi.as_pointer(dx, nbtype), (M, K))
         w, dw = carray(_ffi.as_pointer(w, nbtype), (K, N)), carray(_ffi.as_pointer(dw, nbtype), (K, N))
@@ -1303,7 +1316,7 @@ def backward_unit(nbtype, code):
         if act == RELU:
             if ties:
                 z = np.empty((M, N), dy.dtype)  # (M, N)
-                call_forward(x, w, b, has_bias, z, z, False, IDENTITY, 0, frame, task)
+                call_forward(x, w, b, has_bias, z, z, False, IDENTITY, 0, frame, task, blk)
                 r = z
             else:
                 act = RELU_FROM_Y
@@ -1319,16 +1332,17 @@ def backward_unit(nbtype, code):
         if has_bias:
             _column_sums(gf, M, N, db)
         if N < DOT_MIN_N or M >= DX_PANEL_MIN_M or (M >= DX_PANEL_MIN_M_SMALL_W and K * N <= DX_PANEL_SMALL_W):
-            call_panel_gemm(gf, N, 1, w, db, False, dx, dx, False, IDENTITY, 0, frame, task, True)
+            call_panel_gemm(gf, N, 1, w, db, False, dx, dx, False, IDENTITY, 0, frame, task, True, blk)
         else:
-            call_gemm_nt(g, w, dx, frame, task)
+            call_gemm_nt(g, w, dx, frame, task, blk)
         if N <= NR:
             dwt = np.empty((N, K), x.dtype)  # (N, K)
-            call_panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, IDENTITY, 0, frame, task, False)
+            call_panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, IDENTITY, 0, frame, task, False, blk)
             transpose(dwt, dw)
         else:
             # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
             # adjacent elements of one row of x), g as the panels.
-            call_panel_gemm(_ffi.as_shape(x, M * K), 1, K, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False)
+            call_panel_gemm(_ffi.as_shape(x, M * K), 1, K, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False,
+                            blk)
         return 0
     return backward

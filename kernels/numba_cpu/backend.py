@@ -14,9 +14,11 @@ unbatched) folds into M: one forward call on ``[B*M, K]`` and one backward call 
 of w, nested vmaps included; dw and db, per element under vmap, come from XLA (``_backward_call``
 says why). A batched b runs one call per element (``lax.map``), a batched w ``broadcast_all``.
 
-Threads: problems of at least ``PARALLEL_MIN_MACS`` multiply-adds set the attribute ``share``
+Cache blocking and threads: each call carries the blocking of ``blocking()`` (``blocking.py``:
+tuned on this machine, else derived from its caches) as attributes, read when the call is
+traced; problems of at least its ``parallel_min_macs`` multiply-adds set the attribute ``share``
 to 1, so that the kernel shares its blocks with XLA's intra-op thread pool; smaller ones run on
-the calling thread only. The attribute is a flag, not an address, so executables stay valid in
+the calling thread only. The attributes are values, not addresses, so executables stay valid in
 JAX's persistent compilation cache (see ``_handlers``).
 
 Each (kernel, dtype, activation) handler is compiled (or loaded from Numba's cache) and
@@ -35,6 +37,8 @@ in ``jnp`` (``_forward_reference``, ``_backward_reference``), not a kernel.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import threading
@@ -48,9 +52,11 @@ from kernels.autodiff import linear_map, with_reference_jvp
 from kernels.numba_cpu import _batching
 
 _PREFIX = "jaxnet_numba_fused_dense"
-# Problems with fewer multiply-adds than this run on the calling thread: below it, handing
-# blocks to XLA's thread pool costs more than the other cores save (docs/benchmarks.md).
-PARALLEL_MIN_MACS = 1 << 19
+# When set (tests), replaces the blocking's ``parallel_min_macs``: problems with fewer
+# multiply-adds run on the calling thread.
+PARALLEL_MIN_MACS: int | None = None
+# The blocking that ``use_blocking`` puts in force for the calls traced inside it.
+_forced = contextvars.ContextVar("jaxnet_numba_blocking", default=None)
 _lock = threading.Lock()
 # Registered handlers (cfuncs) by (kind, dtype, activation), kept referenced for the life of the process: XLA holds only
 # their addresses.
@@ -124,10 +130,36 @@ def _result(shape, like):
     return aval.update(shape=shape, sharding=aval.sharding.update(spec=jax.P(*([None] * len(shape)))))
 
 
-def _share(m, k, n):
-    """The ``share`` attribute: 1 when the problem is big enough to share with XLA's thread
-    pool, else 0."""
-    return np.int64(1 if m * k * n >= PARALLEL_MIN_MACS else 0)
+def blocking(dtype="float32"):
+    """The ``blocking.Blocking`` that calls of ``dtype`` traced now carry: ``use_blocking``'s, else
+    ``blocking.chosen(dtype)`` (tuned on this machine, or derived)."""
+    from kernels.numba_cpu import blocking as _blocking
+
+    return _forced.get() or _blocking.chosen(str(dtype))
+
+
+@contextlib.contextmanager
+def use_blocking(value):
+    """Calls traced inside use the ``blocking.Blocking`` ``value`` (checked): tuning, tests."""
+    token = _forced.set(value.validate())
+    try:
+        yield value
+    finally:
+        _forced.reset(token)
+
+
+def _attributes(m, k, n, dtype):
+    """The FFI call's attributes but ``act``: the blocking, and ``share``: 1 when the problem is
+    big enough to share with XLA's thread pool, else 0."""
+    blk = blocking(dtype)
+    return {**blk.attributes(), "share": _share(m, k, n, blk)}
+
+
+def _share(m, k, n, blk=None):
+    """The ``share`` attribute for an [M, K] x [K, N] problem under the blocking ``blk`` (default:
+    float32's): 1 from its ``parallel_min_macs`` multiply-adds (``PARALLEL_MIN_MACS`` if set) on."""
+    threshold = PARALLEL_MIN_MACS if PARALLEL_MIN_MACS is not None else (blk or blocking()).parallel_min_macs
+    return np.int64(1 if m * k * n >= threshold else 0)
 
 
 def _forward(x2, w, b, activation, save):
@@ -146,7 +178,7 @@ def _forward_call(x2, w, *b, activation, save):
     outs = (out, _result((1,), x2) if relu else out) if save else (out,)
     ffi = functools.partial(jax.ffi.ffi_call(_target("forward", x2.dtype.name, activation), outs,
                                              vmap_method="broadcast_all"),
-                            act=np.int64(ACTIVATIONS[activation].code), share=_share(m, x2.shape[1], n))
+                            act=np.int64(ACTIVATIONS[activation].code), **_attributes(m, x2.shape[1], n, x2.dtype))
     again = functools.partial(_forward_call, activation=activation, save=save)
     per_row = (True, not relu)[:len(outs)]  # relu's tie flag: one for the whole (folded) call
 
@@ -254,7 +286,7 @@ def _backward_call(dy, x2, w, r, *rest, activation, has_bias):
     outs = [_result((m, k), x2), _result((k, n), x2)] + ([_result((n,), x2)] if has_bias else [])
     ffi = functools.partial(jax.ffi.ffi_call(_target("backward", x2.dtype.name, activation), tuple(outs),
                                              vmap_method="broadcast_all"),
-                            act=np.int64(ACTIVATIONS[activation].code), share=_share(m, k, n))
+                            act=np.int64(ACTIVATIONS[activation].code), **_attributes(m, k, n, x2.dtype))
     again = functools.partial(_backward_call, activation=activation, has_bias=has_bias)
 
     def rule(axis_size, in_batched, *ops):

@@ -690,38 +690,40 @@ BAD_INPUTS = textwrap.dedent("""
     # The raw FFI targets, called past the checks with operands that do not fit: XLA errors,
     # never a crash.
     f32 = jax.ShapeDtypeStruct
+    blk = nb.blocking().attributes()  # the cache blocking that every call carries
     raw = {
         "shapes": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), jnp.ones((5, 2)), act=np.int64(1), share=np.int64(0)),
+            jnp.ones((3, 4)), jnp.ones((5, 2)), act=np.int64(1), **blk, share=np.int64(0)),
         "dtype": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)), act=np.int64(1), share=np.int64(0)),
+            jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)), act=np.int64(1), **blk, share=np.int64(0)),
         "attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(99), share=np.int64(0)),
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(99), **blk, share=np.int64(0)),
         "another activation's code": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"),
                                                              f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(2), share=np.int64(0)),
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(2), **blk, share=np.int64(0)),
         "arity": lambda: jax.ffi.ffi_call(nb._target("backward", "float32", "relu"), f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), act=np.int64(1), share=np.int64(0)),
+            jnp.ones((3, 4)), act=np.int64(1), **blk, share=np.int64(0)),
         "no share attribute": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"),
                                                        f32((3, 2), jnp.float32))(
-            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1)),
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1), **blk),
         "share not 0 or 1": lambda: jax.ffi.ffi_call(nb._target("backward", "float32", "gelu"),
                                                      (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32)))(
             jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), act=np.int64(2),
-            share=np.int64(140000000000)),
+            **blk, share=np.int64(140000000000)),
         "rank": lambda: jax.ffi.ffi_call(nb._target("forward", "float32", "relu"), f32((3, 2), jnp.float32))(
-            jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1), share=np.int64(0)),
+            jnp.ones((4,)), jnp.ones((4, 2)), act=np.int64(1), **blk, share=np.int64(0)),
         "relu tie flag shape": lambda: jax.ffi.ffi_call(
             nb._target("forward", "float32", "relu"), (f32((3, 2), jnp.float32), f32((2,), jnp.float32)))(
-            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1), share=np.int64(0)),
+            jnp.ones((3, 4)), jnp.ones((4, 2)), act=np.int64(1), **blk, share=np.int64(0)),
         "relu backward without tie flag": lambda: jax.ffi.ffi_call(
             nb._target("backward", "float32", "relu"), (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32)))(
-            jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), act=np.int64(1), share=np.int64(0)),
+            jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), act=np.int64(1), **blk,
+            share=np.int64(0)),
         "relu backward bias shape": lambda: jax.ffi.ffi_call(
             nb._target("backward", "float32", "relu"),
             (f32((3, 4), jnp.float32), f32((4, 2), jnp.float32), f32((2,), jnp.float32)))(
             jnp.ones((3, 2)), jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.ones((3, 2)), jnp.ones((1,)), jnp.ones((5,)),
-            act=np.int64(1), share=np.int64(0)),
+            act=np.int64(1), **blk, share=np.int64(0)),
     }
     for name, case in raw.items():
         try:

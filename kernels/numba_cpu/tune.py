@@ -1,0 +1,165 @@
+"""Measures blockings around the derived one on this machine and stores the best, if it is better.
+
+    python -m kernels.numba_cpu.tune              # float32, ~10-20 s on a quiet 2-core machine
+    python -m kernels.numba_cpu.tune --dtype float64
+    python -m kernels.numba_cpu.tune --reset      # forget this machine's tuned blockings
+
+Times the numba backend's forward+backward (relu, with bias) at ``SHAPES`` for each of
+``candidates(derive(...))``, all interleaved sample by sample (``kernels.timing``) so that they
+share the machine's noise. A candidate replaces the derived blocking only when its geometric
+mean time is below the derived one's by more than the noise (``margin``); it is then stored in
+``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``); otherwise
+the entry for that dtype is removed. Prints the machine, each candidate's times, the choice and
+the cache file, and ends with one JSON line of the same.
+
+Not run at first use: it takes seconds, where a first call should not (``blocking``).
+``gemm_nt``'s mb, nb, lb are left derived: the shapes here run the panel GEMM only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+from kernels.machine import TuningCache, describe
+from kernels.numba_cpu.blocking import CACHE_KIND, Blocking, derive, tile_rows
+
+# (M, K, N): forward+backward at these, the geometric mean of their medians scores a candidate.
+SHAPES = ((512, 512, 512), (1024, 1024, 1024))
+# A candidate must beat the derived blocking by at least this fraction, and by twice the noise.
+MIN_GAIN = 0.03
+
+
+def candidates(base: Blocking, dtype="float32") -> list[Blocking]:
+    """``base`` first, then one change each: kc halved or doubled (pg scaled the other way, so the
+    L2 block keeps its size), pg halved or doubled, pmb halved or doubled."""
+    mr = tile_rows(dtype)
+    out = [base]
+    for kc in (base.kc // 2, base.kc * 2):
+        out.append(base.replace(kc=max(kc, 16), pg=max(1, base.pg * base.kc // max(kc, 16))))
+    for pg in (base.pg // 2, base.pg * 2):
+        out.append(base.replace(pg=max(pg, 1)))
+    for pmb in (base.pmb // 2, base.pmb * 2):
+        out.append(base.replace(pmb=max(pmb // 8 * 8, 8, 2 * mr)))
+    unique = []
+    for c in out:
+        if c.validate() not in unique:
+            unique.append(c)
+    return unique
+
+
+def _problem(shape, dtype):
+    m, k, n = shape
+    keys = jax.random.split(jax.random.key(0), 4)
+    return (jax.random.normal(keys[0], (m, k), dtype), jax.random.normal(keys[1], (k, n), dtype) / math.sqrt(k),
+            jax.random.normal(keys[2], (n,), dtype), jax.random.normal(keys[3], (m, n), dtype))
+
+
+def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeats: int = 7, warmup: int = 1
+            ) -> list[dict[tuple, list[float]]]:
+    """Seconds of the numba forward+backward, per blocking, per shape: ``repeats`` samples each,
+    all blockings and shapes interleaved."""
+    import kernels
+    from kernels.numba_cpu import backend
+    from kernels.timing import interleaved_samples, timed_call
+
+    def fwd_bwd(x, w, b, ct):  # y, then dx, dw, db for the cotangent ct (the VJP of the benchmarks)
+        dense = lambda *a: kernels.fused_dense(*a, activation="relu", backend="numba")  # noqa: E731
+        return jax.grad(lambda *a: jnp.vdot(dense(*a), ct), (0, 1, 2))(x, w, b)
+
+    samplers = {}
+    for i, blk in enumerate(blockings):
+        for shape in shapes:
+            fn, args = jax.jit(fwd_bwd), _problem(shape, dtype)
+            with backend.use_blocking(blk):  # traced here: the executable carries blk's attributes
+                jax.block_until_ready(fn(*args))
+            samplers[i, shape] = timed_call(fn, args)
+    times = interleaved_samples(samplers, repeats, warmup)
+    return [{shape: times[i, shape] for shape in shapes} for i in range(len(blockings))]
+
+
+def score(times: dict[tuple, list[float]]) -> tuple[float, float]:
+    """(geometric mean of the shapes' medians, relative noise: the median absolute deviation
+    over the median, averaged over the shapes)."""
+    meds = [statistics.median(ts) for ts in times.values()]
+    noise = [statistics.median(abs(t - m) for t in ts) / m for ts, m in zip(times.values(), meds)]
+    return math.exp(sum(map(math.log, meds)) / len(meds)), sum(noise) / len(noise)
+
+
+def pick(blockings: list[Blocking], times: list[dict]) -> tuple[int, float]:
+    """Index of the blocking to keep (0, the derived one, unless another beats it by more than
+    ``max(MIN_GAIN, 2 * noise)``) and that margin."""
+    scores = [score(t) for t in times]
+    margin = max(MIN_GAIN, 2 * scores[0][1])
+    best = min(range(len(blockings)), key=lambda i: scores[i][0])
+    return (best if scores[best][0] < scores[0][0] * (1 - margin) else 0), margin
+
+
+def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
+    """Measures ``candidates`` on this machine, stores the winner (or removes the entry), and
+    returns a summary."""
+    machine = describe()
+    base = derive(machine, dtype)
+    blockings = candidates(base, dtype)
+    log(f"machine: {json.dumps(machine.as_dict())}")
+    times = measure(blockings, dtype=dtype, shapes=shapes, repeats=repeats)
+    best, margin = pick(blockings, times)
+    rows = []
+    for i, (blk, t) in enumerate(zip(blockings, times)):
+        gflops = [6 * math.prod(s) / statistics.median(ts) / 1e9 for s, ts in t.items()]
+        geo, noise = score(t)
+        rows.append({"blocking": blk.as_dict(), "geomean_ms": round(geo * 1e3, 3), "noise": round(noise, 4),
+                     "gflops": [round(g, 1) for g in gflops]})
+        log(f"{'*' if i == best else ' '} {'derived ' if i == 0 else 'candidate'} kc={blk.kc} pg={blk.pg} "
+            f"pmb={blk.pmb}: {geo * 1e3:8.2f} ms geomean, noise {noise:.1%}, GFLOP/s "
+            + " / ".join(f"{g:.1f} at {'x'.join(map(str, s))}" for g, s in zip(gflops, t)))
+    cache = TuningCache(CACHE_KIND, machine)
+    value = cache.get()
+    value = dict(value) if isinstance(value, dict) else {}
+    if best:
+        value[dtype] = blockings[best].as_dict()
+    else:
+        value.pop(dtype, None)
+    if value:
+        cache.put(value)
+    else:
+        cache.path.unlink(missing_ok=True)
+    choice = "tuned" if best else "derived"
+    log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}")
+    return {"dtype": dtype, "choice": choice, "blocking": blockings[best].as_dict(), "margin": round(margin, 4),
+            "candidates": rows, "cache_file": str(cache.path), "machine": machine.as_dict()}
+
+
+def reset() -> str:
+    """Removes this machine's tuned blockings (every dtype); returns the file's path."""
+    cache = TuningCache(CACHE_KIND)
+    cache.path.unlink(missing_ok=True)
+    return str(cache.path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kernels.numba_cpu.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeats", type=int, default=7, help="timed samples per candidate and shape")
+    parser.add_argument("--reset", action="store_true", help="forget this machine's tuned blockings and stop")
+    args = parser.parse_args(argv)
+    if args.reset:
+        print(json.dumps({"reset": reset()}))
+        return
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    from jaxnet.runtime import keep_host_memory
+
+    keep_host_memory()  # as in the benchmarks: scratch memory is not page-faulted afresh each call
+    summary = tune(args.dtype, args.repeats)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
