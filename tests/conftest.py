@@ -13,6 +13,11 @@
 - With pytest-xdist (``make test`` runs ``-n auto``), the controller fills Numba's on-disk cache
   before the workers start (one process per dtype and one for the int8 handlers, in parallel), so
   that no two workers compile the same handler (a cold compile is tens of seconds each).
+- Each test process keeps JAX's persistent compilation cache in its own temporary folder (removed
+  at exit), so that a program another test already compiled is loaded, not compiled again (tests
+  build the same small train steps many times over through fresh closures, which jit's in-memory
+  cache does not share). Per process: a reader never meets another process's half-written entry.
+  A JAX_COMPILATION_CACHE_DIR set by the user is left as it is.
 """
 import atexit
 import os
@@ -49,7 +54,21 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        _precompile_numba_handlers()
+        _precompile_numba_handlers()  # the xdist controller, which runs no test
+    else:
+        _process_compilation_cache()
+
+
+def _process_compilation_cache():
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    path = tempfile.mkdtemp(prefix="jaxnet-test-xla-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _precompile_numba_handlers():
