@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels.machine import TuningCache, describe
-from kernels.numba_cpu.blocking import CACHE_KIND, Blocking, derive, tile_rows
+from kernels.numba_cpu._kernels import MR
+from kernels.numba_cpu.blocking import CACHE_KIND, Blocking, derive
 
 # (M, K, N): forward+backward at these, the geometric mean of their medians scores a candidate.
 SHAPES = ((512, 512, 512), (1024, 1024, 1024))
@@ -34,17 +35,16 @@ SHAPES = ((512, 512, 512), (1024, 1024, 1024))
 MIN_GAIN = 0.03
 
 
-def candidates(base: Blocking, dtype="float32") -> list[Blocking]:
+def candidates(base: Blocking) -> list[Blocking]:
     """``base`` first, then one change each: kc halved or doubled (pg scaled the other way, so the
     L2 block keeps its size), pg halved or doubled, pmb halved or doubled."""
-    mr = tile_rows(dtype)
     out = [base]
     for kc in (base.kc // 2, base.kc * 2):
         out.append(base.replace(kc=max(kc, 16), pg=max(1, base.pg * base.kc // max(kc, 16))))
     for pg in (base.pg // 2, base.pg * 2):
         out.append(base.replace(pg=max(pg, 1)))
     for pmb in (base.pmb // 2, base.pmb * 2):
-        out.append(base.replace(pmb=max(pmb // 8 * 8, 8, 2 * mr)))
+        out.append(base.replace(pmb=max(pmb // MR * MR, MR)))  # whole register tiles
     unique = []
     for c in out:
         if c.validate() not in unique:
@@ -110,7 +110,7 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     returns a summary."""
     machine = describe()
     base = derive(machine, dtype)
-    blockings = candidates(base, dtype)
+    blockings = candidates(base)
     log(f"machine: {json.dumps(machine.as_dict())}")
     times = measure(blockings, dtype=dtype, shapes=shapes, repeats=repeats)
     best, margin = pick(blockings, times)

@@ -246,3 +246,10 @@ def test_tune_stores_a_winner_and_reset_forgets_it(monkeypatch, capsys):
     assert blocking.chosen("float32") == tune.candidates(base)[1]
     tune.main(["--reset"])
     assert "reset" in capsys.readouterr().out and blocking.load("float32") is None
+
+
+def test_measure_times_each_blocking_on_the_kernel():
+    blks, shapes = [SMALL[0], derive(machine.describe())], ((48, 40, 33), (20, 30, 70))
+    times = tune.measure(blks, shapes=shapes, repeats=3, warmup=0)
+    assert [sorted(t) for t in times] == [sorted(shapes)] * 2
+    assert all(len(ts) == 3 and min(ts) > 0 for t in times for ts in t.values())
