@@ -255,7 +255,9 @@ def test_clock_schedule_applies_the_formula_for_the_fractions_it_is_given(warmup
     for f in fractions:
         updates, opt_state = update(opt_state, np.float32(f))
         applied.append(float(updates["w"][0, 0]))
-        np.testing.assert_array_equal(updates["b"], 2 * updates["w"][0])
+        # One factor for every leaf; XLA may evaluate the schedule once per fusion (vectorised
+        # or not), which can put the leaves' factors an ulp apart.
+        np.testing.assert_allclose(updates["b"], 2 * updates["w"][0], rtol=2 * np.finfo(np.float32).eps)
     want = [_formula(i, f, warmup, 0.1) for i, f in enumerate(fractions)]
     # float32 on the device against float64: a few ulps.
     np.testing.assert_allclose(applied, want, rtol=1e-6)
