@@ -56,7 +56,15 @@ from jaxnet.testing import profiles
 profiles.load_profile()  # "ci" or "thorough" from JAXNET_HYPOTHESIS_PROFILE (jaxnet/testing/profiles.py)
 
 
+# The longest files (subprocesses, several trainings), started first: xdist's --dist loadfile hands
+# out files in collection order, and one of these left for the end would run alone on one core.
+LONGEST_FIRST = ("test_parallel.py", "test_checkpoint.py", "test_numba_fused_dense.py", "test_cli_verify.py",
+                 "test_testing_harness.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if os.environ.get("JAXNET_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
         return
     skip_slow = pytest.mark.skip(reason="slow: opt in with JAXNET_SLOW=1 or -m slow")

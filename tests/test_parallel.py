@@ -242,9 +242,12 @@ def test_plan_command_prints_a_verdict_and_one_json_line():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4 and result["fits"] is False and result["remat"] is True
     assert "does NOT fit in 0.01 GB" in done.stderr and "all-reduce" in done.stderr
-    bad = subprocess.run([sys.executable, "-m", "jaxnet.cli", "plan", "--mesh", "rows=4"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "bad part 'rows=4'" in bad.stderr
+
+def test_plan_command_refuses_a_bad_mesh_before_jax_starts(capsys):
+    from jaxnet import cli
+
+    assert cli.main(["plan", "--mesh", "rows=4"]) == 2
+    assert "bad part 'rows=4'" in capsys.readouterr().err
 
 
 def test_process_local_data_in_one_process_is_all_the_data(one_device):
