@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.machine import TuningCache, describe
-from kernels.numba_cpu._kernels import MR
+from kernels.numba_cpu._kernels import MR, NR
 from kernels.numba_cpu.blocking import CACHE_KIND, Blocking, derive
 
 # (M, K, N): forward+backward at these, the geometric mean of their medians scores a candidate.
@@ -37,14 +37,18 @@ MIN_GAIN = 0.03
 
 def candidates(base: Blocking) -> list[Blocking]:
     """``base`` first, then one change each: kc halved or doubled (pg scaled the other way, so the
-    L2 block keeps its size), pg halved or doubled, pmb halved or doubled."""
+    L2 block keeps its size), pg halved or doubled, pmb halved or doubled; last, kc about where the
+    strip of X alone fills half of L1 (in float32; W's micro-panel streamed, as the constants before
+    the model had it), pg scaled."""
     out = [base]
+    strip_only = base.kc * (MR + NR) // (2 * MR) // 16 * 16
     for kc in (base.kc // 2, base.kc * 2):
         out.append(base.replace(kc=max(kc, 16), pg=max(1, base.pg * base.kc // max(kc, 16))))
     for pg in (base.pg // 2, base.pg * 2):
         out.append(base.replace(pg=max(pg, 1)))
     for pmb in (base.pmb // 2, base.pmb * 2):
         out.append(base.replace(pmb=max(pmb // MR * MR, MR)))  # whole register tiles
+    out.append(base.replace(kc=max(strip_only, 16), pg=max(1, base.pg * base.kc // max(strip_only, 16))))
     unique = []
     for c in out:
         if c.validate() not in unique:
