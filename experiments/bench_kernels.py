@@ -88,17 +88,9 @@ def _medians(fns: dict, args, config: Config) -> dict:
 
 
 def _problem(shape, config: Config):
-    import jax
-    import jax.numpy as jnp
+    from kernels.autotune import problem
 
-    m, k, n = shape
-    keys = jax.random.split(jax.random.key(config.seed), 4)
-    dt = jnp.dtype(config.dtype)
-    x = jax.random.normal(keys[0], (m, k), dt)
-    w = (jax.random.normal(keys[1], (k, n), dt) / math.sqrt(k)).astype(dt)
-    b = jax.random.normal(keys[2], (n,), dt)
-    dy = jax.random.normal(keys[3], (m, n), dt)
-    return x, w, b, dy
+    return problem(*shape, config.dtype, config.seed)
 
 
 def _away_from_kinks(args, activation: str):

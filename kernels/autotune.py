@@ -29,7 +29,6 @@ from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels import timing
 from kernels.dispatch import auto_candidates, fused_dense
@@ -76,19 +75,26 @@ def step_functions(backend: str, activation: str):
     return jax.jit(lambda x, w, b, dy: f(x, w, b)), jax.jit(fwd_bwd)
 
 
+def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0):
+    """``(x [m, k], w [k, n] / sqrt(k), b [n], dy [m, n])``, standard normal: the operands that the
+    table, ``experiments.bench_kernels`` and ``kernels.numba_cpu.tune`` time ``step_functions`` on."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    dt = jnp.dtype(dtype)
+    return (jax.random.normal(keys[0], (m, k), dt), (jax.random.normal(keys[1], (k, n), dt) / math.sqrt(k)).astype(dt),
+            jax.random.normal(keys[2], (n,), dt), jax.random.normal(keys[3], (m, n), dt))
+
+
 def _measure(key: str, candidates: Sequence[str]) -> dict:
     """A table entry for ``key``: each candidate's median µs per mode and the fastest per mode."""
     dims, dtype, activation = key.split()
     m, k, n = (int(d) for d in dims.split("x"))
-    rng = np.random.default_rng(0)
     # Concrete arrays and calls even when "auto" is met while tracing a caller's jit or grad.
     with jax.ensure_compile_time_eval():
-        x, w, b, dy = (jnp.asarray(rng.standard_normal(s) / scale, dtype)
-                       for s, scale in (((m, k), 1), ((k, n), math.sqrt(k)), ((n,), 1), ((m, n), 1)))
+        args = problem(m, k, n, dtype)
         samplers = {}
         for name in candidates:
             for mode, fn in zip(MODES, step_functions(name, activation)):
-                samplers[f"{name} {mode}"] = timing.timed_call(fn, (x, w, b, dy), min_sample_s=MIN_SAMPLE_S)
+                samplers[f"{name} {mode}"] = timing.timed_call(fn, args, min_sample_s=MIN_SAMPLE_S)
         t = timing.interleaved_medians(samplers, REPEATS, warmup=1)
     us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in MODES} for name in candidates}
     best = {}
@@ -167,4 +173,5 @@ def forget() -> None:
         _tables.clear()
 
 
-__all__ = ["KIND", "MODES", "POLICY_ENV", "bucket", "choose", "entry", "forget", "policy", "step_functions", "tune"]
+__all__ = ["KIND", "MODES", "POLICY_ENV", "bucket", "choose", "entry", "forget", "policy", "problem", "step_functions",
+           "tune"]

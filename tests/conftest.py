@@ -83,13 +83,11 @@ def pytest_configure(config):
 def _process_compilation_cache():
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    import jax
+    from experiments.common import enable_compilation_cache
 
     path = tempfile.mkdtemp(prefix="jaxnet-test-xla-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable_compilation_cache(path)  # every program, however quick to compile
 
 
 def _precompile_numba_handlers():

@@ -23,7 +23,6 @@ import math
 import statistics
 
 import jax
-import jax.numpy as jnp
 
 from kernels.machine import TuningCache, describe
 from kernels.numba_cpu._kernels import MR, NR
@@ -56,30 +55,19 @@ def candidates(base: Blocking) -> list[Blocking]:
     return unique
 
 
-def _problem(shape, dtype):
-    m, k, n = shape
-    keys = jax.random.split(jax.random.key(0), 4)
-    return (jax.random.normal(keys[0], (m, k), dtype), jax.random.normal(keys[1], (k, n), dtype) / math.sqrt(k),
-            jax.random.normal(keys[2], (n,), dtype), jax.random.normal(keys[3], (m, n), dtype))
-
-
 def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeats: int = 7, warmup: int = 1
             ) -> list[dict[tuple, list[float]]]:
     """Seconds of the numba forward+backward, per blocking, per shape: ``repeats`` samples each,
     all blockings and shapes interleaved, in an order that rotates by a blocking each round (the
     first of a round measured slower here)."""
-    import kernels
+    from kernels.autotune import problem, step_functions
     from kernels.numba_cpu import backend
     from kernels.timing import interleaved_samples, timed_call
-
-    def fwd_bwd(x, w, b, ct):  # y, then dx, dw, db for the cotangent ct (the VJP of the benchmarks)
-        dense = lambda *a: kernels.fused_dense(*a, activation="relu", backend="numba")  # noqa: E731
-        return jax.grad(lambda *a: jnp.vdot(dense(*a), ct), (0, 1, 2))(x, w, b)
 
     samplers = {}
     for i, blk in enumerate(blockings):
         for shape in shapes:
-            fn, args = jax.jit(fwd_bwd), _problem(shape, dtype)
+            fn, args = step_functions("numba", "relu")[1], problem(*shape, dtype)  # a fresh jit: traced below
             with backend.use_blocking(blk):  # traced here: the executable carries blk's attributes
                 jax.block_until_ready(fn(*args))
             samplers[i, shape] = timed_call(fn, args)
