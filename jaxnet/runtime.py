@@ -3,10 +3,10 @@ and what a result records about where it ran (``cpu_model``, ``machine``, ``vers
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 
 from kernels.host_memory import keep_host_memory
 from kernels.machine import cpu_model, describe
+from kernels.machine import versions as package_versions
 
 
 def machine() -> dict:
@@ -16,13 +16,8 @@ def machine() -> dict:
 
 def versions() -> dict[str, str]:
     """Python and the installed versions of the packages a result depends on."""
-    out = {"python": platform.python_version()}
-    for name in ("jaxnet", "jax", "jaxlib", "flax", "optax", "numba", "orbax-checkpoint"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    packages = ("jaxnet", "jax", "jaxlib", "flax", "optax", "numba", "orbax-checkpoint")
+    return {"python": platform.python_version(), **package_versions(packages)}
 
 
 __all__ = ["cpu_model", "keep_host_memory", "machine", "versions"]

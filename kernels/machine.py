@@ -105,10 +105,11 @@ def describe() -> Machine:
     return Machine(model=cpu_model(), isa=_isa(), cores=len(os.sched_getaffinity(0)), **_caches())
 
 
-def versions() -> dict[str, str]:
-    """The versions a tuned value depends on."""
+def versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
+    """The installed versions of ``names`` ("not installed" for a missing one); by default the
+    packages a tuned value depends on."""
     out = {}
-    for name in _VERSIONED:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -27,8 +27,9 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   vectors (LLVM's own lowering).
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored.
-Blocks of the output are shared with XLA's intra-op thread pool from ``PARALLEL_MIN_MACS`` on
-(``run``). Measurements in docs/benchmarks.md ("Quantized dense").
+Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
+``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
+Measurements in docs/benchmarks.md ("Quantized dense").
 """
 from __future__ import annotations
 
@@ -232,13 +233,12 @@ def _padded_columns(wq, j0, width):
     return out
 
 
-# Work is cut into blocks of at most BLOCK_ROWS rows x BLOCK_COLS columns of y; from
-# PARALLEL_MIN_MACS multiply-adds on, the blocks are shared with helper tasks on XLA's intra-op
-# thread pool (as the fused kernels do, see ``_kernels``): claimed through an atomic counter, so
-# any number of helpers (none included) is correct, and the job freed by whoever lets go last.
+# Work is cut into blocks of at most BLOCK_ROWS rows x BLOCK_COLS columns of y; with ``share``,
+# the blocks are shared with helper tasks on XLA's intra-op thread pool (as the fused kernels do,
+# see ``_kernels``): claimed through an atomic counter, so any number of helpers (none included)
+# is correct, and the job freed by whoever lets go last.
 BLOCK_ROWS = 64
 BLOCK_COLS = 256
-PARALLEL_MIN_MACS = 1 << 19
 _Q_BLOCK_ACC = BLOCK_ROWS * Q_NR  # a literal for stack_buffer
 
 
@@ -432,13 +432,13 @@ def _wait(job, nblocks, ops):
 
 
 @njit(**_OPTS)
-def run(frame, task, ops):
-    """All blocks of one call: on the calling thread alone, or shared with helpers running
-    ``task`` (an address)."""
+def run(frame, task, share, ops):
+    """All blocks of one call: on the calling thread alone, or (``share``) shared with helpers
+    running ``task`` (an address)."""
     x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum = ops
     M, N = y.shape
     _, nblocks = _grid(M, N)
-    helpers = _helpers(frame, nblocks) if M * K * N >= PARALLEL_MIN_MACS else 0
+    helpers = _helpers(frame, nblocks) if share else 0
     job = _ffi.c_malloc(_J_BYTES) if helpers > 0 else 0
     if job == 0:
         for t in range(nblocks):
@@ -473,17 +473,17 @@ def run(frame, task, ops):
 
 
 @njit(**_OPTS)
-def weight_only(frame, x, wq, s, b, has_bias, relu, y):
+def weight_only(frame, x, wq, s, b, has_bias, relu, y, share):
     """``y = act((x @ w_q) * s + b)``, act relu or identity: x [M, K] f32, w_q [K, N] int8,
     s, b [N] f32, y [M, N] f32."""
     K, N = wq.shape
     tail = _padded_columns(wq, N // WO_NR * WO_NR, WO_NR) if N % WO_NR else np.zeros(0, np.int8)
-    run(frame, _task_address(WEIGHT_ONLY), (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, s, b, has_bias, relu,
-                                            y, np.zeros(0, np.float32), np.zeros(0, np.int32)))
+    run(frame, _task_address(WEIGHT_ONLY), share, (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, s, b,
+                                                   has_bias, relu, y, np.zeros(0, np.float32), np.zeros(0, np.int32)))
 
 
 @njit(**_OPTS)
-def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y):
+def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y, share):
     """``y = act((q @ w_q) * sx[:, None] * s + b)``, act relu or identity: q [M, K] int8, w_q
     [K, N] int8, sx [M] f32, s, b [N] f32, y [M, N] f32; the dot exact in int32 (modulo 2**32,
     see the module docstring)."""
@@ -497,8 +497,8 @@ def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y):
             acc += int32(q[i, k])
         rowsum[i] = acc
     tail = _padded_columns(wq, N // Q_NR * Q_NR, Q_NR) if N % Q_NR else np.zeros(0, np.int8)
-    run(frame, _task_address(W8A8), (as_shape(q, q.size), K, as_shape(wq, wq.size), tail, s, b, has_bias, relu, y,
-                                     sx, rowsum))
+    run(frame, _task_address(W8A8), share, (as_shape(q, q.size), K, as_shape(wq, wq.size), tail, s, b, has_bias,
+                                            relu, y, sx, rowsum))
 
 
 @njit
@@ -517,22 +517,25 @@ def _vector(buf, n):
 
 @njit(inline="always")
 def _prologue(frame, n_rows_args):
-    """Common checks: returns ``(error or 0, relu, has_bias)``; error -1 means "answered XLA's
-    metadata query" (return 0)."""
+    """Common checks: returns ``(error or 0, relu, has_bias, share)``; error -1 means "answered
+    XLA's metadata query" (return 0). Attributes, sorted by name: ``act``, ``share`` (0 or 1)."""
     q = _ffi.answer_metadata(frame)
     if q >= 0:
-        return (-1 if q == 0 else q), False, False
+        return (-1 if q == 0 else q), False, False, False
     nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
     if nargs != n_rows_args + 2 and nargs != n_rows_args + 3 or _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE) != 1:
-        return make_error(frame, "quantized_dense: wrong number of operands or results"), False, False
+        return make_error(frame, "quantized_dense: wrong number of operands or results"), False, False, False
     act = _ffi.scalar_attr_i64(frame, 0)
     if act != IDENTITY and act != RELU:
-        return make_error(frame, "quantized_dense: attribute 'act' must be identity's or relu's code"), False, False
-    return 0, act == RELU, nargs == n_rows_args + 3
+        return make_error(frame, "quantized_dense: attribute 'act' must be identity's or relu's code"), False, False, False
+    share = _ffi.scalar_attr_i64(frame, 1)
+    if share != 0 and share != 1:
+        return make_error(frame, "quantized_dense: missing int64 attribute 'share' (0 or 1)"), False, False, False
+    return 0, act == RELU, nargs == n_rows_args + 3, share == 1
 
 
 def weight_only_f32(frame):
-    err, relu, has_bias = _prologue(frame, 1)
+    err, relu, has_bias, share = _prologue(frame, 1)
     if err != 0:
         return 0 if err == -1 else err
     xb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), ret(frame, 0)
@@ -544,12 +547,12 @@ def weight_only_f32(frame):
         return make_error(frame, "quantized_dense: weight-only takes x f32 [M, K], w_q s8 [K, N], scale f32 [N], "
                                  "b f32 [N] and returns y f32 [M, N]")
     weight_only(frame, view(xb, float32, (m, k)), view(wb, int8, (k, n)), view(sb, float32, n),
-                view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)))
+                view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)), share)
     return 0
 
 
 def w8a8_f32(frame):
-    err, relu, has_bias = _prologue(frame, 2)
+    err, relu, has_bias, share = _prologue(frame, 2)
     if err != 0:
         return 0 if err == -1 else err
     qb, sxb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3), ret(frame, 0)
@@ -561,7 +564,7 @@ def w8a8_f32(frame):
         return make_error(frame, "quantized_dense: w8a8 takes q s8 [M, K], scale_x f32 [M], w_q s8 [K, N], scale "
                                  "f32 [N], b f32 [N] and returns y f32 [M, N]")
     w8a8(frame, view(qb, int8, (m, k)), view(wb, int8, (k, n)), view(sxb, float32, m), view(sb, float32, n),
-         view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)))
+         view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)), share)
     return 0
 
 

@@ -52,9 +52,6 @@ from kernels.autodiff import linear_map, with_reference_jvp
 from kernels.numba_cpu import _batching
 
 _PREFIX = "jaxnet_numba_fused_dense"
-# When set (tests), replaces the blocking's ``parallel_min_macs``: problems with fewer
-# multiply-adds run on the calling thread.
-PARALLEL_MIN_MACS: int | None = None
 # The blocking that ``use_blocking`` puts in force for the calls traced inside it.
 _forced = contextvars.ContextVar("jaxnet_numba_blocking", default=None)
 _lock = threading.Lock()
@@ -152,14 +149,14 @@ def _attributes(m, k, n, dtype):
     """The FFI call's attributes but ``act``: the blocking, and ``share``: 1 when the problem is
     big enough to share with XLA's thread pool, else 0."""
     blk = blocking(dtype)
-    return {**blk.attributes(), "share": _share(m, k, n, blk)}
+    return {**blk.attributes(), "share": share_attribute(m, k, n, blk)}
 
 
-def _share(m, k, n, blk=None):
+def share_attribute(m, k, n, blk=None):
     """The ``share`` attribute for an [M, K] x [K, N] problem under the blocking ``blk`` (default:
-    float32's): 1 from its ``parallel_min_macs`` multiply-adds (``PARALLEL_MIN_MACS`` if set) on."""
-    threshold = PARALLEL_MIN_MACS if PARALLEL_MIN_MACS is not None else (blk or blocking()).parallel_min_macs
-    return np.int64(1 if m * k * n >= threshold else 0)
+    float32's in force): 1 from its ``parallel_min_macs`` multiply-adds on. The int8 kernels
+    (``quantized``) take it too."""
+    return np.int64(1 if m * k * n >= (blk or blocking()).parallel_min_macs else 0)
 
 
 def _forward(x2, w, b, activation, save):

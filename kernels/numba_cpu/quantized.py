@@ -29,6 +29,7 @@ from kernels import quantized as q8
 from kernels.activations import ACTIVATIONS, CODES
 from kernels.autodiff import with_reference_jvp
 from kernels.numba_cpu import _batching
+from kernels.numba_cpu.backend import share_attribute
 
 _PREFIX = "jaxnet_numba_quantized_dense"
 _lock = threading.Lock()
@@ -56,10 +57,10 @@ def _call(kind: str, relu: bool, n_rows: int, *ops):
     Under vmap with only row operands batched, the batch folds into M (one call, nested vmaps
     too); otherwise ``_batching.unfolded`` (one call per element).
     """
-    m, n = ops[0].shape[0], ops[n_rows].shape[1]
+    (m, k), n = ops[0].shape, ops[n_rows].shape[1]
     ffi = functools.partial(jax.ffi.ffi_call(_target(kind), (jax.ShapeDtypeStruct((m, n), jnp.float32),),
                                              vmap_method="sequential"),
-                            act=np.int64(CODES["relu" if relu else "identity"]))
+                            act=np.int64(CODES["relu" if relu else "identity"]), share=share_attribute(m, k, n))
     again = functools.partial(_call, kind, relu, n_rows)
 
     def rule(axis_size, in_batched, *args):

@@ -300,13 +300,9 @@ def _pool(on=True):
     """Every problem shares its blocks with XLA's thread pool (or none), whatever its size."""
     from kernels.numba_cpu import backend
 
-    saved = backend.PARALLEL_MIN_MACS
-    backend.PARALLEL_MIN_MACS = 0 if on else 1 << 62
-    try:
-        assert backend._share(1, 1, 1) == on
+    with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1 if on else 1 << 62)):
+        assert backend.share_attribute(1, 1, 1) == on
         yield
-    finally:
-        backend.PARALLEL_MIN_MACS = saved
 
 
 # --- Transforms -----------------------------------------------------------------------------
@@ -369,8 +365,10 @@ def test_concurrent_calls_from_threads(pool):
     x, w, b = _data((256, 64), n=48)
     f = jax.jit(jax.value_and_grad(_loss(_f("numba", "tanh")), (0, 1, 2)))
     want = jax.value_and_grad(_loss(_f("xla", "tanh")), (0, 1, 2))(x, w, b)
-    with _pool(pool), ThreadPoolExecutor(8) as ex:
-        outs = list(ex.map(lambda i: jax.device_get(f(x * 1.0, w, b)), range(32)))
+    with _pool(pool):
+        jax.block_until_ready(f(x, w, b))  # traced here: the pool setting does not reach other threads
+        with ThreadPoolExecutor(8) as ex:
+            outs = list(ex.map(lambda i: jax.device_get(f(x * 1.0, w, b)), range(32)))
     for o in outs:
         _close(o, want, 1e-4)
 
@@ -530,9 +528,11 @@ SHARED_IN_A_NEW_PROCESS = textwrap.dedent("""
         f(x, w, b).block_until_ready()
     t1 = ticks()
     busy = sorted((t1[t] - t0.get(t, 0) for t in t1), reverse=True)
-    backend.PARALLEL_MIN_MACS = 1 << 62  # the same functions on the calling thread only (new HLO)
-    f1, g1 = jax.jit(lambda *a: fd(*a)), jax.jit(jax.grad(lambda *a: loss(*a), (0, 1, 2)))
-    same = bool(np.array_equal(y, f1(x, w, b)) and all(np.array_equal(a, c) for a, c in zip(grads, g1(x, w, b))))
+    # The same functions on the calling thread only (traced again: new HLO).
+    with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1 << 62)):
+        f1, g1 = jax.jit(lambda *a: fd(*a)), jax.jit(jax.grad(lambda *a: loss(*a), (0, 1, 2)))
+        y1, grads1 = f1(x, w, b), g1(x, w, b)
+    same = bool(np.array_equal(y, y1) and all(np.array_equal(a, c) for a, c in zip(grads, grads1)))
     print(json.dumps(dict(hits=len(hits), busy=busy[:3], same=same, y=float(jnp.sum(y)))))
 """)
 

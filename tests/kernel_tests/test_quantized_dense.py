@@ -275,17 +275,18 @@ def test_w8a8_accumulates_exactly_in_int32(backend):
 
 @pytest.mark.parametrize("act_quant", (None, "int8"))
 def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
-    """A call past ``PARALLEL_MIN_MACS`` with several blocks (2 x 2), ragged edges (N % 64, K % 4),
-    rows left over from the 4- and 8-row tiles and three passes over K (w8a8's ``KC_QUADS``):
-    split between the caller and XLA's intra-op threads, it still matches the reference within
-    the derived bounds."""
-    from kernels.numba_cpu import _quantized
+    """A call that shares its blocks (the attribute ``share``, forced on whatever this machine's
+    threshold) with several blocks (2 x 2), ragged edges (N % 64, K % 4), rows left over from
+    the 4- and 8-row tiles and three passes over K (w8a8's ``KC_QUADS``): split between the
+    caller and XLA's intra-op threads, it still matches the reference within the derived bounds."""
+    from kernels.numba_cpu import _quantized, backend
 
     for activation in ("relu", "silu"):
         call = make_quantized_call((130,), 601, 300, act_quant=act_quant, activation=activation, seed=3)
-        assert 130 * 601 * 300 >= _quantized.PARALLEL_MIN_MACS and 300 > _quantized.BLOCK_COLS
-        assert 601 // 4 > 2 * _quantized.KC_QUADS
-        got = jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*call.args)
+        assert 300 > _quantized.BLOCK_COLS and 601 // 4 > 2 * _quantized.KC_QUADS
+        with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1)):
+            assert backend.share_attribute(130, 601, 300) == 1
+            got = jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*call.args)
         want = reference.quantized_dense(*call.args, **call.kwargs)
         tol = QuantizedBounds.from_inputs(call.args, call.kwargs).forward(np.asarray(want))
         assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)) <= tol)
