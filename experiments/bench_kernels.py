@@ -17,8 +17,11 @@ cache and registration, first call).
 With "auto" among ``--backends`` (``--backends numba auto``), the grid's shapes are tuned first
 (``kernels.autotune.tune``: what "auto" runs per shape is measured, or read from the tuning
 cache), then "auto" is timed like any backend; each row also gives the backend it ran
-(``auto_runs``) and ``auto_vs_best`` (the fastest other backend's time over auto's: 1 when auto
-chose the fastest, < 1 when it did not), the summary the worst, ``auto_vs_best_min``.
+(``auto_runs``), ``auto_vs_best`` (the fastest other backend's time over auto's: 1 when auto
+chose the fastest, < 1 when it did not or when its own run was slower) and ``choice_vs_best``
+(the fastest backend's time over that of the backend auto ran, both from their own columns: < 1
+only for a wrong choice, not for noise between auto and the column it equals); the summary the
+worst of each, ``auto_vs_best_min`` and ``auto_choice_vs_best_min``.
 
 Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
 ends with one JSON line of summary metrics, also saved as ``result.json``. Figures in
@@ -126,7 +129,9 @@ def _auto_columns(row: dict, t: dict, config: Config) -> None:
 
     fwd, train = auto_choice(row["M"], row["K"], row["N"], config.dtype, config.activation)
     row["auto_runs"] = fwd if row["mode"] == "fwd" else train
-    row["auto_vs_best"] = round(min(v for be, v in t.items() if be != "auto") / t["auto"], 3)
+    best = min(v for be, v in t.items() if be != "auto")
+    row["auto_vs_best"] = round(best / t["auto"], 3)
+    row["choice_vs_best"] = round(best / t[row["auto_runs"]], 3) if row["auto_runs"] in t else None
 
 
 def _overhead(config: Config) -> dict:
@@ -243,6 +248,8 @@ def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> d
                 summary[f"auto_{mode}_min_vs_best"] = min(r["auto_vs_best"] for r in rows if r["mode"] == mode)
     if "auto" in config.backends:
         summary["auto_vs_best_min"] = min(r["auto_vs_best"] for r in rows)
+        choices = [r["choice_vs_best"] for r in rows if r["choice_vs_best"] is not None]
+        summary["auto_choice_vs_best_min"] = min(choices) if choices else None
     summary.update({f"overhead_{k}_us": v for k, v in overhead.items()})
     summary["numba_overhead_vs_xla_tiny_op"] = round(overhead["numba"] / overhead["xla_tiny_op"], 3)
     summary.update({f"cold_{k}": v for k, v in cold.items()})
@@ -298,10 +305,11 @@ def spread_table(rows: list[dict], config: Config, nruns: int) -> str:
 def table(rows: list[dict], config: Config) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA GFLOP/s"] + [f"{b} GFLOP/s" for b in bes] + [f"{b}/XLA" for b in bes]
-    head += ["auto runs", "auto/best"] if "auto" in bes else []
+    head += ["auto runs", "auto/best", "choice/best"] if "auto" in bes else []
     cells = [[r["M"], r["K"], r["N"], r["mode"], r["xla_gflops"]] + [r[f"{b}_gflops"] for b in bes]
              + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes]
-             + ([r["auto_runs"], f"{r['auto_vs_best']:.2f}x"] if "auto" in bes else []) for r in rows]
+             + ([r["auto_runs"], f"{r['auto_vs_best']:.2f}x", f"{r['choice_vs_best']:.2f}x"] if "auto" in bes else [])
+             for r in rows]
     return _markdown(head, cells)
 
 

@@ -8,9 +8,9 @@ A *bucket* is (M, K, N each rounded up to a power of two, dtype, activation); M 
 product of its leading dimensions). The first time a process meets a bucket that no earlier
 process measured on this machine, each candidate's forward and forward+backward (the VJP: y, dx,
 dW, db, as ``experiments.bench_kernels`` times it) run on fresh arrays of the bucket's shape,
-interleaved, medians of a few samples (``kernels.timing``): about a second for small buckets,
-seconds for the largest. The fastest per mode is kept in memory and in
-``TuningCache("fused_dense_auto")`` (``kernels.machine``: keyed by the CPU and the versions of
+interleaved, medians of a few samples (``kernels.timing``; three times as many where the two
+fastest are within 10%): about a second for small buckets, seconds for the largest. The
+fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")`` (``kernels.machine``: keyed by the CPU and the versions of
 jaxnet, jax, jaxlib and numba), so later processes read it instead of measuring. An entry that
 does not name one of today's candidates (a hand edit, a corrupted file, a backend gone) is
 measured again, never trusted.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import threading
 import warnings
 from typing import Iterable, Sequence
@@ -41,6 +42,10 @@ MODES = ("fwd", "fwd+bwd")
 # enough to split backends that differ by more than the machine's noise, cheap at small shapes.
 REPEATS = 5
 MIN_SAMPLE_S = 0.001
+# A close call (in some mode, the two fastest within CLOSE of each other) takes MORE_REPEATS more
+# rounds before the medians are compared: the measuring goes where the choice is in doubt.
+CLOSE = 0.10
+MORE_REPEATS = 10
 # Another backend replaces the preferred (best-ranked) one only when it is faster by more than
 # this fraction: a tie within the noise goes to the same backend every run.
 MARGIN = 0.03
@@ -95,13 +100,26 @@ def _measure(key: str, candidates: Sequence[str]) -> dict:
         for name in candidates:
             for mode, fn in zip(MODES, step_functions(name, activation)):
                 samplers[f"{name} {mode}"] = timing.timed_call(fn, args, min_sample_s=MIN_SAMPLE_S)
-        t = timing.interleaved_medians(samplers, REPEATS, warmup=1)
+        samples = timing.interleaved_samples(samplers, REPEATS, warmup=1)
+        if _close(samples, candidates):
+            more = timing.interleaved_samples(samplers, MORE_REPEATS)
+            samples = {key: samples[key] + more[key] for key in samples}
+    t = {key: statistics.median(v) for key, v in samples.items()}
     us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in MODES} for name in candidates}
     best = {}
     for mode in MODES:
         fastest = min(candidates, key=lambda name: us[name][mode])
         best[mode] = fastest if us[fastest][mode] < (1 - MARGIN) * us[candidates[0]][mode] else candidates[0]
     return {**best, "candidates": sorted(candidates), "us": us}
+
+
+def _close(samples: dict[str, list[float]], candidates: Sequence[str]) -> bool:
+    """Whether in some mode the two fastest candidates' medians are within ``CLOSE``."""
+    for mode in MODES:
+        fastest = sorted(statistics.median(samples[f"{name} {mode}"]) for name in candidates)[:2]
+        if len(fastest) == 2 and fastest[1] < (1 + CLOSE) * fastest[0]:
+            return True
+    return False
 
 
 def _trusted(entry, candidates: Sequence[str]) -> bool:

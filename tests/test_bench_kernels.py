@@ -111,7 +111,10 @@ def test_auto_is_compared_with_the_best_other_backend_per_shape_and_the_worst_is
                              auto_vs_xla=round(2.0 / t_auto, 3)))
     assert rows[0]["auto_runs"] == "xla" and rows[0]["auto_vs_best"] == 0.8  # numba's 1.0 over auto's 1.25
     assert rows[2]["auto_vs_best"] == round(1.0 / 0.9, 3)
+    assert all(r["choice_vs_best"] == 0.5 for r in rows)  # it ran xla (2.0 in its column), numba took 1.0
     summary = bench_kernels.summarize(rows, {"numba": 4.4, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0},
                                       {}, config)
     assert summary["auto_vs_best_min"] == 0.8 and summary["auto_fwd_min_vs_best"] == 0.8
-    assert "| 64 | 64 | 64 | fwd | 1.0 | 2.0 | 1.6 | 2.00x | 1.60x | xla | 0.80x |" in bench_kernels.table(rows, config)
+    assert summary["auto_choice_vs_best_min"] == 0.5
+    assert ("| 64 | 64 | 64 | fwd | 1.0 | 2.0 | 1.6 | 2.00x | 1.60x | xla | 0.80x | 0.50x |"
+            in bench_kernels.table(rows, config))

@@ -33,16 +33,28 @@ def tuning_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_timing(monkeypatch):
-    """Measurements that run nothing: ``times["numba fwd"]`` etc. are the medians; ``calls`` counts them."""
-    state = {"calls": 0, "times": {}}
+    """Measurements that run nothing: ``times["numba fwd"]`` etc. are every sample; ``calls``
+    counts the buckets measured, ``rounds`` the sampling rounds taken."""
+    state = {"calls": 0, "rounds": 0, "times": {}}
 
-    def medians(samplers, repeats, warmup=0):
-        state["calls"] += 1
-        return {name: state["times"][name] for name in samplers}
+    def samples(samplers, repeats, warmup=0):
+        state["rounds"] += repeats
+        return {name: [state["times"][name]] * repeats for name in samplers}
 
     monkeypatch.setattr(timing, "timed_call", lambda fn, args, **kw: lambda: 0.0)
-    monkeypatch.setattr(timing, "interleaved_medians", medians)
+    monkeypatch.setattr(timing, "interleaved_samples", samples)
+    _count_measurements(monkeypatch, state)
     return state
+
+
+def _count_measurements(monkeypatch, state):
+    measure = autotune._measure
+
+    def counted(*args):
+        state["calls"] += 1
+        return measure(*args)
+
+    monkeypatch.setattr(autotune, "_measure", counted)
 
 
 def _times(fwd: dict, train: dict) -> dict:
@@ -55,9 +67,8 @@ def _uses_numba(fn, *args) -> bool:
 
 
 def test_auto_runs_a_measured_backend_and_matches_the_reference(monkeypatch):
-    calls = []
-    real = timing.interleaved_medians
-    monkeypatch.setattr(timing, "interleaved_medians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = {"calls": 0}
+    _count_measurements(monkeypatch, calls)
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], (2, 5, 24))  # M = 10 rows
     w, b = jax.random.normal(keys[1], (24, 12)) / 5, jax.random.normal(keys[2], (12,))
@@ -70,7 +81,7 @@ def test_auto_runs_a_measured_backend_and_matches_the_reference(monkeypatch):
 
     # Measured inside the trace of the caller's jit, on first use of the bucket.
     y, (gx, gw, gb) = jax.jit(lambda: fwd_bwd(lambda x, w, b: kernels.fused_dense(x, w, b)))()
-    assert len(calls) == 1
+    assert calls["calls"] == 1
     choice = autotune.entry(10, 24, 12, "float32", "relu", CPU)
     assert {choice["fwd"], choice["fwd+bwd"]} <= set(kernels.available_backends())
     assert set(choice["us"]) == set(CPU) and all(t > 0 for c in choice["us"].values() for t in c.values())
@@ -81,7 +92,7 @@ def test_auto_runs_a_measured_backend_and_matches_the_reference(monkeypatch):
         assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= tols[name]), name
     # Another shape of the same bucket (M = 12 -> 16) reuses the measurement.
     kernels.fused_dense(jnp.ones((12, 24)), w, b).block_until_ready()
-    assert len(calls) == 1
+    assert calls["calls"] == 1
 
 
 def test_choice_per_mode_is_the_fastest_and_ties_go_to_the_preferred(fake_timing):
@@ -89,6 +100,7 @@ def test_choice_per_mode_is_the_fastest_and_ties_go_to_the_preferred(fake_timing
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU, mode="fwd") == "numba"
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla"  # 1% faster: within MARGIN
     assert fake_timing["calls"] == 1  # one measurement serves both modes
+    assert fake_timing["rounds"] == autotune.REPEATS + autotune.MORE_REPEATS  # 1% apart: a close call
     with pytest.raises(ValueError, match="mode"):
         autotune.choose(64, 64, 64, "float32", "relu", CPU, mode="train")
     with pytest.raises(ValueError, match="candidates"):
@@ -170,3 +182,13 @@ def test_rank_policy_keeps_the_static_rule_and_measures_nothing(fake_timing, mon
     monkeypatch.setenv(autotune.POLICY_ENV, "fastest")
     with pytest.raises(ValueError, match="JAXNET_AUTO"):
         f(x, w)
+
+
+def test_only_a_close_call_takes_more_samples(fake_timing):
+    """Two candidates 20% apart in both modes: REPEATS rounds decide; 5% apart in one mode: more."""
+    fake_timing["times"] = _times({"xla": 1.2, "numba": 1.0}, {"xla": 1.0, "numba": 1.2})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU, mode="fwd") == "numba"
+    assert fake_timing["rounds"] == autotune.REPEATS
+    fake_timing["times"] = _times({"xla": 1.2, "numba": 1.0}, {"xla": 1.0, "numba": 1.05})
+    assert autotune.choose(128, 64, 64, "float32", "relu", CPU) == "xla"
+    assert fake_timing["rounds"] == 2 * autotune.REPEATS + autotune.MORE_REPEATS
