@@ -96,6 +96,25 @@ def test_keep_going_gives_a_verdict_per_check():
     assert "forward" in report.format() and "FAIL" in report.format()
 
 
+def test_a_check_out_of_tolerance_without_its_own_counterexample_is_not_reported_ok():
+    """A run that stops at the first failure keeps one check's counterexample; another check seen
+    out of tolerance on a different example (x @ w scaled: its forward fails where w != 0, its
+    grad_w even where w = 0) is FAIL in the table and the text, not "ok"."""
+    from jaxnet.testing.harness import CheckResult, Report
+    from jaxnet.testing.report import format_table
+
+    failure = verify(mutants.no_grad_b, max_examples=1, shrink=0, keep_going=False).failures[0]
+    results = {"forward": CheckResult("forward", examples=40, worst_ratio=126.0),
+               "jit": CheckResult("jit", examples=40, worst_ratio=0.5),
+               "grad_w": CheckResult("grad_w", examples=12, worst_ratio=126.0, failure=failure)}
+    report = Report("scaled", "matmul", results, 52, 1.0)
+    assert [r.status for r in results.values()] == ["FAIL", "ok", "FAIL"] and not report.ok
+    text = report.format()
+    assert "forward: FAIL on some examples too (worst |err|/tol 126)" in text and "jit: ok on 40 examples" in text
+    row = format_table([("scaled", report, None)]).splitlines()[1].split()
+    assert row[1:3] == ["FAIL", "ok"], row
+
+
 def test_a_candidate_that_raises_fails_the_check():
     def refuses_bf16(x, w, b=None, *, activation="relu"):
         if x.dtype == jnp.bfloat16:

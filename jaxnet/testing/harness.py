@@ -81,7 +81,12 @@ class CheckResult:
 
     @property
     def status(self) -> str:
-        return "FAIL" if self.failure else ("ok" if self.examples else "-")
+        """"FAIL" when it has a counterexample or was out of tolerance on any example (a run that
+        stops at the first failure keeps only that check's counterexample), "ok" when it passed
+        on at least one example, "-" when it did not run."""
+        if self.failure or self.worst_ratio > 1.0:
+            return "FAIL"
+        return "ok" if self.examples else "-"
 
 
 @dataclasses.dataclass

@@ -7,16 +7,14 @@ COLUMNS = ("forward", "jit", "vmap", "grad_x", "grad_w", "grad_b")
 def _cell(result) -> str:
     if result is None:
         return "-"
-    if result.failure:
-        return "FAIL"
-    return f"ok {result.examples}" if result.examples else "-"
+    return f"ok {result.examples}" if result.status == "ok" else result.status
 
 
 def format_table(rows) -> str:
     """``rows``: ``(label, Report, BadInputsReport or None)`` triples; returns an aligned table.
 
-    A cell is "ok N" (passed on N examples), "FAIL" (see the counterexample below the table) or
-    "-" (not run). "worst" is the largest |err|/tol seen on any example: under 1, how close a
+    A cell is "ok N" (passed on N examples), "FAIL" (out of tolerance: see the counterexample
+    below the table, unless the run stopped at another check's) or "-" (not run). "worst" is the largest |err|/tol seen on any example: under 1, how close a
     passing candidate came to its tolerance; over 1, how far a failing one is out ("inf": it
     raised, crashed, hung or gave a non-finite or misshapen result).
     """
@@ -45,7 +43,12 @@ def format_report(report) -> str:
     lines = [f"{report.candidate} {status} {report.reference} "
              f"({report.examples} examples, {report.seconds:.1f}s)"]
     for r in report.results.values():
-        if r.failure is None:
+        if r.failure is not None:
+            continue
+        if r.status == "FAIL":  # out of tolerance on an example whose counterexample went to another check
+            lines.append(f"  {r.name}: FAIL on some examples too (worst |err|/tol {r.worst_ratio:.3g}); "
+                         "keep_going=True finds its own counterexample")
+        else:
             lines.append(f"  {r.name}: " + (f"ok on {r.examples} examples (worst |err|/tol {r.worst_ratio:.3g})"
                                              if r.examples else "not run"))
     for f in report.failures:
