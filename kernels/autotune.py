@@ -4,12 +4,14 @@
     choose(256, 784, 128, "float32", "relu", ["xla", "numba"], mode="fwd")     # inference alone
     tune([(512, 512, 512), (8, 4096, 4096)], "float32", "relu")                 # measure up front
 
-A *bucket* is (M, K, N each rounded up to a power of two, dtype, activation); M is x's rows (the
-product of its leading dimensions). The first time a process meets a bucket that no earlier
+A *bucket* is (M rounded up to a power of two, K, N, dtype, activation); M is x's rows (the
+product of its leading dimensions), the one size that changes from call to call of a layer
+(batch sizes, a last partial batch), while K and N are the layer's own: kept exact, because
+backends rank differently at K or N = 10 and 16. The first time a process meets a bucket that no earlier
 process measured on this machine, each candidate's forward and forward+backward (the VJP: y, dx,
 dW, db, as ``experiments.bench_kernels`` times it) run on fresh arrays of the bucket's shape,
 interleaved, medians of a few samples (``kernels.timing``; three times as many where the two
-fastest are within 10%): about a second for small buckets, seconds for the largest. The
+fastest are within 25%): about a second for small buckets, seconds for the largest. The
 fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")`` (``kernels.machine``: keyed by the CPU and the versions of
 jaxnet, jax, jaxlib and numba), so later processes read it instead of measuring. An entry that
 does not name one of today's candidates (a hand edit, a corrupted file, a backend gone) is
@@ -41,10 +43,10 @@ MODES = ("fwd", "fwd+bwd")
 # Samples per candidate and mode (medians kept), each looping calls for at least MIN_SAMPLE_S:
 # enough to split backends that differ by more than the machine's noise, cheap at small shapes.
 REPEATS = 5
-MIN_SAMPLE_S = 0.001
-# A close call (in some mode, the two fastest within CLOSE of each other) takes MORE_REPEATS more
-# rounds before the medians are compared: the measuring goes where the choice is in doubt.
-CLOSE = 0.10
+MIN_SAMPLE_S = 0.002
+# A close call (in some mode, the two fastest within CLOSE of each other: a shared machine's
+# run-to-run noise) takes MORE_REPEATS more rounds before the medians are compared.
+CLOSE = 0.25
 MORE_REPEATS = 10
 # Another backend replaces the preferred (best-ranked) one only when it is faster by more than
 # this fraction: a tie within the noise goes to the same backend every run.
@@ -63,9 +65,9 @@ def policy() -> str:
 
 
 def bucket(m: int, k: int, n: int, dtype, activation: str) -> str:
-    """The table's key, e.g. ``"256x1024x128 float32 relu"`` for m=200, k=784, n=100."""
-    m, k, n = (1 << max(0, int(d) - 1).bit_length() for d in (m, k, n))
-    return f"{m}x{k}x{n} {jnp.dtype(dtype).name} {activation}"
+    """The table's key, e.g. ``"256x784x100 float32 relu"`` for m=200, k=784, n=100."""
+    m = 1 << max(0, int(m) - 1).bit_length()
+    return f"{m}x{int(k)}x{int(n)} {jnp.dtype(dtype).name} {activation}"
 
 
 def step_functions(backend: str, activation: str):

@@ -128,13 +128,15 @@ def test_the_table_is_read_back_from_disk_without_measuring(fake_timing, tuning_
     assert autotune.choose(100, 30, 7, "float32", "gelu", CPU) == "numba"
     path, = tuning_dir.glob(f"{autotune.KIND}-*.json")
     stored = json.loads(path.read_text())["value"]
-    assert stored["128x32x8 float32 gelu"]["us"]["numba"] == {"fwd": 1e6, "fwd+bwd": 1e6}
+    assert stored["128x30x7 float32 gelu"]["us"]["numba"] == {"fwd": 1e6, "fwd+bwd": 1e6}
     autotune.forget()  # as a new process: nothing in memory
     fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
-    assert autotune.choose(128, 17, 5, "float32", "gelu", CPU) == "numba"  # the stored choice
+    assert autotune.choose(128, 30, 7, "float32", "gelu", CPU) == "numba"  # the stored choice
     assert fake_timing["calls"] == 1
-    assert autotune.choose(128, 17, 5, "bfloat16", "gelu", CPU) == "xla"  # another bucket: measured
+    assert autotune.choose(128, 30, 7, "bfloat16", "gelu", CPU) == "xla"  # another bucket: measured
     assert fake_timing["calls"] == 2
+    assert autotune.choose(128, 30, 8, "float32", "gelu", CPU) == "xla"  # another N: measured
+    assert fake_timing["calls"] == 3
 
 
 def test_entries_are_keyed_by_machine_and_versions(fake_timing, monkeypatch):
@@ -185,10 +187,10 @@ def test_rank_policy_keeps_the_static_rule_and_measures_nothing(fake_timing, mon
 
 
 def test_only_a_close_call_takes_more_samples(fake_timing):
-    """Two candidates 20% apart in both modes: REPEATS rounds decide; 5% apart in one mode: more."""
-    fake_timing["times"] = _times({"xla": 1.2, "numba": 1.0}, {"xla": 1.0, "numba": 1.2})
+    """Two candidates 40% apart in both modes: REPEATS rounds decide; 5% apart in one mode: more."""
+    fake_timing["times"] = _times({"xla": 1.4, "numba": 1.0}, {"xla": 1.0, "numba": 1.4})
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU, mode="fwd") == "numba"
     assert fake_timing["rounds"] == autotune.REPEATS
-    fake_timing["times"] = _times({"xla": 1.2, "numba": 1.0}, {"xla": 1.0, "numba": 1.05})
+    fake_timing["times"] = _times({"xla": 1.4, "numba": 1.0}, {"xla": 1.0, "numba": 1.05})
     assert autotune.choose(128, 64, 64, "float32", "relu", CPU) == "xla"
     assert fake_timing["rounds"] == 2 * autotune.REPEATS + autotune.MORE_REPEATS
