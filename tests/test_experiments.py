@@ -442,3 +442,19 @@ def test_a_workdir_with_an_earlier_run_is_refused_before_loading_unless_told(tmp
     assert (tmp_path / "result.json").exists()
     parse_config(seed_simple_net.Config, args + ["--overwrite"], name="seed_simple_net")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_lm_tuning_split_holds_out_the_end_of_the_training_text_and_never_reads_the_held_out_text():
+    from jaxnet.studies import lm
+
+    full = lm.load(lm.Config())
+    tuned = lm.load(lm.Config(tune_fraction=0.1))
+    cut = len(full.train) - round(0.1 * len(full.train))
+    assert np.array_equal(tuned.train, full.train[:cut]) and np.array_equal(tuned.val, full.train[cut:])
+    assert tuned.test is None and tuned.vocab == full.vocab and "tuning split" in tuned.name
+    assert len(tuned.train) + len(tuned.val) == len(full.train)  # nothing of full.val in either
+    ptb = lm.load(lm.Config(data_dir="tests/data/ptb", tune_fraction=0.25))
+    assert ptb.test is None and len(ptb.val) == round(0.25 * len(lm.load(lm.Config(data_dir="tests/data/ptb")).train))
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="tune_fraction must be in"):
+            lm.Config(tune_fraction=bad)

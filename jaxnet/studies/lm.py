@@ -34,6 +34,10 @@ class Config:
     data_dir: str = ""
     # Held-out fraction of the default corpus (its last characters), in (0, 1).
     val_fraction: float = 0.1
+    # For choosing hyperparameters: when in (0, 1), the run trains on the training text but its
+    # last tune_fraction and reports that part as "held-out", the real held-out text unread
+    # (and a corpus' test split dropped). 0: off (the real held-out split).
+    tune_fraction: float = 0.0
     # The network: 4 layers, 192 wide, 4 heads, 128 context, rotary positions, tanh-GELU MLPs
     # through FusedDense, tied embeddings (1.80M parameters on the default corpus).
     model: TransformerConfig = TransformerConfig(dropout_rate=0.15)
@@ -91,6 +95,8 @@ class Config:
     progress: bool = True
 
     def __post_init__(self):
+        if not 0 <= self.tune_fraction < 1:
+            raise ValueError(f"tune_fraction must be in (0, 1) (or 0: off), got {self.tune_fraction}")
         if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
             raise ValueError(f"need max_new_tokens, temperature and top_k >= 0; got "
                              f"{self.max_new_tokens}, {self.temperature}, {self.top_k}")
@@ -105,9 +111,19 @@ def load(config: Config):
     """The corpus: ``jaxnet.data.text.Corpus`` (train, val, test or None, vocab, name)."""
     from jaxnet.data import text
 
-    if config.data_dir:
-        return text.load_ptb(config.data_dir, level="word")
-    return text.pydoc_corpus(config.val_fraction)
+    corpus = (text.load_ptb(config.data_dir, level="word") if config.data_dir
+              else text.pydoc_corpus(config.val_fraction))
+    return tuning_split(corpus, config.tune_fraction) if config.tune_fraction else corpus
+
+
+def tuning_split(corpus, fraction: float):
+    """``corpus`` with its training text cut in two: the first ``1 - fraction`` to train on, the
+    rest as the held-out split; the real held-out and test splits are not kept."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"tune_fraction must be in (0, 1) (or 0: off), got {fraction}")
+    cut = len(corpus.train) - max(1, round(fraction * len(corpus.train)))
+    return dataclasses.replace(corpus, train=corpus.train[:cut], val=corpus.train[cut:], test=None,
+                               name=f"{corpus.name} (tuning split: last {fraction:g} of training text held out)")
 
 
 def ngram_baseline(config: Config, corpus) -> dict:
