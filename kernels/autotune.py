@@ -7,15 +7,15 @@
 A *bucket* is (M rounded up to a power of two, K, N, dtype, activation); M is x's rows (the
 product of its leading dimensions), the one size that changes from call to call of a layer
 (batch sizes, a last partial batch), while K and N are the layer's own: kept exact, because
-backends rank differently at K or N = 10 and 16. The first time a process meets a bucket that no earlier
-process measured on this machine, each candidate's forward and forward+backward (the VJP: y, dx,
-dW, db, as ``experiments.bench_kernels`` times it) run on fresh arrays of the bucket's shape,
-interleaved, medians of a few samples (``kernels.timing``; three times as many where the two
-fastest are within 25%): about a second for small buckets, seconds for the largest. The
-fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")`` (``kernels.machine``: keyed by the CPU and the versions of
-jaxnet, jax, jaxlib and numba), so later processes read it instead of measuring. An entry that
-does not name one of today's candidates (a hand edit, a corrupted file, a backend gone) is
-measured again, never trusted.
+backends rank differently at K or N = 10 and 16. The first time a process meets a bucket that
+no earlier process measured on this machine, each candidate's forward and forward+backward
+(the VJP: y, dx, dW, db, as ``experiments.bench_kernels`` times it) run on fresh arrays of the
+bucket's shape, interleaved, medians of a few samples (``kernels.timing``; three times as many
+where the two fastest are within 25%): about a second for small buckets, seconds for the
+largest. The fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")``
+(``kernels.machine``: keyed by the CPU and the versions of jaxnet, jax, jaxlib and numba), so
+later processes read it instead of measuring. An entry that does not name one of today's
+candidates (a hand edit, a corrupted file, a backend gone) is measured again, never trusted.
 
 ``JAXNET_AUTO=rank`` turns measuring off: "auto" then takes the best-ranked backend
 (``kernels.dispatch.auto_candidates``; XLA on the CPU), the same every run. ``forget()`` drops

@@ -14,9 +14,10 @@ def format_table(rows) -> str:
     """``rows``: ``(label, Report, BadInputsReport or None)`` triples; returns an aligned table.
 
     A cell is "ok N" (passed on N examples), "FAIL" (out of tolerance: see the counterexample
-    below the table, unless the run stopped at another check's) or "-" (not run). "worst" is the largest |err|/tol seen on any example: under 1, how close a
-    passing candidate came to its tolerance; over 1, how far a failing one is out ("inf": it
-    raised, crashed, hung or gave a non-finite or misshapen result).
+    below the table, unless the run stopped at another check's) or "-" (not run). "worst" is
+    the largest |err|/tol seen on any example: under 1, how close a passing candidate came to
+    its tolerance; over 1, how far a failing one is out ("inf": it raised, crashed, hung or gave
+    a non-finite or misshapen result).
     """
     extra_cols = sorted({c for _, rep, _ in rows if rep for c in rep.results if c not in COLUMNS})
     cols = list(COLUMNS) + extra_cols

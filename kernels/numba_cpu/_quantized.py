@@ -527,7 +527,8 @@ def _prologue(frame, n_rows_args):
         return make_error(frame, "quantized_dense: wrong number of operands or results"), False, False, False
     act = _ffi.scalar_attr_i64(frame, 0)
     if act != IDENTITY and act != RELU:
-        return make_error(frame, "quantized_dense: attribute 'act' must be identity's or relu's code"), False, False, False
+        error = make_error(frame, "quantized_dense: attribute 'act' must be identity's or relu's code")
+        return error, False, False, False
     share = _ffi.scalar_attr_i64(frame, 1)
     if share != 0 and share != 1:
         return make_error(frame, "quantized_dense: missing int64 attribute 'share' (0 or 1)"), False, False, False
