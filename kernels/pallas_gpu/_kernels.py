@@ -19,9 +19,13 @@ from kernels import activations
 
 
 def _dot(a, b, contract, acc_dtype):
-    """``a @ b`` contracting ``a``'s dim ``contract[0]`` with ``b``'s ``contract[1]``; acc in acc_dtype."""
+    """``a @ b`` contracting ``a``'s dim ``contract[0]`` with ``b``'s ``contract[1]``; acc in acc_dtype.
+
+    HIGHEST: float32 operands multiply in IEEE float32; the Triton lowering's default is TF32
+    (10-bit mantissa), which the float32 tolerances do not allow. bf16/f16 are unaffected.
+    """
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           preferred_element_type=acc_dtype)
+                           precision=lax.Precision.HIGHEST, preferred_element_type=acc_dtype)
 
 
 def forward_kernel(x_ref, w_ref, b_ref, *out_refs, activation_name, block_k, acc_dtype, save_grad):

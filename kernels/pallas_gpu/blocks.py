@@ -33,6 +33,24 @@ INTERPRET_DEFAULT = BlockConfig(block_m=128, block_n=128, block_k=128, group_m=1
 GPU_DEFAULT = BlockConfig()
 
 
+# Shared memory one Triton program may use on Hopper (H100, H200: the 227 KiB opt-in maximum).
+SHARED_MEMORY_BYTES = 232_448
+# Kept free beside the pipeline's buffers for Triton's own scratch (epilogue layout conversions).
+SHARED_MEMORY_RESERVE = 64 * 1024
+
+
+def pipeline_stages(num_stages: int, stage_bytes: int) -> int:
+    """The deepest software pipeline, at most ``num_stages``, whose buffers fit in shared memory.
+
+    ``stage_bytes``: what one trip of the kernel's reduction loop loads (its tiles). Triton keeps
+    ``num_stages - 1`` copies of them in shared memory; the backward kernels load three tiles per
+    trip (dy, act'(z) in float32, and w or x), so a config the forward runs at 3 stages may fit
+    only 2 (or 1) there.
+    """
+    fit = 1 + max(0, SHARED_MEMORY_BYTES - SHARED_MEMORY_RESERVE) // max(1, stage_bytes)
+    return max(1, min(num_stages, fit))
+
+
 def default_config(lowering: str) -> BlockConfig:
     return INTERPRET_DEFAULT if lowering == "interpret" else GPU_DEFAULT
 

@@ -130,16 +130,22 @@ def _acc_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _compiler_params(plan: _Plan):
+def _compiler_params(plan: _Plan, stage_bytes: int):
     if plan.lowering == "interpret":
         return None
-    return _triton_module().CompilerParams(num_warps=plan.config.num_warps, num_stages=plan.config.num_stages)
+    return _triton_module().CompilerParams(num_warps=plan.config.num_warps,
+                                           num_stages=blocks.pipeline_stages(plan.config.num_stages, stage_bytes))
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, plan: _Plan, name: str):
+def _tile_bytes(*tiles) -> int:
+    """Bytes of the (rows, cols, dtype) tiles one trip of a kernel's reduction loop loads."""
+    return sum(r * c * jnp.dtype(dt).itemsize for r, c, dt in tiles)
+
+
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, plan: _Plan, name: str, stage_bytes: int):
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=plan.lowering == "interpret", compiler_params=_compiler_params(plan), name=name,
+        interpret=plan.lowering == "interpret", compiler_params=_compiler_params(plan, stage_bytes), name=name,
     )
 
 
@@ -167,6 +173,7 @@ def _forward(x, w, b, activation: str, plan: _Plan, save_residual: bool):
                   pl.BlockSpec((kp, cfg.block_n), lambda p: (0, tile(p)[1])),
                   pl.BlockSpec((cfg.block_n,), lambda p: (tile(p)[1],))],
         out_specs=[out_block] * len(out_shape), out_shape=out_shape, plan=plan, name="fused_dense_fwd",
+        stage_bytes=_tile_bytes((cfg.block_m, cfg.block_k, x.dtype), (cfg.block_k, cfg.block_n, w.dtype)),
     )(x, w, b)
     return outs[0], (outs[1] if save_grad else None)
 
@@ -190,6 +197,8 @@ def _backward_dx(dy, d, w, plan: _Plan):
         in_specs=in_specs + [pl.BlockSpec((cfg.block_k, np_), lambda p: (tile(p)[1], 0))],
         out_specs=pl.BlockSpec((cfg.block_m, cfg.block_k), lambda p: tile(p)),
         out_shape=jax.ShapeDtypeStruct((mp, kp), w.dtype), plan=plan, name="fused_dense_dx",
+        stage_bytes=_tile_bytes(*((cfg.block_m, cfg.block_n, a.dtype) for a in args[:-1]),
+                                (cfg.block_k, cfg.block_n, w.dtype)),
     )(*args)
 
 
@@ -215,6 +224,8 @@ def _backward_dw(x, dy, d, plan: _Plan):
                    pl.BlockSpec((None, cfg.block_n), lambda p: tile(p))],
         out_shape=[jax.ShapeDtypeStruct((kp, np_), x.dtype), jax.ShapeDtypeStruct((nk, np_), x.dtype)],
         plan=plan, name="fused_dense_dw",
+        stage_bytes=_tile_bytes((cfg.block_m, cfg.block_k, x.dtype),
+                                *((cfg.block_m, cfg.block_n, a.dtype) for a in args[1:])),
     )(*args)
     return dw, db_rows[0]
 

@@ -64,7 +64,8 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        raise RuntimeError(f"autotune: no candidate compiled for {key}") from last_err
+        raise RuntimeError(f"autotune: no candidate compiled for {key}; the last error: "
+                           f"{type(last_err).__name__}: {str(last_err)[:300]}") from last_err
     remember(key, best)
     return best
 
