@@ -57,6 +57,7 @@ from kernels.numba_cpu import _cache, _ffi, _kernels, _link
 from kernels.numba_cpu._ffi import arg, dim, dtype, leading, make_error, rank, ret, view
 from kernels.numba_cpu._ffi import nonliteral as _nl  # constant indices: one compile of each reader, not one each
 from kernels.numba_cpu._kernels import IDENTITY, RELU
+from kernels.numba_cpu._pipeline import Compiler
 
 _NBTYPES = {"float32": float32, "float64": float64}
 _DTYPE_CODES = {"float32": _ffi.DTYPE_F32, "float64": _ffi.DTYPE_F64}
@@ -268,7 +269,7 @@ def _compile(fn, returns, options, qualname):
     same registers in the x86-64 and AArch64 C ABIs)."""
     fn.__qualname__ = qualname  # its own index file in Numba's cache
     sig = returns(*[types.int64] * fn.__code__.co_argcount)
-    return cfunc(sig, **{**options, "cache": True})(fn)
+    return cfunc(sig, **{"pipeline_class": Compiler, **options, "cache": True})(fn)
 
 
 def unit(name: str, dtype_name: str):

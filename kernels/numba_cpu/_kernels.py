@@ -52,6 +52,7 @@ from numba import carray, njit
 from kernels.activations import CODES
 from kernels.numba_cpu import _fastmath as _fm
 from kernels.numba_cpu import _ffi, _link
+from kernels.numba_cpu._pipeline import Compiler
 from kernels.numba_cpu._ffi import nonliteral as _nl
 
 # The activation codes the epilogues switch on, from the one table (module-level ints: Numba
@@ -71,10 +72,10 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
 
-_OPTS = dict(cache=True, fastmath=True, boundscheck=False, error_model="numpy", nogil=True)
+_OPTS = dict(cache=True, fastmath=True, boundscheck=False, error_model="numpy", nogil=True, pipeline_class=Compiler)
 # Transcendental epilogues keep strict IEEE semantics (no fastmath): inf/nan inputs must give the
 # reference's answers (e.g. sigmoid(-inf) = 0, tanh(inf) = 1).
-_STRICT = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
+_STRICT = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True, pipeline_class=Compiler)
 
 
 def _unit(**options):

@@ -45,6 +45,7 @@ from numba.extending import intrinsic, overload
 
 from kernels.activations import CODES
 from kernels.numba_cpu import _cache, _ffi
+from kernels.numba_cpu._pipeline import Compiler
 from kernels.numba_cpu._ffi import arg, as_pointer, as_shape, dim, dtype, make_error, rank, ret, view
 
 DTYPE_S8 = 2  # XLA_FFI_DataType S8
@@ -61,7 +62,7 @@ WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
 
 # No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
 # are hand-written IR).
-_OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
+_OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True, pipeline_class=Compiler)
 
 
 def has_vnni() -> bool:

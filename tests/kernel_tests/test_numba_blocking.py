@@ -253,3 +253,33 @@ def test_measure_times_each_blocking_on_the_kernel():
     times = tune.measure(blks, shapes=shapes, repeats=3, warmup=0)
     assert [sorted(t) for t in times] == [sorted(shapes)] * 2
     assert all(len(ts) == 3 and min(ts) > 0 for t in times for ts in t.values())
+
+
+def test_kernels_compile_for_full_width_vectors():
+    """Every function of the package is compiled with ``_pipeline.Compiler``, whose functions carry
+    LLVM's "prefer-vector-width"="512": LLVM tunes Intel's AVX-512 cores (Skylake-X to Sapphire
+    Rapids, Rocket Lake) to prefer 256-bit vectors, which halved the GEMM's speed there. On a
+    machine with AVX-512 the vectorised loop then runs in zmm registers."""
+    import llvmlite.binding as llvm
+    from numba import njit
+
+    from kernels.numba_cpu import _handlers, _kernels, _pipeline, _quantized
+
+    for options in (_kernels._OPTS, _kernels._STRICT, _quantized._OPTS):
+        assert options["pipeline_class"] is _pipeline.Compiler
+    kernels.fused_dense(jnp.ones((4, 3)), jnp.ones((3, 2)), backend="numba").block_until_ready()
+    units = {key: cf._compiler.pipeline_class for key, cf in _handlers._COMPILED.items()}
+    assert units and all(cls is _pipeline.Compiler for cls in units.values()), units
+
+    def axpy(a, x, y):
+        for i in range(x.size):
+            y[i] += a * x[i]
+
+    wide = njit(fastmath=True, pipeline_class=_pipeline.Compiler)(axpy)
+    x, y = np.arange(100, dtype=np.float32), np.ones(100, np.float32)
+    wide(np.float32(2), x, y)
+    np.testing.assert_array_equal(y, 1 + 2 * np.arange(100, dtype=np.float32))  # same values
+    sig = wide.signatures[0]
+    assert _pipeline.ATTRIBUTE in wide.inspect_llvm(sig)
+    if "+avx512f" in llvm.get_host_cpu_features().flatten().split(","):
+        assert "zmm" in wide.inspect_asm(sig)
