@@ -17,18 +17,23 @@ largest. The fastest per mode is kept in memory and in ``TuningCache("fused_dens
 later processes read it instead of measuring. An entry that does not name one of today's
 candidates (a hand edit, a corrupted file, a backend gone) is measured again, never trusted.
 
+The same table serves other ops with a backend choice: an ``Op`` names what is timed (its modes,
+operands and step functions), and its buckets carry its name (``kernels.quantized`` times
+``quantized_dense`` per mode this way). ``FUSED_DENSE`` is the default.
+
 ``JAXNET_AUTO=rank`` turns measuring off: "auto" then takes the best-ranked backend
 (``kernels.dispatch.auto_candidates``; XLA on the CPU), the same every run. ``forget()`` drops
 this process's copy of the table; ``kernels.machine.reset()`` deletes the files.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
 import threading
 import warnings
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +69,23 @@ def policy() -> str:
     return value
 
 
-def bucket(m: int, k: int, n: int, dtype, activation: str) -> str:
-    """The table's key, e.g. ``"256x784x100 float32 relu"`` for m=200, k=784, n=100."""
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """What a table entry times: ``problem(m, k, n, dtype)`` makes the operands (a tuple) and
+    ``steps(backend, activation)`` the jitted functions of them, one per mode in ``modes``."""
+
+    name: str
+    modes: tuple[str, ...]
+    problem: Callable
+    steps: Callable
+
+
+def bucket(m: int, k: int, n: int, dtype, activation: str, op: Op | None = None) -> str:
+    """The table's key, e.g. ``"256x784x100 float32 relu"`` for m=200, k=784, n=100 (fused_dense;
+    another op's name follows, e.g. ``"... relu quantized_dense"``)."""
     m = 1 << max(0, int(m) - 1).bit_length()
-    return f"{m}x{int(k)}x{int(n)} {jnp.dtype(dtype).name} {activation}"
+    suffix = "" if op is None or op is FUSED_DENSE else f" {op.name}"
+    return f"{m}x{int(k)}x{int(n)} {jnp.dtype(dtype).name} {activation}{suffix}"
 
 
 def step_functions(backend: str, activation: str):
@@ -91,42 +109,45 @@ def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0):
             jax.random.normal(keys[2], (n,), dt), jax.random.normal(keys[3], (m, n), dt))
 
 
-def _measure(key: str, candidates: Sequence[str]) -> dict:
+FUSED_DENSE = Op("fused_dense", MODES, problem, step_functions)
+
+
+def _measure(key: str, candidates: Sequence[str], op: Op) -> dict:
     """A table entry for ``key``: each candidate's median µs per mode and the fastest per mode."""
-    dims, dtype, activation = key.split()
+    dims, dtype, activation = key.split()[:3]
     m, k, n = (int(d) for d in dims.split("x"))
     # Concrete arrays and calls even when "auto" is met while tracing a caller's jit or grad.
     with jax.ensure_compile_time_eval():
-        args = problem(m, k, n, dtype)
+        args = op.problem(m, k, n, dtype)
         samplers = {}
         for name in candidates:
-            for mode, fn in zip(MODES, step_functions(name, activation)):
+            for mode, fn in zip(op.modes, op.steps(name, activation)):
                 samplers[f"{name} {mode}"] = timing.timed_call(fn, args, min_sample_s=MIN_SAMPLE_S)
         samples = timing.interleaved_samples(samplers, REPEATS, warmup=1)
-        if _close(samples, candidates):
+        if _close(samples, candidates, op.modes):
             more = timing.interleaved_samples(samplers, MORE_REPEATS)
             samples = {key: samples[key] + more[key] for key in samples}
     t = {key: statistics.median(v) for key, v in samples.items()}
-    us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in MODES} for name in candidates}
+    us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in op.modes} for name in candidates}
     best = {}
-    for mode in MODES:
+    for mode in op.modes:
         fastest = min(candidates, key=lambda name: us[name][mode])
         best[mode] = fastest if us[fastest][mode] < (1 - MARGIN) * us[candidates[0]][mode] else candidates[0]
     return {**best, "candidates": sorted(candidates), "us": us}
 
 
-def _close(samples: dict[str, list[float]], candidates: Sequence[str]) -> bool:
+def _close(samples: dict[str, list[float]], candidates: Sequence[str], modes: Sequence[str] = MODES) -> bool:
     """Whether in some mode the two fastest candidates' medians are within ``CLOSE``."""
-    for mode in MODES:
+    for mode in modes:
         fastest = sorted(statistics.median(samples[f"{name} {mode}"]) for name in candidates)[:2]
         if len(fastest) == 2 and fastest[1] < (1 + CLOSE) * fastest[0]:
             return True
     return False
 
 
-def _trusted(entry, candidates: Sequence[str]) -> bool:
+def _trusted(entry, candidates: Sequence[str], modes: Sequence[str] = MODES) -> bool:
     return (isinstance(entry, dict) and entry.get("candidates") == sorted(candidates)
-            and all(entry.get(mode) in candidates for mode in MODES))
+            and all(entry.get(mode) in candidates for mode in modes))
 
 
 def _stored(cache: TuningCache) -> dict:
@@ -134,18 +155,18 @@ def _stored(cache: TuningCache) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str]) -> dict:
-    """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}}}``:
-    from this process's table, else from disk, else measured now and stored."""
-    key = bucket(m, k, n, dtype, activation)
+def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str], op: Op = FUSED_DENSE) -> dict:
+    """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}}}``
+    (one name per mode of ``op``): from this process's table, else from disk, else measured now and stored."""
+    key = bucket(m, k, n, dtype, activation, op)
     with _lock:
         table = _tables.setdefault(str(tuning_dir()), {})
-        if _trusted(table.get(key), candidates):
+        if _trusted(table.get(key), candidates, op.modes):
             return table[key]
         cache = TuningCache(KIND)
         found = _stored(cache).get(key)
-        if not _trusted(found, candidates):
-            found = _measure(key, candidates)
+        if not _trusted(found, candidates, op.modes):
+            found = _measure(key, candidates, op)
             on_disk = _stored(cache)  # another process may have added buckets meanwhile
             on_disk[key] = found
             try:
@@ -158,8 +179,9 @@ def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[s
 
 
 def choose(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str], *,
-           mode: str = "fwd+bwd") -> str:
-    """The candidate measured fastest for ``x: [m, k] @ w: [k, n]`` in ``mode`` ("fwd" or "fwd+bwd").
+           mode: str = "fwd+bwd", op: Op = FUSED_DENSE) -> str:
+    """The candidate measured fastest for ``x: [m, k] @ w: [k, n]`` in ``mode`` (one of ``op.modes``:
+    "fwd" or "fwd+bwd" for fused_dense).
 
     Args:
       m, k, n: x's rows (product of its leading dimensions), K and N.
@@ -168,13 +190,13 @@ def choose(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[
         is the only one or a dimension is 0, and kept unless another is faster by over ``MARGIN``.
     """
     candidates = list(candidates)
-    if mode not in MODES:
-        raise ValueError(f"kernels.autotune.choose: mode must be one of {MODES}, got {str(mode)[:80]!r}")
+    if mode not in op.modes:
+        raise ValueError(f"kernels.autotune.choose: mode must be one of {op.modes}, got {str(mode)[:80]!r}")
     if not candidates:
         raise ValueError("kernels.autotune.choose: candidates is empty")
     if len(candidates) == 1 or min(m, k, n) == 0:
         return candidates[0]
-    return entry(m, k, n, dtype, activation, candidates)[mode]
+    return entry(m, k, n, dtype, activation, candidates, op)[mode]
 
 
 def tune(shapes: Iterable[tuple[int, int, int]], dtype="float32", activation: str = "relu",
@@ -193,5 +215,5 @@ def forget() -> None:
         _tables.clear()
 
 
-__all__ = ["KIND", "MODES", "POLICY_ENV", "bucket", "choose", "entry", "forget", "policy", "problem", "step_functions",
+__all__ = ["FUSED_DENSE", "KIND", "MODES", "POLICY_ENV", "Op", "bucket", "choose", "entry", "forget", "policy", "problem", "step_functions",
            "tune"]

@@ -14,8 +14,12 @@ Modes (``act_quant``):
   ``z = acc * scale_x[:, None] * scale[None, :] + b``.
 
 Backends: "xla" (here), "numba" (``kernels.numba_cpu.quantized``: CPU kernels through the XLA
-FFI) and "auto", which takes per mode (and number of rows) what ``AUTO`` says measured fastest
-on this platform (docs/benchmarks.md, "Quantized dense"). The definition of correct is
+FFI) and "auto": on the CPU, per mode and shape, the backend measured fastest on this machine
+(``kernels.autotune``'s table, as for ``fused_dense``: x's rows rounded up to a power of two,
+K, N, dtype and activation; ``JAXNET_AUTO=rank`` takes "xla" without measuring); elsewhere
+"xla". The fastest differs between CPUs: on an Intel Xeon with AMX, XLA's int8 dot is several
+times faster than Numba's VNNI kernel, on an AMD EPYC it was the other way round
+(docs/benchmarks.md, "Quantized dense"). The definition of correct is
 ``kernels.reference.quantized_dense``.
 
 Gradients. Quantised inference is the use, but the weight-only layer is a smooth function of
@@ -34,15 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import activations
+from kernels import activations, autotune
 
 QMAX = 127  # symmetric int8, [-127, 127]: -x quantises to -q (no lone -128)
 ACT_QUANT = (None, "int8")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-# What "auto" runs on the CPU, per mode: ((most rows of x, backend), ...), the first entry whose
-# row limit (None: any) covers the call; the fastest measured in docs/benchmarks.md ("Quantized
-# dense"). Other platforms run "xla".
-AUTO = {None: ((64, "numba"), (None, "xla")), "int8": ((None, "numba"),)}
 
 NOT_DIFFERENTIABLE = ("quantized_dense(act_quant='int8') is not differentiable in x: x is rounded to "
                       "int8, so y is piecewise constant in x; differentiate act_quant=None or the float layer")
@@ -186,16 +186,38 @@ def _numba_available() -> bool:
 _IMPLS = {"xla": (xla, lambda: True), "numba": (_numba, _numba_available)}
 
 
-def resolve(backend: str, act_quant, rows: int) -> str:
-    """The backend that runs ``rows`` rows of x: ``backend`` itself, or for "auto" the ``AUTO``
-    entry of the mode (CPU only; elsewhere "xla"). ``ValueError`` for unknown or unavailable names."""
+def _timing_problem(m: int, k: int, n: int, dtype):
+    """``(x [m, k], w_q [k, n] int8, scale [n], b [n])``: what "auto" times (standard normal x and
+    b, w_q uniform in [-127, 127], scale 1 / (127 sqrt(k)))."""
+    x, _, b, _ = autotune.problem(m, k, n, dtype)
+    w_q = jax.random.randint(jax.random.key(1), (k, n), -QMAX, QMAX + 1, jnp.int32).astype(jnp.int8)
+    return x, w_q, jnp.full((n,), 1.0 / (QMAX * math.sqrt(max(k, 1))), x.dtype), b
+
+
+def _timed_steps(act_quant):
+    def steps(backend: str, activation: str):
+        return (jax.jit(lambda x, w_q, s, b: quantized_dense(x, w_q, s, b, activation=activation,
+                                                            act_quant=act_quant, backend=backend)),)
+    return steps
+
+
+# The ops "auto" measures, one per mode (inference: the forward alone).
+TIMED_OPS = {mode: autotune.Op(f"quantized_dense_{mode or 'weights'}", ("fwd",), _timing_problem, _timed_steps(mode))
+             for mode in ACT_QUANT}
+
+
+def resolve(backend: str, act_quant, m: int, k: int, n: int, dtype, activation: str) -> str:
+    """The backend that runs ``x: [m, k] @ w_q: [k, n]``: ``backend`` itself, or for "auto" on the
+    CPU the one measured fastest for this mode and shape (``TIMED_OPS``; "xla" first: it is kept
+    unless another is faster by ``autotune.MARGIN``), elsewhere "xla". ``ValueError`` for unknown
+    or unavailable names."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in _IMPLS):
         raise ValueError(f"quantized_dense: unknown backend {backend!r:.80}; choose 'auto' or one of {sorted(_IMPLS)}")
     if backend == "auto":
-        if jax.default_backend() != "cpu":
-            return "xla"
-        backend = next(name for limit, name in AUTO[act_quant] if limit is None or rows <= limit)
-        return backend if _IMPLS[backend][1]() else "xla"
+        names = [name for name, (_, available) in _IMPLS.items() if available()]
+        if jax.default_backend() != "cpu" or autotune.policy() == "rank":
+            return names[0]
+        return autotune.choose(m, k, n, dtype, activation, names, mode="fwd", op=TIMED_OPS[act_quant])
     if not _IMPLS[backend][1]():
         raise ValueError(f"quantized_dense: backend {backend!r} is not available in this process")
     return backend
@@ -211,8 +233,7 @@ def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quan
       b: ``[N]`` float or None.
       activation: a name from ``kernels.activations.ACTIVATIONS``.
       act_quant: None (weight-only) or "int8" (w8a8, x quantised per row: ``quantize_rows``).
-      backend: "xla", "numba" (CPU) or "auto" (``AUTO``: the fastest measured per mode and
-        number of rows).
+      backend: "xla", "numba" (CPU) or "auto" (the fastest measured here per mode and shape).
 
     Returns:
       ``[..., N]`` in x's dtype. Differentiable in x, scale and b for ``act_quant=None``; in
@@ -222,9 +243,9 @@ def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quan
       TypeError, ValueError: at trace time, naming the argument, its shape and dtype.
     """
     check_quantized_dense_args(x, w_q, scale, b, activation, act_quant)
-    name = resolve(backend, act_quant, math.prod(x.shape[:-1]))
+    name = resolve(backend, act_quant, math.prod(x.shape[:-1]), *w_q.shape, x.dtype, activation)
     return _IMPLS[name][0](x, w_q, scale, b, activation, act_quant)
 
 
-__all__ = ["ACT_QUANT", "AUTO", "QMAX", "check_quantized_dense_args", "compute_dtype", "int8_dot",
+__all__ = ["ACT_QUANT", "QMAX", "TIMED_OPS", "check_quantized_dense_args", "compute_dtype", "int8_dot",
            "quantize_rows", "quantized_dense", "resolve", "scale_row"]

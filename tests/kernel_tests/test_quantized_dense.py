@@ -382,16 +382,35 @@ def test_per_tensor_scale_is_the_per_channel_scale_repeated():
             np.testing.assert_array_equal(f(s[0]), want)
 
 
-def test_auto_runs_the_backend_the_table_names_per_mode_and_rows():
-    assert set(q8.AUTO) == set(q8.ACT_QUANT)
-    for act_quant, entries in q8.AUTO.items():
-        assert entries[-1][0] is None  # every number of rows has a backend
-        low = 1
-        for limit, name in entries:
-            assert name in BACKENDS
-            for rows in (low, limit) if limit else (low, 10**6):
-                assert q8.resolve("auto", act_quant, rows) == name
-            low = (limit or 0) + 1
+def test_auto_runs_the_backend_measured_fastest_per_mode_and_shape(monkeypatch, tmp_path):
+    """"auto" takes per mode and shape the backend kernels.autotune measured fastest here (entries
+    of their own, beside fused_dense's); forged entries show that each mode reads its own; the
+    result is the chosen backend's; with JAXNET_AUTO=rank it is "xla" without measuring."""
+    from kernels import autotune, machine
+
+    monkeypatch.setenv(machine.TUNING_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(autotune.POLICY_ENV, raising=False)
+    autotune.forget()
+    x, w_q, s, b = _small(m=40, k=24, n=12)
+    names = ["xla", "numba"]
+    choice = {mode: q8.resolve("auto", mode, 40, 24, 12, x.dtype, "relu") for mode in q8.ACT_QUANT}
+    for mode in q8.ACT_QUANT:
+        entry = autotune.entry(40, 24, 12, x.dtype, "relu", names, q8.TIMED_OPS[mode])
+        assert choice[mode] == entry["fwd"] in names and set(entry["us"]) == set(names)
+        assert all(entry["us"][name]["fwd"] > 0 for name in names)  # both really timed
+        np.testing.assert_array_equal(kernels.quantized_dense(x, w_q, s, b, act_quant=mode, backend="auto"),
+                                      kernels.quantized_dense(x, w_q, s, b, act_quant=mode, backend=choice[mode]))
+    keys = {autotune.bucket(40, 24, 12, x.dtype, "relu", q8.TIMED_OPS[mode]) for mode in q8.ACT_QUANT}
+    assert len(keys | {autotune.bucket(40, 24, 12, x.dtype, "relu")}) == 3  # one entry per op
+    # Each mode follows its own entry: forge them with opposite answers.
+    table = autotune._tables[str(machine.tuning_dir())]
+    for mode, forced in ((None, "numba"), ("int8", "xla")):
+        key = autotune.bucket(40, 24, 12, x.dtype, "relu", q8.TIMED_OPS[mode])
+        table[key] = {**table[key], "fwd": forced}
+        assert q8.resolve("auto", mode, 33, 24, 12, x.dtype, "relu") == forced  # 33 rows: same bucket as 40
+    monkeypatch.setenv(autotune.POLICY_ENV, "rank")
+    assert {q8.resolve("auto", mode, 40, 24, 12, x.dtype, "relu") for mode in q8.ACT_QUANT} == {"xla"}
+    autotune.forget()
 
 
 @pytest.mark.parametrize("shape", ((0, 5, 3), (2, 0, 3), (2, 5, 0), (1, 1, 1)))
