@@ -9,8 +9,13 @@ Times the numba backend's forward+backward (relu, with bias) at ``SHAPES`` for e
 share the machine's noise. A candidate replaces the derived blocking only when its geometric
 mean time is below the derived one's by more than the noise (``margin``); it is then stored in
 ``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``); otherwise
-the entry for that dtype is removed. Prints the machine, each candidate's times, the choice and
-the cache file, and ends with one JSON line of the same.
+the entry for that dtype is removed. Then, with the blocking kept, it times the same step on one
+thread and shared with XLA's pool at ``THRESHOLD_SHAPES`` (2^19 to 2^24 multiply-adds) and
+stores the size from which sharing wins (``pick_threshold``) as ``parallel_min_macs`` when it is
+not the derived one: the cost of handing blocks to the pool is a property of the machine (on an
+Intel Xeon VM sharing lost up to 2^21 multiply-adds, where the model says 2^19). Prints the
+machine, each candidate's times, the choice and the cache file, and ends with one JSON line of
+the same.
 
 Not run at first use: it takes seconds, where a first call should not (``blocking``).
 ``gemm_nt``'s mb, nb, lb are left derived: the shapes here run the panel GEMM only.
@@ -26,12 +31,16 @@ import jax
 
 from kernels.machine import TuningCache, describe
 from kernels.numba_cpu._kernels import MR, NR
-from kernels.numba_cpu.blocking import CACHE_KIND, Blocking, derive
+from kernels.numba_cpu.blocking import CACHE_KIND, NEVER, Blocking, derive
 
 # (M, K, N): forward+backward at these, the geometric mean of their medians scores a candidate.
 SHAPES = ((512, 512, 512), (1024, 1024, 1024))
 # A candidate must beat the derived blocking by at least this fraction, and by twice the noise.
 MIN_GAIN = 0.03
+# (M, K, N) doubling the multiply-adds from 2^19 to 2^24: where sharing work with XLA's pool
+# starts to pay is measured among these.
+THRESHOLD_SHAPES = ((64, 64, 128), (128, 64, 128), (128, 128, 128), (256, 128, 128), (256, 256, 128),
+                    (256, 256, 256))
 
 
 def candidates(base: Blocking) -> list[Blocking]:
@@ -55,8 +64,8 @@ def candidates(base: Blocking) -> list[Blocking]:
     return unique
 
 
-def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeats: int = 7, warmup: int = 1
-            ) -> list[dict[tuple, list[float]]]:
+def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeats: int = 7, warmup: int = 1,
+            min_sample_s: float = 0.0) -> list[dict[tuple, list[float]]]:
     """Seconds of the numba forward+backward, per blocking, per shape: ``repeats`` samples each,
     all blockings and shapes interleaved, in an order that rotates by a blocking each round (the
     first of a round measured slower here)."""
@@ -70,7 +79,7 @@ def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeat
             fn, args = step_functions("numba", "relu")[1], problem(*shape, dtype)  # a fresh jit: traced below
             with backend.use_blocking(blk):  # traced here: the executable carries blk's attributes
                 jax.block_until_ready(fn(*args))
-            samplers[i, shape] = timed_call(fn, args)
+            samplers[i, shape] = timed_call(fn, args, min_sample_s=min_sample_s)
     interleaved_samples(samplers, 0, warmup)
     keys, times = list(samplers), {key: [] for key in samplers}
     for r in range(repeats):  # each round starts one blocking later: none always samples first
@@ -97,6 +106,21 @@ def pick(blockings: list[Blocking], times: list[dict]) -> tuple[int, float]:
     return (best if scores[best][0] < scores[0][0] * (1 - margin) else 0), margin
 
 
+def pick_threshold(single: dict[tuple, list[float]], shared: dict[tuple, list[float]], derived: int) -> int:
+    """``parallel_min_macs`` from times on one thread and shared, per (M, K, N): the multiply-adds
+    of the smallest shape from which sharing is faster by more than ``MIN_GAIN`` at every larger
+    shape too; ``derived`` if that is the smallest shape measured and ``derived`` is below it;
+    twice the largest if sharing wins at none, or not at the largest (noise otherwise)."""
+    shapes = sorted(single, key=math.prod)
+    wins = [statistics.median(shared[s]) < (1 - MIN_GAIN) * statistics.median(single[s]) for s in shapes]
+    first = len(shapes)
+    while first > 0 and wins[first - 1]:
+        first -= 1
+    if first == len(shapes):
+        return 2 * math.prod(shapes[-1])
+    return min(derived, math.prod(shapes[0])) if first == 0 else math.prod(shapes[first])
+
+
 def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     """Measures ``candidates`` on this machine, stores the winner (or removes the entry), and
     returns a summary."""
@@ -115,11 +139,24 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
         log(f"{'*' if i == best else ' '} {'derived ' if i == 0 else 'candidate'} kc={blk.kc} pg={blk.pg} "
             f"pmb={blk.pmb}: {geo * 1e3:8.2f} ms geomean, noise {noise:.1%}, GFLOP/s "
             + " / ".join(f"{g:.1f} at {'x'.join(map(str, s))}" for g, s in zip(gflops, t)))
+    kept = blockings[best]
+    sharing = None
+    if base.parallel_min_macs < NEVER:  # more than one core
+        single, shared = measure([kept.replace(parallel_min_macs=NEVER), kept.replace(parallel_min_macs=1)],
+                                 dtype=dtype, shapes=THRESHOLD_SHAPES, repeats=repeats, min_sample_s=0.002)
+        threshold = pick_threshold(single, shared, base.parallel_min_macs)
+        sharing = {"derived": base.parallel_min_macs, "measured": threshold,
+                   "us": {"x".join(map(str, sh)): [round(statistics.median(single[sh]) * 1e6, 1),
+                                                   round(statistics.median(shared[sh]) * 1e6, 1)]
+                          for sh in THRESHOLD_SHAPES}}
+        log("one thread / shared, µs: " + ", ".join(f"{k} {a} / {b}" for k, (a, b) in sharing["us"].items()))
+        log(f"parallel_min_macs: derived {base.parallel_min_macs}, measured {threshold}")
+        kept = kept.replace(parallel_min_macs=threshold)
     cache = TuningCache(CACHE_KIND, machine)
     value = cache.get()
     value = dict(value) if isinstance(value, dict) else {}
-    if best:
-        value[dtype] = blockings[best].as_dict()
+    if kept != base:
+        value[dtype] = kept.as_dict()
     else:
         value.pop(dtype, None)
     if value:
@@ -128,8 +165,8 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
         cache.path.unlink(missing_ok=True)
     choice = "tuned" if best else "derived"
     log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}")
-    return {"dtype": dtype, "choice": choice, "blocking": blockings[best].as_dict(), "margin": round(margin, 4),
-            "candidates": rows, "cache_file": str(cache.path), "machine": machine.as_dict()}
+    return {"dtype": dtype, "choice": choice, "blocking": kept.as_dict(), "margin": round(margin, 4),
+            "candidates": rows, "sharing": sharing, "cache_file": str(cache.path), "machine": machine.as_dict()}
 
 
 def reset() -> str:

@@ -7,6 +7,7 @@ and reset (``kernels.numba_cpu.tune``). Every test writes tuning files into its 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -237,15 +238,34 @@ def test_pick_keeps_the_derived_blocking_within_the_noise():
 def test_tune_stores_a_winner_and_reset_forgets_it(monkeypatch, capsys):
     base = derive(machine.describe())
 
-    def fake_measure(blockings, **kw):  # candidate 1 is 20% faster; no kernel runs
-        return [{(512, 512, 512): [0.8 if i == 1 else 1.0] * 3} for i in range(len(blockings))]
+    def fake_measure(blockings, shapes=((512, 512, 512),), **kw):  # candidate 1 is 20% faster; no kernel runs
+        if shapes == tune.THRESHOLD_SHAPES:  # one thread, then shared: sharing 10% faster everywhere
+            return [{s: [1.0 if i == 0 else 0.9] * 3 for s in shapes} for i in range(len(blockings))]
+        return [{s: [0.8 if i == 1 else 1.0] * 3 for s in shapes} for i in range(len(blockings))]
     monkeypatch.setattr(tune, "measure", fake_measure)
     summary = tune.tune("float32", log=lambda *a: None)
+    # Sharing wins from the smallest shape on: the derived threshold (at most its 2^19) is kept.
     assert summary["choice"] == "tuned" and blocking.load("float32") == tune.candidates(base)[1]
     blocking.chosen.cache_clear()
     assert blocking.chosen("float32") == tune.candidates(base)[1]
     tune.main(["--reset"])
     assert "reset" in capsys.readouterr().out and blocking.load("float32") is None
+
+
+def test_pick_threshold_takes_where_sharing_starts_to_win_for_good():
+    shapes = tune.THRESHOLD_SHAPES
+    macs = [math.prod(s) for s in shapes]
+    single = {s: [1.0] * 3 for s in shapes}
+
+    def shared(*ratios):
+        return {s: [r] * 3 for s, r in zip(shapes, ratios)}
+    assert macs == sorted(macs) and macs[0] == 1 << 19 and macs[-1] == 1 << 24
+    assert tune.pick_threshold(single, shared(1.2, 1.1, 1.01, 0.9, 0.8, 0.6), 1 << 19) == macs[3]
+    assert tune.pick_threshold(single, shared(0.9, 1.1, 0.95, 0.9, 0.8, 0.6), 1 << 19) == macs[2]  # a lone early win
+    assert tune.pick_threshold(single, shared(0.9, 0.9, 0.9, 0.9, 0.9, 0.9), 1 << 18) == 1 << 18  # derived, lower
+    assert tune.pick_threshold(single, shared(0.9, 0.9, 0.9, 0.9, 0.9, 0.9), 1 << 20) == macs[0]
+    assert tune.pick_threshold(single, shared(1.2, 1.1, 1.0, 0.98, 1.0, 0.99), 1 << 19) == 2 * macs[-1]  # never
+    assert tune.pick_threshold(single, shared(0.9, 0.9, 0.9, 0.9, 0.9, 1.0), 1 << 19) == 2 * macs[-1]
 
 
 def test_measure_times_each_blocking_on_the_kernel():
