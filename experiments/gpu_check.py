@@ -51,6 +51,9 @@ class Config:
     repeats: int = 10
     # Untimed runs before each measurement (the first compiles).
     warmup: int = 2
+    # Each timed sample runs calls back to back for at least this long (per-call dispatch then
+    # overlaps the GPU's work); 0 times single calls, each waited for (as before 2026-12-04).
+    min_sample_s: float = 0.02
     # The dtype of x, w and b in the benchmark.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Seconds after which no new shape is autotuned, so the whole check stays within 5 minutes.
@@ -91,7 +94,8 @@ def _benchmark(config: Config, lowering: str, dtype, problems, start: float, row
                 cfg = autotune(p.m, p.n, p.k, dtype, p.activation, lowering=lowering, repeats=5,
                                candidates=GPU_CANDIDATES[:config.candidates])
             row = bench.measure(p, dtype=dtype, lowering=lowering, config=cfg, repeats=2 if config.quick else
-                                config.repeats, warmup=1 if config.quick else config.warmup)
+                                config.repeats, warmup=1 if config.quick else config.warmup,
+                                min_sample_s=0.0 if config.quick else config.min_sample_s)
         except Exception as err:  # noqa: BLE001 - one GPU run should report every shape it can
             rows.append({"name": p.name, "m": p.m, "k": p.k, "n": p.n, "activation": p.activation,
                          "error": f"{type(err).__name__}: {err}"[:800]})
@@ -176,8 +180,10 @@ def _report(config: Config, result: dict, tests: dict | None, rows) -> str:
         "",
         f"- device: {result['device']}; jax {result['jax']}; lowering: {result['lowering']}; dtype {result['dtype']}",
         f"- command: `python -m experiments.gpu_check{' --interpret' if config.interpret else ''}"
-        f"{' --quick' if config.quick else ''}`; medians of {2 if config.quick else config.repeats} runs "
-        "after warm-up, block_until_ready",
+        f"{' --quick' if config.quick else ''}`; medians of {2 if config.quick else config.repeats} samples "
+        "after warm-up, Pallas and XLA in turn, each sample "
+        + ("one call" if config.quick or not config.min_sample_s else
+           f">= {config.min_sample_s * 1e3:g} ms of back-to-back calls") + ", block_until_ready",
     ]
     if dry:
         lines.append("- **dry run** (interpret mode and/or tiny shapes): the figures below check the script, "
