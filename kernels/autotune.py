@@ -82,7 +82,7 @@ class Op:
 
 def bucket(m: int, k: int, n: int, dtype, activation: str, op: Op | None = None) -> str:
     """The table's key, e.g. ``"256x784x100 float32 relu"`` for m=200, k=784, n=100 (fused_dense;
-    another op's name follows, e.g. ``"... relu quantized_dense"``)."""
+    another op's name follows, e.g. ``"... relu quantized_dense_int8"``)."""
     m = 1 << max(0, int(m) - 1).bit_length()
     suffix = "" if op is None or op is FUSED_DENSE else f" {op.name}"
     return f"{m}x{int(k)}x{int(n)} {jnp.dtype(dtype).name} {activation}{suffix}"
@@ -215,5 +215,5 @@ def forget() -> None:
         _tables.clear()
 
 
-__all__ = ["FUSED_DENSE", "KIND", "MODES", "POLICY_ENV", "Op", "bucket", "choose", "entry", "forget", "policy", "problem", "step_functions",
-           "tune"]
+__all__ = ["FUSED_DENSE", "KIND", "MODES", "POLICY_ENV", "Op", "bucket", "choose", "entry", "forget", "policy", "problem",
+           "step_functions", "tune"]
