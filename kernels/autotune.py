@@ -80,14 +80,6 @@ class Op:
     steps: Callable
 
 
-def bucket(m: int, k: int, n: int, dtype, activation: str, op: Op | None = None) -> str:
-    """The table's key, e.g. ``"256x784x100 float32 relu"`` for m=200, k=784, n=100 (fused_dense;
-    another op's name follows, e.g. ``"... relu quantized_dense_int8"``)."""
-    m = 1 << max(0, int(m) - 1).bit_length()
-    suffix = "" if op is None or op is FUSED_DENSE else f" {op.name}"
-    return f"{m}x{int(k)}x{int(n)} {jnp.dtype(dtype).name} {activation}{suffix}"
-
-
 def step_functions(backend: str, activation: str):
     """``(fwd, fwd_bwd)``, jitted, both of ``(x, w, b, dy)``: ``y``, and ``(y, (dx, dw, db))`` from
     the VJP with cotangent ``dy``; what the table and ``experiments.bench_kernels`` time."""
@@ -110,6 +102,14 @@ def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0):
 
 
 FUSED_DENSE = Op("fused_dense", MODES, problem, step_functions)
+
+
+def bucket(m: int, k: int, n: int, dtype, activation: str, op: Op = FUSED_DENSE) -> str:
+    """The table's key, e.g. ``"256x784x100 float32 relu"`` for m=200, k=784, n=100 (fused_dense;
+    another op's name follows, e.g. ``"... relu quantized_dense_int8"``)."""
+    m = 1 << max(0, int(m) - 1).bit_length()
+    suffix = "" if op is FUSED_DENSE else f" {op.name}"
+    return f"{m}x{int(k)}x{int(n)} {jnp.dtype(dtype).name} {activation}{suffix}"
 
 
 def _measure(key: str, candidates: Sequence[str], op: Op) -> dict:
@@ -136,7 +136,7 @@ def _measure(key: str, candidates: Sequence[str], op: Op) -> dict:
     return {**best, "candidates": sorted(candidates), "us": us}
 
 
-def _close(samples: dict[str, list[float]], candidates: Sequence[str], modes: Sequence[str] = MODES) -> bool:
+def _close(samples: dict[str, list[float]], candidates: Sequence[str], modes: Sequence[str]) -> bool:
     """Whether in some mode the two fastest candidates' medians are within ``CLOSE``."""
     for mode in modes:
         fastest = sorted(statistics.median(samples[f"{name} {mode}"]) for name in candidates)[:2]
@@ -145,7 +145,7 @@ def _close(samples: dict[str, list[float]], candidates: Sequence[str], modes: Se
     return False
 
 
-def _trusted(entry, candidates: Sequence[str], modes: Sequence[str] = MODES) -> bool:
+def _trusted(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
     return (isinstance(entry, dict) and entry.get("candidates") == sorted(candidates)
             and all(entry.get(mode) in candidates for mode in modes))
 
