@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from kernels.pallas_gpu.blocks import BlockConfig, clear_cache, default_config, problem_key, remember, tuned
 from kernels.pallas_gpu.ops import fused_dense, resolve_lowering
-from kernels.timing import median_seconds
+from kernels.timing import median_of, timed_call
 
 # Candidates for bf16/f16 on Hopper-class GPUs (tile, warps, pipeline depth), best-known first.
 GPU_CANDIDATES = (
@@ -27,12 +27,13 @@ GPU_CANDIDATES = (
 
 def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu", *,
              candidates=GPU_CANDIDATES, backward: bool = True, repeats: int = 5,
-             lowering: str = "auto") -> BlockConfig:
+             lowering: str = "auto", min_sample_s: float = 0.02) -> BlockConfig:
     """Returns (and caches) the fastest candidate for ``x: [m, k] @ w: [k, n]``.
 
     Off-GPU it returns the interpret default without timing anything. Candidates that fail to
     compile (e.g. too much shared memory for their stage count) are skipped; if all fail, the
-    last error is raised.
+    last error is raised. Each sample runs calls back to back for ``min_sample_s`` as
+    ``kernels.pallas_gpu.bench`` does, so per-call dispatch does not blur the ranking.
     """
     lowering = resolve_lowering(lowering)
     if lowering == "interpret":
@@ -57,7 +58,7 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
         else:
             step = fwd
         try:
-            t = median_seconds(jax.jit(step), (x, w, b), repeats)
+            t = median_of(timed_call(jax.jit(step), (x, w, b), min_sample_s=min_sample_s), repeats, 1)
         except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
             last_err = err
             continue
@@ -70,4 +71,4 @@ def autotune(m: int, n: int, k: int, dtype=jnp.bfloat16, activation: str = "relu
     return best
 
 
-__all__ = ["GPU_CANDIDATES", "autotune", "clear_cache", "median_seconds"]
+__all__ = ["GPU_CANDIDATES", "autotune", "clear_cache"]
