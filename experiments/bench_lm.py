@@ -36,7 +36,8 @@ from jaxnet.models.transformer import TransformerConfig
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    # The network; its vocab_size comes from the corpus. The lm experiment's default model.
+    # The network; its vocab_size comes from the corpus. The lm experiment's model until it moved
+    # to context 256 and bf16 (session 17): the one every throughput figure in docs was measured on.
     model: TransformerConfig = TransformerConfig(dropout_rate=0.15)
     derived: ClassVar[tuple[str, ...]] = ("model.vocab_size",)
     # Windows per step (each model.block_size tokens long).

@@ -73,8 +73,8 @@ def test_the_defaults_shown_are_the_configs(monkeypatch):
     entries = _entries(_parser("lm", monkeypatch), monkeypatch)
     assert entries["--batch-size"][1].endswith("(default: 32)")
     assert entries["--data-dir"][1].endswith("(default: '')")
-    assert entries["--model.dropout-rate"][1].endswith("(default: 0.15)")  # the lm's, not TransformerConfig's 0.1
-    assert entries["--model.dtype"][1].endswith("(default: float32)")
+    assert entries["--model.dropout-rate"][1].endswith("(default: 0.2)")  # the lm's, not TransformerConfig's 0.1
+    assert entries["--model.dtype"][1].endswith("(default: bfloat16)")
     assert entries["--progress"][1].endswith("(default: on)")
     recsys = _entries(_parser("recsys", monkeypatch), monkeypatch)
     assert recsys["--implicit-models"][1].endswith("(default: mf ncf two_tower)")  # as typed on the command line

@@ -251,6 +251,13 @@ def test_lm_experiment_end_to_end_on_the_ptb_sample_then_generates_from_its_save
     assert result["level"] == "word" and result["steps"] == 20 and result["params"] > 0
     assert math.isfinite(result["val_perplexity"]) and math.isfinite(result["test_perplexity"])
     assert result["ngram_kn3_val_perplexity"] > 1
+    # The interpolated model (weight 0.3 on the n-gram): -log of a mixture is at most the mixed
+    # -logs (convexity), so its perplexity is at most the worse model's (the n-gram's figure also
+    # scores the first held-out word, which the network does not: 1% slack).
+    assert result["ngram_weight"] == 0.3
+    for split in ("val", "test"):
+        worse = max(result[f"{split}_perplexity"], result[f"ngram_kn3_{split}_perplexity"])
+        assert 1 < result[f"interpolated_{split}_perplexity"] <= 1.01 * worse
     assert json.loads((tmp_path / "result.json").read_text()) == result
     assert (tmp_path / "loss_curve.png").exists() and (tmp_path / "metrics.jsonl").exists()
     # The final weights are saved even with --checkpoint-every 0, and the result names them.
@@ -291,6 +298,23 @@ def test_lm_time_budget_follows_the_clock_schedule(tmp_path, monkeypatch):
     assert result["steps"] == math.ceil(2 * result["n_train"] / (4 * 8)) and result["epochs"] >= 2
 
 
+def test_a_lm_tuning_run_lists_the_interpolated_figure_at_every_weight(tmp_path, monkeypatch):
+    """--tune-fraction: the weight of the n-gram is chosen from this table, which runs from the
+    network alone (weight 0) to the n-gram's share at 0.6."""
+    from jaxnet.studies import lm
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    config = lm.Config(data_dir="tests/data/ptb", tune_fraction=0.3, steps=4, batch_size=2, eval_every=4,
+                       log_every=4, eval_stride=4, max_new_tokens=1, progress=False,
+                       model=TransformerConfig(num_layers=1, embed_dim=16, num_heads=2, block_size=8),
+                       optimizer=lm.Config().optimizer.replace(warmup_steps=1))
+    result = lm.run(config, tmp_path)
+    table = result["interpolated_val_perplexity_by_weight"]
+    assert list(table) == [str(w) for w in lm.TUNING_WEIGHTS] and lm.TUNING_WEIGHTS[:2] == (0.0, 0.05)
+    assert table["0.0"] == result["val_perplexity"] and table["0.3"] == result["interpolated_val_perplexity"]
+    assert len(set(table.values())) > 1
+
+
 def _lm_updates(tx, n: int) -> np.ndarray:
     """``n`` updates of ``tx`` on a tiny tree (gradient norm 3: clipping acts), the clock at t/n."""
     import jax
@@ -308,7 +332,7 @@ def _lm_updates(tx, n: int) -> np.ndarray:
 
 
 def test_lm_optimizer_is_the_nested_config_and_builds_the_same_updates_as_before(tmp_path):
-    """Before the nesting, lm built AdamW (5e-3, wd 0.1, b2 0.99, clip 1) with warm-up 100 and a
+    """Before the nesting, lm built AdamW (then 5e-3, wd 0.1, b2 0.99, clip 1) with warm-up 100 and a
     cosine to 0.05, over `steps` or (steps 0) the clock: the same updates must come out."""
     import optax
 
@@ -325,9 +349,9 @@ def test_lm_optimizer_is_the_nested_config_and_builds_the_same_updates_as_before
         return optim.make_optimizer(base.replace(schedule="warmup_cosine", warmup_steps=min(100, steps - 1),
                                                  total_steps=steps, final_lr_fraction=0.05))
 
-    for steps in (0, 150):
+    for steps in (0, 150):  # the default rate is 8e-3 since the tuning split chose it
         np.testing.assert_array_equal(_lm_updates(lm.make_optimizer(lm.Config(steps=steps)), 150),
-                                      _lm_updates(before(5e-3, steps), 150))
+                                      _lm_updates(before(8e-3, steps), 150))
     config, _ = common.parse_config(lm_experiment.Config, ["--optimizer.learning-rate", "0.02", "--steps", "150",
                                                            "--workdir", str(tmp_path)], name="lm")
     assert config.optimizer == lm.Config().optimizer.replace(learning_rate=0.02)

@@ -1,11 +1,13 @@
 """The interpolated Kneser–Ney baseline: proper distributions, the unigram case by hand, more
-order helps on structured text, and its limits."""
+order helps on structured text, and its limits; interpolating it with another model."""
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jaxnet.baselines.ngram import KneserNey, bits_per_token
+from jaxnet.baselines.ngram import KneserNey, bits_per_token, interpolate
 
 
 @pytest.mark.parametrize("order", [1, 2, 4])
@@ -47,3 +49,26 @@ def test_refuses_keys_that_overflow_and_bad_ids():
     with pytest.raises(ValueError, match="order"):
         KneserNey.fit(np.array([0, 1]), order=0, vocab_size=5)
     assert math.isfinite(KneserNey.fit(np.array([0, 1, 2]), order=3, vocab_size=3).cross_entropy([2, 1]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.0, 1.0), st.integers(2, 12))
+def test_interpolating_two_models_gives_a_distribution_between_them(seed, weight, vocab):
+    """Full distributions over a vocabulary, mixed entry by entry: the mixture sums to 1, weight 0
+    and 1 give each model back, and every entry lies between the two models' (it is their convex
+    combination, computed in logs)."""
+    rng = np.random.default_rng(seed)
+    log_p, log_q = (np.log(rng.dirichlet(np.ones(vocab))) for _ in range(2))
+    mixed = interpolate(log_p, log_q, weight)
+    assert math.isclose(np.exp(mixed).sum(), 1.0, rel_tol=1e-12)
+    np.testing.assert_allclose(np.exp(mixed), (1 - weight) * np.exp(log_p) + weight * np.exp(log_q), rtol=1e-12)
+    np.testing.assert_array_equal(interpolate(log_p, log_q, 0.0), log_p)
+    np.testing.assert_array_equal(interpolate(log_p, log_q, 1.0), log_q)
+    assert np.all(mixed >= np.minimum(log_p, log_q) - 1e-12) and np.all(mixed <= np.maximum(log_p, log_q) + 1e-12)
+
+
+def test_interpolate_names_bad_input():
+    with pytest.raises(ValueError, match="weight must be in \\[0, 1\\], got 1.5"):
+        interpolate(np.zeros(3), np.zeros(3), 1.5)
+    with pytest.raises(ValueError, match="different tokens: shapes \\(3,\\) and \\(4,\\)"):
+        interpolate(np.zeros(3), np.zeros(4), 0.5)

@@ -177,6 +177,32 @@ def test_a_tiny_model_overfits_a_tiny_corpus():
     assert run.tokens == 150 * 16 * 16
 
 
+@pytest.mark.parametrize("n,stride", [(40, 4), (37, 16), (16, 3), (2, 1)])
+def test_token_log_probs_score_each_target_once_in_order_with_its_context(n, stride):
+    """Entry j is the model's log-probability of ``tokens[j + 1]`` after a context of at least
+    ``block_size - stride`` tokens ending at ``tokens[j]`` (or every token before it, near the
+    start). Checked against the model run on a window starting at each position: a causal model's
+    prediction at a position depends on nothing after it, so that window's position j - start is
+    the prediction from context ``tokens[start:j + 1]``."""
+    from jaxnet.train.stream import token_log_probs
+
+    block = 16
+    model = TransformerLM(TINY.replace(num_layers=1, block_size=block))
+    state = TrainState.create(model=model, tx=optim.make_optimizer(optim.OptimizerConfig()),
+                              sample_x=jnp.zeros((1, block), jnp.int32), seed=3)
+    tokens = np.random.default_rng(n).integers(0, TINY.vocab_size, n).astype(np.int32)
+    got = token_log_probs(state, tokens, block_size=block, stride=stride, batch_size=2)
+    assert got.shape == (n - 1,) and got.dtype == np.float64
+    padded = np.concatenate([tokens, np.zeros(block, np.int32)])
+    windows = np.stack([padded[s:s + block] for s in range(n)])  # (n, block): one starting at each token
+    log_p = np.asarray(jax.nn.log_softmax(model.apply({"params": state.params}, jnp.asarray(windows), train=False)))
+    for j in range(n - 1):
+        starts = [s for s in range(max(0, j + 1 - block), j + 1) if j - s >= block - stride or s == 0]
+        want = [log_p[s, j - s, tokens[j + 1]] for s in starts]
+        assert np.isclose(want, got[j], rtol=2e-5, atol=2e-6).any(), (j, got[j], want)
+    assert evaluate_stream(state, tokens, block_size=16, stride=stride, batch_size=2) == pytest.approx(-got.mean())
+
+
 def _scheduled_state() -> TrainState:
     """A 1-layer LM whose optimiser ends in a ``clock_schedule`` (warm-up 2, cosine to 0.1)."""
     import optax

@@ -126,4 +126,19 @@ def bits_per_token(model: KneserNey, ids, context=None) -> float:
     return model.cross_entropy(ids, context) / math.log(2)
 
 
-__all__ = ["KneserNey", "bits_per_token"]
+def interpolate(log_p, log_q, weight: float) -> np.ndarray:
+    """``log((1 - weight) * p + weight * q)``, token by token: two models' natural-log probabilities
+    of the same tokens (``[N]`` each, e.g. a network's and ``KneserNey.log_probs``) linearly
+    interpolated, the classic way of combining a neural and an n-gram language model. Each model's
+    distributions sum to 1, so the mixture's do too. Computed in logs (no underflow).
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"interpolate: weight must be in [0, 1], got {weight}")
+    log_p, log_q = np.asarray(log_p, np.float64), np.asarray(log_q, np.float64)
+    if log_p.shape != log_q.shape:
+        raise ValueError(f"interpolate: the two models scored different tokens: shapes {log_p.shape} and {log_q.shape}")
+    with np.errstate(divide="ignore"):  # log(0) = -inf at weight 0 or 1: that model drops out
+        return np.logaddexp(np.log1p(-weight) + log_p, np.log(weight) + log_q)
+
+
+__all__ = ["KneserNey", "bits_per_token", "interpolate"]

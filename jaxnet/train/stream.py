@@ -74,33 +74,40 @@ def _stream_step(loss_fn: Callable, batch_size: int, block_size: int, on_nonfini
 
 
 @functools.lru_cache(maxsize=16)
-def _nll_sums():
+def _log_probs():
     @jax.jit
-    def nll(state: TrainState, x, y, score):
+    def log_probs(state: TrainState, x, y):
         logits = state.apply_fn(state.variables, x, **mode_kwargs(state.model, False))  # (B, T, V)
-        per_token = losses.cross_entropy(logits, y, reduction="none", mask=score)  # (B, T)
-        return jnp.sum(per_token), jnp.sum(score)
+        return -losses.cross_entropy(logits, y, reduction="none")  # (B, T)
 
-    return nll
+    return log_probs
+
+
+def token_log_probs(state: TrainState, tokens, *, block_size: int, batch_size: int = 64,
+                    stride: int | None = None) -> np.ndarray:
+    """``[N - 1]`` float64: the natural-log probability the model gives each target ``tokens[j + 1]``
+    of ``tokens: [N]``, in order.
+
+    Windows from ``jaxnet.data.text.stream_windows``: with ``stride < block_size`` each target is
+    scored once with at least ``block_size - stride`` tokens of context (a sliding evaluation),
+    with the default ``stride = block_size`` in non-overlapping windows. The windows score their
+    targets in order, so the scored positions read row by row are targets 0, 1, ..., N - 2.
+    """
+    x, y, score = stream_windows(np.asarray(tokens), block_size, stride)
+    log_probs = _log_probs()
+    pad = (-len(x)) % batch_size  # fixed batch shape: one compilation
+    x, y = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, y))
+    out = np.concatenate([np.asarray(log_probs(state, x[i:i + batch_size], y[i:i + batch_size]), np.float64)
+                          for i in range(0, len(x), batch_size)])
+    return out[:len(score)][score]
 
 
 def evaluate_stream(state: TrainState, tokens, *, block_size: int, batch_size: int = 64,
                     stride: int | None = None) -> float:
-    """Mean next-token negative log-likelihood (nats) over every target of ``tokens: [N]``.
-
-    Windows from ``jaxnet.data.text.stream_windows``: with ``stride < block_size`` each target is
-    scored once with at least ``block_size - stride`` tokens of context (a sliding evaluation),
-    with the default ``stride = block_size`` in non-overlapping windows.
-    """
-    x, y, score = stream_windows(np.asarray(tokens), block_size, stride)
-    nll = _nll_sums()
-    total, count = 0.0, 0.0
-    pad = (-len(x)) % batch_size  # fixed batch shape: one compilation
-    x, y, score = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, y, score))
-    for i in range(0, len(x), batch_size):
-        s, c = nll(state, x[i:i + batch_size], y[i:i + batch_size], score[i:i + batch_size])
-        total, count = total + float(s), count + float(c)
-    return total / count
+    """Mean next-token negative log-likelihood (nats) over every target of ``tokens: [N]``: the mean
+    of ``-token_log_probs`` (same windows and arguments)."""
+    return float(-np.mean(token_log_probs(state, tokens, block_size=block_size, batch_size=batch_size,
+                                          stride=stride)))
 
 
 def _stack(per_step: list[dict]) -> dict:
@@ -372,4 +379,4 @@ def fit_stream(
 
 
 __all__ = ["ClockScheduleState", "StreamResult", "agree", "clock_factor", "clock_schedule", "evaluate_stream",
-           "fit_stream", "set_clock_fraction"]
+           "fit_stream", "set_clock_fraction", "token_log_probs"]
