@@ -356,6 +356,16 @@ def put(array, sharding: NamedSharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def fetch(array) -> np.ndarray:
+    """``array`` whole on this host: gathered from the other processes when they hold parts of it
+    (every process must call it), else copied from the devices. The inverse of ``put``."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
     """Where a ``TrainState``'s arrays and a batch go on a mesh under a strategy.
@@ -461,6 +471,6 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "DataShard", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "gathered",
+__all__ = ["AXES", "DataShard", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "fetch", "gathered",
            "initialize", "is_main_process", "logical_specs", "make_mesh", "mesh_spec", "param_shardings",
            "parse_mesh_spec", "process_shard", "put", "run_info", "sharded_dense"]

@@ -48,7 +48,6 @@ def main(argv=None):
     index = parallel.initialize()
     import jax
     import numpy as np
-    from jax.experimental import multihost_utils
 
     from jaxnet.train.loop import parameter_names
 
@@ -63,8 +62,9 @@ def main(argv=None):
     for local, out_path, ckpt in ((False, args.out, args.checkpoint_dir),
                                   (True, args.out.replace(".npz", "_local.npz"), None)):
         out = run(ckpt, parallel.make_mesh("data=4"), local)
-        params = {n: np.asarray(multihost_utils.process_allgather(a, tiled=True))
-                  for n, a in zip(parameter_names(out.state.params), jax.tree.leaves(out.state.params))}
+        # fsdp leaves each process part of every parameter: parallel.fetch gathers them whole.
+        params = {n: parallel.fetch(a) for n, a in zip(parameter_names(out.state.params),
+                                                       jax.tree.leaves(out.state.params))}
         if index == 0:
             np.savez(out_path, step=int(out.state.step), **params)
     print("done", int(out.state.step), flush=True)

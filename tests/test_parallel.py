@@ -490,3 +490,16 @@ def test_a_time_budget_on_two_processes_with_skewed_clocks_stops_both_after_one_
     ends = dict(re.findall(r"^\[(\d)\] process \1: (\d+ steps, fractions \w+)$", out, re.M))
     assert len(ends) == 2 and ends["0"] == ends["1"], out[-3000:]
     assert job.returncode == 0, out[-3000:]
+
+
+def test_fetch_is_put_undone_on_one_process():
+    """``parallel.fetch`` gives the whole array back as NumPy, whatever its layout on the mesh
+    (the several-process gather: test_two_processes_on_loopback_equal_one_process)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = parallel.make_mesh("data=2,model=2")
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for spec in (PartitionSpec("data"), PartitionSpec(None, "model"), PartitionSpec()):
+        got = parallel.fetch(parallel.put(x, NamedSharding(mesh, spec)))
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, x)

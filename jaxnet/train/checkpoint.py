@@ -90,13 +90,9 @@ def _describe(leaf) -> dict:
 
 def _host_array(leaf) -> np.ndarray:
     """The whole array on this host (gathered from the other processes when they hold parts)."""
-    if _is_key(leaf):
-        leaf = jax.random.key_data(leaf)
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils
+    from jaxnet.parallel import fetch
 
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(jax.device_get(leaf))
+    return fetch(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
 
 
 def _sync(name: str) -> None:

@@ -93,11 +93,13 @@ def token_log_probs(state: TrainState, tokens, *, block_size: int, batch_size: i
     with the default ``stride = block_size`` in non-overlapping windows. The windows score their
     targets in order, so the scored positions read row by row are targets 0, 1, ..., N - 2.
     """
+    from jaxnet.parallel import fetch  # a state on a mesh of several processes gives a global array
+
     x, y, score = stream_windows(np.asarray(tokens), block_size, stride)
     log_probs = _log_probs()
     pad = (-len(x)) % batch_size  # fixed batch shape: one compilation
     x, y = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (x, y))
-    out = np.concatenate([np.asarray(log_probs(state, x[i:i + batch_size], y[i:i + batch_size]), np.float64)
+    out = np.concatenate([fetch(log_probs(state, x[i:i + batch_size], y[i:i + batch_size])).astype(np.float64)
                           for i in range(0, len(x), batch_size)])
     return out[:len(score)][score]
 
