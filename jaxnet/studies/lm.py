@@ -314,7 +314,8 @@ def metrics(fit, corpus, model_cfg: TransformerConfig, baseline: dict, scores: d
     ``scores``: the network's log-probability of every held-out target, by split ("val", "test");
     ``baseline``: ``ngram_baseline``'s. The interpolated model is
     ``jaxnet.baselines.ngram.interpolate`` at ``ngram_weight``; with ``weights_table`` its held-out
-    figure at each of ``TUNING_WEIGHTS`` too (``interpolated_val_by_weight``, for choosing it).
+    figure at each of ``TUNING_WEIGHTS`` too (``interpolated_val_bits_per_char_by_weight``, or
+    ``..._perplexity_...`` for words: for choosing it).
     """
     from jaxnet.baselines.ngram import interpolate
     from jaxnet.models.transformer import count_params, flops_per_token
