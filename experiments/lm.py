@@ -27,8 +27,8 @@ character once, with a sliding window (stride ``eval_stride``: each character pr
 least 224 of the 256 characters of context). The study itself is ``jaxnet.studies.lm``.
 
 Prints progress, samples (temperature and top-k) and one JSON line: held-out bits/char of the
-transformer, of the n-gram and of the two interpolated, tokens/s, model FLOPs; writes ``metrics.jsonl``,
-``loss_curve.png`` (train and held-out loss, nats/char, against epochs), the final weights
+transformer, of the n-gram and of the two interpolated, tokens/s, model FLOPs; writes
+``metrics.jsonl``, ``loss_curve.png`` (train and held-out loss, nats/char, against epochs), the final weights
 (``checkpoints/<step>``, the result's ``"weights"``) and ``result.json``. ``--generate`` trains
 nothing: it rebuilds the model of the run in ``--workdir`` from the config saved with its newest
 checkpoint (flags given now override it: ``--prompt``, ``--max-new-tokens``, ``--temperature``,
@@ -36,8 +36,8 @@ checkpoint (flags given now override it: ``--prompt``, ``--max-new-tokens``, ``-
 (``jaxnet.models.transformer.generate``, with a key-value cache).
 Measured (docs/benchmarks.md "Language", 2 cores, Intel Xeon, two runs): held-out 1.444-1.445
 bits/char interpolated, 1.579-1.585 the transformer alone, 1.668 the n-gram alone; 778-868 steps
-(15-17 epochs) at 12.5-13.9k tokens/s, 9 min 20 s for the whole run. Training ends at ``max_epochs`` or at the time
-budget, whichever comes first (a slow machine gets fewer steps).
+(15-17 epochs) at 12.5-13.9k tokens/s, 9 min 20 s for the whole run. Training ends at
+``max_epochs`` or at the time budget, whichever comes first (a slow machine gets fewer steps).
 """
 from __future__ import annotations
 

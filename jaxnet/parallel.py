@@ -471,6 +471,6 @@ class Layout:
         return {name: str(s.spec) for name, s in zip(parameter_names(self.state.params), leaves)}
 
 
-__all__ = ["AXES", "DataShard", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "fetch", "gathered",
-           "initialize", "is_main_process", "logical_specs", "make_mesh", "mesh_spec", "param_shardings",
+__all__ = ["AXES", "DataShard", "Layout", "RULES", "STRATEGIES", "active", "active_layout", "batch_split", "fetch",
+           "gathered", "initialize", "is_main_process", "logical_specs", "make_mesh", "mesh_spec", "param_shardings",
            "parse_mesh_spec", "process_shard", "put", "run_info", "sharded_dense"]

@@ -177,6 +177,24 @@ def test_a_tiny_model_overfits_a_tiny_corpus():
     assert run.tokens == 150 * 16 * 16
 
 
+def test_fit_stream_returns_the_final_evaluation_per_token():
+    """The per-token scores of the held-out tokens by the final state come back (studies read them
+    instead of scoring the text again); their mean is the last record's val_loss."""
+    from jaxnet.train.stream import token_log_probs
+
+    tokens = np.tile(np.arange(1, 11, dtype=np.int32), 12)
+    model = TransformerLM(TINY.replace(num_layers=1))
+    state = TrainState.create(model=model, tx=optim.make_optimizer(optim.OptimizerConfig()),
+                              sample_x=jnp.zeros((1, 16), jnp.int32), seed=0)
+    run = fit_stream(state, tokens, steps=3, batch_size=2, block_size=16, log_every=3, eval_every=100,
+                     val_tokens=tokens[:50], eval_stride=8, progress=False)
+    want = token_log_probs(run.state, tokens[:50], block_size=16, stride=8)
+    np.testing.assert_array_equal(run.val_log_probs, want)
+    assert run.history[-1]["val_loss"] == -want.mean()
+    assert fit_stream(run.state, tokens, steps=3, batch_size=2, block_size=16, log_every=3,
+                      progress=False).val_log_probs is None  # nothing evaluated
+
+
 @pytest.mark.parametrize("n,stride", [(40, 4), (37, 16), (16, 3), (2, 1)])
 def test_token_log_probs_score_each_target_once_in_order_with_its_context(n, stride):
     """Entry j is the model's log-probability of ``tokens[j + 1]`` after a context of at least

@@ -281,9 +281,14 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
         **checkpoint.run_options(workdir, checkpoint_every=checkpoint_every, resume=resume, config=config),
         title=f"TransformerLM on {corpus.name} (loss: nats/{unit})")
     weights = save_weights(workdir, fit.state, config)  # the final weights, whatever checkpoint_every says
-    # Every held-out target's log-probability, for the interpolated model (metrics).
-    scores = {split: token_log_probs(fit.state, tokens, block_size=block, stride=config.eval_stride)
-              for split, tokens in (("val", corpus.val), ("test", corpus.test)) if tokens is not None}
+    # Every held-out target's log-probability, for the interpolated model (metrics); fit_stream's
+    # evaluation after the last step has scored the validation text already.
+    def scored(tokens):
+        return token_log_probs(fit.state, tokens, block_size=block, stride=config.eval_stride)
+
+    scores = {"val": fit.val_log_probs if fit.val_log_probs is not None else scored(corpus.val)}
+    if corpus.test is not None:
+        scores["test"] = scored(corpus.test)
     prompts = ["the company said"] if unit == "word" else ["The ", "def ", "A for statement"]
     texts = samples(model, fit.state.params, corpus.vocab, config, prompts)
     for t in texts:

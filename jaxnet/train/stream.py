@@ -50,6 +50,9 @@ class StreamResult:
     tokens: int  # training tokens processed in this call
     stopped_by_time: bool
     files: dict[str, str]
+    # ``token_log_probs`` of the held-out tokens by the final state (the evaluation after the last
+    # step; None when there was none): what ``val_loss`` of the last record is the mean of.
+    val_log_probs: np.ndarray | None = None
 
     def column(self, name: str) -> list:
         return [r[name] for r in self.history if name in r]
@@ -303,6 +306,7 @@ def fit_stream(
     first = int(state.step)
     done = first
     train_s, stopped = 0.0, False
+    val_log_probs, val_step = None, None
     bar = tqdm(total=steps if budget_s is None else None, initial=min(done, steps), unit="step", desc=title,
                disable=not progress or jax.process_index() != 0,  # several processes: process 0's bar
                file=sys.stderr, dynamic_ncols=True)
@@ -359,8 +363,9 @@ def fit_stream(
                                or (budget_s is not None and train_s >= budget_s))
                 if val_tokens is not None and eval_every and (done // eval_every > (done - n) // eval_every
                                                                or done >= steps or stopped):
-                    rec["val_loss"] = evaluate_stream(state, val_tokens, block_size=block_size,
-                                                      stride=eval_stride)
+                    val_log_probs = token_log_probs(state, val_tokens, block_size=block_size, stride=eval_stride)
+                    val_step = done
+                    rec["val_loss"] = float(-np.mean(val_log_probs))
                     bar.write(f"step {done:>6}  loss {rec['loss']:.4f}  val_loss {rec['val_loss']:.4f} "
                               f"({rec['val_loss'] / math.log(2):.3f} bits/token)")
                 rec["time_s"] = round(time.perf_counter() - t_start, 3)
@@ -377,7 +382,8 @@ def fit_stream(
         if ckpt is not None:
             files["checkpoints"] = str(ckpt.directory)
     return StreamResult(state, history, time.perf_counter() - t_start, train_s,
-                        (done - first) * batch_size * block_size, stopped, files)
+                        (done - first) * batch_size * block_size, stopped, files,
+                        val_log_probs if val_step == done else None)
 
 
 __all__ = ["ClockScheduleState", "StreamResult", "agree", "clock_factor", "clock_schedule", "evaluate_stream",
