@@ -22,9 +22,10 @@ run, the time per model of
 with the speed-ups per model, GFLOP/s, and the largest gap between a model's final loss in the
 sweep and in its single fit (``fit_many``'s tolerance) and in PyTorch (float32 rounding).
 Writes ``result.json`` into ``--workdir`` (default ``runs/sweep/``) and prints it as one line.
-Measured (docs/benchmarks.md, "Sweeps"; 2-4 minutes on 2 busy cores): best rate 0.1, final loss
-there 0.049 ± 0.014 over the seeds; 17-38 ms per model warm, 22-42x the PyTorch loop and ~6x a
-loop of fits (the 100x target is not met). The guide is docs/sweeps.md.
+Measured (docs/benchmarks.md, "Sweeps"): best rate 0.1, final loss there 0.049 ± 0.014 over the
+seeds; per model warm 17-38 ms on 2 busy AMD cores (2-4 minutes; 22-42x the PyTorch loop) and
+6.5 ms on a quiet Intel Xeon (22 s; 28.5x); 6-7x a loop of fits (the 100x target is not met).
+The guide is docs/sweeps.md.
 """
 from __future__ import annotations
 
