@@ -3,7 +3,7 @@
 Public names: ``fused_dense``, ``available_backends``, ``reference.fused_dense``.
 """
 from kernels import activations, reference
-from kernels.dispatch import available_backends, fused_dense, register_backend
+from kernels.dispatch import available_backends, fused_dense, models_batched, register_backend
 from kernels.quantized import quantized_dense  # int8 weights (and activations): kernels/quantized.py
 
 # Backend modules register themselves with kernels.dispatch when imported (add them below).
@@ -11,4 +11,5 @@ import kernels.xla  # noqa: E402,F401  ("xla": XLA ops, the models' default; che
 import kernels.numba_cpu  # noqa: E402,F401  ("numba": CPU kernels through the XLA FFI)
 import kernels.pallas_gpu  # noqa: E402,F401  ("pallas": Pallas kernels, Triton lowering on GPU, interpret on CPU)
 
-__all__ = ["activations", "available_backends", "fused_dense", "quantized_dense", "reference", "register_backend"]
+__all__ = ["activations", "available_backends", "fused_dense", "models_batched", "quantized_dense", "reference",
+           "register_backend"]

@@ -28,6 +28,7 @@ this process's copy of the table; ``kernels.machine.reset()`` deletes the files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -80,16 +81,21 @@ class Op:
     steps: Callable
 
 
-def step_functions(backend: str, activation: str):
-    """``(fwd, fwd_bwd)``, jitted, both of ``(x, w, b, dy)``: ``y``, and ``(y, (dx, dw, db))`` from
-    the VJP with cotangent ``dy``; what the table and ``experiments.bench_kernels`` time."""
+def _steps(backend: str, activation: str):
+    """``(fwd, fwd_bwd)`` of ``(x, w, b, dy)``, not jitted (see ``step_functions``)."""
     f = lambda x, w, b: fused_dense(x, w, b, activation=activation, backend=backend)  # noqa: E731
 
     def fwd_bwd(x, w, b, dy):
         y, vjp = jax.vjp(f, x, w, b)
         return y, vjp(dy)
 
-    return jax.jit(lambda x, w, b, dy: f(x, w, b)), jax.jit(fwd_bwd)
+    return (lambda x, w, b, dy: f(x, w, b)), fwd_bwd
+
+
+def step_functions(backend: str, activation: str):
+    """``(fwd, fwd_bwd)``, jitted, both of ``(x, w, b, dy)``: ``y``, and ``(y, (dx, dw, db))`` from
+    the VJP with cotangent ``dy``; what the table and ``experiments.bench_kernels`` time."""
+    return tuple(jax.jit(fn) for fn in _steps(backend, activation))
 
 
 def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0):
@@ -102,6 +108,36 @@ def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0):
 
 
 FUSED_DENSE = Op("fused_dense", MODES, problem, step_functions)
+
+# A batch of models' weights is timed on at most this many bytes of stacked w (and at least two
+# models): the batch a sweep runs, or a slice of it when its layer is large.
+MODELS_MAX_BYTES = 32 * 2**20
+
+
+def _batched_problem(models: int, m: int, k: int, n: int, dtype="float32", seed: int = 0):
+    """``problem``'s operands for a batch: x ``[m, k]`` shared, w ``[B, k, n]``, b ``[B, n]``, dy
+    ``[B, m, n]``, with B = ``models`` or fewer (``MODELS_MAX_BYTES``, at least 2)."""
+    dt = jnp.dtype(dtype)
+    size = max(2, min(models, MODELS_MAX_BYTES // (max(k * n, 1) * dt.itemsize)))
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(keys[0], (m, k), dt),
+            (jax.random.normal(keys[1], (size, k, n), dt) / math.sqrt(k)).astype(dt),
+            jax.random.normal(keys[2], (size, n), dt), jax.random.normal(keys[3], (size, m, n), dt))
+
+
+def _batched_steps(backend: str, activation: str):
+    """``step_functions`` under ``jax.vmap`` over the models (x shared), jitted."""
+    return tuple(jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, 0))) for fn in _steps(backend, activation))
+
+
+@functools.lru_cache(maxsize=None)
+def model_batch_op(models: int) -> Op:
+    """The op that "auto" times inside ``kernels.dispatch.models_batched(models)``: ``fused_dense``
+    under ``jax.vmap`` over stacked weights and biases, x shared (the first layer of a sweep; later
+    layers' x is per model too), ``models`` rounded up to a power of two (fewer when the stacked w
+    would pass ``MODELS_MAX_BYTES``). Its buckets end in ``fused_dense_models<that size>``."""
+    size = 1 << max(0, int(models) - 1).bit_length()
+    return Op(f"fused_dense_models{size}", MODES, functools.partial(_batched_problem, size), _batched_steps)
 
 
 def bucket(m: int, k: int, n: int, dtype, activation: str, op: Op = FUSED_DENSE) -> str:
@@ -215,5 +251,5 @@ def forget() -> None:
         _tables.clear()
 
 
-__all__ = ["FUSED_DENSE", "KIND", "MODES", "POLICY_ENV", "Op", "bucket", "choose", "entry", "forget", "policy", "problem",
-           "step_functions", "tune"]
+__all__ = ["FUSED_DENSE", "KIND", "MODELS_MAX_BYTES", "MODES", "POLICY_ENV", "Op", "bucket", "choose", "entry",
+           "forget", "model_batch_op", "policy", "problem", "step_functions", "tune"]

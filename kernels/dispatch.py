@@ -12,6 +12,8 @@ and with ``JAXNET_AUTO=rank``, the backend of best ``auto_rank``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Callable, Literal
@@ -32,6 +34,8 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+# How many models' weights the calls being traced are vmapped over (``models_batched``); 0: none.
+_models = contextvars.ContextVar("jaxnet_auto_models", default=0)
 
 # The names a config or a command-line flag may give: the backends kernels registers, and "auto"
 # (register_backend may add others, for use from Python).
@@ -97,17 +101,38 @@ def fused_dense(x, w, b=None, *, activation: str = "relu", backend: str = "auto"
     return be.fn(x, w, b, activation)
 
 
+@contextlib.contextmanager
+def models_batched(size: int):
+    """Says that the ``fused_dense(backend="auto")`` calls traced inside run under ``jax.vmap`` over
+    ``size`` models' weights (a sweep: ``jaxnet.train.fit_many`` traces its programs inside it).
+
+    "auto" then runs, on the CPU, the backend measured fastest for such a batch
+    (``kernels.autotune.model_batch_op``) rather than for one model: the two can differ, as the
+    numba backend runs a batch of weights one model at a time. Nothing else changes.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"models_batched: size must be an int >= 1, got {size!r}")
+    token = _models.set(size)
+    try:
+        yield size
+    finally:
+        _models.reset(token)
+
+
 def auto_choice(m: int, k: int, n: int, dtype, activation: str) -> tuple[str, str]:
     """The backends "auto" runs for ``x: [m, k] @ w: [k, n]`` (one dtype): ``(forward alone, when
-    differentiated)``. On the CPU the ones measured fastest at this shape (``kernels.autotune``);
-    the best-ranked one on other platforms and with ``JAXNET_AUTO=rank``."""
+    differentiated)``. On the CPU the ones measured fastest at this shape (``kernels.autotune``),
+    for a batch of models' weights inside ``models_batched``; the best-ranked one on other
+    platforms and with ``JAXNET_AUTO=rank``."""
     from kernels import autotune  # it runs the backends through this module
 
     platform = jax.default_backend()
     names = auto_candidates(platform)
     if platform != "cpu" or len(names) < 2 or autotune.policy() == "rank":
         return names[0], names[0]
-    fwd, train = (autotune.choose(m, k, n, dtype, activation, names, mode=mode) for mode in autotune.MODES)
+    models = _models.get()
+    op = autotune.model_batch_op(models) if models > 1 else autotune.FUSED_DENSE
+    fwd, train = (autotune.choose(m, k, n, dtype, activation, names, mode=mode, op=op) for mode in autotune.MODES)
     return fwd, train
 
 

@@ -66,6 +66,7 @@ from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.checks import snippet
 from jaxnet.train.loop import FitResult, check_data, check_finite, fit, parameter_names
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
+from kernels.dispatch import models_batched
 
 # fit's arguments a sweep does not take, and why (a value other than fit's default is refused).
 _NO_FILES = "fit_many writes no run files; keep what you need from the results' histories"
@@ -412,10 +413,11 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
     try:
         for chunk in chunks:
             bar.set_description(f"{opts['title']}: models {chunk.start + 1}-{chunk.stop} of {len(grid)}")
-            results += _train_chunk(
-                [grid[i] for i in chunk], len(chunks[0]), state_fn, names, ref, data, val, run, evaluate, opts,
-                epochs=epochs, bs=bs, n=n, full_batch=full_batch, calls=calls, eval_every=eval_every,
-                patience=patience, num_batches=num_batches, first_index=chunk.start, t_start=t_start, bar=bar)
+            with models_batched(len(chunks[0])):  # backend="auto" layers pick what runs fastest batched
+                results += _train_chunk(
+                    [grid[i] for i in chunk], len(chunks[0]), state_fn, names, ref, data, val, run, evaluate, opts,
+                    epochs=epochs, bs=bs, n=n, full_batch=full_batch, calls=calls, eval_every=eval_every,
+                    patience=patience, num_batches=num_batches, first_index=chunk.start, t_start=t_start, bar=bar)
     finally:
         bar.close()
     return results

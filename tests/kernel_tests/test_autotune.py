@@ -194,3 +194,71 @@ def test_only_a_close_call_takes_more_samples(fake_timing):
     fake_timing["times"] = _times({"xla": 1.4, "numba": 1.0}, {"xla": 1.0, "numba": 1.05})
     assert autotune.choose(128, 64, 64, "float32", "relu", CPU) == "xla"
     assert fake_timing["rounds"] == 2 * autotune.REPEATS + autotune.MORE_REPEATS
+
+
+def test_a_batch_of_models_is_measured_in_its_own_bucket_and_runs_its_choice(fake_timing, tuning_dir):
+    # One model: numba is faster; a batch of models' weights: xla (as for the sweeps of tiny MLPs).
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
+    assert dispatch.auto_choice(64, 10, 5, "float32", "relu") == ("numba", "numba")
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
+    with dispatch.models_batched(100):
+        assert dispatch.auto_choice(64, 10, 5, "float32", "relu") == ("xla", "xla")
+    assert dispatch.auto_choice(64, 10, 5, "float32", "relu") == ("numba", "numba")  # one model's entry kept
+    assert fake_timing["calls"] == 2
+    table = json.loads(next(tuning_dir.rglob("*.json")).read_text())
+    assert "64x10x5 float32 relu fused_dense_models128" in str(table)  # 100 models: the bucket of 128
+    x, w, b = jnp.ones((64, 10)), jnp.full((3, 10, 5), 0.1), jnp.zeros((3, 5))
+    batched = jax.vmap(lambda w, b: kernels.fused_dense(x, w, b), in_axes=(0, 0))
+    assert _uses_numba(batched, w, b)
+    with dispatch.models_batched(3):  # 3 models: a bucket of 4, measured (xla) when first met
+        assert not _uses_numba(batched, w, b)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="size"):
+            with dispatch.models_batched(bad):
+                pass
+
+
+def test_auto_over_a_batch_of_models_matches_the_reference():
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (6, 7))  # shared by the models, as a sweep's data
+    w, b = jax.random.normal(keys[1], (3, 7, 4)) / 3, jax.random.normal(keys[2], (3, 4))
+    dy = jax.random.normal(keys[3], (3, 6, 4))
+
+    def fwd_bwd(fn):
+        def one(w, b, dy):
+            y, vjp = jax.vjp(lambda w, b: fn(x, w, b), w, b)
+            return y, vjp(dy)
+        return jax.vmap(one)(w, b, dy)
+
+    with dispatch.models_batched(3):  # measured for real, inside the trace
+        y, (gw, gb) = jax.jit(lambda: fwd_bwd(kernels.fused_dense))()
+    y_ref, (gw_ref, gb_ref) = fwd_bwd(reference.fused_dense)
+    for i in range(3):
+        bounds = FusedDenseBounds.from_inputs(np.asarray(x), np.asarray(w[i]), np.asarray(b[i]), "relu")
+        dyi = np.where(bounds.kink_mask(), 0.0, np.asarray(dy[i]))
+        assert np.array_equal(dyi, dy[i]), "a draw on relu's kink: pick another key"
+        assert np.all(np.abs(np.asarray(y[i]) - y_ref[i]) <= bounds.forward(y_ref[i]))
+        tols = bounds.grads(dyi, {"w": gw_ref[i], "b": gb_ref[i]})
+        assert np.all(np.abs(np.asarray(gw[i]) - gw_ref[i]) <= tols["w"])
+        assert np.all(np.abs(np.asarray(gb[i]) - gb_ref[i]) <= tols["b"])
+    entry = autotune.entry(6, 7, 4, "float32", "relu", CPU, op=autotune.model_batch_op(3))
+    assert {entry["fwd"], entry["fwd+bwd"]} <= set(CPU) and set(entry["us"]) == set(CPU)
+
+
+def test_fit_many_picks_auto_s_backends_for_its_batch_of_models(fake_timing, tuning_dir):
+    import optax
+
+    from jaxnet import losses
+    from jaxnet.models import SimpleNet
+    from jaxnet.train import TrainState, fit_many
+
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
+    x, y = jax.random.normal(jax.random.key(0), (16, 10)), jnp.ones((16, 1))
+    model, tx = SimpleNet(backend="auto"), optax.sgd(0.01)
+    runs = fit_many(lambda s: TrainState.create(model=model, tx=tx, sample_x=x[:1], seed=s), (x, y), seeds=range(3),
+                    loss_fn=losses.mse, epochs=2, progress=False)
+    assert len(runs) == 3 and all(np.isfinite(r.history[-1]["loss"]) for r in runs)
+    table = str(json.loads(next(tuning_dir.rglob("*.json")).read_text()))
+    # The training program's two layers, traced for the chunk of 3 models (a bucket of 4).
+    assert "16x10x5 float32 relu fused_dense_models4" in table
+    assert "16x5x1 float32 identity fused_dense_models4" in table
