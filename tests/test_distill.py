@@ -1,6 +1,7 @@
 """jaxnet.compress.distill: the Hinton loss (its T=1 one-hot limit, its T^2 scaling), the frozen
 teacher beside the student in ``fit``, and the distill / compress experiments on tiny settings."""
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,28 @@ def test_training_mode_hands_the_loss_both_logits_and_evaluation_the_student_alo
     (s, t), _ = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["teacher"]))(state.variables)
     np.testing.assert_allclose(t, jax.jit(model.teacher.apply)(teacher_vars, x), rtol=1e-6)
     np.testing.assert_allclose(jax.jit(model.apply)(state.variables, x), s, rtol=1e-6)
+
+
+def test_digits_tuning_run_scores_held_out_training_digits_and_bad_fractions_are_refused(monkeypatch, tmp_path):
+    from jaxnet.data import digits
+    from jaxnet.studies.distill import DigitsConfig, run_digits
+
+    with pytest.raises(ValueError, match="tune_fraction must be in"):
+        DigitsConfig(tune_fraction=1.0)
+    with pytest.raises(ValueError, match="tune_fraction must be in"):
+        DigitsConfig(tune_fraction=-0.1)
+    train, _ = digits.digits_split()
+
+    class Unread:  # the test digits: a tuning run must not touch them
+        def __getattr__(self, name):
+            raise AssertionError(f"a tuning run read the test digits' {name!r}")
+
+    monkeypatch.setattr(digits, "digits_split", lambda: (train, Unread()))
+    tiny = dict(teacher_features=(4,), teacher_head=(8,), teacher_epochs=1, student_epochs=1, seeds=1,
+                transfer_shift=0)
+    result = run_digits(DigitsConfig(tune_fraction=0.2, **tiny), tmp_path / "t", checkpoint_every=0)
+    assert result["scored_on"] == f"{math.ceil(0.2 * len(train.y))} training digits held out (tuning run)"
+    assert 0 < result["teacher_accuracy"] <= 1 and 0 <= result["distilled_accuracy"] <= 1
 
 
 def test_teacher_variables_of_another_model_are_refused_naming_the_array():
