@@ -2,6 +2,7 @@
 
     python -m experiments.sweep                          # 100 seeds x 10 rates = 1000 models
     python -m experiments.sweep --seeds 10 --learning-rates 4 --torch-runs 2 --fit-runs 2  # a quick look
+    python -m experiments.sweep --backend auto           # the layers on the backend measured fastest batched
 
 The task is the seed's (``jaxnet.seed``): SimpleNet 10 -> 5 -> 1 (ReLU), MSE, full-batch SGD for
 1000 epochs on 256 synthetic rows (``--data-seed`` seeds the data, shared by every model); each
@@ -36,6 +37,7 @@ import sys
 import time
 
 from experiments.common import clear_earlier_run, earlier_run_files, finish, parse_config, prepare_process
+from kernels.dispatch import BackendName
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,9 @@ class Config:
     torch_threads: tuple[int, ...] = (1, 0)
     # Models of the sweep (the first ones) also trained by single fit calls in a Python loop, timed.
     fit_runs: int = 4
+    # Kernel backend of SimpleNet's dense layers: the seed's "xla"; "auto" takes, per layer, the backend
+    # measured fastest for a batch of models (docs/sweeps.md); "numba" runs a batch one model at a time.
+    backend: BackendName = "xla"
     # Bytes fit_many may use, in MB (0: its default, half of the available memory).
     memory_budget_mb: int = 0
     # Show fit_many's progress bar on stderr.
@@ -93,7 +98,7 @@ def run(config: Config) -> dict:
     if not 0 < config.lr_min <= config.lr_max:
         raise ValueError(f"need 0 < --lr-min <= --lr-max, got {config.lr_min} and {config.lr_max}")
     seed_config = seed.SeedConfig(n_samples=config.n_samples, noise_std=config.noise_std, epochs=config.epochs,
-                                  seed=config.data_seed)
+                                  seed=config.data_seed, backend=config.backend)
     data = seed.make_data(seed_config)
     model = SimpleNet(backend=seed_config.backend)
     # One transformation shared by every state, each carrying its rate: fit_many's second call and
@@ -159,7 +164,8 @@ def run(config: Config) -> dict:
     torch_best = min(torch_ms.values()) if torch_ms else None
     ratio = lambda a, b: round(a / b, 1) if a is not None else None  # noqa: E731
     return {
-        "experiment": "sweep", "models": models, "seeds": config.seeds, "learning_rates": [round(r, 6) for r in rates],
+        "experiment": "sweep", "backend": config.backend, "models": models, "seeds": config.seeds,
+        "learning_rates": [round(r, 6) for r in rates],
         "epochs": config.epochs, "best_learning_rate": round(rates[best], 6),
         "final_loss_at_best": {"mean": float(at_best.mean()), "std": float(at_best.std()),
                                "min": float(at_best.min()), "max": float(at_best.max())},

@@ -16,7 +16,8 @@ import pytest
 from experiments import common
 from jaxnet.models.transformer import TransformerConfig
 
-EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_parallel", "bench_seed", "gpu_check", "lm", "recsys", "seed_simple_net", "vision")
+EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_parallel", "bench_seed", "gpu_check", "lm", "recsys",
+               "seed_simple_net", "sweep", "vision")
 TRAINING = ("lm", "recsys", "seed_simple_net", "vision")
 
 
@@ -482,3 +483,24 @@ def test_lm_tuning_split_holds_out_the_end_of_the_training_text_and_never_reads_
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="tune_fraction must be in"):
             lm.Config(tune_fraction=bad)
+
+
+@pytest.mark.parametrize("backend", ["xla", "auto"])
+def test_sweep_experiment_end_to_end_on_a_tiny_grid(backend, tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="the sweep times the seed's PyTorch loop beside it (make test installs torch)")
+    from experiments import sweep
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    argv = ["--seeds", "3", "--learning-rates", "2", "--epochs", "20", "--torch-runs", "2", "--torch-threads", "1",
+            "--fit-runs", "2", "--no-progress", "--backend", backend, "--workdir", str(tmp_path)]
+    result = sweep.main(argv)
+    assert result["models"] == 6 and result["backend"] == backend
+    assert result["best_learning_rate"] in result["learning_rates"] == [0.001, 0.1]
+    # Each timed baseline trained the same models to the same losses, within the stated tolerances.
+    assert result["max_rel_gap_vs_fit"] <= result["fit_tolerance"]
+    assert result["max_rel_gap_vs_torch"] <= result["torch_tolerance"]
+    assert result["sweep_warm_ms_per_model"] > 0 and result["speedup_vs_torch"] > 0
+    assert json.loads((tmp_path / "result.json").read_text())["mean_final_loss_by_rate"] == \
+        result["mean_final_loss_by_rate"]
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        sweep.main(argv)
