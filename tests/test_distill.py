@@ -128,6 +128,32 @@ def test_digits_tuning_run_scores_held_out_training_digits_and_bad_fractions_are
     assert 0 < result["teacher_accuracy"] <= 1 and 0 <= result["distilled_accuracy"] <= 1
 
 
+def test_lm_tuning_run_scores_the_end_of_the_training_text_and_never_reads_the_held_out(monkeypatch, tmp_path):
+    import dataclasses
+
+    from jaxnet.data import text
+    from jaxnet.models.transformer import TransformerConfig
+    from jaxnet.studies.distill import LMConfig, run_lm
+
+    with pytest.raises(ValueError, match="lm.tune_fraction must be in"):
+        LMConfig(tune_fraction=1.0)
+
+    class Unread:  # the held-out text: a tuning run must not touch it
+        def __getattr__(self, name):
+            raise AssertionError(f"a tuning run read the held-out text's {name!r}")
+
+        def __len__(self):
+            raise AssertionError("a tuning run read the held-out text's length")
+
+    real = text.pydoc_corpus
+    monkeypatch.setattr(text, "pydoc_corpus", lambda f: dataclasses.replace(real(f), val=Unread()))
+    tiny = TransformerConfig(num_layers=1, embed_dim=16, num_heads=2, block_size=16, dropout_rate=0.0)
+    config = LMConfig(teacher=tiny, student=tiny.replace(embed_dim=8), teacher_steps=2, student_steps=2,
+                      eval_stride=16, tune_fraction=0.01)
+    result = run_lm(config, tmp_path / "lm", checkpoint_every=0)
+    assert "tuning split" in result["scored_on"] and result["distilled_bits_per_char"] > 0
+
+
 def test_teacher_variables_of_another_model_are_refused_naming_the_array():
     x = np.ones((2, 5), np.float32)
     model, _, teacher_vars = _pair(x)

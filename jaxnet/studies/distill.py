@@ -106,8 +106,13 @@ class LMConfig:
     val_fraction: float = 0.1
     # Seeds the teacher (the students use seed + 1).
     seed: int = 0
+    # > 0: a tuning run. The last fraction of the training text is held out and scored in place of
+    # the held-out text, which is not read (jaxnet.studies.lm.tuning_split); choices come from such runs.
+    tune_fraction: float = 0.0
 
     def __post_init__(self):
+        if not 0 <= self.tune_fraction < 1:
+            raise ValueError(f"lm.tune_fraction must be in (0, 1) (or 0: off), got {self.tune_fraction}")
         if self.teacher.block_size != self.student.block_size:
             raise ValueError(f"teacher.block_size {self.teacher.block_size} and student.block_size "
                              f"{self.student.block_size} must be equal: both read the same windows")
@@ -248,11 +253,14 @@ def run_lm(config: LMConfig, workdir: pathlib.Path, *, checkpoint_every=None, re
     from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state
     from jaxnet.data import text
     from jaxnet.models.transformer import TransformerLM
+    from jaxnet.studies.lm import tuning_split
     from jaxnet.train import TrainState, checkpoint
     from jaxnet.train.stream import evaluate_stream, fit_stream
 
     start = time.perf_counter()
     corpus = text.pydoc_corpus(config.val_fraction)
+    if config.tune_fraction:  # the held-out text stays unread: the end of the training text stands in
+        corpus = tuning_split(corpus, config.tune_fraction)
     block = config.teacher.block_size
     teacher = TransformerLM(config.teacher.replace(vocab_size=len(corpus.vocab)))
     student = TransformerLM(config.student.replace(vocab_size=len(corpus.vocab)))
@@ -291,6 +299,7 @@ def run_lm(config: LMConfig, workdir: pathlib.Path, *, checkpoint_every=None, re
         "gap_closed": gap_closed(-scratch_bits, -distilled_bits, -teacher_bits),
         "teacher_params": _count(teacher_state.params),
         "student_params": _count(distilled.params),
+        "scored_on": corpus.name,
         "weights": {"teacher": w_teacher, "scratch": w_scratch, "distilled": w_distilled},
         "wall_s": round(time.perf_counter() - start, 1),
     }
