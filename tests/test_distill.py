@@ -106,9 +106,9 @@ def test_training_mode_hands_the_loss_both_logits_and_evaluation_the_student_alo
     np.testing.assert_allclose(jax.jit(model.apply)(state.variables, x), s, rtol=1e-6)
 
 
-def test_digits_tuning_run_scores_held_out_training_digits_and_bad_fractions_are_refused(monkeypatch, tmp_path):
+def test_digits_tuning_run_scores_held_out_training_digits_and_bad_fractions_are_refused(monkeypatch):
     from jaxnet.data import digits
-    from jaxnet.studies.distill import DigitsConfig, run_digits
+    from jaxnet.studies.distill import DigitsConfig, digits_data
 
     with pytest.raises(ValueError, match="tune_fraction must be in"):
         DigitsConfig(tune_fraction=1.0)
@@ -121,19 +121,19 @@ def test_digits_tuning_run_scores_held_out_training_digits_and_bad_fractions_are
             raise AssertionError(f"a tuning run read the test digits' {name!r}")
 
     monkeypatch.setattr(digits, "digits_split", lambda: (train, Unread()))
-    tiny = dict(teacher_features=(4,), teacher_head=(8,), teacher_epochs=1, student_epochs=1, seeds=1,
-                transfer_shift=0)
-    result = run_digits(DigitsConfig(tune_fraction=0.2, **tiny), tmp_path / "t", checkpoint_every=0)
-    assert result["scored_on"] == f"{math.ceil(0.2 * len(train.y))} training digits held out (tuning run)"
-    assert 0 < result["teacher_accuracy"] <= 1 and 0 <= result["distilled_accuracy"] <= 1
+    fit_on, scored = digits_data(DigitsConfig(tune_fraction=0.2))  # what run_digits trains on and scores
+    assert len(scored.y) == math.ceil(0.2 * len(train.y)) and len(fit_on.y) + len(scored.y) == len(train.y)
+    rows = {row.tobytes() for row in train.x}
+    assert all(row.tobytes() in rows for row in scored.x)  # training digits, every one
+    assert set(np.unique(scored.y)) == set(np.unique(train.y))  # stratified: every class held out
+    assert isinstance(digits_data(DigitsConfig())[1], Unread)  # the default scores the test digits
 
 
-def test_lm_tuning_run_scores_the_end_of_the_training_text_and_never_reads_the_held_out(monkeypatch, tmp_path):
+def test_lm_tuning_run_scores_the_end_of_the_training_text_and_never_reads_the_held_out(monkeypatch):
     import dataclasses
 
     from jaxnet.data import text
-    from jaxnet.models.transformer import TransformerConfig
-    from jaxnet.studies.distill import LMConfig, run_lm
+    from jaxnet.studies.distill import LMConfig, lm_corpus
 
     with pytest.raises(ValueError, match="lm.tune_fraction must be in"):
         LMConfig(tune_fraction=1.0)
@@ -142,16 +142,14 @@ def test_lm_tuning_run_scores_the_end_of_the_training_text_and_never_reads_the_h
         def __getattr__(self, name):
             raise AssertionError(f"a tuning run read the held-out text's {name!r}")
 
-        def __len__(self):
-            raise AssertionError("a tuning run read the held-out text's length")
-
-    real = text.pydoc_corpus
-    monkeypatch.setattr(text, "pydoc_corpus", lambda f: dataclasses.replace(real(f), val=Unread()))
-    tiny = TransformerConfig(num_layers=1, embed_dim=16, num_heads=2, block_size=16, dropout_rate=0.0)
-    config = LMConfig(teacher=tiny, student=tiny.replace(embed_dim=8), teacher_steps=2, student_steps=2,
-                      eval_stride=16, tune_fraction=0.01)
-    result = run_lm(config, tmp_path / "lm", checkpoint_every=0)
-    assert "tuning split" in result["scored_on"] and result["distilled_bits_per_char"] > 0
+    real = text.pydoc_corpus(0.1)
+    monkeypatch.setattr(text, "pydoc_corpus", lambda f: dataclasses.replace(real, val=Unread()))
+    tuning = lm_corpus(LMConfig(tune_fraction=0.1))  # what run_lm trains on and scores
+    cut = len(real.train) - round(0.1 * len(real.train))
+    np.testing.assert_array_equal(tuning.train, real.train[:cut])
+    np.testing.assert_array_equal(tuning.val, real.train[cut:])
+    assert tuning.test is None and "tuning split" in tuning.name
+    assert isinstance(lm_corpus(LMConfig()).val, Unread)  # the default scores the held-out text
 
 
 def test_teacher_variables_of_another_model_are_refused_naming_the_array():

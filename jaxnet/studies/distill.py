@@ -158,6 +158,19 @@ def _optimizer(learning_rate: float, weight_decay: float, steps: int, warmup: in
         warmup_steps=max(1, min(warmup, steps - 1)), total_steps=steps, **extra))
 
 
+def digits_data(config: DigitsConfig):
+    """``(train, test)`` of the digits task (``jaxnet.data.images.ImageData``): the vision split, or
+    with ``tune_fraction`` a stratified slice of its training digits as ``test`` (the test digits
+    unread)."""
+    from jaxnet.data.digits import digits_split
+    from jaxnet.data.images import stratified_split
+
+    train, test = digits_split()
+    if config.tune_fraction:
+        return stratified_split(train, test_fraction=config.tune_fraction, seed=1)
+    return train, test
+
+
 def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=None, resume=False,
                **fit_options) -> dict:
     """The digits task: test accuracies of the teacher and the mean of each kind of student."""
@@ -165,14 +178,11 @@ def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=
 
     from jaxnet import losses
     from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state, student_variables
-    from jaxnet.data.digits import digits_split
-    from jaxnet.data.images import standardize, stratified_split
+    from jaxnet.data.images import standardize
     from jaxnet.models import CNN
     from jaxnet.train import TrainState, checkpoint, fit
 
-    train, test = digits_split()
-    if config.tune_fraction:  # the test digits stay unread: a slice of the training digits stands in
-        train, test = stratified_split(train, test_fraction=config.tune_fraction, seed=1)
+    train, test = digits_data(config)
     xtr, xte = standardize(train.x, test.x)  # [n, 8, 8, 1] float32
     views = (2 * config.transfer_shift + 1) ** 2
     x_transfer, y_transfer = shifted_views(xtr, config.transfer_shift), np.tile(train.y, views)
@@ -246,21 +256,28 @@ def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=
     return result
 
 
+def lm_corpus(config: LMConfig):
+    """The LM task's corpus (``jaxnet.data.text.Corpus``): pydoc with ``val_fraction`` held out, or
+    with ``tune_fraction`` its tuning split, whose held-out part is the end of the training text
+    (``jaxnet.studies.lm.tuning_split``; the real held-out text is dropped unread)."""
+    from jaxnet.data import text
+    from jaxnet.studies.lm import tuning_split
+
+    corpus = text.pydoc_corpus(config.val_fraction)
+    return tuning_split(corpus, config.tune_fraction) if config.tune_fraction else corpus
+
+
 def run_lm(config: LMConfig, workdir: pathlib.Path, *, checkpoint_every=None, resume=False, **fit_options) -> dict:
     """The language-model task: held-out bits per character of the teacher and both students."""
     import jax.numpy as jnp
 
     from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state
-    from jaxnet.data import text
     from jaxnet.models.transformer import TransformerLM
-    from jaxnet.studies.lm import tuning_split
     from jaxnet.train import TrainState, checkpoint
     from jaxnet.train.stream import evaluate_stream, fit_stream
 
     start = time.perf_counter()
-    corpus = text.pydoc_corpus(config.val_fraction)
-    if config.tune_fraction:  # the held-out text stays unread: the end of the training text stands in
-        corpus = tuning_split(corpus, config.tune_fraction)
+    corpus = lm_corpus(config)
     block = config.teacher.block_size
     teacher = TransformerLM(config.teacher.replace(vocab_size=len(corpus.vocab)))
     student = TransformerLM(config.student.replace(vocab_size=len(corpus.vocab)))
@@ -333,4 +350,5 @@ def run(config: Config, workdir: str | pathlib.Path, *, tensorboard: bool = Fals
     return result
 
 
-__all__ = ["Config", "DigitsConfig", "LMConfig", "gap_closed", "run", "run_digits", "run_lm", "shifted_views"]
+__all__ = ["Config", "DigitsConfig", "LMConfig", "digits_data", "gap_closed", "lm_corpus", "run", "run_digits",
+           "run_lm", "shifted_views"]
