@@ -98,13 +98,16 @@ def step_functions(backend: str, activation: str):
     return tuple(jax.jit(fn) for fn in _steps(backend, activation))
 
 
-def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0):
+def problem(m: int, k: int, n: int, dtype="float32", seed: int = 0, *, models: int = 0):
     """``(x [m, k], w [k, n] / sqrt(k), b [n], dy [m, n])``, standard normal: the operands that the
-    table, ``experiments.bench_kernels`` and ``kernels.numba_cpu.tune`` time ``step_functions`` on."""
+    table, ``experiments.bench_kernels`` and ``kernels.numba_cpu.tune`` time ``step_functions`` on.
+    With ``models`` > 0, w, b and dy carry a leading axis of that many models (x stays shared)."""
     keys = jax.random.split(jax.random.key(seed), 4)
     dt = jnp.dtype(dtype)
-    return (jax.random.normal(keys[0], (m, k), dt), (jax.random.normal(keys[1], (k, n), dt) / math.sqrt(k)).astype(dt),
-            jax.random.normal(keys[2], (n,), dt), jax.random.normal(keys[3], (m, n), dt))
+    lead = (models,) if models else ()
+    return (jax.random.normal(keys[0], (m, k), dt),
+            (jax.random.normal(keys[1], (*lead, k, n), dt) / math.sqrt(k)).astype(dt),
+            jax.random.normal(keys[2], (*lead, n), dt), jax.random.normal(keys[3], (*lead, m, n), dt))
 
 
 FUSED_DENSE = Op("fused_dense", MODES, problem, step_functions)
@@ -117,12 +120,8 @@ MODELS_MAX_BYTES = 32 * 2**20
 def _batched_problem(models: int, m: int, k: int, n: int, dtype="float32", seed: int = 0):
     """``problem``'s operands for a batch: x ``[m, k]`` shared, w ``[B, k, n]``, b ``[B, n]``, dy
     ``[B, m, n]``, with B = ``models`` or fewer (``MODELS_MAX_BYTES``, at least 2)."""
-    dt = jnp.dtype(dtype)
-    size = max(2, min(models, MODELS_MAX_BYTES // (max(k * n, 1) * dt.itemsize)))
-    keys = jax.random.split(jax.random.key(seed), 4)
-    return (jax.random.normal(keys[0], (m, k), dt),
-            (jax.random.normal(keys[1], (size, k, n), dt) / math.sqrt(k)).astype(dt),
-            jax.random.normal(keys[2], (size, n), dt), jax.random.normal(keys[3], (size, m, n), dt))
+    size = max(2, min(models, MODELS_MAX_BYTES // (max(k * n, 1) * jnp.dtype(dtype).itemsize)))
+    return problem(m, k, n, dtype, seed, models=size)
 
 
 def _batched_steps(backend: str, activation: str):

@@ -485,8 +485,8 @@ def test_lm_tuning_split_holds_out_the_end_of_the_training_text_and_never_reads_
             lm.Config(tune_fraction=bad)
 
 
-@pytest.mark.parametrize("backend", ["auto"])  # auto: xla and numba measured under the sweep, the faster run
-def test_sweep_experiment_end_to_end_on_a_tiny_grid(backend, tmp_path, monkeypatch):
+def test_sweep_experiment_end_to_end_on_a_tiny_grid(tmp_path, monkeypatch):
+    backend = "auto"  # xla and numba measured under the sweep, the faster one run
     pytest.importorskip("torch", reason="the sweep times the seed's PyTorch loop beside it (make test installs torch)")
     from experiments import sweep
 

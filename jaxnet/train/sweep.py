@@ -411,9 +411,9 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
                desc=opts["title"], file=sys.stderr, dynamic_ncols=True)
     results: list[FitResult] = []
     try:
-        for chunk in chunks:
-            bar.set_description(f"{opts['title']}: models {chunk.start + 1}-{chunk.stop} of {len(grid)}")
-            with models_batched(len(chunks[0])):  # backend="auto" layers pick what runs fastest batched
+        with models_batched(len(chunks[0])):  # backend="auto" layers pick what runs fastest batched
+            for chunk in chunks:
+                bar.set_description(f"{opts['title']}: models {chunk.start + 1}-{chunk.stop} of {len(grid)}")
                 results += _train_chunk(
                     [grid[i] for i in chunk], len(chunks[0]), state_fn, names, ref, data, val, run, evaluate, opts,
                     epochs=epochs, bs=bs, n=n, full_batch=full_batch, calls=calls, eval_every=eval_every,
