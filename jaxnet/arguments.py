@@ -52,6 +52,15 @@ def check_number(value, name: str, *, minimum: float | None = None, allow_none: 
     return value
 
 
+def check_fraction(value, name: str, *, allow_zero: bool = False) -> float:
+    """``value`` as a Python float in (0, 1) (or 0, meaning off, when ``allow_zero``); ``TypeError``
+    unless a real number, ``ValueError`` outside that range."""
+    value = check_number(value, name)
+    if not (0.0 < value < 1.0 or (allow_zero and value == 0.0)):
+        raise ValueError(f"{name} must be in (0, 1)" + (" (or 0: off)" if allow_zero else "") + f", got {value:g}")
+    return value
+
+
 def check_choice(value, name: str, choices) -> str:
     """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
     if value not in tuple(choices):

@@ -17,6 +17,7 @@ import pathlib
 
 import numpy as np
 
+from jaxnet.arguments import check_fraction
 from jaxnet.data.checks import read_text, snippet
 
 
@@ -191,8 +192,7 @@ def reindex(data: Ratings) -> tuple[Ratings, np.ndarray, np.ndarray]:
 
 def random_split(data: Ratings, *, test_fraction: float, seed: int = 0) -> tuple[Ratings, Ratings]:
     """``(train, test)``: a seeded random ``test_fraction`` of the interactions is held out."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    test_fraction = check_fraction(test_fraction, "test_fraction")
     perm = np.random.default_rng(seed).permutation(len(data))
     n_test = int(round(len(data) * test_fraction))
     return data.subset(np.sort(perm[n_test:])), data.subset(np.sort(perm[:n_test]))

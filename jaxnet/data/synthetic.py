@@ -5,6 +5,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxnet.arguments import check_fraction
+
 
 @dataclasses.dataclass(frozen=True)
 class RegressionData:
@@ -36,8 +38,7 @@ def make_regression(n: int = 256, n_features: int = 10, *, noise_std: float = 0.
 
 def train_val_split(*arrays: np.ndarray, val_fraction: float, seed: int = 0):
     """Splits arrays along axis 0 by one seeded permutation: ``(a_train, a_val, b_train, b_val, ...)``."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    val_fraction = check_fraction(val_fraction, "val_fraction")
     n = len(arrays[0])
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * val_fraction)))

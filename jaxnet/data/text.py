@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.arguments import check_fraction
 from jaxnet.data.checks import read_text
 
 UNK, EOS = "<unk>", "<eos>"
@@ -123,8 +124,7 @@ class Corpus:
 
 def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     """``(head, tail)``: the last ``val_fraction`` of the characters held out, no shuffling."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    val_fraction = check_fraction(val_fraction, "val_fraction")
     cut = len(text) - int(round(len(text) * val_fraction))
     return text[:cut], text[cut:]
 

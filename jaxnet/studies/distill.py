@@ -33,6 +33,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from jaxnet.arguments import check_fraction
 from jaxnet.models.transformer import TransformerConfig
 from jaxnet.studies import save_weights
 
@@ -77,8 +78,7 @@ class DigitsConfig:
     tune_fraction: float = 0.0
 
     def __post_init__(self):
-        if not 0 <= self.tune_fraction < 1:
-            raise ValueError(f"digits.tune_fraction must be in (0, 1) (or 0: off), got {self.tune_fraction}")
+        check_fraction(self.tune_fraction, "digits.tune_fraction", allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,7 @@ class LMConfig:
     tune_fraction: float = 0.0
 
     def __post_init__(self):
-        if not 0 <= self.tune_fraction < 1:
-            raise ValueError(f"lm.tune_fraction must be in (0, 1) (or 0: off), got {self.tune_fraction}")
+        check_fraction(self.tune_fraction, "lm.tune_fraction", allow_zero=True)
         if self.teacher.block_size != self.student.block_size:
             raise ValueError(f"teacher.block_size {self.teacher.block_size} and student.block_size "
                              f"{self.student.block_size} must be equal: both read the same windows")

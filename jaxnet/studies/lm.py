@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from jaxnet.arguments import check_fraction
 from jaxnet.models.transformer import TransformerConfig
 from jaxnet.optim import OptimizerConfig
 from jaxnet.studies import save_weights
@@ -108,8 +109,7 @@ class Config:
     progress: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.tune_fraction < 1:
-            raise ValueError(f"tune_fraction must be in (0, 1) (or 0: off), got {self.tune_fraction}")
+        check_fraction(self.tune_fraction, "tune_fraction", allow_zero=True)
         if not 0 <= self.ngram_weight <= 1:
             raise ValueError(f"ngram_weight must be in [0, 1], got {self.ngram_weight}")
         if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
@@ -134,8 +134,7 @@ def load(config: Config):
 def tuning_split(corpus, fraction: float):
     """``corpus`` with its training text cut in two: the first ``1 - fraction`` to train on, the
     rest as the held-out split; the real held-out and test splits are not kept."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"tune_fraction must be in (0, 1) (or 0: off), got {fraction}")
+    fraction = check_fraction(fraction, "tune_fraction")
     cut = len(corpus.train) - max(1, round(fraction * len(corpus.train)))
     return dataclasses.replace(corpus, train=corpus.train[:cut], val=corpus.train[cut:], test=None,
                                name=f"{corpus.name} (tuning split: last {fraction:g} of training text held out)")
