@@ -485,6 +485,16 @@ def test_lm_tuning_split_holds_out_the_end_of_the_training_text_and_never_reads_
             lm.Config(tune_fraction=bad)
 
 
+def test_the_sweep_checks_models_spread_over_its_grid():
+    """The baselines train the first and the last model (the lowest and the highest rate) and
+    models evenly between, never one twice."""
+    from experiments.sweep import spread
+
+    assert spread(4, 1000) == [0, 333, 666, 999]
+    assert spread(2, 6) == [0, 5] and spread(1, 6) == [0]
+    assert spread(10, 3) == [0, 1, 2] and spread(0, 5) == []
+
+
 def test_sweep_experiment_end_to_end_on_a_tiny_grid(tmp_path, monkeypatch):
     backend = "auto"  # xla and numba measured under the sweep, the faster one run
     pytest.importorskip("torch", reason="the sweep times the seed's PyTorch loop beside it (make test installs torch)")
@@ -499,6 +509,7 @@ def test_sweep_experiment_end_to_end_on_a_tiny_grid(tmp_path, monkeypatch):
     # Each timed baseline trained the same models to the same losses, within the stated tolerances.
     assert result["max_rel_gap_vs_fit"] <= result["fit_tolerance"]
     assert result["max_rel_gap_vs_torch"] <= result["torch_tolerance"]
+    assert result["models_outside_fit_tolerance"] == result["models_outside_torch_tolerance"] == 0
     assert result["sweep_warm_ms_per_model"] > 0 and result["speedup_vs_torch"] > 0
     assert json.loads((tmp_path / "result.json").read_text())["mean_final_loss_by_rate"] == \
         result["mean_final_loss_by_rate"]
