@@ -28,7 +28,7 @@ docs/sweeps.md, "How close to a single fit").
 Writes ``result.json`` into ``--workdir`` (default ``runs/sweep/``) and prints it as one line.
 Measured (docs/benchmarks.md, "Sweeps"): best rate 0.1, final loss there 0.049 ± 0.014 over the
 seeds; per model warm 17-38 ms on 2 busy AMD cores (2-4 minutes; 22-42x the PyTorch loop) and
-6.5 ms on a quiet Intel Xeon (22 s; 28.5x); 6-7x a loop of fits (the 100x target is not met).
+5.3-5.4 ms on a quiet Intel Xeon (21 s; 31-34x); 8x a loop of fits (the 100x target is not met).
 The guide is docs/sweeps.md.
 """
 from __future__ import annotations

@@ -108,7 +108,8 @@ def models_batched(size: int):
 
     "auto" then runs, on the CPU, the backend measured fastest for such a batch
     (``kernels.autotune.model_batch_op``) rather than for one model: the two can differ, as the
-    numba backend runs a batch of weights one model at a time. Nothing else changes.
+    numba backend runs a batch of weights one model at a time. The "xla" backend lays out its
+    weight gradient for the batch (``kernels.xla``). The values are the same up to rounding.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"models_batched: size must be an int >= 1, got {size!r}")
@@ -117,6 +118,12 @@ def models_batched(size: int):
         yield size
     finally:
         _models.reset(token)
+
+
+def batched_models() -> int:
+    """How many models' weights the calls being traced are vmapped over (``models_batched``); 0
+    outside it."""
+    return _models.get()
 
 
 def auto_choice(m: int, k: int, n: int, dtype, activation: str) -> tuple[str, str]:
@@ -130,7 +137,7 @@ def auto_choice(m: int, k: int, n: int, dtype, activation: str) -> tuple[str, st
     names = auto_candidates(platform)
     if platform != "cpu" or len(names) < 2 or autotune.policy() == "rank":
         return names[0], names[0]
-    models = _models.get()
+    models = batched_models()
     op = autotune.model_batch_op(models) if models > 1 else autotune.FUSED_DENSE
     fwd, train = (autotune.choose(m, k, n, dtype, activation, names, mode=mode, op=op) for mode in autotune.MODES)
     return fwd, train

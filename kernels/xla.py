@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from kernels import activations, reference
 from kernels.autodiff import linear_map
-from kernels.dispatch import register_backend
+from kernels.dispatch import batched_models, register_backend
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # dtypes whose dense layer runs through ``fused_dense``'s custom VJP.
@@ -112,7 +112,13 @@ def _einsum_f32(sa: str, sb: str, so: str, a, b):
     """
     batch = [i for i in sa if i in sb and i in so]
     free_a, free_b = [i for i in sa if i not in sb], [i for i in sb if i not in sa]
-    if _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so)):
+    # Not for float32 in a sweep (``models_batched``): there the weight gradient's cotangent is
+    # stacked over the models, and the swapped dot, the models folded into its free axis, takes it
+    # as [rows, models, n], a transposing copy ~3x slower than the [models, n, rows] one of the
+    # unswapped order. (bf16 and f16 keep the swap: unswapped, with x per model too, XLA's CPU
+    # runtime cannot run the batched bf16 dot that results.)
+    sweep_f32 = batched_models() and a.dtype == jnp.float32
+    if not sweep_f32 and _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so)):
         sa, sb, a, b = sb, sa, b, a
         free_a, free_b = free_b, free_a
     contracted = [i for i in sa if i in sb and i not in so]

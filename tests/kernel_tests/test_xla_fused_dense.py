@@ -48,14 +48,36 @@ def _case(dtype, shape_x, n, seed):
     return x, w, b, g
 
 
+def _vjp(f, x, w, b, sweep):
+    """``(y, vjp)`` of ``f`` at ``(x, w, b)``: called directly (``sweep`` None), or as model 1 of a
+    sweep of three (``jax.vmap`` inside ``kernels.models_batched(3)``, as ``fit_many`` runs it; the
+    other models' weights are scaled copies) with x shared by the models or one per model."""
+    if sweep is None:
+        return jax.vjp(f, x, w, b)
+    shared = sweep == "shared x"
+    ws, bs = jnp.stack([w / 2, w, 2 * w]), jnp.stack([b, b, -b])
+    xs = x if shared else jnp.stack([-x, x, 2 * x])
+    with kernels.models_batched(3):  # the backward's layout is chosen when vjp transposes, so both
+        ys, vjps = jax.vjp(jax.vmap(f, in_axes=(None if shared else 0, 0, 0)), xs, ws, bs)
+
+    def vjp(g):  # model 1's cotangent alone: the other models' gradients are zero
+        with kernels.models_batched(3):
+            gx, gw, gb = vjps(jnp.zeros((3, *g.shape), g.dtype).at[1].set(g))
+        return gx if shared else gx[1], gw[1], gb[1]
+
+    return ys[1], vjp
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu_tanh"])
-@pytest.mark.parametrize("shape_x,n", [((64, 96), 48), ((2, 33, 130), 70)])
-def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
+@pytest.mark.parametrize("shape_x,n,sweep", [((64, 96), 48, None), ((2, 33, 130), 70, None),
+                                             ((64, 96), 48, "shared x"), ((33, 130), 5, "own x")])
+def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n, sweep):
+    """Also in a sweep, where the weight gradient is laid out for the batch of models."""
     x, w, b, g = _case(dtype, shape_x, n, seed=len(shape_x) * 7 + n)
     u = UNIT_ROUNDOFF[dtype]
     f = jax.jit(lambda x, w, b: xla.fused_dense(x, w, b, activation=act))
-    y, vjp = jax.vjp(f, x, w, b)
+    y, vjp = _vjp(f, x, w, b, sweep)
     gx, gw, gb = vjp(g.astype(y.dtype))
     assert y.dtype == gx.dtype == gw.dtype == gb.dtype == jnp.dtype(dtype)
 
@@ -75,7 +97,7 @@ def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
     dz = g64 * activations.get(act).np_grad(z)
     if act == "relu":
         dz = np.where(np.abs(z) <= 4 * SAFETY * (k + 1) * U32 * m, 0.0, dz)
-        _, vjp = jax.vjp(f, x, w, b)
+        _, vjp = _vjp(f, x, w, b, sweep)
         keep = jnp.asarray(np.abs(z) > 4 * SAFETY * (k + 1) * U32 * m)
         gx, gw, gb = vjp(jnp.where(keep, g.astype(dtype), 0).astype(dtype))
     dz_err = np.abs(dz) * (8 * U32 * 1.13 + 2 * 0.81 * SAFETY * (k + 1) * U32 * m)  # act' in f32, z's error
@@ -89,6 +111,19 @@ def test_dense_value_and_gradients_match_float64(dtype, act, shape_x, n):
         tol = tol + u * np.abs(ref) + 1e-30
         err = np.abs(np.asarray(got, np.float64) - ref)
         assert np.all(err <= tol), f"grad_{name}: worst err/tol {np.max(err / tol):.3g}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_sweep_lays_out_the_float32_weight_gradient_for_its_models(dtype):
+    """Inside ``models_batched`` the float32 backward takes its dots in another order (what the
+    value test above checks, in a sweep); bfloat16 keeps its order."""
+    x, w, b, g = _case(dtype, (16, 8), 4, seed=0)
+    ws, bs, gs = jnp.stack([w, w]), jnp.stack([b, b]), jnp.stack([g, g]).astype(dtype)
+    f = jax.vmap(lambda w, b: xla.fused_dense(x, w, b, activation="identity"))
+    program = lambda: jax.jit(lambda w, b, g: jax.vjp(f, w, b)[1](g)).lower(ws, bs, gs).as_text()  # noqa: E731
+    with kernels.models_batched(2):
+        in_sweep = program()
+    assert (in_sweep != program()) == (dtype == "float32")
 
 
 @pytest.mark.parametrize("spec,sa,sb", [
