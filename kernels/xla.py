@@ -112,12 +112,12 @@ def _einsum_f32(sa: str, sb: str, so: str, a, b):
     """
     batch = [i for i in sa if i in sb and i in so]
     free_a, free_b = [i for i in sa if i not in sb], [i for i in sb if i not in sa]
-    # Not for float32 in a sweep (``models_batched``): there the weight gradient's cotangent is
-    # stacked over the models, and the swapped dot, the models folded into its free axis, takes it
-    # as [rows, models, n], a transposing copy ~3x slower than the [models, n, rows] one of the
-    # unswapped order. (bf16 and f16 keep the swap: unswapped, with x per model too, XLA's CPU
-    # runtime cannot run the batched bf16 dot that results.)
-    sweep_f32 = batched_models() and a.dtype == jnp.float32
+    # Not for float32 in a sweep (``models_batched``) on the CPU: there the weight gradient's
+    # cotangent is stacked over the models, and the swapped dot, the models folded into its free
+    # axis, takes it as [rows, models, n], a transposing copy ~3x slower than the [models, n, rows]
+    # one of the unswapped order. (bf16 and f16 keep the swap: unswapped, with x per model too,
+    # XLA's CPU runtime cannot run the batched bf16 dot that results. GPUs: not measured.)
+    sweep_f32 = batched_models() and a.dtype == jnp.float32 and jax.default_backend() == "cpu"
     if not sweep_f32 and _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so)):
         sa, sb, a, b = sb, sa, b, a
         free_a, free_b = free_b, free_a
