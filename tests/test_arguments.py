@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxnet.arguments import check_fraction
-from jaxnet.data import ratings, synthetic, text
+from jaxnet.data import images, ratings, synthetic, text
+from jaxnet.data.digits import load_digits
 from jaxnet.studies import distill, lm
 
 SMALL_WORLD = ratings.generate_ratings(ratings.GeneratorConfig(num_users=20, num_items=60, ratings_per_user=25))
@@ -15,6 +16,8 @@ ENTRY_POINTS = {
                                        "val_fraction", False),
     "val_fraction (split_text)": (lambda f: text.split_text("abcdefghij", f), "val_fraction", False),
     "test_fraction": (lambda f: ratings.random_split(SMALL_WORLD.ratings, test_fraction=f), "test_fraction", False),
+    "test_fraction (stratified_split)": (lambda f: images.stratified_split(load_digits(), test_fraction=f),
+                                         "test_fraction", False),
     "lm.Config": (lambda f: lm.Config(tune_fraction=f), "tune_fraction", True),
     "distill.DigitsConfig": (lambda f: distill.DigitsConfig(tune_fraction=f), "digits.tune_fraction", True),
     "distill.LMConfig": (lambda f: distill.LMConfig(tune_fraction=f), "lm.tune_fraction", True),

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.arguments import check_fraction
 from jaxnet.data.checks import snippet
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
@@ -272,6 +273,7 @@ def stratified_split(data: ImageData, *, test_fraction: float, seed: int = 0) ->
     ``train_test_split(..., stratify=y, random_state=seed)``, so splits match its baselines)."""
     from sklearn.model_selection import train_test_split
 
+    test_fraction = check_fraction(test_fraction, "test_fraction")  # an int would be a count to sklearn
     idx = np.arange(len(data.y))
     train, test = train_test_split(idx, test_size=test_fraction, stratify=data.y, random_state=seed)
     return data.subset(train), data.subset(test)
