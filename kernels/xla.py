@@ -112,11 +112,10 @@ def _einsum_f32(sa: str, sb: str, so: str, a, b):
     """
     batch = [i for i in sa if i in sb and i in so]
     free_a, free_b = [i for i in sa if i not in sb], [i for i in sb if i not in sa]
-    # Not for float32 in a sweep (``models_batched``) on the CPU: there the weight gradient's
-    # cotangent is stacked over the models, and the swapped dot, the models folded into its free
-    # axis, takes it as [rows, models, n], a transposing copy ~3x slower than the [models, n, rows]
-    # one of the unswapped order. (bf16 and f16 keep the swap: unswapped, with x per model too,
-    # XLA's CPU runtime cannot run the batched bf16 dot that results. GPUs: not measured.)
+    # Not for float32 in a CPU sweep (``models_batched``): swapped, the dot takes the models' stacked
+    # cotangent as [rows, models, n], a slower copy than unswapped (docs/benchmarks.md, "The weight
+    # gradient's order in a sweep").
+    # Low precision keeps the swap: XLA:CPU cannot run the batched bf16 dot of the other order.
     sweep_f32 = batched_models() and a.dtype == jnp.float32 and jax.default_backend() == "cpu"
     if not sweep_f32 and _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so)):
         sa, sb, a, b = sb, sa, b, a
