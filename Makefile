@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PYTEST_ARGS := -q -n auto --dist loadfile --durations=15
+PYTEST_ARGS := -q -n auto --dist loadfile --no-loadscope-reorder --durations=15
 
 # The compat suite's interpreter and JAX: COMPAT_JAX is a pip requirement such as 'jax==0.11.*';
 # empty takes the newest that pyproject.toml allows (what a fresh install gets). torch is left out:

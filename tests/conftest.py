@@ -56,10 +56,15 @@ from jaxnet.testing import profiles
 profiles.load_profile()  # "ci" or "thorough" from JAXNET_HYPOTHESIS_PROFILE (jaxnet/testing/profiles.py)
 
 
-# The longest files (subprocesses, several trainings), started first: xdist's --dist loadfile hands
-# out files in collection order, and one of these left for the end would run alone on one core.
-LONGEST_FIRST = ("test_parallel.py", "test_checkpoint.py", "test_numba_fused_dense.py", "test_cli_verify.py",
-                 "test_testing_harness.py")
+# The longest files first (test seconds on 2 workers, session 20; the rest take under 9 s each and keep
+# collection order): xdist's --dist loadfile hands out files in collection order when run with
+# --no-loadscope-reorder (the Makefile's; by default it sorts them by test count), and a long file
+# left for the end would run alone on one core while the other waits.
+LONGEST_FIRST = ("test_parallel.py", "test_checkpoint.py", "test_transformer.py", "test_numba_fused_dense.py",
+                 "test_testing_harness.py", "test_cli_verify.py", "test_experiments.py", "test_train.py",
+                 "test_pallas_fused_dense.py", "test_docs.py", "test_xla_fused_dense.py", "test_train_writers.py",
+                 "test_compress.py", "test_explain.py", "test_recsys.py", "test_autotune.py", "test_losses.py",
+                 "test_testing_bad_inputs.py", "test_quantized_dense.py")
 
 
 def pytest_collection_modifyitems(config, items):
