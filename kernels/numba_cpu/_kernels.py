@@ -883,6 +883,11 @@ DX_PANEL_SMALL_W = 1 << 16
 # 64^2, hence the per-dtype limit).
 UNPACKED_MAX_M = 32
 UNPACKED_MAX_M_SMALL_W = 64
+# dW = x.T @ g reads x.T in place, a stride of x's row a step: from rows of 4 KiB those steps all
+# fall in one L1 set (and each on its own page), so x is transposed first, where g has enough
+# columns (DW_TRANSPOSE_MIN_N) to repay the copy (docs/benchmarks.md, session 20).
+DW_TRANSPOSE_MIN_ROW_BYTES = 4096
+DW_TRANSPOSE_MIN_N = 512
 
 
 @njit(inline="always", **_OPTS)
@@ -1301,9 +1306,9 @@ def backward_unit(nbtype, code):
     ``db = sum_i g``;
     ``dx = g @ w.T``: panel form (w.T packed straight from w's rows), or the dot form (g and w
     both read along N) when M is too small to repay packing a large w (``DX_PANEL_*``);
-    ``dw = x.T @ g``: panel form with x.T read in place through strides and g as the panels;
-    for N <= NR (panels mostly padding) as ``dw.T = g.T @ x``, the small [N, K] result then
-    transposed.
+    ``dw = x.T @ g``: panel form with x.T read in place through strides and g as the panels, or
+    from x transposed first where its rows alias in L1 (``DW_TRANSPOSE_*``); for N <= NR (panels
+    mostly padding) as ``dw.T = g.T @ x``, the small [N, K] result then transposed.
     Each choice compares the elements that the extra passes move (transposes, packing): all
     forms do the same multiply-adds in the same order. A tiny w goes to
     ``_column_backward`` (one column, K <= ``COLUMN_MAX_K``) or ``_tiny_backward``.
@@ -1340,6 +1345,11 @@ def backward_unit(nbtype, code):
             dwt = np.empty((N, K), x.dtype)  # (N, K)
             call_panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, IDENTITY, 0, frame, task, False, blk)
             transpose(dwt, dw)
+        elif K * x.itemsize >= DW_TRANSPOSE_MIN_ROW_BYTES and N >= DW_TRANSPOSE_MIN_N:
+            xt = np.empty((K, M), x.dtype)  # (K, M)
+            transpose(x, xt)
+            call_panel_gemm(_ffi.as_shape(xt, K * M), M, 1, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False,
+                            blk)
         else:
             # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
             # adjacent elements of one row of x), g as the panels.

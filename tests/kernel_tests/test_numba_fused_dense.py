@@ -200,7 +200,7 @@ def test_thread_pool_path_matches_references(problem):
 
 
 # (M, K, N) that reach each branch of kernels/numba_cpu/_kernels.py's forward and backward
-# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR, UNPACKED_MAX_M* there); the drawn problems rarely
+# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR, UNPACKED_MAX_M*, DW_TRANSPOSE_* there); the drawn problems rarely
 # reach M >= 256.
 KERNEL_PATHS = {
     "tiny w: loops along M": (50, 7, 3),
@@ -214,6 +214,7 @@ KERNEL_PATHS = {
     "64 rows: w and g read in place, partial panels": (64, 48, 40),
     "M >= 256: dx panel form, dw via strided x.T": (260, 300, 300),
     "K < M, N > 32: dw via strided x.T, M not a multiple of 4 (db's row tail)": (303, 100, 70),
+    "rows of x >= 4 KiB, N >= 512: dw from x transposed first": (36, 1030, 520),
 }
 
 
