@@ -31,7 +31,8 @@ With ``--runs R`` > 1 the grid is timed R times, one run after another (small sh
 10-30% from run to run with the machine's state, XLA's thread pool above all): ``rows.json``
 then holds every run's rows (with a "run" key), ``runs.md`` each run's table, and ``table.md``
 each shape's median times and its ratio to XLA as min / median / max over the runs; the
-summary gives the targets' worst ratios per run and over all runs.
+summary gives the targets' worst ratios per run and over all runs, and over each shape's median
+ratio (``..._of_medians``).
 """
 from __future__ import annotations
 
@@ -258,7 +259,9 @@ def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> d
 
 def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, config: Config) -> dict:
     """``summarize`` of the first run, with each target metric (the ``min_vs_xla`` ones, the
-    geometric means, the overhead ratio) replaced by its list over the runs and its worst."""
+    geometric means, the overhead ratio) replaced by its list over the runs and its worst; and
+    each backend's minima and geometric means over the shapes' median ratios (``..._of_medians``:
+    a figure that, unlike the worst run, does not fall as runs are added)."""
     per_run = [summarize(rows, ov, cold, config) for rows, ov in zip(runs, overheads)]
     summary = dict(per_run[0], runs=len(runs))
     for key in per_run[0]:
@@ -268,6 +271,13 @@ def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, co
             if None not in values:
                 summary[key] = max(values) if key == "numba_overhead_vs_xla_tiny_op" else min(values)
     summary["peak_gflops"] = max(s["peak_gflops"] for s in per_run)
+    medians = [dict(row, **{k: statistics.median(rows[i][k] for rows in runs) for k in row
+                            if k.endswith("_vs_xla") or k.endswith("_vs_best")})
+               for i, row in enumerate(runs[0])]
+    of_medians = summarize(medians, overheads[0], cold, config)
+    for key, value in of_medians.items():
+        if "_min_vs_" in key or "_geomean_vs_" in key:
+            summary[key + "_of_medians"] = value
     return summary
 
 

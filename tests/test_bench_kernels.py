@@ -36,7 +36,7 @@ def _rows(ratio_small, ratio_mid, t_small):
     return rows
 
 
-def test_several_runs_report_each_ratio_s_spread_and_the_worst_run():
+def test_several_runs_report_each_ratio_s_spread_the_worst_run_and_the_medians():
     config = bench_kernels.Config()
     runs = [_rows(1.05, 0.97, 16.0), _rows(0.98, 0.99, 15.0), _rows(1.10, 0.95, 17.0)]
     overheads = [{"numba": 4.4, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0}] * 2 + [
@@ -53,6 +53,10 @@ def test_several_runs_report_each_ratio_s_spread_and_the_worst_run():
     assert summary["numba_fwd+bwd_min_vs_xla_small"] == 0.98  # the worst run
     assert summary["numba_fwd+bwd_min_vs_xla_512_2048"] == 0.95
     assert summary["numba_overhead_vs_xla_tiny_op"] == round(4.9 / 3.5, 3)  # the worst: the largest
+    # Over each shape's median ratio: 64^3's runs 1.05, 0.98, 1.10 -> 1.05; 1024^3's 0.97, 0.99, 0.95 -> 0.97.
+    assert summary["numba_fwd+bwd_min_vs_xla_small_of_medians"] == 1.05
+    assert summary["numba_fwd+bwd_min_vs_xla_512_2048_of_medians"] == 0.97
+    assert summary["numba_fwd_geomean_vs_xla_of_medians"] == round((1.05 * 0.97) ** 0.5, 3)
 
 
 def test_runs_must_be_positive():
