@@ -21,7 +21,8 @@ cache), then "auto" is timed like any backend; each row also gives the backend i
 chose the fastest, < 1 when it did not or when its own run was slower) and ``choice_vs_best``
 (the fastest backend's time over that of the backend auto ran, both from their own columns: < 1
 only for a wrong choice, not for noise between auto and the column it equals); the summary the
-worst of each, ``auto_vs_best_min`` and ``auto_choice_vs_best_min``.
+worst of each, ``auto_vs_best_min`` and ``auto_choice_vs_best_min`` (with ``--runs``, also over
+each row's median, ``..._of_medians``).
 
 Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
 ends with one JSON line of summary metrics, also saved as ``result.json``. Figures in
@@ -271,14 +272,18 @@ def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, co
             if None not in values:
                 summary[key] = max(values) if key == "numba_overhead_vs_xla_tiny_op" else min(values)
     summary["peak_gflops"] = max(s["peak_gflops"] for s in per_run)
-    medians = [dict(row, **{k: statistics.median(rows[i][k] for rows in runs) for k in row
+    medians = [dict(row, **{k: _median_or_none([rows[i][k] for rows in runs]) for k in row
                             if k.endswith("_vs_xla") or k.endswith("_vs_best")})
                for i, row in enumerate(runs[0])]
     of_medians = summarize(medians, overheads[0], cold, config)
     for key, value in of_medians.items():
-        if "_min_vs_" in key or "_geomean_vs_" in key:
+        if "_min_vs_" in key or "_geomean_vs_" in key or key.endswith("_vs_best_min"):
             summary[key + "_of_medians"] = value
     return summary
+
+
+def _median_or_none(values: list):
+    return None if None in values else statistics.median(values)
 
 
 def spread(runs: list[list[dict]], config: Config) -> list[dict]:

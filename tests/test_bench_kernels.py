@@ -59,6 +59,23 @@ def test_several_runs_report_each_ratio_s_spread_the_worst_run_and_the_medians()
     assert summary["numba_fwd_geomean_vs_xla_of_medians"] == round((1.05 * 0.97) ** 0.5, 3)
 
 
+def test_auto_s_worst_over_the_medians_of_runs():
+    config = bench_kernels.Config(backends=("numba", "auto"))
+
+    def rows(auto_vs_best, choice_vs_best):
+        return [{"M": 512, "K": 512, "N": 512, "mode": mode, "xla_gflops": 1.0, "numba_gflops": 1.0,
+                 "auto_gflops": 1.0, "numba_vs_xla": 1.0, "auto_vs_xla": 1.0, "auto_runs": "numba",
+                 "auto_vs_best": auto_vs_best, "choice_vs_best": choice_vs_best} for mode in ("fwd", "fwd+bwd")]
+
+    runs = [rows(0.90, 0.93), rows(1.00, 0.99), rows(0.97, 1.00)]
+    overheads = [{"numba": 4.4, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0}] * 3
+    summary = bench_kernels.summarize_runs(runs, overheads, {}, config)
+    assert summary["auto_vs_best_min"] == 0.90 and summary["auto_choice_vs_best_min"] == 0.93  # the worst run
+    assert summary["auto_vs_best_min_of_medians"] == 0.97
+    assert summary["auto_choice_vs_best_min_of_medians"] == 0.99
+    assert summary["auto_fwd+bwd_min_vs_best_of_medians"] == 0.97
+
+
 def test_runs_must_be_positive():
     with pytest.raises(ValueError, match="--runs"):
         bench_kernels.main(["--runs", "0"])
