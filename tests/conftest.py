@@ -56,8 +56,8 @@ from jaxnet.testing import profiles
 profiles.load_profile()  # "ci" or "thorough" from JAXNET_HYPOTHESIS_PROFILE (jaxnet/testing/profiles.py)
 
 
-# The longest files first (test seconds on 2 workers, session 20; the rest take under 9 s each and keep
-# collection order): xdist's --dist loadfile hands out files in collection order when run with
+# The longest files first, by their test time (the rest take under 9 s each and keep collection
+# order): xdist's --dist loadfile hands out files in collection order when run with
 # --no-loadscope-reorder (the Makefile's; by default it sorts them by test count), and a long file
 # left for the end would run alone on one core while the other waits.
 LONGEST_FIRST = ("test_parallel.py", "test_checkpoint.py", "test_transformer.py", "test_numba_fused_dense.py",
