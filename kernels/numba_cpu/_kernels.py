@@ -1345,15 +1345,14 @@ def backward_unit(nbtype, code):
             dwt = np.empty((N, K), x.dtype)  # (N, K)
             call_panel_gemm(gf, 1, N, x, db, False, dwt, dwt, False, IDENTITY, 0, frame, task, False, blk)
             transpose(dwt, dw)
-        elif K * x.itemsize >= DW_TRANSPOSE_MIN_ROW_BYTES and N >= DW_TRANSPOSE_MIN_N:
-            xt = np.empty((K, M), x.dtype)  # (K, M)
-            transpose(x, xt)
-            call_panel_gemm(_ffi.as_shape(xt, K * M), M, 1, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False,
-                            blk)
         else:
-            # X = x.T read in place (X[k, i] = x[i, k]: each step of the reduction broadcasts MR
-            # adjacent elements of one row of x), g as the panels.
-            call_panel_gemm(_ffi.as_shape(x, M * K), 1, K, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False,
-                            blk)
+            # X = x.T, g as the panels: read in place (X[k, i] = x[i, k]: each step of the reduction
+            # broadcasts MR adjacent elements of one row of x), or from x transposed first.
+            xf, sr, sl = _ffi.as_shape(x, M * K), 1, K
+            if K * x.itemsize >= DW_TRANSPOSE_MIN_ROW_BYTES and N >= DW_TRANSPOSE_MIN_N:
+                xt = np.empty((K, M), x.dtype)  # (K, M)
+                transpose(x, xt)
+                xf, sr, sl = _ffi.as_shape(xt, K * M), M, 1
+            call_panel_gemm(xf, sr, sl, g, db, False, dw, dw, False, IDENTITY, 0, frame, task, False, blk)
         return 0
     return backward
