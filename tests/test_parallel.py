@@ -200,7 +200,9 @@ def test_a_process_that_dies_stops_the_job_with_a_clear_message(tmp_path, how, s
     import subprocess
     import time
 
-    cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--grace-s", "5",
+    # Process 0 is left waiting in a collective, where its SIGTERM handler cannot run: the launcher's
+    # SIGKILL after --grace-s is what stops it, so a short grace keeps the test short.
+    cmd = [sys.executable, "-m", "jaxnet.launch", "--nproc", "2", "--devices-per-process", "2", "--grace-s", "1",
            "--", sys.executable, str(WORKER), str(tmp_path / "out.npz"), str(tmp_path / "ckpt"), how]
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
