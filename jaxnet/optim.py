@@ -26,6 +26,7 @@ from typing import Literal, get_args
 import optax
 
 from jaxnet import regularizers
+from jaxnet.arguments import check_fraction
 
 # Literal types, so that an experiment's flags list and check the names (experiments/common.py).
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"]
@@ -88,8 +89,7 @@ class OptimizerConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        check_fraction(self.momentum, "momentum", allow_zero=True)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.name == "adam" and self.weight_decay > 0:

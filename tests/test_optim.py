@@ -205,6 +205,11 @@ def test_bad_config_raises(changes, fragment):
         OptimizerConfig(**changes)
 
 
+def test_a_momentum_that_is_not_a_number_is_named():
+    with pytest.raises(TypeError, match="momentum must be a number, got '0.9'"):
+        OptimizerConfig(momentum="0.9")
+
+
 @pytest.mark.parametrize("changes,fragment", [
     ({"schedule": "step"}, "exactly one of decay_every or boundaries"),
     ({"schedule": "step", "decay_every": 5, "boundaries": (10,)}, "exactly one"),

@@ -159,6 +159,8 @@ def test_config_checks():
         TransformerConfig(positions="sinusoidal")
     with pytest.raises(ValueError, match="dropout"):
         TransformerConfig(dropout_rate=1.0)
+    with pytest.raises(TypeError, match="attention_dropout_rate must be a number"):
+        TransformerConfig(attention_dropout_rate="0.1")
     model = TransformerLM(TINY)
     with pytest.raises(ValueError, match="block_size"):
         model.init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))

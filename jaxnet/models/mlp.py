@@ -14,7 +14,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxnet.arguments import check_int
+from jaxnet.arguments import check_fraction, check_int
 from jaxnet.nn import FusedDense
 
 
@@ -67,8 +67,7 @@ class MLP(nn.Module):
             raise ValueError("MLP needs at least one layer in `features`")
         for i, width in enumerate(self.features):
             check_int(width, f"MLP features[{i}]", minimum=1)
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        check_fraction(self.dropout_rate, "MLP dropout_rate", allow_zero=True)
         for i, width in enumerate(self.features):
             last = i == len(self.features) - 1
             x = FusedDense(

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.arguments import check_fraction
 from jaxnet.nn import FusedDense, named_init
 from kernels import activations, xla
 from kernels.dispatch import BackendName
@@ -92,8 +93,7 @@ class TransformerConfig:
         if self.positions == "rotary" and (self.embed_dim // self.num_heads) % 2:
             raise ValueError("rotary positions need an even head width")
         for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            check_fraction(getattr(self, name), name, allow_zero=True)
 
     @property
     def head_dim(self) -> int:
