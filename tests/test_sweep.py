@@ -68,6 +68,7 @@ def test_each_model_is_a_single_fit_of_its_seed_and_rate_with_early_stopping(bat
         for name in ("loss", "grad_norm", "val_loss"):
             assert_close(run.column(name), one.column(name), steps, f"{name} of seed {seed}, {hp}:")
         assert [set(r) for r in run.history] == [set(r) for r in one.history]
+        assert [(r["epoch"], r["step"]) for r in run.history] == [(r["epoch"], r["step"]) for r in one.history]
         assert float(run.state.opt_state.hyperparams["learning_rate"]) == np.float32(hp["learning_rate"])
     # Same seed, other rate: far apart, so the equalities above could not hold with one rate for all.
     gap = np.abs(np.asarray(runs[0].state.params["layers_0"]["kernel"]) - runs[1].state.params["layers_0"]["kernel"])
@@ -87,6 +88,26 @@ def test_chunks_from_a_tiny_memory_budget_give_the_unchunked_results(monkeypatch
         assert (len(a.history), a.best_epoch) == (len(b.history), b.best_epoch)
         assert_close((a.state.params, a.state.opt_state), (b.state.params, b.state.opt_state), EPOCHS, "state:")
         assert_close(a.column("val_loss"), b.column("val_loss"), EPOCHS, "val_loss:")
+
+
+def test_results_built_on_demand_behave_as_fit_s():
+    """fit_many builds a result's state and history when first read: they are then plain values
+    (a list of dicts that JSON takes, arrays of one model), read once; ``column`` reads the same
+    values without building the history; ``dataclasses.replace`` still makes a FitResult."""
+    import dataclasses
+
+    runs = fit_many(state_fn, (X, Y), seeds=SEEDS, hparams={"learning_rate": RATES}, **options(8))
+    run = runs[1]
+    names = ["loss", "grad_norm", "skipped", "val_loss", "epoch", "step", "no_such_metric"]
+    columns = {name: run.column(name) for name in names}  # read before the history is built
+    assert columns == {name: [r[name] for r in run.history if name in r] for name in names}
+    assert len(columns["loss"]) == len(run.history) and columns["val_loss"] and not columns["no_such_metric"]
+    assert isinstance(run, FitResult) and type(run.history) is list and run.history is run.history
+    assert json.loads(json.dumps(run.history)) == run.history
+    assert run.state is run.state and run.state.params["layers_0"]["kernel"].shape == (3, 6)
+    other = dataclasses.replace(run, best_epoch=None)
+    assert isinstance(other, FitResult) and other.best_epoch is None and other.history == run.history
+    assert other.state is run.state and (other.stopped_early, other.wall_s) == (run.stopped_early, run.wall_s)
 
 
 def test_plan_chunks_balances_and_always_trains():

@@ -60,7 +60,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -347,7 +347,7 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
       ``fit`` would return it, except: ``wall_s`` is the wall time of the model's chunk
       (compilation included; shared by its models), ``files`` is empty, and ``state.tx`` is the
       first model's transformation (each state's hyperparameters are in its ``opt_state``, which
-      is what the transformation reads).
+      is what the transformation reads). ``state`` and ``history`` are built when first read.
 
     Raises:
       TypeError, ValueError: bad seeds, hyperparameters, data or arguments, naming them;
@@ -476,7 +476,7 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
     best_value, best_epoch = np.full(size, np.inf), np.zeros(size, np.int64)
     since, has_best, stopped = np.zeros(size, np.int64), np.zeros(size, bool), np.zeros(size, bool)
     best_params = None
-    histories: list[list[dict]] = [[] for _ in range(count)]
+    calls_made: list[_Call] = []
     epoch = int(states.epoch[0])
     bar.update(min(epoch, epochs))  # the states' earlier epochs
     sizes = np.array([min(bs, n - b * bs) for b in range(num_batches)], np.float64)
@@ -496,22 +496,10 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
             summary = _summaries(m, sizes)
         steps_per_epoch = 1 if full_batch else num_batches
         now = round(time.perf_counter() - t_start, 4)
-        columns = {k: v.tolist() for k, v in summary.items()}
         evaluate_now = val is not None and (full_batch or (epoch + length) % eval_every == 0
                                             or epoch + length == epochs)
         val_means = _evaluate(evaluate, states, val, None if full_batch else bs) if evaluate_now else {}
-        # One dict per model and epoch, as fit's records (built in bulk: a sweep has millions).
-        keys = ("epoch", "step", *columns, "time_s")
-        epoch_numbers = range(epoch + 1, epoch + length + 1)
-        for c in live:
-            step0 = int(first_steps[c])
-            steps = range(step0 + steps_per_epoch, step0 + (length + 1) * steps_per_epoch, steps_per_epoch)
-            records = [dict(zip(keys, row)) for row in
-                       zip(epoch_numbers, steps, *(columns[k][c] for k in columns), itertools.repeat(now))]
-            if val_means:  # the call's last epoch was evaluated; time_s stays last, as in fit
-                records[-1].update((f"val_{k}", float(v[c])) for k, v in val_means.items())
-                records[-1]["time_s"] = records[-1].pop("time_s")
-            histories[c] += records
+        calls_made.append(_Call(epoch, steps_per_epoch, first_steps, active[:count].copy(), summary, val_means, now))
         epoch += length
         bar.update(length)
         if val_means:
@@ -531,21 +519,84 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
     if keep_best and best_params is not None:
         states = states.replace(params=_select(jnp.asarray(has_best), best_params, states.params))
     wall = time.perf_counter() - t_chunk
-    leaves, treedef = jax.tree.flatten(states)
-    rows = [_rows(leaf, count) for leaf in leaves]
-    return [FitResult(treedef.unflatten([r[c] for r in rows]), histories[c],
-                      int(best_epoch[c]) if has_best[c] else None, bool(stopped[c]), wall, {})
-            for c in range(count)]
+    stacked = _StackedStates(states)
+    return [_SweepResult(int(best_epoch[c]) if has_best[c] else None, bool(stopped[c]), wall,
+                         lazy=(stacked, c, calls_made)) for c in range(count)]
 
 
-def _rows(stacked: jax.Array, count: int) -> list[jax.Array]:
-    """The first ``count`` rows of ``stacked`` as arrays of their own, through one copy to the
-    host (slicing on the device compiles a program per leaf shape and dispatches per row)."""
-    if jax.dtypes.issubdtype(stacked.dtype, jax.dtypes.prng_key):  # keys travel as their raw data
-        impl = jax.random.key_impl(stacked)
-        return [jax.random.wrap_key_data(d, impl=impl) for d in _rows(jax.random.key_data(stacked), count)]
-    host = np.asarray(stacked)
-    return jax.device_put([host[c] for c in range(count)])
+class _Call(NamedTuple):
+    """One call of a chunk's program: its first epoch, per model its first step, whether it
+    trained (``live: [C]``) and its epochs' means (``summary[name]: [C, L]``), the evaluation
+    after it (``val_means[name]: [C]``, or empty) and the time it ended."""
+    epoch: int
+    steps_per_epoch: int
+    first_steps: np.ndarray
+    live: np.ndarray
+    summary: dict
+    val_means: dict
+    time_s: float
+
+
+class _StackedStates:
+    """A chunk's final states, copied to the host once and split into one model's arrays when asked."""
+
+    def __init__(self, states: TrainState):
+        leaves, self.treedef = jax.tree.flatten(states)
+        self.impls = [jax.random.key_impl(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else None
+                      for a in leaves]  # keys travel as their raw data
+        self.host = [np.asarray(jax.random.key_data(a) if impl else a) for a, impl in zip(leaves, self.impls)]
+
+    def model(self, c: int) -> TrainState:
+        rows = jax.device_put([h[c] for h in self.host])
+        return self.treedef.unflatten([jax.random.wrap_key_data(r, impl=impl) if impl else r
+                                       for r, impl in zip(rows, self.impls)])
+
+
+class _SweepResult(FitResult):
+    """A ``FitResult`` whose ``state`` and ``history`` are built on first access: a sweep of 1000
+    models over 1000 epochs would otherwise build a million dicts and 10^4 arrays up front."""
+
+    def __init__(self, *fields, lazy: tuple[_StackedStates, int, list[_Call]] | None = None, **named):
+        if lazy is None:  # FitResult's fields, as dataclasses.replace passes them
+            super().__init__(*fields, **named)
+        else:  # (best_epoch, stopped_early, wall_s) and where state and history come from
+            self._stacked, self._c, self._calls = lazy
+            self.best_epoch, self.stopped_early, self.wall_s = fields
+            self.files = {}
+
+    @functools.cached_property
+    def state(self) -> TrainState:
+        return self._stacked.model(self._c)
+
+    @functools.cached_property
+    def history(self) -> list[dict]:
+        c, out = self._c, []
+        for call in self._calls:
+            if not call.live[c]:
+                continue
+            length = next(iter(call.summary.values())).shape[1]
+            per, step0 = call.steps_per_epoch, int(call.first_steps[c])
+            keys = ("epoch", "step", *call.summary, "time_s")
+            records = [dict(zip(keys, row)) for row in
+                       zip(range(call.epoch + 1, call.epoch + length + 1), range(step0 + per, step0 + (length + 1) * per, per),
+                           *(v[c].tolist() for v in call.summary.values()), itertools.repeat(call.time_s))]
+            if call.val_means:  # the call's last epoch was evaluated; time_s stays last, as in fit
+                records[-1].update((f"val_{k}", float(v[c])) for k, v in call.val_means.items())
+                records[-1]["time_s"] = records[-1].pop("time_s")
+            out += records
+        return out
+
+    def column(self, name: str) -> list:
+        """As ``FitResult.column``, read from the chunk's columns without building the history."""
+        if name in ("epoch", "step", "time_s") or "history" in self.__dict__:
+            return super().column(name)
+        out = []
+        for call in (call for call in self._calls if call.live[self._c]):
+            if name in call.summary:
+                out += call.summary[name][self._c].tolist()
+            elif name.startswith("val_") and name[len("val_"):] in call.val_means:
+                out.append(float(call.val_means[name[len("val_"):]][self._c]))
+        return out
 
 
 def _evaluate(evaluate, states, val, batch_size) -> dict[str, np.ndarray]:
