@@ -10,7 +10,8 @@
   (a ``jax.random.uniform`` compiled in ~2 s instead of ~0.25 s) while running them is cheap.
   Results stay within every derived tolerance (they assume any summation order); the experiments
   and benchmarks run at XLA's default level. Set the flag in XLA_FLAGS to test at another level.
-  Where XLA still has them, its older CPU emitters too (``--xla_cpu_use_fusion_emitters=false``).
+  Where XLA still has them, its older CPU emitters too (``--xla_cpu_use_fusion_emitters=false``)
+  and one LLVM module per program (``--xla_cpu_parallel_codegen_split_count=1``).
 - With pytest-xdist (``make test`` runs ``-n auto``), the controller fills Numba's on-disk cache
   before the workers start (one process per dtype and one for the int8 handlers, in parallel), so
   that no two workers compile the same handler (a cold compile is tens of seconds each).
@@ -32,18 +33,26 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# XLA's older CPU emitters compile a small train step ~2.5x faster than its fusion emitters
-# (test_train + test_transformer 85-90 s -> 59-62 s). Newer XLA lacks the flag and aborts the
-# process on an unknown one, so a child process tries it first (once; workers inherit the answer).
-_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-    if "JAXNET_TEST_LEGACY_EMITTERS" not in os.environ:
-        probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
-                               env=dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {_EMITTERS}",
-                                        JAX_PLATFORMS="cpu"))
-        os.environ["JAXNET_TEST_LEGACY_EMITTERS"] = "1" if probe.returncode == 0 else "0"
-    if os.environ["JAXNET_TEST_LEGACY_EMITTERS"] == "1":
-        os.environ["XLA_FLAGS"] += " " + _EMITTERS
+# Flags that make XLA compile the tests' small programs faster, where this XLA has them: its older
+# CPU emitters (a small train step compiles ~2.5x faster than with its fusion emitters), and one
+# LLVM module per program rather than several compiled on a thread pool (-13% of compile time,
+# -6% of the suite's; docs/benchmarks.md). An unknown flag aborts the process, so a child process
+# tries them first (once; workers inherit the answer in JAXNET_TEST_COMPILE_FLAGS).
+_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _accepted(flags) -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
+                           env=dict(os.environ, XLA_FLAGS=" ".join([os.environ["XLA_FLAGS"], *flags]),
+                                    JAX_PLATFORMS="cpu"))
+    return probe.returncode == 0
+
+
+_wanted = [f for f in _COMPILE_FLAGS if f.split("=")[0] not in os.environ["XLA_FLAGS"]]  # the user's win
+if _wanted and "JAXNET_TEST_COMPILE_FLAGS" not in os.environ:
+    _ok = _wanted if _accepted(_wanted) else [f for f in _wanted if _accepted([f])]
+    os.environ["JAXNET_TEST_COMPILE_FLAGS"] = " ".join(_ok)
+os.environ["XLA_FLAGS"] += "".join(f" {f}" for f in _wanted if f in os.environ.get("JAXNET_TEST_COMPILE_FLAGS", ""))
 # backend="auto" (kernels.autotune) stores what it measures in this session's folder, not ~/.cache.
 if not os.environ.get("JAXNET_TUNING_DIR"):
     os.environ["JAXNET_TUNING_DIR"] = tempfile.mkdtemp(prefix="jaxnet-test-tuning-")
