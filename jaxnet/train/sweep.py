@@ -485,7 +485,7 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
             length = min(calls, epochs - epoch)
         else:  # up to the next evaluation, as fit evaluates every eval_every epochs and at the end
             length = min(eval_every - epoch % eval_every if val is not None else calls, epochs - epoch)
-        first_steps = np.asarray(states.step)
+        first_steps = np.array(states.step)  # a copy: kept in the history after run donates states
         states, m = run(states, data, jnp.asarray(active), length)
         m = jax.device_get(m)
         live = np.flatnonzero(active[:count])
