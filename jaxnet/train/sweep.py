@@ -577,9 +577,10 @@ class _SweepResult(FitResult):
             length = next(iter(call.summary.values())).shape[1]
             per, step0 = call.steps_per_epoch, int(call.first_steps[c])
             keys = ("epoch", "step", *call.summary, "time_s")
-            records = [dict(zip(keys, row)) for row in
-                       zip(range(call.epoch + 1, call.epoch + length + 1), range(step0 + per, step0 + (length + 1) * per, per),
-                           *(v[c].tolist() for v in call.summary.values()), itertools.repeat(call.time_s))]
+            epochs = range(call.epoch + 1, call.epoch + length + 1)
+            steps = range(step0 + per, step0 + (length + 1) * per, per)
+            values = (v[c].tolist() for v in call.summary.values())
+            records = [dict(zip(keys, row)) for row in zip(epochs, steps, *values, itertools.repeat(call.time_s))]
             if call.val_means:  # the call's last epoch was evaluated; time_s stays last, as in fit
                 records[-1].update((f"val_{k}", float(v[c])) for k, v in call.val_means.items())
                 records[-1]["time_s"] = records[-1].pop("time_s")
