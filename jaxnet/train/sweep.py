@@ -499,7 +499,8 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
         evaluate_now = val is not None and (full_batch or (epoch + length) % eval_every == 0
                                             or epoch + length == epochs)
         val_means = _evaluate(evaluate, states, val, None if full_batch else bs) if evaluate_now else {}
-        calls_made.append(_Call(epoch, steps_per_epoch, first_steps, active[:count].copy(), summary, val_means, now))
+        calls_made.append(_Call(epoch, steps_per_epoch, first_steps, active[:count].copy(), summary,
+                                {f"val_{k}": v for k, v in val_means.items()}, now))
         epoch += length
         bar.update(length)
         if val_means:
@@ -527,7 +528,7 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
 class _Call(NamedTuple):
     """One call of a chunk's program: its first epoch, per model its first step, whether it
     trained (``live: [C]``) and its epochs' means (``summary[name]: [C, L]``), the evaluation
-    after it (``val_means[name]: [C]``, or empty) and the time it ended."""
+    after it (``val_means["val_<name>"]: [C]``, or empty) and the time it ended."""
     epoch: int
     steps_per_epoch: int
     first_steps: np.ndarray
@@ -582,7 +583,7 @@ class _SweepResult(FitResult):
             values = (v[c].tolist() for v in call.summary.values())
             records = [dict(zip(keys, row)) for row in zip(epochs, steps, *values, itertools.repeat(call.time_s))]
             if call.val_means:  # the call's last epoch was evaluated; time_s stays last, as in fit
-                records[-1].update((f"val_{k}", float(v[c])) for k, v in call.val_means.items())
+                records[-1].update((k, float(v[c])) for k, v in call.val_means.items())
                 records[-1]["time_s"] = records[-1].pop("time_s")
             out += records
         return out
@@ -595,8 +596,8 @@ class _SweepResult(FitResult):
         for call in (call for call in self._calls if call.live[self._c]):
             if name in call.summary:
                 out += call.summary[name][self._c].tolist()
-            elif name.startswith("val_") and name[len("val_"):] in call.val_means:
-                out.append(float(call.val_means[name[len("val_"):]][self._c]))
+            elif name in call.val_means:
+                out.append(float(call.val_means[name][self._c]))
         return out
 
 
