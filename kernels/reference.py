@@ -111,3 +111,40 @@ def fused_dense_vjp_numpy(x, w, b, dy, *, activation: str = "relu"):
     x2 = x64.reshape(rows, w64.shape[0])  # (M, K)
     db = None if b is None else dz.sum(axis=0)
     return y, (dz @ w64.T).reshape(x64.shape), x2.T @ dz, db
+
+
+def mlp_sgd(x, y, weights, biases, activations_, lr, active, epochs: int, leaf_ids=None):
+    """What ``kernels.numba_cpu.mlp_sgd.train`` computes (same arguments and results), in jax.numpy:
+    per model (``vmap``) ``epochs`` full-batch SGD steps (``lax.scan``) of the dense stack
+    ``act_l(h @ W_l + b_l)`` under MSE (``mean((pred - y)**2)``), gradients by autodiff, the
+    update ``p + (-lr) * g``; inactive models come back unchanged with metrics 0."""
+    leaf_ids = leaf_ids or [(2 * i, 2 * i + 1) for i in range(len(weights))]
+    acts = [activations.get(a) for a in activations_]
+
+    def loss_fn(params):
+        h = x
+        for (w, b), act in zip(params, acts):
+            h = act(jnp.matmul(h, w, precision=jax.lax.Precision.HIGHEST) + (0.0 if b is None else b))
+        return jnp.mean(jnp.square(h - y))
+
+    def one(params, rate, live):
+        def step(p, _):
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            updates = jax.tree.map(lambda t: -rate * t, g)
+            new = jax.tree.map(jnp.add, p, updates)
+            bad = [jnp.where(~jnp.all(jnp.isfinite(gw)), wid, 1 << 30) for (gw, _), (wid, _) in zip(g, leaf_ids)]
+            bad += [jnp.where(~jnp.all(jnp.isfinite(gb)), bid, 1 << 30)
+                    for (_, gb), (_, bid) in zip(g, leaf_ids) if gb is not None]
+            first = jnp.min(jnp.stack(bad))
+            m = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(t * t) for t in jax.tree.leaves(g))),
+                 "update_norm": jnp.sqrt(sum(jnp.sum(t * t) for t in jax.tree.leaves(updates))),
+                 "nonfinite_leaf": jnp.where(first == 1 << 30, -1, first).astype(jnp.int32)}
+            return new, m
+
+        new, m = jax.lax.scan(step, params, None, length=int(epochs))
+        return (jax.tree.map(lambda a, b: jnp.where(live, a, b), new, params),
+                jax.tree.map(lambda v: jnp.where(live, v, jnp.zeros_like(v)), m))
+
+    params = [(w, b) for w, b in zip(weights, biases)]
+    new, m = jax.vmap(one)(params, lr, active)
+    return [w for w, _ in new], [b for _, b in new], m

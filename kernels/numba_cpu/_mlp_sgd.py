@@ -1,0 +1,336 @@
+"""The FFI handler that trains many small MLPs by full-batch SGD, each model's epochs in cache.
+
+One call runs ``E`` epochs of ``C`` models that share the data: per model and epoch the forward
+pass, the MSE loss, the backward pass and the update ``p <- p + (-lr) * g``, every intermediate in
+the model's own scratch (a few rows of ``n``), so nothing leaves the core's caches between layers
+or epochs. Models are shared between the calling thread and helpers on XLA's intra-op pool by an
+atomic counter (as the GEMM jobs of ``_kernels``).
+
+Calling convention (float32, row-major):
+
+  args:  xT [K0, n] (the inputs, transposed), yT [F, n] (the targets, transposed),
+         p [C, P] (each model's parameters, flat), lr [C], active [C] (1: train, 0: copy),
+         table [L, 8] int32, one row per layer: K, N, activation code, offset of W [K, N] in p,
+         offset of b [N] in p (-1: no bias), leaf id of W, leaf id of b, offset of the layer's
+         rows [N, n] in the activation scratch
+  rets:  p_out [C, P] (p after E epochs; inactive models copied), metrics [C, E, 4]: per epoch
+         the loss at the parameters it started from, the gradient's and the update's global L2
+         norms, and the smallest leaf id with a non-finite gradient element (-1: none)
+
+Activations: identity, relu (derivative 1/2 at exactly 0, as jnp.maximum's autodiff), tanh and
+sigmoid (derivatives from the output). The arithmetic is float32 with reassociation (sums run
+in vector lanes) and contraction (FMA); no other fast-math assumption, so non-finite values
+propagate and are reported as in the reference. Bad shapes, offsets or codes return an XLA error.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+from llvmlite import binding as llvm
+from numba import carray, cfunc, float32, int32, njit, types
+
+from kernels.activations import CODES
+from kernels.numba_cpu import _cache, _ffi, _link
+from kernels.numba_cpu._ffi import arg, dim, dtype, make_error, rank, ret
+from kernels.numba_cpu._pipeline import Compiler
+
+IDENTITY, RELU, TANH, SIGMOID = CODES["identity"], CODES["relu"], CODES["tanh"], CODES["sigmoid"]
+SUPPORTED = ("identity", "relu", "tanh", "sigmoid")
+TABLE_COLUMNS = 8
+METRICS = 4  # loss, grad_norm, update_norm, first non-finite leaf
+_OPTS = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, boundscheck=False, error_model="numpy",
+             nogil=True, pipeline_class=Compiler)
+DTYPE_S32 = 4  # XLA_FFI_DataType of int32
+
+# The job: int64 slots read by every thread that claims models.
+_J_NEXT, _J_DONE, _J_REFS, _J_ERROR = 0, 8, 16, 24
+_J_X, _J_Y, _J_P, _J_OUT, _J_LR, _J_ACTIVE, _J_TABLE, _J_METRICS = 32, 40, 48, 56, 64, 72, 80, 88
+_J_C, _J_N, _J_K0, _J_F, _J_P_LEN, _J_L, _J_E, _J_ROWS, _J_WIDEST = 96, 104, 112, 120, 128, 136, 144, 152, 160
+_J_BYTES = 168
+_J_SLOTS = _J_BYTES // 8
+_ADDRESS = (1 << 56) - 1
+
+
+@njit(**_OPTS)
+def _layer(table, l):
+    """Layer ``l``'s K, N, activation code, W's and b's offsets in p (b's -1: none) and its rows'
+    offset in the scratch; sizes and offsets unsigned (Numba wraps negative indices, a check in
+    every inner loop, unless the index is unsigned)."""
+    u = np.uint64
+    return u(table[l, 0]), u(table[l, 1]), table[l, 2], u(table[l, 3]), table[l, 4], u(table[l, 7])
+
+
+@njit(**_OPTS)
+def _forward(xT, a, z, p, table, nl, n):
+    """Every layer's pre-activation ``z`` and output ``a`` (rows ``[N, n]`` at the layer's offset)."""
+    for l in range(nl):
+        K, N, act, wo, bo, ro = _layer(table, l)
+        src = xT if l == 0 else a
+        so = np.uint64(0) if l == 0 else np.uint64(table[l - 1, 7])
+        for j in range(N):
+            zo = ro + j * n
+            bj = p[np.uint64(bo) + j] if bo >= 0 else np.float32(0.0)
+            for i in range(n):
+                z[zo + i] = bj
+            for k in range(K):
+                w = p[wo + k * N + j]
+                s0 = so + k * n
+                for i in range(n):
+                    z[zo + i] += w * src[s0 + i]
+            if act == RELU:  # one loop per activation: a branch inside would stop it vectorising
+                for i in range(n):
+                    v = z[zo + i]
+                    a[zo + i] = v if v > 0 else np.float32(0.0)
+            elif act == TANH:
+                for i in range(n):
+                    a[zo + i] = math.tanh(z[zo + i])
+            elif act == SIGMOID:
+                for i in range(n):
+                    a[zo + i] = np.float32(1.0) / (np.float32(1.0) + math.exp(-z[zo + i]))
+            else:
+                for i in range(n):
+                    a[zo + i] = z[zo + i]
+
+
+@njit(**_OPTS)
+def _epoch(xT, yT, p, g, table, nl, n, F, z, a, d0, d1, lr, m):
+    """One full-batch SGD step of one model (``n``, ``F`` unsigned): ``m[:]`` = (loss, |g|,
+    |update|, first bad leaf)."""
+    _forward(xT, a, z, p, table, nl, n)
+    top = np.uint64(table[nl - 1, 7])
+    scale = np.float32(2.0) / np.float32(n * F)
+    loss = np.float32(0.0)
+    for j in range(F):
+        for i in range(n):
+            diff = a[top + j * n + i] - yT[j * n + i]
+            loss += diff * diff
+            d0[j * n + i] = diff * scale
+    cur, nxt = d0, d1
+    for l in range(nl - 1, -1, -1):
+        K, N, act, wo, bo, ro = _layer(table, l)
+        src = xT if l == 0 else a
+        so = np.uint64(0) if l == 0 else np.uint64(table[l - 1, 7])
+        for j in range(N):  # cur: d(loss)/d(output) -> d(loss)/dz, in place
+            zo = ro + j * n
+            co = j * n
+            if act == RELU:
+                for i in range(n):
+                    v = z[zo + i]
+                    cur[co + i] *= np.float32(1.0) if v > 0 else (np.float32(0.5) if v == 0 else np.float32(0.0))
+            elif act == TANH:
+                for i in range(n):
+                    y = a[zo + i]
+                    cur[co + i] *= (np.float32(1.0) - y) * (np.float32(1.0) + y)
+            elif act == SIGMOID:
+                for i in range(n):
+                    y = a[zo + i]
+                    cur[co + i] *= y * (np.float32(1.0) - y)
+            if bo >= 0:
+                s = np.float32(0.0)
+                for i in range(n):
+                    s += cur[co + i]
+                g[np.uint64(bo) + j] = s
+        for k in range(K):
+            s0 = so + k * n
+            for j in range(N):
+                s = np.float32(0.0)
+                co = j * n
+                for i in range(n):
+                    s += src[s0 + i] * cur[co + i]
+                g[wo + k * N + j] = s
+        if l > 0:  # d(loss)/d(input) = W dz, with the W the forward used
+            for k in range(K):
+                ko = k * n
+                for i in range(n):
+                    nxt[ko + i] = np.float32(0.0)
+                for j in range(N):
+                    w = p[wo + k * N + j]
+                    co = j * n
+                    for i in range(n):
+                        nxt[ko + i] += w * cur[co + i]
+            cur, nxt = nxt, cur
+    bad = -1
+    for l in range(nl):  # leaf ids order the parameters as the caller's tree does
+        K, N, act, wo, bo, ro = _layer(table, l)
+        for q in range(wo, wo + K * N):
+            if not math.isfinite(g[q]):
+                if bad < 0 or table[l, 5] < bad:
+                    bad = table[l, 5]
+                break
+        if bo >= 0:
+            for q in range(np.uint64(bo), np.uint64(bo) + N):
+                if not math.isfinite(g[q]):
+                    if bad < 0 or table[l, 6] < bad:
+                        bad = table[l, 6]
+                    break
+    gs = np.float32(0.0)
+    us = np.float32(0.0)
+    step = -lr
+    for q in range(np.uint64(p.shape[0])):
+        u = step * g[q]
+        gs += g[q] * g[q]
+        us += u * u
+        p[q] = p[q] + u
+    m[0] = loss / np.float32(n * F)
+    m[1] = math.sqrt(gs)
+    m[2] = math.sqrt(us)
+    m[3] = np.float32(bad)
+
+
+@njit(**_OPTS)
+def _claim(job):
+    """Trains the job's models until none is left unclaimed; returns 0."""
+    ld = _ffi.load_i64
+    C, n, K0, F, P, nl, E = ld(job + _J_C), ld(job + _J_N), ld(job + _J_K0), ld(job + _J_F), ld(job + _J_P_LEN), \
+        ld(job + _J_L), ld(job + _J_E)
+    rows, widest = ld(job + _J_ROWS), ld(job + _J_WIDEST)
+    xT = carray(_ffi.as_pointer(ld(job + _J_X), float32), (K0 * n,))
+    yT = carray(_ffi.as_pointer(ld(job + _J_Y), float32), (F * n,))
+    p_in = carray(_ffi.as_pointer(ld(job + _J_P), float32), (C, P))
+    p_out = carray(_ffi.as_pointer(ld(job + _J_OUT), float32), (C, P))
+    lrs = carray(_ffi.as_pointer(ld(job + _J_LR), float32), (C,))
+    active = carray(_ffi.as_pointer(ld(job + _J_ACTIVE), float32), (C,))
+    table = carray(_ffi.as_pointer(ld(job + _J_TABLE), int32), (nl, TABLE_COLUMNS))
+    metrics = carray(_ffi.as_pointer(ld(job + _J_METRICS), float32), (C, E, METRICS))
+    floats = 2 * rows * n + 2 * widest * n + P
+    while True:
+        c = _ffi.atomic_add(job + _J_NEXT, 1)
+        if c >= C:
+            return 0
+        p = p_out[c]
+        for q in range(P):
+            p[q] = p_in[c, q]
+        if active[c] == 0:
+            for e in range(E):
+                for k in range(METRICS):
+                    metrics[c, e, k] = 0
+        else:
+            base = _ffi.c_malloc(4 * floats)
+            if base == 0:
+                _ffi.atomic_add(job + _J_ERROR, 1)
+            else:
+                # Separate C-contiguous views (a slice's layout is unknown to Numba and stops vectorising).
+                z = carray(_ffi.as_pointer(base, float32), (rows * n,))
+                a = carray(_ffi.as_pointer(base + 4 * rows * n, float32), (rows * n,))
+                d0 = carray(_ffi.as_pointer(base + 8 * rows * n, float32), (widest * n,))
+                d1 = carray(_ffi.as_pointer(base + 4 * (2 * rows + widest) * n, float32), (widest * n,))
+                g = carray(_ffi.as_pointer(base + 8 * (rows + widest) * n, float32), (P,))
+                for e in range(E):
+                    _epoch(xT, yT, p, g, table, nl, np.uint64(n), np.uint64(F), z, a, d0, d1, lrs[c], metrics[c, e])
+                _ffi.c_free(base)
+        _ffi.atomic_add(job + _J_DONE, 1)
+
+
+def _claim_unit(job):
+    return _claim(job)
+
+
+def _task_unit(job):  # XLA_FFI_Task: void (*)(void* data), the job
+    _link.call("mlp_sgd_claim", float32, (job,))
+    if _ffi.atomic_add(job + _J_REFS, -1) == 1:
+        _ffi.c_free(job)
+
+
+@njit(**_OPTS)
+def _check(frame, xb, yb, pb, lb, ab, tb, ob, mb):
+    """Checks the call frame's buffers; returns -1 if they fit the convention, else an XLA error."""
+    for buf in (xb, yb, pb, lb, ab, ob, mb):
+        if dtype(buf) != _ffi.DTYPE_F32:
+            return make_error(frame, "mlp_sgd: x, y, p, lr, active, p_out and metrics must be float32")
+    if dtype(tb) != DTYPE_S32:
+        return make_error(frame, "mlp_sgd: the layer table must be int32")
+    if rank(xb) != 2 or rank(yb) != 2 or rank(pb) != 2 or rank(lb) != 1 or rank(ab) != 1 or rank(tb) != 2 \
+            or rank(ob) != 2 or rank(mb) != 3:
+        return make_error(frame, "mlp_sgd: ranks must be xT 2, yT 2, p 2, lr 1, active 1, table 2, p_out 2, metrics 3")
+    K0, n, F = dim(xb, 0), dim(xb, 1), dim(yb, 0)
+    C, P, nl = dim(pb, 0), dim(pb, 1), dim(tb, 0)
+    if dim(yb, 1) != n or dim(lb, 0) != C or dim(ab, 0) != C or dim(ob, 0) != C or dim(ob, 1) != P \
+            or dim(mb, 0) != C or dim(mb, 2) != METRICS or dim(tb, 1) != TABLE_COLUMNS or nl < 1 or n < 1:
+        return make_error(frame, "mlp_sgd: xT [K0, n], yT [F, n], p [C, P], lr [C], active [C], table [L, 8], "
+                                 "p_out [C, P] and metrics [C, E, 4] do not agree")
+    table = carray(_ffi.as_pointer(_ffi.data(tb), int32), (nl, TABLE_COLUMNS))
+    width, rows = K0, 0
+    for l in range(nl):
+        K, N, act, wo, bo, ro = table[l, 0], table[l, 1], table[l, 2], table[l, 3], table[l, 4], table[l, 7]
+        if K != width or N < 1 or wo < 0 or wo + K * N > P or bo < -1 or bo + N > P or ro != rows:
+            return make_error(frame, "mlp_sgd: a layer's widths or offsets do not fit p or the previous layer")
+        if act != IDENTITY and act != RELU and act != TANH and act != SIGMOID:
+            return make_error(frame, "mlp_sgd: activations must be identity, relu, tanh or sigmoid")
+        width, rows = N, rows + N * n
+    if width != F:
+        return make_error(frame, "mlp_sgd: the last layer's width must be yT's rows (F)")
+    return -1
+
+
+
+def _handler_unit(frame):
+    answer = _ffi.answer_metadata(frame)
+    if answer >= 0:
+        return answer
+    if _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE) != 6 or _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE) != 2:
+        return make_error(frame, "mlp_sgd takes (xT, yT, p, lr, active, table) and returns (p_out, metrics)")
+    xb, yb, pb, lb, ab, tb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3), arg(frame, 4), arg(frame, 5)
+    ob, mb = ret(frame, 0), ret(frame, 1)
+    bad = _check(frame, xb, yb, pb, lb, ab, tb, ob, mb)
+    if bad >= 0:
+        return bad
+    C, nl = dim(pb, 0), dim(tb, 0)
+    table = carray(_ffi.as_pointer(_ffi.data(tb), int32), (nl, TABLE_COLUMNS))
+    widest = 0
+    for l in range(nl):
+        widest = max(widest, table[l, 0], table[l, 1])
+    local = _link.address_of(_ffi.stack_buffer(_J_SLOTS, np.int64))
+    helpers = _ffi.threadpool_num_threads(frame) if C > 1 else 0
+    if helpers < 0:
+        _ffi.destroy_error(frame, -helpers)
+        helpers = 0
+    helpers = min(helpers - 1, C - 1)  # the calling thread claims models too
+    job = _ffi.c_malloc(_J_BYTES) if helpers > 0 else 0
+    if job == 0:
+        job, helpers = local, 0
+    st = _ffi.store_i64
+    for slot, value in ((_J_NEXT, 0), (_J_DONE, 0), (_J_REFS, helpers + 1), (_J_ERROR, 0),
+                        (_J_X, _ffi.data(xb)), (_J_Y, _ffi.data(yb)), (_J_P, _ffi.data(pb)), (_J_OUT, _ffi.data(ob)),
+                        (_J_LR, _ffi.data(lb)), (_J_ACTIVE, _ffi.data(ab)), (_J_TABLE, _ffi.data(tb)),
+                        (_J_METRICS, _ffi.data(mb)), (_J_C, C), (_J_N, dim(xb, 1)), (_J_K0, dim(xb, 0)),
+                        (_J_F, dim(yb, 0)), (_J_P_LEN, dim(pb, 1)), (_J_L, nl), (_J_E, dim(mb, 1)),
+                        (_J_ROWS, table[nl - 1, 7] // dim(xb, 1) + table[nl - 1, 1]), (_J_WIDEST, widest)):
+        st(job + slot, value)
+    task = _link.address("mlp_sgd_task", float32)
+    for _ in range(helpers):
+        err = _ffi.threadpool_schedule(frame, task, job)
+        if err != 0:  # that helper will never run: drop its reference
+            _ffi.destroy_error(frame, err)
+            _ffi.atomic_add(job + _J_REFS, -1)
+    _link.call("mlp_sgd_claim", float32, (job,))
+    while _ffi.atomic_load(job + _J_DONE) < C:
+        _ffi.cpu_yield()
+    failed = _ffi.atomic_load(job + _J_ERROR)
+    if job != local and _ffi.atomic_add(job + _J_REFS, -1) == 1:
+        _ffi.c_free(job)
+    if failed != 0:
+        return make_error(frame, "mlp_sgd: out of memory for a model's scratch")
+    return 0
+
+
+_lock = threading.Lock()
+_COMPILED: dict[str, object] = {}
+
+
+def handler():
+    """The FFI handler cfunc, compiled (or loaded from Numba's cache) on first use with the units
+    it calls (``mlp_sgd_claim``, ``mlp_sgd_task``), kept referenced for the life of the process."""
+    with _lock:
+        if "handler" not in _COMPILED:
+            _cache.drop_if_stale()
+            for name, fn, returns in (("mlp_sgd_claim", _claim_unit, types.int64),
+                                      ("mlp_sgd_task", _task_unit, types.void),
+                                      ("handler", _handler_unit, types.int64)):
+                fn.__qualname__ = f"{name}_float32"  # its own index file in Numba's cache
+                compiled = cfunc(returns(types.int64), cache=True, pipeline_class=Compiler)(fn)
+                if name != "handler":
+                    llvm.add_symbol(_link.symbol(name, "float32"), compiled.address)
+                _COMPILED[name] = compiled
+        return _COMPILED["handler"]
