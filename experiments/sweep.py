@@ -3,6 +3,7 @@
     python -m experiments.sweep                          # 100 seeds x 10 rates = 1000 models
     python -m experiments.sweep --seeds 10 --learning-rates 4 --torch-runs 2 --fit-runs 2  # a quick look
     python -m experiments.sweep --backend auto           # the layers on the backend measured fastest batched
+    python -m experiments.sweep --engine vmap            # fit's step vmapped over the models (no fused kernel)
 
 The task is the seed's (``jaxnet.seed``): SimpleNet 10 -> 5 -> 1 (ReLU), MSE, full-batch SGD for
 1000 epochs on 256 synthetic rows (``--data-seed`` seeds the data, shared by every model); each
@@ -12,8 +13,12 @@ log-spaced over [``--lr-min``, ``--lr-max``], the hyperparameter carried in its 
 the spread over seeds at it (mean, std, min, max), every rate's mean, and, side by side in this
 run, the time per model of
 
-- the sweep, ``jaxnet.train.fit_many``: cold (first call, compilation included) and warm (the
-  same call again: its programs are compiled), each with every model's final loss read;
+- the sweep, ``jaxnet.train.fit_many(engine=--engine)``: cold (first call, compilation included)
+  and warm (the same call again: its programs are compiled), each with every model's final loss
+  read; ``engine`` in the result says which engine trained the models (by default "fused": the
+  task is plain full-batch SGD of a dense stack, ``jaxnet.train.fused``);
+- with ``--vmap-baseline`` (default on) and the fused engine: the same sweep on the vmapped
+  engine, cold and warm, and the largest gap between the two engines' final losses;
 - the seed's PyTorch loop (``jaxnet.seed_torch.seed_loop``) on ``--torch-runs`` models of the
   sweep spread over its grid (same weights, rate and data), at each of ``--torch-threads`` (the
   fastest is the baseline);
@@ -27,9 +32,8 @@ many of those models end outside each tolerance (a ReLU near its kink at a high 
 docs/sweeps.md, "How close to a single fit").
 Writes ``result.json`` into ``--workdir`` (default ``runs/sweep/``) and prints it as one line.
 Measured (docs/benchmarks.md, "Sweeps"): best rate 0.1, final loss there 0.049 ± 0.014 over the
-seeds; per model warm 17-38 ms on 2 busy AMD cores (2-4 minutes; 22-42x the PyTorch loop) and
-5.3-5.4 ms on a quiet Intel Xeon (21 s; 31-34x); 8x a loop of fits (the 100x target is not met).
-The guide is docs/sweeps.md.
+seeds; the figures per model and machine, and the speed-ups, are in docs/benchmarks.md ("The fused
+engine"). The guide is docs/sweeps.md.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Literal
 
 from experiments.common import clear_earlier_run, earlier_run_files, finish, parse_config, prepare_process
 from kernels.dispatch import BackendName
@@ -67,9 +72,13 @@ class Config:
     torch_threads: tuple[int, ...] = (1, 0)
     # Models of the sweep (spread over its grid) also trained by single fit calls in a Python loop, timed.
     fit_runs: int = 4
-    # Kernel backend of SimpleNet's dense layers: the seed's "xla"; "auto" takes, per layer, the backend
-    # measured fastest for a batch of models (docs/sweeps.md); "numba" runs a batch one model at a time.
+    # Kernel backend of SimpleNet's dense layers (vmapped engine): the seed's "xla"; "auto" takes, per layer,
+    # the backend measured fastest for a batch of models (docs/sweeps.md); "numba" runs a batch one model at a time.
     backend: BackendName = "xla"
+    # fit_many's engine: "auto" (the fused kernel where it applies, as here), "vmap" or "fused".
+    engine: Literal["auto", "vmap", "fused"] = "auto"
+    # With the fused engine, also time the vmapped one on the same sweep (cold and warm) and compare.
+    vmap_baseline: bool = True
     # Bytes fit_many may use, in MB (0: its default, half of the available memory).
     memory_budget_mb: int = 0
     # Show fit_many's progress bar on stderr.
@@ -128,13 +137,26 @@ def run(config: Config) -> dict:
     grid = sweep.model_grid(range(config.seeds), hparams)
     budget = config.memory_budget_mb * 2**20 or None
     kwargs = dict(loss_fn=losses.mse, epochs=config.epochs, title="sweep")
-    times = {}
-    for kind in ("cold", "warm"):
-        start = time.perf_counter()
-        runs = fit_many(state_fn, (data.x, data.y), seeds=range(config.seeds), hparams=hparams,
-                        memory_budget=budget, progress=config.progress, **kwargs)
-        final = np.array([r.column("loss")[-1] for r in runs]).reshape(config.seeds, len(rates))
-        times[kind] = time.perf_counter() - start  # the results read included: they are built on demand
+    def timed_sweep(engine):
+        out = {}
+        for kind in ("cold", "warm"):
+            start = time.perf_counter()
+            runs = fit_many(state_fn, (data.x, data.y), seeds=range(config.seeds), hparams=hparams,
+                            memory_budget=budget, progress=config.progress, engine=engine, **kwargs)
+            final = np.array([r.column("loss")[-1] for r in runs]).reshape(config.seeds, len(rates))
+            out[kind] = time.perf_counter() - start  # the results read included: they are built on demand
+        return runs, final, out
+
+    runs, final, times = timed_sweep(config.engine)
+    engine = runs[0].engine
+    vmap = {}
+    if engine == "fused" and config.vmap_baseline:
+        _, vmap_final, vmap_times = timed_sweep("vmap")
+        gaps = np.abs(final - vmap_final) / np.abs(vmap_final)
+        vmap = {"vmap_cold_s": round(vmap_times["cold"], 3), "vmap_warm_s": round(vmap_times["warm"], 3),
+                "speedup_vs_vmap": float(f"{vmap_times['warm'] / times['warm']:.3g}"),
+                "max_rel_gap_vs_vmap": float(gaps.max()), "median_rel_gap_vs_vmap": float(np.median(gaps)),
+                "models_outside_fit_tolerance_vs_vmap": int((gaps > sweep.tolerance(config.epochs)).sum())}
 
     # The Python loop of single fits, on models spread over the grid (every rate's gap is checked).
     fit_times, fit_gaps = [], []
@@ -181,7 +203,7 @@ def run(config: Config) -> dict:
     ratio = lambda a, b: float(f"{a / b:.3g}") if a is not None else None  # noqa: E731
     fit_tolerance, torch_tolerance = sweep.tolerance(config.epochs), seed.float32_curve_tolerance(config.epochs)
     return {
-        "experiment": "sweep", "backend": config.backend, "models": models, "seeds": config.seeds,
+        "experiment": "sweep", "engine": engine, "backend": config.backend, "models": models, "seeds": config.seeds,
         "learning_rates": [round(r, 6) for r in rates],
         "epochs": config.epochs, "best_learning_rate": round(rates[best], 6),
         "final_loss_at_best": {"mean": float(at_best.mean()), "std": float(at_best.std()),
@@ -200,6 +222,7 @@ def run(config: Config) -> dict:
         "models_outside_fit_tolerance": int(sum(g > fit_tolerance for g in fit_gaps)),
         "max_rel_gap_vs_torch": float(max(torch_gaps.values(), default=0.0)), "torch_tolerance": torch_tolerance,
         "models_outside_torch_tolerance": int(sum(g > torch_tolerance for g in torch_gaps.values())),
+        **vmap,
         "cpu": runtime.cpu_model(), "machine": runtime.machine(), "cpus": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "jax": jax.__version__,
@@ -216,7 +239,8 @@ def main(argv=None) -> dict:
     clear_earlier_run(earlier)
     result = run(config)
     print(f"best rate {result['best_learning_rate']}: final loss {result['final_loss_at_best']}; "
-          f"{result['models']} models in {result['sweep_warm_s']} s warm ({result['sweep_cold_s']} s cold): "
+          f"{result['models']} models ({result['engine']} engine) in {result['sweep_warm_s']} s warm "
+          f"({result['sweep_cold_s']} s cold): "
           f"{result['speedup_vs_torch']}x PyTorch, {result['speedup_vs_fit_loop']}x a loop of fits per model",
           file=sys.stderr)
     return finish(result, flags.workdir, config, flags.argv)

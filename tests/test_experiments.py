@@ -511,6 +511,10 @@ def test_sweep_experiment_end_to_end_on_a_tiny_grid(tmp_path, monkeypatch):
     assert result["max_rel_gap_vs_torch"] <= result["torch_tolerance"]
     assert result["models_outside_fit_tolerance"] == result["models_outside_torch_tolerance"] == 0
     assert result["sweep_warm_ms_per_model"] > 0 and result["speedup_vs_torch"] > 0
+    # The seed task is plain full-batch SGD of a dense stack: the fused engine, timed beside the vmapped one.
+    assert result["engine"] == "fused" and result["vmap_warm_s"] > 0 and result["speedup_vs_vmap"] > 0
+    assert result["max_rel_gap_vs_vmap"] <= result["fit_tolerance"]
+    assert result["models_outside_fit_tolerance_vs_vmap"] == 0
     assert json.loads((tmp_path / "result.json").read_text())["mean_final_loss_by_rate"] == \
         result["mean_final_loss_by_rate"]
     with pytest.raises(SystemExit, match="holds an earlier run"):

@@ -1,6 +1,7 @@
 """fit_many: model i of a sweep is a single fit of its seed and hyperparameters (both modes, with
 early stopping), the hyperparameters reach their own models, chunks change nothing, and what a
 sweep cannot honour is refused by name."""
+import functools
 import inspect
 import json
 
@@ -194,3 +195,100 @@ def test_a_diverging_model_stops_the_sweep_naming_it():
     with pytest.raises(FloatingPointError, match=r"^model 1 \(seed 0, \{'learning_rate': 1000000.0\}\): training "
                                                  r"diverged: loss became"):
         fit_many(state_fn, (X, Y), seeds=SEEDS, hparams={"learning_rate": [0.03, 1e6]}, **options(None))
+
+
+# --- The fused engine (jaxnet.train.fused): plain full-batch SGD of dense stacks in one kernel ------------------
+
+PLAIN = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+DEEP = MLP((6, 4, 1), activation="tanh")
+
+
+def plain_state_fn(seed, learning_rate, model=DEEP, tx=PLAIN):
+    state = TrainState.create(model=model, tx=tx, sample_x=X[:1], seed=seed)
+    hyper = dict(state.opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def test_fused_engine_models_are_single_fits_with_early_stopping():
+    runs = fit_many(plain_state_fn, (X, Y), seeds=SEEDS, hparams={"learning_rate": RATES}, engine="fused",
+                    **options(None))
+    auto = fit_many(plain_state_fn, (X, Y), seeds=SEEDS, hparams={"learning_rate": RATES}, **options(None))
+    assert {r.engine for r in runs} == {r.engine for r in auto} == {"fused"}
+    assert len({len(r.history) for r in runs}) > 1 and any(r.stopped_early for r in runs)
+    for (seed, hp), run in zip(sweep.model_grid(SEEDS, {"learning_rate": RATES}), runs):
+        one = fit(plain_state_fn(seed, **hp), (X, Y), **options(None))
+        assert (len(run.history), run.best_epoch, run.stopped_early) == (len(one.history), one.best_epoch,
+                                                                          one.stopped_early), (seed, hp)
+        steps = len(one.history)
+        assert (int(run.state.step), int(run.state.epoch)) == (int(one.state.step), int(one.state.epoch))
+        assert_close((run.state.params, run.state.opt_state), (one.state.params, one.state.opt_state), steps,
+                     f"state of seed {seed}, {hp}:")
+        for name in ("loss", "grad_norm", "update_norm", "penalty", "val_loss"):
+            assert_close(run.column(name), one.column(name), steps, f"{name} of seed {seed}, {hp}:")
+        assert [set(r) for r in run.history] == [set(r) for r in one.history]
+        assert [(r["epoch"], r["step"]) for r in run.history] == [(r["epoch"], r["step"]) for r in one.history]
+    gap = np.abs(np.asarray(runs[0].state.params["layers_0"]["kernel"]) - runs[1].state.params["layers_0"]["kernel"])
+    assert gap.max() > 1e3 * sweep.tolerance(EPOCHS)
+
+
+class _Doubled(MLP):
+    """Claims its parent's dense stack but doubles the output: the forward check must catch it."""
+
+    def __call__(self, x, train: bool = False):
+        return 2.0 * super().__call__(x, train)
+
+
+def _clipped(learning_rate):
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(learning_rate))
+
+
+def _decayed(learning_rate, weight_decay):
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+
+
+@pytest.mark.parametrize("state_kwargs, fit_kwargs, message", [
+    (dict(tx=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)), {}, "is not plain SGD"),
+    (dict(tx=optax.inject_hyperparams(optax.adam)(learning_rate=0.1)), {}, "is not plain SGD"),
+    (dict(tx=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.1, 0.0, 100))), {},
+     "is not plain SGD"),
+    (dict(tx=optax.inject_hyperparams(_clipped)(learning_rate=0.1)), {}, "is not plain SGD"),
+    (dict(model=MLP((6, 1), dropout_rate=0.1)), {}, "does not describe itself as a stack"),
+    (dict(model=MLP((6, 1), activation="gelu")), {}, "activation 'gelu'"),
+    (dict(model=_Doubled((6, 1))), {}, "forward pass is not the stack"),
+    ({}, dict(batch_size=8), "full-batch only"),
+    ({}, dict(l2=1e-3), "l2=0.0 only"),
+    ({}, dict(loss_fn=losses.mae), "jaxnet.losses.mse"),
+])
+def test_fused_engine_refuses_what_it_cannot_train_and_auto_falls_back(state_kwargs, fit_kwargs, message):
+    def state_fn(seed, learning_rate):
+        return plain_state_fn(seed, learning_rate, **state_kwargs)
+
+    kwargs = dict(seeds=[0], hparams={"learning_rate": [0.05]}, **{**options(None), "epochs": 2, **fit_kwargs})
+    with pytest.raises(ValueError, match=f"fit_many\\(engine='fused'\\) cannot train these models: .*{message}"):
+        fit_many(state_fn, (X, Y), engine="fused", **kwargs)
+    assert [r.engine for r in fit_many(state_fn, (X, Y), **kwargs)] == ["vmap"]
+
+
+def test_fused_engine_probes_every_model_s_optimiser():
+    """Weight decay 0 makes model 0 plain SGD and model 1 not: the refusal names model 1."""
+    tx = optax.inject_hyperparams(_decayed)(learning_rate=0.1, weight_decay=0.0)
+
+    def state_fn(seed, weight_decay):
+        state = TrainState.create(model=DEEP, tx=tx, sample_x=X[:1], seed=seed)
+        hyper = dict(state.opt_state.hyperparams, weight_decay=jnp.asarray(weight_decay, jnp.float32))
+        return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+    kwargs = dict(seeds=[0], hparams={"weight_decay": [0.0, 0.1]}, loss_fn=losses.mse, epochs=2, progress=False)
+    with pytest.raises(ValueError, match=r"model 1 of the chunk's optimiser is not plain SGD"):
+        fit_many(state_fn, (X, Y), engine="fused", **kwargs)
+    assert [r.engine for r in fit_many(state_fn, (X, Y), **kwargs)] == ["vmap", "vmap"]
+    only_plain = fit_many(state_fn, (X, Y), engine="fused", **{**kwargs, "hparams": {"weight_decay": [0.0]}})
+    assert only_plain[0].engine == "fused"
+
+
+def test_a_diverging_model_of_the_fused_engine_stops_the_sweep_naming_it_and_its_parameter():
+    with pytest.raises(FloatingPointError, match=r"^model 1 \(seed 0, \{'learning_rate': 1000000.0\}\): training "
+                                                 r"diverged: .*layers_"):
+        fit_many(functools.partial(plain_state_fn, model=MODEL), (X, Y), seeds=SEEDS,
+                 hparams={"learning_rate": [0.03, 1e6]}, engine="fused",
+                 **options(None))

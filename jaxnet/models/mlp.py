@@ -36,6 +36,11 @@ class SimpleNet(nn.Module):
         return FusedDense(1, activation="identity", in_features=5, backend=self.backend, axes=("mlp", "embed"),
                           name="fc2")(h)
 
+    def dense_layers(self) -> tuple[tuple[str, str], ...]:
+        """``((layer name, activation), ...)`` from input to output: the net as a plain stack of
+        dense layers (``jaxnet.train.fused`` trains such stacks in one kernel)."""
+        return (("fc1", "relu"), ("fc2", "identity"))
+
 
 class MLP(nn.Module):
     """A stack of dense layers: ``act`` after every layer but the last, dropout after each ``act``.
@@ -85,3 +90,11 @@ class MLP(nn.Module):
             if not last and self.dropout_rate > 0.0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return x
+
+    def dense_layers(self) -> tuple[tuple[str, str], ...] | None:
+        """``((layer name, activation), ...)`` from input to output, or None when training is not a
+        plain stack of dense layers (dropout draws); see ``SimpleNet.dense_layers``."""
+        if self.dropout_rate > 0.0:
+            return None
+        last = len(self.features) - 1
+        return tuple((f"layers_{i}", "identity" if i == last else self.activation) for i in range(len(self.features)))

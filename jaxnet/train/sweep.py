@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 
 from jaxnet.arguments import check_choice, check_int, check_number
 from jaxnet.data.checks import snippet
+from jaxnet.train import fused
 from jaxnet.train.loop import FitResult, check_data, check_finite, fit, parameter_names
 from jaxnet.train.step import TrainState, make_eval_step, make_train_step, split_keys
 from kernels.dispatch import models_batched
@@ -322,7 +323,8 @@ def _options(fit_kwargs: dict) -> dict:
 
 
 def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams: Mapping[str, Sequence] | None = None,
-             combine: str = "product", memory_budget: int | None = None, **fit_kwargs) -> list[FitResult]:
+             combine: str = "product", memory_budget: int | None = None, engine: str = "auto",
+             **fit_kwargs) -> list[FitResult]:
     """Trains one model per (seed, hyperparameter combination) in one compiled program.
 
     Args:
@@ -337,6 +339,10 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
       combine: ``"product"`` (every combination) or ``"zip"`` (see ``model_grid``).
       memory_budget: bytes the sweep may use (default: half of ``available_memory()``); the
         models train in chunks that fit (module docstring).
+      engine: ``"auto"``: a chunk of small dense stacks trained by plain full-batch SGD runs on
+        the fused kernel (``jaxnet.train.fused``, where ``fused.refusal`` finds nothing against
+        it), any other chunk vmaps ``fit``'s step; ``"vmap"``: always the latter; ``"fused"``:
+        always the former, a ``ValueError`` with the reason where it does not apply.
       **fit_kwargs: ``fit``'s arguments (``loss_fn`` and ``epochs`` required; ``batch_size``,
         ``val_data``, ``patience``, ``restore_best``, ``monitor``, ``metrics``, ``l1``, ``l2``,
         ``on_nonfinite``, ``accumulate``, ``epochs_per_call``, ``progress``, ...). Those in
@@ -347,7 +353,8 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
       ``fit`` would return it, except: ``wall_s`` is the wall time of the model's chunk
       (compilation included; shared by its models), ``files`` is empty, and ``state.tx`` is the
       first model's transformation (each state's hyperparameters are in its ``opt_state``, which
-      is what the transformation reads). ``state`` and ``history`` are built when first read.
+      is what the transformation reads). ``state`` and ``history`` are built when first read;
+      ``engine`` says which engine trained the model ("fused" or "vmap").
 
     Raises:
       TypeError, ValueError: bad seeds, hyperparameters, data or arguments, naming them;
@@ -365,6 +372,7 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
     l1, l2 = check_number(opts["l1"], "l1", minimum=0.0), check_number(opts["l2"], "l2", minimum=0.0)
     check_choice(opts["on_nonfinite"], "on_nonfinite", ("raise", "skip"))
     check_choice(opts["mode"], "mode", ("min", "max"))
+    check_choice(engine, "engine", fused.ENGINES)
     memory_budget = check_int(memory_budget, "memory_budget", minimum=1, allow_none=True)
     val_data, metrics = opts["val_data"], dict(opts["metrics"] or {})
     if patience is not None and val_data is None:
@@ -423,7 +431,8 @@ def fit_many(state_fn: Callable[..., TrainState], train_data, *, seeds, hparams:
                 results += _train_chunk(
                     [grid[i] for i in chunk], len(chunks[0]), state_fn, names, ref, data, val, run, evaluate, opts,
                     epochs=epochs, bs=bs, n=n, full_batch=full_batch, calls=calls, eval_every=eval_every,
-                    patience=patience, num_batches=num_batches, first_index=chunk.start, t_start=t_start, bar=bar)
+                    patience=patience, num_batches=num_batches, first_index=chunk.start, t_start=t_start, bar=bar,
+                    engine=engine)
     finally:
         bar.close()
     return results
@@ -465,10 +474,15 @@ def _init_chunk(models, size, state_fn, names, ref):
 
 
 def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, opts, *, epochs, bs, n, full_batch,
-                 calls, eval_every, patience, num_batches, first_index, t_start, bar):
+                 calls, eval_every, patience, num_batches, first_index, t_start, bar, engine):
     """Trains one chunk of models together; one ``FitResult`` per (unpadded) model."""
     t_chunk = time.perf_counter()
     states = _init_chunk(models, size, state_fn, names, ref)
+    why_not = fused.refusal(states, data, opts, full_batch) if engine != "vmap" else "engine='vmap'"
+    if why_not is None:
+        run = fused.make_run(ref.model, ref.tx)
+    elif engine == "fused":
+        raise ValueError(f"fit_many(engine='fused') cannot train these models: {why_not}")
     count, param_names = len(models), parameter_names(ref.params)
     sign = 1.0 if opts["mode"] == "min" else -1.0
     keep_best = patience is not None and opts["restore_best"]
@@ -521,8 +535,9 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
         states = states.replace(params=_select(jnp.asarray(has_best), best_params, states.params))
     wall = time.perf_counter() - t_chunk
     stacked = _StackedStates(states)
+    used = "vmap" if why_not else "fused"
     return [_SweepResult(int(best_epoch[c]) if has_best[c] else None, bool(stopped[c]), wall,
-                         lazy=(stacked, c, calls_made)) for c in range(count)]
+                         lazy=(stacked, c, calls_made), engine=used) for c in range(count)]
 
 
 class _Call(NamedTuple):
@@ -557,7 +572,9 @@ class _SweepResult(FitResult):
     """A ``FitResult`` whose ``state`` and ``history`` are built on first access: a sweep of 1000
     models over 1000 epochs would otherwise build a million dicts and 10^4 arrays up front."""
 
-    def __init__(self, *fields, lazy: tuple[_StackedStates, int, list[_Call]] | None = None, **named):
+    def __init__(self, *fields, lazy: tuple[_StackedStates, int, list[_Call]] | None = None, engine: str = "vmap",
+                 **named):
+        self.engine = engine  # which engine trained the model ("fused" or "vmap")
         if lazy is None:  # FitResult's fields, as dataclasses.replace passes them
             super().__init__(*fields, **named)
         else:  # (best_epoch, stopped_early, wall_s) and where state and history come from

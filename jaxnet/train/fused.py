@@ -1,0 +1,186 @@
+"""``fit_many``'s fused engine: a sweep of small dense stacks trained by plain SGD, one kernel call
+per call of the program, every model's epochs in cache (``kernels.numba_cpu.mlp_sgd``).
+
+The generic engine vmaps ``fit``'s train step: each op then runs over all models at once, and
+for small models its intermediates (``[models, batch, width]``) leave the caches between ops. For
+the sweeps researchers run most (seeds x learning rates of a small MLP), the fused kernel runs
+each model's forward, backward and update in a few rows of scratch instead. It applies when
+(``refusal`` says which condition failed):
+
+- the platform is the CPU and Numba is available; the sweep is full-batch (``batch_size`` None or
+  at least the data's rows), the loss ``jaxnet.losses.mse``, no ``l1``/``l2``, ``accumulate=1``,
+  ``on_nonfinite="raise"``, the data just ``x [n, K]`` and ``y [n, F]``, all float32;
+- the model describes itself as a stack of dense layers (``dense_layers()``: ``SimpleNet``,
+  ``MLP`` without dropout), its parameters are exactly those layers' kernels (and biases), of
+  activations the kernel has, and its training forward pass on the data computes that stack
+  (checked on every model of the chunk, not assumed);
+- the optimiser is plain SGD, checked per model by probing ``tx.update``: the update of a
+  gradient of ones is ``-lr`` everywhere (which gives the model's rate), and of random gradients
+  at other parameters, at a million times the scale, and a million steps later, exactly
+  ``-lr * g``, with no floating-point state changing (momentum, Adam, weight decay, clipping and
+  schedules all fail it).
+
+Model i then equals its single ``fit`` within ``sweep.tolerance`` as in the generic engine (the
+same float32 operations in another summation order, plus FMA contraction); the optimiser state
+advances as ``fit``'s does (``tx.update`` applied once per epoch to zero gradients: only its
+counters move). ``fit_many(..., engine=...)`` chooses: ``"auto"`` (this engine where it applies),
+``"vmap"`` (never), ``"fused"`` (a ``ValueError`` with the reason where it does not apply).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet import losses
+from jaxnet.train.step import TrainState, mode_kwargs
+
+ENGINES = ("auto", "vmap", "fused")
+_PROBE_ROWS = 64  # rows of x the forward check runs (it compares the model with its stack)
+
+
+def _stack(model, params) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
+    """``(layer names, activations)`` of a dense-stack model, or why it is not one."""
+    from kernels.numba_cpu.mlp_sgd import supported_activations
+
+    describe = getattr(model, "dense_layers", None)
+    spec = describe() if callable(describe) else None
+    if not spec:
+        return (f"{type(model).__name__} does not describe itself as a stack of dense layers (dense_layers(); "
+                f"MLP does without dropout)")
+    names, acts = tuple(n for n, _ in spec), tuple(a for _, a in spec)
+    if not isinstance(params, dict) or set(params) != set(names):
+        return f"the parameters are not exactly the layers {list(names)}"
+    for name, act in spec:
+        layer = params[name]
+        if not isinstance(layer, dict) or set(layer) - {"bias"} != {"kernel"}:
+            return f"layer {name!r} is not a dense kernel (and bias)"
+        if act not in supported_activations():
+            return f"layer {name!r}'s activation {act!r} is not one of the kernel's {supported_activations()}"
+    return names, acts
+
+
+def _leaf_ids(params, names) -> list[tuple[int, int]]:
+    """Each layer's (kernel, bias) index in ``jax.tree.leaves(params)`` (bias -1 if none)."""
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    order = {tuple(k.key for k in path): i for i, path in enumerate(paths)}
+    return [(order[(n, "kernel")], order.get((n, "bias"), -1)) for n in names]
+
+
+def _rate(tx, opt_state, params):
+    """The step size ``lr`` of a plain-SGD ``tx`` (``-update`` of a gradient of ones), one model."""
+    ones = jax.tree.map(jnp.ones_like, params)
+    return -jax.tree.leaves(tx.update(ones, opt_state, params)[0])[0].reshape(-1)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _checks(model, tx, states: TrainState, x, grads, shift):
+    """Per model ``[C]``: whether ``tx`` behaves as plain SGD, probed with the gradients ``grads``
+    at the parameters moved by ``shift`` (trees like ``states.params``, drawn on the host: values
+    made inside the program may be recomputed in each fusion that reads them, to another rounding),
+    and the largest gap between the model's training forward pass on ``x`` and its dense stack's,
+    relative to the output's scale."""
+    from kernels import reference
+
+    names, acts = _stack(model, jax.tree.map(lambda a: a[0], states.params))
+
+    def one(opt_state, params, rng, g, dp):
+        rate = _rate(tx, opt_state, params)
+        ok = jnp.isfinite(rate)
+        ones_update = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)[0]
+        ok &= jnp.all(jnp.stack([jnp.all(u == -rate) for u in jax.tree.leaves(ones_update)]))
+        big = jax.tree.map(lambda t: t * 1e6, g)
+        moved = jax.tree.map(jnp.add, params, dp)
+        later = jax.tree.map(lambda a: a + 1_000_003 if jnp.issubdtype(a.dtype, jnp.integer) else a, opt_state)
+        for probe, at, state in ((g, params, opt_state), (big, moved, opt_state), (g, params, later)):
+            probe = jax.lax.optimization_barrier(probe)  # one value, read by both sides of the comparison
+            update, new_state = tx.update(probe, state, at)
+            ok &= jnp.all(jnp.stack([jnp.all(u == -rate * t) for u, t in zip(jax.tree.leaves(update),
+                                                                             jax.tree.leaves(probe))]))
+            floats = [(a, b) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))
+                      if jnp.issubdtype(a.dtype, jnp.inexact)]
+            ok &= jnp.all(jnp.stack([jnp.all(a == b) for a, b in floats] or [jnp.bool_(True)]))
+        # The model's own forward pass (train mode, as fit's step runs it) against its stack.
+        pred = model.apply({"params": params}, x, rngs={"dropout": rng}, **mode_kwargs(model, True))
+        h = x
+        for name, act in zip(names, acts):
+            layer = params[name]
+            h = reference.fused_dense(h, layer["kernel"], layer.get("bias"), activation=act)
+        gap = jnp.max(jnp.abs(pred - h)) / jnp.maximum(jnp.max(jnp.abs(h)), 1e-30)
+        return ok, gap if pred.shape == h.shape else jnp.inf
+
+    return jax.vmap(one)(states.opt_state, states.params, states.rng, grads, shift)
+
+
+def refusal(states: TrainState, data: dict, opts: dict, full_batch: bool) -> str | None:
+    """Why the fused engine cannot train this chunk (``states`` stacked ``[C, ...]``, ``data`` and
+    ``opts`` as ``fit_many`` checked them), or None when it can (module docstring)."""
+    from kernels.numba_cpu import is_available
+
+    if jax.default_backend() != "cpu" or not is_available():
+        return f"it runs on the CPU with Numba (the default backend is {jax.default_backend()!r})"
+    if not full_batch:
+        return "it trains full-batch only (batch_size is smaller than the data)"
+    if opts["loss_fn"] is not losses.mse:
+        return "its loss is jaxnet.losses.mse"
+    for name, plain in (("l1", 0.0), ("l2", 0.0), ("accumulate", 1), ("on_nonfinite", "raise")):
+        if opts[name] != plain:
+            return f"it takes {name}={plain!r} only, got {opts[name]!r}"
+    if states.model_state:
+        return "the model has variables besides its parameters"
+    if set(data) != {"x", "y"} or data["x"].ndim != 2 or data["y"].ndim != 2:
+        return "the data must be x [n, K] and y [n, F] (no mask)"
+    stack = _stack(states.model, jax.tree.map(lambda a: a[0], states.params))
+    if isinstance(stack, str):
+        return stack
+    leaves = jax.tree.leaves(states.params) + [data["x"], data["y"]]
+    if any(a.dtype != jnp.float32 for a in leaves):
+        return "its parameters and data are float32 only"
+    rng = np.random.default_rng(0)
+    grads, shift = (jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), states.params)
+                    for _ in range(2))
+    ok, gap = jax.device_get(_checks(states.model, states.tx, states, data["x"][:_PROBE_ROWS], grads, shift))
+    if not np.all(ok):
+        return (f"model {int(np.flatnonzero(~ok)[0])} of the chunk's optimiser is not plain SGD (its update is not "
+                f"-lr * gradient with no other state)")
+    # Same ops on both sides, so equal to rounding; a model whose forward pass is not its stack is far off.
+    if not np.all(gap <= 1e-5):
+        return "the model's forward pass is not the stack of its dense_layers()"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def make_run(model, tx):
+    """``run(states, data, active, length)`` with the contract of ``fit_many``'s vmapped program:
+    ``length`` epochs of every active model, metrics ``[C, length]`` as ``fit``'s step names them."""
+    from kernels.numba_cpu import mlp_sgd
+
+    @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+    def run(states, data, active, length):
+        params = states.params
+        names, acts = _stack(model, jax.tree.map(lambda a: a[0], params))
+        ids = _leaf_ids(jax.tree.map(lambda a: a[0], params), names)
+        rate = jax.vmap(functools.partial(_rate, tx))(states.opt_state, params)
+        weights, biases, m = mlp_sgd.train(data["x"], data["y"], [params[n]["kernel"] for n in names],
+                                           [params[n].get("bias") for n in names], acts, rate, active, length, ids)
+        leaves = [None] * len(jax.tree.leaves(params))
+        for (w_id, b_id), w, b in zip(ids, weights, biases):
+            leaves[w_id] = w
+            if b_id >= 0:
+                leaves[b_id] = b
+        new_params = jax.tree.unflatten(jax.tree.structure(params), leaves)
+        # Only the optimiser's counters move (checked by refusal): one update per epoch, of zeros.
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        advance = jax.vmap(lambda g, s, p: tx.update(g, s, p)[1])
+        opt_state = jax.lax.fori_loop(0, length, lambda _, s: advance(zeros, s, params), states.opt_state)
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(active.reshape(-1, *[1] * (a.ndim - 1)), a, b), new, old)
+        live = active.astype(jnp.int32) * length
+        new = states.replace(params=new_params, opt_state=keep(opt_state, states.opt_state),
+                             step=states.step + live, epoch=states.epoch + live)
+        metrics = dict(m, penalty=jnp.zeros_like(m["loss"]))
+        return new, metrics
+
+    return run
