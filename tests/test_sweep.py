@@ -13,7 +13,7 @@ import pytest
 
 from jaxnet import losses
 from jaxnet.models import MLP
-from jaxnet.train import FitResult, TrainState, fit, fit_many, sweep
+from jaxnet.train import FitResult, TrainState, fit, fit_many, fused, sweep
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(20, 3)).astype(np.float32)
@@ -292,3 +292,13 @@ def test_a_diverging_model_of_the_fused_engine_stops_the_sweep_naming_it_and_its
         fit_many(functools.partial(plain_state_fn, model=MODEL), (X, Y), seeds=SEEDS,
                  hparams={"learning_rate": [0.03, 1e6]}, engine="fused",
                  **options(None))
+
+
+def test_auto_leaves_wide_layers_to_the_vmapped_engine_and_fused_still_takes_them():
+    wide = MLP((8, fused.AUTO_MAX_LAYER_WEIGHTS // 8 + 1, 1))  # one layer just past the limit
+    kwargs = dict(seeds=[0], hparams={"learning_rate": [0.01]}, loss_fn=losses.mse, epochs=2, progress=False)
+    state_fn = functools.partial(plain_state_fn, model=wide)
+    assert fit_many(state_fn, (X, Y), **kwargs)[0].engine == "vmap"
+    forced, vmapped = (fit_many(state_fn, (X, Y), engine=e, **kwargs)[0] for e in ("fused", "vmap"))
+    assert forced.engine == "fused"
+    assert_close(forced.state.params, vmapped.state.params, 2, "wide layers:")

@@ -13,12 +13,17 @@ each model's forward, backward and update in a few rows of scratch instead. It a
 - the model describes itself as a stack of dense layers (``dense_layers()``: ``SimpleNet``,
   ``MLP`` without dropout), its parameters are exactly those layers' kernels (and biases), of
   activations the kernel has, and its training forward pass on the data computes that stack
-  (checked on every model of the chunk, not assumed);
+  (checked on every model of the chunk, on the first ``_PROBE_ROWS`` rows, not assumed);
 - the optimiser is plain SGD, checked per model by probing ``tx.update``: the update of a
   gradient of ones is ``-lr`` everywhere (which gives the model's rate), and of random gradients
   at other parameters, at a million times the scale, and a million steps later, exactly
   ``-lr * g``, with no floating-point state changing (momentum, Adam, weight decay, clipping and
-  schedules all fail it).
+  schedules all fail it; the later step is a prime number of steps on, so no periodic schedule
+  of a shorter period lines up with it).
+
+``engine="auto"`` also leaves to the vmapped engine any sweep with a layer of more than
+``AUTO_MAX_LAYER_WEIGHTS`` weights: the kernel streams each layer's rows once per weight, which
+beats XLA's GEMMs for narrow layers only.
 
 Model i then equals its single ``fit`` within ``sweep.tolerance`` as in the generic engine (the
 same float32 operations in another summation order, plus FMA contraction); the optimiser state
@@ -38,7 +43,10 @@ from jaxnet import losses
 from jaxnet.train.step import TrainState, mode_kwargs
 
 ENGINES = ("auto", "vmap", "fused")
-_PROBE_ROWS = 64  # rows of x the forward check runs (it compares the model with its stack)
+_PROBE_ROWS = 1024  # rows of x the forward check runs (it compares the model with its stack)
+# "auto" takes the fused engine only for layers of at most this many weights (K * N): measured faster
+# than the vmapped engine up to 2048 (1.1-7.6x), slower from 4096 on wider data (docs/benchmarks.md).
+AUTO_MAX_LAYER_WEIGHTS = 2048
 
 
 def _stack(model, params) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
@@ -114,9 +122,10 @@ def _checks(model, tx, states: TrainState, x, grads, shift):
     return jax.vmap(one)(states.opt_state, states.params, states.rng, grads, shift)
 
 
-def refusal(states: TrainState, data: dict, opts: dict, full_batch: bool) -> str | None:
+def refusal(states: TrainState, data: dict, opts: dict, full_batch: bool, *, auto: bool = False) -> str | None:
     """Why the fused engine cannot train this chunk (``states`` stacked ``[C, ...]``, ``data`` and
-    ``opts`` as ``fit_many`` checked them), or None when it can (module docstring)."""
+    ``opts`` as ``fit_many`` checked them), or None when it can (module docstring). ``auto``: also
+    when it would be the slower engine (a layer of more than ``AUTO_MAX_LAYER_WEIGHTS`` weights)."""
     from kernels.numba_cpu import is_available
 
     if jax.default_backend() != "cpu" or not is_available():
@@ -135,6 +144,11 @@ def refusal(states: TrainState, data: dict, opts: dict, full_batch: bool) -> str
     stack = _stack(states.model, jax.tree.map(lambda a: a[0], states.params))
     if isinstance(stack, str):
         return stack
+    if auto:
+        largest = max(states.params[name]["kernel"][0].size for name in stack[0])
+        if largest > AUTO_MAX_LAYER_WEIGHTS:
+            return (f"a layer has {largest} weights, more than the {AUTO_MAX_LAYER_WEIGHTS} up to which the fused "
+                    f"engine was measured faster")
     leaves = jax.tree.leaves(states.params) + [data["x"], data["y"]]
     if any(a.dtype != jnp.float32 for a in leaves):
         return "its parameters and data are float32 only"

@@ -478,7 +478,7 @@ def _train_chunk(models, size, state_fn, names, ref, data, val, run, evaluate, o
     """Trains one chunk of models together; one ``FitResult`` per (unpadded) model."""
     t_chunk = time.perf_counter()
     states = _init_chunk(models, size, state_fn, names, ref)
-    why_not = fused.refusal(states, data, opts, full_batch) if engine != "vmap" else "engine='vmap'"
+    why_not = fused.refusal(states, data, opts, full_batch, auto=engine == "auto") if engine != "vmap" else "vmap"
     if why_not is None:
         run = fused.make_run(ref.model, ref.tx)
     elif engine == "fused":
