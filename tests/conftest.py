@@ -108,7 +108,8 @@ def _precompile_numba_handlers():
     """Best effort: a failure here is reported by the tests that call the numba backend."""
     codes = ["from kernels.numba_cpu import precompile; precompile(('float32',))",
              "from kernels.numba_cpu import precompile; precompile(('float64',))",
-             "from kernels.numba_cpu.quantized import precompile; precompile()"]
+             "from kernels.numba_cpu.quantized import precompile; precompile(); "
+             "from kernels.numba_cpu import mlp_sgd; mlp_sgd.precompile()"]
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for code in codes]
     for proc in procs:

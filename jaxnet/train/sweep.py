@@ -18,6 +18,11 @@ model: a model that stopped keeps its state (the program's update is masked by a
 ``active`` flag, an argument, so nothing recompiles) and, with ``restore_best``, its best
 parameters.
 
+**Engines.** That is the ``"vmap"`` engine. Chunks of small dense stacks trained by plain
+full-batch SGD under MSE take the ``"fused"`` engine instead (``engine="auto"``, the default):
+one kernel call trains every model's epochs in cache, with the same ``run`` contract
+(``jaxnet.train.fused`` says when, and checks it per model).
+
 **Order.** Result ``i`` is ``model_grid(seeds, hparams, combine=...)[i]``: seeds outermost, then
 the hyperparameter combinations, ``itertools.product`` over the names in the dict's order (the
 last name varies fastest), or with ``combine="zip"`` the j-th value of every name.

@@ -34,6 +34,11 @@ def _target() -> str:
     return _TARGET
 
 
+def precompile() -> None:
+    """Compiles (or loads from Numba's cache) and registers the handler now, not at its first call."""
+    _target()
+
+
 def supported_activations() -> tuple[str, ...]:
     from kernels.numba_cpu._mlp_sgd import SUPPORTED
 
@@ -100,6 +105,9 @@ def train(x, y, weights, biases, activations, lr, active, epochs: int, leaf_ids=
         rows.append((k, width, CODES[act], offset, bias_at, wid, bid, rows_at))
         offset += k * width + (0 if b is None else width)
         rows_at += width * n
+    if max(offset, rows_at) >= 2**31:  # the layer table is int32
+        raise ValueError(f"mlp_sgd: {offset} parameters and {rows_at} scratch elements per model; the kernel "
+                         f"indexes fewer than 2**31")
     flat = jnp.concatenate(pieces, axis=1)
     table = jnp.asarray(np.asarray(rows, np.int32))
     epochs = int(epochs)
