@@ -51,6 +51,8 @@ _J_C, _J_N, _J_K0, _J_F, _J_P_LEN, _J_L, _J_E, _J_ROWS, _J_WIDEST = 96, 104, 112
 _J_BYTES = 168
 _J_SLOTS = _J_BYTES // 8
 _ADDRESS = (1 << 56) - 1
+# Unsigned constants: index arithmetic stays uint64 (uint64 with an int64 is float64 in Numba).
+_U1, _U2, _U3, _U4 = (np.uint64(v) for v in (1, 2, 3, 4))
 
 
 @njit(**_OPTS)
@@ -60,6 +62,52 @@ def _layer(table, l):
     every inner loop, unless the index is unsigned)."""
     u = np.uint64
     return u(table[l, 0]), u(table[l, 1]), table[l, 2], u(table[l, 3]), table[l, 4], u(table[l, 7])
+
+
+@njit(**_OPTS)
+def _axpys(dst, do, src, so, w, wo, ws, count, n):
+    """``dst[do:do+n] += sum_k w[wo + k ws] * src[so + k n : so + k n + n]`` for ``k < count``, four rows
+    of src per pass over dst (a pass per row would load and store dst three times as often)."""
+    k = np.uint64(0)
+    while k + _U4 <= count:
+        w0, w1, w2, w3 = w[wo + k * ws], w[wo + (k + _U1) * ws], w[wo + (k + _U2) * ws], w[wo + (k + _U3) * ws]
+        s0 = so + k * n
+        s1, s2, s3 = s0 + n, s0 + _U2 * n, s0 + _U3 * n
+        for i in range(n):
+            dst[do + i] += w0 * src[s0 + i] + w1 * src[s1 + i] + w2 * src[s2 + i] + w3 * src[s3 + i]
+        k += _U4
+    while k < count:
+        w0 = w[wo + k * ws]
+        s0 = so + k * n
+        for i in range(n):
+            dst[do + i] += w0 * src[s0 + i]
+        k += _U1
+
+
+@njit(**_OPTS)
+def _dots(g, go, src, so, cur, count, n):
+    """``g[go + j] = src[so:so+n] . cur[j n : j n + n]`` for ``j < count``, four rows of cur per pass
+    over src."""
+    j = np.uint64(0)
+    while j + _U4 <= count:
+        c0 = j * n
+        c1, c2, c3 = c0 + n, c0 + _U2 * n, c0 + _U3 * n
+        t0 = t1 = t2 = t3 = np.float32(0.0)
+        for i in range(n):
+            x = src[so + i]
+            t0 += x * cur[c0 + i]
+            t1 += x * cur[c1 + i]
+            t2 += x * cur[c2 + i]
+            t3 += x * cur[c3 + i]
+        g[go + j], g[go + j + _U1], g[go + j + _U2], g[go + j + _U3] = t0, t1, t2, t3
+        j += _U4
+    while j < count:
+        c0 = j * n
+        t0 = np.float32(0.0)
+        for i in range(n):
+            t0 += src[so + i] * cur[c0 + i]
+        g[go + j] = t0
+        j += _U1
 
 
 @njit(**_OPTS)
@@ -74,11 +122,7 @@ def _forward(xT, a, z, p, table, nl, n):
             bj = p[np.uint64(bo) + j] if bo >= 0 else np.float32(0.0)
             for i in range(n):
                 z[zo + i] = bj
-            for k in range(K):
-                w = p[wo + k * N + j]
-                s0 = so + k * n
-                for i in range(n):
-                    z[zo + i] += w * src[s0 + i]
+            _axpys(z, zo, src, so, p, wo + j, N, K, n)  # w[k, j] for k < K
             if act == RELU:  # one loop per activation: a branch inside would stop it vectorising
                 for i in range(n):
                     v = z[zo + i]
@@ -133,23 +177,13 @@ def _epoch(xT, yT, p, g, table, nl, n, F, z, a, d0, d1, lr, m):
                     s += cur[co + i]
                 g[np.uint64(bo) + j] = s
         for k in range(K):
-            s0 = so + k * n
-            for j in range(N):
-                s = np.float32(0.0)
-                co = j * n
-                for i in range(n):
-                    s += src[s0 + i] * cur[co + i]
-                g[wo + k * N + j] = s
+            _dots(g, wo + k * N, src, so + k * n, cur, N, n)  # dW[k, j] for j < N
         if l > 0:  # d(loss)/d(input) = W dz, with the W the forward used
             for k in range(K):
                 ko = k * n
                 for i in range(n):
                     nxt[ko + i] = np.float32(0.0)
-                for j in range(N):
-                    w = p[wo + k * N + j]
-                    co = j * n
-                    for i in range(n):
-                        nxt[ko + i] += w * cur[co + i]
+                _axpys(nxt, ko, cur, np.uint64(0), p, wo + k * N, np.uint64(1), N, n)  # w[k, j] for j < N
             cur, nxt = nxt, cur
     bad = -1
     for l in range(nl):  # leaf ids order the parameters as the caller's tree does
