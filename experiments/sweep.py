@@ -14,9 +14,9 @@ the spread over seeds at it (mean, std, min, max), every rate's mean, and, side 
 run, the time per model of
 
 - the sweep, ``jaxnet.train.fit_many(engine=--engine)``: cold (first call, compilation included)
-  and warm (the same call again: its programs are compiled), each with every model's final loss
-  read; ``engine`` in the result says which engine trained the models (by default "fused": the
-  task is plain full-batch SGD of a dense stack, ``jaxnet.train.fused``);
+  and warm (the median of ``--warm-runs`` more calls: its programs are compiled), each with every
+  model's final loss read; ``engine`` in the result says which engine trained the models (by
+  default "fused": the task is plain full-batch SGD of a dense stack, ``jaxnet.train.fused``);
 - with ``--vmap-baseline`` (default on) and the fused engine: the same sweep on the vmapped
   engine, cold and warm, and the largest gap between the two engines' final losses;
 - the seed's PyTorch loop (``jaxnet.seed_torch.seed_loop``) on ``--torch-runs`` models of the
@@ -79,6 +79,8 @@ class Config:
     engine: Literal["auto", "vmap", "fused"] = "auto"
     # With the fused engine, also time the vmapped one on the same sweep (cold and warm) and compare.
     vmap_baseline: bool = True
+    # Calls of fit_many after the first (cold) one, per engine: "warm" is their median.
+    warm_runs: int = 3
     # Bytes fit_many may use, in MB (0: its default, half of the available memory).
     memory_budget_mb: int = 0
     # Show fit_many's progress bar on stderr.
@@ -114,7 +116,7 @@ def run(config: Config) -> dict:
     from jaxnet.models import SimpleNet
     from jaxnet.train import TrainState, fit, fit_many, sweep
 
-    for name in ("seeds", "learning_rates", "epochs", "n_samples"):
+    for name in ("seeds", "learning_rates", "epochs", "n_samples", "warm_runs"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if not 0 < config.lr_min <= config.lr_max:
@@ -138,14 +140,14 @@ def run(config: Config) -> dict:
     budget = config.memory_budget_mb * 2**20 or None
     kwargs = dict(loss_fn=losses.mse, epochs=config.epochs, title="sweep")
     def timed_sweep(engine):
-        out = {}
-        for kind in ("cold", "warm"):
+        walls = []
+        for _ in range(1 + config.warm_runs):  # the first call compiles: "cold"
             start = time.perf_counter()
             runs = fit_many(state_fn, (data.x, data.y), seeds=range(config.seeds), hparams=hparams,
                             memory_budget=budget, progress=config.progress, engine=engine, **kwargs)
             final = np.array([r.column("loss")[-1] for r in runs]).reshape(config.seeds, len(rates))
-            out[kind] = time.perf_counter() - start  # the results read included: they are built on demand
-        return runs, final, out
+            walls.append(time.perf_counter() - start)  # the results read included: they are built on demand
+        return runs, final, {"cold": walls[0], "warm": statistics.median(walls[1:])}
 
     runs, final, times = timed_sweep(config.engine)
     engine = runs[0].engine

@@ -502,7 +502,8 @@ def test_sweep_experiment_end_to_end_on_a_tiny_grid(tmp_path, monkeypatch):
 
     monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
     argv = ["--seeds", "3", "--learning-rates", "2", "--epochs", "20", "--torch-runs", "2", "--torch-threads", "1",
-            "--fit-runs", "2", "--no-progress", "--backend", backend, "--workdir", str(tmp_path)]
+            "--fit-runs", "2", "--warm-runs", "1", "--no-progress", "--backend", backend, "--workdir",
+            str(tmp_path)]
     result = sweep.main(argv)
     assert result["models"] == 6 and result["backend"] == backend
     assert result["best_learning_rate"] in result["learning_rates"] == [0.001, 0.1]
