@@ -115,7 +115,8 @@ def fused_dense_vjp_numpy(x, w, b, dy, *, activation: str = "relu"):
 
 def mlp_sgd(x, y, weights, biases, activations_, lr, active, epochs: int, leaf_ids=None):
     """What ``kernels.numba_cpu.mlp_sgd.train`` computes (same arguments and results), in jax.numpy:
-    per model (``vmap``) ``epochs`` full-batch SGD steps (``lax.scan``) of the dense stack
+    per model (``vmap``) ``epochs`` full-batch SGD steps (``lax.scan``; ``lr`` ``[C]`` or
+    ``[C, epochs]``) of the dense stack
     ``act_l(h @ W_l + b_l)`` under MSE (``mean((pred - y)**2)``), gradients by autodiff, the
     update ``p + (-lr) * g``; inactive models come back unchanged with metrics 0."""
     leaf_ids = leaf_ids or [(2 * i, 2 * i + 1) for i in range(len(weights))]
@@ -127,8 +128,8 @@ def mlp_sgd(x, y, weights, biases, activations_, lr, active, epochs: int, leaf_i
             h = act(jnp.matmul(h, w, precision=jax.lax.Precision.HIGHEST) + (0.0 if b is None else b))
         return jnp.mean(jnp.square(h - y))
 
-    def one(params, rate, live):
-        def step(p, _):
+    def one(params, rates, live):
+        def step(p, rate):
             loss, g = jax.value_and_grad(loss_fn)(p)
             updates = jax.tree.map(lambda t: -rate * t, g)
             new = jax.tree.map(jnp.add, p, updates)
@@ -141,10 +142,11 @@ def mlp_sgd(x, y, weights, biases, activations_, lr, active, epochs: int, leaf_i
                  "nonfinite_leaf": jnp.where(first == 1 << 30, -1, first).astype(jnp.int32)}
             return new, m
 
-        new, m = jax.lax.scan(step, params, None, length=int(epochs))
+        new, m = jax.lax.scan(step, params, rates)
         return (jax.tree.map(lambda a, b: jnp.where(live, a, b), new, params),
                 jax.tree.map(lambda v: jnp.where(live, v, jnp.zeros_like(v)), m))
 
     params = [(w, b) for w, b in zip(weights, biases)]
-    new, m = jax.vmap(one)(params, lr, active)
+    rates = jnp.broadcast_to(lr.reshape(lr.shape[0], -1), (lr.shape[0], int(epochs)))
+    new, m = jax.vmap(one)(params, rates, active)
     return [w for w, _ in new], [b for _, b in new], m

@@ -14,12 +14,13 @@ each model's forward, backward and update in a few rows of scratch instead. It a
   ``MLP`` without dropout), its parameters are exactly those layers' kernels (and biases), of
   activations the kernel has, and its training forward pass on the data computes that stack
   (checked on every model of the chunk, on the first ``_PROBE_ROWS`` rows, not assumed);
-- the optimiser is plain SGD, checked per model by probing ``tx.update``: the update of a
-  gradient of ones is ``-lr`` everywhere (which gives the model's rate), and of random gradients
-  at other parameters, at a million times the scale, and a million steps later, exactly
-  ``-lr * g``, with no floating-point state changing (momentum, Adam, weight decay, clipping and
-  schedules all fail it; the later step is a prime number of steps on, so no periodic schedule
-  of a shorter period lines up with it).
+- the optimiser is plain SGD with any learning-rate schedule, checked per model by probing
+  ``tx.update`` at its state and at the state a prime number of steps (1,000,003) on: the update
+  of a gradient of ones is ``-lr`` everywhere (which gives the rate at that state), of random
+  gradients exactly ``-lr * g``, the same at other parameters and a million times the scale, and
+  the next state the same whatever the gradient and the parameters. Momentum, Adam, weight decay
+  and clipping fail it; a schedule passes, and each epoch runs at the rate its own optimiser state
+  gives (computed from the state as ``fit``'s step would reach it, not assumed constant).
 
 ``engine="auto"`` also leaves to the vmapped engine any sweep with a layer of more than
 ``AUTO_MAX_LAYER_WEIGHTS`` weights: the kernel streams each layer's rows once per weight, which
@@ -27,8 +28,8 @@ beats XLA's GEMMs for narrow layers only.
 
 Model i then equals its single ``fit`` within ``sweep.tolerance`` as in the generic engine (the
 same float32 operations in another summation order, plus FMA contraction); the optimiser state
-advances as ``fit``'s does (``tx.update`` applied once per epoch to zero gradients: only its
-counters move). ``fit_many(..., engine=...)`` chooses: ``"auto"`` (this engine where it applies),
+advances as ``fit``'s does (``tx.update`` applied once per epoch to zero gradients: its next
+state does not depend on them). ``fit_many(..., engine=...)`` chooses: ``"auto"`` (this engine where it applies),
 ``"vmap"`` (never), ``"fused"`` (a ``ValueError`` with the reason where it does not apply).
 """
 from __future__ import annotations
@@ -94,22 +95,28 @@ def _checks(model, tx, states: TrainState, x, grads, shift):
 
     names, acts = _stack(model, jax.tree.map(lambda a: a[0], states.params))
 
-    def one(opt_state, params, rng, g, dp):
+    def same(a, b):
+        return jnp.all(jnp.stack([jnp.all(u == v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+                                 or [jnp.bool_(True)]))
+
+    def plain_at(opt_state, params, g, moved):
+        """At this state: the update is ``-rate * g`` (the rate from a gradient of ones, the same
+        for a gradient 10^6 times larger at other parameters) and the next state does not depend
+        on the gradient or the parameters."""
         rate = _rate(tx, opt_state, params)
-        ok = jnp.isfinite(rate)
-        ones_update = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)[0]
-        ok &= jnp.all(jnp.stack([jnp.all(u == -rate) for u in jax.tree.leaves(ones_update)]))
-        big = jax.tree.map(lambda t: t * 1e6, g)
+        ok = jnp.isfinite(rate) & same(tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)[0],
+                                       jax.tree.map(lambda p: jnp.full_like(p, -rate), params))
+        big = jax.lax.optimization_barrier(jax.tree.map(lambda t: t * 1e6, g))  # one value for both sides
+        update, after = tx.update(g, opt_state, params)
+        update_big, after_big = tx.update(big, opt_state, moved)
+        ok &= same(update, jax.tree.map(lambda t: -rate * t, g))
+        ok &= same(update_big, jax.tree.map(lambda t: -rate * t, big))
+        return ok & same(after, after_big)
+
+    def one(opt_state, params, rng, g, dp):
         moved = jax.tree.map(jnp.add, params, dp)
         later = jax.tree.map(lambda a: a + 1_000_003 if jnp.issubdtype(a.dtype, jnp.integer) else a, opt_state)
-        for probe, at, state in ((g, params, opt_state), (big, moved, opt_state), (g, params, later)):
-            probe = jax.lax.optimization_barrier(probe)  # one value, read by both sides of the comparison
-            update, new_state = tx.update(probe, state, at)
-            ok &= jnp.all(jnp.stack([jnp.all(u == -rate * t) for u, t in zip(jax.tree.leaves(update),
-                                                                             jax.tree.leaves(probe))]))
-            floats = [(a, b) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))
-                      if jnp.issubdtype(a.dtype, jnp.inexact)]
-            ok &= jnp.all(jnp.stack([jnp.all(a == b) for a, b in floats] or [jnp.bool_(True)]))
+        ok = plain_at(opt_state, params, g, moved) & plain_at(later, params, g, moved)
         # The model's own forward pass (train mode, as fit's step runs it) against its stack.
         pred = model.apply({"params": params}, x, rngs={"dropout": rng}, **mode_kwargs(model, True))
         h = x
@@ -176,19 +183,22 @@ def make_run(model, tx):
         params = states.params
         names, acts = _stack(model, jax.tree.map(lambda a: a[0], params))
         ids = _leaf_ids(jax.tree.map(lambda a: a[0], params), names)
-        rate = jax.vmap(functools.partial(_rate, tx))(states.opt_state, params)
+        # Each epoch's rate from the optimiser state it starts from (a schedule moves it), and the
+        # state after: it does not depend on the gradients (checked by refusal), so zeros advance it.
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        rate_at = jax.vmap(functools.partial(_rate, tx))
+        advance = jax.vmap(lambda g, s, p: tx.update(g, s, p)[1])
+        opt_state, rates = jax.lax.scan(lambda s, _: (advance(zeros, s, params), rate_at(s, params)),
+                                        states.opt_state, None, length=length)  # rates [length, C]
         weights, biases, m = mlp_sgd.train(data["x"], data["y"], [params[n]["kernel"] for n in names],
-                                           [params[n].get("bias") for n in names], acts, rate, active, length, ids)
+                                           [params[n].get("bias") for n in names], acts, rates.T, active, length,
+                                           ids)
         leaves = [None] * len(jax.tree.leaves(params))
         for (w_id, b_id), w, b in zip(ids, weights, biases):
             leaves[w_id] = w
             if b_id >= 0:
                 leaves[b_id] = b
         new_params = jax.tree.unflatten(jax.tree.structure(params), leaves)
-        # Only the optimiser's counters move (checked by refusal): one update per epoch, of zeros.
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        advance = jax.vmap(lambda g, s, p: tx.update(g, s, p)[1])
-        opt_state = jax.lax.fori_loop(0, length, lambda _, s: advance(zeros, s, params), states.opt_state)
         keep = lambda new, old: jax.tree.map(  # noqa: E731
             lambda a, b: jnp.where(active.reshape(-1, *[1] * (a.ndim - 1)), a, b), new, old)
         live = active.astype(jnp.int32) * length

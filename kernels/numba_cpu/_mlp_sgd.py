@@ -9,7 +9,8 @@ atomic counter (as the GEMM jobs of ``_kernels``).
 Calling convention (float32, row-major):
 
   args:  xT [K0, n] (the inputs, transposed), yT [F, n] (the targets, transposed),
-         p [C, P] (each model's parameters, flat), lr [C], active [C] (1: train, 0: copy),
+         p [C, P] (each model's parameters, flat), lr [C, E] (each model's rate at each epoch),
+         active [C] (1: train, 0: copy),
          table [L, 8] int32, one row per layer: K, N, activation code, offset of W [K, N] in p,
          offset of b [N] in p (-1: no bias), leaf id of W, leaf id of b, offset of the layer's
          rows [N, n] in the activation scratch
@@ -224,7 +225,7 @@ def _claim(job):
     yT = carray(_ffi.as_pointer(ld(job + _J_Y), float32), (F * n,))
     p_in = carray(_ffi.as_pointer(ld(job + _J_P), float32), (C, P))
     p_out = carray(_ffi.as_pointer(ld(job + _J_OUT), float32), (C, P))
-    lrs = carray(_ffi.as_pointer(ld(job + _J_LR), float32), (C,))
+    lrs = carray(_ffi.as_pointer(ld(job + _J_LR), float32), (C, E))
     active = carray(_ffi.as_pointer(ld(job + _J_ACTIVE), float32), (C,))
     table = carray(_ffi.as_pointer(ld(job + _J_TABLE), int32), (nl, TABLE_COLUMNS))
     metrics = carray(_ffi.as_pointer(ld(job + _J_METRICS), float32), (C, E, METRICS))
@@ -252,7 +253,8 @@ def _claim(job):
                 d1 = carray(_ffi.as_pointer(base + 4 * (2 * rows + widest) * n, float32), (widest * n,))
                 g = carray(_ffi.as_pointer(base + 8 * (rows + widest) * n, float32), (P,))
                 for e in range(E):
-                    _epoch(xT, yT, p, g, table, nl, np.uint64(n), np.uint64(F), z, a, d0, d1, lrs[c], metrics[c, e])
+                    _epoch(xT, yT, p, g, table, nl, np.uint64(n), np.uint64(F), z, a, d0, d1, lrs[c, e],
+                           metrics[c, e])
                 _ffi.c_free(base)
         _ffi.atomic_add(job + _J_DONE, 1)
 
@@ -275,14 +277,14 @@ def _check(frame, xb, yb, pb, lb, ab, tb, ob, mb):
             return make_error(frame, "mlp_sgd: x, y, p, lr, active, p_out and metrics must be float32")
     if dtype(tb) != DTYPE_S32:
         return make_error(frame, "mlp_sgd: the layer table must be int32")
-    if rank(xb) != 2 or rank(yb) != 2 or rank(pb) != 2 or rank(lb) != 1 or rank(ab) != 1 or rank(tb) != 2 \
+    if rank(xb) != 2 or rank(yb) != 2 or rank(pb) != 2 or rank(lb) != 2 or rank(ab) != 1 or rank(tb) != 2 \
             or rank(ob) != 2 or rank(mb) != 3:
-        return make_error(frame, "mlp_sgd: ranks must be xT 2, yT 2, p 2, lr 1, active 1, table 2, p_out 2, metrics 3")
+        return make_error(frame, "mlp_sgd: ranks must be xT 2, yT 2, p 2, lr 2, active 1, table 2, p_out 2, metrics 3")
     K0, n, F = dim(xb, 0), dim(xb, 1), dim(yb, 0)
     C, P, nl = dim(pb, 0), dim(pb, 1), dim(tb, 0)
-    if dim(yb, 1) != n or dim(lb, 0) != C or dim(ab, 0) != C or dim(ob, 0) != C or dim(ob, 1) != P \
-            or dim(mb, 0) != C or dim(mb, 2) != METRICS or dim(tb, 1) != TABLE_COLUMNS or nl < 1 or n < 1:
-        return make_error(frame, "mlp_sgd: xT [K0, n], yT [F, n], p [C, P], lr [C], active [C], table [L, 8], "
+    if dim(yb, 1) != n or dim(lb, 0) != C or dim(lb, 1) != dim(mb, 1) or dim(ab, 0) != C or dim(ob, 0) != C \
+            or dim(ob, 1) != P or dim(mb, 0) != C or dim(mb, 2) != METRICS or dim(tb, 1) != TABLE_COLUMNS or nl < 1 or n < 1:
+        return make_error(frame, "mlp_sgd: xT [K0, n], yT [F, n], p [C, P], lr [C, E], active [C], table [L, 8], "
                                  "p_out [C, P] and metrics [C, E, 4] do not agree")
     table = carray(_ffi.as_pointer(_ffi.data(tb), int32), (nl, TABLE_COLUMNS))
     width, rows = K0, 0

@@ -56,9 +56,10 @@ def check_args(x, y, weights, biases, activations, lr, active, epochs) -> None:
             raise TypeError(f"mlp_sgd: {name} must be float32, got {a.dtype}")
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] < 1:
         raise ValueError(f"mlp_sgd: x [n, K] and y [n, F] with n >= 1, got {x.shape} and {y.shape}")
-    models = lr.shape[0] if lr.ndim == 1 else -1
-    if models < 1 or active.shape != (models,):
-        raise ValueError(f"mlp_sgd: lr and active must be [C], got {lr.shape} and {active.shape}")
+    models = lr.shape[0] if lr.ndim in (1, 2) else -1
+    if models < 1 or active.shape != (models,) or (lr.ndim == 2 and lr.shape[1] != int(epochs)):
+        raise ValueError(f"mlp_sgd: lr must be [C] or [C, epochs={epochs}] and active [C], got {lr.shape} and "
+                         f"{active.shape}")
     width = x.shape[1]
     for i, (w, b, act) in enumerate(zip(weights, biases, activations)):
         if w.ndim != 3 or w.shape[0] != models or w.shape[1] != width:
@@ -81,7 +82,8 @@ def train(x, y, weights, biases, activations, lr, active, epochs: int, leaf_ids=
       x: ``[n, K]`` float32, y: ``[n, F]`` float32 (every model's data).
       weights: per layer ``[C, K_l, N_l]`` float32; biases: per layer ``[C, N_l]`` or None.
       activations: per layer, one of ``supported_activations()``.
-      lr: ``[C]`` float32 learning rates; active: ``[C]`` bool (False: the model is returned as is).
+      lr: ``[C]`` float32 learning rates, or ``[C, epochs]`` (each epoch's rate: a schedule);
+        active: ``[C]`` bool (False: the model is returned as is).
       epochs: static, >= 1.
       leaf_ids: per layer ``(weight id, bias id)``: the order ``nonfinite_leaf`` reports in
         (default: ``(2 l, 2 l + 1)``).
@@ -114,7 +116,8 @@ def train(x, y, weights, biases, activations, lr, active, epochs: int, leaf_ids=
     out, metrics = jax.ffi.ffi_call(
         _target(), (jax.ShapeDtypeStruct(flat.shape, jnp.float32),
                     jax.ShapeDtypeStruct((models, epochs, 4), jnp.float32)))(
-        x.T, y.T, flat, lr, active.astype(jnp.float32), table)
+        x.T, y.T, flat, jnp.broadcast_to(lr.reshape(models, -1), (models, epochs)), active.astype(jnp.float32),
+        table)
     new_w, new_b, at = [], [], 0
     for w, b in zip(weights, biases):
         size = w.shape[1] * w.shape[2]

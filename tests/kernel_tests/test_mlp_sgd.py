@@ -88,7 +88,7 @@ def problems(draw):
     acts = [draw(st.sampled_from(mlp_sgd.supported_activations())) for _ in range(depth)]
     return dict(n=draw(st.integers(1, 40)), widths=widths, acts=acts, models=draw(st.integers(1, 4)),
                 bias=[draw(st.booleans()) for _ in range(depth)], epochs=draw(st.integers(1, 3)),
-                seed=draw(st.integers(0, 2**31 - 1)))
+                schedule=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def _make(p):
@@ -99,7 +99,8 @@ def _make(p):
     weights = [(rng.uniform(-1, 1, (C, k, m)) / np.sqrt(k)).astype(np.float32) for k, m in zip(widths, widths[1:])]
     biases = [rng.uniform(-0.5, 0.5, (C, m)).astype(np.float32) if has else None
               for m, has in zip(widths[1:], p["bias"])]
-    lr = rng.uniform(1e-3, 0.05, C).astype(np.float32)
+    # One rate per model, or one per model and epoch (a schedule).
+    lr = rng.uniform(1e-3, 0.05, (C, p["epochs"]) if p["schedule"] else C).astype(np.float32)
     active = rng.random(C) < 0.8
     return x, y, weights, biases, lr, active
 
@@ -113,7 +114,8 @@ def test_train_matches_reference(p):
             [None if b is None else jnp.asarray(b) for b in biases], acts, jnp.asarray(lr), jnp.asarray(active), E)
     got = jax.jit(mlp_sgd.train, static_argnums=(4, 7))(*args)
     want = jax.jit(reference.mlp_sgd, static_argnums=(4, 7))(*args)
-    bw, bb, bloss, bnorm = _bounds(x, y, weights, biases, acts, lr)
+    top_rate = lr.max(axis=1) if lr.ndim == 2 else lr  # the bound of the largest step
+    bw, bb, bloss, bnorm = _bounds(x, y, weights, biases, acts, top_rate)
     grow = 2 * E
     for c in range(p["models"]):
         for l in range(len(weights)):
@@ -132,7 +134,7 @@ def test_train_matches_reference(p):
             continue
         assert np.all(np.abs(m_got["loss"] - m_want["loss"]) <= grow * bloss[c])
         assert np.all(np.abs(m_got["grad_norm"] - m_want["grad_norm"]) <= grow * bnorm[c])
-        assert np.all(np.abs(m_got["update_norm"] - m_want["update_norm"]) <= grow * lr[c] * bnorm[c] * 1.01)
+        assert np.all(np.abs(m_got["update_norm"] - m_want["update_norm"]) <= grow * top_rate[c] * bnorm[c] * 1.01)
         np.testing.assert_array_equal(m_got["nonfinite_leaf"], -1)
 
 
@@ -156,6 +158,7 @@ def test_nonfinite_gradient_names_first_leaf_in_callers_order():
     (dict(acts=("gelu", "identity")), "activation 'gelu' of layer 0"),
     (dict(w0=np.zeros((2, 4, 2), np.float32)), r"weights\[0\] must be \[C=2, K=3, N\]"),
     (dict(epochs=0), "epochs must be >= 1"),
+    (dict(lr=np.zeros((2, 3), np.float32)), r"lr must be \[C\] or \[C, epochs=2\]"),
     (dict(lr=np.zeros((3,), np.float32)), r"weights\[0\] must be \[C=3"),
 ])
 def test_bad_input_is_named(change, message):
