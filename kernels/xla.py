@@ -169,6 +169,20 @@ def takes_custom_vjp(x, w, b=None) -> bool:
     return len(dtypes) == 1 and dtypes <= set(DENSE_DTYPES)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _rounds_cotangent(z, dtype):
+    """``z`` itself; in reverse mode its cotangent is rounded once to ``dtype``, before the bias
+    gradient sums it and the weight-gradient dots take it (one rounding for both, and the f32
+    cotangent is never written out: docs/benchmarks.md, "Mixed precision")."""
+    return z
+
+
+@_rounds_cotangent.defjvp
+def _rounds_cotangent_jvp(dtype, primals, tangents):
+    (z,), (dz,) = primals, tangents
+    return z, linear_map(lambda t: [t], lambda g: [g.astype(dtype).astype(g.dtype)], (), [dz], [jax.typeof(z)])[0]
+
+
 def fused_dense(x, w, b=None, *, activation: str = "relu"):
     """``act(x @ w + b)``: the reference's forward; a backward whose dots run like the forward.
 
@@ -185,6 +199,8 @@ def fused_dense(x, w, b=None, *, activation: str = "relu"):
     z = _einsum_lp("mk,kn->mn", x.reshape(math.prod(lead), x.shape[-1]), w)  # (M, N) float32; -1 fails at K=0
     if b is not None:
         z = z + b.astype(jnp.float32)
+        if is_low_precision(x.dtype):
+            z = _rounds_cotangent(z, x.dtype)
     return act(z).astype(x.dtype).reshape(*lead, w.shape[1])
 
 
