@@ -165,7 +165,7 @@ def refusal(states: TrainState, data: dict, opts: dict, full_batch: bool, *, aut
     ok, gap = jax.device_get(_checks(states.model, states.tx, states, data["x"][:_PROBE_ROWS], grads, shift))
     if not np.all(ok):
         return (f"model {int(np.flatnonzero(~ok)[0])} of the chunk's optimiser is not plain SGD (its update is not "
-                f"-lr * gradient with no other state)")
+                f"-lr * gradient, or its next state depends on the gradient)")
     # Same ops on both sides, so equal to rounding; a model whose forward pass is not its stack is far off.
     if not np.all(gap <= 1e-5):
         return "the model's forward pass is not the stack of its dense_layers()"
