@@ -13,7 +13,7 @@
   Where XLA still has them, its older CPU emitters too (``--xla_cpu_use_fusion_emitters=false``)
   and one LLVM module per program (``--xla_cpu_parallel_codegen_split_count=1``).
 - With pytest-xdist (``make test`` runs ``-n auto``), the controller fills Numba's on-disk cache
-  before the workers start (one process per dtype and one for the int8 handlers, in parallel), so
+  before the workers start (one process per dtype and one for the int8 and many-MLP handlers, in parallel), so
   that no two workers compile the same handler (a cold compile is tens of seconds each).
 - Each test process keeps JAX's persistent compilation cache in its own temporary folder (removed
   at exit), so that a program another test already compiled is loaded, not compiled again (tests

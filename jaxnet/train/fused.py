@@ -35,6 +35,7 @@ state does not depend on them). ``fit_many(..., engine=...)`` chooses: ``"auto"`
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,8 @@ AUTO_MAX_LAYER_WEIGHTS = 2048
 
 
 def _stack(model, params) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
-    """``(layer names, activations)`` of a dense-stack model, or why it is not one."""
+    """``(layer names, activations)`` of a dense-stack model, or why it is not one (``params``:
+    one model's or the chunk's stacked; only their names are read)."""
     from kernels.numba_cpu.mlp_sgd import supported_activations
 
     describe = getattr(model, "dense_layers", None)
@@ -72,7 +74,8 @@ def _stack(model, params) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
 
 
 def _leaf_ids(params, names) -> list[tuple[int, int]]:
-    """Each layer's (kernel, bias) index in ``jax.tree.leaves(params)`` (bias -1 if none)."""
+    """Each layer's (kernel, bias) index in ``jax.tree.leaves(params)`` (bias -1 if none; the
+    order of the tree's paths, the same for one model's and the stacked parameters)."""
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     order = {tuple(k.key for k in path): i for i, path in enumerate(paths)}
     return [(order[(n, "kernel")], order.get((n, "bias"), -1)) for n in names]
@@ -93,7 +96,7 @@ def _checks(model, tx, states: TrainState, x, grads, shift):
     relative to the output's scale."""
     from kernels import reference
 
-    names, acts = _stack(model, jax.tree.map(lambda a: a[0], states.params))
+    names, acts = _stack(model, states.params)
 
     def same(a, b):
         return jnp.all(jnp.stack([jnp.all(u == v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
@@ -148,11 +151,11 @@ def refusal(states: TrainState, data: dict, opts: dict, full_batch: bool, *, aut
         return "the model has variables besides its parameters"
     if set(data) != {"x", "y"} or data["x"].ndim != 2 or data["y"].ndim != 2:
         return "the data must be x [n, K] and y [n, F] (no mask)"
-    stack = _stack(states.model, jax.tree.map(lambda a: a[0], states.params))
+    stack = _stack(states.model, states.params)
     if isinstance(stack, str):
         return stack
     if auto:
-        largest = max(states.params[name]["kernel"][0].size for name in stack[0])
+        largest = max(math.prod(states.params[name]["kernel"].shape[1:]) for name in stack[0])
         if largest > AUTO_MAX_LAYER_WEIGHTS:
             return (f"a layer has {largest} weights, more than the {AUTO_MAX_LAYER_WEIGHTS} up to which the fused "
                     f"engine was measured faster")
@@ -181,8 +184,8 @@ def make_run(model, tx):
     @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
     def run(states, data, active, length):
         params = states.params
-        names, acts = _stack(model, jax.tree.map(lambda a: a[0], params))
-        ids = _leaf_ids(jax.tree.map(lambda a: a[0], params), names)
+        names, acts = _stack(model, params)
+        ids = _leaf_ids(params, names)
         # Each epoch's rate from the optimiser state it starts from (a schedule moves it), and the
         # state after: it does not depend on the gradients (checked by refusal), so zeros advance it.
         zeros = jax.tree.map(jnp.zeros_like, params)

@@ -514,7 +514,8 @@ def _grid_block(a, b, c, t, nbj, mb, nb, lb):
 # helper tasks scheduled on XLA's intra-op pool; any number of helpers (none, if the pool runs
 # tasks inline or late) is correct, and the last party to let go of the job frees it, so a
 # helper that starts after the work is done touches only the job, never the (by then released)
-# buffers. Slots after the header, per kind: 0 = ``gemm_nt`` blocks, 1 = ``panel_gemm`` blocks.
+# buffers. Slots after the header, per kind: 0 = ``gemm_nt`` blocks, 1 = ``panel_gemm`` blocks,
+# 2 = ``_mlp_sgd``'s models (its slots stay clear of the header and ``_J_TIES``).
 _J_NEXT, _J_DONE, _J_REFS, _J_KIND, _J_NBLOCKS = 0, 8, 16, 24, 32
 _J_BYTES = 256
 _J_SLOTS = _J_BYTES // 8  # a literal for stack_buffer
@@ -528,7 +529,10 @@ _J_XF, _J_SR, _J_SL, _J_WP, _J_PACKED, _J_Z, _J_SAVE_Z, _J_NGROUPS = 152, 160, 1
 _J_TIES = 216  # kind 1: nonzero once a block's relu met a z that is exactly 0
 _J_ACT_UNIT = 224  # kind 1: the activation's unit (``epilogue``)
 _J_KC, _J_PMB = 232, 240  # kind 1: the blocking (``panel_gemm``)
-_ADDRESS = (1 << 56) - 1  # a shared job's address, below the helper count (``_start_job``)
+_ADDRESS = (1 << 56) - 1  # a shared job's address, below the helper count (``start_job``)
+# What the package's other jobs (kind 2) use of this: the claim and done counters, the flag that
+# ``finish_job`` returns (there: a model's scratch could not be allocated), the address mask.
+NEXT, DONE, FLAG, ADDRESS = _J_NEXT, _J_DONE, _J_TIES, _ADDRESS
 # The slots each kind's unit fills, in the order of the values it passes to ``_put``.
 _NT_SLOTS = (_J_A, _J_B, _J_C, _J_M, _J_N, _J_L, _J_NBJ, _J_MB, _J_NB, _J_LB)
 _PANEL_SLOTS = (_J_XF, _J_SR, _J_SL, _J_B, _J_WP, _J_PACKED, _J_BIAS, _J_HAS_BIAS, _J_Y, _J_Z, _J_M, _J_N, _J_L,
@@ -617,7 +621,7 @@ def _put(job, slots, values):
 
 
 @njit(inline="always", **_OPTS)
-def _start_job(frame, task, nblocks, kind):
+def start_job(frame, task, nblocks, kind):
     """The job for ``nblocks`` blocks: slots on the calling unit's stack when they run on the
     calling thread only, else a malloc'd job with the number of helpers to schedule in the top
     byte of its address (addresses are < 2**56; ``_ADDRESS`` masks it off)."""
@@ -640,21 +644,29 @@ def _start_job(frame, task, nblocks, kind):
 
 
 @njit(inline="always", **_OPTS)
-def _run_job(frame, task, tagged, like):
-    """Schedules the helpers of a job made by ``_start_job`` (if any), then runs blocks on the
-    calling thread (the unit ``blocks`` of ``like``'s dtype); returns the job's address."""
+def schedule_helpers(frame, task, tagged):
+    """Schedules the helper tasks of a job made by ``start_job`` (if any) on XLA's pool; returns
+    the job's address."""
     job, helpers = tagged & _ADDRESS, tagged >> 56
     for _ in range(helpers):
         err = _ffi.threadpool_schedule(frame, task, job)
         if err != 0:  # that helper will never run: drop its reference
             _ffi.destroy_error(frame, err)
             _ffi.atomic_add(job + _J_REFS, -1)
+    return job
+
+
+@njit(inline="always", **_OPTS)
+def _run_job(frame, task, tagged, like):
+    """Schedules the helpers of a job made by ``start_job`` (if any), then runs blocks on the
+    calling thread (the unit ``blocks`` of ``like``'s dtype); returns the job's address."""
+    job = schedule_helpers(frame, task, tagged)
     _link.call("blocks", like, (job,))
     return job
 
 
 @njit(**_OPTS)
-def _finish_job(job, shared, nblocks):
+def finish_job(job, shared, nblocks):
     """After the calling thread ran out of blocks: waits for the helpers' blocks and lets go of
     a ``shared`` job. Returns whether a block recorded a relu tie (``_J_TIES``; panel jobs only).
     The caller's own scratch that the blocks read must stay alive until then (``_link.keep``).
@@ -680,10 +692,10 @@ def gemm_nt_unit(nbtype, code):
         mb, nb, lb = _ffi.load_i64(blk + BLK_MB), _ffi.load_i64(blk + BLK_NB), _ffi.load_i64(blk + BLK_LB)
         nbj = (N + nb - 1) // nb
         nblocks = ((M + mb - 1) // mb) * nbj
-        tagged = _start_job(frame, task, nblocks, 0)
+        tagged = start_job(frame, task, nblocks, 0)
         job = tagged & _ADDRESS
         _put(job, _NT_SLOTS, (a, b, c, M, N, L, nbj, mb, nb, lb))
-        _finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
+        finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
         return 0
     return gemm_nt
 
@@ -937,11 +949,11 @@ def panel_gemm_unit(nbtype, code):
             # One panel a block, so that a problem of one row block still has blocks to share.
             ngroups = npan
         nblocks = ((M + pmb - 1) // pmb) * ngroups
-        tagged = _start_job(frame, task, nblocks, 1)
+        tagged = start_job(frame, task, nblocks, 1)
         job = tagged & _ADDRESS
         _put(job, _PANEL_SLOTS, (xf, sr, sl, w, np.int64(wp.ctypes.data), np.int64(1 if packed else 0), bias, has_bias,
                                  y, z, M, N, K, save_z, act, act_unit, np.int64(ngroups), kc, pmb))
-        ties = _finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
+        ties = finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
         _link.keep((wp,))  # this function's scratch, read by the blocks
         return 1 if ties else 0
     return panel_gemm

@@ -33,7 +33,7 @@ from llvmlite import binding as llvm
 from numba import carray, cfunc, float32, int32, njit, types
 
 from kernels.activations import CODES
-from kernels.numba_cpu import _cache, _ffi, _link
+from kernels.numba_cpu import _cache, _ffi, _kernels, _link
 from kernels.numba_cpu._ffi import arg, dim, dtype, make_error, rank, ret
 from kernels.numba_cpu._pipeline import Compiler
 
@@ -45,13 +45,11 @@ _OPTS = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, boundscheck=Fa
              nogil=True, pipeline_class=Compiler)
 DTYPE_S32 = 4  # XLA_FFI_DataType of int32
 
-# The job: int64 slots read by every thread that claims models.
-_J_NEXT, _J_DONE, _J_REFS, _J_ERROR = 0, 8, 16, 24
-_J_X, _J_Y, _J_P, _J_OUT, _J_LR, _J_ACTIVE, _J_TABLE, _J_METRICS = 32, 40, 48, 56, 64, 72, 80, 88
-_J_C, _J_N, _J_K0, _J_F, _J_P_LEN, _J_L, _J_E, _J_ROWS, _J_WIDEST = 96, 104, 112, 120, 128, 136, 144, 152, 160
-_J_BYTES = 168
-_J_SLOTS = _J_BYTES // 8
-_ADDRESS = (1 << 56) - 1
+# The job: a ``_kernels`` job of kind 2 (``start_job``, ``schedule_helpers``, ``finish_job``: its
+# claim and done counters, references and flag), with these int64 slots after the header.
+_KIND = 2
+_J_X, _J_Y, _J_P, _J_OUT, _J_LR, _J_ACTIVE, _J_TABLE, _J_METRICS = 48, 56, 64, 72, 80, 88, 96, 104
+_J_C, _J_N, _J_K0, _J_F, _J_P_LEN, _J_L, _J_E, _J_ROWS, _J_WIDEST = 112, 120, 128, 136, 144, 152, 160, 168, 176
 # Unsigned constants: index arithmetic stays uint64 (uint64 with an int64 is float64 in Numba).
 _U1, _U2, _U3, _U4 = (np.uint64(v) for v in (1, 2, 3, 4))
 
@@ -231,7 +229,7 @@ def _claim(job):
     metrics = carray(_ffi.as_pointer(ld(job + _J_METRICS), float32), (C, E, METRICS))
     floats = 2 * rows * n + 2 * widest * n + P
     while True:
-        c = _ffi.atomic_add(job + _J_NEXT, 1)
+        c = _ffi.atomic_add(job + _kernels.NEXT, 1)
         if c >= C:
             return 0
         p = p_out[c]
@@ -244,7 +242,7 @@ def _claim(job):
         else:
             base = _ffi.c_malloc(4 * floats)
             if base == 0:
-                _ffi.atomic_add(job + _J_ERROR, 1)
+                _ffi.atomic_add(job + _kernels.FLAG, 1)
             else:
                 # Separate C-contiguous views (a slice's layout is unknown to Numba and stops vectorising).
                 z = carray(_ffi.as_pointer(base, float32), (rows * n,))
@@ -256,7 +254,7 @@ def _claim(job):
                     _epoch(xT, yT, p, g, table, nl, np.uint64(n), np.uint64(F), z, a, d0, d1, lrs[c, e],
                            metrics[c, e])
                 _ffi.c_free(base)
-        _ffi.atomic_add(job + _J_DONE, 1)
+        _ffi.atomic_add(job + _kernels.DONE, 1)
 
 
 def _claim_unit(job):
@@ -265,8 +263,7 @@ def _claim_unit(job):
 
 def _task_unit(job):  # XLA_FFI_Task: void (*)(void* data), the job
     _link.call("mlp_sgd_claim", float32, (job,))
-    if _ffi.atomic_add(job + _J_REFS, -1) == 1:
-        _ffi.c_free(job)
+    _kernels.release(job)
 
 
 @njit(**_OPTS)
@@ -283,7 +280,8 @@ def _check(frame, xb, yb, pb, lb, ab, tb, ob, mb):
     K0, n, F = dim(xb, 0), dim(xb, 1), dim(yb, 0)
     C, P, nl = dim(pb, 0), dim(pb, 1), dim(tb, 0)
     if dim(yb, 1) != n or dim(lb, 0) != C or dim(lb, 1) != dim(mb, 1) or dim(ab, 0) != C or dim(ob, 0) != C \
-            or dim(ob, 1) != P or dim(mb, 0) != C or dim(mb, 2) != METRICS or dim(tb, 1) != TABLE_COLUMNS or nl < 1 or n < 1:
+            or dim(ob, 1) != P or dim(mb, 0) != C or dim(mb, 2) != METRICS or dim(tb, 1) != TABLE_COLUMNS \
+            or nl < 1 or n < 1:
         return make_error(frame, "mlp_sgd: xT [K0, n], yT [F, n], p [C, P], lr [C, E], active [C], table [L, 8], "
                                  "p_out [C, P] and metrics [C, E, 4] do not agree")
     table = carray(_ffi.as_pointer(_ffi.data(tb), int32), (nl, TABLE_COLUMNS))
@@ -317,36 +315,18 @@ def _handler_unit(frame):
     widest = 0
     for l in range(nl):
         widest = max(widest, table[l, 0], table[l, 1])
-    local = _link.address_of(_ffi.stack_buffer(_J_SLOTS, np.int64))
-    helpers = _ffi.threadpool_num_threads(frame) if C > 1 else 0
-    if helpers < 0:
-        _ffi.destroy_error(frame, -helpers)
-        helpers = 0
-    helpers = min(helpers - 1, C - 1)  # the calling thread claims models too
-    job = _ffi.c_malloc(_J_BYTES) if helpers > 0 else 0
-    if job == 0:
-        job, helpers = local, 0
+    task = _link.address("mlp_sgd_task", float32)
+    tagged = _kernels.start_job(frame, task, C, _KIND)  # the calling thread claims models too
+    job = tagged & _kernels.ADDRESS
     st = _ffi.store_i64
-    for slot, value in ((_J_NEXT, 0), (_J_DONE, 0), (_J_REFS, helpers + 1), (_J_ERROR, 0),
-                        (_J_X, _ffi.data(xb)), (_J_Y, _ffi.data(yb)), (_J_P, _ffi.data(pb)), (_J_OUT, _ffi.data(ob)),
+    for slot, value in ((_J_X, _ffi.data(xb)), (_J_Y, _ffi.data(yb)), (_J_P, _ffi.data(pb)), (_J_OUT, _ffi.data(ob)),
                         (_J_LR, _ffi.data(lb)), (_J_ACTIVE, _ffi.data(ab)), (_J_TABLE, _ffi.data(tb)),
                         (_J_METRICS, _ffi.data(mb)), (_J_C, C), (_J_N, dim(xb, 1)), (_J_K0, dim(xb, 0)),
                         (_J_F, dim(yb, 0)), (_J_P_LEN, dim(pb, 1)), (_J_L, nl), (_J_E, dim(mb, 1)),
                         (_J_ROWS, table[nl - 1, 7] // dim(xb, 1) + table[nl - 1, 1]), (_J_WIDEST, widest)):
         st(job + slot, value)
-    task = _link.address("mlp_sgd_task", float32)
-    for _ in range(helpers):
-        err = _ffi.threadpool_schedule(frame, task, job)
-        if err != 0:  # that helper will never run: drop its reference
-            _ffi.destroy_error(frame, err)
-            _ffi.atomic_add(job + _J_REFS, -1)
-    _link.call("mlp_sgd_claim", float32, (job,))
-    while _ffi.atomic_load(job + _J_DONE) < C:
-        _ffi.cpu_yield()
-    failed = _ffi.atomic_load(job + _J_ERROR)
-    if job != local and _ffi.atomic_add(job + _J_REFS, -1) == 1:
-        _ffi.c_free(job)
-    if failed != 0:
+    _link.call("mlp_sgd_claim", float32, (_kernels.schedule_helpers(frame, task, tagged),))
+    if _kernels.finish_job(job, tagged != job, C):  # waits for every model; flagged: a scratch malloc failed
         return make_error(frame, "mlp_sgd: out of memory for a model's scratch")
     return 0
 

@@ -30,8 +30,7 @@ from kernels import reference
 from kernels.numba_cpu import mlp_sgd
 
 U = 2.0**-24
-LIPSCHITZ = {"identity": 1.0, "relu": 1.0, "tanh": 1.0, "sigmoid": 0.25}
-DERIV_MAX = LIPSCHITZ  # sup |act'|
+LIPSCHITZ = {"identity": 1.0, "relu": 1.0, "tanh": 1.0, "sigmoid": 0.25}  # sup |act'|
 
 
 def _act(name, z):
@@ -63,7 +62,7 @@ def _bounds(x, y, weights, biases, acts, lr):
         top_err = 2 * errs[-1] / (n * F) + 4 * U * top
         gw, gb, g_abs = [], [], 0.0
         for l in range(len(W) - 1, -1, -1):
-            deriv = DERIV_MAX[acts[l]]
+            deriv = LIPSCHITZ[acts[l]]
             dz = top * deriv
             dz_err = top_err * deriv + 4 * U * dz
             gw.append(2 * (n + 1) * U * mags[l].T @ dz + errs[l].T @ dz + mags[l].T @ dz_err)
