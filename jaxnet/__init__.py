@@ -1,15 +1,15 @@
 """jaxnet: a readable JAX research library (Flax models, Optax training, fused kernels).
 
 Subpackages load on first use (``jaxnet.models.MLP`` works after ``import jaxnet``, and ``import
-jaxnet`` alone imports no JAX): models, nn, compress, losses, regularizers, optim, metrics, train,
-data, parallel, interop, testing, runtime, studies, baselines, seed, plan, launch, cli.
+jaxnet`` alone imports no JAX): every module in ``SUBPACKAGES``.
 """
 import importlib
 
 __version__ = "0.1.0"
 
-SUBPACKAGES = ("baselines", "cli", "compress", "data", "interop", "launch", "losses", "metrics", "models", "nn",
-               "optim", "parallel", "plan", "regularizers", "runtime", "seed", "studies", "testing", "train")
+SUBPACKAGES = ("arguments", "baselines", "cli", "compress", "data", "explain", "files", "interop", "launch", "losses",
+               "metrics", "models", "nn", "optim", "parallel", "plan", "random_bits", "regularizers", "runtime", "seed",
+               "seed_torch", "studies", "testing", "train")
 
 
 def __getattr__(name: str):

@@ -438,6 +438,11 @@ def test_import_jaxnet_exposes_its_subpackages_without_importing_jax():
             "assert set(jaxnet.SUBPACKAGES) <= set(dir(jaxnet))\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    import pkgutil
+
+    import jaxnet
+    public = {m.name for m in pkgutil.iter_modules(jaxnet.__path__) if not m.name.startswith("_")}
+    assert public == set(jaxnet.SUBPACKAGES), "jaxnet.SUBPACKAGES must list every public module (jaxnet.explain was missing)"
 
 
 def test_a_bad_model_choice_fails_at_parsing(capsys):
