@@ -10,7 +10,7 @@ import pytest
 import kernels
 from jaxnet import losses, optim
 from jaxnet.models import TransformerClassifier, TransformerConfig, TransformerLM
-from jaxnet.models.transformer import Dropout, count_params, generate, init_cache, rotary, rotary_tables
+from jaxnet.models.transformer import Dropout, count_params, generate, init_cache, rotary, rotary_tables, softmax
 from jaxnet.train import TrainState
 from jaxnet.train.stream import evaluate_stream, fit_stream
 
@@ -133,6 +133,23 @@ def test_untrained_loss_is_log_vocab_and_param_count_matches():
         # Zero final scale: logits exactly 0, loss exactly log V. Default: unit-variance logits,
         # loss ≈ log V + 1/2 (E[logsumexp] of V iid N(0, 1) logits).
         assert low <= loss - math.log(97) <= high, (scale, loss)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 17), (1, 128)])
+def test_softmax_values_are_jax_nn_softmax_and_its_gradient_the_float64_one(shape):
+    """Same forward ops as jax.nn.softmax (bit-identical values, causal mask's finfo.min included); the
+    custom derivative y * (dx - sum(y * dx)) against float64 autodiff: float32 error of a few ulps of
+    the sum's terms, so 1e-6 relative to the largest gradient entry."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32) * 4
+    x[..., -1] = np.finfo(np.float32).min  # a masked score, as the causal mask writes them
+    g = rng.normal(size=shape).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(softmax(jnp.asarray(x))), np.asarray(jax.nn.softmax(jnp.asarray(x))))
+    grad = np.asarray(jax.vjp(softmax, jnp.asarray(x))[1](jnp.asarray(g))[0])
+    y = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    y /= y.sum(-1, keepdims=True)
+    exact = y * (g - (y * g).sum(-1, keepdims=True))
+    np.testing.assert_allclose(grad, exact, rtol=0, atol=1e-6 * np.abs(exact).max())
 
 
 def test_dropout_is_keyed_unbiased_and_off_in_eval():

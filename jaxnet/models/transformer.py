@@ -158,6 +158,25 @@ class Dropout(nn.Module):
         return jnp.where(keep, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 
 
+@jax.custom_jvp
+def softmax(x):
+    """``jax.nn.softmax(x, axis=-1)``, same values, differentiated as ``y * (dx - sum(y * dx))``.
+
+    The derivative JAX's ``jax_softmax_custom_jvp`` flag selects (off by default in jax 0.10):
+    its backward keeps only ``y``, where differentiating through the division keeps the
+    denominator broadcast to ``x``'s shape, a ``[B, H, S, L]`` float32 array per layer.
+    """
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+    return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = softmax(x)
+    return y, y * (dx - (y * dx).sum(-1, keepdims=True))
+
+
 @functools.lru_cache(maxsize=32)
 def rotary_tables(length: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
     """``(cos, sin)``, each ``[length, head_dim / 2] float32``: the rotary angles ``pos * base**(-2i/D)``
@@ -257,7 +276,7 @@ class CausalSelfAttention(nn.Module):
         scores = xla.einsum("bshd,bthd->bhst", q, k.astype(q.dtype)) / jnp.sqrt(d)
         allowed = key_positions[None, :] <= positions[:, None]  # (S, L): causal
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # (B, H, S, L)
+        probs = softmax(scores).astype(x.dtype)  # (B, H, S, L)
         # For jaxnet.explain.attention: kept only when "intermediates" is mutable, else a no-op.
         self.sow("intermediates", "attention_weights", probs)
         if cfg.attention_dropout_rate > 0:
