@@ -169,6 +169,25 @@ def test_dropout_is_keyed_unbiased_and_off_in_eval():
     assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
 
 
+def test_dropout_hashes_its_mask_once_for_the_forward_and_backward_passes():
+    """XLA copies an elementwise producer into every consumer, so a mask computed elementwise from the
+    hash is hashed again in the backward pass's fusion (2 here before the packed byte); the packed
+    byte is a reduction, written once."""
+    import re
+
+    drop = Dropout(0.15)
+
+    def loss(x, w, v, key):
+        y = x + drop.apply({}, x @ w, deterministic=False, rngs={"dropout": key})
+        return jnp.sum(jnp.tanh(y @ v))
+
+    x, w = jnp.ones((64, 32)), jnp.ones((32, 32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, w, jax.random.key(0)).compile().as_text()
+    bodies = re.findall(r"^%\S+ \((.*?)^}", text, re.M | re.S)
+    hashing = [b for b in bodies if b.count(" xor(") >= 10]  # threefry: 20 rounds of add, rotate, xor
+    assert len(hashing) == 1, f"the mask is hashed in {len(hashing)} computations"
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="divisible"):
         TransformerConfig(embed_dim=10, num_heads=3)

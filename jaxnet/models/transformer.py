@@ -135,9 +135,11 @@ class Dropout(nn.Module):
     On the CPU the random bits, not the multiply, are most of dropout's cost (threefry hashes 32
     bits per call): a byte per element, four from each 32-bit draw, is a quarter of the hashing,
     and ``threefry_bits`` hashes them as one fused loop (``jax.random.bits``'s bits, 7x faster).
-    The rate is rounded to a multiple of 1/256 (0.1 -> 26/256 ≈ 0.1016) and the kept units are
-    scaled by 1 / (1 - rate) with that rounded rate, so the expectation is exact. Draws from the
-    "dropout" rng collection.
+    The keep bits of each draw's four bytes are packed into one byte by a reduction, which XLA
+    writes out once; the forward and backward passes unpack it (an elementwise mask would be
+    re-hashed inside each of them). The rate is rounded to a multiple of 1/256 (0.1 -> 26/256 ≈
+    0.1016) and the kept units are scaled by 1 / (1 - rate) with that rounded rate, so the
+    expectation is exact. Draws from the "dropout" rng collection.
     """
 
     rate: float
@@ -149,13 +151,20 @@ class Dropout(nn.Module):
         threshold = int(round(self.rate * 256))
         if deterministic or threshold == 0:
             return x
-        # Four mask bytes per 32-bit draw: with jax_threefry_partitionable (the default) asking
-        # for uint8 bits still hashes one 32-bit word per element, so draw a quarter as many words.
+        # Element i is kept when byte i % 4 (little-endian, as a bitcast to uint8 orders them) of
+        # draw i // 4 is >= threshold.
         n = x.size
-        words = threefry_bits(self.make_rng("dropout"), (-(-n // 4),))
-        bits = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
-        keep = bits >= threshold
+        words = threefry_bits(self.make_rng("dropout"), (-(-n // 4),))  # [ceil(n / 4)]
+        keep4 = ((words[:, None] >> _BYTE_SHIFTS) & np.uint32(255)) >= threshold  # [ceil(n / 4), 4]
+        packed = jax.lax.reduce(jnp.where(keep4, _NIBBLE_BITS, np.uint8(0)), np.uint8(0), jax.lax.bitwise_or, (1,))
+        keep = (packed[:, None] >> _NIBBLE_SHIFTS) & np.uint8(1)  # [ceil(n / 4), 4]
+        keep = keep.reshape(-1)[:n].reshape(x.shape) != 0
         return jnp.where(keep, x * (256 / (256 - threshold)), 0).astype(x.dtype)
+
+
+_BYTE_SHIFTS = np.array([0, 8, 16, 24], np.uint32)
+_NIBBLE_BITS = np.array([1, 2, 4, 8], np.uint8)
+_NIBBLE_SHIFTS = np.arange(4, dtype=np.uint8)
 
 
 @jax.custom_jvp
