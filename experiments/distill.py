@@ -1,13 +1,13 @@
 """Knowledge distillation: teacher, student from scratch and the same student distilled, on digits and text.
 
-    python -m experiments.distill                         # both tasks, 3 min 22 s on 2 quiet cores (Intel)
-    python -m experiments.distill --tasks digits          # the digits alone (about a minute)
+    python -m experiments.distill                         # both tasks, 3 min 12 s on 2 quiet cores (Intel)
+    python -m experiments.distill --tasks digits          # the digits alone (about 75 s)
     python -m experiments.distill --tasks digits --digits.tune-fraction 0.2   # choosing settings: test unread
     python -m experiments.distill --lm.teacher-steps 2000 --lm.student-steps 1500   # longer LM runs
 
 Digits (scikit-learn's 8x8, the 450-image test split of ``experiments.vision``): a CNN teacher
 (two blocks of 32 and 64 channels, 128-wide head, 30 epochs) and an MLP student on the pixels
-(one hidden layer of 32), 3 seeds per student, 40 epochs; the students train on the transfer set
+(one hidden layer of 32), 3 seeds per student, 60 epochs; the students train on the transfer set
 (every training image at each 1-pixel shift, 9 views), the distilled one with
 ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` at T = 4, alpha = 0.9
 (``jaxnet.compress.DistillLoss``, the teacher frozen beside it: ``WithTeacher``; T chosen on
