@@ -46,6 +46,15 @@ def test_other_implementations_go_to_jax_random_bits(impl):
                                   np.asarray(jax.random.bits(key, (4, 9), jnp.uint32)))
 
 
+def test_the_original_counters_go_to_jax_random_bits():
+    """With jax_threefry_partitionable off, jax.random.bits counts differently (its draws differ): still equal."""
+    key = jax.random.key(3)
+    with jax.threefry_partitionable(False):
+        got, expected = threefry_bits(key, (5, 7)), jax.random.bits(key, (5, 7), jnp.uint32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(jax.random.bits(key, (5, 7), jnp.uint32)))
+
+
 @given(seed=seeds, rate=st.sampled_from([0.05, 0.1, 0.15, 0.5, 0.9]),
        shape=st.sampled_from([(4, 8, 12), (3, 5, 7), (1, 33), (2, 2, 2, 6)]))
 def test_transformer_dropout_masks_are_those_of_jax_random_bits(seed, rate, shape):
