@@ -129,6 +129,12 @@ def flops_per_token(config: TransformerConfig, context: int | None = None) -> in
 
 # --- pieces ---------------------------------------------------------------------------------------
 
+# Dropout's mask: the four bytes of a 32-bit draw, and their keep bits packed into one byte.
+_BYTE_SHIFTS = np.array([0, 8, 16, 24], np.uint32)
+_NIBBLE_BITS = np.array([1, 2, 4, 8], np.uint8)
+_NIBBLE_SHIFTS = np.arange(4, dtype=np.uint8)
+
+
 class Dropout(nn.Module):
     """Inverted dropout drawing 8 random bits per element instead of Flax's 32.
 
@@ -162,11 +168,6 @@ class Dropout(nn.Module):
         return jnp.where(keep, x * (256 / (256 - threshold)), 0).astype(x.dtype)
 
 
-_BYTE_SHIFTS = np.array([0, 8, 16, 24], np.uint32)
-_NIBBLE_BITS = np.array([1, 2, 4, 8], np.uint8)
-_NIBBLE_SHIFTS = np.arange(4, dtype=np.uint8)
-
-
 @jax.custom_jvp
 def softmax(x):
     """``jax.nn.softmax(x, axis=-1)``, same values, differentiated as ``y * (dx - sum(y * dx))``.
@@ -175,7 +176,7 @@ def softmax(x):
     its backward keeps only ``y``, where differentiating through the division keeps the
     denominator broadcast to ``x``'s shape, a ``[B, H, S, L]`` float32 array per layer.
     """
-    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+    unnormalized = jnp.exp(x - x.max(-1, keepdims=True))  # not differentiated: the jvp rule below is used
     return unnormalized / unnormalized.sum(-1, keepdims=True)
 
 
