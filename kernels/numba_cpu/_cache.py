@@ -33,7 +33,12 @@ def sources() -> list[pathlib.Path]:
 
 
 def digest() -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sources())).hexdigest()
+    """Of the sources and the register tile in force (``_kernels.MR``, ``NR``: compiled in, and
+    chosen by the machine or ``$JAXNET_NUMBA_TILE``, not by the source)."""
+    from kernels.numba_cpu._kernels import MR, NR
+
+    tile = f"tile {MR}x{NR}".encode()
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources()) + tile).hexdigest()
 
 
 def cache_dir() -> pathlib.Path:

@@ -67,6 +67,7 @@ _ACT, _SHARE = ATTRIBUTES.index("act"), ATTRIBUTES.index("share")
 # The attribute of each slot of the blocking record, in slot order.
 _BLOCKING_ATTRS = tuple(ATTRIBUTES.index(name) for name in _kernels.BLOCKING_FIELDS)
 _PMB_SLOT = _kernels.BLOCKING_FIELDS.index("pmb")
+_BAD_BLOCKING = f"int64 attributes kc, lb, mb, nb, pg, pmb must be >= 1, pmb a multiple of {_kernels.MR}"
 _BLK_SLOTS = _kernels.BLK_SLOTS  # a literal for stack_buffer (a global of this module)
 
 
@@ -88,7 +89,7 @@ def _begin(frame, act, nbtype, blk):
     for s in range(len(_BLOCKING_ATTRS)):
         v = _ffi.scalar_attr_i64(frame, _BLOCKING_ATTRS[s])
         if v < 1 or (s == _PMB_SLOT and v % _kernels.MR != 0):
-            bad = make_error(frame, "int64 attributes kc, lb, mb, nb, pg, pmb must be >= 1, pmb a multiple of 8")
+            bad = make_error(frame, _BAD_BLOCKING)
             return bad, 0, 0, 0
         blk[s] = v
     task = _link.address("task", nbtype) if share == 1 else 0

@@ -4,13 +4,13 @@ The arrays are views of XLA's buffers (``numba.carray``); outputs are written in
 only allocations are scratch (packed panels of w or g, x transposed, g). Accumulation is in the
 array dtype (float32 or float64); bfloat16/float16 are upcast to float32 by the caller.
 
-Two GEMM forms, both register-tiled so that LLVM keeps the accumulators in AVX-512 registers:
+Two GEMM forms, both register-tiled so that LLVM keeps the accumulators in vector registers:
 
-- ``panel_gemm`` (forward, dX, dW): ``X @ W`` with W in 32-wide column panels (packed, or read
-  in place when it stays in cache), an 8 x 32 accumulator tile (4 x 32 in float64) whose rows
-  are stored as vectors, X read in place through strides (x, g, or x.T) and broadcast from
-  memory; the bias is the tiles' starting value and the activation is applied per block while
-  it is in cache (the fused epilogue).
+- ``panel_gemm`` (forward, dX, dW): ``X @ W`` with W in NR-wide column panels (packed, or read
+  in place when it stays in cache), an MR x NR accumulator tile (``TILES``: 8 x 32 with AVX-512,
+  4 x 16 with AVX2; float64 has MR / 2 rows) whose rows are stored as vectors, X read in place
+  through strides (x, g, or x.T) and broadcast from memory; the bias is the tiles' starting value
+  and the activation is applied per block while it is in cache (the fused epilogue).
 - ``gemm_nt``: ``a @ b.T`` with both operands read along their contiguous axis, 4 x 4 tiles of
   vectorised dot products: dX for a few rows against a large w, and the forward for N < 16.
 
@@ -45,11 +45,13 @@ Measured figures behind the thresholds and layouts here are in docs/benchmarks.m
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import carray, njit
 
 from kernels.activations import CODES
+from kernels.machine import describe
 from kernels.numba_cpu import _fastmath as _fm
 from kernels.numba_cpu import _ffi, _link
 from kernels.numba_cpu._pipeline import Compiler
@@ -714,8 +716,33 @@ def call_gemm_nt(a, b, c, frame, task, blk):
 # X and streams one contiguous NR-wide row of the panel. No transpose of anything is needed.
 # The cache blocks around it (kc, pg, pmb) come from the blocking record: a tile's strip of X
 # (MR x kc) stays in L1, a block's packed panels (kc x pg*NR) in L2.
-NR = 32  # columns per panel: 2 AVX-512 vectors of float32 (4 of float64)
-MR = 8  # rows per register tile: 8 x 32 float32 = 16 AVX-512 accumulators (float64: ``_mr``)
+# The tile is compiled in, one per vector width (float32 rows x columns; float64 has MR / 2 rows
+# of NR): its accumulators, the panel row and a broadcast must fit the vector registers.
+TILES = {
+    512: (8, 32),  # AVX-512: 16 of the 32 zmm registers accumulate (2 a row)
+    256: (4, 16),  # AVX/AVX2: 8 of the 16 ymm (6 x 16, BLIS's Haswell tile, spilled: docs/benchmarks.md)
+    128: (4, 8),  # SSE and narrower: 8 of the 16 xmm registers
+}
+TILE_ENV = "JAXNET_NUMBA_TILE"  # "MRxNR", one of TILES' values: another width's tile (tests, comparisons)
+
+
+def register_tile(vector_bits: int) -> tuple[int, int]:
+    """``(MR, NR)`` for a machine's widest float vector (``Machine.vector_bits``)."""
+    return TILES[max(b for b in TILES if b <= max(vector_bits, min(TILES)))]
+
+
+def _tile_in_force() -> tuple[int, int]:
+    """This process's tile: ``$JAXNET_NUMBA_TILE`` if set, else this machine's."""
+    text = os.environ.get(TILE_ENV, "")
+    if not text:
+        return register_tile(describe().vector_bits)
+    known = {f"{mr}x{nr}": (mr, nr) for mr, nr in TILES.values()}
+    if text not in known:
+        raise ValueError(f"${TILE_ENV} must be one of {sorted(known)}, got {text!r:.80}")
+    return known[text]
+
+
+MR, NR = _tile_in_force()  # rows per register tile (float32; float64: ``_mr``), columns per panel
 _TILE = MR * NR  # a literal for stack_buffer
 
 
@@ -757,7 +784,7 @@ def pack_panels_t(wt, wp):
 @njit(inline="always", **_OPTS)
 def _mr(a):
     """Rows per register tile for ``a``'s dtype, a compile-time constant: MR in float32; MR / 2
-    in float64, whose 8 x 32 tile would need 32 accumulators, every vector register."""
+    in float64, whose NR columns take twice the vectors a row."""
     return MR if _fm.is_float32(a) else MR // 2
 
 
@@ -771,7 +798,7 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
     With ``has_bias``, on the first pass over the reduction (not ``acc_in``) every tile starts
     from the bias row instead of zero, so the bias costs no pass of its own over the block.
 
-    A tile is ``_mr(dst)`` rows high (the float64 tile skips rows 4-7) and NR wide. In a short
+    A tile is ``_mr(dst)`` rows high (the float64 tile skips the rows from MR / 2) and NR wide. In a short
     last tile, rows past the end repeat the last valid row of X (in bounds; computed, never
     stored). All tiles of a block in one call: a call per tile (arguments, reference counts)
     would cost a large part of a small GEMM.
@@ -813,19 +840,25 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
             bp = np.uint64(p) * psu
             for l in range(np.uint64(l0), np.uint64(l1)):
                 ol, bl = l * su, bp + l * lsu
+                # In bounds for any rows; those past mr are unused (and dropped by LLVM).
                 a0, a1, a2, a3 = xf[o0 + ol], xf[o1 + ol], xf[o2 + ol], xf[o3 + ol]
-                # In bounds for any rows; unused (and dropped by LLVM) when mr is 4.
                 a4, a5, a6, a7 = xf[o4 + ol], xf[o5 + ol], xf[o6 + ol], xf[o7 + ol]
                 for jj in range(np.uint64(NR)):
                     v = bf[bl + jj]
                     acc[0, jj] += a0 * v
-                    acc[1, jj] += a1 * v
-                    acc[2, jj] += a2 * v
-                    acc[3, jj] += a3 * v
-                    if mr == MR:  # a compile-time constant: no branch is left in the loop
+                    if mr > 1:  # compile-time constants: no branch is left in the loop
+                        acc[1, jj] += a1 * v
+                    if mr > 2:
+                        acc[2, jj] += a2 * v
+                    if mr > 3:
+                        acc[3, jj] += a3 * v
+                    if mr > 4:
                         acc[4, jj] += a4 * v
+                    if mr > 5:
                         acc[5, jj] += a5 * v
+                    if mr > 6:
                         acc[6, jj] += a6 * v
+                    if mr > 7:
                         acc[7, jj] += a7 * v
             cols = min(NR, N - j0)
             if rows == mr and cols == NR:  # constant indices only: acc stays in registers

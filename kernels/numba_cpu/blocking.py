@@ -5,8 +5,8 @@
 
 The values reach the kernels as FFI attributes of every call (``_handlers``), never as
 compiled-in constants, so one compiled kernel serves every blocking. The register tile
-(``_kernels.MR`` x ``NR``: 8 x 32 in float32, 4 x 32 in float64, sized for AVX-512's 32 vector
-registers) is compiled in; here it is an input (mr, NR), not an output.
+(``_kernels.register_tile``: MR x NR = 8 x 32 in float32 with AVX-512, 4 x 16 with AVX2; float64
+has MR / 2 rows) is compiled in; here it is an input (mr, NR), not an output.
 
 ``derive`` is the analytical model of BLIS (Low et al., 2016, "Analytical modeling is enough for
 high-performance BLIS") for this kernel's loops, S the element size:
@@ -40,7 +40,7 @@ import os
 import numpy as np
 
 from kernels.machine import Machine, TuningCache, describe
-from kernels.numba_cpu._kernels import BLOCKING_FIELDS, MR, NR
+from kernels.numba_cpu._kernels import BLOCKING_FIELDS, MR, NR, register_tile
 
 CACHE_KIND = "numba_blocking"
 ENV = "JAXNET_NUMBA_BLOCKING"
@@ -68,14 +68,15 @@ class Blocking:
     lb: int  # gemm_nt: reduction pass
     parallel_min_macs: int  # problems with fewer multiply-adds run on the calling thread
 
-    def validate(self) -> Blocking:
-        """Returns self, or raises ValueError naming the first bad field."""
+    def validate(self, mr: int = MR) -> Blocking:
+        """Returns self, or raises ValueError naming the first bad field (pmb: a multiple of ``mr``,
+        the float32 tile's rows; default: this process's compiled tile)."""
         for field in dataclasses.fields(self):
             v = getattr(self, field.name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v < 1 << 63:
                 raise ValueError(f"Blocking.{field.name} must be an int in [1, 2**63), got {v!r:.80}")
-        if self.pmb % MR:
-            raise ValueError(f"Blocking.pmb must be a multiple of {MR} (the register tile's rows), got {self.pmb}")
+        if self.pmb % mr:
+            raise ValueError(f"Blocking.pmb must be a multiple of {mr} (the register tile's rows), got {self.pmb}")
         return self
 
     def replace(self, **changes) -> Blocking:
@@ -89,9 +90,10 @@ class Blocking:
         return {field.name: int(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
 
-def tile_rows(dtype) -> int:
-    """The register tile's rows as compiled for ``dtype`` (``_kernels._mr``)."""
-    return MR if np.dtype(dtype) == np.float32 else MR // 2
+def tile_rows(dtype, mr: int = MR) -> int:
+    """The rows of a register tile of ``mr`` float32 rows (default: the compiled one) in ``dtype``
+    (``_kernels._mr``)."""
+    return mr if np.dtype(dtype) == np.float32 else mr // 2
 
 
 def _down(v: float, q: int) -> int:
@@ -99,28 +101,31 @@ def _down(v: float, q: int) -> int:
     return max(q, int(v) // q * q)
 
 
-def derive(machine: Machine, dtype="float32") -> Blocking:
+def derive(machine: Machine, dtype="float32", tile: tuple[int, int] | None = None) -> Blocking:
     """The blocking of the module docstring's model for ``machine``'s caches and cores.
 
     Args:
       machine: a ``kernels.machine.Machine`` (sizes of 0, unknown, read as 32 KiB L1d, 256 KiB L2).
       dtype: "float32" or "float64" (what the kernels run in).
+      tile: the float32 register tile ``(MR, NR)`` it is for; default ``register_tile`` of the
+        machine's vector width (``chosen`` passes the tile compiled in this process).
     """
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise ValueError(f"derive: dtype must be float32 or float64, got {str(dtype):.80}")
-    s, mr = np.dtype(dtype).itemsize, tile_rows(dtype)
+    rows32, nr = tile or register_tile(machine.vector_bits)
+    s, mr = np.dtype(dtype).itemsize, tile_rows(dtype, rows32)
     l1 = max(machine.l1d or _DEFAULT_L1, 2 * PAGE)
     l2 = max(machine.l2 or _DEFAULT_L2, l1)
     line = max(machine.line // s, 1)
     cores = max(machine.cores, 1)
-    kc = _down((l1 - PAGE) / ((mr + NR) * s), line)
-    pg = max(1, l2 // (2 * kc * NR * s))
-    pmb = min(ROWS_SHARED // (2 * cores), l2 // (2 * s * (pg * NR + kc)))
-    pmb = _down(max(pmb, MIN_STRIPS * mr), MR)
+    kc = _down((l1 - PAGE) / ((mr + nr) * s), line)
+    pg = max(1, l2 // (2 * kc * nr * s))
+    pmb = min(ROWS_SHARED // (2 * cores), l2 // (2 * s * (pg * nr + kc)))
+    pmb = _down(max(pmb, MIN_STRIPS * mr), rows32)
     lb = _down(l1 / (8 * s), line)
     nb = _down(l2 / (2 * lb * s), 4)
     threshold = HANDOFF_MACS * cores // (cores - 1) if cores > 1 else NEVER
-    return Blocking(kc=kc, pg=pg, pmb=pmb, mb=nb, nb=nb, lb=lb, parallel_min_macs=threshold).validate()
+    return Blocking(kc=kc, pg=pg, pmb=pmb, mb=nb, nb=nb, lb=lb, parallel_min_macs=threshold).validate(rows32)
 
 
 def load(dtype="float32", machine: Machine | None = None) -> Blocking | None:
@@ -137,12 +142,13 @@ def load(dtype="float32", machine: Machine | None = None) -> Blocking | None:
 @functools.cache
 def chosen(dtype: str = "float32") -> Blocking:
     """The blocking for ``dtype`` in this process (decided once): ``load(dtype)`` unless
-    ``$JAXNET_NUMBA_BLOCKING`` is "derived", else ``derive(describe(), dtype)``."""
+    ``$JAXNET_NUMBA_BLOCKING`` is "derived", else ``derive(describe(), dtype, (MR, NR))`` (for
+    the tile compiled here)."""
     env = os.environ.get(ENV, "")
     if env not in ("", "derived", "tuned"):
         raise ValueError(f"${ENV} must be 'derived' or 'tuned' (the default), got {env!r:.80}")
     tuned = load(dtype) if env != "derived" else None
-    return tuned or derive(describe(), dtype)
+    return tuned or derive(describe(), dtype, (MR, NR))
 
 
-__all__ = ["CACHE_KIND", "ENV", "Blocking", "chosen", "derive", "load", "tile_rows"]
+__all__ = ["CACHE_KIND", "ENV", "Blocking", "chosen", "derive", "load", "register_tile", "tile_rows"]

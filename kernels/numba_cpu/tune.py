@@ -125,7 +125,7 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     """Measures ``candidates`` on this machine, stores the winner (or removes the entry), and
     returns a summary."""
     machine = describe()
-    base = derive(machine, dtype)
+    base = derive(machine, dtype, (MR, NR))  # for the tile compiled here
     blockings = candidates(base)
     log(f"machine: {json.dumps(machine.as_dict())}")
     times = measure(blockings, dtype=dtype, shapes=shapes, repeats=repeats)

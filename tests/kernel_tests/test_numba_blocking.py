@@ -22,7 +22,7 @@ from kernels import machine, reference
 from kernels.machine import Machine
 from kernels.numba_cpu import backend, blocking, tune
 from kernels.numba_cpu._kernels import MR, NR
-from kernels.numba_cpu.blocking import PAGE, Blocking, derive, tile_rows
+from kernels.numba_cpu.blocking import PAGE, Blocking, derive, register_tile, tile_rows
 
 AVX512 = frozenset({"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl"})
 KIB, MIB = 1 << 10, 1 << 20
@@ -33,6 +33,7 @@ MACHINES = {
                     l3=8 * MIB),
     "one_core": Machine("AMD EPYC", AVX512, cores=1, l1d=32 * KIB, l2=MIB, l3=32 * MIB),
 }
+MACHINES_ISA = sorted({m.isa for m in MACHINES.values()}, key=sorted)
 
 
 @pytest.fixture(autouse=True)
@@ -45,16 +46,17 @@ def tuning_dir(tmp_path, monkeypatch):
 
 
 def _assert_fits(b: Blocking, m: Machine, dtype: str):
-    """The model's cache-fit properties (``blocking``'s module docstring)."""
-    s, mr = np.dtype(dtype).itemsize, tile_rows(dtype)
-    assert b.validate() is b
-    assert b.kc * (mr + NR) * s <= m.l1d - PAGE, "X strip + W micro-panel leave one L1 way free"
+    """The model's cache-fit properties (``blocking``'s module docstring), for the machine's tile."""
+    rows32, nr = register_tile(m.vector_bits)
+    s, mr = np.dtype(dtype).itemsize, tile_rows(dtype, rows32)
+    assert b.validate(rows32) is b
+    assert b.kc * (mr + nr) * s <= m.l1d - PAGE, "X strip + W micro-panel leave one L1 way free"
     assert (b.kc * s) % m.line == 0, "kc is whole cache lines"
-    assert b.pg * b.kc * NR * s <= m.l2 // 2, "a block's packed panels fit half of L2"
-    assert b.pmb % MR == 0 and b.pmb >= blocking.MIN_STRIPS * mr
+    assert b.pg * b.kc * nr * s <= m.l2 // 2, "a block's packed panels fit half of L2"
+    assert b.pmb % rows32 == 0 and b.pmb >= blocking.MIN_STRIPS * mr
     if b.pmb > blocking.MIN_STRIPS * mr:  # above the reuse floor: C and X blocks fit the other half
-        assert b.pmb * (b.pg * NR + b.kc) * s <= m.l2 // 2
-        assert b.pmb <= max(MR, blocking.ROWS_SHARED // (2 * m.cores))
+        assert b.pmb * (b.pg * nr + b.kc) * s <= m.l2 // 2
+        assert b.pmb <= max(rows32, blocking.ROWS_SHARED // (2 * m.cores))
     assert 4 * b.lb * s <= m.l1d // 2 and b.nb * b.lb * s <= m.l2 // 2 and b.mb == b.nb
     if m.cores == 1:
         assert b.parallel_min_macs == blocking.NEVER
@@ -83,14 +85,15 @@ def test_derive_follows_the_machine():
 @given(l1d=st.sampled_from([8, 16, 24, 32, 48, 64, 80]).map(lambda k: k * KIB),
        l2=st.sampled_from([128, 256, 512, 1024, 1280, 2048, 4096]).map(lambda k: k * KIB),
        cores=st.integers(1, 256), line=st.sampled_from([32, 64, 128]),
-       dtype=st.sampled_from(["float32", "float64"]))
-def test_derive_is_valid_for_any_machine(l1d, l2, cores, line, dtype):
-    m = Machine("any", frozenset(), cores=cores, l1d=l1d, l2=max(l2, l1d), l3=0, line=line)
+       dtype=st.sampled_from(["float32", "float64"]), isa=st.sampled_from([frozenset(), *MACHINES_ISA]))
+def test_derive_is_valid_for_any_machine(l1d, l2, cores, line, dtype, isa):
+    m = Machine("any", isa, cores=cores, l1d=l1d, l2=max(l2, l1d), l3=0, line=line)
     b = derive(m, dtype)
-    if l1d - PAGE >= (tile_rows(dtype) + NR) * line and l2 >= 4 * l1d:  # room for the model's blocks
+    rows32, nr = register_tile(m.vector_bits)
+    if l1d - PAGE >= (tile_rows(dtype, rows32) + nr) * line and l2 >= 4 * l1d:  # room for the model's blocks
         _assert_fits(b, m, dtype)
     else:
-        assert b.validate() is b
+        assert b.validate(rows32) is b
 
 
 def test_derive_with_unknown_caches_and_bad_dtype():
@@ -100,7 +103,7 @@ def test_derive_with_unknown_caches_and_bad_dtype():
         derive(MACHINES["amd_epyc"], "bfloat16")
 
 
-@pytest.mark.parametrize("field, value", [("kc", 0), ("pg", -1), ("pmb", 12), ("lb", 2.5), ("nb", True),
+@pytest.mark.parametrize("field, value", [("kc", 0), ("pg", -1), ("pmb", MR + MR // 2), ("lb", 2.5), ("nb", True),
                                           ("parallel_min_macs", 1 << 63)])
 def test_validate_names_the_bad_field(field, value):
     b = derive(MACHINES["amd_epyc"]).replace(**{field: value})
@@ -113,8 +116,8 @@ def test_validate_names_the_bad_field(field, value):
 # reduction passes; every problem shared with XLA's pool (parallel_min_macs = 1).
 SMALL = [Blocking(kc=7, pg=1, pmb=8, mb=5, nb=3, lb=7, parallel_min_macs=1),
          Blocking(kc=64, pg=3, pmb=16, mb=4, nb=8, lb=32, parallel_min_macs=1)]
-BLOCKINGS = {**{f"small{i}": b for i, b in enumerate(SMALL)},
-             **{name: derive(m) for name, m in MACHINES.items()}}
+BLOCKINGS = {**{f"small{i}": b for i, b in enumerate(SMALL)},  # each machine's caches, the tile compiled here
+             **{name: derive(m, tile=(MR, NR)) for name, m in MACHINES.items()}}
 # (M, K, N, activation, values): packed panels with a partial last one, dX and dW as panel GEMMs;
 # W read in place (M <= 32), dX by gemm_nt (M < 64, N >= 64); N < 16 (forward by gemm_nt, dW
 # through dW.T); relu on integers (exact sums: ties, so the backward recomputes z).
@@ -158,7 +161,8 @@ def test_kernel_matches_reference_with_every_blocking(name):
         _check(BLOCKINGS[name], shape, "float32")
 
 
-@pytest.mark.parametrize("blk", [SMALL[0], derive(MACHINES["intel_xeon"], "float64")], ids=["small0", "intel"])
+@pytest.mark.parametrize("blk", [SMALL[0], derive(MACHINES["intel_xeon"], "float64", (MR, NR))],
+                         ids=["small0", "intel"])
 def test_kernel_matches_reference_float64(blk):
     with jax.enable_x64(True):
         for shape in SHAPES[::3]:
@@ -178,10 +182,10 @@ def test_blocking_travels_as_attributes():
 
 def test_kernel_rejects_a_bad_blocking_attribute():
     x, w = jnp.ones((4, 8)), jnp.ones((8, 20))
-    attrs = {**SMALL[0].attributes(), "pmb": np.int64(12)}
+    attrs = {**SMALL[0].attributes(), "pmb": np.int64(MR + MR // 2)}
     target = backend._target("forward", "float32", "relu")
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((4, 20), jnp.float32))
-    with pytest.raises(jax.errors.JaxRuntimeError, match="pmb a multiple of 8"):
+    with pytest.raises(jax.errors.JaxRuntimeError, match=f"pmb a multiple of {MR}"):
         jax.block_until_ready(call(x, w, act=np.int64(1), share=np.int64(0), **attrs))
 
 
@@ -209,7 +213,7 @@ def test_corrupted_entry_is_ignored(content):
     assert blocking.load("float32") is None and blocking.chosen("float32") == derive(machine.describe())
 
 
-@pytest.mark.parametrize("entry", [{"kc": 0}, {"kc": 64, "pg": 1}, {**SMALL[0].as_dict(), "pmb": 12},
+@pytest.mark.parametrize("entry", [{"kc": 0}, {"kc": 64, "pg": 1}, {**SMALL[0].as_dict(), "pmb": MR + MR // 2},
                                    {**SMALL[0].as_dict(), "extra": 1}, "kc=64"])
 def test_invalid_entry_is_ignored(entry):
     machine.TuningCache(blocking.CACHE_KIND).put({"float32": entry})
