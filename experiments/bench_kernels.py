@@ -25,7 +25,8 @@ worst of each, ``auto_vs_best_min`` and ``auto_choice_vs_best_min`` (with ``--ru
 each row's median, ``..._of_medians``).
 
 Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
-ends with one JSON line of summary metrics, also saved as ``result.json``. Figures in
+ends with one JSON line of summary metrics, also saved as ``result.json`` (with the machine, the
+numba kernels' register tile ``numba_tile`` and their blocking ``numba_blocking``). Figures in
 docs/benchmarks.md.
 
 With ``--runs R`` > 1 the grid is timed R times, one run after another (small shapes swing
@@ -353,14 +354,21 @@ def benchmark(config: Config, workdir) -> dict:
         (workdir / "rows.json").write_text(json.dumps(runs[0], indent=1) + "\n")
         (workdir / "table.md").write_text(table(runs[0], config))
         print(table(runs[0], config), flush=True)
-        return summarize(runs[0], overheads[0], cold, config)
+        return {**summarize(runs[0], overheads[0], cold, config), **numba_parameters(config.dtype)}
     all_rows = [dict(r, run=i + 1) for i, rows in enumerate(runs) for r in rows]
     (workdir / "rows.json").write_text(json.dumps(all_rows, indent=1) + "\n")
     (workdir / "runs.md").write_text("\n".join(f"Run {i + 1}:\n\n{table(rows, config)}" for i, rows in enumerate(runs)))
     text = spread_table(spread(runs, config), config, config.runs)
     (workdir / "table.md").write_text(text)
     print(text, flush=True)
-    return summarize_runs(runs, overheads, cold, config)
+    return {**summarize_runs(runs, overheads, cold, config), **numba_parameters(config.dtype)}
+
+
+def numba_parameters(dtype: str) -> dict:
+    """The numba kernels' compiled register tile and the cache blocking in force (tuned or derived)."""
+    from kernels.numba_cpu import _kernels, blocking
+
+    return {"numba_tile": f"{_kernels.MR}x{_kernels.NR}", "numba_blocking": blocking.chosen(dtype).as_dict()}
 
 
 def main(argv=None) -> dict:

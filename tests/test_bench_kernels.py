@@ -1,4 +1,5 @@
-"""experiments.bench_kernels (the dtype it times is the dtype asked for, the spread over runs) and kernels.timing."""
+"""experiments.bench_kernels (the dtype it times is the dtype asked for, the spread over runs, the numba parameters it
+records) and kernels.timing."""
 import subprocess
 import sys
 
@@ -139,3 +140,13 @@ def test_auto_is_compared_with_the_best_other_backend_per_shape_and_the_worst_is
     assert summary["auto_choice_vs_best_min"] == 0.5
     assert ("| 64 | 64 | 64 | fwd | 1.0 | 2.0 | 1.6 | 2.00x | 1.60x | xla | 0.80x | 0.50x |"
             in bench_kernels.table(rows, config))
+
+
+def test_result_records_the_numba_tile_and_blocking():
+    from kernels.numba_cpu import _kernels, blocking
+
+    got = bench_kernels.numba_parameters("float64")
+    mr, nr = map(int, got["numba_tile"].split("x"))
+    assert (mr, nr) == (_kernels.MR, _kernels.NR) and (mr, nr) in _kernels.TILES.values()
+    assert got["numba_blocking"] == blocking.chosen("float64").as_dict()
+    assert blocking.Blocking(**got["numba_blocking"]).validate(mr)
