@@ -35,8 +35,8 @@ may precede the matrix dims and must have the same size on every operand):
             relu passes r = y, t, and b when there is a bias (db); other activations only r.
   attributes (int64, sorted by name, as XLA passes them; ``ATTRIBUTES``): ``act``, the
   activation's ``code`` in ``kernels.activations``, which must be the handler's; the cache
-  blocking ``kc``, ``lb``, ``mb``, ``nb``, ``pg``, ``pmb`` (``_kernels.BLOCKING_FIELDS``; each >= 1,
-  pmb a multiple of ``_kernels.MR``; ``blocking.py``); ``share``, 1 to share the GEMM blocks with
+  blocking ``dwt``, ``kc``, ``lb``, ``mb``, ``nb``, ``pg``, ``pmb`` (``_kernels.BLOCKING_FIELDS``; each
+  >= 1, pmb a multiple of ``_kernels.MR``; ``blocking.py``); ``share``, 1 to share the GEMM blocks with
   XLA's intra-op thread pool, 0 to stay on the calling thread. All are values in the HLO, never
   addresses. The entry copies the blocking into a record on its stack and passes its address
   down (``_kernels``).
@@ -67,7 +67,8 @@ _ACT, _SHARE = ATTRIBUTES.index("act"), ATTRIBUTES.index("share")
 # The attribute of each slot of the blocking record, in slot order.
 _BLOCKING_ATTRS = tuple(ATTRIBUTES.index(name) for name in _kernels.BLOCKING_FIELDS)
 _PMB_SLOT = _kernels.BLOCKING_FIELDS.index("pmb")
-_BAD_BLOCKING = f"int64 attributes kc, lb, mb, nb, pg, pmb must be >= 1, pmb a multiple of {_kernels.MR}"
+_BAD_BLOCKING = (f"int64 attributes {', '.join(sorted(_kernels.BLOCKING_FIELDS))} must be >= 1, pmb a multiple of "
+                 f"{_kernels.MR}")
 _BLK_SLOTS = _kernels.BLK_SLOTS  # a literal for stack_buffer (a global of this module)
 
 

@@ -98,8 +98,9 @@ def _unit(**options):
 # the reduction in lb-long passes (a 4 x lb strip of a in L1, the nb x lb panel of b in L2; long
 # passes amortise each 4 x 4 tile's 16 horizontal sums).
 # ``panel_gemm``: reduction blocks of kc, blocks of at most pmb rows (a multiple of MR) x pg panels.
-BLOCKING_FIELDS = ("kc", "pg", "pmb", "mb", "nb", "lb")  # the record's slots, in order
-BLK_KC, BLK_PG, BLK_PMB, BLK_MB, BLK_NB, BLK_LB = (8 * i for i in range(len(BLOCKING_FIELDS)))
+# The backward's dW transposes x first from rows of dwt bytes (``backward_unit``).
+BLOCKING_FIELDS = ("kc", "pg", "pmb", "mb", "nb", "lb", "dwt")  # the record's slots, in order
+BLK_KC, BLK_PG, BLK_PMB, BLK_MB, BLK_NB, BLK_LB, BLK_DWT = (8 * i for i in range(len(BLOCKING_FIELDS)))
 BLK_SLOTS = len(BLOCKING_FIELDS)  # a literal for stack_buffer
 
 
@@ -928,10 +929,9 @@ DX_PANEL_SMALL_W = 1 << 16
 # 64^2, hence the per-dtype limit).
 UNPACKED_MAX_M = 32
 UNPACKED_MAX_M_SMALL_W = 64
-# dW = x.T @ g reads x.T in place, a stride of x's row a step: from rows of 4 KiB those steps all
-# fall in one L1 set (and each on its own page), so x is transposed first, where g has enough
-# columns (DW_TRANSPOSE_MIN_N) to repay the copy (docs/benchmarks.md, session 20).
-DW_TRANSPOSE_MIN_ROW_BYTES = 4096
+# dW = x.T @ g reads x.T in place, a stride of x's row a step: from rows of the blocking's dwt
+# bytes (``blocking.derive``: a page, where those steps all fall in one L1 set) x is transposed
+# first, where g has enough columns (DW_TRANSPOSE_MIN_N) to repay the copy (docs/benchmarks.md).
 DW_TRANSPOSE_MIN_N = 512
 
 
@@ -1352,8 +1352,8 @@ def backward_unit(nbtype, code):
     ``dx = g @ w.T``: panel form (w.T packed straight from w's rows), or the dot form (g and w
     both read along N) when M is too small to repay packing a large w (``DX_PANEL_*``);
     ``dw = x.T @ g``: panel form with x.T read in place through strides and g as the panels, or
-    from x transposed first where its rows alias in L1 (``DW_TRANSPOSE_*``); for N <= NR (panels
-    mostly padding) as ``dw.T = g.T @ x``, the small [N, K] result then transposed.
+    from x transposed first where its rows alias in L1 (the blocking's dwt, ``DW_TRANSPOSE_MIN_N``);
+    for N <= NR (panels mostly padding) as ``dw.T = g.T @ x``, the small [N, K] result then transposed.
     Each choice compares the elements that the extra passes move (transposes, packing): all
     forms do the same multiply-adds in the same order. A tiny w goes to
     ``_column_backward`` (one column, K <= ``COLUMN_MAX_K``) or ``_tiny_backward``.
@@ -1394,7 +1394,7 @@ def backward_unit(nbtype, code):
             # X = x.T, g as the panels: read in place (X[k, i] = x[i, k]: each step of the reduction
             # broadcasts MR adjacent elements of one row of x), or from x transposed first.
             xf, sr, sl = _ffi.as_shape(x, M * K), 1, K
-            if K * x.itemsize >= DW_TRANSPOSE_MIN_ROW_BYTES and N >= DW_TRANSPOSE_MIN_N:
+            if K * x.itemsize >= _ffi.load_i64(blk + BLK_DWT) and N >= DW_TRANSPOSE_MIN_N:
                 xt = np.empty((K, M), x.dtype)  # (K, M)
                 transpose(x, xt)
                 xf, sr, sl = _ffi.as_shape(xt, K * M), M, 1

@@ -22,6 +22,12 @@ high-performance BLIS") for this kernel's loops, S the element size:
   (pmb x (pg*NR + kc)) fit the other half of L2.
 - ``gemm_nt`` (4 x 4 tiles of dot products): a 4 x lb strip of a in half of L1,
   ``lb = L1 / (8 * S)``; the nb x lb panel of b in half of L2; square blocks, mb = nb.
+- dW = x.T @ g reads x.T in place, a stride of x's row a step; from rows of ``dwt`` bytes x is
+  transposed first. ``dwt`` is a page: from there the strip of X's kc lines falls in one L1 set
+  (each way is a page) and each line on its own page. Shorter rows still share sets (a 2 KiB row
+  two), and whether the copy repays that depends on the L1's ways and the transpose's speed
+  (measured: not on a 12-way 48 KiB L1, yes on an 8-way 32 KiB one), so the tuner measures half
+  and twice a page.
 - threads: handing blocks to XLA's pool costs about ``HANDOFF_MACS`` multiply-adds of work, and
   c cores share a problem's work c ways, so sharing pays from ``HANDOFF_MACS * c / (c - 1)``;
   one core never shares.
@@ -66,6 +72,7 @@ class Blocking:
     mb: int  # gemm_nt: rows of a per block
     nb: int  # gemm_nt: rows of b per block
     lb: int  # gemm_nt: reduction pass
+    dwt: int  # backward: dW transposes x first from rows of this many bytes
     parallel_min_macs: int  # problems with fewer multiply-adds run on the calling thread
 
     def validate(self, mr: int = MR) -> Blocking:
@@ -125,7 +132,7 @@ def derive(machine: Machine, dtype="float32", tile: tuple[int, int] | None = Non
     lb = _down(l1 / (8 * s), line)
     nb = _down(l2 / (2 * lb * s), 4)
     threshold = HANDOFF_MACS * cores // (cores - 1) if cores > 1 else NEVER
-    return Blocking(kc=kc, pg=pg, pmb=pmb, mb=nb, nb=nb, lb=lb, parallel_min_macs=threshold).validate(rows32)
+    return Blocking(kc=kc, pg=pg, pmb=pmb, mb=nb, nb=nb, lb=lb, dwt=PAGE, parallel_min_macs=threshold).validate(rows32)
 
 
 def load(dtype="float32", machine: Machine | None = None) -> Blocking | None:

@@ -45,9 +45,9 @@ THRESHOLD_SHAPES = ((64, 64, 128), (128, 64, 128), (128, 128, 128), (256, 128, 1
 
 def candidates(base: Blocking) -> list[Blocking]:
     """``base`` first, then one change each: kc halved or doubled (pg scaled the other way, so the
-    L2 block keeps its size), pg halved or doubled, pmb halved or doubled; last, kc about where the
-    strip of X alone fills half of L1 (in float32; W's micro-panel streamed, as the constants before
-    the model had it), pg scaled."""
+    L2 block keeps its size), pg halved or doubled, pmb halved or doubled, dwt halved or doubled;
+    last, kc about where the strip of X alone fills half of L1 (in float32; W's micro-panel
+    streamed, as the constants before the model had it), pg scaled."""
     out = [base]
     strip_only = base.kc * (MR + NR) // (2 * MR) // 16 * 16
     for kc in (base.kc // 2, base.kc * 2):
@@ -56,6 +56,8 @@ def candidates(base: Blocking) -> list[Blocking]:
         out.append(base.replace(pg=max(pg, 1)))
     for pmb in (base.pmb // 2, base.pmb * 2):
         out.append(base.replace(pmb=max(pmb // MR * MR, MR)))  # whole register tiles
+    for dwt in (base.dwt // 2, base.dwt * 2):  # SHAPES' rows: 2 and 4 KiB in float32, each side of a page
+        out.append(base.replace(dwt=max(dwt, 1)))
     out.append(base.replace(kc=max(strip_only, 16), pg=max(1, base.pg * base.kc // max(strip_only, 16))))
     unique = []
     for c in out:
@@ -137,7 +139,7 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
         rows.append({"blocking": blk.as_dict(), "geomean_ms": round(geo * 1e3, 3), "noise": round(noise, 4),
                      "gflops": [round(g, 1) for g in gflops]})
         log(f"{'*' if i == best else ' '} {'derived ' if i == 0 else 'candidate'} kc={blk.kc} pg={blk.pg} "
-            f"pmb={blk.pmb}: {geo * 1e3:8.2f} ms geomean, noise {noise:.1%}, GFLOP/s "
+            f"pmb={blk.pmb} dwt={blk.dwt}: {geo * 1e3:8.2f} ms geomean, noise {noise:.1%}, GFLOP/s "
             + " / ".join(f"{g:.1f} at {'x'.join(map(str, s))}" for g, s in zip(gflops, t)))
     kept = blockings[best]
     sharing = None

@@ -74,6 +74,7 @@ def test_derive_follows_the_machine():
     # 176; 512 before, measured alike: docs/benchmarks.md) and pg (the L2 half that kc leaves).
     assert (amd.pmb, amd.mb, amd.nb, amd.lb, amd.parallel_min_macs) == (64, 128, 128, 1024, 1 << 19)
     assert (amd.kc, amd.pg) == (176, 23)
+    assert amd.dwt == intel.dwt == avx2.dwt == PAGE  # rows from which dW's strided reads share one L1 set
     assert intel.kc > amd.kc and intel.lb > amd.lb and intel.nb > amd.nb  # 48 KiB L1d, 2 MiB L2
     assert avx2.pg < amd.pg and avx2.nb < amd.nb  # 256 KiB L2
     # More cores: smaller row blocks to share, and a lower threshold for sharing at all.
@@ -104,7 +105,7 @@ def test_derive_with_unknown_caches_and_bad_dtype():
 
 
 @pytest.mark.parametrize("field, value", [("kc", 0), ("pg", -1), ("pmb", MR + MR // 2), ("lb", 2.5), ("nb", True),
-                                          ("parallel_min_macs", 1 << 63)])
+                                          ("dwt", 0), ("parallel_min_macs", 1 << 63)])
 def test_validate_names_the_bad_field(field, value):
     b = derive(MACHINES["amd_epyc"]).replace(**{field: value})
     with pytest.raises(ValueError, match=f"Blocking.{field} "):
@@ -114,8 +115,8 @@ def test_validate_names_the_bad_field(field, value):
 # --- The kernel with every blocking ---------------------------------------------------------
 # Small blockings: many blocks, partial blocks on every side, odd gemm_nt blocks, several
 # reduction passes; every problem shared with XLA's pool (parallel_min_macs = 1).
-SMALL = [Blocking(kc=7, pg=1, pmb=8, mb=5, nb=3, lb=7, parallel_min_macs=1),
-         Blocking(kc=64, pg=3, pmb=16, mb=4, nb=8, lb=32, parallel_min_macs=1)]
+SMALL = [Blocking(kc=7, pg=1, pmb=8, mb=5, nb=3, lb=7, dwt=64, parallel_min_macs=1),
+         Blocking(kc=64, pg=3, pmb=16, mb=4, nb=8, lb=32, dwt=1 << 40, parallel_min_macs=1)]
 BLOCKINGS = {**{f"small{i}": b for i, b in enumerate(SMALL)},  # each machine's caches, the tile compiled here
              **{name: derive(m, tile=(MR, NR)) for name, m in MACHINES.items()}}
 # (M, K, N, activation, values): packed panels with a partial last one, dX and dW as panel GEMMs;
@@ -159,6 +160,16 @@ def _check(blk, shape, dtype):
 def test_kernel_matches_reference_with_every_blocking(name):
     for shape in SHAPES:
         _check(BLOCKINGS[name], shape, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dw_transposes_x_from_the_blockings_row_size(dtype):
+    """dW from x transposed first (rows of 160 or 320 bytes >= dwt = 64; g has 520 >= 512
+    columns) and from x.T read in place (dwt = 2^40), both against the reference."""
+    shape = (36, 40, 520, "gelu", "normal")
+    with jax.enable_x64(dtype == "float64"):
+        for blk in SMALL:
+            _check(blk, shape, dtype)
 
 
 @pytest.mark.parametrize("blk", [SMALL[0], derive(MACHINES["intel_xeon"], "float64", (MR, NR))],
@@ -229,6 +240,7 @@ def test_bad_env_value_is_named(monkeypatch):
 def test_pick_keeps_the_derived_blocking_within_the_noise():
     blks = tune.candidates(derive(MACHINES["amd_epyc"]))
     assert blks[0] == derive(MACHINES["amd_epyc"]) and len(blks) == len(set(blks)) >= 5
+    assert {b.dwt for b in blks} == {PAGE // 2, PAGE, 2 * PAGE}  # tune.SHAPES' float32 rows: 2 and 4 KiB
     shape = (512, 512, 512)
     times = [{shape: [1.0, 1.0, 1.0]} for _ in blks]
     times[2] = {shape: [0.98, 0.98, 0.98]}  # 2% better: within MIN_GAIN

@@ -200,8 +200,8 @@ def test_thread_pool_path_matches_references(problem):
 
 
 # (M, K, N) that reach each branch of kernels/numba_cpu/_kernels.py's forward and backward
-# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR, UNPACKED_MAX_M*, DW_TRANSPOSE_* there); the drawn problems rarely
-# reach M >= 256.
+# (thresholds NARROW_N, TINY_W, DOT_MIN_N, NR, UNPACKED_MAX_M*, DW_TRANSPOSE_MIN_N there, and the derived
+# blocking's dwt); the drawn problems rarely reach M >= 256.
 KERNEL_PATHS = {
     "tiny w: loops along M": (50, 7, 3),
     "tiny w, one input (K = 1)": (40, 1, 64),
