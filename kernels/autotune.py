@@ -14,7 +14,9 @@ bucket's shape, interleaved, medians of a few samples (``kernels.timing``; three
 where the two fastest are within 25%): about a second for small buckets, seconds for the
 largest. The fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")``
 (``kernels.machine``: keyed by the CPU and the versions of jaxnet, jax, jaxlib and numba), so
-later processes read it instead of measuring. An entry that does not name one of today's
+later processes read it instead of measuring; a close call (the two fastest within ``CLOSE``) is
+measured once more by the next process that meets it, and each backend keeps the faster of its
+two medians (a passing load only ever adds time). An entry that does not name one of today's
 candidates (a hand edit, a corrupted file, a backend gone) is measured again, never trusted.
 
 The same table serves other ops with a backend choice: an ``Op`` names what is timed (its modes,
@@ -54,6 +56,10 @@ MIN_SAMPLE_S = 0.002
 # run-to-run noise) takes MORE_REPEATS more rounds before the medians are compared.
 CLOSE = 0.25
 MORE_REPEATS = 10
+# A close call is decided from this many measurements, each in another process (the first
+# process to meet the bucket, then the next ones): a load that slowed one backend throughout a
+# measurement is not kept for good.
+CONFIRMATIONS = 2
 # Another backend replaces the preferred (best-ranked) one only when it is faster by more than
 # this fraction: a tie within the noise goes to the same backend every run.
 MARGIN = 0.03
@@ -164,25 +170,48 @@ def _measure(key: str, candidates: Sequence[str], op: Op) -> dict:
             samples = {key: samples[key] + more[key] for key in samples}
     t = {key: statistics.median(v) for key, v in samples.items()}
     us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in op.modes} for name in candidates}
+    return _decided(us, candidates, op.modes, measurements=1)
+
+
+def _decided(us: dict, candidates: Sequence[str], modes: Sequence[str], measurements: int) -> dict:
+    """The entry for medians ``us[name][mode]`` (µs): the fastest per mode, the preferred
+    (``candidates[0]``) unless another beats it by more than ``MARGIN``."""
     best = {}
-    for mode in op.modes:
+    for mode in modes:
         fastest = min(candidates, key=lambda name: us[name][mode])
         best[mode] = fastest if us[fastest][mode] < (1 - MARGIN) * us[candidates[0]][mode] else candidates[0]
-    return {**best, "candidates": sorted(candidates), "us": us}
+    return {**best, "candidates": sorted(candidates), "us": us, "measurements": measurements}
 
 
 def _close(samples: dict[str, list[float]], candidates: Sequence[str], modes: Sequence[str]) -> bool:
     """Whether in some mode the two fastest candidates' medians are within ``CLOSE``."""
+    return _close_medians({name: {mode: statistics.median(samples[f"{name} {mode}"]) for mode in modes}
+                           for name in candidates}, modes)
+
+
+def _close_medians(us: dict, modes: Sequence[str]) -> bool:
     for mode in modes:
-        fastest = sorted(statistics.median(samples[f"{name} {mode}"]) for name in candidates)[:2]
+        fastest = sorted(t[mode] for t in us.values())[:2]
         if len(fastest) == 2 and fastest[1] < (1 + CLOSE) * fastest[0]:
             return True
     return False
 
 
+def _confirmed(old: dict, new: dict, candidates: Sequence[str], modes: Sequence[str]) -> dict:
+    """A close call decided again from two measurements: each candidate's faster median per mode
+    (a passing load only ever adds time)."""
+    us = {name: {mode: min(old["us"][name][mode], new["us"][name][mode]) for mode in modes} for name in candidates}
+    return _decided(us, candidates, modes, measurements=old.get("measurements", 1) + 1)
+
+
 def _trusted(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+    us = entry.get("us") if isinstance(entry, dict) else None
     return (isinstance(entry, dict) and entry.get("candidates") == sorted(candidates)
-            and all(entry.get(mode) in candidates for mode in modes))
+            and all(entry.get(mode) in candidates for mode in modes) and isinstance(us, dict)
+            and all(isinstance(us.get(name), dict) and all(positive(us[name].get(mode)) for mode in modes)
+                    for name in candidates))
 
 
 def _stored(cache: TuningCache) -> dict:
@@ -191,8 +220,9 @@ def _stored(cache: TuningCache) -> dict:
 
 
 def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str], op: Op = FUSED_DENSE) -> dict:
-    """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}}}``
-    (one name per mode of ``op``): from this process's table, else from disk, else measured now and stored."""
+    """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}},
+    "measurements": n}`` (one name per mode of ``op``): from this process's table, else from disk
+    (a close call measured once: measured again and the two combined), else measured now; stored."""
     key = bucket(m, k, n, dtype, activation, op)
     with _lock:
         table = _tables.setdefault(str(tuning_dir()), {})
@@ -202,13 +232,18 @@ def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[s
         found = _stored(cache).get(key)
         if not _trusted(found, candidates, op.modes):
             found = _measure(key, candidates, op)
-            on_disk = _stored(cache)  # another process may have added buckets meanwhile
-            on_disk[key] = found
-            try:
-                cache.put(on_disk)
-            except OSError as e:  # a read-only home: this process still uses what it measured
-                warnings.warn(f"kernels.autotune: cannot store the dispatch table in {cache.path}: {e}",
-                              RuntimeWarning, stacklevel=2)
+        elif found.get("measurements", 1) < CONFIRMATIONS and _close_medians(found["us"], op.modes):
+            found = _confirmed(found, _measure(key, candidates, op), candidates, op.modes)
+        else:
+            table[key] = found
+            return found
+        on_disk = _stored(cache)  # another process may have added buckets meanwhile
+        on_disk[key] = found
+        try:
+            cache.put(on_disk)
+        except OSError as e:  # a read-only home: this process still uses what it measured
+            warnings.warn(f"kernels.autotune: cannot store the dispatch table in {cache.path}: {e}",
+                          RuntimeWarning, stacklevel=2)
         table[key] = found
         return found
 
