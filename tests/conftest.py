@@ -53,6 +53,9 @@ if _wanted and "JAXNET_TEST_COMPILE_FLAGS" not in os.environ:
     _ok = _wanted if _accepted(_wanted) else [f for f in _wanted if _accepted([f])]
     os.environ["JAXNET_TEST_COMPILE_FLAGS"] = " ".join(_ok)
 os.environ["XLA_FLAGS"] += "".join(f" {f}" for f in _wanted if f in os.environ.get("JAXNET_TEST_COMPILE_FLAGS", ""))
+# The numba kernels' blocking: the derived one (or one the user stored), never tuned at first use,
+# which would add seconds to each worker's first numba call (test_numba_blocking.py tests that path).
+os.environ.setdefault("JAXNET_NUMBA_BLOCKING", "stored")
 # backend="auto" (kernels.autotune) stores what it measures in this session's folder, not ~/.cache.
 if not os.environ.get("JAXNET_TUNING_DIR"):
     os.environ["JAXNET_TUNING_DIR"] = tempfile.mkdtemp(prefix="jaxnet-test-tuning-")

@@ -1,7 +1,7 @@
 """The numba GEMMs' cache blocking: derived from the machine's caches, or as tuned on it.
 
     b = derive(describe(), "float32")    # Blocking(kc=176, pg=23, pmb=64, ...) on a 32 KiB / 1 MiB core
-    chosen("float32")                    # what the backend uses: the tuned entry, else derive(...)
+    chosen("float32")                    # what the backend uses: the stored entry, tuned at first use
 
 The values reach the kernels as FFI attributes of every call (``_handlers``), never as
 compiled-in constants, so one compiled kernel serves every blocking. The register tile
@@ -32,17 +32,23 @@ high-performance BLIS") for this kernel's loops, S the element size:
   c cores share a problem's work c ways, so sharing pays from ``HANDOFF_MACS * c / (c - 1)``;
   one core never shares.
 
-``chosen(dtype)`` is the blocking in force: the entry that ``python -m kernels.numba_cpu.tune``
-measured better than the derived one and stored in ``TuningCache(CACHE_KIND)`` (keyed by the
-machine and the versions of jaxnet, jax, jaxlib and numba), else ``derive``; with
-``$JAXNET_NUMBA_BLOCKING=derived``, always ``derive`` (reproducible runs).
+``chosen(dtype)`` is the blocking in force: the entry that the tuner (``kernels.numba_cpu.tune``)
+stored in ``TuningCache(CACHE_KIND)`` (keyed by the machine and the versions of jaxnet, jax,
+jaxlib and numba): a neighbour measured faster than the derived blocking, or the derived one
+where none was. With no entry, the first use in a process tunes (seconds: about 6 on a 2-core
+Zen 5, 30 on a Zen 1) and stores one, so that later processes read it. ``$JAXNET_NUMBA_BLOCKING``:
+"tuned" (the default), "stored" (the entry, else ``derive``; never measures: the test suite) or
+"derived" (always ``derive``: reproducible runs). ``python -m kernels.numba_cpu.tune --reset``
+forgets the entries.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+import threading
 
+import jax
 import numpy as np
 
 from kernels.machine import Machine, TuningCache, describe
@@ -50,6 +56,7 @@ from kernels.numba_cpu._kernels import BLOCKING_FIELDS, MR, NR, register_tile
 
 CACHE_KIND = "numba_blocking"
 ENV = "JAXNET_NUMBA_BLOCKING"
+POLICIES = ("tuned", "stored", "derived")
 PAGE = 4096  # bytes in a way of an x86 L1 (virtually indexed: sets x line = a page)
 # Rows that a mid-size problem (256^3, the smallest in the benchmarks' 0.8x target range below
 # 512) should split into two blocks per core.
@@ -59,6 +66,7 @@ MIN_STRIPS = 4
 # 2^19: docs/benchmarks.md, "PARALLEL_MIN_MACS").
 HANDOFF_MACS = 1 << 18
 NEVER = 1 << 62  # parallel_min_macs of one core
+_first_use = threading.RLock()  # one tuning at a time in a process
 # Caches assumed where the machine does not report a size.
 _DEFAULT_L1, _DEFAULT_L2 = 32 << 10, 256 << 10
 
@@ -148,14 +156,20 @@ def load(dtype="float32", machine: Machine | None = None) -> Blocking | None:
 
 @functools.cache
 def chosen(dtype: str = "float32") -> Blocking:
-    """The blocking for ``dtype`` in this process (decided once): ``load(dtype)`` unless
-    ``$JAXNET_NUMBA_BLOCKING`` is "derived", else ``derive(describe(), dtype, (MR, NR))`` (for
-    the tile compiled here)."""
-    env = os.environ.get(ENV, "")
-    if env not in ("", "derived", "tuned"):
-        raise ValueError(f"${ENV} must be 'derived' or 'tuned' (the default), got {env!r:.80}")
-    tuned = load(dtype) if env != "derived" else None
-    return tuned or derive(describe(), dtype, (MR, NR))
+    """The blocking for ``dtype`` in this process (decided once): ``load(dtype)``, else tuned now
+    and stored (``tune.tune``); ``derive(describe(), dtype, (MR, NR))`` (for the tile compiled
+    here) when ``$JAXNET_NUMBA_BLOCKING`` is "derived", or "stored" and nothing is stored."""
+    env = os.environ.get(ENV, "") or "tuned"
+    if env not in POLICIES:
+        raise ValueError(f"${ENV} must be one of {', '.join(POLICIES)} ('tuned', the default), got {env!r:.80}")
+    with _first_use:
+        stored = load(dtype) if env != "derived" else None
+        if stored or env != "tuned":
+            return stored or derive(describe(), dtype, (MR, NR))
+        from kernels.numba_cpu import tune  # it imports this module
+
+        with jax.ensure_compile_time_eval():  # first met while tracing a caller's jit: run the kernels
+            return Blocking(**tune.tune(dtype, log=lambda *a: None)["blocking"]).validate()
 
 
-__all__ = ["CACHE_KIND", "ENV", "Blocking", "chosen", "derive", "load", "register_tile", "tile_rows"]
+__all__ = ["CACHE_KIND", "ENV", "POLICIES", "Blocking", "chosen", "derive", "load", "register_tile", "tile_rows"]

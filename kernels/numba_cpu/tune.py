@@ -1,24 +1,25 @@
-"""Measures blockings around the derived one on this machine and stores the best, if it is better.
+"""Measures blockings around the derived one on this machine and stores the one to use.
 
-    python -m kernels.numba_cpu.tune              # float32, ~10-20 s on a quiet 2-core machine
+    python -m kernels.numba_cpu.tune              # float32, ~6-30 s on a 2-core machine
     python -m kernels.numba_cpu.tune --dtype float64
     python -m kernels.numba_cpu.tune --reset      # forget this machine's tuned blockings
 
 Times the numba backend's forward+backward (relu, with bias) at ``SHAPES`` for each of
 ``candidates(derive(...))``, all interleaved sample by sample (``kernels.timing``) so that they
 share the machine's noise. A candidate replaces the derived blocking only when its geometric
-mean time is below the derived one's by more than the noise (``margin``); it is then stored in
-``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``); otherwise
-the entry for that dtype is removed. Then, with the blocking kept, it times the same step on one
-thread and shared with XLA's pool at ``THRESHOLD_SHAPES`` (2^19 to 2^24 multiply-adds) and
-stores the size from which sharing wins (``pick_threshold``) as ``parallel_min_macs`` when it is
-not the derived one: the cost of handing blocks to the pool is a property of the machine (on an
-Intel Xeon VM sharing lost up to 2^21 multiply-adds, where the model says 2^19). Prints the
+mean time is below the derived one's by more than the noise (``margin``). Then, with the
+blocking kept, it times the same step on one thread and shared with XLA's pool at
+``THRESHOLD_SHAPES`` (2^19 to 2^24 multiply-adds) and keeps the size from which sharing wins
+(``pick_threshold``) as ``parallel_min_macs``: the cost of handing blocks to the pool is a
+property of the machine (on an Intel Xeon VM sharing lost up to 2^21 multiply-adds, where the
+model says 2^19). The blocking kept (the derived one if nothing beat it) is stored in
+``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``). Prints the
 machine, each candidate's times, the choice and the cache file, and ends with one JSON line of
 the same.
 
-Not run at first use: it takes seconds, where a first call should not (``blocking``).
-``gemm_nt``'s mb, nb, lb are left derived: the shapes here run the panel GEMM only.
+``blocking.chosen`` runs ``tune`` (silently) at the first use of a dtype when nothing is stored
+for this machine and these versions; this command runs it again at will (more ``--repeats``: a
+finer margin). ``gemm_nt``'s mb, nb, lb are left derived: the shapes here run the panel GEMM only.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import statistics
+import warnings
 
 import jax
 
@@ -157,14 +159,12 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     cache = TuningCache(CACHE_KIND, machine)
     value = cache.get()
     value = dict(value) if isinstance(value, dict) else {}
-    if kept != base:
-        value[dtype] = kept.as_dict()
-    else:
-        value.pop(dtype, None)
-    if value:
+    value[dtype] = kept.as_dict()  # the derived blocking too: later processes do not measure again
+    try:
         cache.put(value)
-    else:
-        cache.path.unlink(missing_ok=True)
+    except OSError as e:  # a read-only home: this process still uses what it measured
+        warnings.warn(f"kernels.numba_cpu.tune: cannot store the blocking in {cache.path}: {e}", RuntimeWarning,
+                      stacklevel=2)
     choice = "tuned" if best else "derived"
     log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}")
     return {"dtype": dtype, "choice": choice, "blocking": kept.as_dict(), "margin": round(margin, 4),

@@ -39,7 +39,7 @@ MACHINES_ISA = sorted({m.isa for m in MACHINES.values()}, key=sorted)
 @pytest.fixture(autouse=True)
 def tuning_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(machine.TUNING_DIR_ENV, str(tmp_path))
-    monkeypatch.delenv(blocking.ENV, raising=False)
+    monkeypatch.setenv(blocking.ENV, "stored")  # tuning at first use: its own tests, with "tuned"
     blocking.chosen.cache_clear()
     yield tmp_path
     blocking.chosen.cache_clear()
@@ -251,14 +251,46 @@ def test_pick_keeps_the_derived_blocking_within_the_noise():
     assert tune.pick(blks, times)[0] == 0
 
 
+def _fake_measure(winner: int, calls: list):
+    """``tune.measure`` that runs nothing: candidate ``winner`` 20% faster than the rest (0: the
+    derived blocking ties with every candidate), sharing 10% faster at every size."""
+    def measure(blockings, shapes=((512, 512, 512),), **kw):
+        calls.append(len(blockings))
+        if shapes == tune.THRESHOLD_SHAPES:
+            return [{s: [1.0 if i == 0 else 0.9] * 3 for s in shapes} for i in range(len(blockings))]
+        return [{s: [0.8 if winner and i == winner else 1.0] * 3 for s in shapes} for i in range(len(blockings))]
+    return measure
+
+
+@pytest.mark.parametrize("winner", [0, 1], ids=["derived kept", "a neighbour won"])
+def test_first_use_tunes_once_and_later_processes_read_it(monkeypatch, winner):
+    base, calls = derive(machine.describe()), []
+    monkeypatch.setattr(tune, "measure", _fake_measure(winner, calls))
+    monkeypatch.setenv(blocking.ENV, "tuned")
+    want = tune.candidates(base)[winner]
+    got = backend.blocking("float32")
+    assert got == want and blocking.load("float32") == want  # stored, the derived blocking too
+    assert len(calls) == 2  # candidates, then the threads threshold
+    blocking.chosen.cache_clear()  # as a new process: read, not measured
+    assert blocking.chosen("float32") == want and len(calls) == 2
+    # First met while tracing a caller's jit: measured outside the trace, then the call runs.
+    tune.reset()
+    blocking.chosen.cache_clear()
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 20))
+    y = jax.jit(lambda x, w: kernels.fused_dense(x, w, None, backend="numba"))(x, w)
+    np.testing.assert_allclose(y, np.full((4, 20), 8.0))
+    assert len(calls) == 4 and blocking.load("float32") == want
+    # "stored" and "derived" never measure.
+    tune.reset()
+    for policy in ("stored", "derived"):
+        monkeypatch.setenv(blocking.ENV, policy)
+        blocking.chosen.cache_clear()
+        assert blocking.chosen("float32") == base and len(calls) == 4
+
+
 def test_tune_stores_a_winner_and_reset_forgets_it(monkeypatch, capsys):
     base = derive(machine.describe())
-
-    def fake_measure(blockings, shapes=((512, 512, 512),), **kw):  # candidate 1 is 20% faster; no kernel runs
-        if shapes == tune.THRESHOLD_SHAPES:  # one thread, then shared: sharing 10% faster everywhere
-            return [{s: [1.0 if i == 0 else 0.9] * 3 for s in shapes} for i in range(len(blockings))]
-        return [{s: [0.8 if i == 1 else 1.0] * 3 for s in shapes} for i in range(len(blockings))]
-    monkeypatch.setattr(tune, "measure", fake_measure)
+    monkeypatch.setattr(tune, "measure", _fake_measure(1, []))
     summary = tune.tune("float32", log=lambda *a: None)
     # Sharing wins from the smallest shape on: the derived threshold (at most its 2^19) is kept.
     assert summary["choice"] == "tuned" and blocking.load("float32") == tune.candidates(base)[1]
