@@ -35,8 +35,8 @@ high-performance BLIS") for this kernel's loops, S the element size:
 ``chosen(dtype)`` is the blocking in force: the entry that the tuner (``kernels.numba_cpu.tune``)
 stored in ``TuningCache(CACHE_KIND)`` (keyed by the machine and the versions of jaxnet, jax,
 jaxlib and numba): a neighbour measured faster than the derived blocking, or the derived one
-where none was. With no entry, the first use in a process tunes (seconds: about 6 on a 2-core
-Zen 5, 30 on a Zen 1) and stores one, so that later processes read it. ``$JAXNET_NUMBA_BLOCKING``:
+where none was. With no entry, the first use in a process tunes (seconds; docs/benchmarks.md)
+and stores one, so that later processes read it. ``$JAXNET_NUMBA_BLOCKING``:
 "tuned" (the default), "stored" (the entry, else ``derive``; never measures: the test suite) or
 "derived" (always ``derive``: reproducible runs). ``python -m kernels.numba_cpu.tune --reset``
 forgets the entries.

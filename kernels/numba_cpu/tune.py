@@ -1,6 +1,6 @@
 """Measures blockings around the derived one on this machine and stores the one to use.
 
-    python -m kernels.numba_cpu.tune              # float32, ~6-30 s on a 2-core machine
+    python -m kernels.numba_cpu.tune              # float32, seconds (docs/benchmarks.md)
     python -m kernels.numba_cpu.tune --dtype float64
     python -m kernels.numba_cpu.tune --reset      # forget this machine's tuned blockings
 
