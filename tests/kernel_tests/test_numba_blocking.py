@@ -6,6 +6,7 @@ and reset (``kernels.numba_cpu.tune``). Every test writes tuning files into its 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -146,7 +147,7 @@ def _check(blk, shape, dtype):
         y, vjp = jax.vjp(f, x, w, b)
         return (y, *vjp(dy))
 
-    with backend.use_blocking(blk):
+    with backend.use_blocking(blk) if blk else contextlib.nullcontext():  # None: blocking.chosen's
         got = jax.jit(lambda *a: run(lambda *a, **k: kernels.fused_dense(*a, **k, backend="numba")))(x, w, b)
     want = run(reference.fused_dense)
     bounds = FusedDenseBounds.from_inputs(np.asarray(x), np.asarray(w), np.asarray(b), act)
@@ -286,6 +287,22 @@ def test_first_use_tunes_once_and_later_processes_read_it(monkeypatch, winner):
         monkeypatch.setenv(blocking.ENV, policy)
         blocking.chosen.cache_clear()
         assert blocking.chosen("float32") == base and len(calls) == 4
+
+
+def test_first_use_inside_a_jit_tunes_on_the_kernel(monkeypatch):
+    """Not faked: the first numba call, met while tracing a jitted VJP, times two candidates
+    and the threads threshold on the kernel (small shapes), stores a valid blocking and returns
+    the reference's values."""
+    base = derive(machine.describe())
+    monkeypatch.setattr(tune, "SHAPES", ((48, 40, 33),))
+    monkeypatch.setattr(tune, "THRESHOLD_SHAPES", ((16, 16, 16), (32, 16, 16)))
+    monkeypatch.setattr(tune, "candidates", lambda b: [b, b.replace(kc=max(b.kc // 2, 16))])
+    monkeypatch.setenv(blocking.ENV, "tuned")
+    _check(None, (20, 30, 70, "gelu", "normal"), "float32")  # the blocking in force: chosen() in the trace
+    stored = blocking.load("float32")
+    assert stored in (base.replace(parallel_min_macs=stored.parallel_min_macs),
+                      base.replace(kc=max(base.kc // 2, 16), parallel_min_macs=stored.parallel_min_macs))
+    assert blocking.chosen("float32") == stored
 
 
 def test_tune_stores_a_winner_and_reset_forgets_it(monkeypatch, capsys):
