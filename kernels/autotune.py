@@ -214,6 +214,12 @@ def _trusted(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
                     for name in candidates))
 
 
+def _settled(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
+    """Whether a stored entry is used as it is: trusted, and not a close call measured once."""
+    return _trusted(entry, candidates, modes) and (entry.get("measurements", 1) >= CONFIRMATIONS
+                                                   or not _close_medians(entry["us"], modes))
+
+
 def _stored(cache: TuningCache) -> dict:
     value = cache.get()
     return value if isinstance(value, dict) else {}
@@ -230,20 +236,25 @@ def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[s
             return table[key]
         cache = TuningCache(KIND)
         found = _stored(cache).get(key)
-        if not _trusted(found, candidates, op.modes):
-            found = _measure(key, candidates, op)
-        elif found.get("measurements", 1) < CONFIRMATIONS and _close_medians(found["us"], op.modes):
-            found = _confirmed(found, _measure(key, candidates, op), candidates, op.modes)
-        else:
+        if _settled(found, candidates, op.modes):
             table[key] = found
             return found
-        on_disk = _stored(cache)  # another process may have added buckets meanwhile
-        on_disk[key] = found
-        try:
-            cache.put(on_disk)
-        except OSError as e:  # a read-only home: this process still uses what it measured
-            warnings.warn(f"kernels.autotune: cannot store the dispatch table in {cache.path}: {e}",
-                          RuntimeWarning, stacklevel=2)
+        with cache.locked():  # processes meeting the bucket at once: one measures, the others read
+            found = _stored(cache).get(key)
+            if not _trusted(found, candidates, op.modes):
+                found = _measure(key, candidates, op)
+            elif not _settled(found, candidates, op.modes):
+                found = _confirmed(found, _measure(key, candidates, op), candidates, op.modes)
+            else:
+                table[key] = found
+                return found
+            on_disk = _stored(cache)  # another process may have added buckets meanwhile
+            on_disk[key] = found
+            try:
+                cache.put(on_disk)
+            except OSError as e:  # a read-only home: this process still uses what it measured
+                warnings.warn(f"kernels.autotune: cannot store the dispatch table in {cache.path}: {e}",
+                              RuntimeWarning, stacklevel=2)
         table[key] = found
         return found
 

@@ -12,6 +12,7 @@ and numba: a new version never reads an old entry. ``reset()`` (or deleting the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -22,6 +23,11 @@ import platform
 import shutil
 import subprocess
 from importlib import metadata
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: measurements are not serialised between processes
+    fcntl = None
 
 # The ISA features a kernel choice can depend on, as /proc/cpuinfo spells them.
 ISA_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -148,6 +154,25 @@ class TuningCache:
         except (OSError, ValueError):
             return None
         return data.get("value") if isinstance(data, dict) and data.get("key") == self.key else None
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds this entry's lock file (``flock``, exclusive) while the body runs, so that of the
+        processes about to measure the same thing on this machine one does and the others wait,
+        then read what it stored (two measuring at once would also slow each other's timings).
+        Unlocked where the folder cannot be written or there is no ``flock``."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            fd = None
+        try:
+            if fd is not None and fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
 
     def put(self, value: dict) -> None:
         """Stores ``value`` (JSON-serialisable), atomically: a reader sees the old file or the new one."""

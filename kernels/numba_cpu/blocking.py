@@ -36,7 +36,8 @@ high-performance BLIS") for this kernel's loops, S the element size:
 stored in ``TuningCache(CACHE_KIND)`` (keyed by the machine and the versions of jaxnet, jax,
 jaxlib and numba): a neighbour measured faster than the derived blocking, or the derived one
 where none was. With no entry, the first use in a process tunes (seconds; docs/benchmarks.md)
-and stores one, so that later processes read it. ``$JAXNET_NUMBA_BLOCKING``:
+and stores one, so that later processes read it (processes meeting it at once: one tunes, the
+others wait for its entry, so that a job's processes run the same blocking). ``$JAXNET_NUMBA_BLOCKING``:
 "tuned" (the default), "stored" (the entry, else ``derive``; never measures: the test suite) or
 "derived" (always ``derive``: reproducible runs). ``python -m kernels.numba_cpu.tune --reset``
 forgets the entries.
@@ -168,8 +169,12 @@ def chosen(dtype: str = "float32") -> Blocking:
             return stored or derive(describe(), dtype, (MR, NR))
         from kernels.numba_cpu import tune  # it imports this module
 
-        with jax.ensure_compile_time_eval():  # first met while tracing a caller's jit: run the kernels
-            return Blocking(**tune.tune(dtype, log=lambda *a: None)["blocking"]).validate()
+        with TuningCache(CACHE_KIND).locked():  # one process of a job on this machine tunes
+            stored = load(dtype)  # what another process stored while this one waited
+            if stored:
+                return stored
+            with jax.ensure_compile_time_eval():  # first met while tracing a caller's jit: run the kernels
+                return Blocking(**tune.tune(dtype, log=lambda *a: None)["blocking"]).validate()
 
 
 __all__ = ["CACHE_KIND", "ENV", "POLICIES", "Blocking", "chosen", "derive", "load", "register_tile", "tile_rows"]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +306,51 @@ def test_first_use_inside_a_jit_tunes_on_the_kernel(monkeypatch):
     assert stored in (base.replace(parallel_min_macs=stored.parallel_min_macs),
                       base.replace(kc=max(base.kc // 2, 16), parallel_min_macs=stored.parallel_min_macs))
     assert blocking.chosen("float32") == stored
+
+
+# Two processes meet the first use at once; each would measure for a second and pick its own
+# winner (candidate 1 or 2, by the parity of its pid). Prints what it runs.
+_RACE = """
+import os, sys, time
+from kernels import autotune, machine, timing
+from kernels.numba_cpu import backend, tune
+
+def log_and_wait(name):
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{os.getpid()} {name}\\n")
+    time.sleep(1.0)
+
+winner = 1 + os.getpid() % 2
+if sys.argv[1] == "blocking":
+    def measure(blockings, shapes=tune.SHAPES, **kw):
+        log_and_wait("measure")
+        return [{s: [0.8 if i == winner else 1.0] * 3 for s in shapes} for i in range(len(blockings))]
+    tune.measure = measure
+    print(backend.blocking("float32").as_dict())
+else:
+    fast = ["numba", "xla"][winner - 1]
+    def samples(samplers, repeats, warmup=0):
+        log_and_wait("samples")
+        return {name: [1.0 if name.startswith(fast) else 2.0] * repeats for name in samplers}
+    timing.timed_call = lambda fn, args, **kw: (lambda: 0.0)
+    timing.interleaved_samples = samples
+    print(autotune.choose(64, 64, 64, "float32", "relu", ["xla", "numba"]))
+"""
+
+
+@pytest.mark.parametrize("what", ["blocking", "auto"])
+def test_processes_meeting_the_first_use_at_once_measure_once(tmp_path, what):
+    """The tuning cache's lock: one process measures, the other waits and reads its entry, so
+    both run the same blocking (or backend)."""
+    log = tmp_path / "measured.txt"
+    env = {**os.environ, machine.TUNING_DIR_ENV: str(tmp_path / "tuning"), blocking.ENV: "tuned"}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, what, str(log)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    measured_by = {line.split()[0] for line in log.read_text().splitlines()}
+    assert len(measured_by) == 1, log.read_text()
+    assert outs[0][0] == outs[1][0], outs
 
 
 def test_tune_stores_a_winner_and_reset_forgets_it(monkeypatch, capsys):
