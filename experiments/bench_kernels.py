@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -177,8 +178,10 @@ print(round(t1 - t0, 3), round(t2 - t1, 3))
 
 def _cold_start() -> dict:
     """Seconds in a fresh process: ``import kernels`` (jax included), then the first Numba call
-    (handlers loaded from Numba's on-disk cache and registered, XLA compile, run)."""
-    out = subprocess.run([sys.executable, "-c", COLD_START], capture_output=True, text=True, check=True)
+    (handlers loaded from Numba's on-disk cache and registered, XLA compile, run; the blocking
+    stored or derived, not tuned: the tuning at first use is a one-off per machine)."""
+    env = {**os.environ, "JAXNET_NUMBA_BLOCKING": "stored"}
+    out = subprocess.run([sys.executable, "-c", COLD_START], capture_output=True, text=True, check=True, env=env)
     imp, first = (float(v) for v in out.stdout.split())
     return {"import_s": imp, "first_call_s": first}
 
