@@ -20,7 +20,8 @@ Two families differ in what "an example" is:
   so it has shape ``[B]`` (a scalar for 0-d inputs).
 - *Categorical* losses (``cross_entropy``, ``distillation``): logits ``[..., C]``; the per-example
   loss has shape ``[...]`` (every leading axis, e.g. ``[B, T]`` for a sequence model, so a padding
-  mask ``[B, T]`` applies per token).
+  mask ``[B, T]`` applies per token). ``attention_transfer`` compares attention probabilities
+  ``[..., H, S, L]`` per query: per-example shape ``[..., S]``.
 
 Losses compute in at least float32 (bfloat16/float16 inputs are upcast; float64 stays float64),
 and are finite for logits as large as ±1e4. Shape and dtype errors raise eagerly with the shapes
@@ -45,6 +46,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import xlogy
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -338,6 +340,18 @@ def cross_entropy(logits, targets, *, label_smoothing: float = 0.0, reduction: s
     )
 
 
+def _floating_pair(fn: str, names: tuple[str, str], a, b, min_ndim: int, layout: str):
+    """``a`` and ``b`` as arrays, or an error naming both: floating, one shape of at least
+    ``min_ndim`` axes (``layout``)."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    _check_floating(f"{fn}: {names[0]}", a)
+    _check_floating(f"{fn}: {names[1]}", b)
+    if a.shape != b.shape or a.ndim < min_ndim:
+        raise ValueError(f"{fn}: {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same "
+                         f"shape {layout}")
+    return a, b
+
+
 def distillation(student_logits, teacher_logits, *, temperature: float = 1.0, reduction: str = "mean",
                  weights=None, mask=None) -> jax.Array:
     """Knowledge-distillation loss ``T² · KL(softmax(teacher/T) || softmax(student/T))``, per example.
@@ -357,14 +371,8 @@ def distillation(student_logits, teacher_logits, *, temperature: float = 1.0, re
       A scalar, or ``[...]`` for ``reduction="none"``. Zero when the two logits agree up to a
       per-example constant shift.
     """
-    student_logits, teacher_logits = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
-    _check_floating("distillation: student_logits", student_logits)
-    _check_floating("distillation: teacher_logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape or student_logits.ndim < 1:
-        raise ValueError(
-            f"distillation: student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape [..., C]"
-        )
+    student_logits, teacher_logits = _floating_pair("distillation", ("student_logits", "teacher_logits"),
+                                                    student_logits, teacher_logits, 1, "[..., C]")
     _check_scalar("distillation", "temperature", temperature, lambda t: 0 < t < float("inf"), "finite and > 0")
     _check_weighting("distillation", tuple(student_logits.shape[:-1]), reduction, weights, mask)
     dtype = _compute_dtype(student_logits)
@@ -375,6 +383,35 @@ def distillation(student_logits, teacher_logits, *, temperature: float = 1.0, re
     return _reduce(temperature**2 * kl, reduction, weights, mask)
 
 
+def attention_transfer(student_probs, teacher_probs, *, reduction: str = "mean", weights=None,
+                       mask=None) -> jax.Array:
+    """Attention distillation (MiniLM, Wang et al., 2020): ``KL(teacher || student)`` between two
+    attention distributions over the keys, averaged over the heads, per query.
+
+    Args:
+      student_probs: ``[..., H, S, L]`` floating: per head, each query's probabilities over L keys
+        (a softmax's output, e.g. what ``CausalSelfAttention`` sows).
+      teacher_probs: the same shape (the same number of heads); a fixed target: no gradient flows
+        into it. Keys it gives probability 0 (masked) add nothing.
+      reduction, weights, mask: see the module docstring; per-example shape ``[..., S]`` (one
+        example per query: per token for a language model).
+
+    Returns:
+      A scalar, or ``[..., S]`` for ``reduction="none"``. Zero when the distributions agree.
+    """
+    student_probs, teacher_probs = _floating_pair("attention_transfer", ("student_probs", "teacher_probs"),
+                                                  student_probs, teacher_probs, 3, "[..., H, S, L] (as many heads)")
+    per_example = student_probs.shape[:-3] + student_probs.shape[-2:-1]
+    _check_weighting("attention_transfer", tuple(per_example), reduction, weights, mask)
+    dtype = _compute_dtype(student_probs)
+    p = jax.lax.stop_gradient(teacher_probs).astype(dtype)
+    # The student's probabilities floored at the smallest normal: a key the teacher weighs and the
+    # student's softmax underflowed on costs a large, finite term instead of inf.
+    q = jnp.maximum(student_probs.astype(dtype), jnp.finfo(dtype).tiny)
+    kl = jnp.sum(xlogy(p, p) - xlogy(p, q), axis=-1)  # [..., H, S]
+    return _reduce(jnp.mean(kl, axis=-2), reduction, weights, mask)
+
+
 # --- lookup by name -----------------------------------------------------------------------------
 
 _LOSSES: dict[str, Callable[..., jax.Array]] = {
@@ -383,6 +420,7 @@ _LOSSES: dict[str, Callable[..., jax.Array]] = {
     "cross_entropy": cross_entropy,
     "binary_cross_entropy": binary_cross_entropy,
     "distillation": distillation,
+    "attention_transfer": attention_transfer,
 }
 
 

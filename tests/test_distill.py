@@ -62,6 +62,88 @@ def test_bad_loss_settings_are_refused(kwargs, message):
         DistillLoss(**kwargs)
 
 
+def _softmax_rows(rng, shape, causal=False):  # float64 attention-like probabilities [..., S, L]
+    z = rng.normal(0, 2, shape)
+    if causal:
+        z = np.where(np.tril(np.ones(shape[-2:], bool)), z, -np.inf)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_attention_transfer_is_the_heads_mean_kl_per_query():
+    rng = np.random.default_rng(3)
+    t, s = _softmax_rows(rng, (2, 4, 6, 6), causal=True), _softmax_rows(rng, (2, 4, 6, 6), causal=True)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 * log 0 above the diagonal: 0
+        kl = np.nansum(t * (np.log(t) - np.log(s)), axis=-1)  # (B, H, S)
+    got = losses.attention_transfer(s.astype(np.float32), t.astype(np.float32), reduction="none")
+    assert got.shape == (2, 6)  # one example per query
+    np.testing.assert_allclose(got, kl.mean(1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(losses.attention_transfer(s, t), kl.mean(), rtol=1e-4)
+    assert float(losses.attention_transfer(t, t)) == pytest.approx(0.0, abs=1e-6)
+    # A key the teacher weighs where the student's softmax underflowed to 0: large, finite.
+    s0 = s.copy()
+    s0[..., 1, 0], s0[..., 1, 1] = 0.0, 1.0
+    assert np.isfinite(float(losses.attention_transfer(s0.astype(np.float32), t.astype(np.float32))))
+    with pytest.raises(ValueError, match="same shape"):
+        losses.attention_transfer(s[:, :2], t)
+
+
+def test_the_attention_term_adds_the_layers_mean_and_needs_the_maps():
+    student, labels = _case((2, 6), 5, seed=4)
+    teacher = np.random.default_rng(5).normal(0, 3, student.shape).astype(np.float32)
+    rng = np.random.default_rng(6)
+    s_maps, t_maps = (_softmax_rows(rng, (3, 2, 4, 6, 6), causal=True).astype(np.float32) for _ in range(2))
+    plain = DistillLoss(2.0, 0.7)((jnp.asarray(student), jnp.asarray(teacher)), labels)
+    got = DistillLoss(2.0, 0.7, attention_weight=0.5)(tuple(map(jnp.asarray, (student, teacher, s_maps, t_maps))),
+                                                      labels)
+    layers = np.mean([losses.attention_transfer(s, t) for s, t in zip(s_maps, t_maps)])
+    np.testing.assert_allclose(got, plain + 0.5 * layers, rtol=1e-5)
+    with pytest.raises(ValueError, match="WithTeacher\\(attention=True\\)"):
+        DistillLoss(2.0, 0.7, attention_weight=0.5)((jnp.asarray(student), jnp.asarray(teacher)), labels)
+    with pytest.raises(ValueError, match="attention_weight must be finite and >= 0"):
+        DistillLoss(attention_weight=-1.0)
+
+
+def test_with_teacher_hands_the_loss_both_models_attention_maps():
+    from jaxnet.models.transformer import TransformerConfig, TransformerLM
+    from jaxnet.studies.distill import LMConfig
+
+    cfg = TransformerConfig(vocab_size=11, block_size=8, num_layers=2, num_heads=2, dropout_rate=0.0)
+    teacher, student = TransformerLM(cfg.replace(embed_dim=16)), TransformerLM(cfg.replace(embed_dim=8))
+    x = np.random.default_rng(0).integers(0, 11, (3, 8)).astype(np.int32)
+    y = np.roll(x, -1, axis=1)
+    teacher_vars = jax.jit(teacher.init)(jax.random.key(1), x)
+    model = WithTeacher(student, teacher, attention=True)
+    state = distill_state(model, teacher_vars, tx=optax.sgd(0.1), sample_x=x[:1], seed=0)
+    # The params are the student's own tree, as without attention.
+    assert jax.tree.structure(state.params) == jax.tree.structure(student.init(jax.random.key(0), x)["params"])
+    rngs = {"dropout": jax.random.key(2)}
+    (s, t, s_maps, t_maps), _ = model.apply(state.variables, x, train=True, rngs=rngs, mutable=["teacher"])
+    assert s.shape == t.shape == (3, 8, 11) and s_maps.shape == t_maps.shape == (2, 3, 2, 8, 8)
+    np.testing.assert_allclose(jnp.sum(s_maps, -1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(jnp.triu(t_maps, 1), 0.0)  # causal
+    # The student's logits are its training-mode forward on the shared params (no dropout here:
+    # the wrapper draws the student's dropout keys from its own "dropout" stream).
+    ref_logits = student.apply(student_variables(state), x, train=True, rngs=rngs)
+    np.testing.assert_allclose(s, ref_logits, rtol=1e-5, atol=1e-6)
+    # The attention term alone trains the student's params (not the teacher's).
+    only_maps = DistillLoss(1.0, alpha=1.0, attention_weight=1.0)
+
+    def attention_only(params):
+        variables = {**state.variables, "params": params}
+        pred, _ = model.apply(variables, x, train=True, rngs=rngs, mutable=["teacher"])
+        return only_maps(pred, y) - DistillLoss(1.0, alpha=1.0)(pred[:2], y)
+
+    grads = jax.grad(attention_only)(state.params)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    assert jax.tree.structure(grads) == jax.tree.structure(state.params)
+    # Evaluation: the student's logits alone.
+    np.testing.assert_allclose(model.apply(state.variables, x), student.apply(student_variables(state), x),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="layer by layer and head by head"):
+        LMConfig(student=LMConfig().student.replace(num_heads=2))
+
+
 def _pair(x):
     teacher, student = MLP((16, 3)), MLP((4, 3))
     teacher_vars = jax.jit(teacher.init)(jax.random.key(7), x)  # one compilation, not one per op

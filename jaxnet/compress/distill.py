@@ -12,10 +12,14 @@ label ``y`` and temperature ``T``::
 
     alpha * T² * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
 
+plus, with ``attention_weight`` w > 0 (transformers, ``WithTeacher(..., attention=True)``), ``w``
+times the layers' mean of ``jaxnet.losses.attention_transfer`` (MiniLM's attention distillation,
+Wang et al. 2020: per query, the heads' mean of KL(teacher's attention || student's)).
+
 ``alpha`` weighs the soft (teacher) term and ``1 - alpha`` the hard-label term (Hinton et al.'s
 "weighted average of two objectives"; some libraries call the hard weight alpha instead). The T²
 keeps the soft term's gradient on the scale of the hard one's as T changes, so alpha need not be
-retuned with T. The soft term is ``jaxnet.losses.distillation`` and the hard one
+retuned with T. The soft term is ``jaxnet.losses.distillation``, the hard one
 ``jaxnet.losses.cross_entropy``: this module adds no loss arithmetic of its own.
 
 How the teacher stays frozen: ``WithTeacher`` keeps the teacher's variables in a collection of
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 
 from jaxnet import losses
 from jaxnet.arguments import check_number
+from jaxnet.explain.attention import output_and_attention
 from jaxnet.train.step import TrainState, mode_kwargs
 
 TEACHER = "teacher"  # the collection holding the teacher's variables (one entry, "variables")
@@ -59,27 +64,54 @@ class WithTeacher(nn.Module):
 
     student: nn.Module
     teacher: nn.Module
+    # Training also hands the loss both models' attention maps (jaxnet transformers, as many layers
+    # and heads; ``DistillLoss.attention_weight``).
+    attention: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         """``x``: what both models take, e.g. ``[B, ...]`` images or ``[B, T]`` token ids.
 
         Returns the student's logits ``[..., C]`` (``train=False``), or the pair
-        ``(student_logits, teacher_logits)``, both ``[..., C]`` (``train=True``).
+        ``(student_logits, teacher_logits)``, both ``[..., C]`` (``train=True``); with
+        ``attention``, ``(student_logits, teacher_logits, student_maps, teacher_maps)``, the maps
+        ``[L, B, H, T, T]`` (``jaxnet.explain.attention_weights``).
         """
-        nn.share_scope(self, self.student)
-        student_logits = self.student(x, **mode_kwargs(self.student, train))
         # An unbound copy: the teacher runs on its own variables, not as a child of this scope.
         teacher = self.teacher.clone(parent=None)
+        if self.attention and train and not self.is_initializing():
+            student_logits, student_maps = self._student_with_maps(x)
+        else:
+            nn.share_scope(self, self.student)
+            student_logits = self.student(x, **mode_kwargs(self.student, train))
         held = self.variable(TEACHER, "variables",
                              lambda: teacher.init(self.make_rng("params"), x, **mode_kwargs(teacher, False)))
         if not train:
             return student_logits
-        teacher_logits = teacher.apply(jax.lax.stop_gradient(held.value), x, **mode_kwargs(teacher, False))
+        frozen = jax.lax.stop_gradient(held.value)
+        if self.attention:
+            teacher_logits, teacher_maps = output_and_attention(teacher, frozen, x, **mode_kwargs(teacher, False))
+        else:
+            teacher_logits = teacher.apply(frozen, x, **mode_kwargs(teacher, False))
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(f"WithTeacher: teacher logits {tuple(teacher_logits.shape)} and student logits "
                              f"{tuple(student_logits.shape)} must have the same shape")
-        return student_logits, teacher_logits
+        if not self.attention:
+            return student_logits, teacher_logits
+        if teacher_maps.shape != student_maps.shape:
+            raise ValueError(f"WithTeacher: attention maps [layers, B, heads, T, T] of the teacher "
+                             f"{tuple(teacher_maps.shape)} and the student {tuple(student_maps.shape)} must agree")
+        return student_logits, teacher_logits, student_maps, jax.lax.stop_gradient(teacher_maps)
+
+    def _student_with_maps(self, x):
+        """The student in training mode on this scope's params, with its attention maps: applied
+        as an unbound copy, since its sown maps are kept only where "intermediates" is mutable."""
+        own = {k: v for k, v in self.variables.items() if k != TEACHER}
+        if set(own) != {"params"}:
+            raise ValueError(f"WithTeacher(attention=True): the student must hold params only, got {sorted(own)}")
+        rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else {}
+        student = self.student.clone(parent=None)
+        return output_and_attention(student, own, x, rngs=rngs, **mode_kwargs(student, True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,35 +123,48 @@ class DistillLoss:
     Attributes:
       temperature: T, finite and > 0; larger T softens both distributions (Hinton et al. used 1 to 20).
       alpha: the soft term's weight, in [0, 1]; 0 is plain cross-entropy on the labels, 1 ignores them.
+      attention_weight: w >= 0, the attention-transfer term's weight; > 0 needs the maps
+        (``WithTeacher(..., attention=True)``).
     """
 
     temperature: float = 4.0
     alpha: float = 0.9
+    attention_weight: float = 0.0
 
     def __post_init__(self):
         if check_number(self.temperature, "DistillLoss: temperature") <= 0:
             raise ValueError(f"DistillLoss: temperature must be > 0, got {self.temperature}")
         if not 0.0 <= check_number(self.alpha, "DistillLoss: alpha") <= 1.0:
             raise ValueError(f"DistillLoss: alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= check_number(self.attention_weight, "DistillLoss: attention_weight") < float("inf"):
+            raise ValueError(f"DistillLoss: attention_weight must be finite and >= 0, got {self.attention_weight}")
 
     def __call__(self, pred, labels, *, reduction: str = "mean", weights=None, mask=None):
         """The loss of ``pred`` against integer ``labels``.
 
         Args:
-          pred: ``(student_logits, teacher_logits)``, both ``[..., C]`` (``WithTeacher`` in training),
-            or the student's logits ``[..., C]`` alone (evaluation), which gives ``CE(s, y)``.
+          pred: ``(student_logits, teacher_logits)``, both ``[..., C]`` (``WithTeacher`` in training;
+            with ``attention_weight``, also both models' maps ``[L, B, H, T, T]``), or the student's
+            logits ``[..., C]`` alone (evaluation), which gives ``CE(s, y)``.
           labels: integer ``[...]`` class labels (``logits.shape[:-1]``).
           reduction, weights, mask: as in ``jaxnet.losses`` (per-example shape ``[...]``).
         """
         if not isinstance(pred, tuple):
             return losses.cross_entropy(pred, labels, reduction=reduction, weights=weights, mask=mask)
-        if len(pred) != 2:
-            raise ValueError(f"DistillLoss: pred must be (student_logits, teacher_logits), got {len(pred)} arrays")
-        student_logits, teacher_logits = pred
+        if len(pred) != (4 if self.attention_weight else 2):
+            want = ("(student_logits, teacher_logits, student_maps, teacher_maps): WithTeacher(attention=True)"
+                    if self.attention_weight else "(student_logits, teacher_logits)")
+            raise ValueError(f"DistillLoss: pred must be {want}, got {len(pred)} arrays")
+        student_logits, teacher_logits = pred[:2]
         hard = losses.cross_entropy(student_logits, labels, reduction=reduction, weights=weights, mask=mask)
         soft = losses.distillation(student_logits, teacher_logits, temperature=self.temperature,
                                    reduction=reduction, weights=weights, mask=mask)
-        return self.alpha * soft + (1.0 - self.alpha) * hard
+        loss = self.alpha * soft + (1.0 - self.alpha) * hard
+        if self.attention_weight:  # the layers' mean (each layer's maps [B, H, T, T])
+            maps = [losses.attention_transfer(s, t, reduction=reduction, weights=weights, mask=mask)
+                    for s, t in zip(*pred[2:])]
+            loss = loss + self.attention_weight * sum(maps) / len(maps)
+        return loss
 
 
 def distill_state(model: WithTeacher, teacher_variables, *, tx, sample_x, seed: int = 0) -> TrainState:

@@ -29,7 +29,12 @@ def attention_weights(model, variables, ids, **apply_kwargs) -> jax.Array:
     Raises:
       ValueError: the model sowed no attention weights.
     """
-    _, state = model.apply(variables, ids, mutable=["intermediates"], **apply_kwargs)
+    return output_and_attention(model, variables, ids, **apply_kwargs)[1]
+
+
+def output_and_attention(model, variables, ids, **apply_kwargs) -> tuple:
+    """``(model's output, attention_weights)`` of one ``model.apply`` (as ``attention_weights``)."""
+    out, state = model.apply(variables, ids, mutable=["intermediates"], **apply_kwargs)
     found = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.get("intermediates", {}))[0]:
         names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
@@ -39,7 +44,7 @@ def attention_weights(model, variables, ids, **apply_kwargs) -> jax.Array:
     if not found:
         raise ValueError(f"{type(model).__name__} sowed no {SOWN!r}; expected a jaxnet transformer "
                          f"(jaxnet.models.TransformerLM or TransformerClassifier)")
-    return jnp.stack([leaf for _, leaf in sorted(found, key=lambda item: item[0])])
+    return out, jnp.stack([leaf for _, leaf in sorted(found, key=lambda item: item[0])])
 
 
 def rollout(weights) -> jax.Array:
@@ -61,4 +66,4 @@ def rollout(weights) -> jax.Array:
     return out
 
 
-__all__ = ["SOWN", "attention_weights", "rollout"]
+__all__ = ["SOWN", "attention_weights", "output_and_attention", "rollout"]

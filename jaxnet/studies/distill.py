@@ -33,7 +33,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from jaxnet.arguments import check_fraction
+from jaxnet.arguments import check_fraction, check_number
 from jaxnet.models.transformer import TransformerConfig
 from jaxnet.studies import save_weights
 
@@ -85,8 +85,9 @@ class DigitsConfig:
 class LMConfig:
     # The teacher network (its vocab_size comes from the corpus).
     teacher: TransformerConfig = TransformerConfig(num_layers=2, embed_dim=128, num_heads=4, dropout_rate=0.0)
-    # The student network; its block_size must be the teacher's.
-    student: TransformerConfig = TransformerConfig(num_layers=2, embed_dim=64, num_heads=2, dropout_rate=0.0)
+    # The student network; its block_size must be the teacher's (and its layers and heads too, with
+    # attention_weight > 0: the maps are compared head by head).
+    student: TransformerConfig = TransformerConfig(num_layers=2, embed_dim=64, num_heads=4, dropout_rate=0.0)
     # Updates of the teacher, >= 1 (AdamW, warm-up then cosine decay).
     teacher_steps: int = 400
     # Updates of each student, >= 1.
@@ -100,6 +101,8 @@ class LMConfig:
     # Weight of the soft (teacher) term, in [0, 1] (1: the teacher's distributions alone; 0.5 did
     # slightly worse here).
     alpha: float = 1.0
+    # Weight of the attention-transfer term (the teacher's attention maps, MiniLM), >= 0; 0: logits alone.
+    attention_weight: float = 1.0
     # Held-out evaluation windows start every eval_stride tokens, in [1, block_size].
     eval_stride: int = 64
     # Held-out fraction of the corpus (its last characters), in (0, 1).
@@ -115,6 +118,13 @@ class LMConfig:
         if self.teacher.block_size != self.student.block_size:
             raise ValueError(f"teacher.block_size {self.teacher.block_size} and student.block_size "
                              f"{self.student.block_size} must be equal: both read the same windows")
+        if check_number(self.attention_weight, "lm.attention_weight") < 0:
+            raise ValueError(f"lm.attention_weight must be >= 0, got {self.attention_weight}")
+        if self.attention_weight and (self.teacher.num_layers, self.teacher.num_heads) != (
+                self.student.num_layers, self.student.num_heads):
+            raise ValueError(f"lm.attention_weight > 0 compares the maps layer by layer and head by head: the "
+                             f"teacher has {self.teacher.num_layers} layers x {self.teacher.num_heads} heads, the "
+                             f"student {self.student.num_layers} x {self.student.num_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,9 +315,10 @@ def run_lm(config: LMConfig, workdir: pathlib.Path, *, checkpoint_every=None, re
         "scratch", TrainState.create(model=student, tx=tx_student, sample_x=sample_x, seed=config.seed + 1),
         config.student_steps)
     distilled, distilled_bits, w_distilled = train_one(
-        "distilled", distill_state(WithTeacher(student, teacher), teacher_state.variables, tx=tx_student,
-                                   sample_x=sample_x, seed=config.seed + 1),
-        config.student_steps, loss_fn=DistillLoss(temperature=config.temperature, alpha=config.alpha))
+        "distilled", distill_state(WithTeacher(student, teacher, attention=config.attention_weight > 0),
+                                   teacher_state.variables, tx=tx_student, sample_x=sample_x, seed=config.seed + 1),
+        config.student_steps, loss_fn=DistillLoss(temperature=config.temperature, alpha=config.alpha,
+                                                  attention_weight=config.attention_weight))
     return {
         "teacher_bits_per_char": round(teacher_bits, 4),
         "scratch_bits_per_char": round(scratch_bits, 4),
