@@ -104,7 +104,8 @@ def test_the_attention_term_adds_the_layers_mean_and_needs_the_maps():
         DistillLoss(attention_weight=-1.0)
 
 
-def test_with_teacher_hands_the_loss_both_models_attention_maps():
+def test_with_teacher_hands_the_loss_both_models_attention_maps_and_value_relations():
+    from jaxnet import explain
     from jaxnet.models.transformer import TransformerConfig, TransformerLM
     from jaxnet.studies.distill import LMConfig
 
@@ -119,9 +120,13 @@ def test_with_teacher_hands_the_loss_both_models_attention_maps():
     assert jax.tree.structure(state.params) == jax.tree.structure(student.init(jax.random.key(0), x)["params"])
     rngs = {"dropout": jax.random.key(2)}
     (s, t, s_maps, t_maps), _ = model.apply(state.variables, x, train=True, rngs=rngs, mutable=["teacher"])
-    assert s.shape == t.shape == (3, 8, 11) and s_maps.shape == t_maps.shape == (2, 3, 2, 8, 8)
+    # Two layers' attention, then their value relations (softmax over every position, not causal).
+    assert s.shape == t.shape == (3, 8, 11) and s_maps.shape == t_maps.shape == (4, 3, 2, 8, 8)
     np.testing.assert_allclose(jnp.sum(s_maps, -1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(jnp.triu(t_maps, 1), 0.0)  # causal
+    np.testing.assert_array_equal(jnp.triu(t_maps[:2], 1), 0.0)
+    upper = np.triu_indices(8, 1)
+    assert float(t_maps[2:][..., upper[0], upper[1]].min()) > 0
+    np.testing.assert_allclose(t_maps[:2], explain.attention_weights(teacher, teacher_vars, x), rtol=1e-6)
     # The student's logits are its training-mode forward on the shared params (no dropout here:
     # the wrapper draws the student's dropout keys from its own "dropout" stream).
     ref_logits = student.apply(student_variables(state), x, train=True, rngs=rngs)

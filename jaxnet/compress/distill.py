@@ -13,8 +13,9 @@ label ``y`` and temperature ``T``::
     alpha * T² * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
 
 plus, with ``attention_weight`` w > 0 (transformers, ``WithTeacher(..., attention=True)``), ``w``
-times the layers' mean of ``jaxnet.losses.attention_transfer`` (MiniLM's attention distillation,
-Wang et al. 2020: per query, the heads' mean of KL(teacher's attention || student's)).
+times the mean over layers and over MiniLM's two relations (Wang et al. 2020: each layer's
+attention distributions and its value relations ``softmax(v v^T / sqrt(d))``) of
+``jaxnet.losses.attention_transfer``: per query, the heads' mean of KL(teacher's || student's).
 
 ``alpha`` weighs the soft (teacher) term and ``1 - alpha`` the hard-label term (Hinton et al.'s
 "weighted average of two objectives"; some libraries call the hard weight alpha instead). The T²
@@ -64,8 +65,8 @@ class WithTeacher(nn.Module):
 
     student: nn.Module
     teacher: nn.Module
-    # Training also hands the loss both models' attention maps (jaxnet transformers, as many layers
-    # and heads; ``DistillLoss.attention_weight``).
+    # Training also hands the loss both models' attention maps and value relations (jaxnet
+    # transformers, as many layers and heads; ``DistillLoss.attention_weight``).
     attention: bool = False
 
     @nn.compact
@@ -75,7 +76,8 @@ class WithTeacher(nn.Module):
         Returns the student's logits ``[..., C]`` (``train=False``), or the pair
         ``(student_logits, teacher_logits)``, both ``[..., C]`` (``train=True``); with
         ``attention``, ``(student_logits, teacher_logits, student_maps, teacher_maps)``, the maps
-        ``[L, B, H, T, T]`` (``jaxnet.explain.attention_weights``).
+        ``[2L, B, H, T, T]``: the L layers' attention, then their value relations
+        (``jaxnet.explain.attention.output_and_attention``).
         """
         # An unbound copy: the teacher runs on its own variables, not as a child of this scope.
         teacher = self.teacher.clone(parent=None)
@@ -90,7 +92,8 @@ class WithTeacher(nn.Module):
             return student_logits
         frozen = jax.lax.stop_gradient(held.value)
         if self.attention:
-            teacher_logits, teacher_maps = output_and_attention(teacher, frozen, x, **mode_kwargs(teacher, False))
+            teacher_logits, teacher_maps = output_and_attention(teacher, frozen, x, value_relations=True,
+                                                                **mode_kwargs(teacher, False))
         else:
             teacher_logits = teacher.apply(frozen, x, **mode_kwargs(teacher, False))
         if teacher_logits.shape != student_logits.shape:
@@ -99,19 +102,19 @@ class WithTeacher(nn.Module):
         if not self.attention:
             return student_logits, teacher_logits
         if teacher_maps.shape != student_maps.shape:
-            raise ValueError(f"WithTeacher: attention maps [layers, B, heads, T, T] of the teacher "
+            raise ValueError(f"WithTeacher: attention maps [2 x layers, B, heads, T, T] of the teacher "
                              f"{tuple(teacher_maps.shape)} and the student {tuple(student_maps.shape)} must agree")
         return student_logits, teacher_logits, student_maps, jax.lax.stop_gradient(teacher_maps)
 
     def _student_with_maps(self, x):
-        """The student in training mode on this scope's params, with its attention maps: applied
+        """The student in training mode on this scope's params, with its maps: applied
         as an unbound copy, since its sown maps are kept only where "intermediates" is mutable."""
         own = {k: v for k, v in self.variables.items() if k != TEACHER}
         if set(own) != {"params"}:
             raise ValueError(f"WithTeacher(attention=True): the student must hold params only, got {sorted(own)}")
         rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else {}
         student = self.student.clone(parent=None)
-        return output_and_attention(student, own, x, rngs=rngs, **mode_kwargs(student, True))
+        return output_and_attention(student, own, x, value_relations=True, rngs=rngs, **mode_kwargs(student, True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +147,7 @@ class DistillLoss:
 
         Args:
           pred: ``(student_logits, teacher_logits)``, both ``[..., C]`` (``WithTeacher`` in training;
-            with ``attention_weight``, also both models' maps ``[L, B, H, T, T]``), or the student's
+            with ``attention_weight``, also both models' maps ``[2L, B, H, T, T]``), or the student's
             logits ``[..., C]`` alone (evaluation), which gives ``CE(s, y)``.
           labels: integer ``[...]`` class labels (``logits.shape[:-1]``).
           reduction, weights, mask: as in ``jaxnet.losses`` (per-example shape ``[...]``).
@@ -160,7 +163,7 @@ class DistillLoss:
         soft = losses.distillation(student_logits, teacher_logits, temperature=self.temperature,
                                    reduction=reduction, weights=weights, mask=mask)
         loss = self.alpha * soft + (1.0 - self.alpha) * hard
-        if self.attention_weight:  # the layers' mean (each layer's maps [B, H, T, T])
+        if self.attention_weight:  # the maps' mean (each [B, H, T, T]: layers' attention, value relations)
             maps = [losses.attention_transfer(s, t, reduction=reduction, weights=weights, mask=mask)
                     for s, t in zip(*pred[2:])]
             loss = loss + self.attention_weight * sum(maps) / len(maps)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 SOWN = "attention_weights"  # the name CausalSelfAttention sows its probabilities under
+VALUE_RELATION = "value_relation"  # and its value relations (distillation), when they are kept
 
 
 def attention_weights(model, variables, ids, **apply_kwargs) -> jax.Array:
@@ -32,19 +33,30 @@ def attention_weights(model, variables, ids, **apply_kwargs) -> jax.Array:
     return output_and_attention(model, variables, ids, **apply_kwargs)[1]
 
 
-def output_and_attention(model, variables, ids, **apply_kwargs) -> tuple:
-    """``(model's output, attention_weights)`` of one ``model.apply`` (as ``attention_weights``)."""
+def output_and_attention(model, variables, ids, *, value_relations: bool = False, **apply_kwargs) -> tuple:
+    """``(model's output, attention_weights)`` of one ``model.apply`` (as ``attention_weights``);
+    with ``value_relations``, the maps are ``[2L, B, H, T, T]``: the L attention maps, then each
+    layer's value relation (MiniLM: ``softmax(v v^T / sqrt(d))`` per head, over every position)."""
     out, state = model.apply(variables, ids, mutable=["intermediates"], **apply_kwargs)
+    sown = state.get("intermediates", {})
+    maps = _by_block(model, sown, SOWN)
+    if value_relations:
+        maps = jnp.concatenate([maps, _by_block(model, sown, VALUE_RELATION)])
+    return out, maps
+
+
+def _by_block(model, sown, name: str) -> jax.Array:
+    """The arrays sown under ``name``, stacked in block order: ``[L, ...]``."""
     found = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state.get("intermediates", {}))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sown)[0]:
         names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-        if SOWN in names:
+        if name in names:
             block = next((int(m.group(1)) for n in names if (m := re.fullmatch(r"block(\d+)", n))), len(found))
             found.append((block, leaf))
     if not found:
-        raise ValueError(f"{type(model).__name__} sowed no {SOWN!r}; expected a jaxnet transformer "
+        raise ValueError(f"{type(model).__name__} sowed no {name!r}; expected a jaxnet transformer "
                          f"(jaxnet.models.TransformerLM or TransformerClassifier)")
-    return out, jnp.stack([leaf for _, leaf in sorted(found, key=lambda item: item[0])])
+    return jnp.stack([leaf for _, leaf in sorted(found, key=lambda item: item[0])])
 
 
 def rollout(weights) -> jax.Array:
@@ -66,4 +78,4 @@ def rollout(weights) -> jax.Array:
     return out
 
 
-__all__ = ["SOWN", "attention_weights", "output_and_attention", "rollout"]
+__all__ = ["SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention", "rollout"]

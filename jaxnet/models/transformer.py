@@ -289,6 +289,9 @@ class CausalSelfAttention(nn.Module):
         probs = softmax(scores).astype(x.dtype)  # (B, H, S, L)
         # For jaxnet.explain.attention: kept only when "intermediates" is mutable, else a no-op.
         self.sow("intermediates", "attention_weights", probs)
+        if self.is_mutable_collection("intermediates"):  # MiniLM's value relation (distillation), per head
+            self.sow("intermediates", "value_relation",
+                     softmax(xla.einsum("bshd,bthd->bhst", v, v).astype(jnp.float32) / jnp.sqrt(d)))  # (B, H, S, S)
         if cfg.attention_dropout_rate > 0:
             probs = Dropout(cfg.attention_dropout_rate, deterministic=not train)(probs)
         y = xla.einsum("bhst,bthd->bshd", probs, v.astype(x.dtype)).astype(x.dtype).reshape(b, s, c)
