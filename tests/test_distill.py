@@ -306,9 +306,10 @@ def test_distill_and_compress_experiments_end_to_end(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "c" / "table.json").read_text())["lm"]["modes"]["w8a8"]["quality"] > 0
     result = distill.main(["--digits.teacher-features", "4", "--digits.teacher-head", "8", "--digits.teacher-epochs",
                            "1", "--digits.student-epochs", "1", "--digits.seeds", "1", "--lm.teacher.num-layers", "1",
-                           "--lm.teacher.embed-dim", "16", "--lm.student.embed-dim", "8", "--lm.teacher.block-size",
-                           "16", "--lm.student.block-size", "16", "--lm.teacher-steps", "3", "--lm.student-steps",
-                           "2", "--lm.eval-stride", "16", "--checkpoint-every", "0", "--workdir", str(tmp_path / "d")])
+                           "--lm.student.num-layers", "1", "--lm.teacher.embed-dim", "16", "--lm.student.embed-dim",
+                           "8", "--lm.teacher.block-size", "16", "--lm.student.block-size", "16",
+                           "--lm.teacher-steps", "3", "--lm.student-steps", "2", "--lm.eval-stride", "16",
+                           "--checkpoint-every", "0", "--workdir", str(tmp_path / "d")])
     assert set(result["gap_closed_target_met"]) == {"digits", "lm"}
     assert result["lm"]["distilled_bits_per_char"] > 0 and 0 <= result["digits"]["distilled_accuracy"] <= 1
     assert json.loads((tmp_path / "d" / "result.json").read_text())["digits"] == result["digits"]
