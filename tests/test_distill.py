@@ -127,6 +127,9 @@ def test_with_teacher_hands_the_loss_both_models_attention_maps_and_value_relati
     upper = np.triu_indices(8, 1)
     assert float(t_maps[2:][..., upper[0], upper[1]].min()) > 0
     np.testing.assert_allclose(t_maps[:2], explain.attention_weights(teacher, teacher_vars, x), rtol=1e-6)
+    # The value relations are computed only when asked for: not for the attention maps alone.
+    _, sown = teacher.apply(teacher_vars, x, mutable=["intermediates"])
+    assert explain.attention.VALUE_RELATION not in jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(sown)[0])
     # The student's logits are its training-mode forward on the shared params (no dropout here:
     # the wrapper draws the student's dropout keys from its own "dropout" stream).
     ref_logits = student.apply(student_variables(state), x, train=True, rngs=rngs)

@@ -104,7 +104,7 @@ class WithTeacher(nn.Module):
         if teacher_maps.shape != student_maps.shape:
             raise ValueError(f"WithTeacher: attention maps [2 x layers, B, heads, T, T] of the teacher "
                              f"{tuple(teacher_maps.shape)} and the student {tuple(student_maps.shape)} must agree")
-        return student_logits, teacher_logits, student_maps, jax.lax.stop_gradient(teacher_maps)
+        return student_logits, teacher_logits, student_maps, teacher_maps
 
     def _student_with_maps(self, x):
         """The student in training mode on this scope's params, with its maps: applied

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 SOWN = "attention_weights"  # the name CausalSelfAttention sows its probabilities under
-VALUE_RELATION = "value_relation"  # and its value relations (distillation), when they are kept
+VALUE_RELATION = "value_relation"  # and its value relations (distillation), into RELATIONS
+RELATIONS = "relations"  # a collection of their own: computed only when it is mutable
 
 
 def attention_weights(model, variables, ids, **apply_kwargs) -> jax.Array:
@@ -37,11 +38,11 @@ def output_and_attention(model, variables, ids, *, value_relations: bool = False
     """``(model's output, attention_weights)`` of one ``model.apply`` (as ``attention_weights``);
     with ``value_relations``, the maps are ``[2L, B, H, T, T]``: the L attention maps, then each
     layer's value relation (MiniLM: ``softmax(v v^T / sqrt(d))`` per head, over every position)."""
-    out, state = model.apply(variables, ids, mutable=["intermediates"], **apply_kwargs)
-    sown = state.get("intermediates", {})
-    maps = _by_block(model, sown, SOWN)
+    collections = ["intermediates", RELATIONS] if value_relations else ["intermediates"]
+    out, state = model.apply(variables, ids, mutable=collections, **apply_kwargs)
+    maps = _by_block(model, state.get("intermediates", {}), SOWN)
     if value_relations:
-        maps = jnp.concatenate([maps, _by_block(model, sown, VALUE_RELATION)])
+        maps = jnp.concatenate([maps, _by_block(model, state.get(RELATIONS, {}), VALUE_RELATION)])
     return out, maps
 
 
@@ -78,4 +79,4 @@ def rollout(weights) -> jax.Array:
     return out
 
 
-__all__ = ["SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention", "rollout"]
+__all__ = ["RELATIONS", "SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention", "rollout"]

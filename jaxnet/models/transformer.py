@@ -289,8 +289,11 @@ class CausalSelfAttention(nn.Module):
         probs = softmax(scores).astype(x.dtype)  # (B, H, S, L)
         # For jaxnet.explain.attention: kept only when "intermediates" is mutable, else a no-op.
         self.sow("intermediates", "attention_weights", probs)
-        if self.is_mutable_collection("intermediates"):  # MiniLM's value relation (distillation), per head
-            self.sow("intermediates", "value_relation",
+        # MiniLM's value relation (distillation), per head: computed only when its collection is
+        # asked for (jaxnet.explain.attention.output_and_attention), so no other forward pays for it
+        # (init makes every collection but "intermediates" mutable: not there either).
+        if self.is_mutable_collection("relations") and not self.is_initializing():
+            self.sow("relations", "value_relation",
                      softmax(xla.einsum("bshd,bthd->bhst", v, v).astype(jnp.float32) / jnp.sqrt(d)))  # (B, H, S, S)
         if cfg.attention_dropout_rate > 0:
             probs = Dropout(cfg.attention_dropout_rate, deterministic=not train)(probs)
