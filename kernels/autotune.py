@@ -35,7 +35,6 @@ import math
 import os
 import statistics
 import threading
-import warnings
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -250,11 +249,7 @@ def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[s
                 return found
             on_disk = _stored(cache)  # another process may have added buckets meanwhile
             on_disk[key] = found
-            try:
-                cache.put(on_disk)
-            except OSError as e:  # a read-only home: this process still uses what it measured
-                warnings.warn(f"kernels.autotune: cannot store the dispatch table in {cache.path}: {e}",
-                              RuntimeWarning, stacklevel=2)
+            cache.store(on_disk, "kernels.autotune's dispatch table")
         table[key] = found
         return found
 

@@ -22,6 +22,7 @@ import pathlib
 import platform
 import shutil
 import subprocess
+import warnings
 from importlib import metadata
 
 try:
@@ -180,6 +181,16 @@ class TuningCache:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": self.key, "value": value}, indent=1) + "\n")
         os.replace(tmp, self.path)
+
+    def store(self, value: dict, what: str) -> bool:
+        """``put``, or a ``RuntimeWarning`` naming ``what`` and the file where it cannot be written
+        (a read-only home: the caller still uses what it measured, later processes measure again)."""
+        try:
+            self.put(value)
+            return True
+        except OSError as e:
+            warnings.warn(f"cannot store {what} in {self.path}: {e}", RuntimeWarning, stacklevel=3)
+            return False
 
 
 __all__ = ["ISA_FEATURES", "Machine", "TuningCache", "cpu_model", "describe", "reset", "tuning_dir", "versions"]

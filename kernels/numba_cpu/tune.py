@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import statistics
-import warnings
 
 import jax
 
@@ -160,11 +159,7 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     value = cache.get()
     value = dict(value) if isinstance(value, dict) else {}
     value[dtype] = kept.as_dict()  # the derived blocking too: later processes do not measure again
-    try:
-        cache.put(value)
-    except OSError as e:  # a read-only home: this process still uses what it measured
-        warnings.warn(f"kernels.numba_cpu.tune: cannot store the blocking in {cache.path}: {e}", RuntimeWarning,
-                      stacklevel=2)
+    cache.store(value, "kernels.numba_cpu.tune's blocking")
     choice = "tuned" if best else "derived"
     log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}")
     return {"dtype": dtype, "choice": choice, "blocking": kept.as_dict(), "margin": round(margin, 4),

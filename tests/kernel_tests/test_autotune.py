@@ -209,6 +209,16 @@ def test_a_close_call_is_measured_again_by_the_next_process(fake_timing, tuning_
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 3
 
 
+def test_a_table_that_cannot_be_stored_is_still_used_and_a_warning_says_so(fake_timing, tmp_path, monkeypatch):
+    blocked = tmp_path / "a file"  # the tuning folder's path is a file: nothing under it can be written
+    blocked.write_text("")
+    monkeypatch.setenv(machine.TUNING_DIR_ENV, str(blocked))
+    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
+    with pytest.warns(RuntimeWarning, match="cannot store kernels.autotune's dispatch table in .*a file"):
+        assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba"
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 1  # in memory
+
+
 def test_only_a_close_call_takes_more_samples(fake_timing):
     """Two candidates 40% apart in both modes: REPEATS rounds decide; 5% apart in one mode: more."""
     fake_timing["times"] = _times({"xla": 1.4, "numba": 1.0}, {"xla": 1.0, "numba": 1.4})

@@ -353,6 +353,20 @@ def test_processes_meeting_the_first_use_at_once_measure_once(tmp_path, what):
     assert outs[0][0] == outs[1][0], outs
 
 
+def test_where_the_tuning_folder_cannot_be_written_the_tuned_blocking_is_used_and_a_warning_says_so(
+        monkeypatch, tmp_path):
+    blocked = tmp_path / "a file"  # the tuning folder's path is a file: nothing under it can be written
+    blocked.write_text("")
+    monkeypatch.setenv(machine.TUNING_DIR_ENV, str(blocked))
+    monkeypatch.setenv(blocking.ENV, "tuned")
+    monkeypatch.setattr(tune, "measure", _fake_measure(1, []))
+    with pytest.warns(RuntimeWarning, match="cannot store nothing in"):
+        assert machine.TuningCache(blocking.CACHE_KIND).store({}, "nothing") is False
+    with pytest.warns(RuntimeWarning, match="cannot store kernels.numba_cpu.tune's blocking in .*a file"):
+        got = blocking.chosen("float32")
+    assert got == tune.candidates(derive(machine.describe()))[1] and blocking.load("float32") is None
+
+
 def test_tune_stores_a_winner_and_reset_forgets_it(monkeypatch, capsys):
     base = derive(machine.describe())
     monkeypatch.setattr(tune, "measure", _fake_measure(1, []))
