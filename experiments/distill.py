@@ -13,7 +13,9 @@ Digits (scikit-learn's 8x8, the 450-image test split of ``experiments.vision``):
 (``jaxnet.compress.DistillLoss``, the teacher frozen beside it: ``WithTeacher``; T chosen on
 ``--digits.tune-fraction 0.2`` runs, which score held-out training digits, the test digits unread). Character LM
 (``pydoc_data.topics``, the last 10% held out): a 2-layer, 128-wide TransformerLM teacher (400
-updates) and a 2-layer, 64-wide student (300 updates), T = 1, alpha = 1.
+updates) and a 2-layer, 64-wide student with as many heads (300 updates), T = 2, alpha = 0.5, and
+the teacher's attention maps and value relations (MiniLM) and its blocks' outputs (TinyBERT) as
+extra targets (``--lm.attention-weight``, ``--lm.hidden-weight``).
 
 Reports each model's test accuracy or held-out bits per character and the fraction of the
 student-teacher gap that distillation closes (issue 22's target: at least half); the study itself

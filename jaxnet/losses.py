@@ -21,7 +21,8 @@ Two families differ in what "an example" is:
 - *Categorical* losses (``cross_entropy``, ``distillation``): logits ``[..., C]``; the per-example
   loss has shape ``[...]`` (every leading axis, e.g. ``[B, T]`` for a sequence model, so a padding
   mask ``[B, T]`` applies per token). ``attention_transfer`` compares attention probabilities
-  ``[..., H, S, L]`` per query: per-example shape ``[..., S]``.
+  ``[..., H, S, L]`` per query: per-example shape ``[..., S]``; ``hidden_state_transfer`` compares
+  hidden states ``[..., C]`` per position: per-example shape ``[...]``.
 
 Losses compute in at least float32 (bfloat16/float16 inputs are upcast; float64 stays float64),
 and are finite for logits as large as ±1e4. Shape and dtype errors raise eagerly with the shapes
@@ -412,6 +413,33 @@ def attention_transfer(student_probs, teacher_probs, *, reduction: str = "mean",
     return _reduce(jnp.mean(kl, axis=-2), reduction, weights, mask)
 
 
+def hidden_state_transfer(student_states, teacher_states, *, reduction: str = "mean", weights=None,
+                          mask=None) -> jax.Array:
+    """Hidden-state distillation (TinyBERT, Jiao et al., 2020), scale-free: per position, the squared
+    distance of the student's state to the teacher's over the teacher's squared norm,
+    ``|s - t|^2 / |t|^2``.
+
+    Args:
+      student_states: ``[..., C]`` floating, the student's states already in the teacher's width
+        (e.g. through a learned projection: ``WithTeacher(..., hidden=True)``).
+      teacher_states: the same shape; a fixed target: no gradient flows into it. Where it is all
+        zeros (no scale to compare against) the position adds the plain squared distance ``|s|^2``.
+      reduction, weights, mask: see the module docstring; per-example shape ``[...]`` (per token for
+        a language model).
+
+    Returns:
+      A scalar, or ``[...]`` for ``reduction="none"``. Zero when the states agree, 1 when the student's are zero.
+    """
+    student_states, teacher_states = _floating_pair("hidden_state_transfer", ("student_states", "teacher_states"),
+                                                    student_states, teacher_states, 1, "[..., C]")
+    _check_weighting("hidden_state_transfer", tuple(student_states.shape[:-1]), reduction, weights, mask)
+    dtype = _compute_dtype(student_states)
+    t = jax.lax.stop_gradient(teacher_states).astype(dtype)
+    distance = jnp.sum(jnp.square(student_states.astype(dtype) - t), axis=-1)
+    norm = jnp.sum(jnp.square(t), axis=-1)
+    return _reduce(distance / jnp.where(norm > 0, norm, 1.0), reduction, weights, mask)
+
+
 # --- lookup by name -----------------------------------------------------------------------------
 
 _LOSSES: dict[str, Callable[..., jax.Array]] = {
@@ -421,6 +449,7 @@ _LOSSES: dict[str, Callable[..., jax.Array]] = {
     "binary_cross_entropy": binary_cross_entropy,
     "distillation": distillation,
     "attention_transfer": attention_transfer,
+    "hidden_state_transfer": hidden_state_transfer,
 }
 
 

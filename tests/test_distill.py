@@ -104,16 +104,23 @@ def test_the_attention_term_adds_the_layers_mean_and_needs_the_maps():
         DistillLoss(attention_weight=-1.0)
 
 
-def test_with_teacher_hands_the_loss_both_models_attention_maps_and_value_relations():
-    from jaxnet import explain
+def _two_transformers():
+    """A 2-layer teacher 16 wide and a student 8 wide, ids ``x [3, 8]``, next tokens ``y``, the teacher's variables."""
     from jaxnet.models.transformer import TransformerConfig, TransformerLM
-    from jaxnet.studies.distill import LMConfig
 
     cfg = TransformerConfig(vocab_size=11, block_size=8, num_layers=2, num_heads=2, dropout_rate=0.0)
     teacher, student = TransformerLM(cfg.replace(embed_dim=16)), TransformerLM(cfg.replace(embed_dim=8))
     x = np.random.default_rng(0).integers(0, 11, (3, 8)).astype(np.int32)
     y = np.roll(x, -1, axis=1)
     teacher_vars = jax.jit(teacher.init)(jax.random.key(1), x)
+    return cfg, teacher, student, x, y, teacher_vars
+
+
+def test_with_teacher_hands_the_loss_both_models_attention_maps_and_value_relations():
+    from jaxnet import explain
+    from jaxnet.studies.distill import LMConfig
+
+    cfg, teacher, student, x, y, teacher_vars = _two_transformers()
     model = WithTeacher(student, teacher, attention=True)
     state = distill_state(model, teacher_vars, tx=optax.sgd(0.1), sample_x=x[:1], seed=0)
     # The params are the student's own tree, as without attention.
@@ -150,6 +157,113 @@ def test_with_teacher_hands_the_loss_both_models_attention_maps_and_value_relati
                                rtol=1e-6)
     with pytest.raises(ValueError, match="layer by layer and head by head"):
         LMConfig(student=LMConfig().student.replace(num_heads=2))
+
+
+def test_hidden_state_transfer_is_the_relative_squared_distance_per_position():
+    rng = np.random.default_rng(8)
+    s, t = rng.normal(0, 2, (2, 5, 6)), rng.normal(0, 2, (2, 5, 6))
+    ref = np.sum((s - t) ** 2, -1) / np.sum(t ** 2, -1)  # (B, T): one example per position
+    got = losses.hidden_state_transfer(s.astype(np.float32), t.astype(np.float32), reduction="none")
+    assert got.shape == (2, 5)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_allclose(losses.hidden_state_transfer(s, t), ref.mean(), rtol=1e-5)
+    assert float(losses.hidden_state_transfer(t, t)) == 0.0
+    np.testing.assert_allclose(losses.hidden_state_transfer(np.zeros_like(t), t, reduction="none"), 1.0, rtol=1e-6)
+    # Scale-free: both states scaled alike, the same loss.
+    np.testing.assert_allclose(losses.hidden_state_transfer(1e3 * s, 1e3 * t), ref.mean(), rtol=1e-5)
+    # The teacher is a fixed target; at a teacher row of zeros the plain squared distance.
+    g_s, g_t = jax.grad(lambda a, b: losses.hidden_state_transfer(a, b), argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
+    assert float(jnp.abs(g_s).max()) > 0 and float(jnp.abs(g_t).max()) == 0.0
+    t0 = t.copy()
+    t0[0, 0] = 0.0
+    got0 = losses.hidden_state_transfer(s.astype(np.float32), t0.astype(np.float32), reduction="none")
+    np.testing.assert_allclose(got0[0, 0], np.sum(s[0, 0] ** 2), rtol=1e-5)
+    np.testing.assert_allclose(got0[1:], ref[1:], rtol=1e-5)
+    assert np.all(np.isfinite(jax.grad(lambda a: losses.hidden_state_transfer(a, t0))(s)))
+    with pytest.raises(ValueError, match="same shape"):
+        losses.hidden_state_transfer(s[..., :3], t)
+
+
+def test_the_hidden_term_adds_the_layers_mean_and_needs_the_states():
+    student, labels = _case((2, 6), 5, seed=9)
+    teacher = np.random.default_rng(10).normal(0, 3, student.shape).astype(np.float32)
+    rng = np.random.default_rng(11)
+    s_maps, t_maps = (_softmax_rows(rng, (4, 2, 2, 6, 6), causal=True).astype(np.float32) for _ in range(2))
+    s_states, t_states = (rng.normal(0, 1, (2, 2, 6, 8)).astype(np.float32) for _ in range(2))
+    plain = DistillLoss(2.0, 0.7)((jnp.asarray(student), jnp.asarray(teacher)), labels)
+    layers = np.mean([losses.hidden_state_transfer(s, t) for s, t in zip(s_states, t_states)])
+    got = DistillLoss(2.0, 0.7, hidden_weight=0.3)(
+        tuple(map(jnp.asarray, (student, teacher, s_states, t_states))), labels)
+    np.testing.assert_allclose(got, plain + 0.3 * layers, rtol=1e-5)
+    maps = np.mean([losses.attention_transfer(s, t) for s, t in zip(s_maps, t_maps)])
+    both = DistillLoss(2.0, 0.7, attention_weight=0.5, hidden_weight=0.3)(
+        tuple(map(jnp.asarray, (student, teacher, s_maps, t_maps, s_states, t_states))), labels)
+    np.testing.assert_allclose(both, plain + 0.5 * maps + 0.3 * layers, rtol=1e-5)
+    missing = r"student_states, teacher_states\): WithTeacher\(attention=True, hidden=True\)"
+    with pytest.raises(ValueError, match=missing):
+        DistillLoss(2.0, 0.7, attention_weight=0.5, hidden_weight=0.3)(
+            tuple(map(jnp.asarray, (student, teacher, s_maps, t_maps))), labels)
+    with pytest.raises(ValueError, match="hidden_weight must be finite and >= 0"):
+        DistillLoss(hidden_weight=-0.5)
+
+
+def test_with_teacher_hands_the_loss_each_blocks_output_the_students_projected():
+    from jaxnet.compress import HIDDEN_PROJECTION
+    from jaxnet.models.transformer import TransformerLM
+    from jaxnet.studies.distill import LMConfig
+
+    cfg, teacher, student, x, y, teacher_vars = _two_transformers()
+    model = WithTeacher(student, teacher, hidden=True)
+    state = distill_state(model, teacher_vars, tx=optax.sgd(0.1), sample_x=x[:1], seed=0)
+    # The params: the student's own tree plus the projection [L, C_s, C_t], which student_variables drops.
+    assert state.params[HIDDEN_PROJECTION].shape == (2, 8, 16)
+    own = student_variables(state)
+    assert jax.tree.structure(own["params"]) == jax.tree.structure(student.init(jax.random.key(0), x)["params"])
+    (s, t, s_states, t_states), _ = model.apply(state.variables, x, train=True, mutable=["teacher"])
+    assert s.shape == t.shape == (3, 8, 11) and s_states.shape == t_states.shape == (2, 3, 8, 16)
+
+    # Teacher state l is block l's output: the first l + 1 blocks, then the final norm and the tied
+    # readout, give the logits of the model cut after block l.
+    def readout(model_cfg, params, h):
+        mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        ln = params["trunk"]["ln_f"]
+        z = (h - mean) / np.sqrt(var + 1e-6) * ln["scale"] + ln["bias"]
+        return z @ params["trunk"]["wte"]["embedding"].T / np.sqrt(model_cfg.embed_dim)
+
+    tp = teacher_vars["params"]
+    for layer in range(2):
+        cut = TransformerLM(teacher.config.replace(num_layers=layer + 1))
+        cut_params = {"trunk": {k: v for k, v in tp["trunk"].items() if k != "block1" or layer == 1}}
+        np.testing.assert_allclose(readout(teacher.config, tp, np.asarray(t_states[layer], np.float64)),
+                                   cut.apply({"params": cut_params}, x), rtol=2e-4, atol=2e-4)
+    # The student's: its own block outputs through the learned projection.
+    from jaxnet.explain.attention import output_and_attention
+
+    _, _, raw = output_and_attention(student, own, x, hidden_states=True, train=True)
+    np.testing.assert_allclose(s_states, jnp.einsum("lbtc,lcd->lbtd", raw, state.params[HIDDEN_PROJECTION]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(readout(student.config, own["params"], np.asarray(raw[-1], np.float64)), s,
+                               rtol=2e-4, atol=2e-4)
+
+    # The hidden term alone trains the projection and the student's own params.
+    def hidden_only(params):
+        pred, _ = model.apply({**state.variables, "params": params}, x, train=True, mutable=["teacher"])
+        return DistillLoss(1.0, alpha=0.0, hidden_weight=1.0)(pred, y) - losses.cross_entropy(pred[0], y)
+
+    grads = jax.grad(hidden_only)(state.params)
+    assert float(jnp.abs(grads[HIDDEN_PROJECTION]).max()) > 0
+    assert float(jnp.abs(grads["trunk"]["block0"]["mlp"]["fc"]["kernel"]).max()) > 0
+    # Evaluation: the student alone, on its own variables.
+    np.testing.assert_allclose(model.apply(state.variables, x), student.apply(own, x), rtol=1e-6)
+    with pytest.raises(ValueError, match="layer by layer"):
+        WithTeacher(TransformerLM(cfg.replace(num_layers=1, embed_dim=8)), teacher, hidden=True).init(
+            jax.random.key(0), x)
+    with pytest.raises(ValueError, match="must be a jaxnet transformer"):
+        WithTeacher(MLP((4, 3)), MLP((8, 3)), hidden=True).init(jax.random.key(0), np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="lm.hidden_weight must be >= 0"):
+        LMConfig(hidden_weight=-1.0)
+    with pytest.raises(ValueError, match="lm.hidden_weight > 0 compares the blocks' outputs"):
+        LMConfig(attention_weight=0.0, student=LMConfig().student.replace(num_layers=1))
 
 
 def _pair(x):

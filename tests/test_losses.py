@@ -385,10 +385,12 @@ def test_reductions_weights_and_mask_are_consistent(data, weighting):
     np.testing.assert_allclose(total, mean * total_weight, rtol=rtol, atol=0)
 
 
-@pytest.mark.parametrize("name", ["mse", "mae", "binary_cross_entropy", "cross_entropy", "distillation"])
+@pytest.mark.parametrize("name", ["mse", "mae", "binary_cross_entropy", "cross_entropy", "distillation",
+                                  "hidden_state_transfer"])
 def test_all_masked_batch_gives_zero_and_zero_gradient(name):
     x = jnp.array([[0.5, -1.0], [2.0, 0.0]])
-    y = {"cross_entropy": jnp.array([0, 1]), "distillation": x[::-1]}.get(name, jnp.ones_like(x))
+    y = {"cross_entropy": jnp.array([0, 1]), "distillation": x[::-1], "hidden_state_transfer": x[::-1]}.get(
+        name, jnp.ones_like(x))
     fn = losses.get(name)
     value, grad = jax.value_and_grad(fn)(x, y, mask=jnp.zeros(2, bool))
     assert float(value) == 0.0
@@ -501,5 +503,6 @@ def test_shape_errors_raise_under_jit_too():
 
 
 def test_get_returns_every_loss():
-    for name in ("mse", "mae", "cross_entropy", "binary_cross_entropy", "distillation"):
+    for name in ("mse", "mae", "cross_entropy", "binary_cross_entropy", "distillation", "attention_transfer",
+                 "hidden_state_transfer"):
         assert losses.get(name) is getattr(losses, name)

@@ -2,7 +2,7 @@
 ``apply_quantized``) and knowledge distillation into a smaller student (``WithTeacher``,
 ``DistillLoss``); guide: docs/compression.md."""
 from jaxnet.compress.apply import apply_quantized, quantized
-from jaxnet.compress.distill import DistillLoss, WithTeacher, distill_state, student_variables
+from jaxnet.compress.distill import HIDDEN_PROJECTION, DistillLoss, WithTeacher, distill_state, student_variables
 from jaxnet.compress.quantize import (
     QuantRule,
     as_rule,
@@ -16,6 +16,7 @@ from jaxnet.compress.store import load_quantized, save_quantized
 
 __all__ = [
     "DistillLoss",
+    "HIDDEN_PROJECTION",
     "QuantRule",
     "WithTeacher",
     "apply_quantized",

@@ -15,7 +15,12 @@ label ``y`` and temperature ``T``::
 plus, with ``attention_weight`` w > 0 (transformers, ``WithTeacher(..., attention=True)``), ``w``
 times the mean over layers and over MiniLM's two relations (Wang et al. 2020: each layer's
 attention distributions and its value relations ``softmax(v v^T / sqrt(d))``) of
-``jaxnet.losses.attention_transfer``: per query, the heads' mean of KL(teacher's || student's).
+``jaxnet.losses.attention_transfer``: per query, the heads' mean of KL(teacher's || student's);
+and with ``hidden_weight`` h > 0 (``WithTeacher(..., hidden=True)``), ``h`` times the layers' mean
+of ``jaxnet.losses.hidden_state_transfer`` (TinyBERT, Jiao et al. 2020): per position,
+``|s_l W_l - t_l|^2 / |t_l|^2`` between block l's outputs, the student's mapped to the teacher's
+width by a projection ``W_l`` learned with it (``params["hidden_projection"]``, dropped by
+``student_variables``).
 
 ``alpha`` weighs the soft (teacher) term and ``1 - alpha`` the hard-label term (Hinton et al.'s
 "weighted average of two objectives"; some libraries call the hard weight alpha instead). The T²
@@ -46,15 +51,18 @@ from jaxnet import losses
 from jaxnet.arguments import check_number
 from jaxnet.explain.attention import output_and_attention
 from jaxnet.train.step import TrainState, mode_kwargs
+from kernels import xla
 
 TEACHER = "teacher"  # the collection holding the teacher's variables (one entry, "variables")
+HIDDEN_PROJECTION = "hidden_projection"  # the params entry of WithTeacher(hidden=True)'s [L, C_s, C_t]
 
 
 class WithTeacher(nn.Module):
     """The student, with a frozen teacher beside it while training.
 
     Both see the same input ``x``. The student's variables are the wrapper's own (``nn.share_scope``):
-    ``params`` has exactly the student's tree, so trained params load into ``student`` unchanged.
+    ``params`` has exactly the student's tree (with ``hidden``, plus the projection, which
+    ``student_variables`` leaves out), so trained params load into ``student`` unchanged.
     The teacher's whole variables dict (params, batch statistics) is one entry of the collection
     ``"teacher"``; ``distill_state`` puts the trained teacher there.
 
@@ -68,6 +76,10 @@ class WithTeacher(nn.Module):
     # Training also hands the loss both models' attention maps and value relations (jaxnet
     # transformers, as many layers and heads; ``DistillLoss.attention_weight``).
     attention: bool = False
+    # Training also hands the loss both models' block outputs in the teacher's width (jaxnet
+    # transformers, as many layers; ``DistillLoss.hidden_weight``), the student's through a
+    # projection per layer trained with it, ``params[HIDDEN_PROJECTION]`` ``[L, C_s, C_t]``.
+    hidden: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -77,12 +89,17 @@ class WithTeacher(nn.Module):
         ``(student_logits, teacher_logits)``, both ``[..., C]`` (``train=True``); with
         ``attention``, ``(student_logits, teacher_logits, student_maps, teacher_maps)``, the maps
         ``[2L, B, H, T, T]``: the L layers' attention, then their value relations
-        (``jaxnet.explain.attention.output_and_attention``).
+        (``jaxnet.explain.attention.output_and_attention``); with ``hidden``, then also
+        ``(student_states, teacher_states)``, both ``[L, B, T, C_t]``: each block's output, the
+        student's projected.
         """
         # An unbound copy: the teacher runs on its own variables, not as a child of this scope.
         teacher = self.teacher.clone(parent=None)
-        if self.attention and train and not self.is_initializing():
-            student_logits, student_maps = self._student_with_maps(x)
+        if self.hidden:  # declared in every mode: init creates it, training reads it
+            projection = self.param(HIDDEN_PROJECTION, nn.initializers.lecun_normal(batch_axis=(0,)),
+                                    self._projection_shape())
+        if (self.attention or self.hidden) and train and not self.is_initializing():
+            student_logits, *student_views = self._student_with_maps(x)
         else:
             nn.share_scope(self, self.student)
             student_logits = self.student(x, **mode_kwargs(self.student, train))
@@ -91,30 +108,54 @@ class WithTeacher(nn.Module):
         if not train:
             return student_logits
         frozen = jax.lax.stop_gradient(held.value)
-        if self.attention:
-            teacher_logits, teacher_maps = output_and_attention(teacher, frozen, x, value_relations=True,
-                                                                **mode_kwargs(teacher, False))
+        if self.attention or self.hidden:
+            teacher_logits, *teacher_views = output_and_attention(
+                teacher, frozen, x, value_relations=self.attention, hidden_states=self.hidden,
+                **mode_kwargs(teacher, False))
         else:
             teacher_logits = teacher.apply(frozen, x, **mode_kwargs(teacher, False))
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(f"WithTeacher: teacher logits {tuple(teacher_logits.shape)} and student logits "
                              f"{tuple(student_logits.shape)} must have the same shape")
-        if not self.attention:
-            return student_logits, teacher_logits
-        if teacher_maps.shape != student_maps.shape:
-            raise ValueError(f"WithTeacher: attention maps [2 x layers, B, heads, T, T] of the teacher "
-                             f"{tuple(teacher_maps.shape)} and the student {tuple(student_maps.shape)} must agree")
-        return student_logits, teacher_logits, student_maps, teacher_maps
+        out = (student_logits, teacher_logits)
+        if self.attention:
+            if teacher_views[0].shape != student_views[0].shape:
+                raise ValueError(f"WithTeacher: attention maps [2 x layers, B, heads, T, T] of the teacher "
+                                 f"{tuple(teacher_views[0].shape)} and the student {tuple(student_views[0].shape)} "
+                                 f"must agree")
+            out += (student_views[0], teacher_views[0])
+        if self.hidden:
+            states = student_views[-1]  # [L, B, T, C_s]
+            out += (xla.einsum("lbtc,lcd->lbtd", states, projection.astype(states.dtype)), teacher_views[-1])
+        return out
 
     def _student_with_maps(self, x):
-        """The student in training mode on this scope's params, with its maps: applied
-        as an unbound copy, since its sown maps are kept only where "intermediates" is mutable."""
+        """The student in training mode on this scope's params (its projection left out), with its
+        maps and states: applied as an unbound copy, since what it sows is kept only where
+        "intermediates" is mutable."""
         own = {k: v for k, v in self.variables.items() if k != TEACHER}
         if set(own) != {"params"}:
-            raise ValueError(f"WithTeacher(attention=True): the student must hold params only, got {sorted(own)}")
+            raise ValueError(f"WithTeacher(attention=True or hidden=True): the student must hold params only, "
+                             f"got {sorted(own)}")
         rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else {}
         student = self.student.clone(parent=None)
-        return output_and_attention(student, own, x, value_relations=True, rngs=rngs, **mode_kwargs(student, True))
+        return output_and_attention(student, student_variables(own), x, value_relations=self.attention,
+                                    hidden_states=self.hidden, rngs=rngs, **mode_kwargs(student, True))
+
+    def _projection_shape(self) -> tuple[int, int, int]:
+        """``[L, C_s, C_t]`` from the two transformers' configs (as many layers)."""
+        widths = []
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            config = getattr(model, "config", None)
+            if not (hasattr(config, "num_layers") and hasattr(config, "embed_dim")):
+                raise ValueError(f"WithTeacher(hidden=True): the {role} must be a jaxnet transformer (a config "
+                                 f"with num_layers and embed_dim), got {type(model).__name__}")
+            widths.append((config.num_layers, config.embed_dim))
+        (ls, cs), (lt, ct) = widths
+        if ls != lt:
+            raise ValueError(f"WithTeacher(hidden=True) compares the blocks' outputs layer by layer: the student "
+                             f"has {ls} layers, the teacher {lt}")
+        return ls, cs, ct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,36 +169,44 @@ class DistillLoss:
       alpha: the soft term's weight, in [0, 1]; 0 is plain cross-entropy on the labels, 1 ignores them.
       attention_weight: w >= 0, the attention-transfer term's weight; > 0 needs the maps
         (``WithTeacher(..., attention=True)``).
+      hidden_weight: h >= 0, the hidden-state term's weight; > 0 needs the states
+        (``WithTeacher(..., hidden=True)``).
     """
 
     temperature: float = 4.0
     alpha: float = 0.9
     attention_weight: float = 0.0
+    hidden_weight: float = 0.0
 
     def __post_init__(self):
         if check_number(self.temperature, "DistillLoss: temperature") <= 0:
             raise ValueError(f"DistillLoss: temperature must be > 0, got {self.temperature}")
         if not 0.0 <= check_number(self.alpha, "DistillLoss: alpha") <= 1.0:
             raise ValueError(f"DistillLoss: alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= check_number(self.attention_weight, "DistillLoss: attention_weight") < float("inf"):
-            raise ValueError(f"DistillLoss: attention_weight must be finite and >= 0, got {self.attention_weight}")
+        for name in ("attention_weight", "hidden_weight"):
+            if not 0.0 <= check_number(getattr(self, name), f"DistillLoss: {name}") < float("inf"):
+                raise ValueError(f"DistillLoss: {name} must be finite and >= 0, got {getattr(self, name)}")
 
     def __call__(self, pred, labels, *, reduction: str = "mean", weights=None, mask=None):
         """The loss of ``pred`` against integer ``labels``.
 
         Args:
           pred: ``(student_logits, teacher_logits)``, both ``[..., C]`` (``WithTeacher`` in training;
-            with ``attention_weight``, also both models' maps ``[2L, B, H, T, T]``), or the student's
-            logits ``[..., C]`` alone (evaluation), which gives ``CE(s, y)``.
+            with ``attention_weight``, then both models' maps ``[2L, B, H, T, T]``; with
+            ``hidden_weight``, then both models' states ``[L, B, T, C_t]``), or the student's logits
+            ``[..., C]`` alone (evaluation), which gives ``CE(s, y)``.
           labels: integer ``[...]`` class labels (``logits.shape[:-1]``).
           reduction, weights, mask: as in ``jaxnet.losses`` (per-example shape ``[...]``).
         """
         if not isinstance(pred, tuple):
             return losses.cross_entropy(pred, labels, reduction=reduction, weights=weights, mask=mask)
-        if len(pred) != (4 if self.attention_weight else 2):
-            want = ("(student_logits, teacher_logits, student_maps, teacher_maps): WithTeacher(attention=True)"
-                    if self.attention_weight else "(student_logits, teacher_logits)")
-            raise ValueError(f"DistillLoss: pred must be {want}, got {len(pred)} arrays")
+        want = ["student_logits", "teacher_logits"]
+        want += ["student_maps", "teacher_maps"] if self.attention_weight else []
+        want += ["student_states", "teacher_states"] if self.hidden_weight else []
+        if len(pred) != len(want):
+            flags = [f for f, on in (("attention=True", self.attention_weight), ("hidden=True", self.hidden_weight)) if on]
+            raise ValueError(f"DistillLoss: pred must be ({', '.join(want)})"
+                             f"{': WithTeacher(' + ', '.join(flags) + ')' if flags else ''}, got {len(pred)} arrays")
         student_logits, teacher_logits = pred[:2]
         hard = losses.cross_entropy(student_logits, labels, reduction=reduction, weights=weights, mask=mask)
         soft = losses.distillation(student_logits, teacher_logits, temperature=self.temperature,
@@ -165,8 +214,12 @@ class DistillLoss:
         loss = self.alpha * soft + (1.0 - self.alpha) * hard
         if self.attention_weight:  # the maps' mean (each [B, H, T, T]: layers' attention, value relations)
             maps = [losses.attention_transfer(s, t, reduction=reduction, weights=weights, mask=mask)
-                    for s, t in zip(*pred[2:])]
+                    for s, t in zip(*pred[2:4])]
             loss = loss + self.attention_weight * sum(maps) / len(maps)
+        if self.hidden_weight:  # the layers' mean (each [B, T, C_t])
+            states = [losses.hidden_state_transfer(s, t, reduction=reduction, weights=weights, mask=mask)
+                      for s, t in zip(*pred[-2:])]
+            loss = loss + self.hidden_weight * sum(states) / len(states)
         return loss
 
 
@@ -214,9 +267,13 @@ def _by_path(tree) -> dict:
 
 def student_variables(state) -> dict:
     """The student's own variables (``{"params": ..., "batch_stats": ...}``) from a ``WithTeacher``
-    run's ``TrainState`` or variables dict: what ``model.student.apply`` takes."""
+    run's ``TrainState`` or variables dict: what ``model.student.apply`` takes (the teacher and the
+    hidden-state projection left out)."""
     variables = state.variables if isinstance(state, TrainState) else state
-    return {k: v for k, v in variables.items() if k != TEACHER}
+    own = {k: v for k, v in variables.items() if k != TEACHER}
+    if HIDDEN_PROJECTION in own.get("params", {}):
+        own["params"] = {k: v for k, v in own["params"].items() if k != HIDDEN_PROJECTION}
+    return own
 
 
-__all__ = ["DistillLoss", "TEACHER", "WithTeacher", "distill_state", "student_variables"]
+__all__ = ["DistillLoss", "HIDDEN_PROJECTION", "TEACHER", "WithTeacher", "distill_state", "student_variables"]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 SOWN = "attention_weights"  # the name CausalSelfAttention sows its probabilities under
 VALUE_RELATION = "value_relation"  # and its value relations (distillation), into RELATIONS
+HIDDEN_STATE = "hidden_state"  # and each Block its output (distillation), into "intermediates"
 RELATIONS = "relations"  # a collection of their own: computed only when it is mutable
 
 
@@ -34,15 +35,19 @@ def attention_weights(model, variables, ids, **apply_kwargs) -> jax.Array:
     return output_and_attention(model, variables, ids, **apply_kwargs)[1]
 
 
-def output_and_attention(model, variables, ids, *, value_relations: bool = False, **apply_kwargs) -> tuple:
+def output_and_attention(model, variables, ids, *, value_relations: bool = False, hidden_states: bool = False,
+                         **apply_kwargs) -> tuple:
     """``(model's output, attention_weights)`` of one ``model.apply`` (as ``attention_weights``);
     with ``value_relations``, the maps are ``[2L, B, H, T, T]``: the L attention maps, then each
-    layer's value relation (MiniLM: ``softmax(v v^T / sqrt(d))`` per head, over every position)."""
+    layer's value relation (MiniLM: ``softmax(v v^T / sqrt(d))`` per head, over every position).
+    With ``hidden_states``, ``(output, maps, states)``: ``states [L, B, T, C]``, each block's output."""
     collections = ["intermediates", RELATIONS] if value_relations else ["intermediates"]
     out, state = model.apply(variables, ids, mutable=collections, **apply_kwargs)
     maps = _by_block(model, state.get("intermediates", {}), SOWN)
     if value_relations:
         maps = jnp.concatenate([maps, _by_block(model, state.get(RELATIONS, {}), VALUE_RELATION)])
+    if hidden_states:
+        return out, maps, _by_block(model, state.get("intermediates", {}), HIDDEN_STATE)
     return out, maps
 
 
@@ -79,4 +84,4 @@ def rollout(weights) -> jax.Array:
     return out
 
 
-__all__ = ["RELATIONS", "SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention", "rollout"]
+__all__ = ["HIDDEN_STATE", "RELATIONS", "SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention", "rollout"]

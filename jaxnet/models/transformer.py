@@ -330,7 +330,10 @@ class Block(nn.Module):
             nn.LayerNorm(dtype=jnp.float32, name="ln1")(x).astype(cfg.dtype), positions, train, cache)
         x = x + drop(a)
         m = MLPBlock(cfg, name="mlp")(nn.LayerNorm(dtype=jnp.float32, name="ln2")(x).astype(cfg.dtype))
-        return x + drop(m), cache
+        y = x + drop(m)
+        # For TinyBERT's hidden-state transfer (distillation): kept only when "intermediates" is mutable.
+        self.sow("intermediates", "hidden_state", y)
+        return y, cache
 
 
 class Trunk(nn.Module):
