@@ -99,7 +99,7 @@ class WithTeacher(nn.Module):
             projection = self.param(HIDDEN_PROJECTION, nn.initializers.lecun_normal(batch_axis=(0,)),
                                     self._projection_shape())
         if (self.attention or self.hidden) and train and not self.is_initializing():
-            student_logits, *student_views = self._student_with_maps(x)
+            student_logits, *student_views = self._student_with_views(x)  # (maps,) or (maps, states)
         else:
             nn.share_scope(self, self.student)
             student_logits = self.student(x, **mode_kwargs(self.student, train))
@@ -129,7 +129,7 @@ class WithTeacher(nn.Module):
             out += (xla.einsum("lbtc,lcd->lbtd", states, projection.astype(states.dtype)), teacher_views[-1])
         return out
 
-    def _student_with_maps(self, x):
+    def _student_with_views(self, x):
         """The student in training mode on this scope's params (its projection left out), with its
         maps and states: applied as an unbound copy, since what it sows is kept only where
         "intermediates" is mutable."""
@@ -204,7 +204,8 @@ class DistillLoss:
         want += ["student_maps", "teacher_maps"] if self.attention_weight else []
         want += ["student_states", "teacher_states"] if self.hidden_weight else []
         if len(pred) != len(want):
-            flags = [f for f, on in (("attention=True", self.attention_weight), ("hidden=True", self.hidden_weight)) if on]
+            flags = [flag for flag, on in (("attention=True", self.attention_weight),
+                                           ("hidden=True", self.hidden_weight)) if on]
             raise ValueError(f"DistillLoss: pred must be ({', '.join(want)})"
                              f"{': WithTeacher(' + ', '.join(flags) + ')' if flags else ''}, got {len(pred)} arrays")
         student_logits, teacher_logits = pred[:2]

@@ -84,4 +84,5 @@ def rollout(weights) -> jax.Array:
     return out
 
 
-__all__ = ["HIDDEN_STATE", "RELATIONS", "SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention", "rollout"]
+__all__ = ["HIDDEN_STATE", "RELATIONS", "SOWN", "VALUE_RELATION", "attention_weights", "output_and_attention",
+           "rollout"]
