@@ -16,7 +16,7 @@ import pytest
 from experiments import common
 from jaxnet.models.transformer import TransformerConfig
 
-EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_parallel", "bench_seed", "gpu_check", "lm", "recsys",
+EXPERIMENTS = ("bench_checkpoint", "bench_kernels", "bench_lm", "bench_parallel", "bench_peak", "bench_seed", "gpu_check", "lm", "recsys",
                "seed_simple_net", "sweep", "vision")
 TRAINING = ("lm", "recsys", "seed_simple_net", "vision")
 
@@ -410,6 +410,33 @@ def test_bench_lm_runs_both_sides(tmp_path):
     assert result["params"] == result["pytorch_params"]
     assert result["jaxnet_tokens_per_s"] > 0 and result["speedup_vs_pytorch"] > 0
     assert result["dtype"] == "float32" and result["block_size"] == 8
+
+
+def test_bench_peak_sets_each_dot_against_its_instructions_peak(tmp_path):
+    from experiments import bench_peak
+    from kernels.numba_cpu import peak
+
+    result = bench_peak.main(["--sizes", "64", "--repeats", "2", "--warmup", "1", "--peak-seconds", "0.005",
+                              "--workdir", str(tmp_path)])
+    kinds = set(peak.instructions())
+    assert {k for k in result["peaks"]} == kinds
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    for name, kind in bench_peak.VARIANTS.items():
+        if kind not in kinds:
+            assert f"{name}_us" not in rows[0]
+            continue
+        row = rows[0]
+        assert row[f"{name}_of_peak"] == pytest.approx(row[f"{name}_gops"] / result["peaks"][kind]["gops_all_cores"],
+                                                       abs=1e-3)
+        assert row[f"{name}_fastest_of_peak"] >= row[f"{name}_of_peak"]
+    assert (tmp_path / "table.md").read_text().startswith("| kind | instruction |")
+
+
+def test_bench_peak_refuses_bad_sizes():
+    from experiments import bench_peak
+
+    with pytest.raises(ValueError, match="--sizes must be positive"):
+        bench_peak.Config(sizes=(0,))
 
 
 def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path, monkeypatch):
