@@ -23,7 +23,7 @@ _checked: list[pathlib.Path] = []
 # Modules of this package that no compiled function reads (pure Python around the kernels):
 # editing them keeps the cache, whose cold rebuild takes minutes.
 NOT_COMPILED = frozenset({"__init__.py", "_batching.py", "_cache.py", "backend.py", "blocking.py", "mlp_sgd.py",
-                          "tune.py"})
+                          "peak.py", "tune.py"})
 
 
 def sources() -> list[pathlib.Path]:

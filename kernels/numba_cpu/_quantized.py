@@ -26,7 +26,9 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   byte permutes a step, beside 16 ``vpdpbusd``). Without VNNI the same IR multiplies widened
   vectors (LLVM's own lowering).
 
-Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored.
+Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored
+(whole tiles on vectors, ``_store_row``: at K = 128 w8a8's scalar loop had taken longer than the
+product).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
 ``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
 Measurements in docs/benchmarks.md ("Quantized dense").
@@ -222,6 +224,51 @@ def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
     return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out), codegen
 
 
+@intrinsic(prefer_literal=True)
+def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo, width):
+    """``_store`` of a whole tile row at once: ``y[yo + c] = act(float(acc[ao + c] - off) * factor
+    * s[j0 + c] + (b[j0 + c] if has_bias else 0))`` for c < width (a literal multiple of 16), act
+    relu (NaN kept) or identity: the same operations in the same order as ``_store``, on 16-lane
+    vectors. acc: int32 (w8a8) or float32 (weight-only: off unused) 1-D; s, b, y: float32 1-D (b
+    is read either way: the handlers pass s for a missing bias)."""
+    if not isinstance(width, types.IntegerLiteral) or width.literal_value % 16:
+        return None
+    nvec, is_int = width.literal_value // 16, isinstance(acc.dtype, types.Integer)
+
+    def codegen(context, builder, sig, args):
+        acca, ao_, off_, factor_, sa, ba, j0_, hb_, relu_, ya, yo_, _ = args
+        ao_, j0_, yo_ = (_i64(context, builder, v, t) for v, t in zip(
+            (ao_, j0_, yo_), (sig.args[1], sig.args[6], sig.args[10])))
+        off_ = context.cast(builder, off_, sig.args[2], types.int32)
+        factor_ = context.cast(builder, factor_, sig.args[3], types.float32)
+        hb_ = context.cast(builder, hb_, sig.args[7], types.boolean)
+        relu_ = context.cast(builder, relu_, sig.args[8], types.boolean)
+        ap, sp, bp, yp = (_data(context, builder, sig.args[i], a) for i, a in ((0, acca), (4, sa), (5, ba), (9, ya)))
+        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v32, vf = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+        zero = ir.Constant(vf, None)
+
+        def vec(ptr, at, ty):
+            return builder.bitcast(builder.gep(ptr, [at], inbounds=True), ty.as_pointer())
+
+        for h in range(nvec):
+            if is_int:
+                a = builder.load(vec(ap, builder.add(ao_, i64(16 * h)), v32), align=4)
+                v = builder.sitofp(builder.sub(a, _splat(builder, off_, v32)), vf)
+            else:
+                v = builder.load(vec(ap, builder.add(ao_, i64(16 * h)), vf), align=4)
+            v = builder.fmul(v, _splat(builder, factor_, vf))
+            v = builder.fmul(v, builder.load(vec(sp, builder.add(j0_, i64(16 * h)), vf), align=4))
+            bias = builder.load(vec(bp, builder.add(j0_, i64(16 * h)), vf), align=4)
+            v = builder.fadd(v, builder.select(hb_, bias, zero))
+            keep = builder.or_(builder.fcmp_unordered(">", v, zero), _splat(builder, builder.not_(relu_),
+                                                                              ir.VectorType(ir.IntType(1), 16)))
+            builder.store(builder.select(keep, v, zero), vec(yp, builder.add(yo_, i64(16 * h)), vf), align=4)
+        return context.get_dummy_value()
+    u = types.unliteral
+    return types.none(acc, u(ao), u(off), u(factor), s, b, u(j0), u(has_bias), u(relu), y, u(yo), width), codegen
+
+
 @njit(**_OPTS)
 def _padded_columns(wq, j0, width):
     """``w_q[:, j0:]`` zero-padded to ``width`` columns, flat ``[K * width]``: the last, partial
@@ -272,6 +319,7 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
     i0, p0 = (t // ncb) * BLOCK_ROWS, (t % ncb) * (BLOCK_COLS // WO_NR)
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // WO_NR, (N + WO_NR - 1) // WO_NR)
     nfull = N // WO_NR
+    yf = as_shape(y, y.size)
     tile = carray(_ffi.stack_buffer(_WO_TILE, float32), _WO_TILE)
     for p in range(p0, p1):
         j0 = p * WO_NR
@@ -287,7 +335,11 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
             else:
                 _wo_tile(xf, r0 * K, K, 1, src, wo, ldw, K, tile)
             for r in range(rows):
-                _store(y, r0 + r, j0, min(WO_NR, N - j0), tile[r * WO_NR:], float32(1), s, b, has_bias, relu)
+                if p < nfull:  # a whole tile row, on vectors
+                    _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, yf, (r0 + r) * N + j0,
+                               WO_NR)
+                else:
+                    _store(y, r0 + r, j0, N - j0, tile[r * WO_NR:], float32(1), s, b, has_bias, relu)
             r0 += rows
 
 
@@ -299,6 +351,7 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
     tile of the block (the tile's rows of w_q, one 64-byte line each, stay in L1 meanwhile),
     accumulating in a block-high int32 scratch. The first ``4 * (K // 4)`` k go through
     ``_dot4_tile`` (which adds ``128 * rowsum``, taken off here), the last K % 4 through a plain loop.
+    Whole 32-column tiles (K % 4 = 0) are stored on vectors (``_store_row``), others by ``_store``.
     """
     M, N = y.shape
     ncb, _ = _grid(M, N)
@@ -306,6 +359,7 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // Q_NR, (N + Q_NR - 1) // Q_NR)
     nfull = N // Q_NR
     nq = K // 4
+    yf = as_shape(y, y.size)
     acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (BLOCK_ROWS, Q_NR)
     for p in range(p0, p1):
         j0 = p * Q_NR
@@ -329,8 +383,11 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
                     _dot4_tile(qf, r0 * K + qo, K, 1, src, woc, ldw, nqc, dst)
                 r0 += rows
         for i in range(i0, i1):
-            a = acc[(i - i0) * Q_NR:(i - i0 + 1) * Q_NR]
             off = int32(128) * rowsum[i]
+            if cols == Q_NR and K == 4 * nq:  # the common case, on vectors
+                _store_row(acc, (i - i0) * Q_NR, off, sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, Q_NR)
+                continue
+            a = acc[(i - i0) * Q_NR:(i - i0 + 1) * Q_NR]
             for c in range(Q_NR):
                 a[c] -= off
             for k in range(4 * nq, K):  # the last K % 4 k

@@ -292,6 +292,32 @@ def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
         assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)) <= tol)
 
 
+@pytest.mark.parametrize("share", (0, 1))
+@pytest.mark.parametrize("act_quant", (None, "int8"))
+def test_numba_vector_stores(act_quant, share):
+    """Rows in tiles of 4 (weight-only: 5 x 4 + 1) or 8 (w8a8: 8 + 8 + 4 + 1), K % 4 = 0, whole
+    column tiles (64 or 32 wide: the vectorised epilogue) beside a partial one (N = 70: the
+    scalar one), with and without a bias, relu and identity, a row of NaN (kept by relu, as
+    ``jnp.maximum`` keeps it), on the caller alone and shared with XLA's threads."""
+    from kernels.numba_cpu import _quantized, backend
+
+    assert 21 > _quantized.Q_MR > _quantized.WO_MR and 128 % _quantized.WO_NR == 128 % _quantized.Q_NR == 0
+    for n, bias, activation in ((128, True, "relu"), (128, False, "identity"), (70, True, "identity"),
+                                (70, False, "relu")):
+        call = make_quantized_call((21,), 132, n, act_quant=act_quant, activation=activation, bias=bias, seed=n)
+        x = np.array(call.args[0])
+        x[5] = np.nan
+        args = (jnp.asarray(x), *call.args[1:])
+        with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1 if share else 2**62)):
+            assert backend.share_attribute(21, 132, n) == share
+            got = np.asarray(jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*args), np.float64)
+        want = np.asarray(reference.quantized_dense(*args, **call.kwargs), np.float64)
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[5]).all()
+        ok = ~np.isnan(want)
+        tol = QuantizedBounds.from_inputs(call.args, call.kwargs).forward(np.asarray(want))
+        assert np.all(np.abs(got - want)[ok] <= np.broadcast_to(tol, want.shape)[ok]), (n, bias, activation)
+
+
 # --- Against the float layer ------------------------------------------------------------------
 
 @pytest.mark.parametrize("act_quant", (None, "int8"))
