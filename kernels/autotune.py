@@ -13,7 +13,8 @@ no earlier process measured on this machine, each candidate's forward and forwar
 bucket's shape, interleaved, medians of a few samples (``kernels.timing``; three times as many
 where the two fastest are within 25%): about a second for small buckets, seconds for the
 largest. The fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")``
-(``kernels.machine``: keyed by the CPU and the versions of jaxnet, jax, jaxlib and numba), so
+(``kernels.machine``: keyed by the CPU, the versions of jaxnet, jax, jaxlib and numba and the
+kernels' sources), so
 later processes read it instead of measuring; a close call (the two fastest within ``CLOSE``) is
 measured once more by the next process that meets it, and each backend keeps the faster of its
 two medians (a passing load only ever adds time). An entry that does not name one of today's

@@ -3,12 +3,13 @@
     m = describe()                       # Machine(model="AMD EPYC", isa=frozenset({"avx512f", ...}), ...)
     m.as_dict()                          # what benchmark results record
     cache = TuningCache("numba_blocking")
-    cache.get() / cache.put({...})       # one JSON file per (kind, machine, versions)
+    cache.get() / cache.put({...})       # one JSON file per (kind, machine, versions, sources)
 
 A tuned value is only valid for the machine and the code it was measured with, so the cache key
-holds the CPU model, its ISA features, its cache sizes and the versions of jaxnet, jax, jaxlib
-and numba: a new version never reads an old entry. ``reset()`` (or deleting the directory,
-``$JAXNET_TUNING_DIR``, default ``~/.cache/jaxnet/tuning``) forgets everything.
+holds the CPU model, its ISA features, its cache sizes, the versions of jaxnet, jax, jaxlib and
+numba, and a digest of this package's sources (``sources_digest``): a new version, or an edited
+kernel in a checkout (whose version stays), never reads an old entry. ``reset()`` (or deleting
+the directory, ``$JAXNET_TUNING_DIR``, default ``~/.cache/jaxnet/tuning``) forgets everything.
 """
 from __future__ import annotations
 
@@ -124,6 +125,16 @@ def versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
     return out
 
 
+@functools.cache
+def sources_digest(root: pathlib.Path = pathlib.Path(__file__).parent) -> str:
+    """A digest of every ``.py`` file under ``root`` (default: the ``kernels`` package), names and
+    contents: what a tuned value was measured with, beside the versions."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def tuning_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get(TUNING_DIR_ENV) or pathlib.Path.home() / ".cache" / "jaxnet" / "tuning")
 
@@ -134,7 +145,7 @@ def reset() -> None:
 
 
 class TuningCache:
-    """One JSON object per (kind, machine, versions), in ``tuning_dir()``.
+    """One JSON object per (kind, machine, versions, sources), in ``tuning_dir()``.
 
     ``machine`` defaults to ``describe()``; the file name is the kind and a hash of the key, and
     the file holds the key itself, so an entry whose key differs (a hash collision, a hand edit)
@@ -144,7 +155,7 @@ class TuningCache:
     def __init__(self, kind: str, machine: Machine | None = None):
         m = machine or describe()
         self.kind = kind
-        self.key = {"kind": kind, "machine": m.as_dict(), "versions": versions()}
+        self.key = {"kind": kind, "machine": m.as_dict(), "versions": versions(), "sources": sources_digest()}
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = tuning_dir() / f"{kind}-{digest}.json"
 
@@ -193,4 +204,5 @@ class TuningCache:
             return False
 
 
-__all__ = ["ISA_FEATURES", "Machine", "TuningCache", "cpu_model", "describe", "reset", "tuning_dir", "versions"]
+__all__ = ["ISA_FEATURES", "Machine", "TuningCache", "cpu_model", "describe", "reset", "sources_digest", "tuning_dir",
+           "versions"]

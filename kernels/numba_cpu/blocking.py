@@ -33,8 +33,8 @@ high-performance BLIS") for this kernel's loops, S the element size:
   one core never shares.
 
 ``chosen(dtype)`` is the blocking in force: the entry that the tuner (``kernels.numba_cpu.tune``)
-stored in ``TuningCache(CACHE_KIND)`` (keyed by the machine and the versions of jaxnet, jax,
-jaxlib and numba): a neighbour measured faster than the derived blocking, or the derived one
+stored in ``TuningCache(CACHE_KIND)`` (keyed by the machine, the versions of jaxnet, jax,
+jaxlib and numba and the kernels' sources): a neighbour measured faster than the derived blocking, or the derived one
 where none was. With no entry, the first use in a process tunes (seconds; docs/benchmarks.md)
 and stores one, so that later processes read it (processes meeting it at once: one tunes, the
 others wait for its entry, so that a job's processes run the same blocking). ``$JAXNET_NUMBA_BLOCKING``:

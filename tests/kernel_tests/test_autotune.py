@@ -150,6 +150,31 @@ def test_entries_are_keyed_by_machine_and_versions(fake_timing, monkeypatch):
     autotune.forget()
     autotune.choose(64, 64, 64, "float32", "relu", CPU)  # other versions: measured again
     assert fake_timing["calls"] == 2
+    monkeypatch.setattr(machine, "sources_digest", lambda: "an edited kernel")
+    assert machine.TuningCache(autotune.KIND).get() is None
+    autotune.forget()
+    autotune.choose(64, 64, 64, "float32", "relu", CPU)  # the same versions, other sources: measured again
+    assert fake_timing["calls"] == 3
+
+
+def test_the_sources_digest_follows_every_python_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    digest = machine.sources_digest.__wrapped__
+    first = digest(tmp_path)
+    assert digest(tmp_path) == first
+    (tmp_path / "notes.txt").write_text("not source")
+    assert digest(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    edited = digest(tmp_path)
+    assert edited != first
+    (tmp_path / "sub" / "c.py").write_text("")
+    assert digest(tmp_path) != edited
+    (tmp_path / "sub" / "c.py").unlink()
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "d.py")  # the same bytes under another name
+    assert digest(tmp_path) != edited
+    assert len(machine.sources_digest()) == 16
 
 
 @pytest.mark.parametrize("damage", ["not json", "bad entry", "other candidates", "bad times"])
