@@ -27,8 +27,8 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   vectors (LLVM's own lowering).
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored
-(whole tiles on vectors, ``_store_row``: at K = 128 w8a8's scalar loop had taken longer than the
-product).
+(whole tile rows on vectors, ``_store_row``; partial tiles, and w8a8 with K % 4 != 0, by the
+scalar ``_store``).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
 ``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
 Measurements in docs/benchmarks.md ("Quantized dense").
