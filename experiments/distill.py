@@ -17,8 +17,9 @@ updates) and a 2-layer, 64-wide student with as many heads (300 updates), T = 2,
 the teacher's attention maps and value relations (MiniLM) and its blocks' outputs (TinyBERT) as
 extra targets (``--lm.attention-weight``, ``--lm.hidden-weight``).
 
-Reports each model's test accuracy or held-out bits per character and the fraction of the
-student-teacher gap that distillation closes (issue 22's target: at least half); the study itself
+Reports each model's test accuracy (and cross-entropy) or held-out bits per character and the
+fraction of the student-teacher gap that distillation closes (issue 22's target: at least half;
+for the digits also in cross-entropy, ``gap_closed_nll``); the study itself
 is ``jaxnet.studies.distill``. Writes each model's metrics.jsonl, loss_curve.png and final weights
 under ``<workdir>/<task>/<model>``, and result.json. Measured: docs/benchmarks.md ("Distillation").
 """

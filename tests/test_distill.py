@@ -429,6 +429,12 @@ def test_distill_and_compress_experiments_end_to_end(tmp_path, monkeypatch):
                            "--checkpoint-every", "0", "--workdir", str(tmp_path / "d")])
     assert set(result["gap_closed_target_met"]) == {"digits", "lm"}
     assert result["lm"]["distilled_bits_per_char"] > 0 and 0 <= result["digits"]["distilled_accuracy"] <= 1
+    from jaxnet.studies.distill import gap_closed
+
+    d = result["digits"]  # the gap in test cross-entropy too, against the scratch student of lower loss
+    assert min(d[k] for k in ("teacher_nll", "scratch_nll", "scratch_plain_nll", "distilled_nll")) > 0
+    want = gap_closed(-min(d["scratch_nll"], d["scratch_plain_nll"]), -d["distilled_nll"], -d["teacher_nll"])
+    assert d["gap_closed_nll"] == want
     assert json.loads((tmp_path / "d" / "result.json").read_text())["digits"] == result["digits"]
 
 
