@@ -56,6 +56,21 @@ def test_instructions_follow_the_features(monkeypatch, features, want):
         assert inst.ops == lanes * {"f32_fma": 1, "bf16_dot": 2, "int8_dot": 4}[inst.kind] * 2
 
 
+def test_the_avx2_form_runs_on_ymm_registers(monkeypatch):
+    # What a CPU with FMA but no AVX-512 (Zen 1) gets: 8 lanes, 16 ops an instruction.
+    if "f32_fma" not in HAVE:
+        pytest.skip("this CPU has no FMA")
+    monkeypatch.setattr(peak, "_features", lambda: {"-avx512f", "+avx2", "+fma"})
+    peak._compiled.cache_clear()
+    try:
+        assert peak.checksum("f32_fma", 100) == peak.ACCUMULATORS * peak.STEPS * 100 * peak.PER_UPDATE["f32_fma"]
+        asm = "\n".join(peak._compiled("f32_fma").inspect_asm().values())
+        assert len(re.findall(MNEMONIC["f32_fma"] + r"\s+%?ymm", asm)) >= peak.ACCUMULATORS * peak.STEPS
+        assert not re.findall(MNEMONIC["f32_fma"] + r"\s+%?zmm", asm)
+    finally:
+        peak._compiled.cache_clear()
+
+
 def test_a_kind_the_cpu_lacks_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(peak, "_features", lambda: {"-avx512f", "+avx2", "+fma"})
     peak._compiled.cache_clear()
