@@ -119,6 +119,9 @@ def quantize_rows(x):
     acc = compute_dtype(x)
     xa = x.astype(acc)
     sx = jnp.max(jnp.abs(xa), axis=-1, initial=0) * jnp.asarray(1 / QMAX, acc)  # (...,)
+    # XLA's CPU max reduction drops NaN from the rows of some shapes (jax 0.10: [64, 132] did):
+    # a row holding one keeps it here, so that its outputs are NaN rather than finite.
+    sx = jnp.where(jnp.isnan(xa).any(axis=-1), jnp.asarray(jnp.nan, acc), sx)
     inv = 1 / jnp.where(sx > 0, sx, 1)  # all-zero rows: 0 * 1 = 0
     q = jnp.clip(jnp.round(xa * inv[..., None]), -QMAX, QMAX).astype(jnp.int8)  # (..., K)
     return q, sx

@@ -22,9 +22,12 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   flip of the sign bit) and ``128 * sum_k q[i, k]`` is taken off each row after. int32 sums
   wrap modulo 2**32, so the result is the exact dot whenever that fits in int32 (K <= 133,144:
   the limit of any int32 accumulation, XLA's included), whatever the offset's own size. The
-  4 x 32 bytes of a step are interleaved from 4 rows of w_q in registers (no packed copy: two
-  byte permutes a step, beside 16 ``vpdpbusd``). Without VNNI the same IR multiplies widened
-  vectors (LLVM's own lowering).
+  4 x 32 bytes of a step are interleaved from 4 rows of w_q (two byte permutes and a flip):
+  once per call into a packed copy (``_pack_quads``, panel after panel of 32 columns) for calls
+  of ``PACK_MIN_ROWS`` rows or more, so that a step of the tile is two aligned loads beside its
+  16 ``vpdpbusd``; in registers at every step for fewer rows (packing would cost about as much
+  as it saves). Without VNNI the same IR multiplies widened vectors (LLVM's own
+  lowering).
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored
 (whole tile rows on vectors, ``_store_row``; partial tiles, and w8a8 with K % 4 != 0, by the
@@ -60,6 +63,9 @@ Q_MR = 8  # w8a8: rows per tile (16 accumulator vectors)
 
 _WO_TILE = WO_MR * WO_NR  # literals for stack_buffer
 KC_QUADS = 64  # w8a8: quads of k per pass over a block's row tiles (256 k)
+# w8a8 packs w_q (``_packed``) for calls of at least this many rows: below, the packing costs
+# more than it saves (docs/benchmarks.md, "Packed weights for w8a8").
+PACK_MIN_ROWS = 64
 WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
 
 # No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
@@ -170,6 +176,25 @@ def _dot4(builder, acc, xb, wv, vnni):
     return acc
 
 
+def _quad_vectors(builder, wp, wo, ldw, k0):
+    """The two ``vpdpbusd`` weight operands of k rows ``k0..k0+3`` of a 32-column tile of w_q
+    (``wp[wo + k * ldw:]``, int8): byte 4c + i of half h is column 16h + c of row k0 + i, + 128."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    b32, b64 = ir.VectorType(i8, 32), ir.VectorType(i8, 64)
+    concat = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
+    # Byte 4c + i of a half is column c of row i (rows 0-1 in the first operand, 2-3 in the second).
+    halves = [ir.Constant(ir.VectorType(i32, 64), [(i % 2) * 32 + (i // 2) * 64 + c + 16 * h
+                                                    for c in range(16) for i in range(4)]) for h in range(2)]
+    flip = ir.Constant(b64, [-128] * 64)  # the sign bit: s8 w -> u8 w + 128
+    rows4 = []
+    for i in range(4):
+        at = builder.add(wo, builder.mul(builder.add(k0, i64(i)), ldw))
+        rows4.append(builder.load(builder.bitcast(builder.gep(wp, [at], inbounds=True), b32.as_pointer()), align=1))
+    r01 = builder.shuffle_vector(rows4[0], rows4[1], concat)
+    r23 = builder.shuffle_vector(rows4[2], rows4[3], concat)
+    return [builder.xor(builder.shuffle_vector(r01, r23, halves[h]), flip) for h in range(2)]
+
+
 @intrinsic(prefer_literal=True)
 def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
     """``out[r*32 + c] += sum_{l < 4 nq} (w[wo + l*ldw + c] + 128) * q[qo + r*ldq + l]`` for
@@ -186,13 +211,8 @@ def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
         qo_, ldq_, wo_, ldw_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
             (qo_, ldq_, wo_, ldw_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
         qp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (8, oa)))
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        v32, b32, b64 = ir.VectorType(i32, 16), ir.VectorType(i8, 32), ir.VectorType(i8, 64)
-        concat = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
-        # Byte 4c + i of a half is column c of row i (rows 0-1 in the first operand, 2-3 in the second).
-        halves = [ir.Constant(ir.VectorType(i32, 64), [(i % 2) * 32 + (i // 2) * 64 + c + 16 * h
-                                                        for c in range(16) for i in range(4)]) for h in range(2)]
-        flip = ir.Constant(b64, [-128] * 64)  # the sign bit: s8 w -> u8 w + 128
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v32 = ir.VectorType(i32, 16)
         inits = []
         for i in range(2 * nrows):
             inits.append(builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()),
@@ -200,14 +220,7 @@ def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
 
         def body(l, accs):
             k0 = builder.mul(l, i64(4))
-            rows4 = []
-            for i in range(4):
-                at = builder.add(wo_, builder.mul(builder.add(k0, i64(i)), ldw_))
-                rows4.append(builder.load(builder.bitcast(builder.gep(wp, [at], inbounds=True), b32.as_pointer()),
-                                          align=1))
-            r01 = builder.shuffle_vector(rows4[0], rows4[1], concat)
-            r23 = builder.shuffle_vector(rows4[2], rows4[3], concat)
-            wv = [builder.xor(builder.shuffle_vector(r01, r23, halves[h]), flip) for h in range(2)]
+            wv = _quad_vectors(builder, wp, wo_, ldw_, k0)
             new = []
             for r in range(nrows):
                 at = builder.add(builder.add(qo_, builder.mul(i64(r), ldq_)), k0)
@@ -222,6 +235,70 @@ def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
         return context.get_dummy_value()
     u = types.unliteral
     return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _pack_quads(typingctx, w, wo, ldw, nq, dst, do):
+    """``dst[do + 128 l + 64 h + 4 c + i] = w[wo + (4 l + i) ldw + 16 h + c] + 128`` (as u8) for
+    l < nq, h < 2, c < 16, i < 4: 32 columns of w_q, 4 k at a time, in ``vpdpbusd``'s layout (the
+    interleave ``_dot4_tile`` does in registers, done once per call). w, dst: int8 1-D."""
+    def codegen(context, builder, sig, args):
+        wa, wo_, ldw_, nq_, da, do_ = args
+        wo_, ldw_, nq_, do_ = (_i64(context, builder, v, t) for v, t in zip(
+            (wo_, ldw_, nq_, do_), (sig.args[1], sig.args[2], sig.args[3], sig.args[5])))
+        wp, dp = _data(context, builder, sig.args[0], wa), _data(context, builder, sig.args[4], da)
+        i64 = ir.IntType(64)
+        b64 = ir.VectorType(ir.IntType(8), 64)
+
+        def body(l, _):
+            for h, v in enumerate(_quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4)))):
+                at = builder.add(do_, builder.add(builder.mul(l, i64(128)), i64(64 * h)))
+                builder.store(v, builder.bitcast(builder.gep(dp, [at], inbounds=True), b64.as_pointer()), align=1)
+            return []
+
+        _reduction_loop(builder, nq_, [], body)
+        return context.get_dummy_value()
+    u = types.unliteral
+    return types.none(w, u(wo), u(ldw), u(nq), dst, u(do)), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out):
+    """``_dot4_tile`` on weights packed by ``_pack_quads`` (``wp[wpo + 128 l:]``, 64-byte aligned):
+    two loads a step and no shuffles. ``out[r*32 + c] += sum_l ...`` (int32, w + 128)."""
+    if not isinstance(rows, types.IntegerLiteral):
+        return None
+    nrows, vnni = rows.literal_value, has_vnni()
+
+    def codegen(context, builder, sig, args):
+        qa, qo_, ldq_, _, wa, wpo_, nq_, oa = args
+        qo_, ldq_, wpo_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
+            (qo_, ldq_, wpo_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6])))
+        qp, wp_, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (7, oa)))
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v32, b64 = ir.VectorType(i32, 16), ir.VectorType(ir.IntType(8), 64)
+        inits = [builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()),
+                              align=4) for i in range(2 * nrows)]
+
+        def body(l, accs):
+            base = builder.add(wpo_, builder.mul(l, i64(128)))
+            wv = [builder.load(builder.bitcast(builder.gep(wp_, [builder.add(base, i64(64 * h))], inbounds=True),
+                                               b64.as_pointer()), align=64) for h in range(2)]
+            k0 = builder.mul(l, i64(4))
+            new = []
+            for r in range(nrows):
+                at = builder.add(builder.add(qo_, builder.mul(i64(r), ldq_)), k0)
+                word = builder.load(builder.bitcast(builder.gep(qp, [at], inbounds=True), i32.as_pointer()), align=1)
+                xb = _splat(builder, word, v32)
+                new += [_dot4(builder, accs[2 * r + h], xb, wv[h], vnni) for h in range(2)]
+            return new
+
+        final = _reduction_loop(builder, nq_, inits, body)
+        for i, v in enumerate(final):
+            builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    u = types.unliteral
+    return types.none(q, u(qo), u(ldq), rows, wp, u(wpo), u(nq), out), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -308,11 +385,11 @@ def _store(y, i, j0, cols, acc, factor, s, b, has_bias, relu):
 
 
 @njit(**_OPTS)
-def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
+def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
     """Block ``t`` of weight-only: ``y = (x @ w_q) * s + b`` (relu'd) on its rows and columns.
 
     Column tiles of 64 outer (a tile's K x 64 bytes of w_q stay in cache while the row tiles
-    read them), row tiles of 4 (then 2, 1) inner. ``sx``, ``rowsum``: unused (w8a8's).
+    read them), row tiles of 4 (then 2, 1) inner. ``sx``, ``rowsum``, ``packed``: unused (w8a8's).
     """
     M, N = y.shape
     ncb, _ = _grid(M, N)
@@ -344,14 +421,16 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
 
 
 @njit(**_OPTS)
-def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
+def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
     """Block ``t`` of w8a8: ``y = (q @ w_q) * sx[:, None] * s + b`` (relu'd) on its rows and columns.
 
     Per column tile, the reduction runs in passes of ``KC_QUADS`` quads of k over every row
-    tile of the block (the tile's rows of w_q, one 64-byte line each, stay in L1 meanwhile),
-    accumulating in a block-high int32 scratch. The first ``4 * (K // 4)`` k go through
-    ``_dot4_tile`` (which adds ``128 * rowsum``, taken off here), the last K % 4 through a plain loop.
-    Whole 32-column tiles (K % 4 = 0) are stored on vectors (``_store_row``), others by ``_store``.
+    tile of the block (the tile's weights stay in L1 meanwhile), accumulating in a block-high
+    int32 scratch. The first ``4 * (K // 4)`` k go through ``_dot4_packed_tile`` on ``packed``
+    (``_pack_quads``'s layout, panel after panel), or ``_dot4_tile`` on w_q itself when
+    ``packed`` is empty; both add ``128 * rowsum``, taken off here. The last K % 4 k go through a
+    plain loop. Whole 32-column tiles (K % 4 = 0) are stored on vectors (``_store_row``), others
+    by ``_store``.
     """
     M, N = y.shape
     ncb, _ = _grid(M, N)
@@ -368,19 +447,25 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum):
         acc[:] = 0
         for c0 in range(0, nq, KC_QUADS):
             nqc = min(KC_QUADS, nq - c0)
-            qo, woc = 4 * c0, wo + 4 * c0 * ldw
+            qo, woc, wpo = 4 * c0, wo + 4 * c0 * ldw, (p * nq + c0) * 128
             r0 = i0
             while r0 < i1:
                 rows = min(Q_MR, i1 - r0)
-                dst = acc[(r0 - i0) * Q_NR:]
-                if rows == 8:
-                    _dot4_tile(qf, r0 * K + qo, K, 8, src, woc, ldw, nqc, dst)
-                elif rows >= 4:
-                    rows = 4
-                    _dot4_tile(qf, r0 * K + qo, K, 4, src, woc, ldw, nqc, dst)
+                rows = 8 if rows == 8 else (4 if rows >= 4 else 1)
+                dst, qr = acc[(r0 - i0) * Q_NR:], r0 * K + qo
+                if packed.size == 0:
+                    if rows == 8:
+                        _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst)
+                    elif rows == 4:
+                        _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst)
+                    else:
+                        _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst)
+                elif rows == 8:
+                    _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst)
+                elif rows == 4:
+                    _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst)
                 else:
-                    rows = 1
-                    _dot4_tile(qf, r0 * K + qo, K, 1, src, woc, ldw, nqc, dst)
+                    _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst)
                 r0 += rows
         for i in range(i0, i1):
             off = int32(128) * rowsum[i]
@@ -409,10 +494,11 @@ def _block_typed(t, ops):
 
 
 # The job: int64 slots in a malloc'd block. ``ops`` (x or q, K, w_q, tail, s, b, has_bias, relu,
-# y, sx, rowsum) travels as pointers and sizes.
+# y, sx, rowsum, packed) travels as pointers and sizes.
 _J_NEXT, _J_DONE, _J_REFS, _J_NBLOCKS, _J_M, _J_K, _J_N, _J_TAIL_N = 0, 8, 16, 24, 32, 40, 48, 56
 _J_X, _J_W, _J_TAIL, _J_S, _J_B, _J_FLAGS, _J_Y, _J_SX, _J_ROWSUM, _J_SX_N = 64, 72, 80, 88, 96, 104, 112, 120, 128, 136
-_J_BYTES = 144
+_J_PACKED, _J_PACKED_N = 144, 152
+_J_BYTES = 160
 # The helper tasks' link-time names, by kind (see ``_task_address``).
 TASK_SYMBOLS = ("jaxnet_numba_quantized_task_weight_only", "jaxnet_numba_quantized_task_w8a8")
 
@@ -445,7 +531,8 @@ def run_job(job, xtype):
            carray(as_pointer(ld(job + _J_TAIL), int8), ld(job + _J_TAIL_N)),
            carray(as_pointer(ld(job + _J_S), float32), n), carray(as_pointer(ld(job + _J_B), float32), n),
            flags & 1 != 0, flags & 2 != 0, carray(as_pointer(ld(job + _J_Y), float32), (m, n)),
-           carray(as_pointer(ld(job + _J_SX), float32), nsx), carray(as_pointer(ld(job + _J_ROWSUM), int32), nsx))
+           carray(as_pointer(ld(job + _J_SX), float32), nsx), carray(as_pointer(ld(job + _J_ROWSUM), int32), nsx),
+           carray(as_pointer(ld(job + _J_PACKED), int8), ld(job + _J_PACKED_N)))
     _claim(job, ld(job + _J_NBLOCKS), ops)
     _release(job)
 
@@ -481,19 +568,19 @@ def _helpers(frame, nblocks):
 @njit(**_OPTS)
 def _wait(job, nblocks, ops):
     """After the caller ran out of blocks: waits for the helpers' blocks, lets go of the job.
-    Takes ``ops`` so that the scratch the helpers read (tail, rowsum) outlives them (Numba
-    frees an array after its last use)."""
+    Takes ``ops`` so that the scratch the helpers read (tail, rowsum, packed) outlives them
+    (Numba frees an array after its last use)."""
     while _ffi.atomic_load(job + _J_DONE) < nblocks:
         _ffi.cpu_yield()
     _release(job)
-    return ops[3].size + ops[10].size
+    return ops[3].size + ops[10].size + ops[11].size
 
 
 @njit(**_OPTS)
 def run(frame, task, share, ops):
     """All blocks of one call: on the calling thread alone, or (``share``) shared with helpers
     running ``task`` (an address)."""
-    x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum = ops
+    x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed = ops
     M, N = y.shape
     _, nblocks = _grid(M, N)
     helpers = _helpers(frame, nblocks) if share else 0
@@ -521,6 +608,8 @@ def run(frame, task, share, ops):
     st(job + _J_SX, np.int64(sx.ctypes.data))
     st(job + _J_ROWSUM, np.int64(rowsum.ctypes.data))
     st(job + _J_SX_N, sx.size)  # rowsum's too: M for w8a8, 0 for weight-only
+    st(job + _J_PACKED, np.int64(packed.ctypes.data))
+    st(job + _J_PACKED_N, packed.size)
     for _ in range(helpers):
         err = _ffi.threadpool_schedule(frame, task, job)
         if err != 0:  # that helper will never run: drop its reference
@@ -537,7 +626,28 @@ def weight_only(frame, x, wq, s, b, has_bias, relu, y, share):
     K, N = wq.shape
     tail = _padded_columns(wq, N // WO_NR * WO_NR, WO_NR) if N % WO_NR else np.zeros(0, np.int8)
     run(frame, _task_address(WEIGHT_ONLY), share, (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, s, b,
-                                                   has_bias, relu, y, np.zeros(0, np.float32), np.zeros(0, np.int32)))
+                                                   has_bias, relu, y, np.zeros(0, np.float32), np.zeros(0, np.int32),
+                                                   np.zeros(0, np.int8)))
+
+
+@njit(**_OPTS)
+def _packed(wq, tail):
+    """w_q's first ``4 * (K // 4)`` rows in ``_pack_quads``'s layout, panel after panel of 32
+    columns (the last from ``tail``, zero-padded), 64-byte aligned: ``[ceil(N / 32), K // 4, 128]``
+    flat: every row tile then loads each step's weights as two aligned vectors."""
+    K, N = wq.shape
+    nq, npan = K // 4, (N + Q_NR - 1) // Q_NR
+    size = npan * nq * 128
+    raw = np.empty(size + 64, np.int8)
+    start = (-raw.ctypes.data) & 63
+    out = raw[start:start + size]
+    wf = as_shape(wq, wq.size)
+    for p in range(npan):
+        if (p + 1) * Q_NR <= N:
+            _pack_quads(wf, p * Q_NR, N, nq, out, p * nq * 128)
+        else:
+            _pack_quads(tail, 0, Q_NR, nq, out, p * nq * 128)
+    return out
 
 
 @njit(**_OPTS)
@@ -555,8 +665,9 @@ def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y, share):
             acc += int32(q[i, k])
         rowsum[i] = acc
     tail = _padded_columns(wq, N // Q_NR * Q_NR, Q_NR) if N % Q_NR else np.zeros(0, np.int8)
+    packed = _packed(wq, tail) if M >= PACK_MIN_ROWS else np.zeros(0, np.int8)
     run(frame, _task_address(W8A8), share, (as_shape(q, q.size), K, as_shape(wq, wq.size), tail, s, b, has_bias,
-                                            relu, y, sx, rowsum))
+                                            relu, y, sx, rowsum, packed))
 
 
 @njit

@@ -256,6 +256,27 @@ def test_quantize_rows_is_its_definition():
         assert np.all(np.abs(np.asarray(q)).max(axis=1) == 127)
 
 
+@pytest.mark.parametrize("rows, k", [(1, 5), (3, 132), (64, 132), (130, 37), (256, 600)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_in_a_row_makes_that_rows_scale_and_outputs_nan(rows, k, backend):
+    """One NaN element, or a whole row of them, reaches scale_x and every output of its row, and
+    no other row; at every shape (XLA's CPU max reduction drops NaN from the rows of some shapes,
+    [64, 132] among them with jax 0.10, which would quantise the NaN to 0 and answer finite values)."""
+    rng = np.random.default_rng(rows + k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, k // 2] = np.nan
+    if rows > 2:
+        x[2] = np.nan
+    bad = np.isnan(x).any(axis=1)
+    for fn in (q8.quantize_rows, jax.jit(q8.quantize_rows)):
+        q, sx = fn(jnp.asarray(x))
+        np.testing.assert_array_equal(np.isnan(np.asarray(sx)), bad)
+    w_q = rng.integers(-127, 128, (k, 33)).astype(np.int8)
+    y = np.asarray(kernels.quantized_dense(jnp.asarray(x), jnp.asarray(w_q), jnp.full((33,), 0.01), jnp.zeros(33),
+                                           activation="relu", act_quant="int8", backend=backend))
+    np.testing.assert_array_equal(np.isnan(y), np.broadcast_to(bad[:, None], y.shape))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_w8a8_accumulates_exactly_in_int32(backend):
     """127 * 127 * K overflows int8 and int16 (and w_q = -128 the unsigned trick of the numba
@@ -294,22 +315,25 @@ def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
 
 @pytest.mark.parametrize("share", (0, 1))
 @pytest.mark.parametrize("act_quant", (None, "int8"))
-def test_numba_vector_stores(act_quant, share):
-    """Rows in tiles of 4 (weight-only: 5 x 4 + 1) or 8 (w8a8: 8 + 8 + 4 + 1), K % 4 = 0, whole
-    column tiles (64 or 32 wide: the vectorised epilogue) beside a partial one (N = 70: the
-    scalar one), with and without a bias, relu and identity, a row of NaN (kept by relu, as
-    ``jnp.maximum`` keeps it), on the caller alone and shared with XLA's threads."""
+@pytest.mark.parametrize("rows", (21, 70))
+def test_numba_vector_stores_and_packed_weights(rows, act_quant, share):
+    """Rows in tiles of 4 (weight-only) or 8 (w8a8: 8 + 8 + 4 + 1, or 8 x 8 + 4 + 1 + 1 with w_q
+    packed: ``PACK_MIN_ROWS``), K % 4 = 0, whole column tiles (64 or 32 wide: the vectorised
+    epilogue) beside a partial one (N = 70: the scalar one), with and without a bias, relu and
+    identity, a row of NaN (kept by relu, as ``jnp.maximum`` keeps it), on the caller alone and
+    shared with XLA's threads (which then read the packed copy)."""
     from kernels.numba_cpu import _quantized, backend
 
-    assert 21 > _quantized.Q_MR > _quantized.WO_MR and 128 % _quantized.WO_NR == 128 % _quantized.Q_NR == 0
+    assert 21 < _quantized.PACK_MIN_ROWS <= 70 and 21 > _quantized.Q_MR > _quantized.WO_MR
+    assert 128 % _quantized.WO_NR == 128 % _quantized.Q_NR == 0
     for n, bias, activation in ((128, True, "relu"), (128, False, "identity"), (70, True, "identity"),
                                 (70, False, "relu")):
-        call = make_quantized_call((21,), 132, n, act_quant=act_quant, activation=activation, bias=bias, seed=n)
+        call = make_quantized_call((rows,), 132, n, act_quant=act_quant, activation=activation, bias=bias, seed=n)
         x = np.array(call.args[0])
         x[5] = np.nan
         args = (jnp.asarray(x), *call.args[1:])
         with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1 if share else 2**62)):
-            assert backend.share_attribute(21, 132, n) == share
+            assert backend.share_attribute(rows, 132, n) == share
             got = np.asarray(jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*args), np.float64)
         want = np.asarray(reference.quantized_dense(*args, **call.kwargs), np.float64)
         assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[5]).all()
