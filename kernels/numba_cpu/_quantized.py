@@ -195,6 +195,31 @@ def _quad_vectors(builder, wp, wo, ldw, k0):
     return [builder.xor(builder.shuffle_vector(r01, r23, halves[h]), flip) for h in range(2)]
 
 
+def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights):
+    """A tile's reduction: ``op[32 r + c] += sum_l`` of ``nrows`` rows of q (``qp[qo + r * ldq +
+    4 l:][:4]``, each broadcast) against ``weights(l)``'s two ``vpdpbusd`` operands, for l < nq;
+    the accumulators (int32, ``op``) loaded first, held in registers, stored after."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    v32 = ir.VectorType(i32, 16)
+    inits = [builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+             for i in range(2 * nrows)]
+
+    def body(l, accs):
+        wv = weights(l)
+        k0 = builder.mul(l, i64(4))
+        new = []
+        for r in range(nrows):
+            at = builder.add(builder.add(qo, builder.mul(i64(r), ldq)), k0)
+            word = builder.load(builder.bitcast(builder.gep(qp, [at], inbounds=True), i32.as_pointer()), align=1)
+            xb = _splat(builder, word, v32)
+            new += [_dot4(builder, accs[2 * r + h], xb, wv[h], vnni) for h in range(2)]
+        return new
+
+    final = _reduction_loop(builder, nq, inits, body)
+    for i, v in enumerate(final):
+        builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+
+
 @intrinsic(prefer_literal=True)
 def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
     """``out[r*32 + c] += sum_{l < 4 nq} (w[wo + l*ldw + c] + 128) * q[qo + r*ldq + l]`` for
@@ -211,27 +236,9 @@ def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
         qo_, ldq_, wo_, ldw_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
             (qo_, ldq_, wo_, ldw_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
         qp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (8, oa)))
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v32 = ir.VectorType(i32, 16)
-        inits = []
-        for i in range(2 * nrows):
-            inits.append(builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()),
-                                      align=4))
-
-        def body(l, accs):
-            k0 = builder.mul(l, i64(4))
-            wv = _quad_vectors(builder, wp, wo_, ldw_, k0)
-            new = []
-            for r in range(nrows):
-                at = builder.add(builder.add(qo_, builder.mul(i64(r), ldq_)), k0)
-                word = builder.load(builder.bitcast(builder.gep(qp, [at], inbounds=True), i32.as_pointer()), align=1)
-                xb = _splat(builder, word, v32)
-                new += [_dot4(builder, accs[2 * r + h], xb, wv[h], vnni) for h in range(2)]
-            return new
-
-        final = _reduction_loop(builder, nq_, inits, body)
-        for i, v in enumerate(final):
-            builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+        i64 = ir.IntType(64)
+        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni,
+                   lambda l: _quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4))))
         return context.get_dummy_value()
     u = types.unliteral
     return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out), codegen
@@ -275,27 +282,14 @@ def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out):
         qo_, ldq_, wpo_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
             (qo_, ldq_, wpo_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6])))
         qp, wp_, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (7, oa)))
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v32, b64 = ir.VectorType(i32, 16), ir.VectorType(ir.IntType(8), 64)
-        inits = [builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()),
-                              align=4) for i in range(2 * nrows)]
+        i64, b64 = ir.IntType(64), ir.VectorType(ir.IntType(8), 64)
 
-        def body(l, accs):
+        def weights(l):
             base = builder.add(wpo_, builder.mul(l, i64(128)))
-            wv = [builder.load(builder.bitcast(builder.gep(wp_, [builder.add(base, i64(64 * h))], inbounds=True),
-                                               b64.as_pointer()), align=64) for h in range(2)]
-            k0 = builder.mul(l, i64(4))
-            new = []
-            for r in range(nrows):
-                at = builder.add(builder.add(qo_, builder.mul(i64(r), ldq_)), k0)
-                word = builder.load(builder.bitcast(builder.gep(qp, [at], inbounds=True), i32.as_pointer()), align=1)
-                xb = _splat(builder, word, v32)
-                new += [_dot4(builder, accs[2 * r + h], xb, wv[h], vnni) for h in range(2)]
-            return new
+            return [builder.load(builder.bitcast(builder.gep(wp_, [builder.add(base, i64(64 * h))], inbounds=True),
+                                                 b64.as_pointer()), align=64) for h in range(2)]
 
-        final = _reduction_loop(builder, nq_, inits, body)
-        for i, v in enumerate(final):
-            builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, weights)
         return context.get_dummy_value()
     u = types.unliteral
     return types.none(q, u(qo), u(ldq), rows, wp, u(wpo), u(nq), out), codegen
