@@ -64,7 +64,7 @@ Q_MR = 8  # w8a8: rows per tile (16 accumulator vectors)
 _WO_TILE = WO_MR * WO_NR  # literals for stack_buffer
 KC_QUADS = 64  # w8a8: quads of k per pass over a block's row tiles (256 k)
 # w8a8 packs w_q (``_packed``) for calls of at least this many rows: below, the packing costs
-# more than it saves (docs/benchmarks.md, "Packed weights for w8a8").
+# more than it saves (docs/benchmarks.md, "Vector stores and packed weights").
 PACK_MIN_ROWS = 64
 WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
 
