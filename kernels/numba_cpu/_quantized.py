@@ -358,7 +358,7 @@ def _padded_columns(wq, j0, width):
 # is correct, and the job freed by whoever lets go last.
 BLOCK_ROWS = 64
 BLOCK_COLS = 256
-_Q_BLOCK_ACC = BLOCK_ROWS * Q_NR  # a literal for stack_buffer
+_Q_BLOCK_ACC = 2 * BLOCK_ROWS * Q_NR  # a literal for stack_buffer: two column tiles
 
 
 @njit(**_OPTS)
@@ -415,16 +415,34 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
 
 
 @njit(**_OPTS)
+def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst):
+    """One row tile (``rows`` 8, 4 or 1) of one column tile, one pass: ``_dot4_packed_tile`` on
+    ``packed``, or ``_dot4_tile`` on w_q in place when ``packed`` is empty."""
+    if packed.size == 0:
+        if rows == 8:
+            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst)
+        elif rows == 4:
+            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst)
+        else:
+            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst)
+    elif rows == 8:
+        _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst)
+    elif rows == 4:
+        _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst)
+    else:
+        _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst)
+
+
+@njit(**_OPTS)
 def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
     """Block ``t`` of w8a8: ``y = (q @ w_q) * sx[:, None] * s + b`` (relu'd) on its rows and columns.
 
-    Per column tile, the reduction runs in passes of ``KC_QUADS`` quads of k over every row
-    tile of the block (the tile's weights stay in L1 meanwhile), accumulating in a block-high
-    int32 scratch. The first ``4 * (K // 4)`` k go through ``_dot4_packed_tile`` on ``packed``
-    (``_pack_quads``'s layout, panel after panel), or ``_dot4_tile`` on w_q itself when
-    ``packed`` is empty; both add ``128 * rowsum``, taken off here. The last K % 4 k go through a
-    plain loop. Whole 32-column tiles (K % 4 = 0) are stored on vectors (``_store_row``), others
-    by ``_store``.
+    Column tiles go in pairs: per pair, the reduction runs in passes of ``KC_QUADS`` quads of k
+    over every row tile of the block, each row tile against both column tiles in turn (in place,
+    the two share w_q's 64-byte lines: the second finds them in L1), accumulating in a
+    block-high int32 scratch per tile (``_q_tile``: both tile forms add ``128 * rowsum``, taken
+    off here). The last K % 4 k go through a plain loop. Whole 32-column tiles (K % 4 = 0) are
+    stored on vectors (``_store_row``), others by ``_store``.
     """
     M, N = y.shape
     ncb, _ = _grid(M, N)
@@ -433,47 +451,40 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
     nfull = N // Q_NR
     nq = K // 4
     yf = as_shape(y, y.size)
-    acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (BLOCK_ROWS, Q_NR)
-    for p in range(p0, p1):
-        j0 = p * Q_NR
-        cols = min(Q_NR, N - j0)
-        src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
+    acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
+    for pa in range(p0, p1, 2):
+        pb = min(pa + 2, p1)
         acc[:] = 0
         for c0 in range(0, nq, KC_QUADS):
             nqc = min(KC_QUADS, nq - c0)
-            qo, woc, wpo = 4 * c0, wo + 4 * c0 * ldw, (p * nq + c0) * 128
             r0 = i0
             while r0 < i1:
                 rows = min(Q_MR, i1 - r0)
                 rows = 8 if rows == 8 else (4 if rows >= 4 else 1)
-                dst, qr = acc[(r0 - i0) * Q_NR:], r0 * K + qo
-                if packed.size == 0:
-                    if rows == 8:
-                        _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst)
-                    elif rows == 4:
-                        _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst)
-                    else:
-                        _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst)
-                elif rows == 8:
-                    _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst)
-                elif rows == 4:
-                    _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst)
-                else:
-                    _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst)
+                for p in range(pa, pb):
+                    src, wo, ldw = (wf, p * Q_NR, N) if p < nfull else (tail, 0, Q_NR)
+                    _q_tile(qf, r0 * K + 4 * c0, K, rows, src, wo + 4 * c0 * ldw, ldw, nqc, packed,
+                            (p * nq + c0) * 128, acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:])
                 r0 += rows
-        for i in range(i0, i1):
-            off = int32(128) * rowsum[i]
-            if cols == Q_NR and K == 4 * nq:  # the common case, on vectors
-                _store_row(acc, (i - i0) * Q_NR, off, sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, Q_NR)
-                continue
-            a = acc[(i - i0) * Q_NR:(i - i0 + 1) * Q_NR]
-            for c in range(Q_NR):
-                a[c] -= off
-            for k in range(4 * nq, K):  # the last K % 4 k
-                qv = int32(qf[i * K + k])
-                for c in range(cols):
-                    a[c] += qv * int32(src[wo + k * ldw + c])
-            _store(y, i, j0, cols, a, sx[i], s, b, has_bias, relu)
+        for p in range(pa, pb):
+            j0 = p * Q_NR
+            cols = min(Q_NR, N - j0)
+            src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
+            base = (p - pa) * BLOCK_ROWS * Q_NR
+            for i in range(i0, i1):
+                off = int32(128) * rowsum[i]
+                at = base + (i - i0) * Q_NR
+                if cols == Q_NR and K == 4 * nq:  # the common case, on vectors
+                    _store_row(acc, at, off, sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, Q_NR)
+                    continue
+                a = acc[at:at + Q_NR]
+                for c in range(Q_NR):
+                    a[c] -= off
+                for k in range(4 * nq, K):  # the last K % 4 k
+                    qv = int32(qf[i * K + k])
+                    for c in range(cols):
+                        a[c] += qv * int32(src[wo + k * ldw + c])
+                _store(y, i, j0, cols, a, sx[i], s, b, has_bias, relu)
 
 
 def _block(t, ops):
