@@ -73,10 +73,15 @@ WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
 _OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True, pipeline_class=Compiler)
 
 
+def target_features() -> set[str]:
+    """The CPU features Numba compiles for, as it sets them: e.g. {"+avx512f", "-amx-tile", ...}."""
+    text = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return set(text.split(","))
+
+
 def has_vnni() -> bool:
-    """Whether Numba compiles for a CPU with AVX512-VNNI (its target features, as Numba sets them)."""
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+avx512vnni" in features.split(",")
+    """Whether Numba compiles for a CPU with AVX512-VNNI."""
+    return "+avx512vnni" in target_features()
 
 
 def _i64(context, builder, value, ty):

@@ -26,9 +26,9 @@ import time
 
 from llvmlite import ir
 from numba import njit, types
-from numba.core import config
-from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
+
+from kernels.numba_cpu._quantized import target_features as _features  # the tests swap it for other CPUs
 
 ACCUMULATORS = 16  # independent vectors: more than any core's latency x issue width
 STEPS = 2  # updates of each accumulator per loop iteration
@@ -48,12 +48,6 @@ class Instruction:
     name: str  # the x86 mnemonic
     bits: int  # vector width
     ops: int  # arithmetic operations per instruction (a multiply-add is two)
-
-
-def _features() -> set[str]:
-    """Numba's target features, e.g. {"+avx512f", "-amx-tile", ...}."""
-    text = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
-    return set(text.split(","))
 
 
 def instructions() -> dict[str, Instruction]:
