@@ -157,8 +157,8 @@ def _measure(key: str, candidates: Sequence[str], op: Op) -> dict:
     """A table entry for ``key``: each candidate's median µs per mode and the fastest per mode."""
     dims, dtype, activation = key.split()[:3]
     m, k, n = (int(d) for d in dims.split("x"))
-    # Concrete arrays and calls even when "auto" is met while tracing a caller's jit or grad.
-    with jax.ensure_compile_time_eval():
+
+    def sample() -> dict[str, list[float]]:
         args = op.problem(m, k, n, dtype)
         samplers = {}
         for name in candidates:
@@ -168,6 +168,10 @@ def _measure(key: str, candidates: Sequence[str], op: Op) -> dict:
         if _close(samples, candidates, op.modes):
             more = timing.interleaved_samples(samplers, MORE_REPEATS)
             samples = {key: samples[key] + more[key] for key in samples}
+        return samples
+
+    # "auto" is usually met while tracing a caller's jit or grad: time away from that trace.
+    samples = timing.untraced(sample)
     t = {key: statistics.median(v) for key, v in samples.items()}
     us = {name: {mode: round(t[f"{name} {mode}"] * 1e6, 2) for mode in op.modes} for name in candidates}
     return _decided(us, candidates, op.modes, measurements=1)

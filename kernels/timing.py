@@ -7,17 +7,22 @@ A *sampler* is a function of no arguments that returns seconds (per call, per st
 measures). ``interleaved_samples`` calls several in turn, round after round, so that a busy or
 drifting machine slows each alike, and ratios taken from one run compare like with like.
 Every helper of the project's benchmarks (``experiments.bench_*``, ``kernels.pallas_gpu.bench``
-and its autotuner) times through this module.
+and its autotuner) times through this module. Tuners that may first run while a caller's
+function is being traced (``backend="auto"``'s table, the numba blocking) measure inside
+``untraced``.
 """
 from __future__ import annotations
 
+import contextvars
 import statistics
+import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 import jax
 
 Sampler = Callable[[], float]
+T = TypeVar("T")
 
 
 def timed_call(fn: Callable, args: tuple, *, min_sample_s: float = 0.0) -> Sampler:
@@ -85,4 +90,35 @@ def median_seconds(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> 
     return median_of(timed_call(fn, args), repeats, max(1, warmup))
 
 
-__all__ = ["Sampler", "interleaved_medians", "interleaved_samples", "median_of", "median_seconds", "timed_call"]
+def untraced(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread of its own, where no JAX trace is active; its result, or its
+    exception raised here.
+
+    JAX's trace state is per thread. Met while a caller's ``jit`` is tracing, jitted calls made
+    in the same thread (even under ``jax.ensure_compile_time_eval``) miss the fast dispatch path:
+    each call pays Python-side costs that differ between backends (a numba layer at 256x64x256
+    timed 2-3x slower there, enough to flip ``auto``'s choice: docs/benchmarks.md, "Tables
+    measured outside the caller's trace"). The caller's context variables and its x64 setting
+    go along.
+    """
+    context = contextvars.copy_context()
+    x64 = bool(jax.config.jax_enable_x64)
+    out: dict = {}
+
+    def target():
+        try:
+            with jax.enable_x64(x64):
+                out["value"] = context.run(fn)
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=target, name="jaxnet-untraced", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+__all__ = ["Sampler", "interleaved_medians", "interleaved_samples", "median_of", "median_seconds", "timed_call",
+           "untraced"]

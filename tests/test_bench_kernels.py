@@ -150,3 +150,44 @@ def test_result_records_the_numba_tile_and_blocking():
     assert (mr, nr) == (_kernels.MR, _kernels.NR) and (mr, nr) in _kernels.TILES.values()
     assert got["numba_blocking"] == blocking.chosen("float64").as_dict()
     assert blocking.Blocking(**got["numba_blocking"]).validate(mr)
+
+
+def _trace_state_clean():
+    """Whether no JAX trace is active in this thread (JAX's own check; internal, so looked up here)."""
+    from jax._src import core
+
+    if not hasattr(core, "trace_state_clean"):
+        pytest.skip("this JAX has no jax._src.core.trace_state_clean to tell a traced thread from a clean one")
+    return core.trace_state_clean()
+
+
+def test_untraced_leaves_the_caller_s_trace_and_keeps_its_context_and_x64():
+    import contextvars
+
+    import jax
+
+    from kernels import timing
+
+    var = contextvars.ContextVar("jaxnet_test_untraced", default="unset")
+    seen = {}
+
+    def probe():
+        return _trace_state_clean(), var.get(), jnp.zeros(2, "float64").dtype.name
+
+    def traced(x):
+        seen["inside"] = _trace_state_clean()
+        with jax.ensure_compile_time_eval():  # what the tuners used before: still a traced thread
+            seen["compile_time_eval"] = _trace_state_clean()
+        seen["untraced"] = timing.untraced(probe)
+        return x
+
+    token = var.set("the caller's")
+    try:
+        with jax.enable_x64(True):
+            jax.jit(traced)(1.0)
+    finally:
+        var.reset(token)
+    assert seen["inside"] is False and seen["compile_time_eval"] is False
+    assert seen["untraced"] == (True, "the caller's", "float64")
+    with pytest.raises(ZeroDivisionError):  # the worker's exception, raised in the caller
+        timing.untraced(lambda: 1 / 0)

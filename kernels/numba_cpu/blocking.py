@@ -49,9 +49,9 @@ import functools
 import os
 import threading
 
-import jax
 import numpy as np
 
+from kernels import timing
 from kernels.machine import Machine, TuningCache, describe
 from kernels.numba_cpu._kernels import BLOCKING_FIELDS, MR, NR, register_tile
 
@@ -173,8 +173,9 @@ def chosen(dtype: str = "float32") -> Blocking:
             stored = load(dtype)  # what another process stored while this one waited
             if stored:
                 return stored
-            with jax.ensure_compile_time_eval():  # first met while tracing a caller's jit: run the kernels
-                return Blocking(**tune.tune(dtype, log=lambda *a: None)["blocking"]).validate()
+            # Usually first met while tracing a caller's jit: time the kernels away from that trace.
+            tuned = timing.untraced(lambda: tune.tune(dtype, log=lambda *a: None))
+            return Blocking(**tuned["blocking"]).validate()
 
 
 __all__ = ["CACHE_KIND", "ENV", "POLICIES", "Blocking", "chosen", "derive", "load", "register_tile", "tile_rows"]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
+from jax._src import core  # trace_state_clean: whether a trace is active in this thread
 from hypothesis import strategies as st
 
 import kernels
@@ -259,6 +260,7 @@ def _fake_measure(winner: int, calls: list):
     """``tune.measure`` that runs nothing: candidate ``winner`` 20% faster than the rest (0: the
     derived blocking ties with every candidate), sharing 10% faster at every size."""
     def measure(blockings, shapes=((512, 512, 512),), **kw):
+        assert core.trace_state_clean(), "tune.measure ran inside a caller's trace"
         calls.append(len(blockings))
         if shapes == tune.THRESHOLD_SHAPES:
             return [{s: [1.0 if i == 0 else 0.9] * 3 for s in shapes} for i in range(len(blockings))]
