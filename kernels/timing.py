@@ -91,16 +91,49 @@ def median_seconds(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> 
 
 
 def untraced(fn: Callable[[], T]) -> T:
-    """``fn()`` run on a thread of its own, where no JAX trace is active; its result, or its
-    exception raised here.
+    """``fn()`` run where no JAX trace is active, and its result.
 
-    JAX's trace state is per thread. Met while a caller's ``jit`` is tracing, jitted calls made
-    in the same thread (even under ``jax.ensure_compile_time_eval``) miss the fast dispatch path:
-    each call pays Python-side costs that differ between backends (a numba layer at 256x64x256
-    timed 2-3x slower there, enough to flip ``auto``'s choice: docs/benchmarks.md, "Tables
-    measured outside the caller's trace"). The caller's context variables and its x64 setting
-    go along.
+    Tuners time kernels at their first use, usually while a caller's ``jit`` is tracing. There,
+    jitted calls (even under ``jax.ensure_compile_time_eval``) miss JAX's fast dispatch path and
+    pay Python-side costs that differ between backends: a numba layer at 256x64x256 timed 3x
+    slower, enough to flip ``auto``'s choice (docs/benchmarks.md, "Tables timed outside the
+    caller's trace"). So the thread's tracing context is set to JAX's top level while ``fn``
+    runs, and restored after. That context is JAX's internal (``jax._src.core.trace_ctx``);
+    where a JAX lacks it, ``fn`` runs on a thread of its own instead (its trace state is
+    fresh), with the caller's context variables and x64 setting: right for all but the Numba
+    kernels' scratch blocks over 64 MB, which a thread's own malloc arena maps afresh per call.
     """
+    found = _tracing_context()
+    if found is None:
+        return _on_own_thread(fn)
+    ctx, top_trace, top_axis_env = found
+    outer = (ctx.trace, ctx.axis_env)
+    ctx.set_trace(top_trace)
+    ctx.set_axis_env(top_axis_env)
+    try:
+        return fn()
+    finally:
+        ctx.set_trace(outer[0])
+        ctx.set_axis_env(outer[1])
+
+
+def _tracing_context():
+    """``(JAX's per-thread tracing context, its top-level trace, its top-level axis env)``, or
+    None where this JAX lacks them (they are internal: jax 0.10 to 0.12 have them)."""
+    try:
+        from jax._src import core
+
+        ctx = core.trace_ctx
+        if not all(hasattr(ctx, a) for a in ("trace", "axis_env", "set_trace", "set_axis_env")):
+            return None
+        return ctx, core.eval_trace, core.top_axis_env
+    except (ImportError, AttributeError):
+        return None
+
+
+def _on_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a new thread (no trace active there), with this thread's context variables
+    and x64 setting; its exception raised here."""
     context = contextvars.copy_context()
     x64 = bool(jax.config.jax_enable_x64)
     out: dict = {}

@@ -161,13 +161,16 @@ def _trace_state_clean():
     return core.trace_state_clean()
 
 
-def test_untraced_leaves_the_caller_s_trace_and_keeps_its_context_and_x64():
+@pytest.mark.parametrize("path", ["top level", "own thread"])
+def test_untraced_leaves_the_caller_s_trace_and_keeps_its_context_and_x64(path, monkeypatch):
     import contextvars
 
     import jax
 
     from kernels import timing
 
+    if path == "own thread":  # a JAX without the internal tracing context: the fallback
+        monkeypatch.setattr(timing, "_tracing_context", lambda: None)
     var = contextvars.ContextVar("jaxnet_test_untraced", default="unset")
     seen = {}
 
@@ -179,15 +182,17 @@ def test_untraced_leaves_the_caller_s_trace_and_keeps_its_context_and_x64():
         with jax.ensure_compile_time_eval():  # what the tuners used before: still a traced thread
             seen["compile_time_eval"] = _trace_state_clean()
         seen["untraced"] = timing.untraced(probe)
-        return x
+        with pytest.raises(ZeroDivisionError):  # fn's exception, raised to the caller
+            timing.untraced(lambda: 1 / 0)
+        seen["after"] = _trace_state_clean()  # the caller's trace is back, and its tracers work
+        return 2 * x
 
     token = var.set("the caller's")
     try:
         with jax.enable_x64(True):
-            jax.jit(traced)(1.0)
+            y = jax.jit(traced)(1.5)
     finally:
         var.reset(token)
-    assert seen["inside"] is False and seen["compile_time_eval"] is False
+    assert float(y) == 3.0
+    assert seen["inside"] is False and seen["compile_time_eval"] is False and seen["after"] is False
     assert seen["untraced"] == (True, "the caller's", "float64")
-    with pytest.raises(ZeroDivisionError):  # the worker's exception, raised in the caller
-        timing.untraced(lambda: 1 / 0)
