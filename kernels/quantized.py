@@ -102,6 +102,20 @@ def compute_dtype(x):
 
 
 @jax.custom_jvp
+def refuse_derivative(x):
+    """``x`` itself; differentiating through it in x raises ``TypeError`` (``NOT_DIFFERENTIABLE``):
+    the guard every w8a8 path puts on x (``quantize_rows``, the numba kernel that quantises x
+    itself)."""
+    return x
+
+
+@refuse_derivative.defjvp
+def _refuse_derivative_jvp(primals, tangents):
+    # Called only when x carries a tangent (JAX skips the rule for symbolic zeros), so
+    # derivatives in scale and b still work.
+    raise TypeError(NOT_DIFFERENTIABLE)
+
+
 def quantize_rows(x):
     """Per-row symmetric int8 quantisation of activations, the w8a8 contract.
 
@@ -117,7 +131,7 @@ def quantize_rows(x):
     Not differentiable: ``jax.grad`` through x raises ``TypeError`` (see the module docstring).
     """
     acc = compute_dtype(x)
-    xa = x.astype(acc)
+    xa = refuse_derivative(x).astype(acc)
     sx = jnp.max(jnp.abs(xa), axis=-1, initial=0) * jnp.asarray(1 / QMAX, acc)  # (...,)
     # XLA's CPU max reduction drops NaN from the rows of some shapes (jax 0.10: [64, 132] did):
     # a row holding one keeps it here, so that its outputs are NaN rather than finite.
@@ -125,13 +139,6 @@ def quantize_rows(x):
     inv = 1 / jnp.where(sx > 0, sx, 1)  # all-zero rows: 0 * 1 = 0
     q = jnp.clip(jnp.round(xa * inv[..., None]), -QMAX, QMAX).astype(jnp.int8)  # (..., K)
     return q, sx
-
-
-@quantize_rows.defjvp
-def _quantize_rows_jvp(primals, tangents):
-    # Called only when x carries a tangent (JAX skips the rule for symbolic zeros), so
-    # derivatives in scale and b still work.
-    raise TypeError(NOT_DIFFERENTIABLE)
 
 
 def scale_row(scale, n: int, dtype):
@@ -251,4 +258,4 @@ def quantized_dense(x, w_q, scale, b=None, *, activation: str = "relu", act_quan
 
 
 __all__ = ["ACT_QUANT", "QMAX", "TIMED_OPS", "check_quantized_dense_args", "compute_dtype", "int8_dot",
-           "quantize_rows", "quantized_dense", "resolve", "scale_row"]
+           "quantize_rows", "quantized_dense", "refuse_derivative", "resolve", "scale_row"]

@@ -3,9 +3,8 @@
 Two handlers, each compiled (or loaded from Numba's cache) at its first call, not before, and
 apart from the fused-dense ones (``_handlers``), whose cold compile they do not wait for:
 
-  weight-only: args (x f32 [M, K], w_q s8 [K, N], scale f32 [N], b f32 [N]?)  rets (y f32 [M, N])
-  w8a8:        args (q s8 [M, K], scale_x f32 [M], w_q s8 [K, N], scale f32 [N], b f32 [N]?)
-               rets (y f32 [M, N])
+  weight-only and w8a8 alike: args (x f32 [M, K], w_q s8 [K, N], scale f32 [N], b f32 [N]?)
+                              rets (y f32 [M, N])
   attribute ``act`` (int64): identity's or relu's code in ``kernels.activations``, applied on
   each tile as it is stored. The other activations run in XLA after the call (one elementwise
   pass over y; ``kernels.numba_cpu.quantized``): the fused kernels' transcendental epilogue
@@ -17,7 +16,10 @@ vectors held in registers across the whole reduction, with no reliance on the lo
 - Weight-only reads w_q in place, 64 columns (one cache line) at a time, converts them to
   float32 in registers and multiplies them with 1, 2 or 4 rows of x (fused multiply-add).
   Memory-bound at small M: a quarter of the bytes a float32 weight would move.
-- w8a8 multiplies 4 consecutive k at once: ``vpdpbusd`` (AVX512-VNNI) adds four u8 x s8 products
+- w8a8 first quantises x's rows itself (``_quantize_rows``: the arithmetic of
+  ``kernels.quantized.quantize_rows``, bit for bit), each block of rows once, by the first block
+  of output that needs them (the others of its rows wait for it), so that no separate pass over
+  x runs in XLA. Then it multiplies 4 consecutive k at once: ``vpdpbusd`` (AVX512-VNNI) adds four u8 x s8 products
   into each int32 lane. It needs one unsigned operand, so the weights go in as ``w + 128`` (a
   flip of the sign bit) and ``128 * sum_k q[i, k]`` is taken off each row after. int32 sums
   wrap modulo 2**32, so the result is the exact dot whenever that fits in int32 (K <= 133,144:
@@ -29,9 +31,9 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   as it saves). Without VNNI the same IR multiplies widened vectors (LLVM's own
   lowering).
 
-Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile as it is stored
-(whole tile rows on vectors, ``_store_row``; partial tiles, and w8a8 with K % 4 != 0, by the
-scalar ``_store``).
+Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile row as it is
+stored, on vectors (``_store_row``; scale and b zero-padded to whole tiles, a partial last tile
+stored through a row buffer).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
 ``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
 Measurements in docs/benchmarks.md ("Quantized dense").
@@ -67,6 +69,11 @@ KC_QUADS = 64  # w8a8: quads of k per pass over a block's row tiles (256 k)
 # more than it saves (docs/benchmarks.md, "Vector stores and packed weights").
 PACK_MIN_ROWS = 64
 WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
+# quantize_rows's constants: the float32 it multiplies max|x| by, and |x|'s bits (ordered as the
+# floats; every NaN's above +inf's).
+_INV_QMAX = np.float32(1 / 127)
+_ABS_BITS = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
 
 # No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
 # are hand-written IR).
@@ -302,11 +309,11 @@ def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out):
 
 @intrinsic(prefer_literal=True)
 def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo, width):
-    """``_store`` of a whole tile row at once: ``y[yo + c] = act(float(acc[ao + c] - off) * factor
-    * s[j0 + c] + (b[j0 + c] if has_bias else 0))`` for c < width (a literal multiple of 16), act
-    relu (NaN kept) or identity: the same operations in the same order as ``_store``, on 16-lane
-    vectors. acc: int32 (w8a8) or float32 (weight-only: off unused) 1-D; s, b, y: float32 1-D (b
-    is read either way: the handlers pass s for a missing bias)."""
+    """A whole tile row at once: ``y[yo + c] = act(float(acc[ao + c] - off) * factor * s[j0 + c] +
+    (b[j0 + c] if has_bias else 0))`` for c < width (a literal multiple of 16), act relu (NaN kept,
+    as ``jnp.maximum`` does) or identity, on 16-lane vectors. acc: int32 (w8a8) or float32
+    (weight-only: off unused) 1-D; s, b, y: float32 1-D (s and b padded to whole tiles; b is read
+    either way: the handlers pass s for a missing bias)."""
     if not isinstance(width, types.IntegerLiteral) or width.literal_value % 16:
         return None
     nvec, is_int = width.literal_value // 16, isinstance(acc.dtype, types.Integer)
@@ -374,21 +381,112 @@ def _grid(M, N):
 
 
 @njit(**_OPTS)
-def _store(y, i, j0, cols, acc, factor, s, b, has_bias, relu):
-    """``y[i, j0:j0+cols] = act(acc[:cols] * factor * s[j0:] + b[j0:])``, act relu or identity
-    (relu keeps NaN, as ``jnp.maximum`` does)."""
-    yr = y[i]
-    for c in range(cols):
-        v = float32(acc[c]) * factor * s[j0 + c] + (b[j0 + c] if has_bias else float32(0))
-        yr[j0 + c] = v if not relu or v > 0 or v != v else float32(0)
+def _padded(v, size):
+    """``v`` (float32 [N]) zero-padded to ``size`` >= N: what ``_store_row`` reads for whole tiles."""
+    out = np.zeros(size, np.float32)
+    out[:v.size] = v
+    return out
+
+
+def _vector_intrinsic(builder, name, ret, args):
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ret, args), name)
+    return fn
+
+
+@intrinsic
+def _absmax_bits(typingctx, x, xo, nvec):
+    """``max_l (bits(x[xo + l]) & 0x7FFFFFFF)`` over l < 16 nvec, as int32 (0 when nvec = 0): the
+    bits of max|x| when no NaN is among them, above +inf's otherwise. x: float32 1-D."""
+    def codegen(context, builder, sig, args):
+        xa, xo_, n_ = args
+        xo_, n_ = _i64(context, builder, xo_, sig.args[1]), _i64(context, builder, n_, sig.args[2])
+        xp = _data(context, builder, sig.args[0], xa)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v32 = ir.VectorType(i32, 16)
+        mask = ir.Constant(v32, [0x7FFFFFFF] * 16)
+
+        def body(l, accs):
+            at = builder.add(xo_, builder.mul(l, i64(16)))
+            v = builder.and_(builder.load(builder.bitcast(builder.gep(xp, [at], inbounds=True), v32.as_pointer()),
+                                          align=4), mask)
+            return [builder.select(builder.icmp_signed(">", v, accs[0]), v, accs[0])]
+
+        top, = _reduction_loop(builder, n_, [ir.Constant(v32, None)], body)
+        return builder.call(_vector_intrinsic(builder, "llvm.vector.reduce.smax.v16i32", i32, [v32]), [top])
+    return types.int32(x, types.unliteral(xo), types.unliteral(nvec)), codegen
+
+
+@intrinsic
+def _quantize_vectors(typingctx, x, xo, nvec, inv, q):
+    """``q[xo + l] = int8(clamp(rint(x[xo + l] * inv), -127, 127))`` (NaN to 0) for l < 16 nvec;
+    returns the sum of those q (int32). x: float32 1-D, q: int8 1-D, inv: float32."""
+    def codegen(context, builder, sig, args):
+        xa, xo_, n_, inv_, qa = args
+        xo_, n_ = _i64(context, builder, xo_, sig.args[1]), _i64(context, builder, n_, sig.args[2])
+        inv_ = context.cast(builder, inv_, sig.args[3], types.float32)
+        xp, qp = _data(context, builder, sig.args[0], xa), _data(context, builder, sig.args[4], qa)
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vf, v32, v8 = ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(ir.IntType(8), 16)
+        rint = _vector_intrinsic(builder, "llvm.rint.v16f32", vf, [vf])
+        scale = _splat(builder, inv_, vf)
+        hi, lo, zero = ir.Constant(vf, [127.0] * 16), ir.Constant(vf, [-127.0] * 16), ir.Constant(vf, None)
+
+        def body(l, accs):
+            at = builder.add(xo_, builder.mul(l, i64(16)))
+            v = builder.load(builder.bitcast(builder.gep(xp, [at], inbounds=True), vf.as_pointer()), align=4)
+            v = builder.call(rint, [builder.fmul(v, scale)])
+            v = builder.select(builder.fcmp_unordered("uno", v, v), zero, v)
+            v = builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
+            v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
+            n = builder.fptosi(v, v32)
+            builder.store(builder.trunc(n, v8), builder.bitcast(builder.gep(qp, [at], inbounds=True), v8.as_pointer()),
+                          align=1)
+            return [builder.add(accs[0], n)]
+
+        total, = _reduction_loop(builder, n_, [ir.Constant(v32, None)], body)
+        return builder.call(_vector_intrinsic(builder, "llvm.vector.reduce.add.v16i32", i32, [v32]), [total])
+    u = types.unliteral
+    return types.int32(x, u(xo), u(nvec), u(inv), q), codegen
 
 
 @njit(**_OPTS)
-def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
+def _quantize_rows(xf, K, i0, i1, qf, sx, rowsum):
+    """Rows ``i0..i1`` of x (float32 ``[M * K]`` flat) quantised as ``kernels.quantized.quantize_rows``
+    does, bit for bit: ``sx[i] = max|x_i| * float32(1/127)`` (NaN for a row holding one), ``q =
+    clip(rint(x * (1 / (sx if sx > 0 else 1))), -127, 127)`` (NaN to 0, as XLA converts it) into
+    ``qf``, and ``rowsum[i] = sum_{k < 4 (K // 4)} q[i, k]`` (the offset ``_q_block`` takes off)."""
+    xbits = xf.view(np.int32)
+    top_bits = np.empty(1, np.int32)
+    top = top_bits.view(np.float32)
+    k4, k16 = K // 4 * 4, K // 16 * 16
+    for i in range(i0, i1):
+        o = i * K
+        big = _absmax_bits(xf, o, k16 // 16)  # max|x| on the bits: NaN's above +inf's
+        for k in range(k16, K):
+            big = max(big, xbits[o + k] & _ABS_BITS)
+        top_bits[0] = big
+        scale = np.float32(np.nan) if big > _INF_BITS else top[0] * _INV_QMAX
+        inv = np.float32(1) / (scale if scale > 0 else np.float32(1))
+        total = _quantize_vectors(xf, o, k16 // 16, inv, qf)
+        for k in range(k16, K):
+            v = np.rint(xf[o + k] * inv)
+            v = np.float32(0) if v != v else (np.float32(127) if v > 127 else (np.float32(-127) if v < -127 else v))
+            q = int8(v)
+            qf[o + k] = q
+            total += int32(q)
+        for k in range(k4, K):
+            total -= int32(qf[o + k])
+        sx[i] = scale
+        rowsum[i] = total
+
+
+@njit(**_OPTS)
+def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf, ready):
     """Block ``t`` of weight-only: ``y = (x @ w_q) * s + b`` (relu'd) on its rows and columns.
 
     Column tiles of 64 outer (a tile's K x 64 bytes of w_q stay in cache while the row tiles
-    read them), row tiles of 4 (then 2, 1) inner. ``sx``, ``rowsum``, ``packed``: unused (w8a8's).
+    read them), row tiles of 4 (then 2, 1) inner. ``s``, ``b``: padded to whole tiles.
+    ``sx``, ``rowsum``, ``packed``, ``qf``, ``ready``: unused (w8a8's).
     """
     M, N = y.shape
     ncb, _ = _grid(M, N)
@@ -397,6 +495,7 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
     nfull = N // WO_NR
     yf = as_shape(y, y.size)
     tile = carray(_ffi.stack_buffer(_WO_TILE, float32), _WO_TILE)
+    row = carray(_ffi.stack_buffer(WO_NR, float32), WO_NR)  # a partial tile's row, before y
     for p in range(p0, p1):
         j0 = p * WO_NR
         src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, WO_NR)
@@ -415,7 +514,8 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
                     _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, yf, (r0 + r) * N + j0,
                                WO_NR)
                 else:
-                    _store(y, r0 + r, j0, N - j0, tile[r * WO_NR:], float32(1), s, b, has_bias, relu)
+                    _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, row, 0, WO_NR)
+                    yf[(r0 + r) * N + j0:(r0 + r + 1) * N] = row[:N - j0]
             r0 += rows
 
 
@@ -439,24 +539,38 @@ def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst):
 
 
 @njit(**_OPTS)
-def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
+def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf, ready):
     """Block ``t`` of w8a8: ``y = (q @ w_q) * sx[:, None] * s + b`` (relu'd) on its rows and columns.
+
+    Blocks go column block by column block. Those of the first quantise their rows
+    (``_quantize_rows`` into ``qf``, ``sx``, ``rowsum``) and then raise ``ready[row block]``; the
+    later ones wait for that flag, which the block claimed ``nrb`` claims earlier (so already
+    running, and usually done) raises.
 
     Column tiles go in pairs: per pair, the reduction runs in passes of ``KC_QUADS`` quads of k
     over every row tile of the block, each row tile against both column tiles in turn (in place,
     the two share w_q's 64-byte lines: the second finds them in L1), accumulating in a
     block-high int32 scratch per tile (``_q_tile``: both tile forms add ``128 * rowsum``, taken
-    off here). The last K % 4 k go through a plain loop. Whole 32-column tiles (K % 4 = 0) are
-    stored on vectors (``_store_row``), others by ``_store``.
+    off here). The last K % 4 k go through a plain loop. Tile rows are stored on vectors
+    (``_store_row``; ``s`` and ``b`` padded to whole tiles), a partial tile's through a row buffer.
     """
     M, N = y.shape
-    ncb, _ = _grid(M, N)
-    i0, p0 = (t // ncb) * BLOCK_ROWS, (t % ncb) * (BLOCK_COLS // Q_NR)
+    nrb = (M + BLOCK_ROWS - 1) // BLOCK_ROWS
+    rb, cb = t % nrb, t // nrb  # column blocks outer: every row block's first comes before any second
+    i0, p0 = rb * BLOCK_ROWS, cb * (BLOCK_COLS // Q_NR)
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // Q_NR, (N + Q_NR - 1) // Q_NR)
     nfull = N // Q_NR
     nq = K // 4
     yf = as_shape(y, y.size)
+    flag = np.int64(ready.ctypes.data) + 8 * rb
+    if cb == 0:
+        _quantize_rows(xf, K, i0, i1, qf, sx, rowsum)
+        _ffi.atomic_add(flag, 1)
+    else:
+        while _ffi.atomic_load(flag) == 0:
+            _ffi.cpu_yield()
     acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
+    row = carray(_ffi.stack_buffer(Q_NR, float32), Q_NR)  # a partial tile's row, before y
     for pa in range(p0, p1, 2):
         pb = min(pa + 2, p1)
         acc[:] = 0
@@ -477,19 +591,17 @@ def _q_block(t, qf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed):
             src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
             base = (p - pa) * BLOCK_ROWS * Q_NR
             for i in range(i0, i1):
-                off = int32(128) * rowsum[i]
                 at = base + (i - i0) * Q_NR
-                if cols == Q_NR and K == 4 * nq:  # the common case, on vectors
-                    _store_row(acc, at, off, sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, Q_NR)
-                    continue
-                a = acc[at:at + Q_NR]
-                for c in range(Q_NR):
-                    a[c] -= off
-                for k in range(4 * nq, K):  # the last K % 4 k
+                for k in range(4 * nq, K):  # the last K % 4 k (src: whole tiles, the tail padded)
                     qv = int32(qf[i * K + k])
-                    for c in range(cols):
-                        a[c] += qv * int32(src[wo + k * ldw + c])
-                _store(y, i, j0, cols, a, sx[i], s, b, has_bias, relu)
+                    for c in range(Q_NR):
+                        acc[at + c] += qv * int32(src[wo + k * ldw + c])
+                off = int32(128) * rowsum[i]
+                if cols == Q_NR:
+                    _store_row(acc, at, off, sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, Q_NR)
+                else:
+                    _store_row(acc, at, off, sx[i], s, b, j0, has_bias, relu, row, 0, Q_NR)
+                    yf[i * N + j0:(i + 1) * N] = row[:cols]
 
 
 def _block(t, ops):
@@ -499,16 +611,17 @@ def _block(t, ops):
 
 @overload(_block, jit_options=_OPTS)
 def _block_typed(t, ops):
-    kernel = _wo_block if ops[0].dtype == types.float32 else _q_block
+    kernel = _wo_block if ops[12].dtype == types.float32 else _q_block  # qf: a float32 stand-in for weight-only
     return lambda t, ops: kernel(t, *ops)
 
 
-# The job: int64 slots in a malloc'd block. ``ops`` (x or q, K, w_q, tail, s, b, has_bias, relu,
-# y, sx, rowsum, packed) travels as pointers and sizes.
+# The job: int64 slots in a malloc'd block. ``ops`` (x, K, w_q, tail, s, b, has_bias, relu, y, sx,
+# rowsum, packed, qf, ready) travels as pointers and sizes (s and b: padded to ``_J_SB_N``).
 _J_NEXT, _J_DONE, _J_REFS, _J_NBLOCKS, _J_M, _J_K, _J_N, _J_TAIL_N = 0, 8, 16, 24, 32, 40, 48, 56
 _J_X, _J_W, _J_TAIL, _J_S, _J_B, _J_FLAGS, _J_Y, _J_SX, _J_ROWSUM, _J_SX_N = 64, 72, 80, 88, 96, 104, 112, 120, 128, 136
 _J_PACKED, _J_PACKED_N = 144, 152
-_J_BYTES = 160
+_J_Q, _J_Q_N, _J_READY, _J_READY_N, _J_SB_N = 160, 168, 176, 184, 192
+_J_BYTES = 200
 # The helper tasks' link-time names, by kind (see ``_task_address``).
 TASK_SYMBOLS = ("jaxnet_numba_quantized_task_weight_only", "jaxnet_numba_quantized_task_w8a8")
 
@@ -531,18 +644,20 @@ def _release(job):
 
 
 @njit(**_OPTS)
-def run_job(job, xtype):
-    """A helper task's body: the operands back from the job (x's element type ``xtype``: float32
-    weight-only, int8 w8a8), blocks claimed, the job let go."""
+def run_job(job, qtype):
+    """A helper task's body: the operands back from the job (qf's element type ``qtype``: int8
+    for w8a8, float32 for weight-only's stand-in), blocks claimed, the job let go."""
     ld = _ffi.load_i64
     m, k, n = ld(job + _J_M), ld(job + _J_K), ld(job + _J_N)
-    flags, nsx = ld(job + _J_FLAGS), ld(job + _J_SX_N)
-    ops = (carray(as_pointer(ld(job + _J_X), xtype), m * k), k, carray(as_pointer(ld(job + _J_W), int8), k * n),
+    flags, nsx, nsb = ld(job + _J_FLAGS), ld(job + _J_SX_N), ld(job + _J_SB_N)
+    ops = (carray(as_pointer(ld(job + _J_X), float32), m * k), k, carray(as_pointer(ld(job + _J_W), int8), k * n),
            carray(as_pointer(ld(job + _J_TAIL), int8), ld(job + _J_TAIL_N)),
-           carray(as_pointer(ld(job + _J_S), float32), n), carray(as_pointer(ld(job + _J_B), float32), n),
+           carray(as_pointer(ld(job + _J_S), float32), nsb), carray(as_pointer(ld(job + _J_B), float32), nsb),
            flags & 1 != 0, flags & 2 != 0, carray(as_pointer(ld(job + _J_Y), float32), (m, n)),
            carray(as_pointer(ld(job + _J_SX), float32), nsx), carray(as_pointer(ld(job + _J_ROWSUM), int32), nsx),
-           carray(as_pointer(ld(job + _J_PACKED), int8), ld(job + _J_PACKED_N)))
+           carray(as_pointer(ld(job + _J_PACKED), int8), ld(job + _J_PACKED_N)),
+           carray(as_pointer(ld(job + _J_Q), qtype), ld(job + _J_Q_N)),
+           carray(as_pointer(ld(job + _J_READY), np.int64), ld(job + _J_READY_N)))
     _claim(job, ld(job + _J_NBLOCKS), ops)
     _release(job)
 
@@ -578,19 +693,19 @@ def _helpers(frame, nblocks):
 @njit(**_OPTS)
 def _wait(job, nblocks, ops):
     """After the caller ran out of blocks: waits for the helpers' blocks, lets go of the job.
-    Takes ``ops`` so that the scratch the helpers read (tail, rowsum, packed) outlives them
+    Takes ``ops`` so that the scratch the helpers read (tail, s, b, rowsum, packed, qf, ready) outlives them
     (Numba frees an array after its last use)."""
     while _ffi.atomic_load(job + _J_DONE) < nblocks:
         _ffi.cpu_yield()
     _release(job)
-    return ops[3].size + ops[10].size + ops[11].size
+    return ops[3].size + ops[4].size + ops[5].size + ops[10].size + ops[11].size + ops[12].size + ops[13].size
 
 
 @njit(**_OPTS)
 def run(frame, task, share, ops):
     """All blocks of one call: on the calling thread alone, or (``share``) shared with helpers
     running ``task`` (an address)."""
-    x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed = ops
+    x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf, ready = ops
     M, N = y.shape
     _, nblocks = _grid(M, N)
     helpers = _helpers(frame, nblocks) if share else 0
@@ -620,6 +735,11 @@ def run(frame, task, share, ops):
     st(job + _J_SX_N, sx.size)  # rowsum's too: M for w8a8, 0 for weight-only
     st(job + _J_PACKED, np.int64(packed.ctypes.data))
     st(job + _J_PACKED_N, packed.size)
+    st(job + _J_Q, np.int64(qf.ctypes.data))
+    st(job + _J_Q_N, qf.size)
+    st(job + _J_READY, np.int64(ready.ctypes.data))
+    st(job + _J_READY_N, ready.size)
+    st(job + _J_SB_N, s.size)
     for _ in range(helpers):
         err = _ffi.threadpool_schedule(frame, task, job)
         if err != 0:  # that helper will never run: drop its reference
@@ -635,9 +755,11 @@ def weight_only(frame, x, wq, s, b, has_bias, relu, y, share):
     s, b [N] f32, y [M, N] f32."""
     K, N = wq.shape
     tail = _padded_columns(wq, N // WO_NR * WO_NR, WO_NR) if N % WO_NR else np.zeros(0, np.int8)
-    run(frame, _task_address(WEIGHT_ONLY), share, (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, s, b,
-                                                   has_bias, relu, y, np.zeros(0, np.float32), np.zeros(0, np.int32),
-                                                   np.zeros(0, np.int8)))
+    npad = (N + WO_NR - 1) // WO_NR * WO_NR
+    run(frame, _task_address(WEIGHT_ONLY), share,
+        (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, _padded(s, npad), _padded(b, npad), has_bias, relu, y,
+         np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.float32),
+         np.zeros(0, np.int64)))
 
 
 @njit(**_OPTS)
@@ -661,23 +783,22 @@ def _packed(wq, tail):
 
 
 @njit(**_OPTS)
-def w8a8(frame, q, wq, sx, s, b, has_bias, relu, y, share):
-    """``y = act((q @ w_q) * sx[:, None] * s + b)``, act relu or identity: q [M, K] int8, w_q
-    [K, N] int8, sx [M] f32, s, b [N] f32, y [M, N] f32; the dot exact in int32 (modulo 2**32,
-    see the module docstring)."""
-    M, K = q.shape
+def w8a8(frame, x, wq, s, b, has_bias, relu, y, share):
+    """``y = act((q @ w_q) * sx[:, None] * s + b)`` with ``q, sx = quantize_rows(x)``, act relu or
+    identity: x [M, K] f32, w_q [K, N] int8, s, b [N] f32, y [M, N] f32; the dot exact in int32
+    (modulo 2**32, see the module docstring)."""
+    M, K = x.shape
     N = wq.shape[1]
-    k4 = K // 4 * 4
-    rowsum = np.zeros(M, np.int32)  # sum_{k < k4} q[i, k]: the offset the flipped w adds, / 128
-    for i in range(M):
-        acc = int32(0)
-        for k in range(k4):
-            acc += int32(q[i, k])
-        rowsum[i] = acc
+    _, nblocks = _grid(M, N)
+    qf = np.empty(M * K, np.int8)  # x's rows quantised, sx their scales, rowsum their sums (k < 4 (K // 4))
+    sx = np.empty(M, np.float32)
+    rowsum = np.empty(M, np.int32)
+    ready = np.zeros((M + BLOCK_ROWS - 1) // BLOCK_ROWS, np.int64)  # per row block: quantised
     tail = _padded_columns(wq, N // Q_NR * Q_NR, Q_NR) if N % Q_NR else np.zeros(0, np.int8)
     packed = _packed(wq, tail) if M >= PACK_MIN_ROWS else np.zeros(0, np.int8)
-    run(frame, _task_address(W8A8), share, (as_shape(q, q.size), K, as_shape(wq, wq.size), tail, s, b, has_bias,
-                                            relu, y, sx, rowsum, packed))
+    npad = (N + WO_NR - 1) // WO_NR * WO_NR
+    run(frame, _task_address(W8A8), share, (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, _padded(s, npad),
+                                            _padded(b, npad), has_bias, relu, y, sx, rowsum, packed, qf, ready))
 
 
 @njit
@@ -732,18 +853,18 @@ def weight_only_f32(frame):
 
 
 def w8a8_f32(frame):
-    err, relu, has_bias, share = _prologue(frame, 2)
+    err, relu, has_bias, share = _prologue(frame, 1)
     if err != 0:
         return 0 if err == -1 else err
-    qb, sxb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), arg(frame, 3), ret(frame, 0)
-    bb = arg(frame, 4) if has_bias else sb
-    m, k = _matrix(qb, DTYPE_S8)
+    xb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), ret(frame, 0)
+    bb = arg(frame, 3) if has_bias else sb
+    m, k = _matrix(xb, _ffi.DTYPE_F32)
     k2, n = _matrix(wb, DTYPE_S8)
     m2, n2 = _matrix(yb, _ffi.DTYPE_F32)
-    if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sxb, m) or not _vector(sb, n) or not _vector(bb, n):
-        return make_error(frame, "quantized_dense: w8a8 takes q s8 [M, K], scale_x f32 [M], w_q s8 [K, N], scale "
-                                 "f32 [N], b f32 [N] and returns y f32 [M, N]")
-    w8a8(frame, view(qb, int8, (m, k)), view(wb, int8, (k, n)), view(sxb, float32, m), view(sb, float32, n),
+    if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sb, n) or not _vector(bb, n):
+        return make_error(frame, "quantized_dense: w8a8 takes x f32 [M, K], w_q s8 [K, N], scale f32 [N], "
+                                 "b f32 [N] and returns y f32 [M, N]")
+    w8a8(frame, view(xb, float32, (m, k)), view(wb, int8, (k, n)), view(sb, float32, n),
          view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)), share)
     return 0
 

@@ -1,9 +1,9 @@
 """The "numba" backend of ``kernels.quantized_dense``: the kernels of ``_quantized`` through XLA's FFI.
 
 ``quantized_dense(x, w_q, scale, b, activation, act_quant)`` flattens x to ``[M, K]`` and calls
-the weight-only handler on float32 x (bfloat16 and float16 are upcast first, exactly), or the
-w8a8 handler on the rows ``kernels.quantized.quantize_rows`` made (the same integers every
-backend feeds its dot). The handlers compile at their first call, each on its own. relu and
+the weight-only or the w8a8 handler on float32 x (bfloat16 and float16 are upcast first,
+exactly); the w8a8 handler quantises the rows itself, with ``kernels.quantized.quantize_rows``'s
+arithmetic (the same integers every backend feeds its dot: tested bit for bit). The handlers compile at their first call, each on its own. relu and
 identity run in the kernels; the other activations in XLA on their float32 result (the fused
 kernels' transcendental epilogue would cost each handler seconds of cold compile).
 
@@ -77,7 +77,10 @@ def _weight_only_reference(activation, x2, w_q, s, b):
     return ACTIVATIONS[activation].fn(z if b is None else z + b)
 
 
-def _w8a8_reference(activation, q, w_q, sx, s, b):
+def _w8a8_reference(activation, x2, w_q, s, b):
+    """``_w8a8`` in ``jnp``, for its derivatives in scale and b (x's are refused before the call:
+    ``quantized_dense``; here x's tangent is an instantiated zero, which must not reach the guard)."""
+    q, sx = q8.quantize_rows(jax.lax.stop_gradient(x2))
     z = q8.int8_dot(q, w_q).astype(jnp.float32) * sx[:, None] * s
     return ACTIVATIONS[activation].fn(z if b is None else z + b)
 
@@ -94,7 +97,7 @@ _weight_only = with_reference_jvp(
     lambda activation, x2, w_q, s, b: _kernel("weight_only", 1, activation, x2, w_q, s, b),
     _weight_only_reference, nondiff_argnums=(0,))
 _w8a8 = with_reference_jvp(
-    lambda activation, q, w_q, sx, s, b: _kernel("w8a8", 2, activation, q, sx, w_q, s, b),
+    lambda activation, x2, w_q, s, b: _kernel("w8a8", 1, activation, x2, w_q, s, b),
     _w8a8_reference, nondiff_argnums=(0,))
 
 
@@ -110,9 +113,8 @@ def quantized_dense(x, w_q, scale, b, activation: str, act_quant):
     b = None if b is None else b.astype(jnp.float32)
     if act_quant is None:
         y = _weight_only(activation, x2.astype(jnp.float32), w_q, s, b)
-    else:
-        q, sx = q8.quantize_rows(x2)
-        y = _w8a8(activation, q, w_q, sx, s, b)
+    else:  # the kernel quantises x's rows: not differentiable in x
+        y = _w8a8(activation, q8.refuse_derivative(x2.astype(jnp.float32)), w_q, s, b)
     return y.astype(x.dtype).reshape(*lead, n)
 
 

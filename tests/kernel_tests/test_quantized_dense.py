@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
@@ -277,6 +278,58 @@ def test_a_nan_in_a_row_makes_that_rows_scale_and_outputs_nan(rows, k, backend):
     np.testing.assert_array_equal(np.isnan(y), np.broadcast_to(bad[:, None], y.shape))
 
 
+def _w8a8_rows(rows, k, kind, seed):
+    """``[rows, k]`` float32 rows of one kind: normal, ties (the largest |x| 127, so scale_x = 1 and
+    halves round to even), tiny (subnormal), huge (near float32's top), all zero, or mixed."""
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        x = rng.integers(-254, 255, (rows, k)) / 2.0
+        x[:, 0] = 127.0
+    elif kind == "tiny":
+        x = rng.standard_normal((rows, k)) * 1e-41
+    elif kind == "huge":
+        x = rng.standard_normal((rows, k)) * 1e37
+    elif kind == "zeros":
+        x = np.zeros((rows, k))
+    else:
+        x = rng.standard_normal((rows, k)) * 10.0 ** rng.uniform(-3, 3, (rows, 1))
+        if kind == "mixed":
+            x[::3] = 0.0
+            x[1::3, : k // 2] = 1e-41
+    return x.astype(np.float32)
+
+
+@given(rows=st.integers(1, 150), k=st.integers(1, 70), n=st.integers(1, 70),
+       kind=st.sampled_from(("normal", "ties", "tiny", "huge", "zeros", "mixed")),
+       relu=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16 - 1))
+@settings(max_examples=25 if EXAMPLES else 300, deadline=None)  # cheap: small shapes, no reference run
+def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, relu, bias, seed):
+    """The numba w8a8 kernel quantises x's rows itself (in blocks of rows, on vectors of 16 and a
+    scalar tail): its outputs equal, bit for bit, the epilogue ``float32(q @ w_q) * scale_x *
+    scale + b`` (then relu) computed in NumPy on the integers of ``quantize_rows`` (every
+    backend's definition; equal to ``quantize_rows_numpy`` but for subnormal x, which XLA's CPU
+    flushes to zero, as the kernel, running inside XLA's call, does too); over rows across the
+    64-row blocks, K across the 16-wide vectors and the K % 4 tail, N across the 32-column tiles,
+    ties, subnormals, huge values (outputs that overflow to inf) and zero rows."""
+    rng = np.random.default_rng(seed + 1)
+    x = _w8a8_rows(rows, k, kind, seed)
+    w_q = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    got = kernels.quantized_dense(jnp.asarray(x), jnp.asarray(w_q), jnp.asarray(scale), None if b is None else
+                                  jnp.asarray(b), activation="relu" if relu else "identity", act_quant="int8",
+                                  backend="numba")
+    q, sx = (np.asarray(a) for a in jax.jit(q8.quantize_rows)(jnp.asarray(x)))
+    acc = q.astype(np.int64) @ w_q.astype(np.int64)  # exact; |acc| <= 70 * 127 * 128 fits int32
+    with np.errstate(over="ignore", invalid="ignore"):  # "huge": inf, and inf - inf with a bias
+        want = acc.astype(np.float32) * sx[:, None] * scale[None, :]
+        if b is not None:
+            want = want + b
+    if relu:
+        want = np.maximum(want, np.float32(0))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_w8a8_accumulates_exactly_in_int32(backend):
     """127 * 127 * K overflows int8 and int16 (and w_q = -128 the unsigned trick of the numba
@@ -319,7 +372,7 @@ def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
 def test_numba_vector_stores_and_packed_weights(rows, act_quant, share):
     """Rows in tiles of 4 (weight-only) or 8 (w8a8: 8 + 8 + 4 + 1, or 8 x 8 + 4 + 1 + 1 with w_q
     packed: ``PACK_MIN_ROWS``), K % 4 = 0, whole column tiles (64 or 32 wide: the vectorised
-    epilogue) beside a partial one (N = 70: the scalar one), with and without a bias, relu and
+    epilogue) beside a partial one (N = 70: stored through a row buffer), with and without a bias, relu and
     identity, a row of NaN (kept by relu, as ``jnp.maximum`` keeps it), on the caller alone and
     shared with XLA's threads (which then read the packed copy)."""
     from kernels.numba_cpu import _quantized, backend
