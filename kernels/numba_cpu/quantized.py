@@ -50,24 +50,23 @@ def _target(kind: str) -> str:
     return name
 
 
-def _call(kind: str, relu: bool, n_rows: int, *ops):
-    """The handler on ``ops`` = (row operands ``[M, ...]``, then w_q, scale[, b]): ``y [M, N]``,
-    relu'd if ``relu``.
+def _call(kind: str, relu: bool, *ops):
+    """The handler on ``ops`` = (x ``[M, K]``, w_q, scale[, b]): ``y [M, N]``, relu'd if ``relu``.
 
-    Under vmap with only row operands batched, the batch folds into M (one call, nested vmaps
-    too); otherwise ``_batching.unfolded`` (one call per element).
+    Under vmap with only x batched, the batch folds into M (one call, nested vmaps too);
+    otherwise ``_batching.unfolded`` (one call per element).
     """
-    (m, k), n = ops[0].shape, ops[n_rows].shape[1]
+    (m, k), n = ops[0].shape, ops[1].shape[1]
     ffi = functools.partial(jax.ffi.ffi_call(_target(kind), (jax.ShapeDtypeStruct((m, n), jnp.float32),),
                                              vmap_method="sequential"),
                             act=np.int64(CODES["relu" if relu else "identity"]), share=share_attribute(m, k, n))
-    again = functools.partial(_call, kind, relu, n_rows)
+    again = functools.partial(_call, kind, relu)
 
     def rule(axis_size, in_batched, *args):
-        if any(in_batched[n_rows:]):
-            return _batching.unfolded(ffi, lambda *a: [again(*a)], n_rows, in_batched, args)
-        rows = [_batching.rows(a, b, axis_size) for a, b in zip(args[:n_rows], in_batched)]
-        return [_batching.unrows(again(*rows, *args[n_rows:]), axis_size, m)], [True]
+        if any(in_batched[1:]):
+            return _batching.unfolded(ffi, lambda *a: [again(*a)], 1, in_batched, args)
+        x = _batching.rows(args[0], in_batched[0], axis_size)
+        return [_batching.unrows(again(x, *args[1:]), axis_size, m)], [True]
     return _batching.call(ffi, ops, rule)[0]
 
 
@@ -85,19 +84,19 @@ def _w8a8_reference(activation, x2, w_q, s, b):
     return ACTIVATIONS[activation].fn(z if b is None else z + b)
 
 
-def _kernel(kind: str, n_rows: int, activation: str, *ops):
+def _kernel(kind: str, activation: str, *ops):
     """The handler, with relu and identity applied in it and the other activations by XLA after."""
     ops = [a for a in ops if a is not None]
     if activation in ("relu", "identity"):
-        return _call(kind, activation == "relu", n_rows, *ops)
-    return ACTIVATIONS[activation].fn(_call(kind, False, n_rows, *ops))
+        return _call(kind, activation == "relu", *ops)
+    return ACTIVATIONS[activation].fn(_call(kind, False, *ops))
 
 
 _weight_only = with_reference_jvp(
-    lambda activation, x2, w_q, s, b: _kernel("weight_only", 1, activation, x2, w_q, s, b),
+    lambda activation, x2, w_q, s, b: _kernel("weight_only", activation, x2, w_q, s, b),
     _weight_only_reference, nondiff_argnums=(0,))
 _w8a8 = with_reference_jvp(
-    lambda activation, x2, w_q, s, b: _kernel("w8a8", 1, activation, x2, w_q, s, b),
+    lambda activation, x2, w_q, s, b: _kernel("w8a8", activation, x2, w_q, s, b),
     _w8a8_reference, nondiff_argnums=(0,))
 
 
