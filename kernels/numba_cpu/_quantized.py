@@ -60,10 +60,11 @@ DTYPE_S8 = 2  # XLA_FFI_DataType S8
 IDENTITY, RELU = CODES["identity"], CODES["relu"]
 WO_NR = 64  # weight-only: columns per tile (one 64-byte line of w_q, 4 float32 vectors)
 WO_MR = 4  # weight-only: rows per tile (16 accumulator vectors)
+WO_NARROW_MR = 8  # weight-only: rows per tile of the last columns when they fit 1 or 2 vectors
 Q_NR = 32  # w8a8: columns per tile (2 int32 vectors)
 Q_MR = 8  # w8a8: rows per tile (16 accumulator vectors)
 
-_WO_TILE = WO_MR * WO_NR  # literals for stack_buffer
+_WO_TILE = WO_NARROW_MR * WO_NR  # literals for stack_buffer
 KC_QUADS = 64  # w8a8: quads of k per pass over a block's row tiles (256 k)
 # w8a8 packs w_q (``_packed``) for calls of at least this many rows: below, the packing costs
 # more than it saves (docs/benchmarks.md, "Vector stores and packed weights").
@@ -136,15 +137,16 @@ def _reduction_loop(builder, count, inits, body):
 
 
 @intrinsic(prefer_literal=True)
-def _wo_tile(typingctx, x, xo, ldx, rows, w, wo, ldw, k, out):
+def _wo_tile(typingctx, x, xo, ldx, rows, w, wo, ldw, k, out, nvec):
     """``out[r*64 + c] = sum_l x[xo + r*ldx + l] * float(w[wo + l*ldw + c])`` for r < rows,
-    c < 64, l < k. x: float32 1-D, w: int8 1-D, out: float32 1-D (rows * 64); rows a literal."""
-    if not isinstance(rows, types.IntegerLiteral):
+    c < 16 nvec, l < k (out's other entries untouched). x: float32 1-D, w: int8 1-D, out: float32
+    1-D (rows * 64); rows and nvec (1 to 4 vectors of 16 columns) literals."""
+    if not isinstance(rows, types.IntegerLiteral) or not isinstance(nvec, types.IntegerLiteral):
         return None
-    nrows = rows.literal_value
+    nrows, nv = rows.literal_value, nvec.literal_value
 
     def codegen(context, builder, sig, args):
-        xa, xo_, ldx_, _, wa, wo_, ldw_, k_, oa = args
+        xa, xo_, ldx_, _, wa, wo_, ldw_, k_, oa, _ = args
         xo_, ldx_, wo_, ldw_, k_ = (_i64(context, builder, v, t) for v, t in zip(
             (xo_, ldx_, wo_, ldw_, k_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
         xp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, xa), (4, wa), (8, oa)))
@@ -156,20 +158,21 @@ def _wo_tile(typingctx, x, xo, ldx, rows, w, wo, ldw, k, out):
         def body(l, accs):
             row = builder.gep(wp, [builder.add(wo_, builder.mul(l, ldw_))], inbounds=True)
             wv = [builder.sitofp(builder.load(builder.bitcast(builder.gep(row, [i64(16 * c)], inbounds=True),
-                                                                vb.as_pointer()), align=1), vf) for c in range(4)]
+                                                                vb.as_pointer()), align=1), vf) for c in range(nv)]
             new = []
             for r in range(nrows):
                 at = builder.add(builder.add(xo_, builder.mul(i64(r), ldx_)), l)
                 xb = _splat(builder, builder.load(builder.gep(xp, [at], inbounds=True)), vf)
-                new += [builder.call(fma, [xb, wv[c], accs[4 * r + c]]) for c in range(4)]
+                new += [builder.call(fma, [xb, wv[c], accs[nv * r + c]]) for c in range(nv)]
             return new
 
-        final = _reduction_loop(builder, k_, [ir.Constant(vf, None)] * (4 * nrows), body)
+        final = _reduction_loop(builder, k_, [ir.Constant(vf, None)] * (nv * nrows), body)
         for i, v in enumerate(final):
-            builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), vf.as_pointer()), align=4)
+            at = i64(WO_NR * (i // nv) + 16 * (i % nv))
+            builder.store(v, builder.bitcast(builder.gep(op, [at], inbounds=True), vf.as_pointer()), align=4)
         return context.get_dummy_value()
     u = types.unliteral
-    return types.none(x, u(xo), u(ldx), rows, w, u(wo), u(ldw), u(k), out), codegen
+    return types.none(x, u(xo), u(ldx), rows, w, u(wo), u(ldw), u(k), out, nvec), codegen
 
 
 def _dot4(builder, acc, xb, wv, vnni):
@@ -481,11 +484,40 @@ def _quantize_rows(xf, K, i0, i1, qf, sx, rowsum):
 
 
 @njit(**_OPTS)
+def _wo_rows(xf, xo, K, rows, src, wo, ldw, nv, tile):
+    """``_wo_tile`` for ``rows`` (8, 4, 2 or 1; 8 only with nv <= 2) and ``nv`` vectors (1-4),
+    dispatched to the compiled literal pairs."""
+    if nv == 4:
+        if rows == 4:
+            _wo_tile(xf, xo, K, 4, src, wo, ldw, K, tile, 4)
+        elif rows == 2:
+            _wo_tile(xf, xo, K, 2, src, wo, ldw, K, tile, 4)
+        else:
+            _wo_tile(xf, xo, K, 1, src, wo, ldw, K, tile, 4)
+    elif nv == 3:
+        if rows == 4:
+            _wo_tile(xf, xo, K, 4, src, wo, ldw, K, tile, 3)
+        else:
+            _wo_tile(xf, xo, K, 1, src, wo, ldw, K, tile, 3)
+    elif nv == 2:
+        if rows == 8:
+            _wo_tile(xf, xo, K, 8, src, wo, ldw, K, tile, 2)
+        else:
+            _wo_tile(xf, xo, K, 1, src, wo, ldw, K, tile, 2)
+    elif rows == 8:
+        _wo_tile(xf, xo, K, 8, src, wo, ldw, K, tile, 1)
+    else:
+        _wo_tile(xf, xo, K, 1, src, wo, ldw, K, tile, 1)
+
+
+@njit(**_OPTS)
 def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf, ready):
     """Block ``t`` of weight-only: ``y = (x @ w_q) * s + b`` (relu'd) on its rows and columns.
 
     Column tiles of 64 outer (a tile's K x 64 bytes of w_q stay in cache while the row tiles
-    read them), row tiles of 4 (then 2, 1) inner. ``s``, ``b``: padded to whole tiles.
+    read them), row tiles of 4 (then 2, 1) inner. The last, partial column tile is as many
+    16-column vectors as its columns need, in row tiles of 8 when that is 1 or 2 vectors (enough
+    independent multiply-adds in flight), else 4 (then 1). ``s``, ``b``: padded to whole tiles.
     ``sx``, ``rowsum``, ``packed``, ``qf``, ``ready``: unused (w8a8's).
     """
     M, N = y.shape
@@ -495,20 +527,18 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
     nfull = N // WO_NR
     yf = as_shape(y, y.size)
     tile = carray(_ffi.stack_buffer(_WO_TILE, float32), _WO_TILE)
+    tile[:] = 0  # a narrow tile leaves its other columns as they are: stored, never copied to y
     row = carray(_ffi.stack_buffer(WO_NR, float32), WO_NR)  # a partial tile's row, before y
     for p in range(p0, p1):
         j0 = p * WO_NR
         src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, WO_NR)
+        nv = 4 if p < nfull else (N - j0 + 15) // 16
+        mr = WO_NARROW_MR if nv <= 2 else WO_MR
         r0 = i0
         while r0 < i1:
-            rows = min(WO_MR, i1 - r0)
-            if rows == 4:
-                _wo_tile(xf, r0 * K, K, 4, src, wo, ldw, K, tile)
-            elif rows >= 2:
-                rows = 2
-                _wo_tile(xf, r0 * K, K, 2, src, wo, ldw, K, tile)
-            else:
-                _wo_tile(xf, r0 * K, K, 1, src, wo, ldw, K, tile)
+            left = i1 - r0
+            rows = mr if left >= mr else (2 if nv == 4 and left >= 2 else 1)
+            _wo_rows(xf, r0 * K, K, rows, src, wo, ldw, nv, tile)
             for r in range(rows):
                 if p < nfull:  # a whole tile row, on vectors
                     _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, yf, (r0 + r) * N + j0,
