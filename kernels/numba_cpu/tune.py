@@ -13,7 +13,11 @@ blocking kept, it times the same step on one thread and shared with XLA's pool a
 (``pick_threshold``) as ``parallel_min_macs``: the cost of handing blocks to the pool is a
 property of the machine (on an Intel Xeon VM sharing lost up to 2^21 multiply-adds, where the
 model says 2^19). The blocking kept (the derived one if nothing beat it) is stored in
-``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``). Prints the
+``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``); but when
+sharing won at no shape on a machine of several cores (a host that lent the other vCPU
+elsewhere for a while looks the same: docs/benchmarks.md), this process uses that answer and
+stores only a note of it, so that the next process tunes again: the answer is stored when two
+processes in a row find it. Prints the
 machine, each candidate's times, the choice and the cache file, and ends with one JSON line of
 the same.
 
@@ -124,6 +128,11 @@ def pick_threshold(single: dict[tuple, list[float]], shared: dict[tuple, list[fl
     return min(derived, math.prod(shapes[0])) if first == 0 else math.prod(shapes[first])
 
 
+def _never_key(dtype: str) -> str:
+    """The cache entry's key noting one process's "sharing never wins" for ``dtype``."""
+    return f"{dtype} sharing never won"
+
+
 def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     """Measures ``candidates`` on this machine, stores the winner (or removes the entry), and
     returns a summary."""
@@ -143,11 +152,12 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
             f"pmb={blk.pmb} dwt={blk.dwt}: {geo * 1e3:8.2f} ms geomean, noise {noise:.1%}, GFLOP/s "
             + " / ".join(f"{g:.1f} at {'x'.join(map(str, s))}" for g, s in zip(gflops, t)))
     kept = blockings[best]
-    sharing = None
+    sharing, never = None, False
     if base.parallel_min_macs < NEVER:  # more than one core
         single, shared = measure([kept.replace(parallel_min_macs=NEVER), kept.replace(parallel_min_macs=1)],
                                  dtype=dtype, shapes=THRESHOLD_SHAPES, repeats=repeats, min_sample_s=0.002)
         threshold = pick_threshold(single, shared, base.parallel_min_macs)
+        never = threshold > math.prod(THRESHOLD_SHAPES[-1])
         sharing = {"derived": base.parallel_min_macs, "measured": threshold,
                    "us": {"x".join(map(str, sh)): [round(statistics.median(single[sh]) * 1e6, 1),
                                                    round(statistics.median(shared[sh]) * 1e6, 1)]
@@ -158,12 +168,20 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
     cache = TuningCache(CACHE_KIND, machine)
     value = cache.get()
     value = dict(value) if isinstance(value, dict) else {}
-    value[dtype] = kept.as_dict()  # the derived blocking too: later processes do not measure again
+    stored = not never or bool(value.get(_never_key(dtype)))
+    if stored:  # the derived blocking too: later processes do not measure again
+        value[dtype] = kept.as_dict()
+        value.pop(_never_key(dtype), None)
+    else:  # sharing won nowhere, a first time: the next process measures again
+        value.pop(dtype, None)
+        value[_never_key(dtype)] = True
     cache.store(value, "kernels.numba_cpu.tune's blocking")
     choice = "tuned" if best else "derived"
-    log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}")
+    log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}"
+        + ("" if stored else "; sharing never won: not stored, the next process tunes again"))
     return {"dtype": dtype, "choice": choice, "blocking": kept.as_dict(), "margin": round(margin, 4),
-            "candidates": rows, "sharing": sharing, "cache_file": str(cache.path), "machine": machine.as_dict()}
+            "candidates": rows, "sharing": sharing, "stored": stored, "cache_file": str(cache.path),
+            "machine": machine.as_dict()}
 
 
 def reset() -> str:
