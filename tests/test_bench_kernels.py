@@ -152,20 +152,12 @@ def test_result_records_the_numba_tile_and_blocking():
     assert blocking.Blocking(**got["numba_blocking"]).validate(mr)
 
 
-def _trace_state_clean():
-    """Whether no JAX trace is active in this thread (JAX's own check; internal, so looked up here)."""
-    from jax._src import core
-
-    if not hasattr(core, "trace_state_clean"):
-        pytest.skip("this JAX has no jax._src.core.trace_state_clean to tell a traced thread from a clean one")
-    return core.trace_state_clean()
-
-
 @pytest.mark.parametrize("path", ["top level", "own thread"])
 def test_untraced_leaves_the_caller_s_trace_and_keeps_its_context_and_x64(path, monkeypatch):
     import contextvars
 
     import jax
+    from jax._src import core  # trace_state_clean: whether a trace is active in this thread
 
     from kernels import timing
 
@@ -175,16 +167,16 @@ def test_untraced_leaves_the_caller_s_trace_and_keeps_its_context_and_x64(path, 
     seen = {}
 
     def probe():
-        return _trace_state_clean(), var.get(), jnp.zeros(2, "float64").dtype.name
+        return core.trace_state_clean(), var.get(), jnp.zeros(2, "float64").dtype.name
 
     def traced(x):
-        seen["inside"] = _trace_state_clean()
+        seen["inside"] = core.trace_state_clean()
         with jax.ensure_compile_time_eval():  # what the tuners used before: still a traced thread
-            seen["compile_time_eval"] = _trace_state_clean()
+            seen["compile_time_eval"] = core.trace_state_clean()
         seen["untraced"] = timing.untraced(probe)
         with pytest.raises(ZeroDivisionError):  # fn's exception, raised to the caller
             timing.untraced(lambda: 1 / 0)
-        seen["after"] = _trace_state_clean()  # the caller's trace is back, and its tracers work
+        seen["after"] = core.trace_state_clean()  # the caller's trace is back, and its tracers work
         return 2 * x
 
     token = var.set("the caller's")

@@ -821,7 +821,6 @@ def w8a8(frame, x, wq, s, b, has_bias, relu, y, share):
     (modulo 2**32, see the module docstring)."""
     M, K = x.shape
     N = wq.shape[1]
-    _, nblocks = _grid(M, N)
     qf = np.empty(M * K, np.int8)  # x's rows quantised, sx their scales, rowsum their sums (k < 4 (K // 4))
     sx = np.empty(M, np.float32)
     rowsum = np.empty(M, np.int32)
@@ -848,56 +847,60 @@ def _vector(buf, n):
 
 
 @njit(inline="always")
-def _prologue(frame, n_rows_args):
-    """Common checks: returns ``(error or 0, relu, has_bias, share)``; error -1 means "answered
-    XLA's metadata query" (return 0). Attributes, sorted by name: ``act``, ``share`` (0 or 1)."""
+def _prologue(frame):
+    """Common checks of both handlers (the same operands): returns ``(error or 0, relu, has_bias,
+    share, M, K, N)``; error -1 means "answered XLA's metadata query" (return 0). Operands x f32
+    [M, K], w_q s8 [K, N], scale f32 [N], b f32 [N]?; result y f32 [M, N]. Attributes, sorted by
+    name: ``act``, ``share`` (0 or 1)."""
     q = _ffi.answer_metadata(frame)
     if q >= 0:
-        return (-1 if q == 0 else q), False, False, False
+        return (-1 if q == 0 else q), False, False, False, 0, 0, 0
     nargs = _ffi.load_i64(frame + _ffi.FRAME_ARGS_SIZE)
-    if nargs != n_rows_args + 2 and nargs != n_rows_args + 3 or _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE) != 1:
-        return make_error(frame, "quantized_dense: wrong number of operands or results"), False, False, False
+    if nargs != 3 and nargs != 4 or _ffi.load_i64(frame + _ffi.FRAME_RETS_SIZE) != 1:
+        return make_error(frame, "quantized_dense: wrong number of operands or results"), False, False, False, 0, 0, 0
     act = _ffi.scalar_attr_i64(frame, 0)
     if act != IDENTITY and act != RELU:
         error = make_error(frame, "quantized_dense: attribute 'act' must be identity's or relu's code")
-        return error, False, False, False
+        return error, False, False, False, 0, 0, 0
     share = _ffi.scalar_attr_i64(frame, 1)
     if share != 0 and share != 1:
-        return make_error(frame, "quantized_dense: missing int64 attribute 'share' (0 or 1)"), False, False, False
-    return 0, act == RELU, nargs == n_rows_args + 3, share == 1
+        error = make_error(frame, "quantized_dense: missing int64 attribute 'share' (0 or 1)")
+        return error, False, False, False, 0, 0, 0
+    has_bias = nargs == 4
+    m, k = _matrix(arg(frame, 0), _ffi.DTYPE_F32)
+    k2, n = _matrix(arg(frame, 1), DTYPE_S8)
+    m2, n2 = _matrix(ret(frame, 0), _ffi.DTYPE_F32)
+    if (m < 0 or k2 != k or m2 != m or n2 != n or not _vector(arg(frame, 2), n)
+            or not _vector(arg(frame, 3 if has_bias else 2), n)):
+        error = make_error(frame, "quantized_dense: the numba kernels take x f32 [M, K], w_q s8 [K, N], scale f32 "
+                                  "[N], b f32 [N] and return y f32 [M, N]")
+        return error, False, False, False, 0, 0, 0
+    return 0, act == RELU, has_bias, share == 1, m, k, n
+
+
+@njit(inline="always")
+def _views(frame, has_bias, m, k, n):
+    """``(x, w_q, scale, b, y)`` of a call ``_prologue`` accepted (b: scale when there is none)."""
+    s = view(arg(frame, 2), float32, n)
+    return (view(arg(frame, 0), float32, (m, k)), view(arg(frame, 1), int8, (k, n)), s,
+            view(arg(frame, 3), float32, n) if has_bias else s, view(ret(frame, 0), float32, (m, n)))
 
 
 def weight_only_f32(frame):
-    err, relu, has_bias, share = _prologue(frame, 1)
+    err, relu, has_bias, share, m, k, n = _prologue(frame)
     if err != 0:
         return 0 if err == -1 else err
-    xb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), ret(frame, 0)
-    bb = arg(frame, 3) if has_bias else sb
-    m, k = _matrix(xb, _ffi.DTYPE_F32)
-    k2, n = _matrix(wb, DTYPE_S8)
-    m2, n2 = _matrix(yb, _ffi.DTYPE_F32)
-    if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sb, n) or not _vector(bb, n):
-        return make_error(frame, "quantized_dense: weight-only takes x f32 [M, K], w_q s8 [K, N], scale f32 [N], "
-                                 "b f32 [N] and returns y f32 [M, N]")
-    weight_only(frame, view(xb, float32, (m, k)), view(wb, int8, (k, n)), view(sb, float32, n),
-                view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)), share)
+    x, wq, s, b, y = _views(frame, has_bias, m, k, n)
+    weight_only(frame, x, wq, s, b, has_bias, relu, y, share)
     return 0
 
 
 def w8a8_f32(frame):
-    err, relu, has_bias, share = _prologue(frame, 1)
+    err, relu, has_bias, share, m, k, n = _prologue(frame)
     if err != 0:
         return 0 if err == -1 else err
-    xb, wb, sb, yb = arg(frame, 0), arg(frame, 1), arg(frame, 2), ret(frame, 0)
-    bb = arg(frame, 3) if has_bias else sb
-    m, k = _matrix(xb, _ffi.DTYPE_F32)
-    k2, n = _matrix(wb, DTYPE_S8)
-    m2, n2 = _matrix(yb, _ffi.DTYPE_F32)
-    if m < 0 or k2 != k or m2 != m or n2 != n or not _vector(sb, n) or not _vector(bb, n):
-        return make_error(frame, "quantized_dense: w8a8 takes x f32 [M, K], w_q s8 [K, N], scale f32 [N], "
-                                 "b f32 [N] and returns y f32 [M, N]")
-    w8a8(frame, view(xb, float32, (m, k)), view(wb, int8, (k, n)), view(sb, float32, n),
-         view(bb, float32, n), has_bias, relu, view(yb, float32, (m, n)), share)
+    x, wq, s, b, y = _views(frame, has_bias, m, k, n)
+    w8a8(frame, x, wq, s, b, has_bias, relu, y, share)
     return 0
 
 

@@ -9,6 +9,9 @@ import dataclasses
 import functools
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -557,6 +560,58 @@ def test_bad_input_is_refused_naming_the_argument(fn, case):
     call = reference.quantized_dense if fn == "reference" else functools.partial(kernels.quantized_dense, backend=fn)
     with pytest.raises(error, match=match):
         call(**kwargs)
+
+
+RAW_CALLS = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels.numba_cpu import quantized as nq
+
+    out = jax.ShapeDtypeStruct((3, 2), jnp.float32)
+    ok = dict(act=np.int64(1), share=np.int64(0))
+    x, w_q, s, b = jnp.ones((3, 4)), jnp.ones((4, 2), jnp.int8), jnp.ones(2), jnp.ones(2)
+    for kind in ("weight_only", "w8a8"):
+        call = lambda *a, out=out, **k: jax.ffi.ffi_call(nq._target(kind), out)(*a, **{**ok, **k})
+        cases = {
+            "good": lambda: call(x, w_q, s, b),
+            "K mismatch": lambda: call(jnp.ones((3, 5)), w_q, s, b),
+            "int8 x": lambda: call(jnp.ones((3, 4), jnp.int8), w_q, s, b),
+            "float w_q": lambda: call(x, jnp.ones((4, 2)), s, b),
+            "scale of N + 1": lambda: call(x, w_q, jnp.ones(3), b),
+            "b of N + 1": lambda: call(x, w_q, s, jnp.ones(3)),
+            "y of M + 1": lambda: call(x, w_q, s, b, out=jax.ShapeDtypeStruct((4, 2), jnp.float32)),
+            "arity": lambda: call(x, w_q),
+            "act": lambda: call(x, w_q, s, b, act=np.int64(99)),
+            "share": lambda: call(x, w_q, s, b, share=np.int64(7)),
+        }
+        for name, case in cases.items():
+            try:
+                y = jax.block_until_ready(case())
+            except Exception as e:
+                print("ERROR", kind, name, "|", str(e).splitlines()[0][:160])
+            else:
+                print("VALUE", kind, name, "|", np.asarray(y).tolist())
+    print("DONE")
+""")
+
+
+def test_the_raw_handlers_refuse_malformed_calls_in_a_subprocess():
+    """Each handler called straight through the FFI, past ``quantized_dense``'s checks: a well-formed
+    call answers, every malformed one (operand shapes or dtypes, arity, attributes) is an XLA error
+    naming what the handlers take, never a crash (a fresh process: a crash fails the test only)."""
+    proc = subprocess.run([sys.executable, "-c", RAW_CALLS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"subprocess died ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "DONE", proc.stdout
+    for kind in ("weight_only", "w8a8"):
+        assert f"VALUE {kind} good | [[5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]" in lines, proc.stdout
+        errors = {ln.split(" | ")[0].split(" ", 2)[2]: ln.split(" | ")[1] for ln in lines
+                  if ln.startswith(f"ERROR {kind} ")}
+        operands = ("K mismatch", "int8 x", "float w_q", "scale of N + 1", "b of N + 1", "y of M + 1")
+        assert set(errors) == {*operands, "arity", "act", "share"}, proc.stdout
+        for name in operands:
+            assert "take x f32 [M, K], w_q s8 [K, N], scale f32 [N], b f32 [N]" in errors[name], (kind, name)
+        assert "wrong number of operands" in errors["arity"]
+        assert "attribute 'act'" in errors["act"] and "attribute 'share'" in errors["share"]
 
 
 def test_the_reference_is_not_a_backend():
