@@ -317,6 +317,48 @@ def test_transformer_lm_runs_quantised_every_dense_layer(transformer):
         jax.eval_shape(lambda: apply_quantized(untied, quantize(untied.init(jax.random.key(0), ids)), ids))
 
 
+@pytest.mark.parametrize("which", ["mlp", "cnn", "lm"])
+def test_dense_free_drops_the_products_of_exactly_the_layers_quantize_touches(which, transformer, digits):
+    """The compress study's ceiling model: inside ``dense_free`` each FusedDense returns zeros of
+    its output's shape, and every other product (attention, the tied output, convolutions) stays."""
+    from jaxnet.compress.quantize import quantized_layers
+    from jaxnet.studies.compress import dense_free
+
+    if which == "lm":
+        model, x, variables = transformer
+    else:
+        x = digits[2][:8]
+        model = MLP((32, 10)) if which == "mlp" else CNN(num_classes=10, features=(4,), convs_per_block=1, head=(16,))
+        x = x.reshape(len(x), -1) if which == "mlp" else x
+        variables = model.init(jax.random.key(0), x)
+    layers = len(quantized_layers(quantize(variables)["params"]))
+    seen = []
+
+    def free(v, x):
+        def recorder(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            if isinstance(context.module, FusedDense) and context.method_name == "__call__":
+                seen.append((args[0], y))
+            return y
+        # Flax runs the interceptor entered first outermost: the recorder sees dense_free's outputs.
+        with nn.intercept_methods(recorder), dense_free():
+            return model.apply(v, x)
+
+    def products(fn):
+        text = str(jax.make_jaxpr(fn)(variables, x))
+        return text.count("dot_general") + text.count("conv_general_dilated")
+
+    assert layers > 0 and products(model.apply) - products(free) == layers
+    # Opaque to XLA: each layer's zeros still come out of a conditional in the optimised program.
+    assert jax.jit(free).lower(variables, x).compile().as_text().count(" conditional(") == layers
+    seen.clear()
+    assert free(variables, x).shape == model.apply(variables, x).shape  # eagerly: the layers' values seen
+    assert len(seen) == layers
+    for xin, y in seen:
+        assert y.shape[:-1] == xin.shape[:-1]
+        assert not np.any(np.asarray(y))  # zeros, whatever x holds
+
+
 def test_quantised_trees_need_apply_quantized_and_must_be_well_formed():
     model, variables = mlp_variables()
     x = jnp.ones((2, 8))

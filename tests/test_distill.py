@@ -386,7 +386,7 @@ def test_gap_closed_and_the_transfer_views():
 
 def test_compress_study_measures_every_mode_on_a_tiny_mlp():
     from jaxnet.compress import quantize
-    from jaxnet.studies.compress import Config, dense_bytes, dequantized, measure, summary
+    from jaxnet.studies.compress import Config, dense_bytes, dequantized, measure, summary, table_markdown
 
     x = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
     model = MLP((32, 10))
@@ -401,13 +401,19 @@ def test_compress_study_measures_every_mode_on_a_tiny_mlp():
     def agreement(apply, tree):
         return float(np.mean(np.asarray(apply(tree, x)).argmax(-1) == labels))
 
-    config = Config(repeats=1, warmup=1, min_sample_s=0.0, backend="xla")
+    config = Config(repeats=1, warmup=1, min_sample_s=0.0, backend="xla", batches=(16,))
     measured = measure(model, variables, agreement, {16: x}, config)  # one shape: one compilation per mode
     assert measured["modes"]["float32"]["quality"] == 1.0 and measured["modes"]["int8"]["quality"] > 0.8
     assert measured["dense_bytes_ratio"] == pytest.approx(dense_bytes(variables["params"]) / dense_bytes(q["params"]))
     row = summary({"mlp": measured})["mlp"]
     assert row["dense_bytes_met"] is False  # 3.6x: at K = 64 and 32 the scales and biases weigh
     assert set(measured["modes"]["w8a8"]["latency_s"]) == {16} and measured["dequant_latency_s"] > 0
+    free = measured["dense_free_latency_s"][16]  # the ceilings: the float model with its dense layers free
+    assert measured["ceiling_vs_float32"][16] == pytest.approx(measured["modes"]["float32"]["latency_s"][16] / free)
+    assert measured["ceiling_vs_dequant_batch1"] == pytest.approx(measured["dequant_latency_s"] / free)
+    assert row["speed_target_reachable"] == (measured["ceiling_vs_float32"][16] >= 3.0)
+    assert row["int8_vs_dequant_reachable"] == (measured["ceiling_vs_dequant_batch1"] >= 1.5)
+    assert "dense layers free (ceiling)" in table_markdown({"mlp": measured}, config)
 
 
 @pytest.mark.slow  # ~1-2 min on 2 busy cores: both experiments end to end, every model trained briefly
