@@ -179,7 +179,8 @@ def as_shape(typingctx, a, shape):
 
 @intrinsic(prefer_literal=True)
 def make_error(typingctx, frame, message):
-    """Calls ``frame->api->XLA_FFI_Error_Create`` with a constant message (INVALID_ARGUMENT).
+    """Calls ``frame->api->XLA_FFI_Error_Create`` with a constant message (INVALID_ARGUMENT),
+    "numba " + ``message``: the message starts with its kernel's name ("fused_dense forward: ...").
 
     Returns the ``XLA_FFI_Error*`` as an int64, for the handler to return to XLA.
     """
@@ -196,7 +197,7 @@ def make_error(typingctx, frame, message):
         slot = builder.alloca(args_ty)
         builder.store(i64(ERROR_CREATE_ARGS_SIZE), builder.gep(slot, [i32(0), i32(0)]))
         builder.store(i64(0), builder.gep(slot, [i32(0), i32(1)]))
-        msg = context.insert_const_string(builder.module, "numba fused_dense: " + text)
+        msg = context.insert_const_string(builder.module, "numba " + text)  # the text names its kernel
         builder.store(builder.ptrtoint(msg, i64), builder.gep(slot, [i32(0), i32(2)]))
         builder.store(i32(ERROR_INVALID_ARGUMENT), builder.gep(slot, [i32(0), i32(3)]))
         fnty = ir.FunctionType(i8.as_pointer(), [args_ty.as_pointer()])
@@ -427,10 +428,10 @@ def answer_metadata(frame):
     if ext == 0 or load_i32(ext + EXTENSION_TYPE) != EXTENSION_METADATA_TYPE:
         return -1
     if load_i64(ext) < METADATA_EXTENSION_METADATA + 8:
-        return make_error(frame, "metadata extension struct is too small")
+        return make_error(frame, "FFI: metadata extension struct is too small")
     md = load_i64(ext + METADATA_EXTENSION_METADATA)
     if load_i64(md) < METADATA_TRAITS + 4:
-        return make_error(frame, "metadata struct is too small")
+        return make_error(frame, "FFI: metadata struct is too small")
     store_i64(md + METADATA_API_VERSION, API_VERSION_STRUCT_SIZE)
     store_i64(md + METADATA_API_VERSION + 8, 0)  # extension_start
     store_i32(md + METADATA_API_VERSION + 16, API_MAJOR)

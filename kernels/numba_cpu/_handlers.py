@@ -67,8 +67,8 @@ _ACT, _SHARE = ATTRIBUTES.index("act"), ATTRIBUTES.index("share")
 # The attribute of each slot of the blocking record, in slot order.
 _BLOCKING_ATTRS = tuple(ATTRIBUTES.index(name) for name in _kernels.BLOCKING_FIELDS)
 _PMB_SLOT = _kernels.BLOCKING_FIELDS.index("pmb")
-_BAD_BLOCKING = (f"int64 attributes {', '.join(sorted(_kernels.BLOCKING_FIELDS))} must be >= 1, pmb a multiple of "
-                 f"{_kernels.MR}")
+_BAD_BLOCKING = (f"fused_dense: int64 attributes {', '.join(sorted(_kernels.BLOCKING_FIELDS))} must be >= 1, "
+                 f"pmb a multiple of {_kernels.MR}")
 _BLK_SLOTS = _kernels.BLK_SLOTS  # a literal for stack_buffer (a global of this module)
 
 
@@ -83,10 +83,10 @@ def _begin(frame, act, nbtype, blk):
     if q >= 0:
         return q, 0, 0, 0
     if _ffi.scalar_attr_i64(frame, _nl(_ACT)) != act:
-        return make_error(frame, "int64 attribute 'act' missing or not the handler's activation"), 0, 0, 0
+        return make_error(frame, "fused_dense: int64 attribute 'act' missing or not the handler's activation"), 0, 0, 0
     share = _ffi.scalar_attr_i64(frame, _nl(_SHARE))
     if share != 0 and share != 1:
-        return make_error(frame, "missing int64 attribute 'share' (0 or 1)"), 0, 0, 0
+        return make_error(frame, "fused_dense: missing int64 attribute 'share' (0 or 1)"), 0, 0, 0
     for s in range(len(_BLOCKING_ATTRS)):
         v = _ffi.scalar_attr_i64(frame, _BLOCKING_ATTRS[s])
         if v < 1 or (s == _PMB_SLOT and v % _kernels.MR != 0):
@@ -109,7 +109,7 @@ def _forward_entry_unit(nbtype, code):
         if answer >= 0:
             return answer
         if nargs < 2 or nargs > 3 or nrets < 1 or nrets > 2:
-            return make_error(frame, "forward takes (x, w[, b]) and returns (y[, z or relu's tie flag])")
+            return make_error(frame, "fused_dense forward takes (x, w[, b]) and returns (y[, z or relu's tie flag])")
         xb, wb, yb = arg(frame, _nl(0)), arg(frame, _nl(1)), ret(frame, _nl(0))
         has_bias = nargs == 3
         save_z = nrets == 2 and act != RELU
@@ -119,20 +119,20 @@ def _forward_entry_unit(nbtype, code):
         tb = ret(frame, _nl(1)) if save_ties else yb
         for buf in (xb, wb, yb, bb, zb, tb):
             if dtype(buf) != dtype_code:
-                return make_error(frame, "forward: operand dtypes differ from the handler's")
+                return make_error(frame, "fused_dense forward: operand dtypes differ from the handler's")
         nb = leading(xb, _nl(2))
         if nb < 0 or leading(wb, _nl(2)) != nb or leading(yb, _nl(2)) != nb or leading(zb, _nl(2)) != nb:
-            return make_error(frame, "forward: operand ranks or batch sizes differ")
+            return make_error(frame, "fused_dense forward: operand ranks or batch sizes differ")
         if save_ties and (leading(tb, _nl(1)) != nb or dim(tb, rank(tb) - 1) != 1):
-            return make_error(frame, "forward: relu's tie flag must be [1]")
+            return make_error(frame, "fused_dense forward: relu's tie flag must be [1]")
         m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
         n = dim(wb, rank(wb) - 1)
         if dim(wb, rank(wb) - 2) != k or dim(yb, rank(yb) - 2) != m or dim(yb, rank(yb) - 1) != n:
-            return make_error(frame, "forward: x [M, K], w [K, N] and y [M, N] do not agree")
+            return make_error(frame, "fused_dense forward: x [M, K], w [K, N] and y [M, N] do not agree")
         if dim(zb, rank(zb) - 2) != m or dim(zb, rank(zb) - 1) != n:
-            return make_error(frame, "forward: z must be [M, N]")
+            return make_error(frame, "fused_dense forward: z must be [M, N]")
         if has_bias and (leading(bb, _nl(1)) != nb or dim(bb, rank(bb) - 1) != n):
-            return make_error(frame, "forward: b must be [N]")
+            return make_error(frame, "fused_dense forward: b must be [N]")
         xs = view(xb, nbtype, (nb, m, k))
         ws = view(wb, nbtype, (nb, k, n))
         ys = view(yb, nbtype, (nb, m, n))
@@ -162,11 +162,11 @@ def _backward_entry_unit(nbtype, code):
         if answer >= 0:
             return answer
         if nrets < 2 or nrets > 3:
-            return make_error(frame, "backward returns (dx, dw[, db])")
+            return make_error(frame, "fused_dense backward returns (dx, dw[, db])")
         has_bias = nrets == 3
         relu = act == RELU
         if nargs != ((5 + has_bias) if relu else 4):
-            return make_error(frame, "backward takes (dy, x, w, r), and for relu (dy, x, w, y, t[, b])")
+            return make_error(frame, "fused_dense backward takes (dy, x, w, r), and for relu (dy, x, w, y, t[, b])")
         dyb, xb, wb, rb = arg(frame, _nl(0)), arg(frame, _nl(1)), arg(frame, _nl(2)), arg(frame, _nl(3))
         dxb, dwb = ret(frame, _nl(0)), ret(frame, _nl(1))
         dbb = ret(frame, _nl(2)) if has_bias else dwb
@@ -174,30 +174,30 @@ def _backward_entry_unit(nbtype, code):
         bb = arg(frame, _nl(5)) if relu and has_bias else dbb
         for buf in (dyb, xb, wb, rb, dxb, dwb, dbb, tb, bb):
             if dtype(buf) != dtype_code:
-                return make_error(frame, "backward: operand dtypes differ from the handler's")
+                return make_error(frame, "fused_dense backward: operand dtypes differ from the handler's")
         nb = leading(xb, _nl(2))
         for buf in (dyb, wb, rb, dxb, dwb):
             if leading(buf, _nl(2)) != nb:
-                return make_error(frame, "backward: operand ranks or batch sizes differ")
+                return make_error(frame, "fused_dense backward: operand ranks or batch sizes differ")
         if nb < 0:
-            return make_error(frame, "backward: operands must have rank >= 2")
+            return make_error(frame, "fused_dense backward: operands must have rank >= 2")
         m, k = dim(xb, rank(xb) - 2), dim(xb, rank(xb) - 1)
         n = dim(wb, rank(wb) - 1)
         if dim(wb, rank(wb) - 2) != k:
-            return make_error(frame, "backward: x [M, K] and w [K, N] do not agree")
+            return make_error(frame, "fused_dense backward: x [M, K] and w [K, N] do not agree")
         for buf in (dyb, rb):
             if dim(buf, rank(buf) - 2) != m or dim(buf, rank(buf) - 1) != n:
-                return make_error(frame, "backward: dy and r must be [M, N]")
+                return make_error(frame, "fused_dense backward: dy and r must be [M, N]")
         if dim(dxb, rank(dxb) - 2) != m or dim(dxb, rank(dxb) - 1) != k:
-            return make_error(frame, "backward: dx must be [M, K]")
+            return make_error(frame, "fused_dense backward: dx must be [M, K]")
         if dim(dwb, rank(dwb) - 2) != k or dim(dwb, rank(dwb) - 1) != n:
-            return make_error(frame, "backward: dw must be [K, N]")
+            return make_error(frame, "fused_dense backward: dw must be [K, N]")
         if has_bias and (leading(dbb, _nl(1)) != nb or dim(dbb, rank(dbb) - 1) != n):
-            return make_error(frame, "backward: db must be [N]")
+            return make_error(frame, "fused_dense backward: db must be [N]")
         if relu and (leading(tb, _nl(1)) != nb or dim(tb, rank(tb) - 1) != 1):
-            return make_error(frame, "backward: relu's tie flag must be [1]")
+            return make_error(frame, "fused_dense backward: relu's tie flag must be [1]")
         if relu and has_bias and (leading(bb, _nl(1)) != nb or dim(bb, rank(bb) - 1) != n):
-            return make_error(frame, "backward: b must be [N]")
+            return make_error(frame, "fused_dense backward: b must be [N]")
         dys = view(dyb, nbtype, (nb, m, n))
         xs = view(xb, nbtype, (nb, m, k))
         ws = view(wb, nbtype, (nb, k, n))

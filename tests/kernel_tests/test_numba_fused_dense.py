@@ -752,6 +752,7 @@ def test_bad_inputs_raise_at_trace_time_in_a_subprocess():
     assert any(ln.startswith("OK raw relu backward without tie flag") and "(dy, x, w, y, t[, b])" in ln
                for ln in lines), proc.stdout
     assert any(ln.startswith("OK raw relu backward bias shape") and "b must be [N]" in ln for ln in lines), proc.stdout
+    assert any(ln.startswith("OK raw shapes") and "numba fused_dense forward: " in ln for ln in lines), proc.stdout
 
 
 # --- A model trained on the kernel --------------------------------------------------------------

@@ -612,6 +612,7 @@ def test_the_raw_handlers_refuse_malformed_calls_in_a_subprocess():
             assert "take x f32 [M, K], w_q s8 [K, N], scale f32 [N], b f32 [N]" in errors[name], (kind, name)
         assert "wrong number of operands" in errors["arity"]
         assert "attribute 'act'" in errors["act"] and "attribute 'share'" in errors["share"]
+        assert all("numba quantized_dense: " in e for e in errors.values()), errors  # the kernel named, no other
 
 
 def test_the_reference_is_not_a_backend():
