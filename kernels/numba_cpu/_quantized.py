@@ -33,7 +33,7 @@ vectors held in registers across the whole reduction, with no reliance on the lo
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile row as it is
 stored, on vectors (``_store_row``; scale and b zero-padded to whole tiles, a partial last tile
-stored through a row buffer).
+stored under a lane mask).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
 ``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
 Measurements in docs/benchmarks.md ("Quantized dense").
@@ -311,28 +311,32 @@ def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out):
 
 
 @intrinsic(prefer_literal=True)
-def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo, width):
-    """A whole tile row at once: ``y[yo + c] = act(float(acc[ao + c] - off) * factor * s[j0 + c] +
-    (b[j0 + c] if has_bias else 0))`` for c < width (a literal multiple of 16), act relu (NaN kept,
-    as ``jnp.maximum`` does) or identity, on 16-lane vectors. acc: int32 (w8a8) or float32
-    (weight-only: off unused) 1-D; s, b, y: float32 1-D (s and b padded to whole tiles; b is read
-    either way: the handlers pass s for a missing bias)."""
+def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo, cols, width):
+    """A tile row at once: ``y[yo + c] = act(float(acc[ao + c] - off) * factor * s[j0 + c] +
+    (b[j0 + c] if has_bias else 0))`` for c < cols <= width (a literal multiple of 16), act relu
+    (NaN kept, as ``jnp.maximum`` does) or identity, on 16-lane vectors stored under a mask of the
+    first ``cols`` lanes (y past them neither read nor written: a partial last tile goes straight
+    to y). acc: int32 (w8a8) or float32 (weight-only: off unused) 1-D; s, b, y: float32 1-D (s and
+    b padded to whole tiles; b is read either way: the handlers pass s for a missing bias)."""
     if not isinstance(width, types.IntegerLiteral) or width.literal_value % 16:
         return None
     nvec, is_int = width.literal_value // 16, isinstance(acc.dtype, types.Integer)
 
     def codegen(context, builder, sig, args):
-        acca, ao_, off_, factor_, sa, ba, j0_, hb_, relu_, ya, yo_, _ = args
-        ao_, j0_, yo_ = (_i64(context, builder, v, t) for v, t in zip(
-            (ao_, j0_, yo_), (sig.args[1], sig.args[6], sig.args[10])))
+        acca, ao_, off_, factor_, sa, ba, j0_, hb_, relu_, ya, yo_, cols_, _ = args
+        ao_, j0_, yo_, cols_ = (_i64(context, builder, v, t) for v, t in zip(
+            (ao_, j0_, yo_, cols_), (sig.args[1], sig.args[6], sig.args[10], sig.args[11])))
         off_ = context.cast(builder, off_, sig.args[2], types.int32)
         factor_ = context.cast(builder, factor_, sig.args[3], types.float32)
         hb_ = context.cast(builder, hb_, sig.args[7], types.boolean)
         relu_ = context.cast(builder, relu_, sig.args[8], types.boolean)
         ap, sp, bp, yp = (_data(context, builder, sig.args[i], a) for i, a in ((0, acca), (4, sa), (5, ba), (9, ya)))
         i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
-        v32, vf = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+        v32, vf, v1 = ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(ir.IntType(1), 16)
         zero = ir.Constant(vf, None)
+        store = _vector_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                                  [vf, vf.as_pointer(), i32, v1])
+        live = _splat(builder, builder.trunc(cols_, i32), v32)  # lanes c < cols are stored
 
         def vec(ptr, at, ty):
             return builder.bitcast(builder.gep(ptr, [at], inbounds=True), ty.as_pointer())
@@ -349,10 +353,13 @@ def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo,
             v = builder.fadd(v, builder.select(hb_, bias, zero))
             keep = builder.or_(builder.fcmp_unordered(">", v, zero), _splat(builder, builder.not_(relu_),
                                                                               ir.VectorType(ir.IntType(1), 16)))
-            builder.store(builder.select(keep, v, zero), vec(yp, builder.add(yo_, i64(16 * h)), vf), align=4)
+            mask = builder.icmp_signed("<", ir.Constant(v32, [16 * h + lane for lane in range(16)]), live)
+            at = vec(yp, builder.add(yo_, i64(16 * h)), vf)
+            builder.call(store, [builder.select(keep, v, zero), at, i32(4), mask])
         return context.get_dummy_value()
     u = types.unliteral
-    return types.none(acc, u(ao), u(off), u(factor), s, b, u(j0), u(has_bias), u(relu), y, u(yo), width), codegen
+    return (types.none(acc, u(ao), u(off), u(factor), s, b, u(j0), u(has_bias), u(relu), y, u(yo), u(cols), width),
+            codegen)
 
 
 @njit(**_OPTS)
@@ -527,8 +534,7 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
     nfull = N // WO_NR
     yf = as_shape(y, y.size)
     tile = carray(_ffi.stack_buffer(_WO_TILE, float32), _WO_TILE)
-    tile[:] = 0  # a narrow tile leaves its other columns as they are: stored, never copied to y
-    row = carray(_ffi.stack_buffer(WO_NR, float32), WO_NR)  # a partial tile's row, before y
+    tile[:] = 0  # a narrow tile leaves its other columns as they are: computed, never stored to y
     for p in range(p0, p1):
         j0 = p * WO_NR
         src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, WO_NR)
@@ -540,13 +546,8 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
             rows = mr if left >= mr else (2 if nv == 4 and left >= 2 else 1)
             _wo_rows(xf, r0 * K, K, rows, src, wo, ldw, nv, tile)
             for r in range(rows):
-                if p < nfull:  # a whole tile row, on vectors
-                    _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, yf, (r0 + r) * N + j0,
-                               WO_NR)
-                else:
-                    _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, row, 0, WO_NR)
-                    for c in range(N - j0):  # a plain loop: a slice copy costs ~80 ns here
-                        yf[(r0 + r) * N + j0 + c] = row[c]
+                _store_row(tile, r * WO_NR, int32(0), float32(1), s, b, j0, has_bias, relu, yf, (r0 + r) * N + j0,
+                           min(WO_NR, N - j0), WO_NR)
             r0 += rows
 
 
@@ -583,7 +584,7 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
     the two share w_q's 64-byte lines: the second finds them in L1), accumulating in a
     block-high int32 scratch per tile (``_q_tile``: both tile forms add ``128 * rowsum``, taken
     off here). The last K % 4 k go through a plain loop. Tile rows are stored on vectors
-    (``_store_row``; ``s`` and ``b`` padded to whole tiles), a partial tile's through a row buffer.
+    (``_store_row``; ``s`` and ``b`` padded to whole tiles), a partial tile's under a lane mask.
     """
     M, N = y.shape
     nrb = (M + BLOCK_ROWS - 1) // BLOCK_ROWS
@@ -601,7 +602,6 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
         while _ffi.atomic_load(flag) == 0:
             _ffi.cpu_yield()
     acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
-    row = carray(_ffi.stack_buffer(Q_NR, float32), Q_NR)  # a partial tile's row, before y
     for pa in range(p0, p1, 2):
         pb = min(pa + 2, p1)
         acc[:] = 0
@@ -627,13 +627,7 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
                     qv = int32(qf[i * K + k])
                     for c in range(Q_NR):
                         acc[at + c] += qv * int32(src[wo + k * ldw + c])
-                off = int32(128) * rowsum[i]
-                if cols == Q_NR:
-                    _store_row(acc, at, off, sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, Q_NR)
-                else:
-                    _store_row(acc, at, off, sx[i], s, b, j0, has_bias, relu, row, 0, Q_NR)
-                    for c in range(cols):  # a plain loop: a slice copy costs ~80 ns here
-                        yf[i * N + j0 + c] = row[c]
+                _store_row(acc, at, int32(128) * rowsum[i], sx[i], s, b, j0, has_bias, relu, yf, i * N + j0, cols, Q_NR)
 
 
 def _block(t, ops):
