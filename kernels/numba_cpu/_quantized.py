@@ -28,7 +28,7 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   once per call into a packed copy (``_pack_quads``, panel after panel of 32 columns) for calls
   of ``PACK_MIN_ROWS`` rows or more, so that a step of the tile is two aligned loads beside its
   16 ``vpdpbusd``; in registers at every step for fewer rows (packing would cost about as much
-  as it saves). Without VNNI the same IR multiplies widened vectors (LLVM's own
+  as it saves). A last tile of at most 16 columns (a classifier's 10) runs one vector wide. Without VNNI the same IR multiplies widened vectors (LLVM's own
   lowering).
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile row as it is
@@ -210,14 +210,16 @@ def _quad_vectors(builder, wp, wo, ldw, k0):
     return [builder.xor(builder.shuffle_vector(r01, r23, halves[h]), flip) for h in range(2)]
 
 
-def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights):
+def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights, nvec):
     """A tile's reduction: ``op[32 r + c] += sum_l`` of ``nrows`` rows of q (``qp[qo + r * ldq +
-    4 l:][:4]``, each broadcast) against ``weights(l)``'s two ``vpdpbusd`` operands, for l < nq;
-    the accumulators (int32, ``op``) loaded first, held in registers, stored after."""
+    4 l:][:4]``, each broadcast) against the first ``nvec`` (1 or 2: c < 16 nvec) of
+    ``weights(l)``'s two ``vpdpbusd`` operands, for l < nq; the accumulators (int32, ``op``)
+    loaded first, held in registers, stored after."""
     i32, i64 = ir.IntType(32), ir.IntType(64)
     v32 = ir.VectorType(i32, 16)
-    inits = [builder.load(builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
-             for i in range(2 * nrows)]
+    slots = [i64(Q_NR * r + 16 * h) for r in range(nrows) for h in range(nvec)]
+    inits = [builder.load(builder.bitcast(builder.gep(op, [at], inbounds=True), v32.as_pointer()), align=4)
+             for at in slots]
 
     def body(l, accs):
         wv = weights(l)
@@ -227,36 +229,37 @@ def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights):
             at = builder.add(builder.add(qo, builder.mul(i64(r), ldq)), k0)
             word = builder.load(builder.bitcast(builder.gep(qp, [at], inbounds=True), i32.as_pointer()), align=1)
             xb = _splat(builder, word, v32)
-            new += [_dot4(builder, accs[2 * r + h], xb, wv[h], vnni) for h in range(2)]
+            new += [_dot4(builder, accs[nvec * r + h], xb, wv[h], vnni) for h in range(nvec)]
         return new
 
     final = _reduction_loop(builder, nq, inits, body)
-    for i, v in enumerate(final):
-        builder.store(v, builder.bitcast(builder.gep(op, [i64(16 * i)], inbounds=True), v32.as_pointer()), align=4)
+    for at, v in zip(slots, final):
+        builder.store(v, builder.bitcast(builder.gep(op, [at], inbounds=True), v32.as_pointer()), align=4)
 
 
 @intrinsic(prefer_literal=True)
-def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out):
+def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out, nvec):
     """``out[r*32 + c] += sum_{l < 4 nq} (w[wo + l*ldw + c] + 128) * q[qo + r*ldq + l]`` for
-    r < rows, c < 32 (int32, exact). q, w: int8 1-D; out: int32 1-D (rows * 32); rows a literal.
+    r < rows, c < 16 nvec (int32, exact). q, w: int8 1-D; out: int32 1-D (rows * 32); rows and
+    nvec (1 or 2) literals.
 
     Each step reads 32 bytes from each of 4 rows of w and interleaves them so that every int32
     lane holds one column's 4 consecutive k (``vpdpbusd``'s layout)."""
-    if not isinstance(rows, types.IntegerLiteral):
+    if not isinstance(rows, types.IntegerLiteral) or not isinstance(nvec, types.IntegerLiteral):
         return None
-    nrows, vnni = rows.literal_value, has_vnni()
+    nrows, nv, vnni = rows.literal_value, nvec.literal_value, has_vnni()
 
     def codegen(context, builder, sig, args):
-        qa, qo_, ldq_, _, wa, wo_, ldw_, nq_, oa = args
+        qa, qo_, ldq_, _, wa, wo_, ldw_, nq_, oa, _ = args
         qo_, ldq_, wo_, ldw_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
             (qo_, ldq_, wo_, ldw_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
         qp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (8, oa)))
         i64 = ir.IntType(64)
         _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni,
-                   lambda l: _quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4))))
+                   lambda l: _quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4))), nv)
         return context.get_dummy_value()
     u = types.unliteral
-    return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out), codegen
+    return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out, nvec), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -285,15 +288,15 @@ def _pack_quads(typingctx, w, wo, ldw, nq, dst, do):
 
 
 @intrinsic(prefer_literal=True)
-def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out):
+def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out, nvec):
     """``_dot4_tile`` on weights packed by ``_pack_quads`` (``wp[wpo + 128 l:]``, 64-byte aligned):
-    two loads a step and no shuffles. ``out[r*32 + c] += sum_l ...`` (int32, w + 128)."""
-    if not isinstance(rows, types.IntegerLiteral):
+    ``nvec`` loads a step and no shuffles. ``out[r*32 + c] += sum_l ...`` (int32, w + 128), c < 16 nvec."""
+    if not isinstance(rows, types.IntegerLiteral) or not isinstance(nvec, types.IntegerLiteral):
         return None
-    nrows, vnni = rows.literal_value, has_vnni()
+    nrows, nv, vnni = rows.literal_value, nvec.literal_value, has_vnni()
 
     def codegen(context, builder, sig, args):
-        qa, qo_, ldq_, _, wa, wpo_, nq_, oa = args
+        qa, qo_, ldq_, _, wa, wpo_, nq_, oa, _ = args
         qo_, ldq_, wpo_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
             (qo_, ldq_, wpo_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6])))
         qp, wp_, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (7, oa)))
@@ -302,12 +305,12 @@ def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out):
         def weights(l):
             base = builder.add(wpo_, builder.mul(l, i64(128)))
             return [builder.load(builder.bitcast(builder.gep(wp_, [builder.add(base, i64(64 * h))], inbounds=True),
-                                                 b64.as_pointer()), align=64) for h in range(2)]
+                                                 b64.as_pointer()), align=64) for h in range(nv)]
 
-        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, weights)
+        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, weights, nv)
         return context.get_dummy_value()
     u = types.unliteral
-    return types.none(q, u(qo), u(ldq), rows, wp, u(wpo), u(nq), out), codegen
+    return types.none(q, u(qo), u(ldq), rows, wp, u(wpo), u(nq), out, nvec), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -552,22 +555,37 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
 
 
 @njit(**_OPTS)
-def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst):
+def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, narrow):
     """One row tile (``rows`` 8, 4 or 1) of one column tile, one pass: ``_dot4_packed_tile`` on
-    ``packed``, or ``_dot4_tile`` on w_q in place when ``packed`` is empty."""
-    if packed.size == 0:
-        if rows == 8:
-            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst)
+    ``packed``, or ``_dot4_tile`` on w_q in place when ``packed`` is empty; its first 16 columns
+    only when ``narrow`` (a last tile of at most 16)."""
+    if narrow:
+        if packed.size == 0:
+            if rows == 8:
+                _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst, 1)
+            elif rows == 4:
+                _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst, 1)
+            else:
+                _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst, 1)
+        elif rows == 8:
+            _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst, 1)
         elif rows == 4:
-            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst)
+            _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst, 1)
         else:
-            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst)
+            _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst, 1)
+    elif packed.size == 0:
+        if rows == 8:
+            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst, 2)
+        elif rows == 4:
+            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst, 2)
+        else:
+            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst, 2)
     elif rows == 8:
-        _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst)
+        _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst, 2)
     elif rows == 4:
-        _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst)
+        _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst, 2)
     else:
-        _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst)
+        _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst, 2)
 
 
 @njit(**_OPTS)
@@ -614,7 +632,7 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
                 for p in range(pa, pb):
                     src, wo, ldw = (wf, p * Q_NR, N) if p < nfull else (tail, 0, Q_NR)
                     _q_tile(qf, r0 * K + 4 * c0, K, rows, src, wo + 4 * c0 * ldw, ldw, nqc, packed,
-                            (p * nq + c0) * 128, acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:])
+                            (p * nq + c0) * 128, acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:], N - p * Q_NR <= 16)
                 r0 += rows
         for p in range(pa, pb):
             j0 = p * Q_NR

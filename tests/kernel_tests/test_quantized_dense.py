@@ -375,16 +375,18 @@ def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
 def test_numba_vector_stores_and_packed_weights(rows, act_quant, share):
     """Rows in tiles of 4 (weight-only) or 8 (w8a8: 8 + 8 + 4 + 1, or 8 x 8 + 4 + 1 + 1 with w_q
     packed: ``PACK_MIN_ROWS``), K % 4 = 0, whole column tiles (64 or 32 wide: the vectorised
-    epilogue) beside a partial one (N = 70, 100, 90: stored through a row buffer; weight-only's of 1,
-    3 and 2 vectors, in row tiles of 8 when 1 or 2), with and without a bias, relu and
-    identity, a row of NaN (kept by relu, as ``jnp.maximum`` keeps it), on the caller alone and
-    shared with XLA's threads (which then read the packed copy)."""
+    epilogue) beside a partial one stored under a lane mask (N = 70, 100, 90, 84, 48: w8a8's of 6,
+    4, 26, 20 and 16 columns, one vector wide up to 16; weight-only's of 1, 3, 2, 2 and 3
+    vectors, in row tiles of 8 when 1 or 2), with and without a bias, relu and identity, a row of
+    NaN (kept by relu, as ``jnp.maximum`` keeps it), on the caller alone and shared with XLA's
+    threads (which then read the packed copy)."""
     from kernels.numba_cpu import _quantized, backend
 
     assert 21 < _quantized.PACK_MIN_ROWS <= 70 and 21 > _quantized.Q_MR > _quantized.WO_MR
     assert 128 % _quantized.WO_NR == 128 % _quantized.Q_NR == 0
     for n, bias, activation in ((128, True, "relu"), (128, False, "identity"), (70, True, "identity"),
-                                (70, False, "relu"), (100, True, "relu"), (90, False, "identity")):
+                                (70, False, "relu"), (100, True, "relu"), (90, False, "identity"),
+                                (84, True, "identity"), (48, False, "relu")):
         call = make_quantized_call((rows,), 132, n, act_quant=act_quant, activation=activation, bias=bias, seed=n)
         x = np.array(call.args[0])
         x[5] = np.nan
