@@ -28,8 +28,8 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   once per call into a packed copy (``_pack_quads``, panel after panel of 32 columns) for calls
   of ``PACK_MIN_ROWS`` rows or more, so that a step of the tile is two aligned loads beside its
   16 ``vpdpbusd``; in registers at every step for fewer rows (packing would cost about as much
-  as it saves). A last tile of at most 16 columns (a classifier's 10) runs one vector wide. Without VNNI the same IR multiplies widened vectors (LLVM's own
-  lowering).
+  as it saves). A last tile of at most 16 columns (a classifier's 10) runs one vector wide.
+  Without VNNI the same IR multiplies widened vectors (LLVM's own lowering).
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile row as it is
 stored, on vectors (``_store_row``; scale and b zero-padded to whole tiles, a partial last tile
