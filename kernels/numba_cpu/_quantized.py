@@ -75,6 +75,7 @@ WEIGHT_ONLY, W8A8 = 0, 1  # indices of TASK_SYMBOLS
 _INV_QMAX = np.float32(1 / 127)
 _ABS_BITS = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
+_FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 # No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
 # are hand-written IR).
@@ -429,12 +430,18 @@ def _absmax_bits(typingctx, x, xo, nvec):
     return types.int32(x, types.unliteral(xo), types.unliteral(nvec)), codegen
 
 
-@intrinsic
-def _quantize_vectors(typingctx, x, xo, nvec, inv, q):
+@intrinsic(prefer_literal=True)
+def _quantize_vectors(typingctx, x, xo, nvec, inv, q, checked):
     """``q[xo + l] = int8(clamp(rint(x[xo + l] * inv), -127, 127))`` (NaN to 0) for l < 16 nvec;
-    returns the sum of those q (int32). x: float32 1-D, q: int8 1-D, inv: float32."""
+    returns the sum of those q (int32). x: float32 1-D, q: int8 1-D, inv: float32. ``checked``
+    (a literal) False leaves out the NaN and clamp selects, for rows where none can act (finite x
+    and a normal scale: ``_quantize_rows``)."""
+    if not isinstance(checked, types.BooleanLiteral):
+        return None
+    guard = checked.literal_value
+
     def codegen(context, builder, sig, args):
-        xa, xo_, n_, inv_, qa = args
+        xa, xo_, n_, inv_, qa, _ = args
         xo_, n_ = _i64(context, builder, xo_, sig.args[1]), _i64(context, builder, n_, sig.args[2])
         inv_ = context.cast(builder, inv_, sig.args[3], types.float32)
         xp, qp = _data(context, builder, sig.args[0], xa), _data(context, builder, sig.args[4], qa)
@@ -448,9 +455,10 @@ def _quantize_vectors(typingctx, x, xo, nvec, inv, q):
             at = builder.add(xo_, builder.mul(l, i64(16)))
             v = builder.load(builder.bitcast(builder.gep(xp, [at], inbounds=True), vf.as_pointer()), align=4)
             v = builder.call(rint, [builder.fmul(v, scale)])
-            v = builder.select(builder.fcmp_unordered("uno", v, v), zero, v)
-            v = builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
-            v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
+            if guard:
+                v = builder.select(builder.fcmp_unordered("uno", v, v), zero, v)
+                v = builder.select(builder.fcmp_ordered(">", v, hi), hi, v)
+                v = builder.select(builder.fcmp_ordered("<", v, lo), lo, v)
             n = builder.fptosi(v, v32)
             builder.store(builder.trunc(n, v8), builder.bitcast(builder.gep(qp, [at], inbounds=True), v8.as_pointer()),
                           align=1)
@@ -459,7 +467,7 @@ def _quantize_vectors(typingctx, x, xo, nvec, inv, q):
         total, = _reduction_loop(builder, n_, [ir.Constant(v32, None)], body)
         return builder.call(_vector_intrinsic(builder, "llvm.vector.reduce.add.v16i32", i32, [v32]), [total])
     u = types.unliteral
-    return types.int32(x, u(xo), u(nvec), u(inv), q), codegen
+    return types.int32(x, u(xo), u(nvec), u(inv), q, checked), codegen
 
 
 @njit(**_OPTS)
@@ -480,7 +488,10 @@ def _quantize_rows(xf, K, i0, i1, qf, sx, rowsum):
         top_bits[0] = big
         scale = np.float32(np.nan) if big > _INF_BITS else top[0] * _INV_QMAX
         inv = np.float32(1) / (scale if scale > 0 else np.float32(1))
-        total = _quantize_vectors(xf, o, k16 // 16, inv, qf)
+        if big < _INF_BITS and scale >= _FLT_MIN:  # |x * inv| <= 127 (1 + 3 eps): no clamp, no NaN
+            total = _quantize_vectors(xf, o, k16 // 16, inv, qf, False)
+        else:
+            total = _quantize_vectors(xf, o, k16 // 16, inv, qf, True)
         for k in range(k16, K):
             v = np.rint(xf[o + k] * inv)
             v = np.float32(0) if v != v else (np.float32(127) if v > 127 else (np.float32(-127) if v < -127 else v))

@@ -283,13 +283,19 @@ def test_a_nan_in_a_row_makes_that_rows_scale_and_outputs_nan(rows, k, backend):
 
 def _w8a8_rows(rows, k, kind, seed):
     """``[rows, k]`` float32 rows of one kind: normal, ties (the largest |x| 127, so scale_x = 1 and
-    halves round to even), tiny (subnormal), huge (near float32's top), all zero, or mixed."""
+    halves round to even), tiny (subnormal), edge (max |x| about 127 times the smallest normal
+    float32, where scale_x = max |x| / 127 leaves the normal range: the kernel quantises rows of
+    a normal scale without its NaN and clamp guards), huge (near float32's top), all zero, or
+    mixed."""
     rng = np.random.default_rng(seed)
     if kind == "ties":
         x = rng.integers(-254, 255, (rows, k)) / 2.0
         x[:, 0] = 127.0
     elif kind == "tiny":
         x = rng.standard_normal((rows, k)) * 1e-41
+    elif kind == "edge":
+        tiny = float(np.finfo(np.float32).tiny)
+        x = rng.uniform(-1, 1, (rows, k)) * 127 * tiny * 2.0 ** rng.uniform(-2, 2, (rows, 1))
     elif kind == "huge":
         x = rng.standard_normal((rows, k)) * 1e37
     elif kind == "zeros":
@@ -303,7 +309,7 @@ def _w8a8_rows(rows, k, kind, seed):
 
 
 @given(rows=st.integers(1, 150), k=st.integers(1, 70), n=st.integers(1, 70),
-       kind=st.sampled_from(("normal", "ties", "tiny", "huge", "zeros", "mixed")),
+       kind=st.sampled_from(("normal", "ties", "tiny", "edge", "huge", "zeros", "mixed")),
        relu=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16 - 1))
 @settings(max_examples=25 if EXAMPLES else 300, deadline=None)  # cheap: small shapes, no reference run
 def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, relu, bias, seed):
