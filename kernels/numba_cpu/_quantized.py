@@ -45,7 +45,7 @@ import threading
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import carray, cfunc, float32, int8, int32, njit, types
+from numba import carray, cfunc, float32, int8, int32, literally, njit, types
 from numba.core import config
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
@@ -566,37 +566,24 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
 
 
 @njit(**_OPTS)
-def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, narrow):
+def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, nvec):
     """One row tile (``rows`` 8, 4 or 1) of one column tile, one pass: ``_dot4_packed_tile`` on
-    ``packed``, or ``_dot4_tile`` on w_q in place when ``packed`` is empty; its first 16 columns
-    only when ``narrow`` (a last tile of at most 16)."""
-    if narrow:
-        if packed.size == 0:
-            if rows == 8:
-                _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst, 1)
-            elif rows == 4:
-                _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst, 1)
-            else:
-                _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst, 1)
-        elif rows == 8:
-            _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst, 1)
-        elif rows == 4:
-            _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst, 1)
-        else:
-            _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst, 1)
-    elif packed.size == 0:
+    ``packed``, or ``_dot4_tile`` on w_q in place when ``packed`` is empty; ``nvec`` vectors of 16
+    columns (1 for a last tile of at most 16, else 2; compiled as a literal: ``literally``)."""
+    literally(nvec)
+    if packed.size == 0:
         if rows == 8:
-            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst, 2)
+            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst, nvec)
         elif rows == 4:
-            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst, 2)
+            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst, nvec)
         else:
-            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst, 2)
+            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst, nvec)
     elif rows == 8:
-        _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst, 2)
+        _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst, nvec)
     elif rows == 4:
-        _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst, 2)
+        _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst, nvec)
     else:
-        _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst, 2)
+        _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst, nvec)
 
 
 @njit(**_OPTS)
@@ -642,8 +629,12 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
                 rows = 8 if rows == 8 else (4 if rows >= 4 else 1)
                 for p in range(pa, pb):
                     src, wo, ldw = (wf, p * Q_NR, N) if p < nfull else (tail, 0, Q_NR)
-                    _q_tile(qf, r0 * K + 4 * c0, K, rows, src, wo + 4 * c0 * ldw, ldw, nqc, packed,
-                            (p * nq + c0) * 128, acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:], N - p * Q_NR <= 16)
+                    qr, woc, wpo = r0 * K + 4 * c0, wo + 4 * c0 * ldw, (p * nq + c0) * 128
+                    dst = acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:]
+                    if N - p * Q_NR <= 16:  # a last tile of at most 16 columns: one vector wide
+                        _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, 1)
+                    else:
+                        _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, 2)
                 r0 += rows
         for p in range(pa, pb):
             j0 = p * Q_NR
