@@ -32,8 +32,11 @@ vectors held in registers across the whole reduction, with no reliance on the lo
   Without VNNI the same IR multiplies widened vectors (LLVM's own lowering).
 
 Epilogue: ``z = acc * scale (* scale_x) + b``, then relu or not, on each tile row as it is
-stored, on vectors (``_store_row``; scale and b zero-padded to whole tiles, a partial last tile
-stored under a lane mask).
+stored, on vectors (``_store_vectors``; scale and b zero-padded to whole tiles, a partial last
+tile stored under a lane mask). A w8a8 call whose K is a multiple of 4 and at most ``4 *
+KC_QUADS`` runs each tile in one pass and stores its sums to y from the registers
+(``_dot4_tile_to_y``); otherwise the passes accumulate in a scratch that ``_store_row`` reads.
+The tile calls take the block's arrays ``_borrowed`` (no reference counting at each call).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
 ``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
 Measurements in docs/benchmarks.md ("Quantized dense").
@@ -211,16 +214,21 @@ def _quad_vectors(builder, wp, wo, ldw, k0):
     return [builder.xor(builder.shuffle_vector(r01, r23, halves[h]), flip) for h in range(2)]
 
 
-def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights, nvec):
-    """A tile's reduction: ``op[32 r + c] += sum_l`` of ``nrows`` rows of q (``qp[qo + r * ldq +
-    4 l:][:4]``, each broadcast) against the first ``nvec`` (1 or 2: c < 16 nvec) of
-    ``weights(l)``'s two ``vpdpbusd`` operands, for l < nq; the accumulators (int32, ``op``)
-    loaded first, held in registers, stored after."""
+def _packed_quads(builder, wp, wpo, l, nvec):
+    """The first ``nvec`` ``vpdpbusd`` weight operands of step l of a panel packed by
+    ``_pack_quads`` at ``wp[wpo:]`` (int8 pointer, 64-byte aligned): two aligned loads, no shuffles."""
+    i64, b64 = ir.IntType(64), ir.VectorType(ir.IntType(8), 64)
+    base = builder.add(wpo, builder.mul(l, i64(128)))
+    return [builder.load(builder.bitcast(builder.gep(wp, [builder.add(base, i64(64 * h))], inbounds=True),
+                                         b64.as_pointer()), align=64) for h in range(nvec)]
+
+
+def _dot4_reduce(builder, qp, qo, ldq, nrows, nq, vnni, weights, nvec, inits):
+    """A tile's reduction in registers: ``inits[nvec r + h]`` (int32 vectors) plus ``sum_l`` of
+    ``nrows`` rows of q (``qp[qo + r * ldq + 4 l:][:4]``, each broadcast) against the first
+    ``nvec`` (1 or 2) of ``weights(l)``'s two ``vpdpbusd`` operands, for l < nq; returns the sums."""
     i32, i64 = ir.IntType(32), ir.IntType(64)
     v32 = ir.VectorType(i32, 16)
-    slots = [i64(Q_NR * r + 16 * h) for r in range(nrows) for h in range(nvec)]
-    inits = [builder.load(builder.bitcast(builder.gep(op, [at], inbounds=True), v32.as_pointer()), align=4)
-             for at in slots]
 
     def body(l, accs):
         wv = weights(l)
@@ -233,7 +241,17 @@ def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights, nvec):
             new += [_dot4(builder, accs[nvec * r + h], xb, wv[h], vnni) for h in range(nvec)]
         return new
 
-    final = _reduction_loop(builder, nq, inits, body)
+    return _reduction_loop(builder, nq, inits, body)
+
+
+def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights, nvec):
+    """``_dot4_reduce`` on accumulators kept in memory: ``op[32 r + c] += ...`` for c < 16 nvec
+    (int32; loaded first, held in registers, stored after)."""
+    v32 = ir.VectorType(ir.IntType(32), 16)
+    slots = [ir.IntType(64)(Q_NR * r + 16 * h) for r in range(nrows) for h in range(nvec)]
+    inits = [builder.load(builder.bitcast(builder.gep(op, [at], inbounds=True), v32.as_pointer()), align=4)
+             for at in slots]
+    final = _dot4_reduce(builder, qp, qo, ldq, nrows, nq, vnni, weights, nvec, inits)
     for at, v in zip(slots, final):
         builder.store(v, builder.bitcast(builder.gep(op, [at], inbounds=True), v32.as_pointer()), align=4)
 
@@ -301,17 +319,50 @@ def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out, nvec):
         qo_, ldq_, wpo_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
             (qo_, ldq_, wpo_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6])))
         qp, wp_, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (7, oa)))
-        i64, b64 = ir.IntType(64), ir.VectorType(ir.IntType(8), 64)
-
-        def weights(l):
-            base = builder.add(wpo_, builder.mul(l, i64(128)))
-            return [builder.load(builder.bitcast(builder.gep(wp_, [builder.add(base, i64(64 * h))], inbounds=True),
-                                                 b64.as_pointer()), align=64) for h in range(nv)]
-
-        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, weights, nv)
+        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, lambda l: _packed_quads(builder, wp_, wpo_, l, nv), nv)
         return context.get_dummy_value()
     u = types.unliteral
     return types.none(q, u(qo), u(ldq), rows, wp, u(wpo), u(nq), out, nvec), codegen
+
+
+def _column_vectors(builder, sp, bp, j0, has_bias, relu, cols, nvec):
+    """What a column tile's epilogue needs, once per tile: its ``nvec`` vectors of scale and of
+    bias (zero without one: ``has_bias`` an i1), each vector's lane mask (column ``< cols``) and
+    ``keep_all`` (an i1 vector: identity keeps every lane). sp, bp: float32 pointers."""
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    v32, vf = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+
+    def load(ptr, h):
+        at = builder.add(j0, ir.IntType(64)(16 * h))
+        return builder.load(builder.bitcast(builder.gep(ptr, [at], inbounds=True), vf.as_pointer()), align=4)
+
+    live = _splat(builder, builder.trunc(cols, i32), v32)  # lanes c < cols are stored
+    return ([load(sp, h) for h in range(nvec)],
+            [builder.select(has_bias, load(bp, h), ir.Constant(vf, None)) for h in range(nvec)],
+            [builder.icmp_signed("<", ir.Constant(v32, [16 * h + lane for lane in range(16)]), live)
+             for h in range(nvec)],
+            _splat(builder, builder.not_(relu), ir.VectorType(ir.IntType(1), 16)))
+
+
+def _store_vectors(builder, values, off, factor, columns, yp, yo):
+    """``y[yo + 16 h + lane] = act(float(values[h] - off) * factor * s + b)`` on the lanes of each
+    vector's mask, act relu (NaN kept, as ``jnp.maximum`` does) or identity; ``columns`` from
+    ``_column_vectors``. values: int32 vectors (``off`` an i32) or float32 ones (``off`` None);
+    factor: a float32; yp: float32 pointer."""
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    vf, v1 = ir.VectorType(f32, 16), ir.VectorType(ir.IntType(1), 16)
+    svecs, bvecs, masks, keep_all = columns
+    zero = ir.Constant(vf, None)
+    store = _vector_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), [vf, vf.as_pointer(), i32, v1])
+    for h, v in enumerate(values):
+        if off is not None:
+            v = builder.sitofp(builder.sub(v, _splat(builder, off, v.type)), vf)
+        v = builder.fmul(builder.fmul(v, _splat(builder, factor, vf)), svecs[h])
+        v = builder.fadd(v, bvecs[h])
+        keep = builder.or_(builder.fcmp_unordered(">", v, zero), keep_all)
+        at = builder.bitcast(builder.gep(yp, [builder.add(yo, ir.IntType(64)(16 * h))], inbounds=True),
+                             vf.as_pointer())
+        builder.call(store, [builder.select(keep, v, zero), at, i32(4), masks[h]])
 
 
 @intrinsic(prefer_literal=True)
@@ -330,40 +381,83 @@ def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo,
         acca, ao_, off_, factor_, sa, ba, j0_, hb_, relu_, ya, yo_, cols_, _ = args
         ao_, j0_, yo_, cols_ = (_i64(context, builder, v, t) for v, t in zip(
             (ao_, j0_, yo_, cols_), (sig.args[1], sig.args[6], sig.args[10], sig.args[11])))
-        off_ = context.cast(builder, off_, sig.args[2], types.int32)
         factor_ = context.cast(builder, factor_, sig.args[3], types.float32)
         hb_ = context.cast(builder, hb_, sig.args[7], types.boolean)
         relu_ = context.cast(builder, relu_, sig.args[8], types.boolean)
         ap, sp, bp, yp = (_data(context, builder, sig.args[i], a) for i, a in ((0, acca), (4, sa), (5, ba), (9, ya)))
-        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
-        v32, vf, v1 = ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(ir.IntType(1), 16)
-        zero = ir.Constant(vf, None)
-        store = _vector_intrinsic(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                                  [vf, vf.as_pointer(), i32, v1])
-        live = _splat(builder, builder.trunc(cols_, i32), v32)  # lanes c < cols are stored
-
-        def vec(ptr, at, ty):
-            return builder.bitcast(builder.gep(ptr, [at], inbounds=True), ty.as_pointer())
-
-        for h in range(nvec):
-            if is_int:
-                a = builder.load(vec(ap, builder.add(ao_, i64(16 * h)), v32), align=4)
-                v = builder.sitofp(builder.sub(a, _splat(builder, off_, v32)), vf)
-            else:
-                v = builder.load(vec(ap, builder.add(ao_, i64(16 * h)), vf), align=4)
-            v = builder.fmul(v, _splat(builder, factor_, vf))
-            v = builder.fmul(v, builder.load(vec(sp, builder.add(j0_, i64(16 * h)), vf), align=4))
-            bias = builder.load(vec(bp, builder.add(j0_, i64(16 * h)), vf), align=4)
-            v = builder.fadd(v, builder.select(hb_, bias, zero))
-            keep = builder.or_(builder.fcmp_unordered(">", v, zero), _splat(builder, builder.not_(relu_),
-                                                                              ir.VectorType(ir.IntType(1), 16)))
-            mask = builder.icmp_signed("<", ir.Constant(v32, [16 * h + lane for lane in range(16)]), live)
-            at = vec(yp, builder.add(yo_, i64(16 * h)), vf)
-            builder.call(store, [builder.select(keep, v, zero), at, i32(4), mask])
+        vty = ir.VectorType(ir.IntType(32) if is_int else ir.FloatType(), 16)
+        values = [builder.load(builder.bitcast(builder.gep(ap, [builder.add(ao_, ir.IntType(64)(16 * h))],
+                                                           inbounds=True), vty.as_pointer()), align=4)
+                  for h in range(nvec)]
+        off = context.cast(builder, off_, sig.args[2], types.int32) if is_int else None
+        _store_vectors(builder, values, off, factor_, _column_vectors(builder, sp, bp, j0_, hb_, relu_, cols_, nvec),
+                       yp, yo_)
         return context.get_dummy_value()
     u = types.unliteral
     return (types.none(acc, u(ao), u(off), u(factor), s, b, u(j0), u(has_bias), u(relu), y, u(yo), u(cols), width),
             codegen)
+
+
+@intrinsic(prefer_literal=True)
+def _dot4_tile_to_y(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, packed, nvec, rowsum, sx, i0, s, b, j0, has_bias,
+                    relu, y, ldy, cols):
+    """A whole w8a8 tile in one pass over K (``4 nq``, all of it): the sums of ``_dot4_tile`` (w_q
+    in place, ``packed`` False) or ``_dot4_packed_tile`` (``w[wo:]`` from ``_pack_quads``, packed
+    True), from zero, kept in registers and stored through ``_store_row``'s epilogue straight
+    into y: row r (x's row ``i0 + r``) to ``y[(i0 + r) ldy + j0:][:cols]``, ``off = 128
+    rowsum[i0 + r]``, ``factor = sx[i0 + r]``. The scale and bias vectors are loaded once per
+    tile. rows, packed and nvec literals; rowsum: int32 1-D, sx, s, b, y: float32 1-D."""
+    if not all(isinstance(a, t) for a, t in ((rows, types.IntegerLiteral), (packed, types.BooleanLiteral),
+                                              (nvec, types.IntegerLiteral))):
+        return None
+    nrows, is_packed, nv, vnni = rows.literal_value, packed.literal_value, nvec.literal_value, has_vnni()
+
+    def codegen(context, builder, sig, args):
+        qa, wa, ra, sxa, sa, ba, ya = (args[i] for i in (0, 4, 10, 11, 13, 14, 18))
+        qo_, ldq_, wo_, ldw_, nq_, i0_, j0_, ldy_, cols_ = (_i64(context, builder, args[i], sig.args[i])
+                                                           for i in (1, 2, 5, 6, 7, 12, 15, 19, 20))
+        hb_ = context.cast(builder, args[16], sig.args[16], types.boolean)
+        relu_ = context.cast(builder, args[17], sig.args[17], types.boolean)
+        qp, wp, rp, sxp, sp, bp, yp = (_data(context, builder, sig.args[i], a) for i, a in (
+            (0, qa), (4, wa), (10, ra), (11, sxa), (13, sa), (14, ba), (18, ya)))
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+
+        def weights(l):
+            if is_packed:
+                return _packed_quads(builder, wp, wo_, l, nv)
+            return _quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4)))
+
+        zeros = [ir.Constant(ir.VectorType(i32, 16), None)] * (nrows * nv)
+        sums = _dot4_reduce(builder, qp, qo_, ldq_, nrows, nq_, vnni, weights, nv, zeros)
+        columns = _column_vectors(builder, sp, bp, j0_, hb_, relu_, cols_, nv)
+        for r in range(nrows):
+            i = builder.add(i0_, i64(r))
+            off = builder.mul(builder.load(builder.gep(rp, [i], inbounds=True)), i32(128))
+            factor = builder.load(builder.gep(sxp, [i], inbounds=True))
+            _store_vectors(builder, sums[nv * r:nv * (r + 1)], off, factor, columns, yp,
+                           builder.add(builder.mul(i, ldy_), j0_))
+        return context.get_dummy_value()
+    u = types.unliteral
+    return (types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), packed, nvec, rowsum, sx, u(i0), s, b, u(j0),
+                       u(has_bias), u(relu), y, u(ldy), u(cols)), codegen)
+
+
+@intrinsic
+def _borrowed(typingctx, a):
+    """``a`` without its owner (a null meminfo): a call that takes it then skips the atomic
+    increment and decrement of the owner's reference count at its entry and exit (16 of them
+    for a tile call of 8 owned arrays: more than its multiply-adds at K = 64; docs/benchmarks.md).
+    Valid while the caller keeps ``a`` alive: a block's operands, for the whole block."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        src = context.make_array(a)(context, builder, args[0])
+        out = context.make_array(a)(context, builder)
+        context.populate_array(out, data=src.data, shape=src.shape, strides=src.strides, itemsize=src.itemsize,
+                               meminfo=None)
+        return out._getvalue()
+    return a(a), codegen
 
 
 @njit(**_OPTS)
@@ -587,6 +681,33 @@ def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, nvec):
 
 
 @njit(**_OPTS)
+def _q_tile_to_y(qf, qr, K, rows, src, woc, ldw, nq, packed, wpo, rowsum, sx, i0, s, b, j0, has_bias, relu, y, N,
+                 cols, nvec):
+    """``_dot4_tile_to_y`` for one row tile (``rows`` 8, 4 or 1) of one column tile, on ``packed``
+    (from ``wpo``) or, when it is empty, on w_q in place (``src[woc:]``); ``nvec`` as in ``_q_tile``."""
+    literally(nvec)
+    if packed.size == 0:
+        if rows == 8:
+            _dot4_tile_to_y(qf, qr, K, 8, src, woc, ldw, nq, False, nvec, rowsum, sx, i0, s, b, j0, has_bias, relu, y,
+                            N, cols)
+        elif rows == 4:
+            _dot4_tile_to_y(qf, qr, K, 4, src, woc, ldw, nq, False, nvec, rowsum, sx, i0, s, b, j0, has_bias, relu, y,
+                            N, cols)
+        else:
+            _dot4_tile_to_y(qf, qr, K, 1, src, woc, ldw, nq, False, nvec, rowsum, sx, i0, s, b, j0, has_bias, relu, y,
+                            N, cols)
+    elif rows == 8:
+        _dot4_tile_to_y(qf, qr, K, 8, packed, wpo, 0, nq, True, nvec, rowsum, sx, i0, s, b, j0, has_bias, relu, y, N,
+                        cols)
+    elif rows == 4:
+        _dot4_tile_to_y(qf, qr, K, 4, packed, wpo, 0, nq, True, nvec, rowsum, sx, i0, s, b, j0, has_bias, relu, y, N,
+                        cols)
+    else:
+        _dot4_tile_to_y(qf, qr, K, 1, packed, wpo, 0, nq, True, nvec, rowsum, sx, i0, s, b, j0, has_bias, relu, y, N,
+                        cols)
+
+
+@njit(**_OPTS)
 def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf, ready):
     """Block ``t`` of w8a8: ``y = (q @ w_q) * sx[:, None] * s + b`` (relu'd) on its rows and columns.
 
@@ -595,11 +716,12 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
     later ones wait for that flag, which the block claimed ``nrb`` claims earlier (so already
     running, and usually done) raises.
 
-    Column tiles go in pairs: per pair, the reduction runs in passes of ``KC_QUADS`` quads of k
-    over every row tile of the block, each row tile against both column tiles in turn (in place,
-    the two share w_q's 64-byte lines: the second finds them in L1), accumulating in a
-    block-high int32 scratch per tile (``_q_tile``: both tile forms add ``128 * rowsum``, taken
-    off here). The last K % 4 k go through a plain loop. Tile rows are stored on vectors
+    Column tiles go in pairs, each row tile of the block against both in turn (in place, the two
+    share w_q's 64-byte lines: the second finds them in L1). With K a multiple of 4 of at most
+    ``KC_QUADS`` quads, each tile is one call from zero to y (``_q_tile_to_y``). Otherwise, per
+    pair, the reduction runs in passes of ``KC_QUADS`` quads of k over every row tile,
+    accumulating in a block-high int32 scratch per tile (``_q_tile``: both tile forms add ``128 *
+    rowsum``, taken off here). The last K % 4 k go through a plain loop. Tile rows are stored on vectors
     (``_store_row``; ``s`` and ``b`` padded to whole tiles), a partial tile's under a lane mask.
     """
     M, N = y.shape
@@ -609,7 +731,9 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // Q_NR, (N + Q_NR - 1) // Q_NR)
     nfull = N // Q_NR
     nq = K // 4
-    yf = as_shape(y, y.size)
+    xf, wf, tail, s, b, yf = _borrowed(xf), _borrowed(wf), _borrowed(tail), _borrowed(s), _borrowed(b), _borrowed(
+        as_shape(y, y.size))
+    sx, rowsum, packed, qf = _borrowed(sx), _borrowed(rowsum), _borrowed(packed), _borrowed(qf)
     flag = np.int64(ready.ctypes.data) + 8 * rb
     if cb == 0:
         _quantize_rows(xf, K, i0, i1, qf, sx, rowsum)
@@ -617,6 +741,23 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
     else:
         while _ffi.atomic_load(flag) == 0:
             _ffi.cpu_yield()
+    if K % 4 == 0 and 0 < nq <= KC_QUADS:  # one pass over K: each tile stores to y from its registers
+        for pa in range(p0, p1, 2):
+            r0 = i0
+            while r0 < i1:
+                rows = min(Q_MR, i1 - r0)
+                rows = 8 if rows == 8 else (4 if rows >= 4 else 1)
+                for p in range(pa, min(pa + 2, p1)):
+                    j0 = p * Q_NR
+                    src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
+                    if N - j0 <= 16:  # a last tile of at most 16 columns: one vector wide
+                        _q_tile_to_y(qf, r0 * K, K, rows, src, wo, ldw, nq, packed, p * nq * 128, rowsum, sx, r0, s,
+                                     b, j0, has_bias, relu, yf, N, N - j0, 1)
+                    else:
+                        _q_tile_to_y(qf, r0 * K, K, rows, src, wo, ldw, nq, packed, p * nq * 128, rowsum, sx, r0, s,
+                                     b, j0, has_bias, relu, yf, N, min(Q_NR, N - j0), 2)
+                r0 += rows
+        return
     acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
     for pa in range(p0, p1, 2):
         pb = min(pa + 2, p1)

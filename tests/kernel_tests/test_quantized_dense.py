@@ -320,6 +320,11 @@ def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, 
     flushes to zero, as the kernel, running inside XLA's call, does too); over rows across the
     64-row blocks, K across the 16-wide vectors and the K % 4 tail, N across the 32-column tiles,
     ties, subnormals, huge values (outputs that overflow to inf) and zero rows."""
+    _assert_w8a8_bit_for_bit(rows, k, n, kind, relu, bias, seed)
+
+
+def _assert_w8a8_bit_for_bit(rows, k, n, kind, relu, bias, seed):
+    """The numba w8a8 kernel's outputs equal NumPy's epilogue on ``quantize_rows``' integers."""
     rng = np.random.default_rng(seed + 1)
     x = _w8a8_rows(rows, k, kind, seed)
     w_q = rng.integers(-128, 128, (k, n)).astype(np.int8)
@@ -329,7 +334,7 @@ def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, 
                                   jnp.asarray(b), activation="relu" if relu else "identity", act_quant="int8",
                                   backend="numba")
     q, sx = (np.asarray(a) for a in jax.jit(q8.quantize_rows)(jnp.asarray(x)))
-    acc = q.astype(np.int64) @ w_q.astype(np.int64)  # exact; |acc| <= 70 * 127 * 128 fits int32
+    acc = q.astype(np.int64) @ w_q.astype(np.int64)  # exact; |acc| <= 260 * 127 * 128 fits int32
     with np.errstate(over="ignore", invalid="ignore"):  # "huge": inf, and inf - inf with a bias
         want = acc.astype(np.float32) * sx[:, None] * scale[None, :]
         if b is not None:
@@ -337,6 +342,20 @@ def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, 
     if relu:
         want = np.maximum(want, np.float32(0))
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("k", (64, 256, 260, 66))
+@pytest.mark.parametrize("rows", (21, 70))
+def test_numba_w8a8_one_pass_and_several_passes_over_k_agree_bit_for_bit(rows, k):
+    """Both forms of the w8a8 tile give the definition's bits: K a multiple of 4 up to ``4 *
+    KC_QUADS`` (64, 256: one pass, the sums stored to y from registers) and beyond it or with a
+    K % 4 tail (260, 66: passes accumulating in memory), on w_q in place (21 rows) and packed
+    (70), over whole and partial column tiles."""
+    from kernels.numba_cpu import _quantized
+
+    assert 256 == 4 * _quantized.KC_QUADS and 21 < _quantized.PACK_MIN_ROWS <= 70
+    for n, relu, bias in ((80, True, True), (10, False, False)):
+        _assert_w8a8_bit_for_bit(rows, k, n, "normal", relu, bias, seed=k + n)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
