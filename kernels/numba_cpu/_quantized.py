@@ -38,7 +38,7 @@ KC_QUADS`` runs each tile in one pass and stores its sums to y from the register
 (``_dot4_tile_to_y``); otherwise the passes accumulate in a scratch that ``_store_row`` reads.
 The tile calls take the block's arrays ``_borrowed`` (no reference counting at each call).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
-``share`` is 1 (``run``; the caller sets it from the machine's ``Blocking.parallel_min_macs``).
+``share`` is 1 (``run``; the caller sets it: ``backend.int8_share_attribute``).
 Measurements in docs/benchmarks.md ("Quantized dense").
 """
 from __future__ import annotations

@@ -154,9 +154,34 @@ def _attributes(m, k, n, dtype):
 
 def share_attribute(m, k, n, blk=None):
     """The ``share`` attribute for an [M, K] x [K, N] problem under the blocking ``blk`` (default:
-    float32's in force): 1 from its ``parallel_min_macs`` multiply-adds on. The int8 kernels
-    (``quantized``) take it too."""
+    float32's in force): 1 from its ``parallel_min_macs`` multiply-adds on."""
     return np.int64(1 if m * k * n >= (blk or blocking()).parallel_min_macs else 0)
+
+
+def int8_share_attribute(m, k, n):
+    """The ``share`` attribute of an int8 kernel call (``quantized``): 1 from the machine model's
+    threshold (``blocking.derive``) on, or from the tuned one where that is lower. The tuned
+    threshold was timed on the float32 forward+backward step, one call at a time; above the
+    model's it is that step's answer (or a slow spell's, which it keeps), and in a model's int8
+    forward, where every layer but a small one shares, that layer's call alone keeping to the
+    calling thread made the forward slower than sharing none (docs/benchmarks.md, session 31).
+    A tuned "sharing won at no size timed" is the machine's answer and holds here too; a
+    blocking put in force by ``use_blocking`` is used as it is."""
+    from kernels.numba_cpu import blocking as _blocking
+
+    blk = _forced.get() or blocking()
+    if _forced.get() is None and blk.parallel_min_macs <= _blocking.THRESHOLD_MAX_MACS:
+        blk = blk.replace(parallel_min_macs=min(blk.parallel_min_macs, _derived_threshold()))
+    return share_attribute(m, k, n, blk)
+
+
+@functools.cache
+def _derived_threshold() -> int:
+    """``parallel_min_macs`` of the machine model (``blocking.derive``) for this machine."""
+    from kernels.machine import describe
+    from kernels.numba_cpu import blocking as _blocking
+
+    return _blocking.derive(describe()).parallel_min_macs
 
 
 def _forward(x2, w, b, activation, save):

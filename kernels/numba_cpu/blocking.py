@@ -67,6 +67,9 @@ MIN_STRIPS = 4
 # 2^19: docs/benchmarks.md, "PARALLEL_MIN_MACS").
 HANDOFF_MACS = 1 << 18
 NEVER = 1 << 62  # parallel_min_macs of one core
+# The largest problem (multiply-adds) at which the tuner times sharing (``tune.THRESHOLD_SHAPES``):
+# a tuned ``parallel_min_macs`` above it says that sharing won at no size timed.
+THRESHOLD_MAX_MACS = 1 << 24
 _first_use = threading.RLock()  # one tuning at a time in a process
 # Caches assumed where the machine does not report a size.
 _DEFAULT_L1, _DEFAULT_L2 = 32 << 10, 256 << 10

@@ -29,7 +29,7 @@ from kernels import quantized as q8
 from kernels.activations import ACTIVATIONS, CODES
 from kernels.autodiff import with_reference_jvp
 from kernels.numba_cpu import _batching
-from kernels.numba_cpu.backend import share_attribute
+from kernels.numba_cpu.backend import int8_share_attribute
 
 _PREFIX = "jaxnet_numba_quantized_dense"
 _lock = threading.Lock()
@@ -59,7 +59,7 @@ def _call(kind: str, relu: bool, *ops):
     (m, k), n = ops[0].shape, ops[1].shape[1]
     ffi = functools.partial(jax.ffi.ffi_call(_target(kind), (jax.ShapeDtypeStruct((m, n), jnp.float32),),
                                              vmap_method="sequential"),
-                            act=np.int64(CODES["relu" if relu else "identity"]), share=share_attribute(m, k, n))
+                            act=np.int64(CODES["relu" if relu else "identity"]), share=int8_share_attribute(m, k, n))
     again = functools.partial(_call, kind, relu)
 
     def rule(axis_size, in_batched, *args):

@@ -387,11 +387,41 @@ def test_numba_shares_a_big_call_with_xlas_threads(act_quant):
         call = make_quantized_call((130,), 601, 300, act_quant=act_quant, activation=activation, seed=3)
         assert 300 > _quantized.BLOCK_COLS and 601 // 4 > 2 * _quantized.KC_QUADS
         with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1)):
-            assert backend.share_attribute(130, 601, 300) == 1
+            assert backend.int8_share_attribute(130, 601, 300) == 1
             got = jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*call.args)
         want = reference.quantized_dense(*call.args, **call.kwargs)
         tol = QuantizedBounds.from_inputs(call.args, call.kwargs).forward(np.asarray(want))
         assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)) <= tol)
+
+
+@pytest.mark.parametrize("tuned, macs, want", [
+    (1 << 20, 655_360, 1),  # a tuned threshold above the model's: the int8 calls share from the model's
+    (1 << 24, 655_360, 1),  # "won only at the largest size timed" (a slow spell's answer): the same
+    (1 << 18, 300_000, 1), (1 << 18, 200_000, 0),  # a tuned threshold below the model's is kept
+    (1 << 25, 20_000_000, 0),  # "won at no size timed": the machine's answer, kept
+])
+def test_int8_calls_share_from_the_model_threshold_unless_sharing_never_won(monkeypatch, tuned, macs, want):
+    """The int8 kernels' ``share`` attribute: from ``min(tuned, the model's)`` multiply-adds, the
+    model's here being 2^19 (a 2-core machine), but with the tuned threshold as it is when the
+    tuner found sharing winning at no size it timed (above ``THRESHOLD_MAX_MACS``); the float32
+    kernels keep the tuned one. The attribute reaches the lowered call."""
+    from kernels.machine import describe
+    from kernels.numba_cpu import backend, blocking, tune
+
+    assert math.prod(tune.THRESHOLD_SHAPES[-1]) == blocking.THRESHOLD_MAX_MACS == 1 << 24
+    monkeypatch.setattr(backend, "_derived_threshold", lambda: 1 << 19)
+    tuned_blocking = blocking.derive(describe()).replace(parallel_min_macs=tuned)
+    monkeypatch.setattr(backend, "blocking", lambda dtype="float32": tuned_blocking)
+    m, k, n = macs // 2560 or 1, 256, 10  # 655,360 = 256 x 256 x 10
+    macs = m * k * n
+    assert backend.int8_share_attribute(m, k, n) == want
+    assert backend.share_attribute(m, k, n) == (1 if macs >= tuned else 0)
+    lowered = jax.jit(lambda x, q, s: kernels.quantized_dense(x, q, s, activation="relu", act_quant="int8",
+                                                              backend="numba")).lower(
+        jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.int8), jnp.ones((n,), jnp.float32)).as_text()
+    assert f"share = {want} : i64" in lowered
+    with backend.use_blocking(tuned_blocking.replace(parallel_min_macs=1 << 62)):  # forced: as it is
+        assert backend.int8_share_attribute(m, k, n) == 0
 
 
 @pytest.mark.parametrize("share", (0, 1))
@@ -417,7 +447,7 @@ def test_numba_vector_stores_and_packed_weights(rows, act_quant, share):
         x[5] = np.nan
         args = (jnp.asarray(x), *call.args[1:])
         with backend.use_blocking(backend.blocking().replace(parallel_min_macs=1 if share else 2**62)):
-            assert backend.share_attribute(rows, 132, n) == share
+            assert backend.int8_share_attribute(rows, 132, n) == share
             got = np.asarray(jax.jit(functools.partial(_backend("numba"), **call.kwargs))(*args), np.float64)
         want = np.asarray(reference.quantized_dense(*args, **call.kwargs), np.float64)
         assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[5]).all()
