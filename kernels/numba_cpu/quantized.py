@@ -9,6 +9,10 @@ kernels' transcendental epilogue would cost each handler seconds of cold compile
 
 float64 x runs the "xla" backend instead (the kernels compute in float32).
 
+Threads: a call shares its blocks with XLA's intra-op pool from the machine model's threshold
+(``backend.int8_share_attribute``: not the float32 step's tuned one, which was not timed on these
+kernels).
+
 Derivatives come from the reference's ``jnp`` arithmetic (``kernels.autodiff.with_reference_jvp``):
 weight-only is differentiable in x, scale and b; w8a8 in scale and b (``quantize_rows`` refuses x).
 
