@@ -403,10 +403,11 @@ def _dot4_tile_to_y(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, packed, nvec, r
                     relu, y, ldy, cols):
     """A whole w8a8 tile in one pass over K (``4 nq``, all of it): the sums of ``_dot4_tile`` (w_q
     in place, ``packed`` False) or ``_dot4_packed_tile`` (``w[wo:]`` from ``_pack_quads``, packed
-    True), from zero, kept in registers and stored through ``_store_row``'s epilogue straight
-    into y: row r (x's row ``i0 + r``) to ``y[(i0 + r) ldy + j0:][:cols]``, ``off = 128
-    rowsum[i0 + r]``, ``factor = sx[i0 + r]``. The scale and bias vectors are loaded once per
-    tile. rows, packed and nvec literals; rowsum: int32 1-D, sx, s, b, y: float32 1-D."""
+    True), from zero, kept in registers and stored by ``_store_row``'s epilogue
+    (``_store_vectors``) straight into y: row r (x's row ``i0 + r``) to ``y[(i0 + r) ldy +
+    j0:][:cols]``, ``off = 128 rowsum[i0 + r]``, ``factor = sx[i0 + r]``. The scale and bias
+    vectors are loaded once per tile. rows, packed and nvec literals; rowsum: int32 1-D, sx, s,
+    b, y: float32 1-D."""
     if not all(isinstance(a, t) for a, t in ((rows, types.IntegerLiteral), (packed, types.BooleanLiteral),
                                               (nvec, types.IntegerLiteral))):
         return None
