@@ -79,6 +79,7 @@ _INV_QMAX = np.float32(1 / 127)
 _ABS_BITS = np.int32(0x7FFFFFFF)
 _INF_BITS = np.int32(0x7F800000)
 _FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # the smallest normal float32
+_FLT_INF = np.float32(np.inf)
 
 # No fastmath: the drivers' loops vectorise without it, and relu must see NaN (the reduction loops
 # are hand-written IR).
@@ -575,15 +576,20 @@ def _quantize_rows(xf, K, i0, i1, qf, sx, rowsum):
     top_bits = np.empty(1, np.int32)
     top = top_bits.view(np.float32)
     k4, k16 = K // 4 * 4, K // 16 * 16
+    # Every row's scale first: a row's max|x| ends in a horizontal max that its quantisation
+    # waits for, and in a pass of their own the rows' chains overlap (docs/benchmarks.md).
     for i in range(i0, i1):
         o = i * K
         big = _absmax_bits(xf, o, k16 // 16)  # max|x| on the bits: NaN's above +inf's
         for k in range(k16, K):
             big = max(big, xbits[o + k] & _ABS_BITS)
         top_bits[0] = big
-        scale = np.float32(np.nan) if big > _INF_BITS else top[0] * _INV_QMAX
+        sx[i] = np.float32(np.nan) if big > _INF_BITS else top[0] * _INV_QMAX
+    for i in range(i0, i1):
+        o = i * K
+        scale = sx[i]
         inv = np.float32(1) / (scale if scale > 0 else np.float32(1))
-        if big < _INF_BITS and scale >= _FLT_MIN:  # |x * inv| <= 127 (1 + 3 eps): no clamp, no NaN
+        if _FLT_MIN <= scale < _FLT_INF:  # x finite, a normal scale: |x * inv| <= 127 (1 + 3 eps), no clamp
             total = _quantize_vectors(xf, o, k16 // 16, inv, qf, False)
         else:
             total = _quantize_vectors(xf, o, k16 // 16, inv, qf, True)
@@ -595,7 +601,6 @@ def _quantize_rows(xf, K, i0, i1, qf, sx, rowsum):
             total += int32(q)
         for k in range(k4, K):
             total -= int32(qf[o + k])
-        sx[i] = scale
         rowsum[i] = total
 
 

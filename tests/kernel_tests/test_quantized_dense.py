@@ -285,8 +285,9 @@ def _w8a8_rows(rows, k, kind, seed):
     """``[rows, k]`` float32 rows of one kind: normal, ties (the largest |x| 127, so scale_x = 1 and
     halves round to even), tiny (subnormal), edge (max |x| about 127 times the smallest normal
     float32, where scale_x = max |x| / 127 leaves the normal range: the kernel quantises rows of
-    a normal scale without its NaN and clamp guards), huge (near float32's top), all zero, or
-    mixed."""
+    a normal scale without its NaN and clamp guards), huge (near float32's top), all zero,
+    infinite (every other row holds an inf or -inf: its scale is inf, its q all 0, its outputs
+    NaN), or mixed."""
     rng = np.random.default_rng(seed)
     if kind == "ties":
         x = rng.integers(-254, 255, (rows, k)) / 2.0
@@ -300,6 +301,9 @@ def _w8a8_rows(rows, k, kind, seed):
         x = rng.standard_normal((rows, k)) * 1e37
     elif kind == "zeros":
         x = np.zeros((rows, k))
+    elif kind == "inf":
+        x = rng.standard_normal((rows, k))
+        x[::2, rng.integers(0, k)] = rng.choice((np.inf, -np.inf))
     else:
         x = rng.standard_normal((rows, k)) * 10.0 ** rng.uniform(-3, 3, (rows, 1))
         if kind == "mixed":
@@ -309,7 +313,7 @@ def _w8a8_rows(rows, k, kind, seed):
 
 
 @given(rows=st.integers(1, 150), k=st.integers(1, 70), n=st.integers(1, 70),
-       kind=st.sampled_from(("normal", "ties", "tiny", "edge", "huge", "zeros", "mixed")),
+       kind=st.sampled_from(("normal", "ties", "tiny", "edge", "huge", "zeros", "inf", "mixed")),
        relu=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16 - 1))
 @settings(max_examples=25 if EXAMPLES else 300, deadline=None)  # cheap: small shapes, no reference run
 def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, relu, bias, seed):
@@ -319,7 +323,7 @@ def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, 
     backend's definition; equal to ``quantize_rows_numpy`` but for subnormal x, which XLA's CPU
     flushes to zero, as the kernel, running inside XLA's call, does too); over rows across the
     64-row blocks, K across the 16-wide vectors and the K % 4 tail, N across the 32-column tiles,
-    ties, subnormals, huge values (outputs that overflow to inf) and zero rows."""
+    ties, subnormals, huge values (outputs that overflow to inf), infinite values and zero rows."""
     _assert_w8a8_bit_for_bit(rows, k, n, kind, relu, bias, seed)
 
 
