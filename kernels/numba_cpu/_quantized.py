@@ -747,27 +747,12 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
     else:
         while _ffi.atomic_load(flag) == 0:
             _ffi.cpu_yield()
-    if K % 4 == 0 and 0 < nq <= KC_QUADS:  # one pass over K: each tile stores to y from its registers
-        for pa in range(p0, p1, 2):
-            r0 = i0
-            while r0 < i1:
-                rows = min(Q_MR, i1 - r0)
-                rows = 8 if rows == 8 else (4 if rows >= 4 else 1)
-                for p in range(pa, min(pa + 2, p1)):
-                    j0 = p * Q_NR
-                    src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, Q_NR)
-                    if N - j0 <= 16:  # a last tile of at most 16 columns: one vector wide
-                        _q_tile_to_y(qf, r0 * K, K, rows, src, wo, ldw, nq, packed, p * nq * 128, rowsum, sx, r0, s,
-                                     b, j0, has_bias, relu, yf, N, N - j0, 1)
-                    else:
-                        _q_tile_to_y(qf, r0 * K, K, rows, src, wo, ldw, nq, packed, p * nq * 128, rowsum, sx, r0, s,
-                                     b, j0, has_bias, relu, yf, N, min(Q_NR, N - j0), 2)
-                r0 += rows
-        return
+    one_pass = K % 4 == 0 and 0 < nq <= KC_QUADS  # each tile stores its sums to y from its registers
     acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
     for pa in range(p0, p1, 2):
         pb = min(pa + 2, p1)
-        acc[:] = 0
+        if not one_pass:
+            acc[:] = 0
         for c0 in range(0, nq, KC_QUADS):
             nqc = min(KC_QUADS, nq - c0)
             r0 = i0
@@ -777,12 +762,21 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
                 for p in range(pa, pb):
                     src, wo, ldw = (wf, p * Q_NR, N) if p < nfull else (tail, 0, Q_NR)
                     qr, woc, wpo = r0 * K + 4 * c0, wo + 4 * c0 * ldw, (p * nq + c0) * 128
-                    dst = acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:]
-                    if N - p * Q_NR <= 16:  # a last tile of at most 16 columns: one vector wide
+                    j0, dst = p * Q_NR, acc[((p - pa) * BLOCK_ROWS + r0 - i0) * Q_NR:]
+                    # nvec: 1 for a last tile of at most 16 columns (one vector wide), else 2
+                    if one_pass and N - j0 <= 16:
+                        _q_tile_to_y(qf, qr, K, rows, src, woc, ldw, nq, packed, wpo, rowsum, sx, r0, s, b, j0,
+                                     has_bias, relu, yf, N, N - j0, 1)
+                    elif one_pass:
+                        _q_tile_to_y(qf, qr, K, rows, src, woc, ldw, nq, packed, wpo, rowsum, sx, r0, s, b, j0,
+                                     has_bias, relu, yf, N, min(Q_NR, N - j0), 2)
+                    elif N - j0 <= 16:
                         _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, 1)
                     else:
                         _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, 2)
                 r0 += rows
+        if one_pass:
+            continue
         for p in range(pa, pb):
             j0 = p * Q_NR
             cols = min(Q_NR, N - j0)

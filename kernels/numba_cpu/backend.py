@@ -169,9 +169,11 @@ def int8_share_attribute(m, k, n):
     blocking put in force by ``use_blocking`` is used as it is."""
     from kernels.numba_cpu import blocking as _blocking
 
-    blk = _forced.get() or blocking()
-    if _forced.get() is None and blk.parallel_min_macs <= _blocking.THRESHOLD_MAX_MACS:
-        blk = blk.replace(parallel_min_macs=min(blk.parallel_min_macs, _derived_threshold()))
+    blk = _forced.get()
+    if blk is None:
+        blk = blocking()
+        if blk.parallel_min_macs <= _blocking.THRESHOLD_MAX_MACS:
+            blk = blk.replace(parallel_min_macs=min(blk.parallel_min_macs, _derived_threshold()))
     return share_attribute(m, k, n, blk)
 
 
