@@ -13,11 +13,12 @@ blocking kept, it times the same step on one thread and shared with XLA's pool a
 (``pick_threshold``) as ``parallel_min_macs``: the cost of handing blocks to the pool is a
 property of the machine (on an Intel Xeon VM sharing lost up to 2^21 multiply-adds, where the
 model says 2^19). The blocking kept (the derived one if nothing beat it) is stored in
-``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``); but when
-sharing won at no shape on a machine of several cores (a host that lent the other vCPU
-elsewhere for a while looks the same: docs/benchmarks.md), this process uses that answer and
-stores only a note of it, so that the next process tunes again: the answer is stored when two
-processes in a row find it. Prints the
+``TuningCache("numba_blocking")``, which later processes read (``blocking.chosen``). A host that
+lends this VM's other vCPU elsewhere for a while makes sharing lose where it would win (up to
+every shape: docs/benchmarks.md), so a threshold above the model's is a sighting, not yet an
+answer: this process uses it and stores only a note of it, and the next process tunes again and
+stores the smaller of the two thresholds (a slow spell only ever raises one); run again, this
+command keeps the smaller of its threshold and the one stored. Prints the
 machine, each candidate's times, the choice and the cache file, and ends with one JSON line of
 the same.
 
@@ -128,9 +129,18 @@ def pick_threshold(single: dict[tuple, list[float]], shared: dict[tuple, list[fl
     return min(derived, math.prod(shapes[0])) if first == 0 else math.prod(shapes[first])
 
 
-def _never_key(dtype: str) -> str:
-    """The cache entry's key noting one process's "sharing never wins" for ``dtype``."""
-    return f"{dtype} sharing never won"
+def _sighting_key(dtype: str) -> str:
+    """The cache entry's key noting one process's threshold above the model's for ``dtype``."""
+    return f"{dtype} parallel_min_macs seen once"
+
+
+def _seen_before(value: dict, dtype: str) -> int | None:
+    """The threshold a process before measured for ``dtype``: noted (and removed from ``value``),
+    else stored with a blocking (this command tunes again at will), else None."""
+    noted = value.pop(_sighting_key(dtype), None)
+    entry = value.get(dtype)
+    stored = entry.get("parallel_min_macs") if isinstance(entry, dict) else None
+    return next((v for v in (noted, stored) if type(v) is int and v > 0), None)
 
 
 def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
@@ -152,33 +162,36 @@ def tune(dtype="float32", repeats: int = 7, shapes=SHAPES, log=print) -> dict:
             f"pmb={blk.pmb} dwt={blk.dwt}: {geo * 1e3:8.2f} ms geomean, noise {noise:.1%}, GFLOP/s "
             + " / ".join(f"{g:.1f} at {'x'.join(map(str, s))}" for g, s in zip(gflops, t)))
     kept = blockings[best]
-    sharing, never = None, False
+    cache = TuningCache(CACHE_KIND, machine)
+    value = cache.get()
+    value = dict(value) if isinstance(value, dict) else {}
+    seen = _seen_before(value, dtype)
+    sharing, sighting = None, None
     if base.parallel_min_macs < NEVER:  # more than one core
         single, shared = measure([kept.replace(parallel_min_macs=NEVER), kept.replace(parallel_min_macs=1)],
                                  dtype=dtype, shapes=THRESHOLD_SHAPES, repeats=repeats, min_sample_s=0.002)
-        threshold = pick_threshold(single, shared, base.parallel_min_macs)
-        never = threshold > math.prod(THRESHOLD_SHAPES[-1])
-        sharing = {"derived": base.parallel_min_macs, "measured": threshold,
+        measured = pick_threshold(single, shared, base.parallel_min_macs)
+        if measured > base.parallel_min_macs and seen is None:
+            sighting = measured  # above the model's, a first time: noted, not stored
+        threshold = measured if seen is None else min(measured, seen)
+        sharing = {"derived": base.parallel_min_macs, "measured": measured, "seen_before": seen,
                    "us": {"x".join(map(str, sh)): [round(statistics.median(single[sh]) * 1e6, 1),
                                                    round(statistics.median(shared[sh]) * 1e6, 1)]
                           for sh in THRESHOLD_SHAPES}}
         log("one thread / shared, µs: " + ", ".join(f"{k} {a} / {b}" for k, (a, b) in sharing["us"].items()))
-        log(f"parallel_min_macs: derived {base.parallel_min_macs}, measured {threshold}")
+        log(f"parallel_min_macs: derived {base.parallel_min_macs}, measured {measured}"
+            + (f", measured before {seen}: kept {threshold}" if seen is not None else ""))
         kept = kept.replace(parallel_min_macs=threshold)
-    cache = TuningCache(CACHE_KIND, machine)
-    value = cache.get()
-    value = dict(value) if isinstance(value, dict) else {}
-    stored = not never or bool(value.get(_never_key(dtype)))
+    stored = sighting is None
     if stored:  # the derived blocking too: later processes do not measure again
         value[dtype] = kept.as_dict()
-        value.pop(_never_key(dtype), None)
-    else:  # sharing won nowhere, a first time: the next process measures again
+    else:  # the next process measures again
         value.pop(dtype, None)
-        value[_never_key(dtype)] = True
+        value[_sighting_key(dtype)] = sighting
     cache.store(value, "kernels.numba_cpu.tune's blocking")
     choice = "tuned" if best else "derived"
     log(f"choice: {choice} (needed {margin:.1%} over derived), cache file: {cache.path}"
-        + ("" if stored else "; sharing never won: not stored, the next process tunes again"))
+        + ("" if stored else "; a threshold above the model's, seen once: not stored, the next process tunes again"))
     return {"dtype": dtype, "choice": choice, "blocking": kept.as_dict(), "margin": round(margin, 4),
             "candidates": rows, "sharing": sharing, "stored": stored, "cache_file": str(cache.path),
             "machine": machine.as_dict()}
