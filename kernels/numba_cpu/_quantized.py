@@ -462,15 +462,42 @@ def _borrowed(typingctx, a):
     return a(a), codegen
 
 
+@intrinsic(prefer_literal=True)
+def _row_prefix(typingctx, src, so, n, dst, do, width):
+    """``dst[do + c] = src[so + c] if c < n else 0`` for c < width (a literal), on one vector of
+    ``width`` bytes: a masked load, which reads no byte at or past ``so + n``. src, dst: int8 1-D."""
+    if not isinstance(width, types.IntegerLiteral):
+        return None
+    nb = width.literal_value
+
+    def codegen(context, builder, sig, args):
+        sa, so_, n_, da, do_, _ = args
+        so_, n_, do_ = (_i64(context, builder, v, t) for v, t in zip((so_, n_, do_), (sig.args[1], sig.args[2],
+                                                                                     sig.args[4])))
+        sp, dp = _data(context, builder, sig.args[0], sa), _data(context, builder, sig.args[3], da)
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        vb, v1, vl = ir.VectorType(i8, nb), ir.VectorType(ir.IntType(1), nb), ir.VectorType(i64, nb)
+        load = _vector_intrinsic(builder, f"llvm.masked.load.v{nb}i8.p0", vb, [vb.as_pointer(), i32, v1, vb])
+        live = builder.icmp_signed("<", ir.Constant(vl, list(range(nb))), _splat(builder, n_, vl))
+        at = builder.bitcast(builder.gep(sp, [so_], inbounds=True), vb.as_pointer())
+        v = builder.call(load, [at, i32(1), live, ir.Constant(vb, None)])
+        builder.store(v, builder.bitcast(builder.gep(dp, [do_], inbounds=True), vb.as_pointer()), align=1)
+        return context.get_dummy_value()
+    u = types.unliteral
+    return types.none(src, u(so), u(n), dst, u(do), width), codegen
+
+
 @njit(**_OPTS)
 def _padded_columns(wq, j0, width):
-    """``w_q[:, j0:]`` zero-padded to ``width`` columns, flat ``[K * width]``: the last, partial
-    tile's columns (reading them in place would run past the end of w_q)."""
+    """``w_q[:, j0:]`` zero-padded to ``width`` columns (32 or 64, more than ``N - j0``), flat ``[K *
+    width]``: the last, partial tile's columns (reading them in place would run past the end of
+    w_q). A masked vector load and a store per row."""
+    literally(width)
     K, N = wq.shape
-    out = np.zeros(K * width, np.int8)
+    out = np.empty(K * width, np.int8)
+    wf = as_shape(wq, wq.size)
     for k in range(K):
-        for c in range(N - j0):
-            out[k * width + c] = wq[k, j0 + c]
+        _row_prefix(wf, k * N + j0, N - j0, out, k * width, width)
     return out
 
 

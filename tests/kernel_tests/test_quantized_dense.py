@@ -676,6 +676,39 @@ def test_the_raw_handlers_refuse_malformed_calls_in_a_subprocess():
         assert all("numba quantized_dense: " in e for e in errors.values()), errors  # the kernel named, no other
 
 
+# w_q's last byte the last readable one: the page after it is made unreadable, so a byte read
+# past the end kills the process.
+GUARDED_TAIL = textwrap.dedent("""
+    import ctypes, mmap
+    import numpy as np
+    from kernels.numba_cpu._quantized import _padded_columns
+
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, 2 * page)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(base + page, page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    memory = np.frombuffer(buf, np.int8, count=page)
+    rng = np.random.default_rng(0)
+    for k, n, j0, width in ((7, 10, 0, 32), (5, 40, 32, 32), (3, 100, 64, 64), (1, 1, 0, 32), (9, 63, 0, 64)):
+        wq = memory[page - k * n:].reshape(k, n)
+        wq[:] = rng.integers(-128, 128, (k, n))
+        want = np.zeros((k, width), np.int8)
+        want[:, :n - j0] = wq[:, j0:]
+        assert np.array_equal(_padded_columns(wq, j0, width).reshape(k, width), want), (k, n, j0, width)
+    print("DONE")
+""")
+
+
+def test_the_partial_tiles_copy_reads_nothing_past_w_q():
+    """``_padded_columns`` (the last, partial column tile's copy) loads each row under a mask: on
+    a w_q that ends where an unreadable page begins it returns the columns zero-padded, and reads
+    no byte past the end (a fresh process: such a read kills it)."""
+    proc = subprocess.run([sys.executable, "-c", GUARDED_TAIL], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"subprocess died ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.splitlines()[-1] == "DONE", proc.stdout
+
 def test_the_reference_is_not_a_backend():
     x, w_q, s, b = _small()
     with pytest.raises(ValueError, match="is the reference, not a backend"):
