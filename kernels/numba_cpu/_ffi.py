@@ -207,23 +207,30 @@ def make_error(typingctx, frame, message):
 
 
 @intrinsic(prefer_literal=True)
-def stack_buffer(typingctx, count, dtype):
-    """A ``dtype*`` to ``count`` elements on the stack frame of the calling function.
+def stack_buffer(typingctx, count, dtype, zeroed):
+    """A ``dtype*`` to ``count`` elements on the stack frame of the calling function, filled with
+    zeros at every call when ``zeroed`` (a literal) is True, else left as the stack holds it
+    (each call then pays nothing for it: a zero fill is a ``memset`` of the whole buffer, 16 KiB
+    of them cost about 1 µs a call; docs/benchmarks.md).
 
     The alloca sits in the entry block, so when every access has a constant index (small fixed
     loops, fully unrolled) LLVM promotes the buffer to registers: this is how the GEMM
     micro-kernels keep their accumulator tile in vector registers.
     """
-    if not isinstance(count, types.IntegerLiteral):
+    if not isinstance(count, types.IntegerLiteral) or not isinstance(zeroed, types.BooleanLiteral):
         return None
-    n = count.literal_value
+    n, fill = count.literal_value, zeroed.literal_value
     elem = dtype.dtype if isinstance(dtype, types.DType) else dtype.instance_type
 
     def codegen(context, builder, sig, args):
         ety = context.get_value_type(elem)
-        slot = cgutils.alloca_once(builder, ir.ArrayType(ety, n))
+        if fill:  # Numba's alloca_once zero-fills at the function's entry
+            slot = cgutils.alloca_once(builder, ir.ArrayType(ety, n))
+        else:
+            with builder.goto_entry_block():
+                slot = builder.alloca(ir.ArrayType(ety, n))
         return builder.bitcast(slot, ety.as_pointer())
-    return types.CPointer(elem)(count, dtype), codegen
+    return types.CPointer(elem)(count, dtype, zeroed), codegen
 
 
 @intrinsic(prefer_literal=True)

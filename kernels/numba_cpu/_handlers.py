@@ -104,7 +104,7 @@ def _forward_entry_unit(nbtype, code):
     dtype_code = _DTYPE_CODES[str(nbtype)]
 
     def forward_entry(frame, act, act_unit):
-        blk = _ffi.stack_buffer(_BLK_SLOTS, np.int64)
+        blk = _ffi.stack_buffer(_BLK_SLOTS, np.int64, True)
         answer, task, nargs, nrets = _begin(frame, act, nbtype, blk)
         if answer >= 0:
             return answer
@@ -157,7 +157,7 @@ def _backward_entry_unit(nbtype, code):
     dtype_code = _DTYPE_CODES[str(nbtype)]
 
     def backward_entry(frame, act, grad_unit):
-        blk = _ffi.stack_buffer(_BLK_SLOTS, np.int64)
+        blk = _ffi.stack_buffer(_BLK_SLOTS, np.int64, True)
         answer, task, nargs, nrets = _begin(frame, act, nbtype, blk)
         if answer >= 0:
             return answer

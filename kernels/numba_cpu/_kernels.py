@@ -628,7 +628,7 @@ def start_job(frame, task, nblocks, kind):
     """The job for ``nblocks`` blocks: slots on the calling unit's stack when they run on the
     calling thread only, else a malloc'd job with the number of helpers to schedule in the top
     byte of its address (addresses are < 2**56; ``_ADDRESS`` masks it off)."""
-    local = _link.address_of(_ffi.stack_buffer(_J_SLOTS, np.int64))
+    local = _link.address_of(_ffi.stack_buffer(_J_SLOTS, np.int64, True))
     if task == 0 or nblocks < 2:
         return _init_job(local, 1, kind, nblocks)
     helpers = _ffi.threadpool_num_threads(frame)
@@ -808,9 +808,9 @@ def _panel_tiles(xf, sr, sl, i0, i1, bf, ps, ls, p0, p1, l0, l1, dst, acc_in, bi
     N = dst.shape[1]
     ld = np.uint64(N)
     df = _ffi.as_shape(dst, dst.size)
-    tile = _ffi.stack_buffer(_TILE, dst.dtype)
+    tile = _ffi.stack_buffer(_TILE, dst.dtype, True)
     acc, accf = carray(tile, (MR, NR)), carray(tile, (_TILE,))
-    edge = carray(_ffi.stack_buffer(_TILE, dst.dtype), (MR, NR))
+    edge = carray(_ffi.stack_buffer(_TILE, dst.dtype, True), (MR, NR))
     su, lsu, psu = np.uint64(sl), np.uint64(ls), np.uint64(ps)
     add_bias = has_bias and not acc_in
     for r0 in range(i0, i1, mr):
@@ -1219,7 +1219,7 @@ def _column_backward(dy, x, w, r, act, grad_unit, dx, dw, db, has_bias):
         db[0] = s
     xf, wf, dxf = _ffi.as_shape(x, M * K), _ffi.as_shape(w, K), _ffi.as_shape(dx, M * K)
     ku, one = np.uint64(K), np.uint64(1)
-    acc = _ffi.stack_buffer(_COLUMN_ACC, dy.dtype)  # dw's sums: a stack buffer aliases nothing
+    acc = _ffi.stack_buffer(_COLUMN_ACC, dy.dtype, True)  # dw's sums: a stack buffer aliases nothing
     for l in range(ku):
         acc[l] = zero
     m8 = np.uint64(M // 8 * 8)

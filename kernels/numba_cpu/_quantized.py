@@ -674,8 +674,8 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // WO_NR, (N + WO_NR - 1) // WO_NR)
     nfull = N // WO_NR
     yf = as_shape(y, y.size)
-    tile = carray(_ffi.stack_buffer(_WO_TILE, float32), _WO_TILE)
-    tile[:] = 0  # a narrow tile leaves its other columns as they are: computed, never stored to y
+    # Zeroed: a narrow tile leaves its other columns as they are (computed, never stored to y).
+    tile = carray(_ffi.stack_buffer(_WO_TILE, float32, True), _WO_TILE)
     for p in range(p0, p1):
         j0 = p * WO_NR
         src, wo, ldw = (wf, j0, N) if p < nfull else (tail, 0, WO_NR)
@@ -775,7 +775,7 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
         while _ffi.atomic_load(flag) == 0:
             _ffi.cpu_yield()
     one_pass = K % 4 == 0 and 0 < nq <= KC_QUADS  # each tile stores its sums to y from its registers
-    acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
+    acc = carray(_ffi.stack_buffer(_Q_BLOCK_ACC, int32, False), _Q_BLOCK_ACC)  # (2, BLOCK_ROWS, Q_NR)
     for pa in range(p0, p1, 2):
         pb = min(pa + 2, p1)
         if not one_pass:
