@@ -257,29 +257,38 @@ def _dot4_loop(builder, qp, qo, ldq, nrows, op, nq, vnni, weights, nvec):
         builder.store(v, builder.bitcast(builder.gep(op, [at], inbounds=True), v32.as_pointer()), align=4)
 
 
-@intrinsic(prefer_literal=True)
-def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, out, nvec):
-    """``out[r*32 + c] += sum_{l < 4 nq} (w[wo + l*ldw + c] + 128) * q[qo + r*ldq + l]`` for
-    r < rows, c < 16 nvec (int32, exact). q, w: int8 1-D; out: int32 1-D (rows * 32); rows and
-    nvec (1 or 2) literals.
+def _tile_weights(builder, packed, wp, wo, ldw, nvec):
+    """``weights(l)`` of a tile's reduction (``_dot4_reduce``): step l's ``vpdpbusd`` weight
+    operands from w_q in place (``wp[wo + k ldw:]``, interleaved in registers: ``_quad_vectors``)
+    or, when ``packed``, from ``_pack_quads``'s copy (``wp[wo + 128 l:]``: ``nvec`` aligned loads)."""
+    if packed:
+        return lambda l: _packed_quads(builder, wp, wo, l, nvec)
+    return lambda l: _quad_vectors(builder, wp, wo, ldw, builder.mul(l, ir.IntType(64)(4)))
 
-    Each step reads 32 bytes from each of 4 rows of w and interleaves them so that every int32
-    lane holds one column's 4 consecutive k (``vpdpbusd``'s layout)."""
-    if not isinstance(rows, types.IntegerLiteral) or not isinstance(nvec, types.IntegerLiteral):
+
+@intrinsic(prefer_literal=True)
+def _dot4_tile(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, packed, nvec, out):
+    """``out[r*32 + c] += sum_{l < 4 nq} (w_q[k, c] + 128) * q[qo + r*ldq + l]`` for r < rows,
+    c < 16 nvec (int32, exact), k = l: w_q in place (``w[wo + l*ldw + c]``, ``packed`` False) or
+    packed by ``_pack_quads`` (``w[wo:]``, 64-byte aligned, ``ldw`` unused). q, w: int8 1-D; out:
+    int32 1-D (rows * 32); rows, packed and nvec (1 or 2) literals.
+
+    In place, each step reads 32 bytes from each of 4 rows of w and interleaves them so that every
+    int32 lane holds one column's 4 consecutive k (``vpdpbusd``'s layout); packed, it loads
+    ``nvec`` vectors and shuffles nothing."""
+    if not all(isinstance(a, t) for a, t in ((rows, types.IntegerLiteral), (packed, types.BooleanLiteral),
+                                              (nvec, types.IntegerLiteral))):
         return None
-    nrows, nv, vnni = rows.literal_value, nvec.literal_value, has_vnni()
+    nrows, is_packed, nv, vnni = rows.literal_value, packed.literal_value, nvec.literal_value, has_vnni()
 
     def codegen(context, builder, sig, args):
-        qa, qo_, ldq_, _, wa, wo_, ldw_, nq_, oa, _ = args
-        qo_, ldq_, wo_, ldw_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
-            (qo_, ldq_, wo_, ldw_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6], sig.args[7])))
-        qp, wp, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (8, oa)))
-        i64 = ir.IntType(64)
-        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni,
-                   lambda l: _quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4))), nv)
+        qo_, ldq_, wo_, ldw_, nq_ = (_i64(context, builder, args[i], sig.args[i]) for i in (1, 2, 5, 6, 7))
+        qp, wp, op = (_data(context, builder, sig.args[i], args[i]) for i in (0, 4, 10))
+        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, _tile_weights(builder, is_packed, wp, wo_, ldw_, nv),
+                   nv)
         return context.get_dummy_value()
     u = types.unliteral
-    return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), out, nvec), codegen
+    return types.none(q, u(qo), u(ldq), rows, w, u(wo), u(ldw), u(nq), packed, nvec, out), codegen
 
 
 @intrinsic(prefer_literal=True)
@@ -305,25 +314,6 @@ def _pack_quads(typingctx, w, wo, ldw, nq, dst, do):
         return context.get_dummy_value()
     u = types.unliteral
     return types.none(w, u(wo), u(ldw), u(nq), dst, u(do)), codegen
-
-
-@intrinsic(prefer_literal=True)
-def _dot4_packed_tile(typingctx, q, qo, ldq, rows, wp, wpo, nq, out, nvec):
-    """``_dot4_tile`` on weights packed by ``_pack_quads`` (``wp[wpo + 128 l:]``, 64-byte aligned):
-    ``nvec`` loads a step and no shuffles. ``out[r*32 + c] += sum_l ...`` (int32, w + 128), c < 16 nvec."""
-    if not isinstance(rows, types.IntegerLiteral) or not isinstance(nvec, types.IntegerLiteral):
-        return None
-    nrows, nv, vnni = rows.literal_value, nvec.literal_value, has_vnni()
-
-    def codegen(context, builder, sig, args):
-        qa, qo_, ldq_, _, wa, wpo_, nq_, oa, _ = args
-        qo_, ldq_, wpo_, nq_ = (_i64(context, builder, v, t) for v, t in zip(
-            (qo_, ldq_, wpo_, nq_), (sig.args[1], sig.args[2], sig.args[5], sig.args[6])))
-        qp, wp_, op = (_data(context, builder, sig.args[i], a) for i, a in ((0, qa), (4, wa), (7, oa)))
-        _dot4_loop(builder, qp, qo_, ldq_, nrows, op, nq_, vnni, lambda l: _packed_quads(builder, wp_, wpo_, l, nv), nv)
-        return context.get_dummy_value()
-    u = types.unliteral
-    return types.none(q, u(qo), u(ldq), rows, wp, u(wpo), u(nq), out, nvec), codegen
 
 
 def _column_vectors(builder, sp, bp, j0, has_bias, relu, cols, nvec):
@@ -403,12 +393,11 @@ def _store_row(typingctx, acc, ao, off, factor, s, b, j0, has_bias, relu, y, yo,
 def _dot4_tile_to_y(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, packed, nvec, rowsum, sx, i0, s, b, j0, has_bias,
                     relu, y, ldy, cols):
     """A whole w8a8 tile in one pass over K (``4 nq``, all of it): the sums of ``_dot4_tile`` (w_q
-    in place, ``packed`` False) or ``_dot4_packed_tile`` (``w[wo:]`` from ``_pack_quads``, packed
-    True), from zero, kept in registers and stored by ``_store_row``'s epilogue
-    (``_store_vectors``) straight into y: row r (x's row ``i0 + r``) to ``y[(i0 + r) ldy +
-    j0:][:cols]``, ``off = 128 rowsum[i0 + r]``, ``factor = sx[i0 + r]``. The scale and bias
-    vectors are loaded once per tile. rows, packed and nvec literals; rowsum: int32 1-D, sx, s,
-    b, y: float32 1-D."""
+    in place, ``packed`` False, or ``w[wo:]`` from ``_pack_quads``, packed True), from zero, kept
+    in registers and stored by ``_store_row``'s epilogue (``_store_vectors``) straight into y:
+    row r (x's row ``i0 + r``) to ``y[(i0 + r) ldy + j0:][:cols]``, ``off = 128 rowsum[i0 + r]``,
+    ``factor = sx[i0 + r]``. The scale and bias vectors are loaded once per tile. rows, packed and
+    nvec literals; rowsum: int32 1-D, sx, s, b, y: float32 1-D."""
     if not all(isinstance(a, t) for a, t in ((rows, types.IntegerLiteral), (packed, types.BooleanLiteral),
                                               (nvec, types.IntegerLiteral))):
         return None
@@ -423,13 +412,8 @@ def _dot4_tile_to_y(typingctx, q, qo, ldq, rows, w, wo, ldw, nq, packed, nvec, r
         qp, wp, rp, sxp, sp, bp, yp = (_data(context, builder, sig.args[i], a) for i, a in (
             (0, qa), (4, wa), (10, ra), (11, sxa), (13, sa), (14, ba), (18, ya)))
         i32, i64 = ir.IntType(32), ir.IntType(64)
-
-        def weights(l):
-            if is_packed:
-                return _packed_quads(builder, wp, wo_, l, nv)
-            return _quad_vectors(builder, wp, wo_, ldw_, builder.mul(l, i64(4)))
-
         zeros = [ir.Constant(ir.VectorType(i32, 16), None)] * (nrows * nv)
+        weights = _tile_weights(builder, is_packed, wp, wo_, ldw_, nv)
         sums = _dot4_reduce(builder, qp, qo_, ldq_, nrows, nq_, vnni, weights, nv, zeros)
         columns = _column_vectors(builder, sp, bp, j0_, hb_, relu_, cols_, nv)
         for r in range(nrows):
@@ -694,23 +678,23 @@ def _wo_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, q
 
 @njit(**_OPTS)
 def _q_tile(qf, qr, K, rows, src, woc, ldw, nqc, packed, wpo, dst, nvec):
-    """One row tile (``rows`` 8, 4 or 1) of one column tile, one pass: ``_dot4_packed_tile`` on
-    ``packed``, or ``_dot4_tile`` on w_q in place when ``packed`` is empty; ``nvec`` vectors of 16
+    """One row tile (``rows`` 8, 4 or 1) of one column tile, one pass: ``_dot4_tile`` on ``packed``
+    (from ``wpo``) or, when it is empty, on w_q in place (``src[woc:]``); ``nvec`` vectors of 16
     columns (1 for a last tile of at most 16, else 2; compiled as a literal: ``literally``)."""
     literally(nvec)
     if packed.size == 0:
         if rows == 8:
-            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, dst, nvec)
+            _dot4_tile(qf, qr, K, 8, src, woc, ldw, nqc, False, nvec, dst)
         elif rows == 4:
-            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, dst, nvec)
+            _dot4_tile(qf, qr, K, 4, src, woc, ldw, nqc, False, nvec, dst)
         else:
-            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, dst, nvec)
+            _dot4_tile(qf, qr, K, 1, src, woc, ldw, nqc, False, nvec, dst)
     elif rows == 8:
-        _dot4_packed_tile(qf, qr, K, 8, packed, wpo, nqc, dst, nvec)
+        _dot4_tile(qf, qr, K, 8, packed, wpo, 0, nqc, True, nvec, dst)
     elif rows == 4:
-        _dot4_packed_tile(qf, qr, K, 4, packed, wpo, nqc, dst, nvec)
+        _dot4_tile(qf, qr, K, 4, packed, wpo, 0, nqc, True, nvec, dst)
     else:
-        _dot4_packed_tile(qf, qr, K, 1, packed, wpo, nqc, dst, nvec)
+        _dot4_tile(qf, qr, K, 1, packed, wpo, 0, nqc, True, nvec, dst)
 
 
 @njit(**_OPTS)
