@@ -889,14 +889,30 @@ def _helpers(frame, nblocks):
 
 
 @njit(**_OPTS)
-def _wait(job, nblocks, ops):
-    """After the caller ran out of blocks: waits for the helpers' blocks, lets go of the job.
-    Takes ``ops`` so that the scratch the helpers read (tail, s, b, rowsum, packed, qf, ready) outlives them
-    (Numba frees an array after its last use)."""
+def _wait(job, nblocks):
+    """After the caller ran out of blocks: waits for the helpers' blocks, lets go of the job."""
     while _ffi.atomic_load(job + _J_DONE) < nblocks:
         _ffi.cpu_yield()
     _release(job)
-    return ops[3].size + ops[4].size + ops[5].size + ops[10].size + ops[11].size + ops[12].size + ops[13].size
+
+
+@njit(inline="always", **_OPTS)
+def _lent(ops):
+    """``ops`` with every array ``_borrowed``: the calls that hand them on (``run``, ``_block``,
+    the block) take no reference counts, two atomic operations per array at each (about 0.2 µs
+    of a small call; docs/benchmarks.md). The caller keeps ``ops`` alive until ``run`` returns:
+    ``_kept(ops)`` after it."""
+    x, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf, ready = ops
+    return (_borrowed(x), K, _borrowed(wf), _borrowed(tail), _borrowed(s), _borrowed(b), has_bias, relu, _borrowed(y),
+            _borrowed(sx), _borrowed(rowsum), _borrowed(packed), _borrowed(qf), _borrowed(ready))
+
+
+@njit(inline="always", **_OPTS)
+def _kept(ops):
+    """A use of ``ops``' scratch (its elements' sizes), after ``run``: Numba frees an array after
+    its last use, and the blocks and helpers read these through ``_lent``'s borrowed views."""
+    return ops[3].size + ops[4].size + ops[5].size + ops[9].size + ops[10].size + ops[11].size + ops[12].size \
+        + ops[13].size
 
 
 @njit(**_OPTS)
@@ -944,7 +960,7 @@ def run(frame, task, share, ops):
             _ffi.destroy_error(frame, err)
             _ffi.atomic_add(job + _J_REFS, -1)
     _claim(job, nblocks, ops)
-    _wait(job, nblocks, ops)
+    _wait(job, nblocks)
 
 
 @njit(**_OPTS)
@@ -954,10 +970,11 @@ def weight_only(frame, x, wq, s, b, has_bias, relu, y, share):
     K, N = wq.shape
     tail = _padded_columns(wq, N // WO_NR * WO_NR, WO_NR) if N % WO_NR else np.zeros(0, np.int8)
     npad = (N + WO_NR - 1) // WO_NR * WO_NR
-    run(frame, _task_address(WEIGHT_ONLY), share,
-        (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, _padded(s, npad), _padded(b, npad), has_bias, relu, y,
-         np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.float32),
-         np.zeros(0, np.int64)))
+    ops = (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, _padded(s, npad), _padded(b, npad), has_bias, relu, y,
+           np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.float32),
+           np.zeros(0, np.int64))
+    run(frame, _task_address(WEIGHT_ONLY), share, _lent(ops))
+    return _kept(ops)
 
 
 @njit(**_OPTS)
@@ -994,8 +1011,10 @@ def w8a8(frame, x, wq, s, b, has_bias, relu, y, share):
     tail = _padded_columns(wq, N // Q_NR * Q_NR, Q_NR) if N % Q_NR else np.zeros(0, np.int8)
     packed = _packed(wq, tail) if M >= PACK_MIN_ROWS else np.zeros(0, np.int8)
     npad = (N + WO_NR - 1) // WO_NR * WO_NR
-    run(frame, _task_address(W8A8), share, (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, _padded(s, npad),
-                                            _padded(b, npad), has_bias, relu, y, sx, rowsum, packed, qf, ready))
+    ops = (as_shape(x, x.size), K, as_shape(wq, wq.size), tail, _padded(s, npad), _padded(b, npad), has_bias, relu, y,
+           sx, rowsum, packed, qf, ready)
+    run(frame, _task_address(W8A8), share, _lent(ops))
+    return _kept(ops)
 
 
 @njit
