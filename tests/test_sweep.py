@@ -39,12 +39,14 @@ def options(batch_size):
                 progress=False)
 
 
-def assert_close(got, want, steps, what):
-    """Within ``sweep.tolerance(steps)`` relative, of each leaf's scale (its largest magnitude)."""
+def assert_close(got, want, steps, what, scale=None):
+    """Within ``sweep.tolerance(steps)`` relative, of ``scale`` (default: each leaf's own largest
+    magnitude)."""
     tol = sweep.tolerance(steps)
     for path, a, b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got), jax.tree.leaves(want)):
         b = np.asarray(b, np.float64)
-        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol * max(np.abs(b).max(), 1e-30),
+        size = max(np.abs(b).max(), 1e-30) if scale is None else scale
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=tol, atol=tol * size,
                                    err_msg=f"{what} {jax.tree_util.keystr(path[0])}")
 
 
@@ -64,8 +66,13 @@ def test_each_model_is_a_single_fit_of_its_seed_and_rate_with_early_stopping(bat
         # The whole state: a model that stopped must not have trained on (restore_best alone would
         # hide that in the parameters, not in the step count or the momentum).
         assert (int(run.state.step), int(run.state.epoch)) == (int(one.state.step), int(one.state.epoch))
-        assert_close((run.state.params, run.state.opt_state), (one.state.params, one.state.opt_state), steps,
-                     f"state of seed {seed}, {hp}:")
+        assert_close(run.state.params, one.state.params, steps, f"params of seed {seed}, {hp}:")
+        # The momentum is a sum of gradients whose terms cancel (a bias's is a mean of residuals of
+        # both signs): its rounding is on the scale of the gradients, the largest entry of the
+        # trace, not of a small entry itself (jax 0.12.1: 2.6e-5 relative in a 0.0086 entry).
+        trace = jax.tree.leaves(one.state.opt_state.inner_state[0].trace)
+        assert_close(run.state.opt_state, one.state.opt_state, steps, f"optimizer state of seed {seed}, {hp}:",
+                     scale=max(float(np.abs(np.asarray(t)).max()) for t in trace))
         for name in ("loss", "grad_norm", "val_loss"):
             assert_close(run.column(name), one.column(name), steps, f"{name} of seed {seed}, {hp}:")
         assert [set(r) for r in run.history] == [set(r) for r in one.history]
