@@ -329,7 +329,8 @@ if sys.argv[1] == "blocking":
     def measure(blockings, shapes=tune.SHAPES, **kw):
         log_and_wait("measure")
         if [b.parallel_min_macs for b in blockings] == [tune.NEVER, 1]:  # the thread threshold: sharing wins
-            return [{s: [t] * 3 for s in shapes} for t in (1.0, 0.5)]  # (one above the model's would not be stored at once)
+            # (a threshold above the model's would not be stored at once)
+            return [{s: [t] * 3 for s in shapes} for t in (1.0, 0.5)]
         return [{s: [0.8 if i == winner else 1.0] * 3 for s in shapes} for i in range(len(blockings))]
     tune.measure = measure
     print(backend.blocking("float32").as_dict())
@@ -379,8 +380,8 @@ def test_a_threshold_above_the_models_is_stored_only_when_the_next_process_measu
     """A host that lends this VM's other vCPU elsewhere for a while makes sharing lose where it
     would win (docs/benchmarks.md): a threshold above the model's is used by the process that
     measured it and only noted; the next process measures again and stores the smaller of the
-    two (and so does a tuning run over a stored entry). ``first`` and ``second``: the index of the threshold shape from which sharing wins in
-    each process (6: at none, "never")."""
+    two (and so does a tuning run over a stored entry). ``first`` and ``second``: the index of the
+    threshold shape from which sharing wins in each process (6: at none, "never")."""
     two_cores = MACHINES["amd_epyc"]  # whatever this machine has: sharing is measured on 2 cores or more
     monkeypatch.setattr(tune, "describe", lambda: two_cores)
     macs = [math.prod(s) for s in tune.THRESHOLD_SHAPES]
