@@ -36,7 +36,8 @@ stored, on vectors (``_store_vectors``; scale and b zero-padded to whole tiles, 
 tile stored under a lane mask). A w8a8 call whose K is a multiple of 4 and at most ``4 *
 KC_QUADS`` runs each tile in one pass and stores its sums to y from the registers
 (``_dot4_tile_to_y``); otherwise the passes accumulate in a scratch that ``_store_row`` reads.
-The tile calls take the block's arrays ``_borrowed`` (no reference counting at each call).
+The handlers hand their arrays on ``_borrowed`` (``_lent``), and the blocks borrow them again for
+the tile calls (no reference counting at each call).
 Blocks of the output are shared with XLA's intra-op thread pool when the call's attribute
 ``share`` is 1 (``run``; the caller sets it: ``backend.int8_share_attribute``).
 Measurements in docs/benchmarks.md ("Quantized dense").
@@ -433,7 +434,8 @@ def _borrowed(typingctx, a):
     """``a`` without its owner (a null meminfo): a call that takes it then skips the atomic
     increment and decrement of the owner's reference count at its entry and exit (16 of them
     for a tile call of 8 owned arrays: more than its multiply-adds at K = 64; docs/benchmarks.md).
-    Valid while the caller keeps ``a`` alive: a block's operands, for the whole block."""
+    Valid while the caller keeps ``a`` alive: a call's operands until ``run`` returns (``_lent``), a
+    block's for the whole block."""
     if not isinstance(a, types.Array):
         return None
 
@@ -748,6 +750,8 @@ def _q_block(t, xf, K, wf, tail, s, b, has_bias, relu, y, sx, rowsum, packed, qf
     i1, p1 = min(i0 + BLOCK_ROWS, M), min(p0 + BLOCK_COLS // Q_NR, (N + Q_NR - 1) // Q_NR)
     nfull = N // Q_NR
     nq = K // 4
+    # Borrowed again, though they arrive borrowed: here the null owner is known when compiling, so
+    # LLVM drops the reference-count calls of every tile call (docs/benchmarks.md).
     xf, wf, tail, s, b, yf = _borrowed(xf), _borrowed(wf), _borrowed(tail), _borrowed(s), _borrowed(b), _borrowed(
         as_shape(y, y.size))
     sx, rowsum, packed, qf = _borrowed(sx), _borrowed(rowsum), _borrowed(packed), _borrowed(qf)
@@ -911,8 +915,8 @@ def _lent(ops):
 def _kept(ops):
     """A use of ``ops``' scratch (its elements' sizes), after ``run``: Numba frees an array after
     its last use, and the blocks and helpers read these through ``_lent``'s borrowed views."""
-    return ops[3].size + ops[4].size + ops[5].size + ops[9].size + ops[10].size + ops[11].size + ops[12].size \
-        + ops[13].size
+    _, _, _, tail, s, b, _, _, _, sx, rowsum, packed, qf, ready = ops
+    return tail.size + s.size + b.size + sx.size + rowsum.size + packed.size + qf.size + ready.size
 
 
 @njit(**_OPTS)
