@@ -1,14 +1,16 @@
 """Knowledge distillation: teacher, student from scratch and the same student distilled, on digits and text.
 
-    python -m experiments.distill                         # both tasks, 3 min 12 s on 2 quiet cores (Intel)
-    python -m experiments.distill --tasks digits          # the digits alone (about 75 s)
+    python -m experiments.distill                         # both tasks, about 5.5 min on 2 quiet cores (Zen 5)
+    python -m experiments.distill --tasks digits          # the digits alone (about 4 min)
     python -m experiments.distill --tasks digits --digits.tune-fraction 0.2   # choosing settings: test unread
     python -m experiments.distill --lm.teacher-steps 2000 --lm.student-steps 1500   # longer LM runs
 
-Digits (scikit-learn's 8x8, the 450-image test split of ``experiments.vision``): a CNN teacher
-(two blocks of 32 and 64 channels, 128-wide head, 30 epochs) and an MLP student on the pixels
-(one hidden layer of 32), 3 seeds per student, 60 epochs; the students train on the transfer set
-(every training image at each 1-pixel shift, 9 views), the distilled one with
+Digits (scikit-learn's 8x8, the 450-image test split of ``experiments.vision``): five CNN teachers
+from five seeds (two blocks of 32 and 64 channels, 128-wide head, 30 epochs) teaching as one
+ensemble (their mean logits, ``jaxnet.compress.Ensemble``; ``--digits.teachers 1`` for one) and
+an MLP student on the pixels (one hidden layer of 32), 5 seeds per student, 60 epochs; the
+students train on the transfer set (every training image at each 1-pixel shift, 9 views), the
+distilled one with
 ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` at T = 4, alpha = 0.9
 (``jaxnet.compress.DistillLoss``, the teacher frozen beside it: ``WithTeacher``; T chosen on
 ``--digits.tune-fraction 0.2`` runs, which score held-out training digits, the test digits unread). Character LM

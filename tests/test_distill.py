@@ -370,6 +370,43 @@ def test_teacher_variables_of_another_model_are_refused_naming_the_array():
         distill_state(MLP((3,)), teacher_vars, tx=optax.sgd(0.1), sample_x=x[:1])
 
 
+def test_an_ensemble_teaches_its_members_mean_logits():
+    from jaxnet.compress import Ensemble, ensemble_variables
+    from jaxnet.models import CNN
+    from jaxnet.studies.distill import DigitsConfig
+
+    x = np.random.default_rng(0).normal(size=(6, 8, 8, 1)).astype(np.float32)
+    member = CNN(num_classes=3, features=(2,), head=(4,), dropout_rate=0.5)  # BatchNorm and dropout: train matters
+    members = [jax.jit(member.init)(jax.random.key(seed), x) for seed in range(3)]
+    own = [np.asarray(jax.jit(member.apply)(v, x), np.float64) for v in members]
+    assert min(np.abs(own[0] - o).max() for o in own[1:]) > 1e-3  # the members differ
+    ensemble, variables = Ensemble(tuple(member.clone() for _ in members)), ensemble_variables(members)
+    assert sorted(variables) == ["batch_stats", "params"] and sorted(variables["params"]) == [
+        "members_0", "members_1", "members_2"]
+    np.testing.assert_allclose(jax.jit(ensemble.apply)(variables, x), np.mean(own, 0), rtol=1e-6, atol=1e-6)
+
+    # As a teacher: WithTeacher hands the loss the ensemble's mean logits, in evaluation mode.
+    model = WithTeacher(CNN(num_classes=3, features=(), head=(5,)), ensemble)
+    state = distill_state(model, variables, tx=optax.sgd(0.1), sample_x=x[:1])
+    (_, t), _ = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["teacher"]))(state.variables)
+    np.testing.assert_allclose(t, np.mean(own, 0), rtol=1e-6, atol=1e-6)
+
+    with pytest.raises(ValueError, match="no members' variables"):
+        ensemble_variables([])
+    with pytest.raises(ValueError, match=r"member 1 has collections \['params'\], "
+                                         r"member 0 \['batch_stats', 'params'\]"):
+        ensemble_variables([members[0], {"params": members[1]["params"]}])
+    with pytest.raises(ValueError, match="at least one model"):
+        Ensemble(()).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="appears more than once"):  # else all would run on members_0
+        Ensemble((member,) * 2).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="logits must have one shape"):
+        Ensemble((CNN(num_classes=3, features=()), CNN(num_classes=4, features=()))).init(jax.random.key(0), x)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="digits.teachers must be a whole number >= 1"):
+            DigitsConfig(teachers=bad)
+
+
 def test_gap_closed_and_the_transfer_views():
     from jaxnet.studies.distill import gap_closed, shifted_views
 
@@ -428,7 +465,8 @@ def test_distill_and_compress_experiments_end_to_end(tmp_path, monkeypatch):
     assert set(result) >= {"mlp", "cnn", "lm"} and (tmp_path / "c" / "table.md").exists()
     assert json.loads((tmp_path / "c" / "table.json").read_text())["lm"]["modes"]["w8a8"]["quality"] > 0
     result = distill.main(["--digits.teacher-features", "4", "--digits.teacher-head", "8", "--digits.teacher-epochs",
-                           "1", "--digits.student-epochs", "1", "--digits.seeds", "1", "--lm.teacher.num-layers", "1",
+                           "1", "--digits.student-epochs", "1", "--digits.seeds", "1", "--digits.teachers", "2",
+                           "--lm.teacher.num-layers", "1",
                            "--lm.student.num-layers", "1", "--lm.teacher.embed-dim", "16", "--lm.student.embed-dim",
                            "8", "--lm.teacher.block-size", "16", "--lm.student.block-size", "16",
                            "--lm.teacher-steps", "3", "--lm.student-steps", "2", "--lm.eval-stride", "16",
@@ -438,6 +476,7 @@ def test_distill_and_compress_experiments_end_to_end(tmp_path, monkeypatch):
     from jaxnet.studies.distill import gap_closed
 
     d = result["digits"]  # the gap in test cross-entropy too, against the scratch student of lower loss
+    assert len(d["teacher_member_accuracies"]) == 2 and {"teacher/member0", "teacher/member1"} <= set(d["weights"])
     assert min(d[k] for k in ("teacher_nll", "scratch_nll", "scratch_plain_nll", "distilled_nll")) > 0
     want = gap_closed(-min(d["scratch_nll"], d["scratch_plain_nll"]), -d["distilled_nll"], -d["teacher_nll"])
     assert d["gap_closed_nll"] == want

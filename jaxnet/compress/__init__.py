@@ -1,8 +1,16 @@
 """Cheaper models: post-training int8 quantisation of dense layers (``quantize``, run by
 ``apply_quantized``) and knowledge distillation into a smaller student (``WithTeacher``,
-``DistillLoss``); guide: docs/compression.md."""
+``DistillLoss``, a teacher ``Ensemble``); guide: docs/compression.md."""
 from jaxnet.compress.apply import apply_quantized, quantized
-from jaxnet.compress.distill import HIDDEN_PROJECTION, DistillLoss, WithTeacher, distill_state, student_variables
+from jaxnet.compress.distill import (
+    HIDDEN_PROJECTION,
+    DistillLoss,
+    Ensemble,
+    WithTeacher,
+    distill_state,
+    ensemble_variables,
+    student_variables,
+)
 from jaxnet.compress.quantize import (
     QuantRule,
     as_rule,
@@ -16,6 +24,7 @@ from jaxnet.compress.store import load_quantized, save_quantized
 
 __all__ = [
     "DistillLoss",
+    "Ensemble",
     "HIDDEN_PROJECTION",
     "QuantRule",
     "WithTeacher",
@@ -25,6 +34,7 @@ __all__ = [
     "check_quantized",
     "dense_layers",
     "distill_state",
+    "ensemble_variables",
     "load_quantized",
     "quantize",
     "quantize_weight",

@@ -7,6 +7,9 @@ softened outputs as well as on the labels, with the ordinary training loops.
               target_kind="labels", epochs=30, batch_size=64)
     student_vars = student_variables(run.state)      # {"params": ...}: loads into ``student`` as it is
 
+A teacher may be several trained models: ``Ensemble(members)`` averages their logits, and
+``ensemble_variables([v0, v1, ...])`` gathers their variables into its tree.
+
 The objective (``DistillLoss``), per example, with student logits ``s``, teacher logits ``t``,
 label ``y`` and temperature ``T``::
 
@@ -158,6 +161,54 @@ class WithTeacher(nn.Module):
         return ls, cs, ct
 
 
+class Ensemble(nn.Module):
+    """Several trained models as one teacher: the mean of their logits.
+
+    Averaging logits is taking the normalised geometric mean of the members' distributions, at
+    every temperature (``mean(z) / T``); Hinton et al. (2015) distilled an ensemble's arithmetic or
+    geometric mean. The members' variables sit under ``members_0``, ``members_1``, ... of each
+    collection: ``ensemble_variables`` builds that tree from the members' own.
+
+    Attributes:
+      members: the Flax modules, one instance each (``model.clone()``), each returning logits of
+        one shape (take ``train`` if they have dropout or BatchNorm).
+    """
+
+    members: tuple[nn.Module, ...]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """``x``: what every member takes; returns the members' mean logits ``[..., C]``."""
+        if not self.members:
+            raise ValueError("Ensemble: members must name at least one model")
+        if len({id(member) for member in self.members}) != len(self.members):
+            # Flax would bind one instance once: every "member" would run on members_0's variables.
+            raise ValueError("Ensemble: a module appears more than once in members; pass one instance per member "
+                             "(e.g. tuple(model.clone() for _ in range(n)))")
+        logits = [member(x, **mode_kwargs(member, train)) for member in self.members]
+        shapes = {tuple(z.shape) for z in logits}
+        if len(shapes) != 1:
+            raise ValueError(f"Ensemble: the members' logits must have one shape, got {[z.shape for z in logits]}")
+        return sum(logits) / len(logits)
+
+
+def ensemble_variables(members_variables) -> dict:
+    """``Ensemble``'s variables from its members' trained ones, in order: ``{collection:
+    {"members_i": variables_i[collection]}}`` (e.g. ``[state.variables for state in runs]``).
+
+    Raises:
+      ValueError: no members, or members whose collections differ (naming them).
+    """
+    members_variables = list(members_variables)
+    if not members_variables:
+        raise ValueError("ensemble_variables: no members' variables given")
+    collections = [sorted(v) for v in members_variables]
+    for i, names in enumerate(collections):
+        if names != collections[0]:
+            raise ValueError(f"ensemble_variables: member {i} has collections {names}, member 0 {collections[0]}")
+    return {name: {f"members_{i}": v[name] for i, v in enumerate(members_variables)} for name in collections[0]}
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillLoss:
     """``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, a ``fit`` loss.
@@ -277,4 +328,5 @@ def student_variables(state) -> dict:
     return own
 
 
-__all__ = ["DistillLoss", "HIDDEN_PROJECTION", "TEACHER", "WithTeacher", "distill_state", "student_variables"]
+__all__ = ["DistillLoss", "Ensemble", "HIDDEN_PROJECTION", "TEACHER", "WithTeacher", "distill_state",
+           "ensemble_variables", "student_variables"]
