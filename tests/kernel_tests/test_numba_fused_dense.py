@@ -65,14 +65,21 @@ def _bounds(x, w, b, dy, act, dtype):
     y, *grads = reference.fused_dense_vjp_numpy(x, w, b, dy, activation=act)
     zs = np.abs(x) @ np.abs(w) + (0 if b is None else np.abs(b))  # scale of z's rounding
     dz = t["dot"] * u * (K + 2) * zs
+    # Underflow: the accumulation's smallest normal (a flushed subnormal), plus the stored dtype's
+    # subnormal step: a result below its smallest normal rounds to that grid (float16: 2^-24,
+    # half of it on one side; found by the thorough profile: gelu of -8.3e-9 stored as -0.0).
     tiny = np.finfo(np.float32 if dtype != "float64" else np.float64).tiny
+    tiny += float(jnp.finfo(dtype).smallest_subnormal)
     # Errors in z reach y through sup|act'| (d1) and the gradient's act'(z) through sup|act''| (d2).
     # relu's act'' is a jump at 0: its tests keep |z| away from 0 instead.
     y_tol = a.d1 * dz + t["act_ulps"] * u * (np.abs(y) + np.abs(z)) + t["store"] * np.abs(y) + tiny
     with np.errstate(over="ignore"):
         d1 = a.np_grad(z)
     g = dy * d1
-    dg = np.abs(dy) * (a.d2 * dz + t["act_ulps"] * u * (np.abs(d1) + 1))
+    # Evaluating act' moves it by act_ulps ulps times its sensitivity S(z) (derivative_scale: more
+    # than sup|act'| where gelu_tanh's or silu's saturating tanh/sigmoid cancels; float32 autodiff
+    # of the reference is 6.5x over sup|act'| * 4u near |z| = 5, docs/verifying-kernels.md).
+    dg = np.abs(dy) * (a.d2 * dz + t["act_ulps"] * u * (np.abs(d1) + np.maximum(1.0, a.derivative_scale(z))))
     ag = np.abs(g)
     n = w.shape[1]
     tols = (t["dot"] * u * (n + 2) * (ag @ np.abs(w.T)) + dg @ np.abs(w.T),
