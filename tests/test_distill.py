@@ -407,6 +407,21 @@ def test_an_ensemble_teaches_its_members_mean_logits():
             DigitsConfig(teachers=bad)
 
 
+def test_the_digits_study_distils_from_an_ensemble_of_teachers(tmp_path, monkeypatch):
+    from jaxnet.models import CNN
+    from jaxnet.studies.distill import DigitsConfig, gap_closed, run_digits
+
+    monkeypatch.setenv("JAXNET_CACHE_DIR", "off")
+    config = DigitsConfig(teacher_features=(2,), teacher_head=(4,), teacher_epochs=1, teachers=2, student_hidden=(4,),
+                          student_epochs=1, transfer_shift=0, seeds=1, tune_fraction=0.2)
+    d = run_digits(config, tmp_path, checkpoint_every=0)
+    assert len(d["teacher_member_accuracies"]) == 2 and {"teacher/member0", "teacher/member1"} <= set(d["weights"])
+    member = CNN(num_classes=10, features=(2,), head=(4,))
+    shapes = jax.eval_shape(member.init, jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))["params"]
+    assert d["teacher_params"] == 2 * sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))  # the ensemble's
+    assert d["gap_closed_nll"] == gap_closed(-d["scratch_nll"], -d["distilled_nll"], -d["teacher_nll"])
+
+
 def test_gap_closed_and_the_transfer_views():
     from jaxnet.studies.distill import gap_closed, shifted_views
 
