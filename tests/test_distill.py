@@ -402,9 +402,10 @@ def test_an_ensemble_teaches_its_members_mean_logits():
         Ensemble((member,) * 2).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="logits must have one shape"):
         Ensemble((CNN(num_classes=3, features=()), CNN(num_classes=4, features=()))).init(jax.random.key(0), x)
-    for bad in (0, 1.5):
-        with pytest.raises(ValueError, match="digits.teachers must be a whole number >= 1"):
-            DigitsConfig(teachers=bad)
+    with pytest.raises(ValueError, match="digits.teachers must be >= 1, got 0"):
+        DigitsConfig(teachers=0)
+    with pytest.raises(TypeError, match="digits.teachers must be an integer, got 1.5"):
+        DigitsConfig(teachers=1.5)
 
 
 def test_the_digits_study_distils_from_an_ensemble_of_teachers(tmp_path, monkeypatch):

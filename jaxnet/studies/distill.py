@@ -36,7 +36,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from jaxnet.arguments import check_fraction, check_number
+from jaxnet.arguments import check_fraction, check_int, check_number
 from jaxnet.models.transformer import TransformerConfig
 from jaxnet.studies import save_weights
 
@@ -87,8 +87,7 @@ class DigitsConfig:
 
     def __post_init__(self):
         check_fraction(self.tune_fraction, "digits.tune_fraction", allow_zero=True)
-        if check_number(self.teachers, "digits.teachers") < 1 or self.teachers != int(self.teachers):
-            raise ValueError(f"digits.teachers must be a whole number >= 1, got {self.teachers}")
+        check_int(self.teachers, "digits.teachers", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
