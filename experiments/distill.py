@@ -1,7 +1,7 @@
 """Knowledge distillation: teacher, student from scratch and the same student distilled, on digits and text.
 
-    python -m experiments.distill                         # both tasks, 5 min 29 s on 2 quiet cores (AMD EPYC Zen 5)
-    python -m experiments.distill --tasks digits          # the digits alone (about 4 min)
+    python -m experiments.distill                         # both tasks, 2 min 38 s on 2 quiet cores (AMD EPYC Zen 5)
+    python -m experiments.distill --tasks digits          # the digits alone (about 1 min)
     python -m experiments.distill --tasks digits --digits.tune-fraction 0.2   # choosing settings: test unread
     python -m experiments.distill --lm.teacher-steps 2000 --lm.student-steps 1500   # longer LM runs
 
@@ -12,7 +12,8 @@ an MLP student on the pixels (one hidden layer of 32), 5 seeds per student, 60 e
 students train on the transfer set (every training image at each 1-pixel shift, 9 views), the
 distilled one with
 ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` at T = 4, alpha = 0.9
-(``jaxnet.compress.DistillLoss``, the teacher frozen beside it: ``WithTeacher``; T chosen on
+(``jaxnet.compress.DistillLoss``; the teacher's logits on the transfer set computed once,
+``WithTeacherLogits``; T chosen on
 ``--digits.tune-fraction 0.2`` runs, which score held-out training digits, the test digits unread). Character LM
 (``pydoc_data.topics``, the last 10% held out): a 2-layer, 128-wide TransformerLM teacher (400
 updates) and a 2-layer, 64-wide student with as many heads (300 updates), T = 2, alpha = 0.5, and

@@ -408,6 +408,80 @@ def test_an_ensemble_teaches_its_members_mean_logits():
         DigitsConfig(teachers=1.5)
 
 
+def test_the_teachers_logits_computed_once_train_the_student_that_withteacher_trains():
+    from jaxnet.compress import Ensemble, WithTeacherLogits, ensemble_variables, teacher_logits, with_logits
+    from jaxnet.models import CNN
+    from jaxnet.train import TrainState
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 8, 8, 1)).astype(np.float32), rng.integers(0, 3, 50)
+    member = CNN(num_classes=3, features=(2,), head=(4,), dropout_rate=0.5)  # BatchNorm and dropout: train matters
+    members = [jax.jit(member.init)(jax.random.key(seed), x[:2]) for seed in range(2)]
+    teacher, variables = Ensemble(tuple(member.clone() for _ in members)), ensemble_variables(members)
+    logits = teacher_logits(teacher, variables, x, batch_size=16)  # 50 = 3 x 16 + 2: the last batch padded
+    np.testing.assert_allclose(logits, jax.jit(teacher.apply)(variables, x), rtol=1e-6, atol=1e-6)
+    packed = with_logits(x, logits)
+    assert packed.shape == (50, 64 + 3) and packed.dtype == np.float32
+
+    student = CNN(num_classes=3, features=(), head=(5,), dropout_rate=0.3)
+    live = distill_state(WithTeacher(student, teacher), variables, tx=optax.adam(1e-2), sample_x=x[:1], seed=3)
+    model = WithTeacherLogits(student, x.shape[1:])
+    stored = TrainState.create(model=model, tx=optax.adam(1e-2), sample_x=packed[:1], seed=3)
+    jax.tree.map(np.testing.assert_array_equal, stored.variables, student_variables(live))  # the same student
+    s, t = jax.jit(lambda v, xp: model.apply(v, xp, train=True, rngs={"dropout": jax.random.key(1)}))(
+        stored.variables, packed)
+    np.testing.assert_array_equal(t, logits)
+    assert s.shape == (50, 3)
+
+    # The same updates: the two runs differ only in the teacher logits' rounding (its forward
+    # compiled into each step, or alone: a few float32 ulps), which moves each update about as much.
+    options = dict(loss_fn=DistillLoss(2.0, 0.7), target_kind="labels", epochs=3, batch_size=16, progress=False)
+    initial = jax.tree.map(np.array, stored.params)  # fit donates the state's arrays
+    a = fit(live, (x, y), **options)
+    b = fit(stored, (packed, y), **options)
+    assert sorted(b.state.variables) == ["params"]  # nothing of the teacher in the state
+    moved = max(float(np.abs(np.asarray(u) - v).max())
+                for u, v in zip(jax.tree.leaves(b.state.params), jax.tree.leaves(initial)))
+    assert moved > 1e-2  # the student trained
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+                 student_variables(b.state), student_variables(a.state))
+    # Evaluation reads the student alone, on the stored inputs as on the images.
+    np.testing.assert_array_equal(jax.jit(model.apply)(b.state.variables, packed),
+                                  jax.jit(student.apply)(student_variables(b.state), x))
+
+
+def test_stored_teacher_logits_refuse_what_does_not_fit():
+    from jaxnet.compress import WithTeacherLogits, teacher_logits, with_logits
+    from jaxnet.models import CNN, TransformerLM
+    from jaxnet.models.transformer import TransformerConfig
+
+    x = np.zeros((4, 2, 3, 1), np.float32)
+    model = WithTeacherLogits(CNN(num_classes=3, features=(), head=(5,)), (2, 3, 1))
+    with pytest.raises(ValueError, match=r"input must be \[B, 6 \+ C\].*got \(4, 6\)"):
+        model.init(jax.random.key(0), x.reshape(4, 6))
+    variables = model.init(jax.random.key(0), with_logits(x, np.zeros((4, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"stored teacher logits \(4, 4\) and the student's logits \(4, 3\)"):
+        model.apply(variables, with_logits(x, np.zeros((4, 4), np.float32)), train=True)
+    with pytest.raises(ValueError, match="same number of examples"):
+        with_logits(x, np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"logits must be \[n, C\], got shape \(4,\)"):
+        with_logits(x, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="with_logits: logits"):
+        with_logits(x, np.full((4, 3), np.nan, np.float32))
+    with pytest.raises(TypeError, match="with_logits: x"):
+        with_logits(x.astype(np.int32), np.zeros((4, 3), np.float32))
+    teacher = CNN(num_classes=3, features=(), head=(5,))
+    tv = teacher.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        teacher_logits(teacher, tv, x, batch_size=0)
+    with pytest.raises(ValueError, match=r"x must be \[n, ...\] with n >= 1"):
+        teacher_logits(teacher, tv, x[:0])
+    lm = TransformerLM(TransformerConfig(vocab_size=7, block_size=4, num_layers=1, embed_dim=8, num_heads=2))
+    ids = np.zeros((2, 4), np.int32)
+    with pytest.raises(ValueError, match=r"must return logits \[B, C\], got \(4, 7\)"):
+        teacher_logits(lm, lm.init(jax.random.key(0), ids), ids)
+
+
 def test_the_digits_study_distils_from_an_ensemble_of_teachers(tmp_path, monkeypatch):
     from jaxnet.models import CNN
     from jaxnet.studies.distill import DigitsConfig, gap_closed, run_digits

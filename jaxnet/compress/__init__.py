@@ -1,15 +1,19 @@
 """Cheaper models: post-training int8 quantisation of dense layers (``quantize``, run by
 ``apply_quantized``) and knowledge distillation into a smaller student (``WithTeacher``,
-``DistillLoss``, a teacher ``Ensemble``); guide: docs/compression.md."""
+``DistillLoss``, a teacher ``Ensemble``, or the teacher's logits computed once:
+``WithTeacherLogits``); guide: docs/compression.md."""
 from jaxnet.compress.apply import apply_quantized, quantized
 from jaxnet.compress.distill import (
     HIDDEN_PROJECTION,
     DistillLoss,
     Ensemble,
     WithTeacher,
+    WithTeacherLogits,
     distill_state,
     ensemble_variables,
     student_variables,
+    teacher_logits,
+    with_logits,
 )
 from jaxnet.compress.quantize import (
     QuantRule,
@@ -28,6 +32,7 @@ __all__ = [
     "HIDDEN_PROJECTION",
     "QuantRule",
     "WithTeacher",
+    "WithTeacherLogits",
     "apply_quantized",
     "as_rule",
     "bytes_before_after",
@@ -41,4 +46,6 @@ __all__ = [
     "quantized",
     "save_quantized",
     "student_variables",
+    "teacher_logits",
+    "with_logits",
 ]

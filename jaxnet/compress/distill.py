@@ -45,13 +45,16 @@ cross-entropy.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnet import losses
-from jaxnet.arguments import check_number
+from jaxnet.arguments import check_int, check_number
+from jaxnet.data.checks import as_float_array, check_same_length
 from jaxnet.explain.attention import output_and_attention
 from jaxnet.train.step import TrainState, mode_kwargs
 from kernels import xla
@@ -159,6 +162,91 @@ class WithTeacher(nn.Module):
             raise ValueError(f"WithTeacher(hidden=True) compares the blocks' outputs layer by layer: the student "
                              f"has {ls} layers, the teacher {lt}")
         return ls, cs, ct
+
+
+class WithTeacherLogits(nn.Module):
+    """The student, with its teacher's logits read from the input: ``WithTeacher`` for a fixed
+    transfer set, whose teacher ran once (``teacher_logits``) rather than beside every update.
+
+    The teacher runs in evaluation mode, so on a fixed set of inputs its logits are the same at
+    every epoch: computing them once and carrying them with the inputs (``with_logits``) trains
+    the same student as ``WithTeacher`` (the same params tree, initialisation and loss,
+    ``DistillLoss``), for the cost of one teacher pass instead of one per update. Not for inputs
+    drawn afresh at each step (``fit_stream``'s windows), nor for attention or hidden-state
+    transfer, which need the teacher's insides.
+
+    Input ``[B, D + C]``: each row is one example's input flattened (``D = prod(input_shape)``, as
+    floats) and then its teacher's C logits. Returns the student's logits ``[B, C]``
+    (``train=False``; the stored logits unread) or ``(student_logits, teacher_logits)``
+    (``train=True``, the stored ones under ``stop_gradient``).
+
+    Attributes:
+      student: the Flax module being trained, on inputs ``[B, *input_shape]``; its params tree is
+        this module's (``nn.share_scope``), so trained params load into ``student`` unchanged.
+      input_shape: one example's shape as the student takes it, e.g. ``(8, 8, 1)``.
+    """
+
+    student: nn.Module
+    input_shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        d = math.prod(self.input_shape)
+        if x.ndim != 2 or x.shape[1] <= d:
+            raise ValueError(f"WithTeacherLogits: input must be [B, {d} + C] (each example's {d} input values "
+                             f"{tuple(self.input_shape)}, then its teacher's C logits: with_logits), got "
+                             f"{tuple(x.shape)}")
+        nn.share_scope(self, self.student)
+        student_logits = self.student(x[:, :d].reshape(x.shape[0], *self.input_shape),
+                                      **mode_kwargs(self.student, train))
+        if not train:
+            return student_logits
+        teacher_logits = jax.lax.stop_gradient(x[:, d:])
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"WithTeacherLogits: the stored teacher logits {tuple(teacher_logits.shape)} and the "
+                             f"student's logits {tuple(student_logits.shape)} must have the same shape")
+        return student_logits, teacher_logits
+
+
+def teacher_logits(teacher: nn.Module, variables, x, *, batch_size: int = 256) -> np.ndarray:
+    """The teacher's logits on every input, in evaluation mode: ``x: [n, ...]`` -> ``float32 [n, C]``.
+
+    Batches of ``batch_size`` (the last padded to it, so one program is compiled); in evaluation
+    mode an example's logits do not depend on the others in its batch.
+    """
+    x = np.asarray(x)
+    check_int(batch_size, "teacher_logits: batch_size", minimum=1)
+    if x.ndim < 1 or len(x) == 0:
+        raise ValueError(f"teacher_logits: x must be [n, ...] with n >= 1, got shape {x.shape}")
+    apply = jax.jit(lambda v, xb: teacher.apply(v, xb, **mode_kwargs(teacher, False)))
+    size = min(batch_size, len(x))
+    out = []
+    for start in range(0, len(x), size):
+        xb = x[start:start + size]
+        pad = size - len(xb)
+        if pad:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, axis=0)])
+        out.append(np.asarray(apply(variables, xb), np.float32)[:size - pad])
+    logits = np.concatenate(out)
+    if logits.ndim != 2:
+        raise ValueError(f"teacher_logits: the teacher must return logits [B, C], got {logits.shape[1:]} per batch "
+                         f"of {size}")
+    return logits
+
+
+def with_logits(x, logits) -> np.ndarray:
+    """``WithTeacherLogits``'s input: each example's input flattened, then its teacher's logits,
+    ``x: [n, ...]`` float and ``logits: [n, C]`` -> ``float32 [n, prod(x.shape[1:]) + C]``.
+
+    Raises:
+      ValueError: x and logits of different lengths, logits not ``[n, C]``, or a non-finite value
+      (naming which).
+    """
+    x, logits = as_float_array(x, "with_logits: x"), as_float_array(logits, "with_logits: logits")
+    if logits.ndim != 2:
+        raise ValueError(f"with_logits: logits must be [n, C], got shape {logits.shape}")
+    check_same_length(**{"with_logits: x": x, "with_logits: logits": logits})
+    return np.concatenate([x.reshape(len(x), -1), logits], axis=1).astype(np.float32)
 
 
 class Ensemble(nn.Module):
@@ -328,5 +416,5 @@ def student_variables(state) -> dict:
     return own
 
 
-__all__ = ["DistillLoss", "Ensemble", "HIDDEN_PROJECTION", "TEACHER", "WithTeacher", "distill_state",
-           "ensemble_variables", "student_variables"]
+__all__ = ["DistillLoss", "Ensemble", "HIDDEN_PROJECTION", "TEACHER", "WithTeacher", "WithTeacherLogits",
+           "distill_state", "ensemble_variables", "student_variables", "teacher_logits", "with_logits"]

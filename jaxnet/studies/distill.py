@@ -13,7 +13,8 @@ Digits: a CNN teacher (``experiments.vision``'s recipe; ``teachers`` of them fro
 teaching as an ``Ensemble``: their mean logits) and an MLP student on the flattened pixels. The
 students train on a transfer set, every training image seen at each whole-pixel shift up to
 ``transfer_shift`` (Hinton et al.'s transfer set; Beyer et al. 2022, "a good teacher is patient
-and consistent": the teacher labels every view the student sees). On the unshifted
+and consistent": the teacher labels every view the student sees), its logits on the set computed
+once (``teacher_logits``, carried with the images: ``WithTeacherLogits``). On the unshifted
 images alone the soft targets add little: the teacher fits them almost one-hot. The MLP from
 scratch on the shifted views is worse than on the plain images, so a third student, scratch on
 the plain images for as many updates, is trained too and the gap is also reported against the
@@ -204,8 +205,8 @@ def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=
     import jax
 
     from jaxnet import losses, metrics
-    from jaxnet.compress.distill import (DistillLoss, Ensemble, WithTeacher, distill_state, ensemble_variables,
-                                         student_variables)
+    from jaxnet.compress.distill import (DistillLoss, Ensemble, WithTeacherLogits, ensemble_variables,
+                                         student_variables, teacher_logits, with_logits)
     from jaxnet.data.images import standardize
     from jaxnet.models import CNN
     from jaxnet.train import TrainState, checkpoint, fit
@@ -257,6 +258,10 @@ def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=
     student = CNN(num_classes=train.num_classes, features=(), head=config.student_hidden,
                   dropout_rate=config.student_dropout)
     tx_student = tx(len(x_transfer), config.student_epochs)
+    # The transfer set is fixed and the teacher runs in evaluation mode: its logits, computed once,
+    # travel with the images instead of the teacher running beside every update.
+    x_taught = with_logits(x_transfer, teacher_logits(teacher, teacher_variables, x_transfer))
+    taught = WithTeacherLogits(student, xtr.shape[1:])
     kinds = {"scratch": [], "scratch_plain": [], "distilled": []}
     nlls = {kind: [] for kind in kinds}
     for seed in range(config.seeds):
@@ -266,9 +271,8 @@ def run_digits(config: DigitsConfig, workdir: pathlib.Path, *, checkpoint_every=
             # The same updates on the plain images: the views are what cost the MLP.
             "scratch_plain": (TrainState.create(model=student, tx=tx_student, sample_x=xtr[:1], seed=seed),
                               (xtr, train.y), config.student_epochs * views, losses.cross_entropy),
-            "distilled": (distill_state(WithTeacher(student, teacher), teacher_variables, tx=tx_student,
-                                        sample_x=xtr[:1], seed=seed),
-                          (x_transfer, y_transfer), config.student_epochs,
+            "distilled": (TrainState.create(model=taught, tx=tx_student, sample_x=x_taught[:1], seed=seed),
+                          (x_taught, y_transfer), config.student_epochs,
                           DistillLoss(temperature=config.temperature, alpha=config.alpha)),
         }
         if config.transfer_shift == 0:
