@@ -478,7 +478,7 @@ def test_stored_teacher_logits_refuse_what_does_not_fit():
         teacher_logits(teacher, tv, x[:0])
     lm = TransformerLM(TransformerConfig(vocab_size=7, block_size=4, num_layers=1, embed_dim=8, num_heads=2))
     ids = np.zeros((2, 4), np.int32)
-    with pytest.raises(ValueError, match=r"must return logits \[B, C\], got \(4, 7\)"):
+    with pytest.raises(ValueError, match=r"must return logits \[B, C\], got shape \(2, 4, 7\) for a batch of 2"):
         teacher_logits(lm, lm.init(jax.random.key(0), ids), ids)
 
 

@@ -227,11 +227,10 @@ def teacher_logits(teacher: nn.Module, variables, x, *, batch_size: int = 256) -
         if pad:
             xb = np.concatenate([xb, np.repeat(xb[-1:], pad, axis=0)])
         out.append(np.asarray(apply(variables, xb), np.float32)[:size - pad])
-    logits = np.concatenate(out)
-    if logits.ndim != 2:
-        raise ValueError(f"teacher_logits: the teacher must return logits [B, C], got {logits.shape[1:]} per batch "
-                         f"of {size}")
-    return logits
+        if out[-1].ndim != 2:
+            raise ValueError(f"teacher_logits: the teacher must return logits [B, C], got shape "
+                             f"{tuple(out[-1].shape)} for a batch of {len(out[-1])}")
+    return np.concatenate(out)
 
 
 def with_logits(x, logits) -> np.ndarray:
