@@ -15,9 +15,11 @@ where the two fastest are within 25%): about a second for small buckets, seconds
 largest. The fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")``
 (``kernels.machine``: keyed by the CPU, the versions of jaxnet, jax, jaxlib and numba and the
 kernels' sources), so
-later processes read it instead of measuring; a close call (the two fastest within ``CLOSE``) is
-measured once more by the next process that meets it, and each backend keeps the faster of its
-two medians (a passing load only ever adds time). An entry that does not name one of today's
+later processes read it instead of measuring. Every entry is measured once more by the next
+process that meets it, and each backend keeps the faster of its two medians (a passing load only
+ever adds time; a slow spell of the machine's thread handoffs can make the backend that shares
+its work read 1.6-3x slower for a whole measurement, however far apart the two were: docs/benchmarks.md).
+An entry that does not name one of today's
 candidates (a hand edit, a corrupted file, a backend gone) is measured again, never trusted.
 
 The same table serves other ops with a backend choice: an ``Op`` names what is timed (its modes,
@@ -56,9 +58,9 @@ MIN_SAMPLE_S = 0.002
 # run-to-run noise) takes MORE_REPEATS more rounds before the medians are compared.
 CLOSE = 0.25
 MORE_REPEATS = 10
-# A close call is decided from this many measurements, each in another process (the first
-# process to meet the bucket, then the next ones): a load that slowed one backend throughout a
-# measurement is not kept for good.
+# Every entry is decided from this many measurements, each in another process (the first
+# process to meet the bucket, then the next ones): a load or a slow spell that slowed one backend
+# throughout a measurement is not kept for good.
 CONFIRMATIONS = 2
 # Another backend replaces the preferred (best-ranked) one only when it is faster by more than
 # this fraction: a tie within the noise goes to the same backend every run.
@@ -202,7 +204,7 @@ def _close_medians(us: dict, modes: Sequence[str]) -> bool:
 
 
 def _confirmed(old: dict, new: dict, candidates: Sequence[str], modes: Sequence[str]) -> dict:
-    """A close call decided again from two measurements: each candidate's faster median per mode
+    """An entry decided again from two measurements: each candidate's faster median per mode
     (a passing load only ever adds time)."""
     us = {name: {mode: min(old["us"][name][mode], new["us"][name][mode]) for mode in modes} for name in candidates}
     return _decided(us, candidates, modes, measurements=old.get("measurements", 1) + 1)
@@ -219,9 +221,8 @@ def _trusted(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
 
 
 def _settled(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
-    """Whether a stored entry is used as it is: trusted, and not a close call measured once."""
-    return _trusted(entry, candidates, modes) and (entry.get("measurements", 1) >= CONFIRMATIONS
-                                                   or not _close_medians(entry["us"], modes))
+    """Whether a stored entry is used as it is: trusted, and measured by ``CONFIRMATIONS`` processes."""
+    return _trusted(entry, candidates, modes) and entry.get("measurements", 1) >= CONFIRMATIONS
 
 
 def _stored(cache: TuningCache) -> dict:
@@ -232,7 +233,7 @@ def _stored(cache: TuningCache) -> dict:
 def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str], op: Op = FUSED_DENSE) -> dict:
     """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}},
     "measurements": n}`` (one name per mode of ``op``): from this process's table, else from disk
-    (a close call measured once: measured again and the two combined), else measured now; stored."""
+    (measured once: measured again and the two combined), else measured now; stored."""
     key = bucket(m, k, n, dtype, activation, op)
     with _lock:
         table = _tables.setdefault(str(tuning_dir()), {})

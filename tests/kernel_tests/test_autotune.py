@@ -135,20 +135,23 @@ def test_a_bucket_first_met_while_tracing_is_timed_outside_the_trace(fake_timing
     assert fake_timing["calls"] == 1 and fake_timing["traced"] == [False]
 
 
-def test_the_table_is_read_back_from_disk_without_measuring(fake_timing, tuning_dir):
+def test_the_table_is_read_back_from_disk_once_a_second_process_confirmed_it(fake_timing, tuning_dir):
     fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
     assert autotune.choose(100, 30, 7, "float32", "gelu", CPU) == "numba"
     path, = tuning_dir.glob(f"{autotune.KIND}-*.json")
     stored = json.loads(path.read_text())["value"]
     assert stored["128x30x7 float32 gelu"]["us"]["numba"] == {"fwd": 1e6, "fwd+bwd": 1e6}
-    autotune.forget()  # as a new process: nothing in memory
+    assert stored["128x30x7 float32 gelu"]["measurements"] == 1
+    autotune.forget()  # as a new process: nothing in memory, the entry measured once: measured again
+    assert autotune.choose(128, 30, 7, "float32", "gelu", CPU) == "numba" and fake_timing["calls"] == 2
+    autotune.forget()  # a third process reads the confirmed entry
     fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
     assert autotune.choose(128, 30, 7, "float32", "gelu", CPU) == "numba"  # the stored choice
-    assert fake_timing["calls"] == 1
-    assert autotune.choose(128, 30, 7, "bfloat16", "gelu", CPU) == "xla"  # another bucket: measured
     assert fake_timing["calls"] == 2
-    assert autotune.choose(128, 30, 8, "float32", "gelu", CPU) == "xla"  # another N: measured
+    assert autotune.choose(128, 30, 7, "bfloat16", "gelu", CPU) == "xla"  # another bucket: measured
     assert fake_timing["calls"] == 3
+    assert autotune.choose(128, 30, 8, "float32", "gelu", CPU) == "xla"  # another N: measured
+    assert fake_timing["calls"] == 4
 
 
 def test_entries_are_keyed_by_machine_and_versions(fake_timing, monkeypatch):
@@ -224,10 +227,11 @@ def test_rank_policy_keeps_the_static_rule_and_measures_nothing(fake_timing, mon
         f(x, w)
 
 
-def test_a_close_call_is_measured_again_by_the_next_process(fake_timing, tuning_dir):
+def test_every_call_is_measured_again_by_the_next_process(fake_timing, tuning_dir):
     """numba 20% slower than xla in the first process (a load on it, say) and 30% faster in the
     next: the next one measures again and each backend keeps its faster median; a third reads
-    the confirmed entry. A clear call (2x apart) is never measured twice."""
+    the confirmed entry. A clear call too: numba 3x slower in one process (a slow spell of the
+    thread handoffs it shares its work with: docs/benchmarks.md) and 2x faster in the next."""
     fake_timing["times"] = _times({"xla": 1.0, "numba": 1.2}, {"xla": 1.0, "numba": 1.2})
     assert autotune.choose(256, 64, 128, "float32", "relu", CPU) == "xla"
     autotune.forget()  # a new process
@@ -240,10 +244,15 @@ def test_a_close_call_is_measured_again_by_the_next_process(fake_timing, tuning_
     autotune.forget()
     fake_timing["times"] = _times({"xla": 0.5, "numba": 2.0}, {"xla": 0.5, "numba": 2.0})
     assert autotune.choose(256, 64, 128, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 2
-    fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
-    autotune.choose(64, 64, 64, "float32", "relu", CPU)
+
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 3.0}, {"xla": 1.0, "numba": 3.0})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla" and fake_timing["calls"] == 3
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla" and fake_timing["calls"] == 3  # in memory
     autotune.forget()
-    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 3
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 0.5}, {"xla": 1.0, "numba": 0.5})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 4
+    autotune.forget()
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 4
 
 
 def test_a_table_that_cannot_be_stored_is_still_used_and_a_warning_says_so(fake_timing, tmp_path, monkeypatch):
