@@ -14,13 +14,14 @@ bucket's shape, interleaved, medians of a few samples (``kernels.timing``; three
 where the two fastest are within 25%): about a second for small buckets, seconds for the
 largest. The fastest per mode is kept in memory and in ``TuningCache("fused_dense_auto")``
 (``kernels.machine``: keyed by the CPU, the versions of jaxnet, jax, jaxlib and numba and the
-kernels' sources), so
-later processes read it instead of measuring. Every entry is measured once more by the next
-process that meets it, and each backend keeps the faster of its two medians (a passing load only
-ever adds time; a slow spell of the machine's thread handoffs can make the backend that shares
-its work read 1.6-3x slower for a whole measurement, however far apart the two were: docs/benchmarks.md).
-An entry that does not name one of today's
-candidates (a hand edit, a corrupted file, a backend gone) is measured again, never trusted.
+kernels' sources), so later processes read it instead of measuring. Every entry is measured once
+more by the next process that meets it (one started after it was measured: processes started
+together, such as a launch's ranks, share the first measurement), and each backend keeps the
+faster of its two medians (a passing load only ever adds time; a slow spell of the machine's
+thread handoffs can make the backend that shares its work read 1.6-3.2x slower for a whole
+measurement, however far apart the two were: docs/benchmarks.md). An entry that does not name
+one of today's candidates (a hand edit, a corrupted file, a backend gone) is measured again,
+never trusted.
 
 The same table serves other ops with a backend choice: an ``Op`` names what is timed (its modes,
 operands and step functions), and its buckets carry its name (``kernels.quantized`` times
@@ -38,6 +39,7 @@ import math
 import os
 import statistics
 import threading
+import time
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -68,6 +70,24 @@ MARGIN = 0.03
 
 _lock = threading.Lock()
 _tables: dict[str, dict] = {}  # tuning_dir() -> {bucket: entry}, this process's copy
+
+
+def _process_started() -> float:
+    """This process's start as a Unix time: from /proc (Linux, to 10 ms), else this module's import."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+# An entry measured since this process started (by one running beside it, e.g. the other ranks of
+# a launch) is used as it is, so that processes started together run the same backends; one
+# measured before is an earlier process's, and is confirmed.
+_STARTED = _process_started()
 
 
 def policy() -> str:
@@ -186,18 +206,14 @@ def _decided(us: dict, candidates: Sequence[str], modes: Sequence[str], measurem
     for mode in modes:
         fastest = min(candidates, key=lambda name: us[name][mode])
         best[mode] = fastest if us[fastest][mode] < (1 - MARGIN) * us[candidates[0]][mode] else candidates[0]
-    return {**best, "candidates": sorted(candidates), "us": us, "measurements": measurements}
+    return {**best, "candidates": sorted(candidates), "us": us, "measurements": measurements,
+            "measured_at": time.time()}
 
 
 def _close(samples: dict[str, list[float]], candidates: Sequence[str], modes: Sequence[str]) -> bool:
     """Whether in some mode the two fastest candidates' medians are within ``CLOSE``."""
-    return _close_medians({name: {mode: statistics.median(samples[f"{name} {mode}"]) for mode in modes}
-                           for name in candidates}, modes)
-
-
-def _close_medians(us: dict, modes: Sequence[str]) -> bool:
     for mode in modes:
-        fastest = sorted(t[mode] for t in us.values())[:2]
+        fastest = sorted(statistics.median(samples[f"{name} {mode}"]) for name in candidates)[:2]
         if len(fastest) == 2 and fastest[1] < (1 + CLOSE) * fastest[0]:
             return True
     return False
@@ -221,8 +237,11 @@ def _trusted(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
 
 
 def _settled(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
-    """Whether a stored entry is used as it is: trusted, and measured by ``CONFIRMATIONS`` processes."""
-    return _trusted(entry, candidates, modes) and entry.get("measurements", 1) >= CONFIRMATIONS
+    """Whether a stored entry is used as it is: trusted, and measured by ``CONFIRMATIONS`` processes
+    or by one running beside this one (since it started)."""
+    at = entry.get("measured_at") if isinstance(entry, dict) else None
+    beside = isinstance(at, (int, float)) and not isinstance(at, bool) and at >= _STARTED
+    return _trusted(entry, candidates, modes) and (entry.get("measurements", 1) >= CONFIRMATIONS or beside)
 
 
 def _stored(cache: TuningCache) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,12 @@ def _count_measurements(monkeypatch, state):
         return measure(*args)
 
     monkeypatch.setattr(autotune, "_measure", counted)
+
+
+def _new_process(monkeypatch):
+    """As a process started now: nothing in memory, and every stored entry measured before it."""
+    autotune.forget()
+    monkeypatch.setattr(autotune, "_STARTED", time.time() + 1e-3)
 
 
 def _times(fwd: dict, train: dict) -> dict:
@@ -135,16 +142,17 @@ def test_a_bucket_first_met_while_tracing_is_timed_outside_the_trace(fake_timing
     assert fake_timing["calls"] == 1 and fake_timing["traced"] == [False]
 
 
-def test_the_table_is_read_back_from_disk_once_a_second_process_confirmed_it(fake_timing, tuning_dir):
+def test_the_table_is_read_back_from_disk_once_a_second_process_confirmed_it(fake_timing, tuning_dir,
+                                                                              monkeypatch):
     fake_timing["times"] = _times({"xla": 2.0, "numba": 1.0}, {"xla": 2.0, "numba": 1.0})
     assert autotune.choose(100, 30, 7, "float32", "gelu", CPU) == "numba"
     path, = tuning_dir.glob(f"{autotune.KIND}-*.json")
     stored = json.loads(path.read_text())["value"]
     assert stored["128x30x7 float32 gelu"]["us"]["numba"] == {"fwd": 1e6, "fwd+bwd": 1e6}
     assert stored["128x30x7 float32 gelu"]["measurements"] == 1
-    autotune.forget()  # as a new process: nothing in memory, the entry measured once: measured again
+    _new_process(monkeypatch)  # as a new process: nothing in memory, the entry measured once: measured again
     assert autotune.choose(128, 30, 7, "float32", "gelu", CPU) == "numba" and fake_timing["calls"] == 2
-    autotune.forget()  # a third process reads the confirmed entry
+    _new_process(monkeypatch)  # a third process reads the confirmed entry
     fake_timing["times"] = _times({"xla": 1.0, "numba": 2.0}, {"xla": 1.0, "numba": 2.0})
     assert autotune.choose(128, 30, 7, "float32", "gelu", CPU) == "numba"  # the stored choice
     assert fake_timing["calls"] == 2
@@ -227,32 +235,44 @@ def test_rank_policy_keeps_the_static_rule_and_measures_nothing(fake_timing, mon
         f(x, w)
 
 
-def test_every_call_is_measured_again_by_the_next_process(fake_timing, tuning_dir):
+def test_every_call_is_measured_again_by_the_next_process(fake_timing, tuning_dir, monkeypatch):
     """numba 20% slower than xla in the first process (a load on it, say) and 30% faster in the
     next: the next one measures again and each backend keeps its faster median; a third reads
     the confirmed entry. A clear call too: numba 3x slower in one process (a slow spell of the
     thread handoffs it shares its work with: docs/benchmarks.md) and 2x faster in the next."""
     fake_timing["times"] = _times({"xla": 1.0, "numba": 1.2}, {"xla": 1.0, "numba": 1.2})
     assert autotune.choose(256, 64, 128, "float32", "relu", CPU) == "xla"
-    autotune.forget()  # a new process
+    _new_process(monkeypatch)  # a new process
     fake_timing["times"] = _times({"xla": 1.1, "numba": 0.7}, {"xla": 0.9, "numba": 0.7})
     assert autotune.choose(256, 64, 128, "float32", "relu", CPU) == "numba"
     assert fake_timing["calls"] == 2
     stored = machine.TuningCache(autotune.KIND).get()["256x64x128 float32 relu"]
     assert stored["measurements"] == autotune.CONFIRMATIONS == 2
     assert stored["us"] == {"xla": {"fwd": 1e6, "fwd+bwd": 0.9e6}, "numba": {"fwd": 0.7e6, "fwd+bwd": 0.7e6}}
-    autotune.forget()
+    _new_process(monkeypatch)
     fake_timing["times"] = _times({"xla": 0.5, "numba": 2.0}, {"xla": 0.5, "numba": 2.0})
     assert autotune.choose(256, 64, 128, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 2
 
     fake_timing["times"] = _times({"xla": 1.0, "numba": 3.0}, {"xla": 1.0, "numba": 3.0})
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla" and fake_timing["calls"] == 3
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla" and fake_timing["calls"] == 3  # in memory
-    autotune.forget()
+    _new_process(monkeypatch)
     fake_timing["times"] = _times({"xla": 1.0, "numba": 0.5}, {"xla": 1.0, "numba": 0.5})
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 4
-    autotune.forget()
+    _new_process(monkeypatch)
     assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 4
+
+
+def test_an_entry_measured_since_this_process_started_is_used_as_it_is(fake_timing, monkeypatch):
+    """Measured once by a process running beside this one (a launch's other rank, say): used as it
+    is, so both run the same backend; a process started later measures it again."""
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 3.0}, {"xla": 1.0, "numba": 3.0})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla"
+    autotune.forget()  # this process's memory gone, its start time kept: the entry is from beside it
+    fake_timing["times"] = _times({"xla": 1.0, "numba": 0.5}, {"xla": 1.0, "numba": 0.5})
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "xla" and fake_timing["calls"] == 1
+    _new_process(monkeypatch)
+    assert autotune.choose(64, 64, 64, "float32", "relu", CPU) == "numba" and fake_timing["calls"] == 2
 
 
 def test_a_table_that_cannot_be_stored_is_still_used_and_a_warning_says_so(fake_timing, tmp_path, monkeypatch):
