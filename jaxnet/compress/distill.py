@@ -8,7 +8,10 @@ softened outputs as well as on the labels, with the ordinary training loops.
     student_vars = student_variables(run.state)      # {"params": ...}: loads into ``student`` as it is
 
 A teacher may be several trained models: ``Ensemble(members)`` averages their logits, and
-``ensemble_variables([v0, v1, ...])`` gathers their variables into its tree.
+``ensemble_variables([v0, v1, ...])`` gathers their variables into its tree. On a fixed set of
+inputs the teacher need not run at every update: ``teacher_logits`` computes its logits once,
+``with_logits`` carries them with the inputs and ``WithTeacherLogits(student, x.shape[1:])`` is
+the model ``fit`` trains on them (the same student; ``TrainState.create``, no ``distill_state``).
 
 The objective (``DistillLoss``), per example, with student logits ``s``, teacher logits ``t``,
 label ``y`` and temperature ``T``::
