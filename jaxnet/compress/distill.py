@@ -194,8 +194,8 @@ class WithTeacherLogits(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in self.input_shape):
-            raise ValueError(f"WithTeacherLogits: input_shape must be positive integers, got {self.input_shape!r}")
+        for i, n in enumerate(self.input_shape):
+            check_int(n, f"WithTeacherLogits: input_shape[{i}] of {tuple(self.input_shape)}", minimum=1)
         d = math.prod(self.input_shape)
         if x.ndim != 2 or x.shape[1] <= d:
             raise ValueError(f"WithTeacherLogits: input must be [B, {d} + C] (each example's {d} input values "
