@@ -239,9 +239,10 @@ def _trusted(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
 def _settled(entry, candidates: Sequence[str], modes: Sequence[str]) -> bool:
     """Whether a stored entry is used as it is: trusted, and measured by ``CONFIRMATIONS`` processes
     or by one running beside this one (since it started)."""
-    at = entry.get("measured_at") if isinstance(entry, dict) else None
-    beside = isinstance(at, (int, float)) and not isinstance(at, bool) and at >= _STARTED
-    return _trusted(entry, candidates, modes) and (entry.get("measurements", 1) >= CONFIRMATIONS or beside)
+    if not _trusted(entry, candidates, modes):
+        return False
+    at = entry.get("measured_at")
+    return entry.get("measurements", 1) >= CONFIRMATIONS or (isinstance(at, (int, float)) and at >= _STARTED)
 
 
 def _stored(cache: TuningCache) -> dict:
@@ -251,8 +252,9 @@ def _stored(cache: TuningCache) -> dict:
 
 def entry(m: int, k: int, n: int, dtype, activation: str, candidates: Sequence[str], op: Op = FUSED_DENSE) -> dict:
     """The bucket's entry ``{"fwd": name, "fwd+bwd": name, "candidates": [...], "us": {name: {mode: µs}},
-    "measurements": n}`` (one name per mode of ``op``): from this process's table, else from disk
-    (measured once: measured again and the two combined), else measured now; stored."""
+    "measurements": n, "measured_at": unix time}`` (one name per mode of ``op``): from this process's
+    table, else from disk (measured once by an earlier process: measured again and the two
+    combined), else measured now; stored."""
     key = bucket(m, k, n, dtype, activation, op)
     with _lock:
         table = _tables.setdefault(str(tuning_dir()), {})
