@@ -3,6 +3,7 @@
     python -m experiments.bench_lm                   # the lm experiment's default model, ~1 minute
     python -m experiments.bench_lm --batch-size 64 --model.dropout-rate 0
     python -m experiments.bench_lm --model.dtype bfloat16 --torch-autocast   # mixed precision on both sides
+    python -m experiments.bench_lm --breakdown       # then where jaxnet's step time goes (jaxnet.profiling)
 
 Both sides train the same network (``--model.*``, a ``TransformerConfig``) on the same (batch,
 time) windows of the default corpus, one full AdamW update per step; PyTorch is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -55,10 +57,15 @@ class Config:
     # Run PyTorch's forward and loss under torch.autocast("cpu", dtype=torch.bfloat16) (its
     # mixed precision: bf16 matmuls, f32 parameters), the like-for-like partner of --model.dtype bfloat16.
     torch_autocast: bool = False
+    # After the timing, trace `steps` more jaxnet steps (jax.profiler) and report where their time
+    # went: matmuls and other work, per pass (jaxnet.profiling; the trace stays in <workdir>/profile).
+    breakdown: bool = False
 
 
 def jax_side(config: Config, windows):
-    """``run(n)``: ``n`` jitted, state-donating AdamW updates of ``TransformerLM(config.model)``, timed."""
+    """``run(n)``: ``n`` jitted, state-donating AdamW updates of ``TransformerLM(config.model)``, timed;
+    ``run.breakdown(folder, n)``: ``n`` more, traced there, and ``jaxnet.profiling.step_breakdown``'s
+    summary of them."""
     import jax
     import jax.numpy as jnp
 
@@ -83,6 +90,15 @@ def jax_side(config: Config, windows):
         jax.block_until_ready((box["state"].params, m))
         return time.perf_counter() - t
 
+    def breakdown(folder, n: int) -> dict:
+        from jaxnet import profiling
+
+        hlo = step.lower(box["state"], batches[0], rng).compile().as_text()  # what the jit cache runs
+        with jax.profiler.trace(str(folder)):
+            run(n)
+        return profiling.step_breakdown(folder, hlo, steps=n)
+
+    run.breakdown = breakdown
     return run
 
 
@@ -138,8 +154,9 @@ def torch_in_child(config: Config, windows):
     return run, payload, close
 
 
-def benchmark(config: Config) -> dict:
-    """Times both sides on the default corpus' windows, alternating; returns the result."""
+def benchmark(config: Config, workdir=None) -> dict:
+    """Times both sides on the default corpus' windows, alternating; returns the result (with
+    ``config.breakdown``, traced under ``<workdir>/profile``, default runs/bench_lm)."""
     import jax
 
     from jaxnet.data.text import pydoc_corpus, random_windows
@@ -171,7 +188,33 @@ def benchmark(config: Config) -> dict:
     times = interleaved_samples(per_step, config.repeats, after_round=progress)
     if close_torch is not None:
         close_torch()
-    return throughput_result(config, times, torch_params, load_before)
+    result = throughput_result(config, times, torch_params, load_before)
+    if config.breakdown:
+        folder = pathlib.Path(workdir or "runs/bench_lm") / "profile"
+        result["breakdown"] = breakdown_result(sides["jaxnet"].breakdown(folder, config.steps), result, tokens)
+    return result
+
+
+def breakdown_result(summary: dict, result: dict, tokens: int) -> dict:
+    """``jaxnet.profiling.step_breakdown``'s summary in ms per step, printed as a table, with the
+    tokens/s of its matmul bound (every other instruction free) beside the measured figures."""
+    from jaxnet.profiling import breakdown_table
+
+    print(breakdown_table(summary), file=sys.stderr)
+    ms = lambda s: round(s * 1e3, 2)  # noqa: E731
+    out = {"busy_ms": ms(summary["busy_s"]), "cores": summary["cores"],
+           "instructions_seen": summary["instructions_seen"],
+           "by_kind_ms": {k: ms(v) for k, v in summary["by_kind"].items()},
+           "by_pass_ms": {p: {k: ms(v) for k, v in kinds.items()} for p, kinds in summary["by_pass"].items()},
+           "matmul_bound_ms": ms(summary["matmul_bound_s"]),
+           "matmul_bound_tokens_per_s": round(tokens / summary["matmul_bound_s"], 1),
+           "top": [{**{k: v for k, v in t.items() if k != "s"}, "ms": ms(t["s"])} for t in summary["top"]]}
+    if "pytorch_tokens_per_s" in result:
+        out["matmul_bound_vs_pytorch"] = round(out["matmul_bound_tokens_per_s"] / result["pytorch_tokens_per_s"], 3)
+    print(f"matmul bound: {out['matmul_bound_ms']} ms/step, {out['matmul_bound_tokens_per_s']:.0f} tokens/s"
+          + (f", {out['matmul_bound_vs_pytorch']}x PyTorch's median" if "matmul_bound_vs_pytorch" in out else ""),
+          file=sys.stderr)
+    return out
 
 
 def throughput_result(config: Config, times: dict[str, list[float]], torch_params: int | None,
@@ -213,7 +256,7 @@ def main(argv=None) -> dict:
     prepare_process(single_arena=True)
     config, flags = parse_config(Config, argv, name="bench_lm", description=__doc__.splitlines()[0], trains=False)
     enable_compilation_cache()
-    return finish(benchmark(config), flags.workdir, config, flags.argv)
+    return finish(benchmark(config, flags.workdir), flags.workdir, config, flags.argv)
 
 
 if __name__ == "__main__":

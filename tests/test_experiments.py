@@ -412,6 +412,20 @@ def test_bench_lm_runs_both_sides(tmp_path):
     assert result["dtype"] == "float32" and result["block_size"] == 8
 
 
+def test_bench_lm_breakdown_splits_the_traced_steps(tmp_path):
+    from experiments import bench_lm
+
+    result = bench_lm.main(["--model.num-layers", "1", "--model.embed-dim", "16", "--model.num-heads", "2",
+                            "--model.block-size", "8", "--batch-size", "2", "--steps", "2", "--repeats", "1",
+                            "--warmup", "1", "--no-torch", "--breakdown", "--workdir", str(tmp_path)])
+    b = result["breakdown"]
+    assert b["by_kind_ms"]["matmul"] > 0 and b["by_kind_ms"]["other"] > 0
+    assert b["by_pass_ms"]["forward"]["matmul"] > 0 and b["by_pass_ms"]["backward"]["matmul"] > 0
+    assert b["by_pass_ms"]["update"]["matmul"] == 0  # AdamW has no matmul
+    assert b["matmul_bound_tokens_per_s"] > result["jaxnet_tokens_per_s"]  # the bound is above what ran
+    assert list((tmp_path / "profile").glob("**/*.trace.json.gz"))
+
+
 def test_bench_peak_sets_each_dot_against_its_instructions_peak(tmp_path):
     from experiments import bench_peak
     from kernels.numba_cpu import peak
