@@ -15,9 +15,11 @@ says what each instruction is: a ``matmul`` (a dot or convolution, alone or insi
 calls, or a custom call to a dense-layer kernel: ``MATMUL_TARGET``) or ``other`` work
 (elementwise, reductions, copies and transposes, gathers, the optimizer's update), and, from its
 metadata, which pass it belongs to: ``forward`` (under ``jvp(...)``), ``backward`` (under
-``transpose(...)``), else ``update``. An instruction that hands part of its work to other threads
-(XLA's dots often do, the numba kernels share theirs) is counted once, for its duration on the
-thread that started it: busy time undercounts the thread-seconds of such work, never overcounts.
+``transpose(...)``), ``update`` (the rest of the program: the optimizer), or ``unattributed``
+(no metadata: copies and transposes that XLA's layout passes added). An instruction that hands
+part of its work to other threads (XLA's dots often do, the numba kernels share theirs) is counted
+once, for its duration on the thread that started it: busy time undercounts the thread-seconds of
+such work, never overcounts.
 
 The bound this gives: on ``cores`` threads a step's matmuls alone take at least ``matmul busy /
 cores`` seconds (``matmul_bound_s``): the step if every other instruction were free and the
@@ -43,14 +45,14 @@ MATMUL_OPCODES = frozenset({"dot", "convolution"})
 # (jaxnet_numba_fused_dense_*, jaxnet_numba_quantized_dense_*, jaxnet_numba_mlp_sgd_*) and the like.
 MATMUL_TARGET = re.compile(r"dense|gemm|matmul|mlp")
 KINDS = ("matmul", "other")
-PASSES = ("forward", "backward", "update")
+PASSES = ("forward", "backward", "update", "unattributed")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict]:
-    """``{name: {"kind": "matmul" | "other", "pass": "forward" | "backward" | "update",
-    "opcode": str}}`` for every instruction of the compiled module ``hlo_text``
-    (``compiled.as_text()``); an instruction is a matmul if it is a dot or convolution, a custom
-    call whose target ``MATMUL_TARGET`` matches, or calls a computation that holds one, at any depth."""
+    """``{name: {"kind": "matmul" | "other", "pass": one of ``PASSES``, "opcode": str}}`` for every
+    instruction of the compiled module ``hlo_text`` (``compiled.as_text()``); an instruction is a
+    matmul if it is a dot or convolution, a custom call whose target ``MATMUL_TARGET`` matches, or
+    calls a computation that holds one, at any depth."""
     if not isinstance(hlo_text, str) or "HloModule" not in hlo_text:
         raise ValueError("hlo_instructions: expected the text of a compiled HLO module (compiled.as_text()), "
                          f"got {type(hlo_text).__name__} {str(hlo_text)[:60]!r}")
@@ -80,7 +82,8 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
     for name, (opcode, line, itself) in lines.items():
         matmul = itself or any(has_matmul(c, set()) for c in _CALLS.findall(line))
         op_name = (m.group(1) if (m := _OP_NAME.search(line)) else "")
-        step_pass = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
+        step_pass = ("unattributed" if not op_name else "backward" if "transpose(" in op_name
+                     else "forward" if "jvp(" in op_name else "update")
         out[name] = {"kind": "matmul" if matmul else "other", "pass": step_pass, "opcode": opcode}
     return out
 

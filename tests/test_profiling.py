@@ -48,6 +48,7 @@ def test_instructions_are_matmuls_through_calls_and_dense_custom_calls():
     assert info["custom-call.6"]["kind"] == "other" and info["custom-call.6"]["pass"] == "backward"
     assert info["add_fusion.7"] == {"kind": "other", "pass": "update", "opcode": "fusion"}
     assert info["dot.1"]["kind"] == "matmul" and info["add.3"]["kind"] == "other"
+    assert info["dot.1"]["pass"] == "unattributed"  # no metadata
 
 
 def _loss(w, x):
