@@ -34,7 +34,7 @@ ENTRY %main.9 (x: f32[8,4]) -> f32[8,4] {
   %x = f32[8,4]{1,0} parameter(0)
   %w = f32[4,4]{1,0} constant({...})
   %ynn_fusion.4 = f32[8,4]{1,0} fusion(%x, %w), kind=kCustom, calls=%outer, metadata={op_name="jit(f)/jvp(N)/dot"}
-  %custom-call.5 = f32[8,4] custom-call(%x), custom_call_target="jaxnet_numba_fused_dense", metadata={op_name="transpose(a)"}
+  %custom-call.5 = f32[8,4] custom-call(%x), custom_call_target="x_fused_dense", metadata={op_name="transpose(a)"}
   %custom-call.6 = f32[8,4]{1,0} custom-call(%x), custom_call_target="sort_rows", metadata={op_name="transpose(a)"}
   ROOT %add_fusion.7 = f32[8,4]{1,0} fusion(%ynn_fusion.4), kind=kLoop, calls=%fused_add, metadata={op_name="f/add"}
 }
