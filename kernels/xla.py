@@ -101,6 +101,22 @@ def _swap_operands(got: list, got_swapped: list, want: list) -> bool:
     return got_swapped == want or (got[-1] != want[-1] and got_swapped[-1] == want[-1])
 
 
+def _copy_bytes(sl: str, sr: str, so: str, left, right) -> int:
+    """Bytes that ``_einsum_f32`` copies to run ``einsum(f"{sl},{sr}->{so}")`` with ``left`` as the
+    dot's left operand, for a product without batch axes: ``left`` when its contracted axes are
+    not its last (transposed to make them so), and the float32 result when it comes out in
+    another order than ``so``. A weight gradient ``x.T @ dz`` [K, N] copies x [M, K] one way, dz
+    [M, N] and the result the other: faster when K > N (docs/benchmarks.md, "Weight gradients:
+    the smaller operand transposed")."""
+    contracted = math.prod(int(left.shape[sl.index(i)]) for i in sl if i in sr)
+    if contracted == 0:
+        return 0
+    lhs = [i for i in sl if i not in sr] + [i for i in sl if i in sr]
+    out = [i for i in sl if i not in sr] + [i for i in sr if i not in sl]
+    result_bytes = (left.size // contracted) * (right.size // contracted) * 4
+    return (lhs != list(sl)) * left.size * left.dtype.itemsize + (out != list(so)) * result_bytes
+
+
 def _einsum_f32(sa: str, sb: str, so: str, a, b):
     """``einsum(f"{sa},{sb}->{so}", a, b)`` in f32, with ``a``'s contracted axes made its last ones.
 
@@ -117,7 +133,15 @@ def _einsum_f32(sa: str, sb: str, so: str, a, b):
     # gradient's order in a sweep").
     # Low precision keeps the swap: XLA:CPU cannot run the batched bf16 dot of the other order.
     sweep_f32 = batched_models() and a.dtype == jnp.float32 and jax.default_backend() == "cpu"
-    if not sweep_f32 and _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so)):
+    swap = not sweep_f32 and _swap_operands(batch + free_a + free_b, batch + free_b + free_a, list(so))
+    # Without batch axes, the order that copies fewer bytes (``_copy_bytes``): a weight gradient
+    # x.T @ dz [K, N] copies dz and the result instead of x when K > N.
+    copy_out = False
+    if not batch and not sweep_f32:
+        kept, swapped = _copy_bytes(sa, sb, so, a, b), _copy_bytes(sb, sa, so, b, a)
+        if kept != swapped:
+            swap, copy_out = swapped < kept, True
+    if swap:
         sa, sb, a, b = sb, sa, b, a
         free_a, free_b = free_b, free_a
     contracted = [i for i in sa if i in sb and i not in so]
@@ -130,6 +154,10 @@ def _einsum_f32(sa: str, sb: str, so: str, a, b):
     out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
                               precision=_precision(a.dtype))  # (batch, free_a, free_b)
     got = batch + free_a + free_b
+    if got == list(so):
+        return out
+    if copy_out:  # a plain transpose would be folded into the dot, back to the order not chosen
+        return _transposed_copy(out, [got.index(i) for i in so])
     return jnp.transpose(out, [got.index(i) for i in so])
 
 

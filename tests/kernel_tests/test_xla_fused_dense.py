@@ -209,6 +209,21 @@ def test_compiled_gradient_dots_take_bfloat16_operands(spec, sa, sb):
     assert all(d == ("bf16", "bf16") for d in dots), dots
 
 
+@pytest.mark.parametrize("k,n", [(48, 8), (8, 48)])
+def test_the_weight_gradient_transposes_the_smaller_operand(k, n):
+    """x.T @ dz [K, N] copies x [M, K] transposed when K < N, dz [M, N] (and the small result)
+    when K > N; its dots still take bf16 operands. CPU only, as above."""
+    m = 64
+    with jax.default_device(jax.devices("cpu")[0]):
+        x, w = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
+        loss = lambda w, x: (xla.fused_dense(x, w, activation="identity").astype(jnp.float32) ** 2).sum()
+        text = jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
+        dots = _compiled_dot_operand_dtypes(jax.grad(loss), w, x)
+    x_t, dz_t = f"bf16[{k},{m}]", f"bf16[{n},{m}]"
+    assert (dz_t in text, x_t in text) == ((True, False) if k > n else (False, True)), text
+    assert dots and all(d == ("bf16", "bf16") for d in dots), dots
+
+
 def test_other_dtypes_run_the_reference_exactly():
     """Mixed-dtype calls (and float64) take no custom VJP: values and gradients are the reference's."""
     x = jax.random.normal(jax.random.key(0), (5, 7), jnp.float32)
