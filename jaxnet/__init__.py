@@ -8,8 +8,8 @@ import importlib
 __version__ = "0.1.0"
 
 SUBPACKAGES = ("arguments", "baselines", "cli", "compress", "data", "explain", "files", "interop", "launch", "losses",
-               "metrics", "models", "nn", "optim", "parallel", "plan", "random_bits", "regularizers", "runtime", "seed",
-               "seed_torch", "studies", "testing", "train")
+               "metrics", "models", "nn", "optim", "parallel", "plan", "profiling", "random_bits", "regularizers",
+               "runtime", "seed", "seed_torch", "studies", "testing", "train")
 
 
 def __getattr__(name: str):
