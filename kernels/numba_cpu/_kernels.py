@@ -19,7 +19,9 @@ layers with a tiny w run as loops along M on transposed operands (``_tiny_forwar
 
 Big problems split into blocks that are shared, through an atomic counter, with helper tasks
 on XLA's own intra-op thread pool (``XLA_FFI_ThreadPool_Schedule``): no second thread pool
-competes with XLA's for the cores, and nothing here holds a lock or global state.
+competes with XLA's for the cores, and nothing here holds a lock or global state. A packed W is
+packed by the blocks too, each column group by the first block to meet it (``_packed_group``),
+so that the threads pack in parallel instead of waiting for the caller to pack all of W.
 
 An activation's ``code`` in ``kernels.activations`` selects its epilogue and derivative; its
 ``saves`` says what the backward pass needs: the pre-activation ``z`` (gelu, gelu_tanh, silu), the
@@ -48,7 +50,7 @@ import math
 import os
 
 import numpy as np
-from numba import carray, njit
+from numba import carray, njit, types
 
 from kernels.activations import CODES
 from kernels.machine import describe
@@ -532,6 +534,10 @@ _J_XF, _J_SR, _J_SL, _J_WP, _J_PACKED, _J_Z, _J_SAVE_Z, _J_NGROUPS = 152, 160, 1
 _J_TIES = 216  # kind 1: nonzero once a block's relu met a z that is exactly 0
 _J_ACT_UNIT = 224  # kind 1: the activation's unit (``epilogue``)
 _J_KC, _J_PMB = 232, 240  # kind 1: the blocking (``panel_gemm``)
+_J_PACK_FLAGS = 248  # kind 1, packed: int64 [ngroups, 2], per column group (claimed, packed)
+# kind 1, _J_PACKED: w read in place, or packed into wp by each column group's first block, from
+# w [L, N] or from w.T given as [N, L]
+_IN_PLACE, _PACK_W, _PACK_WT = 0, 1, 2
 _ADDRESS = (1 << 56) - 1  # a shared job's address, below the helper count (``start_job``)
 # What the package's other jobs (kind 2) use of this: the claim and done counters, the flag that
 # ``finish_job`` returns (there: a model's scratch could not be allocated), the address mask.
@@ -539,7 +545,7 @@ NEXT, DONE, FLAG, ADDRESS = _J_NEXT, _J_DONE, _J_TIES, _ADDRESS
 # The slots each kind's unit fills, in the order of the values it passes to ``_put``.
 _NT_SLOTS = (_J_A, _J_B, _J_C, _J_M, _J_N, _J_L, _J_NBJ, _J_MB, _J_NB, _J_LB)
 _PANEL_SLOTS = (_J_XF, _J_SR, _J_SL, _J_B, _J_WP, _J_PACKED, _J_BIAS, _J_HAS_BIAS, _J_Y, _J_Z, _J_M, _J_N, _J_L,
-                _J_SAVE_Z, _J_ACT, _J_ACT_UNIT, _J_NGROUPS, _J_KC, _J_PMB)
+                _J_SAVE_Z, _J_ACT, _J_ACT_UNIT, _J_NGROUPS, _J_KC, _J_PMB, _J_PACK_FLAGS)
 
 
 @njit(inline="always", **_OPTS)
@@ -554,14 +560,40 @@ def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
 
 
 @njit(inline="always", **_OPTS)
-def _claim_panel(job, xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, nblocks, ngroups, kc,
-                 pmb):
-    """Runs ``panel_gemm`` blocks of the job until none is left unclaimed; a block's relu tie
+def _packed_group(w, wp, mode, flags, g, ngroups):
+    """Column group ``g``'s panels of wp, packed: by this thread if it is the first to meet the
+    group (the group's first block, claimed before its others), else waited for. Groups are packed
+    in parallel, not by the caller before the blocks start."""
+    slot = flags.ctypes.data + 16 * g
+    if _ffi.atomic_load(slot + 8) == 0:
+        if _ffi.atomic_add(slot, 1) == 0:
+            npan = wp.shape[0]
+            pg = (npan + ngroups - 1) // ngroups
+            p0, p1 = g * pg, min(g * pg + pg, npan)
+            if p0 < p1:
+                if mode == _PACK_WT:  # w is w.T, [N, L]: its rows p0 * NR on are the group's columns
+                    pack_panels_t(w[p0 * NR:min(p1 * NR, w.shape[0])], wp[p0:p1])
+                else:
+                    pack_panels(w, wp[p0:p1], p0 * NR)
+            _ffi.atomic_add(slot + 8, 1)
+        else:
+            while _ffi.atomic_load(slot + 8) == 0:
+                _ffi.cpu_yield()
+
+
+@njit(inline="always", **_OPTS)
+def _claim_panel(job, xf, sr, sl, w, wp, mode, flags, bias, has_bias, y, z, save_z, act, act_unit, nblocks, ngroups,
+                 kc, pmb):
+    """Runs ``panel_gemm`` blocks of the job until none is left unclaimed, packing each column
+    group of w at its first block (``_packed_group``) unless w is read in place; a block's relu tie
     is recorded in the job (before the block counts as done)."""
+    packed = mode != _IN_PLACE
     while True:
         t = _ffi.atomic_add(job + _J_NEXT, 1)
         if t >= nblocks:
             return
+        if packed:
+            _packed_group(w, wp, mode, flags, t % ngroups, ngroups)
         if _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, act_unit, t, ngroups, kc, pmb):
             _ffi.atomic_add(job + _J_TIES, 1)
         _ffi.atomic_add(job + _J_DONE, 1)
@@ -591,15 +623,17 @@ def blocks_unit(nbtype, code):
             return 0
         y = carray(_ffi.as_pointer(ld(job + _J_Y), nbtype), (m, n))
         bias = carray(_ffi.as_pointer(ld(job + _J_BIAS), nbtype), (n,))
-        packed = ld(job + _J_PACKED) == 1
+        mode = ld(job + _J_PACKED)
+        ngroups = ld(job + _J_NGROUPS)
         xf = carray(_ffi.as_pointer(ld(job + _J_XF), nbtype), (m * l,))
-        # Read only when not packed, and then w is [L, N] (a transposed w is always packed).
-        w = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (l, n))
-        wp = carray(_ffi.as_pointer(ld(job + _J_WP), nbtype), ((n + NR - 1) // NR if packed else 1, l, NR))
+        # w [L, N], or w.T as [N, L] (``_PACK_WT``: then only packed from, never read in place).
+        w = carray(_ffi.as_pointer(ld(job + _J_B), nbtype), (n, l) if mode == _PACK_WT else (l, n))
+        wp = carray(_ffi.as_pointer(ld(job + _J_WP), nbtype), ((n + NR - 1) // NR if mode != _IN_PLACE else 1, l, NR))
+        flags = carray(_ffi.as_pointer(ld(job + _J_PACK_FLAGS), types.int64), (ngroups, 2))
         z = carray(_ffi.as_pointer(ld(job + _J_Z), nbtype), (m, n))
-        _claim_panel(job, xf, ld(job + _J_SR), ld(job + _J_SL), w, wp, packed, bias, ld(job + _J_HAS_BIAS) == 1, y,
-                     z, ld(job + _J_SAVE_Z) == 1, ld(job + _J_ACT), ld(job + _J_ACT_UNIT), ld(job + _J_NBLOCKS),
-                     ld(job + _J_NGROUPS), ld(job + _J_KC), ld(job + _J_PMB))
+        _claim_panel(job, xf, ld(job + _J_SR), ld(job + _J_SL), w, wp, mode, flags, bias, ld(job + _J_HAS_BIAS) == 1,
+                     y, z, ld(job + _J_SAVE_Z) == 1, ld(job + _J_ACT), ld(job + _J_ACT_UNIT), ld(job + _J_NBLOCKS),
+                     ngroups, ld(job + _J_KC), ld(job + _J_PMB))
         return 0
     return blocks
 
@@ -966,28 +1000,27 @@ def panel_gemm_unit(nbtype, code):
         # W is read in place only when it is not transposed and M is small (so ``w``'s shape, as
         # the helpers rebuild it, matters only then).
         packed = w_t or not _read_in_place(M, wa)
-        if w_t:
+        ngroups = (npan + pg - 1) // pg
+        if task != 0 and M <= pmb and ngroups == 1:
+            # One panel a block, so that a problem of one row block still has blocks to share.
+            ngroups = npan
+        if packed:  # each column group packed by its first block (``_packed_group``)
             wp = np.empty((npan, K, NR), wa.dtype)  # (panels, K, NR)
-            pack_panels_t(wa, wp)
-        elif packed:
-            wp = np.empty((npan, K, NR), wa.dtype)  # (panels, K, NR)
-            pack_panels(wa, wp, _nl(0))
         elif N % NR:  # only the partial last panel
             wp = np.empty((1, K, NR), wa.dtype)
             pack_panels(wa, wp, N // NR * NR)
         else:  # nothing to pack: a view of w stands in for wp (never read; no allocation)
             wp = _ffi.as_shape(wa, (1, K, N))
-        ngroups = (npan + pg - 1) // pg
-        if task != 0 and M <= pmb and ngroups == 1:
-            # One panel a block, so that a problem of one row block still has blocks to share.
-            ngroups = npan
+        flags = np.zeros((ngroups if packed else 1, 2), np.int64)
+        mode = _PACK_WT if w_t else _PACK_W if packed else _IN_PLACE
         nblocks = ((M + pmb - 1) // pmb) * ngroups
         tagged = start_job(frame, task, nblocks, 1)
         job = tagged & _ADDRESS
-        _put(job, _PANEL_SLOTS, (xf, sr, sl, w, np.int64(wp.ctypes.data), np.int64(1 if packed else 0), bias, has_bias,
-                                 y, z, M, N, K, save_z, act, act_unit, np.int64(ngroups), kc, pmb))
+        _put(job, _PANEL_SLOTS, (xf, sr, sl, w, np.int64(wp.ctypes.data), np.int64(mode), bias, has_bias,
+                                 y, z, M, N, K, save_z, act, act_unit, np.int64(ngroups), kc, pmb,
+                                 np.int64(flags.ctypes.data)))
         ties = finish_job(_run_job(frame, task, tagged, nbtype), tagged != job, nblocks)
-        _link.keep((wp,))  # this function's scratch, read by the blocks
+        _link.keep((wp, flags))  # this function's scratch, read by the blocks
         return 1 if ties else 0
     return panel_gemm
 
