@@ -29,8 +29,10 @@ cannot be met by removing other work alone.
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import json
+import os
 import pathlib
 import re
 
@@ -72,15 +74,13 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
         if computation is not None:
             holds[computation].update(["matmul"] * itself + ["%" + c for c in _CALLS.findall(line)])
 
-    def has_matmul(comp: str, seen: set) -> bool:
-        if comp in seen:
-            return False
-        seen.add(comp)
-        return "matmul" in holds[comp] or any(has_matmul(c[1:], seen) for c in holds[comp] if c.startswith("%"))
+    @functools.cache  # HLO computations call each other without cycles: each is answered once
+    def has_matmul(comp: str) -> bool:
+        return "matmul" in holds[comp] or any(has_matmul(c[1:]) for c in holds[comp] if c.startswith("%"))
 
     out = {}
     for name, (opcode, line, itself) in lines.items():
-        matmul = itself or any(has_matmul(c, set()) for c in _CALLS.findall(line))
+        matmul = itself or any(has_matmul(c) for c in _CALLS.findall(line))
         op_name = (m.group(1) if (m := _OP_NAME.search(line)) else "")
         step_pass = ("unattributed" if not op_name else "backward" if "transpose(" in op_name
                      else "forward" if "jvp(" in op_name else "update")
@@ -133,8 +133,6 @@ def step_breakdown(folder, hlo_text: str, *, steps: int, cores: int | None = Non
       ValueError: ``steps`` < 1, an unreadable trace, or a trace that holds none of the module's
         instructions (another program traced, or a runtime that names events otherwise).
     """
-    import os
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"step_breakdown: steps must be an int >= 1, got {steps!r}")
     cores = cores or os.cpu_count() or 1
