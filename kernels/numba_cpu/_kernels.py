@@ -560,6 +560,14 @@ def _claim_nt(job, a, b, c, nblocks, nbj, mb, nb, lb):
 
 
 @njit(inline="always", **_OPTS)
+def _group_panels(npan, ngroups, g):
+    """``(p0, p1)``: the panels of column group ``g`` of ``ngroups`` (equal groups of whole panels,
+    the last shorter or empty), as ``_panel_block`` computes with them and ``_packed_group`` packs."""
+    pg = (npan + ngroups - 1) // ngroups
+    return g * pg, min(g * pg + pg, npan)
+
+
+@njit(inline="always", **_OPTS)
 def _packed_group(w, wp, mode, flags, g, ngroups):
     """Column group ``g``'s panels of wp, packed: by this thread if it is the first to meet the
     group (the group's first block, claimed before its others), else waited for. Groups are packed
@@ -567,9 +575,7 @@ def _packed_group(w, wp, mode, flags, g, ngroups):
     slot = flags.ctypes.data + 16 * g
     if _ffi.atomic_load(slot + 8) == 0:
         if _ffi.atomic_add(slot, 1) == 0:
-            npan = wp.shape[0]
-            pg = (npan + ngroups - 1) // ngroups
-            p0, p1 = g * pg, min(g * pg + pg, npan)
+            p0, p1 = _group_panels(wp.shape[0], ngroups, g)
             if p0 < p1:
                 if mode == _PACK_WT:  # w is w.T, [N, L]: its rows p0 * NR on are the group's columns
                     pack_panels_t(w[p0 * NR:min(p1 * NR, w.shape[0])], wp[p0:p1])
@@ -928,9 +934,9 @@ def _panel_block(xf, sr, sl, w, wp, packed, bias, has_bias, y, z, save_z, act, a
     # the rounding up to whole tiles never leaves a block empty.
     nrb = (M + pmb - 1) // pmb
     rows = ((M + nrb - 1) // nrb + MR - 1) // MR * MR
-    pg = (npan + ngroups - 1) // ngroups
-    i0, p0 = (t // ngroups) * rows, (t % ngroups) * pg
-    i1, p1 = min(i0 + rows, M), min(p0 + pg, npan)
+    i0 = (t // ngroups) * rows
+    i1 = min(i0 + rows, M)
+    p0, p1 = _group_panels(npan, ngroups, t % ngroups)
     wpf = _ffi.as_shape(wp, wp.size)
     for k0 in range(0, max(K, 1), kc):
         k1 = min(k0 + kc, K)
