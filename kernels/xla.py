@@ -211,25 +211,44 @@ def _rounds_cotangent_jvp(dtype, primals, tangents):
     return z, linear_map(lambda t: [t], lambda g: [g.astype(dtype).astype(g.dtype)], (), [dz], [jax.typeof(z)])[0]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _activate(name: str, z):
+    """``act(z)`` whose derivative is the table's closed form ``act.grad(z)``, a map of z alone:
+    reverse mode keeps z, where autodiff of ``act.fn`` kept each intermediate (gelu_tanh: seven
+    [M, N] arrays, written out by the forward pass). XLA may still share a costly subexpression
+    between the passes (gelu_tanh's tanh is computed once, in the forward)."""
+    return activations.get(name)(z)
+
+
+@_activate.defjvp
+def _activate_jvp(name, primals, tangents):
+    (z,), (dz,) = primals, tangents
+    act = activations.get(name)
+
+    def scaled(z, t):  # diagonal, so its own transpose
+        return [act.grad(z) * t]
+    return act(z), linear_map(scaled, scaled, [z], [dz], [jax.typeof(z)])[0]
+
+
 def fused_dense(x, w, b=None, *, activation: str = "relu"):
     """``act(x @ w + b)``: the reference's forward; a backward whose dots run like the forward.
 
     ``x: [..., K]``, ``w: [K, N]``, ``b: [N]`` or None. Of one dtype of ``DENSE_DTYPES`` (bfloat16,
     float16: low-precision dots with f32 accumulation; float32: f32 dots at HIGHEST) they take the
     custom VJP; anything else runs ``kernels.reference.fused_dense``. The bias and activation run in
-    float32 (so their derivatives do too); the result is cast to x's dtype. Arguments are assumed
-    checked (``kernels.checks``).
+    float32 (so their derivatives do too, the activation's by its closed form, ``_activate``); the
+    result is cast to x's dtype. Arguments are assumed checked (``kernels.checks``).
     """
     if not takes_custom_vjp(x, w, b):
         return reference.fused_dense(x, w, b, activation=activation)
-    act = activations.get(activation)
     lead = x.shape[:-1]
     z = _einsum_lp("mk,kn->mn", x.reshape(math.prod(lead), x.shape[-1]), w)  # (M, N) float32; -1 fails at K=0
     if b is not None:
         z = z + b.astype(jnp.float32)
         if is_low_precision(x.dtype):
             z = _rounds_cotangent(z, x.dtype)
-    return act(z).astype(x.dtype).reshape(*lead, w.shape[1])
+    y = z if activation == "identity" else _activate(activation, z)
+    return y.astype(x.dtype).reshape(*lead, w.shape[1])
 
 
 def _backend(x, w, b, activation):

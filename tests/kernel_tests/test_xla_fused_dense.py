@@ -224,6 +224,21 @@ def test_the_weight_gradient_transposes_the_smaller_operand(k, n):
     assert dots and all(d == ("bf16", "bf16") for d in dots), dots
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("act", activations.NAMES)
+def test_the_backward_keeps_only_the_pre_activation(act, dtype):
+    """What reverse mode keeps between the passes: x, w and (but for the identity) the float32
+    pre-activation z [M, N], from which the backward computes act'(z) by the table's closed form.
+    Autodiff of gelu_tanh's formula kept seven [M, N] intermediates, each written out by the
+    forward pass (docs/benchmarks.md, "The activation's derivative from z")."""
+    m, k, n = 8, 4, 6
+    x, w, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype), jnp.ones((n,), dtype)
+    _, vjp = jax.vjp(lambda x, w, b: xla.fused_dense(x, w, b, activation=act), x, w, b)
+    kept = sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "shape"))
+    want = [((k, n), dtype), ((m, k), dtype)] + ([] if act == "identity" else [((m, n), "float32")])
+    assert kept == sorted(want), kept
+
+
 def test_other_dtypes_run_the_reference_exactly():
     """Mixed-dtype calls (and float64) take no custom VJP: values and gradients are the reference's."""
     x = jax.random.normal(jax.random.key(0), (5, 7), jnp.float32)
