@@ -22,7 +22,12 @@ chose the fastest, < 1 when it did not or when its own run was slower) and ``cho
 (the fastest backend's time over that of the backend auto ran, both from their own columns: < 1
 only for a wrong choice, not for noise between auto and the column it equals); the summary the
 worst of each, ``auto_vs_best_min`` and ``auto_choice_vs_best_min`` (with ``--runs``, also over
-each row's median, ``..._of_medians``).
+each row's median, ``..._of_medians``). The run's own noise, from the same columns: auto's column
+and that of the backend it ran time the same program, so ``same_program_ratio`` (the second's time
+over the first's) would be 1 on a quiet machine; ``same_program_floor`` is the run's largest such
+disagreement (the least of min(r, 1/r) over the rows), and ``auto_choices_beyond_noise`` counts the
+rows whose ``choice_vs_best`` is below it: choices slower than the best by more than any program
+differed from itself in that run.
 
 Writes ``table.md`` and ``rows.json`` into ``--workdir`` (default ``runs/bench_kernels/``) and
 ends with one JSON line of summary metrics, also saved as ``result.json`` (with the machine, the
@@ -136,6 +141,7 @@ def _auto_columns(row: dict, t: dict, config: Config) -> None:
     best = min(v for be, v in t.items() if be != "auto")
     row["auto_vs_best"] = round(best / t["auto"], 3)
     row["choice_vs_best"] = round(best / t[row["auto_runs"]], 3) if row["auto_runs"] in t else None
+    row["same_program_ratio"] = round(t[row["auto_runs"]] / t["auto"], 3) if row["auto_runs"] in t else None
 
 
 def _overhead(config: Config) -> dict:
@@ -256,10 +262,23 @@ def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> d
         summary["auto_vs_best_min"] = min(r["auto_vs_best"] for r in rows)
         choices = [r["choice_vs_best"] for r in rows if r["choice_vs_best"] is not None]
         summary["auto_choice_vs_best_min"] = min(choices) if choices else None
+        summary.update(_same_program_noise(rows))
     summary.update({f"overhead_{k}_us": v for k, v in overhead.items()})
     summary["numba_overhead_vs_xla_tiny_op"] = round(overhead["numba"] / overhead["xla_tiny_op"], 3)
     summary.update({f"cold_{k}": v for k, v in cold.items()})
     return summary
+
+
+def _same_program_noise(rows: list[dict]) -> dict:
+    """``same_program_floor`` (the least of min(r, 1/r) over the rows' ``same_program_ratio``: the
+    largest disagreement of one program with itself in the run) and ``auto_choices_beyond_noise``
+    (how many rows' ``choice_vs_best`` fall below it); None where no row has both."""
+    ratios = [r["same_program_ratio"] for r in rows if r.get("same_program_ratio")]
+    if not ratios:
+        return {"same_program_floor": None, "auto_choices_beyond_noise": None}
+    floor = min(min(r, 1 / r) for r in ratios)
+    beyond = sum(r["choice_vs_best"] < floor for r in rows if r.get("choice_vs_best") is not None)
+    return {"same_program_floor": round(floor, 3), "auto_choices_beyond_noise": beyond}
 
 
 def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, config: Config) -> dict:
@@ -276,12 +295,18 @@ def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, co
             if None not in values:
                 summary[key] = max(values) if key == "numba_overhead_vs_xla_tiny_op" else min(values)
     summary["peak_gflops"] = max(s["peak_gflops"] for s in per_run)
+    if "same_program_floor" in per_run[0]:
+        for key, worst in (("same_program_floor", min), ("auto_choices_beyond_noise", max)):
+            values = [s[key] for s in per_run]
+            summary[key + "_per_run"] = values
+            summary[key] = worst(values) if None not in values else None
     medians = [dict(row, **{k: _median_or_none([rows[i][k] for rows in runs]) for k in row
-                            if k.endswith("_vs_xla") or k.endswith("_vs_best")})
+                            if k.endswith("_vs_xla") or k.endswith("_vs_best") or k == "same_program_ratio"})
                for i, row in enumerate(runs[0])]
     of_medians = summarize(medians, overheads[0], cold, config)
     for key, value in of_medians.items():
-        if "_min_vs_" in key or "_geomean_vs_" in key or key.endswith("_vs_best_min"):
+        if ("_min_vs_" in key or "_geomean_vs_" in key or key.endswith("_vs_best_min")
+                or key in ("same_program_floor", "auto_choices_beyond_noise")):
             summary[key + "_of_medians"] = value
     return summary
 
@@ -324,12 +349,18 @@ def spread_table(rows: list[dict], config: Config, nruns: int) -> str:
 def table(rows: list[dict], config: Config) -> str:
     bes = [b for b in config.backends if b != "xla"]
     head = ["M", "K", "N", "mode", "XLA GFLOP/s"] + [f"{b} GFLOP/s" for b in bes] + [f"{b}/XLA" for b in bes]
-    head += ["auto runs", "auto/best", "choice/best"] if "auto" in bes else []
+    head += ["auto runs", "auto/best", "choice/best", "same program"] if "auto" in bes else []
     cells = [[r["M"], r["K"], r["N"], r["mode"], r["xla_gflops"]] + [r[f"{b}_gflops"] for b in bes]
              + [f"{r[f'{b}_vs_xla']:.2f}x" for b in bes]
-             + ([r["auto_runs"], f"{r['auto_vs_best']:.2f}x", f"{r['choice_vs_best']:.2f}x"] if "auto" in bes else [])
+             + ([r["auto_runs"], f"{r['auto_vs_best']:.2f}x", _times(r["choice_vs_best"]),
+                 _times(r.get("same_program_ratio"))] if "auto" in bes else [])
              for r in rows]
     return _markdown(head, cells)
+
+
+def _times(ratio) -> str:
+    """``1.23x``, or ``-`` where the ratio is None (auto ran a backend without a column)."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _markdown(head: list[str], rows: list[list]) -> str:

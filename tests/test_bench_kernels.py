@@ -138,8 +138,36 @@ def test_auto_is_compared_with_the_best_other_backend_per_shape_and_the_worst_is
                                       {}, config)
     assert summary["auto_vs_best_min"] == 0.8 and summary["auto_fwd_min_vs_best"] == 0.8
     assert summary["auto_choice_vs_best_min"] == 0.5
-    assert ("| 64 | 64 | 64 | fwd | 1.0 | 2.0 | 1.6 | 2.00x | 1.60x | xla | 0.80x | 0.50x |"
+    # auto ran xla: its column (1.25) and xla's (2.0) time one program, 1.6x apart.
+    assert rows[0]["same_program_ratio"] == 1.6 and rows[2]["same_program_ratio"] == round(2.0 / 0.9, 3)
+    assert ("| 64 | 64 | 64 | fwd | 1.0 | 2.0 | 1.6 | 2.00x | 1.60x | xla | 0.80x | 0.50x | 1.60x |"
             in bench_kernels.table(rows, config))
+
+
+def test_choices_are_judged_against_the_runs_own_same_program_noise():
+    """The floor is the largest disagreement of a program with itself (auto's column against the
+    column of the backend it ran), on either side of 1; a choice counts beyond the noise only below it."""
+    def row(same, choice):
+        return {"same_program_ratio": same, "choice_vs_best": choice}
+
+    got = bench_kernels._same_program_noise([row(1.02, 0.99), row(0.97, 0.96), row(1.01, 0.90)])
+    assert got == {"same_program_floor": 0.97, "auto_choices_beyond_noise": 2}  # 0.96 and 0.90 < 0.97
+    got = bench_kernels._same_program_noise([row(1.25, 0.85), row(0.99, 1.0)])  # 1/1.25 = 0.8
+    assert got == {"same_program_floor": 0.8, "auto_choices_beyond_noise": 0}
+    assert bench_kernels._same_program_noise([row(None, None)]) == {"same_program_floor": None,
+                                                                     "auto_choices_beyond_noise": None}
+    config = bench_kernels.Config(backends=("numba", "auto"))
+    base = {"M": 512, "K": 512, "N": 512, "mode": "fwd", "xla_gflops": 1.0, "numba_gflops": 1.0, "auto_gflops": 1.0,
+            "numba_vs_xla": 1.0, "auto_vs_xla": 1.0, "auto_runs": "numba", "auto_vs_best": 1.0}
+    runs = [[dict(base, mode=mode, same_program_ratio=s, choice_vs_best=c) for mode in ("fwd", "fwd+bwd")]
+            for s, c in ((0.9, 0.85), (1.0, 0.99), (1.05, 0.97))]
+    overheads = [{"numba": 4.4, "xla": 4.6, "xla_tiny_op": 3.5, "pure_callback": 85.0}] * 3
+    summary = bench_kernels.summarize_runs(runs, overheads, {}, config)
+    assert summary["same_program_floor_per_run"] == [0.9, 1.0, 0.952] and summary["same_program_floor"] == 0.9
+    assert summary["auto_choices_beyond_noise_per_run"] == [2, 2, 0] and summary["auto_choices_beyond_noise"] == 2
+    # Over the medians: same program 1.0 (floor 1.0), choice 0.97: both rows beyond it.
+    assert summary["same_program_floor_of_medians"] == 1.0
+    assert summary["auto_choices_beyond_noise_of_medians"] == 2
 
 
 def test_result_records_the_numba_tile_and_blocking():
