@@ -13,7 +13,8 @@ keeps freed memory for JAX, ``prepare_process``, which slows PyTorch's autocast 
 Repeats alternate between the two (``kernels.timing.interleaved_samples``: jaxnet, then PyTorch,
 ``repeats`` times) so a busy shared machine slows both alike; each side's figure is the median of
 its repeats after warm-up (and the best repeat, the least disturbed, beside it), timed to
-completion (``block_until_ready`` / synchronous PyTorch). Tokens/s = batch x block / step time;
+completion (``block_until_ready`` / synchronous PyTorch); beside the ratio of the medians, each
+round's own ratio (``speedup_vs_pytorch_per_repeat``) and their median (``..._paired``). Tokens/s = batch x block / step time;
 GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language", quiet
 machine): jaxnet f32 vs PyTorch f32 1.65-1.89x (e.g. 18,222 vs 11,050 tokens/s); jaxnet bf16 vs
 PyTorch bf16 autocast 1.61-1.73x; jaxnet bf16 vs PyTorch f32 2.67-2.72x. Under load PyTorch's
@@ -247,6 +248,11 @@ def throughput_result(config: Config, times: dict[str, list[float]], torch_param
         result["speedup_vs_pytorch"] = round(result["jaxnet_tokens_per_s"] / result["pytorch_tokens_per_s"], 3)
         result["speedup_vs_pytorch_best"] = round(
             result["jaxnet_best_tokens_per_s"] / result["pytorch_best_tokens_per_s"], 3)
+        # Each round ran the two sides back to back, so their ratio shares that round's machine state:
+        # the rounds' ratios show how much the run's figure moved, and their median resists a slow spell.
+        pairs = [p / j for j, p in zip(times["jaxnet"], times["pytorch"])]
+        result["speedup_vs_pytorch_per_repeat"] = [round(r, 3) for r in pairs]
+        result["speedup_vs_pytorch_paired"] = round(statistics.median(pairs), 3)
     return result
 
 

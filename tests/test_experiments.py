@@ -412,6 +412,21 @@ def test_bench_lm_runs_both_sides(tmp_path):
     assert result["dtype"] == "float32" and result["block_size"] == 8
 
 
+def test_bench_lm_pairs_each_round_s_two_sides():
+    """Speed-ups per round (PyTorch's step time over jaxnet's in the same round) and their median,
+    beside the ratio of the two sides' medians: a slow spell that hits one round's two sides
+    alike leaves its ratio alone."""
+    from experiments import bench_lm
+
+    config = bench_lm.Config(model=TransformerConfig(vocab_size=16, num_layers=1, embed_dim=16, num_heads=2,
+                                                     block_size=8), batch_size=2)
+    times = {"jaxnet": [1.0, 3.0, 1.1], "pytorch": [1.5, 4.8, 1.54]}  # round 2: both slow
+    result = bench_lm.throughput_result(config, times, torch_params=1, load_before=0.0)
+    assert result["speedup_vs_pytorch_per_repeat"] == [1.5, 1.6, 1.4]
+    assert result["speedup_vs_pytorch_paired"] == 1.5
+    assert result["speedup_vs_pytorch"] == pytest.approx(1.54 / 1.1, abs=0.01)  # the medians' ratio (of rounded tokens/s)
+
+
 def test_bench_lm_breakdown_splits_the_traced_steps(tmp_path):
     from experiments import bench_lm
 
