@@ -269,6 +269,12 @@ def summarize(rows: list[dict], overhead: dict, cold: dict, config: Config) -> d
     return summary
 
 
+# The run's noise figures (``_same_program_noise``), kept per run and over the medians like the ratios.
+_NOISE_KEYS = ("same_program_floor", "auto_choices_beyond_noise")
+# Summary figures whose worst run is the largest; every other ratio's worst is the smallest.
+_WORST_IS_MAX = ("numba_overhead_vs_xla_tiny_op", "auto_choices_beyond_noise")
+
+
 def _same_program_noise(rows: list[dict]) -> dict:
     """``same_program_floor`` (the least of min(r, 1/r) over the rows' ``same_program_ratio``: the
     largest disagreement of one program with itself in the run) and ``auto_choices_beyond_noise``
@@ -283,30 +289,26 @@ def _same_program_noise(rows: list[dict]) -> dict:
 
 def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, config: Config) -> dict:
     """``summarize`` of the first run, with each target metric (the ``min_vs_xla`` ones, the
-    geometric means, the overhead ratio) replaced by its list over the runs and its worst; and
+    geometric means, the overhead ratio, the noise figures) replaced by its list over the runs and
+    its worst; and
     each backend's minima and geometric means over the shapes' median ratios (``..._of_medians``:
     a figure that, unlike the worst run, does not fall as runs are added)."""
     per_run = [summarize(rows, ov, cold, config) for rows, ov in zip(runs, overheads)]
     summary = dict(per_run[0], runs=len(runs))
     for key in per_run[0]:
-        if "_vs_xla" in key or "_vs_best" in key:
+        if "_vs_xla" in key or "_vs_best" in key or key in _NOISE_KEYS:
             values = [s[key] for s in per_run]
             summary[key + "_per_run"] = values
             if None not in values:
-                summary[key] = max(values) if key == "numba_overhead_vs_xla_tiny_op" else min(values)
+                summary[key] = max(values) if key in _WORST_IS_MAX else min(values)
     summary["peak_gflops"] = max(s["peak_gflops"] for s in per_run)
-    if "same_program_floor" in per_run[0]:
-        for key, worst in (("same_program_floor", min), ("auto_choices_beyond_noise", max)):
-            values = [s[key] for s in per_run]
-            summary[key + "_per_run"] = values
-            summary[key] = worst(values) if None not in values else None
     medians = [dict(row, **{k: _median_or_none([rows[i][k] for rows in runs]) for k in row
                             if k.endswith("_vs_xla") or k.endswith("_vs_best") or k == "same_program_ratio"})
                for i, row in enumerate(runs[0])]
     of_medians = summarize(medians, overheads[0], cold, config)
     for key, value in of_medians.items():
         if ("_min_vs_" in key or "_geomean_vs_" in key or key.endswith("_vs_best_min")
-                or key in ("same_program_floor", "auto_choices_beyond_noise")):
+                or key in _NOISE_KEYS):
             summary[key + "_of_medians"] = value
     return summary
 

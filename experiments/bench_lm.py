@@ -15,10 +15,10 @@ Repeats alternate between the two (``kernels.timing.interleaved_samples``: jaxne
 its repeats after warm-up (and the best repeat, the least disturbed, beside it), timed to
 completion (``block_until_ready`` / synchronous PyTorch); beside the ratio of the medians, each
 round's own ratio (``speedup_vs_pytorch_per_repeat``) and their median (``..._paired``). Tokens/s
-= batch x block / step time; GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured (docs/benchmarks.md "Language", quiet
-machine): jaxnet f32 vs PyTorch f32 1.65-1.89x (e.g. 18,222 vs 11,050 tokens/s); jaxnet bf16 vs
-PyTorch bf16 autocast 1.61-1.73x; jaxnet bf16 vs PyTorch f32 2.67-2.72x. Under load PyTorch's
-threads collapse and the ratio reads 2.7-6.5x.
+= batch x block / step time; GFLOP/s from ``flops_per_token`` (6N + 12 L C T). Measured
+(docs/benchmarks.md "Language", quiet machine): jaxnet f32 vs PyTorch f32 1.65-1.89x (e.g. 18,222
+vs 11,050 tokens/s); jaxnet bf16 vs PyTorch bf16 autocast 1.61-1.73x; jaxnet bf16 vs PyTorch f32
+2.67-2.72x. Under load PyTorch's threads collapse and the ratio reads 2.7-6.5x.
 """
 from __future__ import annotations
 
