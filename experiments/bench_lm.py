@@ -10,8 +10,8 @@ time) windows of the default corpus, one full AdamW update per step; PyTorch is
 ``jaxnet.baselines.torch_lm`` with as many threads as JAX's CPU client uses cores (``--threads``,
 default all), in a spawned child process with glibc's default allocator settings (this process
 keeps freed memory for JAX, ``prepare_process``, which slows PyTorch's autocast step).
-Repeats alternate between the two (``kernels.timing.interleaved_samples``: jaxnet, then PyTorch,
-``repeats`` times) so a busy shared machine slows both alike; each side's figure is the median of
+Repeats alternate between the two (``kernels.timing.interleaved_samples``: jaxnet then PyTorch,
+PyTorch then jaxnet, ...) so a busy shared machine slows both alike; each side's figure is the median of
 its repeats after warm-up (and the best repeat, the least disturbed, beside it), timed to
 completion (``block_until_ready`` / synchronous PyTorch); beside the ratio of the medians, each
 round's own ratio (``speedup_vs_pytorch_per_repeat``) and their median (``..._paired``). Tokens/s

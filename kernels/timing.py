@@ -5,7 +5,8 @@
 
 A *sampler* is a function of no arguments that returns seconds (per call, per step: whatever it
 measures). ``interleaved_samples`` calls several in turn, round after round, so that a busy or
-drifting machine slows each alike, and ratios taken from one run compare like with like.
+drifting machine slows each alike, and ratios taken from one run compare like with like; the
+rounds' orders are balanced, so that no sampler always follows the same one.
 Every helper of the project's benchmarks (``experiments.bench_*``, ``kernels.pallas_gpu.bench``
 and its autotuner) times through this module. Tuners that may first run while a caller's
 function is being traced (``backend="auto"``'s table, the numba blocking) measure inside
@@ -52,7 +53,8 @@ def timed_call(fn: Callable, args: tuple, *, min_sample_s: float = 0.0) -> Sampl
 def interleaved_samples(samplers: Mapping[str, Sampler], repeats: int, warmup: int = 0, *,
                         after_round: Callable[[int, dict[str, list[float]]], None] | None = None
                         ) -> dict[str, list[float]]:
-    """Samples of each sampler, taken in turn: ``warmup`` untimed rounds, then ``repeats`` rounds.
+    """Samples of each sampler, taken in turn: ``warmup`` untimed rounds, then ``repeats`` rounds,
+    each round in the next of ``balanced_orders`` (kept rounds start from the first order).
 
     Args:
       samplers: name -> sampler.
@@ -62,16 +64,35 @@ def interleaved_samples(samplers: Mapping[str, Sampler], repeats: int, warmup: i
     Returns:
       name -> the ``repeats`` samples, in order.
     """
-    for _ in range(warmup):
-        for sample in samplers.values():
-            sample()
+    names = list(samplers)
+    orders = balanced_orders(len(names))
+    for r in range(warmup):
+        for i in orders[r % len(orders)]:
+            samplers[names[i]]()
     times: dict[str, list[float]] = {name: [] for name in samplers}
     for r in range(repeats):
-        for name, sample in samplers.items():
-            times[name].append(sample())
+        for i in orders[r % len(orders)]:
+            times[names[i]].append(samplers[names[i]]())
         if after_round is not None:
             after_round(r, times)
     return times
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """The orders ``interleaved_samples`` takes its rounds in: a Williams design (Williams 1949,
+    "Experimental designs balanced for the estimation of residual effects of treatments").
+
+    Over the ``n`` rows (``2n`` for odd ``n``) each of ``0 .. n-1`` stands in every position
+    equally often, and directly follows every other equally often. A sample is moved by the one
+    before it (a small XLA program read 30-60% slower right after a Numba kernel than after
+    itself: docs/benchmarks.md), so in a fixed order each sampler would always pay its own
+    predecessor's toll, and two runs in different orders could rank a near-tie oppositely.
+    """
+    if n <= 1:
+        return [list(range(n))]
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
+    rows = [[(v + i) % n for v in first] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
 
 
 def interleaved_medians(samplers: Mapping[str, Sampler], repeats: int, warmup: int = 0) -> dict[str, float]:
@@ -153,5 +174,5 @@ def _on_own_thread(fn: Callable[[], T]) -> T:
     return out["value"]
 
 
-__all__ = ["Sampler", "interleaved_medians", "interleaved_samples", "median_of", "median_seconds", "timed_call",
-           "untraced"]
+__all__ = ["Sampler", "balanced_orders", "interleaved_medians", "interleaved_samples", "median_of", "median_seconds",
+           "timed_call", "untraced"]

@@ -95,11 +95,36 @@ def test_interleaved_samples_take_turns_and_drop_the_warm_up():
     samplers = {"a": sampler("a", [9.0, 1.0, 3.0, 2.0]), "b": sampler("b", [8.0, 5.0, 4.0, 6.0])}
     times = timing.interleaved_samples(samplers, repeats=3, warmup=1,
                                        after_round=lambda r, t: rounds.append((r, len(t["b"]))))
-    assert calls == ["a", "b"] * 4  # in turn, round by round
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # in turn, round by round, orders balanced
     assert times == {"a": [1.0, 3.0, 2.0], "b": [5.0, 4.0, 6.0]}  # the warm-up round dropped
     assert rounds == [(0, 1), (1, 2), (2, 3)]
     assert timing.interleaved_medians({"a": sampler("a", [7.0, 1.0, 3.0, 2.0])}, repeats=3, warmup=1) == {"a": 2.0}
     assert timing.median_of(sampler("c", [4.0, 6.0, 5.0]), repeats=3) == 5.0
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_balanced_orders_put_every_sampler_everywhere_and_after_every_other_equally_often(n):
+    from collections import Counter
+
+    from kernels import timing
+
+    orders = timing.balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 and n > 1 else n)
+    assert all(sorted(order) == list(range(n)) for order in orders)  # each round samples each once
+    positions = Counter((i, s) for order in orders for i, s in enumerate(order))
+    assert set(positions.values()) == {len(orders) // n} and len(positions) == n * n
+    follows = Counter(pair for order in orders for pair in zip(order, order[1:]))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1  # every ordered pair, equally often
+
+
+def test_interleaved_samples_do_not_always_take_one_sampler_after_the_same_other():
+    from kernels import timing
+
+    calls = []
+    samplers = {name: (lambda name=name: (calls.append(name), 0.0)[1]) for name in "abc"}
+    timing.interleaved_samples(samplers, repeats=6)
+    before = {name: {p for p, c in zip(calls, calls[1:]) if c == name} for name in "abc"}
+    assert all(before[name] >= set("abc") - {name} for name in "abc"), calls
 
 
 def test_median_seconds_waits_for_each_call_after_at_least_one_warm_up():

@@ -75,8 +75,8 @@ def candidates(base: Blocking) -> list[Blocking]:
 def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeats: int = 7, warmup: int = 1,
             min_sample_s: float = 0.0) -> list[dict[tuple, list[float]]]:
     """Seconds of the numba forward+backward, per blocking, per shape: ``repeats`` samples each,
-    all blockings and shapes interleaved, in an order that rotates by a blocking each round (the
-    first of a round measured slower here)."""
+    all blockings and shapes interleaved in ``interleaved_samples``' balanced orders (none always
+    first in a round, or always after the same other: the first of a round measured slower here)."""
     from kernels.autotune import problem, step_functions
     from kernels.numba_cpu import backend
     from kernels.timing import interleaved_samples, timed_call
@@ -88,12 +88,7 @@ def measure(blockings: list[Blocking], *, dtype="float32", shapes=SHAPES, repeat
             with backend.use_blocking(blk):  # traced here: the executable carries blk's attributes
                 jax.block_until_ready(fn(*args))
             samplers[i, shape] = timed_call(fn, args, min_sample_s=min_sample_s)
-    interleaved_samples(samplers, 0, warmup)
-    keys, times = list(samplers), {key: [] for key in samplers}
-    for r in range(repeats):  # each round starts one blocking later: none always samples first
-        order = keys[r * len(shapes) % len(keys):] + keys[:r * len(shapes) % len(keys)]
-        for key, ts in interleaved_samples({key: samplers[key] for key in order}, 1).items():
-            times[key] += ts
+    times = interleaved_samples(samplers, repeats, warmup)
     return [{shape: times[i, shape] for shape in shapes} for i in range(len(blockings))]
 
 
