@@ -8,7 +8,8 @@ For every shape (M, K, N) of the grid and for forward and forward+backward (the 
 dW, db from a fixed cotangent), it reports GFLOP/s of each backend (2MKN forward, 6MKN
 forward+backward) and the speed ratio to XLA (t_xla / t_backend: > 1 means faster than XLA),
 from medians of ``--repeats`` samples taken after warm-up, backends interleaved sample by sample
-so that they share the machine's noise, each sample ``block_until_ready``. Then the per-call
+so that they share the machine's noise (in balanced orders: ``kernels.timing.balanced_orders``),
+each sample ``block_until_ready``. Then the per-call
 overhead at 8x8x8: the Numba FFI call, XLA's own op at that size, a tiny XLA op (``x + 1``), and
 the same kernel through ``jax.pure_callback`` (a baseline only; the backend never uses it).
 Also the cold start of the Numba backend in a fresh process (import, handler load from Numba's
