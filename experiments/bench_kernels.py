@@ -9,11 +9,10 @@ dW, db from a fixed cotangent), it reports GFLOP/s of each backend (2MKN forward
 forward+backward) and the speed ratio to XLA (t_xla / t_backend: > 1 means faster than XLA),
 from medians of ``--repeats`` samples taken after warm-up, backends interleaved sample by sample
 so that they share the machine's noise (in balanced orders: ``kernels.timing.balanced_orders``),
-each sample ``block_until_ready``. Then the per-call
-overhead at 8x8x8: the Numba FFI call, XLA's own op at that size, a tiny XLA op (``x + 1``), and
-the same kernel through ``jax.pure_callback`` (a baseline only; the backend never uses it).
-Also the cold start of the Numba backend in a fresh process (import, handler load from Numba's
-cache and registration, first call).
+each sample ``block_until_ready``. Then the per-call overhead at 8x8x8: the Numba FFI call, XLA's
+own op at that size, a tiny XLA op (``x + 1``), and the same kernel through ``jax.pure_callback``
+(a baseline only; the backend never uses it). Also the cold start of the Numba backend in a fresh
+process (import, handler load from Numba's cache and registration, first call).
 
 With "auto" among ``--backends`` (``--backends numba auto``), the grid's shapes are tuned first
 (``kernels.autotune.tune``: what "auto" runs per shape is measured, or read from the tuning
@@ -291,9 +290,8 @@ def _same_program_noise(rows: list[dict]) -> dict:
 def summarize_runs(runs: list[list[dict]], overheads: list[dict], cold: dict, config: Config) -> dict:
     """``summarize`` of the first run, with each target metric (the ``min_vs_xla`` ones, the
     geometric means, the overhead ratio, the noise figures) replaced by its list over the runs and
-    its worst; and
-    each backend's minima and geometric means over the shapes' median ratios (``..._of_medians``:
-    a figure that, unlike the worst run, does not fall as runs are added)."""
+    its worst; and each backend's minima and geometric means over the shapes' median ratios
+    (``..._of_medians``: a figure that, unlike the worst run, does not fall as runs are added)."""
     per_run = [summarize(rows, ov, cold, config) for rows, ov in zip(runs, overheads)]
     summary = dict(per_run[0], runs=len(runs))
     for key in per_run[0]:

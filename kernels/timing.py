@@ -65,14 +65,14 @@ def interleaved_samples(samplers: Mapping[str, Sampler], repeats: int, warmup: i
       name -> the ``repeats`` samples, in order.
     """
     names = list(samplers)
-    orders = balanced_orders(len(names))
+    orders = [[names[i] for i in order] for order in balanced_orders(len(names))]
     for r in range(warmup):
-        for i in orders[r % len(orders)]:
-            samplers[names[i]]()
+        for name in orders[r % len(orders)]:
+            samplers[name]()
     times: dict[str, list[float]] = {name: [] for name in samplers}
     for r in range(repeats):
-        for i in orders[r % len(orders)]:
-            times[names[i]].append(samplers[names[i]]())
+        for name in orders[r % len(orders)]:
+            times[name].append(samplers[name]())
         if after_round is not None:
             after_round(r, times)
     return times

@@ -332,7 +332,7 @@ def test_numba_w8a8_quantises_x_bit_for_bit_as_the_definition(rows, k, n, kind, 
 def _flushed(a: np.ndarray) -> np.ndarray:
     """``a`` with its subnormal elements set to zero of their sign: what an operation whose result
     is subnormal gives on XLA's CPU threads (flush-to-zero), where the kernels run."""
-    return np.where(np.abs(a) < np.finfo(a.dtype).tiny, np.copysign(np.zeros_like(a), a), a)
+    return np.where(np.abs(a) < tiny(a.dtype), np.copysign(np.zeros_like(a), a), a)
 
 
 def _assert_w8a8_bit_for_bit(rows, k, n, kind, relu, bias, seed):
