@@ -1,14 +1,15 @@
 """Benchmark: the CPU's multiply-add peaks, and the dots of XLA and jaxnet as a fraction of them.
 
-    python -m experiments.bench_peak                  # peaks, then dots at 512^3, 1024^3, 2048^3 (~30 s)
-    python -m experiments.bench_peak --sizes 1024     # one size
+    python -m experiments.bench_peak                  # peaks, then dots at 512^3, 1024^3, 2048^3 and the LM's (~40 s)
+    python -m experiments.bench_peak --sizes 1024 --shapes 4096x192x768   # one size, one other shape
 
 First the peak of each vector multiply-add the CPU has (``kernels.numba_cpu.peak``: a loop of
 independent register-only instructions; ``vfmadd`` for float32, ``vdpbf16ps`` for bf16 pairs,
 ``vpdpbusd`` for int8 quads), on one core and on every core at once: instructions per second and
-operations per second (a multiply-add is two). Then, at each size n (x [n, n] @ w [n, n]), in one
-run with the variants interleaved sample by sample (medians of ``--repeats`` samples after
-warm-up, each ``block_until_ready``):
+operations per second (a multiply-add is two). Then, at each size n (x [n, n] @ w [n, n]) and
+each of ``--shapes`` (x [M, K] @ w [K, N]; by default the dense products of ``bench_lm``'s
+model), in one run with the variants interleaved sample by sample (medians of ``--repeats``
+samples after warm-up, each ``block_until_ready``):
 
 - ``xla_f32``: XLA's float32 dot (``Precision.HIGHEST``), against the float32 peak;
 - ``xla_bf16``: XLA's bf16 x bf16 -> float32 dot (what ``kernels.mixed`` runs), against the bf16 peak;
@@ -16,9 +17,12 @@ warm-up, each ``block_until_ready``):
 - ``numba_f32``: ``kernels.fused_dense(..., activation="identity", backend="numba")`` (the bias
   added too), against the float32 peak;
 - ``numba_w8a8``: ``kernels.quantized_dense(..., act_quant="int8", activation="identity",
-  backend="numba")`` (x's rows quantised inside the timed call), against the int8 peak.
+  backend="numba")`` (x's rows quantised inside the timed call), against the int8 peak;
+- ``numba_bf16``: ``kernels.numba_cpu.bf16_gemm.matmul`` on host arrays, one thread per core (w
+  packed inside the timed call), against the bf16 peak: the moonshot's micro-kernel beside
+  ``xla_bf16``.
 
-Each as GOP/s (2n^3 per call) and its fraction of the all-core peak of its instruction kind, from
+Each as GOP/s (2MKN per call) and its fraction of the all-core peak of its instruction kind, from
 the median sample and from the fastest (on a VM that loses a core for a while, the fastest is
 the dot's speed when it has the machine, the figure to hold against a peak); a kind the CPU
 lacks is left out. What it answers: how far a kernel can still gain (issue 21's
@@ -38,13 +42,16 @@ from experiments.common import finish, parse_config, prepare_process
 
 # Variant -> the instruction kind whose peak it is measured against.
 VARIANTS = {"xla_f32": "f32_fma", "xla_bf16": "bf16_dot", "xla_int8": "int8_dot", "numba_f32": "f32_fma",
-            "numba_w8a8": "int8_dot"}
+            "numba_w8a8": "int8_dot", "numba_bf16": "bf16_dot"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # n of the n x n x n products timed.
     sizes: tuple[int, ...] = (512, 1024, 2048)
+    # Other products timed, as MxKxN: by default bench_lm's dense layers (4096 rows: qkv, the
+    # attention's projection, the MLP's two).
+    shapes: tuple[str, ...] = ("4096x192x576", "4096x192x192", "4096x192x768", "4096x768x192")
     # Timed samples per size and variant (medians reported), after `warmup` untimed ones.
     repeats: int = 15
     # Untimed calls per size and variant before the timed ones (the first compiles).
@@ -59,9 +66,17 @@ class Config:
     def __post_init__(self):
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"bench_peak: --sizes must be positive, got {self.sizes}")
+        for shape in self.shapes:
+            parts = shape.split("x")
+            if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"bench_peak: --shapes takes MxKxN with positive integers, got {shape!r}")
         if self.repeats < 1 or self.warmup < 0 or self.peak_seconds <= 0:
             raise ValueError(f"bench_peak: --repeats >= 1, --warmup >= 0 and --peak-seconds > 0, got "
                              f"{self.repeats}, {self.warmup}, {self.peak_seconds}")
+
+    def problems(self) -> list[tuple[int, int, int]]:
+        """``(M, K, N)`` of every product timed: the sizes' cubes, then the shapes."""
+        return [(n, n, n) for n in self.sizes] + [tuple(int(p) for p in s.split("x")) for s in self.shapes]
 
 
 def peaks(config: Config) -> dict:
@@ -84,11 +99,14 @@ def peaks(config: Config) -> dict:
 
 
 def _fns(kinds) -> dict:
-    """Variant -> jitted ``f(a, b, a_bf16, b_bf16, a_q, b_q, bias, scale)``, for the kinds present."""
+    """Variant -> ``f(a, b, a_bf16, b_bf16, a_q, b_q, bias, scale)``, for the kinds present: jitted,
+    but ``numba_bf16`` (host arrays: ``_operands``' NumPy bf16 copies, every core)."""
     import jax
     import jax.numpy as jnp
 
     import kernels
+    from kernels.machine import describe
+    from kernels.numba_cpu import bf16_gemm
     from kernels.quantized import int8_dot
 
     fns = {
@@ -100,12 +118,16 @@ def _fns(kinds) -> dict:
         "numba_w8a8": lambda a, b, ab, bb, aq, bq, bias, s: kernels.quantized_dense(
             a, bq, s, bias, activation="identity", act_quant="int8", backend="numba"),
     }
-    return {name: jax.jit(f) for name, f in fns.items() if VARIANTS[name] in kinds}
+    fns = {name: jax.jit(f) for name, f in fns.items() if VARIANTS[name] in kinds}
+    if VARIANTS["numba_bf16"] in kinds:
+        cores = describe().cores
+        fns["numba_bf16"] = lambda a, b, ab, bb, *_: bf16_gemm.matmul(ab, bb, threads=cores)
+    return fns
 
 
-def _operands(n: int, seed: int):
-    """``(a, b, a_bf16, b_bf16, a_q, b_q, bias, scale)``: a standard normal ``[n, n]``, b the same
-    over sqrt(n), both quantised as the library does (rows of a, columns of b)."""
+def _operands(m: int, k: int, n: int, seed: int):
+    """``(a, b, a_bf16, b_bf16, a_q, b_q, bias, scale)``: a standard normal ``[m, k]``, b ``[k, n]``
+    the same over sqrt(k), both quantised as the library does (rows of a, columns of b)."""
     import jax
     import jax.numpy as jnp
 
@@ -113,28 +135,32 @@ def _operands(n: int, seed: int):
     from kernels.quantized import quantize_rows
 
     keys = jax.random.split(jax.random.key(seed), 3)
-    a = jax.random.normal(keys[0], (n, n))
-    b = jax.random.normal(keys[1], (n, n)) / math.sqrt(n)
+    a = jax.random.normal(keys[0], (m, k))
+    b = jax.random.normal(keys[1], (k, n)) / math.sqrt(k)
     b_q, scale = quantize_weight(b)
     return (a, b, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), quantize_rows(a)[0], b_q,
             jax.random.normal(keys[2], (n,)), scale)
 
 
 def run(config: Config, peak_table: dict) -> list[dict]:
-    """One row per size: each variant's µs, GOP/s and fraction of its kind's all-core peak."""
+    """One row per product: each variant's µs, GOP/s and fraction of its kind's all-core peak."""
+    import numpy as np
+
     from kernels.timing import interleaved_samples, timed_call
 
     fns = _fns(peak_table)
     rows = []
-    for n in config.sizes:
-        args = _operands(n, config.seed)
-        samplers = {name: timed_call(f, args, min_sample_s=config.min_sample_s) for name, f in fns.items()}
+    for m, k, n in config.problems():
+        args = _operands(m, k, n, config.seed)
+        host = (*args[:2], np.asarray(args[2]), np.asarray(args[3]))  # numba_bf16's, converted once
+        samplers = {name: timed_call(f, host if name == "numba_bf16" else args, min_sample_s=config.min_sample_s)
+                    for name, f in fns.items()}
         samples = interleaved_samples(samplers, config.repeats, config.warmup)
-        row = {"n": n}
+        row = {"shape": f"{m}x{k}x{n}"}
         for name, ts in samples.items():
             peak = peak_table[VARIANTS[name]]["gops_all_cores"]
             median = statistics.median(ts)
-            gops, fastest = 2 * n**3 / median / 1e9, 2 * n**3 / min(ts) / 1e9
+            gops, fastest = 2 * m * k * n / median / 1e9, 2 * m * k * n / min(ts) / 1e9
             row.update({f"{name}_us": round(median * 1e6, 1), f"{name}_gops": round(gops, 1),
                         f"{name}_of_peak": round(gops / peak, 3), f"{name}_fastest_of_peak": round(fastest / peak, 3)})
         rows.append(row)
@@ -147,17 +173,19 @@ def table(peak_table: dict, rows: list[dict]) -> str:
     lines += [f"| {k} | {p['instruction']} | {p['ops']} | {p['gops_one_core']} | {p['gops_all_cores']} |"
               for k, p in peak_table.items()]
     names = [v for v in VARIANTS if f"{v}_us" in rows[0]]
-    lines += ["", "| n | " + " | ".join(f"{v} GOP/s, median (of peak / fastest's)" for v in names) + " |",
+    lines += ["", "| M x K x N | " + " | ".join(f"{v} GOP/s, median (of peak / fastest's)" for v in names) + " |",
               "|---|" + "---:|" * len(names)]
-    lines += [f"| {r['n']} | " + " | ".join(f"{r[f'{v}_gops']} ({r[f'{v}_of_peak']:.0%} / {r[f'{v}_fastest_of_peak']:.0%})"
-                                           for v in names) + " |" for r in rows]
+    lines += [f"| {r['shape']} | " + " | ".join(
+        f"{r[f'{v}_gops']} ({r[f'{v}_of_peak']:.0%} / {r[f'{v}_fastest_of_peak']:.0%})" for v in names) + " |"
+        for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def summarize(peak_table: dict, rows: list[dict]) -> dict:
-    """The all-core peaks; per variant, its best fraction of its peak over the sizes, from medians
-    and from the fastest samples; the room left above XLA's dot per kind (the peak over XLA's
-    fastest sample at its best size)."""
+    """The all-core peaks; per variant, its best fraction of its peak over the products, from
+    medians and from the fastest samples; the room left above XLA's dot per kind (the peak over
+    XLA's fastest sample at its best product); the moonshot's answer, ``numba_bf16`` against
+    ``xla_bf16`` (their medians' ratio per product, ``numba_bf16_vs_xla_bf16_min`` / ``_max``)."""
     summary = {f"peak_{k}_gops": p["gops_all_cores"] for k, p in peak_table.items()}
     for name in VARIANTS:
         if f"{name}_gops" in rows[0]:
@@ -165,6 +193,11 @@ def summarize(peak_table: dict, rows: list[dict]) -> dict:
             summary[f"{name}_fastest_of_peak"] = max(r[f"{name}_fastest_of_peak"] for r in rows)
             if name.startswith("xla_"):
                 summary[f"room_above_{name}"] = round(1 / summary[f"{name}_fastest_of_peak"], 3)
+    if "numba_bf16_us" in rows[0]:
+        ratios = [r["xla_bf16_us"] / r["numba_bf16_us"] for r in rows]
+        summary["numba_bf16_vs_xla_bf16"] = {r["shape"]: round(x, 3) for r, x in zip(rows, ratios)}
+        summary["numba_bf16_vs_xla_bf16_min"], summary["numba_bf16_vs_xla_bf16_max"] = (
+            round(min(ratios), 3), round(max(ratios), 3))
     return summary
 
 

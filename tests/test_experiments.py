@@ -446,8 +446,8 @@ def test_bench_peak_sets_each_dot_against_its_instructions_peak(tmp_path):
     from experiments import bench_peak
     from kernels.numba_cpu import peak
 
-    result = bench_peak.main(["--sizes", "64", "--repeats", "2", "--warmup", "1", "--peak-seconds", "0.005",
-                              "--workdir", str(tmp_path)])
+    result = bench_peak.main(["--sizes", "64", "--shapes", "40x33x70", "--repeats", "2", "--warmup", "1",
+                              "--peak-seconds", "0.005", "--workdir", str(tmp_path)])
     kinds = set(peak.instructions())
     assert {k for k in result["peaks"]} == kinds
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
@@ -455,10 +455,16 @@ def test_bench_peak_sets_each_dot_against_its_instructions_peak(tmp_path):
         if kind not in kinds:
             assert f"{name}_us" not in rows[0]
             continue
-        row = rows[0]
-        assert row[f"{name}_of_peak"] == pytest.approx(row[f"{name}_gops"] / result["peaks"][kind]["gops_all_cores"],
-                                                       abs=1e-3)
-        assert row[f"{name}_fastest_of_peak"] >= row[f"{name}_of_peak"]
+        for row, flops in zip(rows, (2 * 64**3, 2 * 40 * 33 * 70)):
+            peak_gops = result["peaks"][kind]["gops_all_cores"]  # the fraction rounded to 1e-3, GOP/s to 0.1
+            assert row[f"{name}_of_peak"] == pytest.approx(row[f"{name}_gops"] / peak_gops, abs=5e-4 + 0.05 / peak_gops)
+            us = row[f"{name}_us"]  # rounded to 0.1 µs, GOP/s to 0.1: the tolerance of both roundings
+            assert row[f"{name}_gops"] == pytest.approx(flops / us / 1e3, abs=0.05 + flops / us / 1e3 * 0.05 / us)
+            assert row[f"{name}_fastest_of_peak"] >= row[f"{name}_of_peak"]
+    assert [r["shape"] for r in rows] == ["64x64x64", "40x33x70"]
+    if "bf16_dot" in kinds:
+        assert result["numba_bf16_vs_xla_bf16"]["40x33x70"] == pytest.approx(
+            rows[1]["xla_bf16_us"] / rows[1]["numba_bf16_us"], rel=0.01)
     assert (tmp_path / "table.md").read_text().startswith("| kind | instruction |")
 
 
@@ -467,6 +473,8 @@ def test_bench_peak_refuses_bad_sizes():
 
     with pytest.raises(ValueError, match="--sizes must be positive"):
         bench_peak.Config(sizes=(0,))
+    with pytest.raises(ValueError, match="--shapes takes MxKxN with positive integers, got '64x0x3'"):
+        bench_peak.Config(shapes=("64x0x3",))
 
 
 def test_a_result_records_its_config_and_versions_and_repeats_from_them(tmp_path, monkeypatch):
