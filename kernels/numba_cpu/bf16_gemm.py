@@ -89,7 +89,7 @@ def _tile(typingctx, a, ao, lda, b, bo, kp, c, co, ldc):
 
 @njit(**_OPTS)
 def _pack(b, out):
-    """``out[(p kp + l) 64 + 2 j + i] = b[2 l + i, 32 p + j]``, zero past b's edges (``pack_pairs``)."""
+    """``out[(p kp + l) 2 NR + 2 j + i] = b[2 l + i, NR p + j]``, zero past b's edges (``pack_pairs``)."""
     K, N = b.shape
     kp, npan = (K + 1) // 2, (N + NR - 1) // NR
     for p in range(npan):
@@ -103,7 +103,7 @@ def _pack(b, out):
 
 
 def pack_pairs(b_bits: np.ndarray) -> np.ndarray:
-    """b's bf16 bits ``[K, N]`` (uint16) in ``_tile``'s layout: ``[ceil(N / 32), ceil(K / 2), 64]``
+    """b's bf16 bits ``[K, N]`` (uint16) in ``_tile``'s layout: ``[ceil(N / NR), ceil(K / 2), 2 NR]``
     flat, 64-byte aligned."""
     K, N = b_bits.shape
     size = (N + NR - 1) // NR * NR * ((K + 1) // 2 * 2)
@@ -164,7 +164,7 @@ def matmul(a, b, *, threads: int = 1) -> np.ndarray:
     if K != K2:
         raise ValueError(f"bf16_gemm.matmul: a is [M, K] = {list(a16.shape)} and b [K, N] = {list(b16.shape)}: "
                          f"K differs")
-    if not isinstance(threads, int) or threads < 1:
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"bf16_gemm.matmul: threads must be a positive int, got {threads!r}")
     kp, npad = (K + 1) // 2, (N + NR - 1) // NR * NR
     if M == 0 or N == 0 or K == 0:
