@@ -74,10 +74,10 @@ def test_matmul_is_the_product_within_the_derived_bound(m, k, n, kind, threads, 
     if kind == "ints":  # |partial sums| <= K * 64 < 2**24: every one is exact in float32
         np.testing.assert_array_equal(c, exact)
     else:
-        err = np.abs(c.astype(np.float64) - exact)
-        worst = np.unravel_index(np.argmax(err - _bound(a, b)), err.shape) if err.size else None
-        assert np.all(err <= _bound(a, b)), (f"{m}x{k}x{n} {kind}: |c - exact| {err[worst]:.3e} > bound "
-                                             f"{_bound(a, b)[worst]:.3e} at {worst}")
+        err, bound = np.abs(c.astype(np.float64) - exact), _bound(a, b)
+        worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else None
+        assert np.all(err <= bound), (f"{m}x{k}x{n} {kind}: |c - exact| {err[worst]:.3e} > bound "
+                                      f"{bound[worst]:.3e} at {worst}")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -87,7 +87,7 @@ def test_rows_tiles_and_panels_each_land_in_their_own_place(threads, k):
     # float32 and distinct enough that an output written to another row tile, row chunk or panel,
     # or left unwritten, shows. K odd: a is padded with a zero column. The other k are zero.
     _needs_bf16()
-    m, n = bf16_gemm.ROW_CHUNK + bf16_gemm.MR + 3, 2 * bf16_gemm.NR + 7
+    m, n = bf16_gemm.ROW_CHUNK + MR + 3, 2 * NR + 7
     rows = (np.arange(m) % 128 + 1) * 2.0 ** (np.arange(m) // 128)  # 8 significant bits at most
     cols = np.arange(n) + 1.0
     a, b = np.zeros((m, k), bfloat16), np.zeros((k, n), bfloat16)
@@ -111,13 +111,13 @@ def test_the_tile_runs_vdpbf16ps_on_zmm():
     def one_tile(a, packed, kp, c):
         bf16_gemm._tile(a, 0, 2 * kp, packed, 0, kp, c, 0, NR)
 
-    b = np.ones((4, bf16_gemm.NR), bfloat16).view(np.uint16)
-    c = np.zeros(bf16_gemm.MR * bf16_gemm.NR, np.float32)
-    one_tile(np.ones(bf16_gemm.MR * 4, bfloat16).view(np.uint16), bf16_gemm.pack_pairs(b), 2, c)
+    b = np.ones((4, NR), bfloat16).view(np.uint16)
+    c = np.zeros(MR * NR, np.float32)
+    one_tile(np.ones(MR * 4, bfloat16).view(np.uint16), bf16_gemm.pack_pairs(b), 2, c)
     assert (c == 4).all()
     asm = "\n".join(one_tile.inspect_asm().values())
     # 16 accumulator updates a step, each one instruction on a 512-bit register.
-    assert len(re.findall(r"vdpbf16ps\s+%?zmm", asm)) >= 2 * bf16_gemm.MR
+    assert len(re.findall(r"vdpbf16ps\s+%?zmm", asm)) >= 2 * MR
 
 
 @pytest.mark.parametrize("a, b, error, match", [
